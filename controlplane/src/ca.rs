@@ -1,0 +1,474 @@
+//! The cluster's three certificate authorities: SSH user CA, SSH host CA (Ed25519, OpenSSH
+//! certificates via `ssh-key`) and the X.509 CA (ECDSA P-256 via `rcgen`).
+//!
+//! Everything here is pure: keys and `now` in, certificates out. Storage and policy live elsewhere.
+
+use std::time::Duration;
+
+use rand::RngCore;
+use rcgen::{
+    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use sha2::{Digest, Sha256};
+use ssh_key::certificate::{Builder as SshCertBuilder, CertType};
+use ssh_key::{Algorithm, LineEnding, PrivateKey, PublicKey};
+
+use crate::identity::{AUTH_SERVER_NAME, Identity};
+
+/// Certificates are back-dated this much to tolerate clock skew between hosts.
+pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(60);
+
+/// Always present in user certificates so the principal list is never empty: OpenSSH treats a
+/// certificate with no principals as valid for *every* login. A leading dash is not a valid
+/// Unix user name, so this principal can never match a real account.
+pub const NO_LOGIN_PRINTCIPAL: &str = "-gatehouse-nologin";
+
+/// OpenSSH certificate extensions that carry the Gatehouse identity (ignored by sshd).
+pub mod ssh_ext {
+    pub const ROLES: &str = "roles@gatehouse.dev";
+    pub const TRAITS: &str = "traits@gatehouse.dev";
+    pub const ROUTE_TO_CLUSTER: &str = "route-to-cluster@gatehouse.dev";
+    pub const CLUSTER: &str = "cluster@gatehouse.dev";
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaError {
+    #[error("ssh: {0}")]
+    Ssh(#[from] ssh_key::Error),
+    #[error("x509: {0}")]
+    X509(#[from] rcgen::Error),
+    #[error("public key is not usable: {0}")]
+    BadPublicKey(String),
+    #[error("stored CA is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Which CA. Stored under these names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaKind {
+    SshUser,
+    SshHost,
+    Tls,
+}
+
+impl CaKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaKind::SshUser => "ssh_user",
+            CaKind::SshHost => "ssh_host",
+            CaKind::Tls => "tls",
+        }
+    }
+}
+
+/// An Ed25519 OpenSSH CA.
+pub struct SshCa {
+    key: PrivateKey,
+}
+
+impl std::fmt::Debug for SshCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshCa")
+            .field("public", &self.public_line())
+            .finish()
+    }
+}
+
+/// What goes into an SSH user certificate.
+#[derive(Debug, Clone)]
+pub struct SshUserCertRequest<'a> {
+    pub identity: &'a Identity,
+    pub permit_pty: bool,
+    pub permit_port_forwarding: bool,
+    pub permit_agent_forwarding: bool,
+    pub permit_x11_forwarding: bool,
+}
+
+impl SshCa {
+    pub fn generate() -> Result<Self, CaError> {
+        Ok(Self {
+            key: PrivateKey::random(&mut rand::rngs::OsRng, Algorithm::Ed25519)?,
+        })
+    }
+
+    pub fn from_openssh(private: &str) -> Result<Self, CaError> {
+        Ok(Self {
+            key: PrivateKey::from_openssh(private)?,
+        })
+    }
+
+    pub fn private_openssh(&self) -> Result<zeroize::Zeroizing<String>, CaError> {
+        Ok(self.key.to_openssh(LineEnding::LF)?)
+    }
+
+    /// `ssh-ed25519 AAAA…` (no comment).
+    pub fn public_line(&self) -> String {
+        self.key.public_key().to_openssh().unwrap_or_default()
+    }
+
+    pub fn public_key(&self) -> &PublicKey {
+        self.key.public_key()
+    }
+
+    fn builder(
+        &self,
+        subject: &PublicKey,
+        now: u64,
+        valid_before: u64,
+    ) -> Result<SshCertBuilder, CaError> {
+        let valid_after = now.saturating_sub(CLOCK_SKEW_ALLOWANCE.as_secs());
+        let mut b = SshCertBuilder::new_with_random_nonce(
+            &mut rand::rngs::OsRng,
+            subject.key_data().clone(),
+            valid_after,
+            valid_before,
+        )?;
+        b.serial(rand::rngs::OsRng.next_u64())?;
+        Ok(b)
+    }
+
+    /// Sign a user certificate for `subject`. Principals are the identity's logins (plus the
+    /// no-login guard); validity ends at `identity.expires`.
+    pub fn sign_user(
+        &self,
+        subject: &PublicKey,
+        req: &SshUserCertRequest<'_>,
+        now: u64,
+    ) -> Result<ssh_key::Certificate, CaError> {
+        let id = req.identity;
+        let mut b = self.builder(subject, now, id.expires.max(0) as u64)?;
+        b.cert_type(CertType::User)?;
+        b.key_id(id.name.clone())?;
+        for login in &id.logins {
+            b.valid_principal(login.clone())?;
+        }
+        b.valid_principal(NO_LOGIN_PRINTCIPAL)?;
+        if req.permit_pty {
+            b.extension("permit-pty", "")?;
+        }
+        if req.permit_port_forwarding {
+            b.extension("permit-port-forwarding", "")?;
+        }
+        if req.permit_agent_forwarding {
+            b.extension("permit-agent-forwarding", "")?;
+        }
+        if req.permit_x11_forwarding {
+            b.extension("permit-X11-forwarding", "")?;
+        }
+        let roles = serde_json::to_string(&id.roles).unwrap_or_default();
+        let traits = serde_json::to_string(&id.traits).unwrap_or_default();
+        b.extension(ssh_ext::ROLES, roles)?;
+        b.extension(ssh_ext::TRAITS, traits)?;
+        b.extension(ssh_ext::CLUSTER, id.cluster.clone())?;
+        b.extension(ssh_ext::ROUTE_TO_CLUSTER, id.route_to_cluster.clone())?;
+        b.comment(format!("{}@{}", id.name, id.cluster))?;
+        Ok(b.sign(&self.key)?)
+    }
+
+    /// Sign a host certificate: principals are the host id, `<host id>.<cluster>`, the host name
+    /// and its addresses.
+    pub fn sign_host(
+        &self,
+        subject: &PublicKey,
+        host_id: &str,
+        cluster: &str,
+        principals: &[String],
+        now: u64,
+        valid_before: u64,
+    ) -> Result<ssh_key::Certificate, CaError> {
+        let mut b = self.builder(subject, now, valid_before)?;
+        b.cert_type(CertType::Host)?;
+        b.key_id(host_id)?;
+        b.valid_principal(host_id)?;
+        b.valid_principal(format!("{host_id}.{cluster}"))?;
+        for p in principals {
+            b.valid_principal(p.clone())?;
+        }
+        b.comment(format!("{host_id}.{cluster}"))?;
+        Ok(b.sign(&self.key)?)
+    }
+}
+
+/// The cluster's X.509 CA (ECDSA P-256).
+pub struct TlsCa {
+    cert_der: Vec<u8>,
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for TlsCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsCa").field("pin", &self.pin()).finish()
+    }
+}
+
+/// What an X.509 certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsUsage {
+    /// Client authentication only (users, bots, admin).
+    Client,
+    /// Server and client (Auth, proxies, agents).
+    ServerAndClient,
+}
+
+impl TlsCa {
+    /// Create a new self-signed CA for `cluster`, valid for ten years.
+    pub fn generate(cluster: &str, now: time::OffsetDateTime) -> Result<Self, CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("{cluster} Gatehouse CA"));
+        dn.push(DnType::OrganizationName, cluster);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.not_before = now - CLOCK_SKEW_ALLOWANCE;
+        params.not_after = now + time::Duration::days(3650);
+        params.serial_number = Some(random_serial());
+        let cert = params.self_signed(&key)?;
+        let cert_der = cert.der().to_vec();
+        Ok(Self {
+            cert_pem: cert.pem(),
+            cert_der,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Load from stored PEMs.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let parsed = pem::parse(cert_pem).map_err(|e| CaError::Corrupt(e.to_string()))?;
+        let cert_der = parsed.contents().to_vec();
+        let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key)?;
+        Ok(Self {
+            cert_der,
+            cert_pem: cert_pem.to_owned(),
+            issuer,
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    pub fn key_pem(&self) -> zeroize::Zeroizing<String> {
+        zeroize::Zeroizing::new(self.issuer.key().serialize_pem())
+    }
+
+    /// `sha256:<hex>` of the CA's SubjectPublicKeyInfo: what clients pin.
+    pub fn pin(&self) -> String {
+        spki_pin(&self.cert_der).unwrap_or_default()
+    }
+
+    /// Sign a certificate for `subject_spki` (DER SubjectPublicKeyInfo) carrying `identity`.
+    pub fn sign(
+        &self,
+        subject_spki: &[u8],
+        identity: &Identity,
+        usage: TlsUsage,
+        dns_or_ip_sans: &[String],
+        now: time::OffsetDateTime,
+    ) -> Result<rcgen::Certificate, CaError> {
+        let public = rcgen::SubjectPublicKeyInfo::from_der(subject_spki)
+            .map_err(|e| CaError::BadPublicKey(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, identity.name.clone());
+        dn.push(DnType::OrganizationName, identity.cluster.clone());
+        params.distinguished_name = dn;
+        params.not_before = now - CLOCK_SKEW_ALLOWANCE;
+        params.not_after = time::OffsetDateTime::from_unix_timestamp(identity.expires)
+            .map_err(|e| CaError::BadPublicKey(format!("expiry out of range: {e}")))?;
+        params.serial_number = Some(random_serial());
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        params.extended_key_usages = match usage {
+            TlsUsage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            TlsUsage::ServerAndClient => {
+                vec![
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ]
+            }
+        };
+        for san in dns_or_ip_sans {
+            let san = match san.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(san.clone().try_into()?),
+            };
+            params.subject_alt_names.push(san);
+        }
+        params
+            .custom_extensions
+            .push(CustomExtension::from_oid_content(
+                crate::identity::IDENTITY_OID,
+                identity.to_extension_der(),
+            ));
+        Ok(params.signed_by(&public, &self.issuer)?)
+    }
+
+    /// Issue the Auth server's own certificate (fresh key), valid for `ttl`.
+    pub fn issue_server_cert(
+        &self,
+        cluster: &str,
+        extra_sans: &[String],
+        ttl: Duration,
+        now: time::OffsetDateTime,
+    ) -> Result<(rcgen::Certificate, KeyPair), CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let identity = Identity {
+            kind: crate::identity::IdentityKind::Builtin,
+            name: "auth".into(),
+            roles: vec![],
+            logins: vec![],
+            traits: Default::default(),
+            cluster: cluster.into(),
+            route_to_cluster: cluster.into(),
+            expires: (now + ttl).unix_timestamp(),
+        };
+        let mut sans = vec![
+            AUTH_SERVER_NAME.to_string(),
+            "localhost".into(),
+            "127.0.0.1".into(),
+        ];
+        sans.extend(extra_sans.iter().cloned());
+        sans.sort();
+        sans.dedup();
+        let cert = self.sign(
+            &rcgen::PublicKeyData::subject_public_key_info(&key),
+            &identity,
+            TlsUsage::ServerAndClient,
+            &sans,
+            now,
+        )?;
+        Ok((cert, key))
+    }
+}
+
+/// `sha256:<hex>` of the SubjectPublicKeyInfo of a DER certificate.
+pub fn spki_pin(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    Some(format!(
+        "sha256:{}",
+        hex::encode(Sha256::digest(cert.tbs_certificate.subject_pki.raw))
+    ))
+}
+
+fn random_serial() -> rcgen::SerialNumber {
+    let mut bytes = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    bytes[0] &= 0x7F; // positive
+    rcgen::SerialNumber::from_slice(&bytes)
+}
+
+/// Parse an OpenSSH public key line (`ssh-ed25519 AAAA… comment`).
+pub fn parse_ssh_public_key(line: &str) -> Result<PublicKey, CaError> {
+    PublicKey::from_openssh(line.trim()).map_err(|e| CaError::BadPublicKey(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::IdentityKind;
+
+    fn alice(expires: i64) -> Identity {
+        Identity {
+            kind: IdentityKind::User,
+            name: "alice".into(),
+            roles: vec!["access".into()],
+            logins: vec!["alice".into(), "root".into()],
+            traits: [("logins".to_string(), vec!["alice".to_string()])].into(),
+            cluster: "example".into(),
+            route_to_cluster: "example".into(),
+            expires,
+        }
+    }
+
+    #[test]
+    fn ssh_user_cert_has_principals_extensions_and_verifies() {
+        let ca = SshCa::generate().unwrap();
+        let user = PrivateKey::random(&mut rand::rngs::OsRng, Algorithm::Ed25519).unwrap();
+        let now = 1_700_000_000;
+        let id = alice(now as i64 + 3600);
+        let req = SshUserCertRequest {
+            identity: &id,
+            permit_pty: true,
+            permit_port_forwarding: false,
+            permit_agent_forwarding: false,
+            permit_x11_forwarding: false,
+        };
+        let cert = ca.sign_user(user.public_key(), &req, now).unwrap();
+        assert_eq!(cert.key_id(), "alice");
+        assert_eq!(
+            cert.valid_principals(),
+            ["alice", "root", NO_LOGIN_PRINTCIPAL]
+        );
+        assert!(cert.extensions().contains_key("permit-pty"));
+        assert!(!cert.extensions().contains_key("permit-port-forwarding"));
+        assert_eq!(
+            cert.extensions().get(ssh_ext::ROLES).map(String::as_str),
+            Some("[\"access\"]")
+        );
+        assert_eq!(cert.valid_before(), now + 3600);
+        assert_eq!(cert.valid_after(), now - 60);
+        let fp = ca.public_key().fingerprint(Default::default());
+        cert.validate_at(now, [&fp]).unwrap();
+        assert!(cert.validate_at(now + 3601, [&fp]).is_err());
+        let other = SshCa::generate().unwrap();
+        let other_fp = other.public_key().fingerprint(Default::default());
+        assert!(cert.validate_at(now, [&other_fp]).is_err());
+    }
+
+    #[test]
+    fn ssh_ca_roundtrips_through_openssh_pem() {
+        let ca = SshCa::generate().unwrap();
+        let again = SshCa::from_openssh(&ca.private_openssh().unwrap()).unwrap();
+        assert_eq!(ca.public_line(), again.public_line());
+    }
+
+    #[test]
+    fn tls_cert_carries_identity_and_chains_to_ca() {
+        let now = time::OffsetDateTime::now_utc();
+        let ca = TlsCa::generate("example", now).unwrap();
+        let ca = TlsCa::from_pem(ca.cert_pem(), &ca.key_pem()).unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let id = alice((now + time::Duration::hours(1)).unix_timestamp());
+        let cert = ca
+            .sign(
+                &rcgen::PublicKeyData::subject_public_key_info(&key),
+                &id,
+                TlsUsage::Client,
+                &[],
+                now,
+            )
+            .unwrap();
+        assert_eq!(Identity::from_cert_der(cert.der()).unwrap(), id);
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.der()).unwrap();
+        let (_, ca_parsed) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
+        parsed
+            .verify_signature(Some(ca_parsed.public_key()))
+            .unwrap();
+        assert!(ca.pin().starts_with("sha256:") && ca.pin().len() == 7 + 64);
+    }
+
+    #[test]
+    fn tls_sign_rejects_garbage_public_key() {
+        let now = time::OffsetDateTime::now_utc();
+        let ca = TlsCa::generate("example", now).unwrap();
+        let id = alice(now.unix_timestamp() + 60);
+        assert!(matches!(
+            ca.sign(b"not a key", &id, TlsUsage::Client, &[], now),
+            Err(CaError::BadPublicKey(_))
+        ));
+    }
+}

@@ -1,0 +1,13 @@
+//! Gatehouse Auth: certificate authorities, identity encoding, RBAC, storage, audit and the gRPC
+//! API. Pure logic (CAs, RBAC, resources, rate limiting) is separate from I/O (storage, server).
+
+pub mod ca;
+pub mod identity;
+pub mod rbac;
+pub mod resources;
+
+/// Generated gRPC types and service stubs (compiled from `proto/` by protox; no system protoc).
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("gatehouse.auth.v1");
+}
