@@ -11,3 +11,12 @@ pub mod resources;
 pub mod proto {
     tonic::include_proto!("gatehouse.auth.v1");
 }
+pub mod audit;
+pub mod client;
+pub mod daemon;
+pub mod diag;
+pub mod password;
+pub mod ratelimit;
+pub mod server;
+pub mod storage;
+pub mod tls;
