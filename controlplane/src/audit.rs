@@ -24,7 +24,14 @@ pub mod types {
 }
 
 /// Build an event with a fresh time-ordered id (UUIDv7), `now` in Unix nanoseconds.
-pub fn event(event_type: &str, actor: &str, source_addr: &str, cluster: &str, now_nanos: i64, data: Value) -> StoredEvent {
+pub fn event(
+    event_type: &str,
+    actor: &str,
+    source_addr: &str,
+    cluster: &str,
+    now_nanos: i64,
+    data: Value,
+) -> StoredEvent {
     StoredEvent {
         id: 0,
         event_id: uuid::Uuid::now_v7().to_string(),

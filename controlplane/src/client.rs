@@ -8,7 +8,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::identity::AUTH_SERVER_NAME;
 use crate::proto::auth_client::AuthClient;
-use crate::tls::{client_config, Trust};
+use crate::tls::{Trust, client_config};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -37,7 +37,12 @@ pub type Client = AuthClient<Channel>;
 
 impl AuthEndpoint {
     pub async fn connect(&self) -> Result<Client, ClientError> {
-        let tls = client_config(&self.trust, self.identity.as_ref().map(|(c, k)| (c.as_str(), k.as_str())))?;
+        let tls = client_config(
+            &self.trust,
+            self.identity
+                .as_ref()
+                .map(|(c, k)| (c.as_str(), k.as_str())),
+        )?;
         let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls));
         let addr = self.addr.clone();
         let endpoint = Endpoint::from_static("http://auth.gatehouse.cluster.local")
@@ -58,7 +63,10 @@ impl AuthEndpoint {
                 }
             }))
             .await
-            .map_err(|source| ClientError::Connect { addr: self.addr.clone(), source })?;
+            .map_err(|source| ClientError::Connect {
+                addr: self.addr.clone(),
+                source,
+            })?;
         Ok(AuthClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
     }
 }

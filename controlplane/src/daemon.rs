@@ -36,12 +36,20 @@ pub struct AuthConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 3025)), public_addrs: vec![] }
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 3025)),
+            public_addrs: vec![],
+        }
     }
 }
 
 /// The files of an identity directory: `tls.crt`, `tls.key`, `ca.pem` (all 0600).
-pub fn write_identity_dir(dir: &Path, cert_pem: &str, key_pem: &str, ca_pem: &str) -> std::io::Result<()> {
+pub fn write_identity_dir(
+    dir: &Path,
+    cert_pem: &str,
+    key_pem: &str,
+    ca_pem: &str,
+) -> std::io::Result<()> {
     create_private_dir(dir)?;
     write_private(&dir.join("tls.crt"), cert_pem.as_bytes())?;
     write_private(&dir.join("tls.key"), key_pem.as_bytes())?;
@@ -91,25 +99,46 @@ pub struct PreparedAuth {
 
 impl std::fmt::Debug for PreparedAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PreparedAuth").field("info", &self.info).finish_non_exhaustive()
+        f.debug_struct("PreparedAuth")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
     }
 }
 
 async fn load_or_create_ssh_ca(store: &Store, kind: CaKind, now: i64) -> anyhow::Result<SshCa> {
     if let Some((_, private)) = store.get_ca(kind.as_str()).await? {
-        return SshCa::from_openssh(&private).with_context(|| format!("loading the {} CA", kind.as_str()));
+        return SshCa::from_openssh(&private)
+            .with_context(|| format!("loading the {} CA", kind.as_str()));
     }
     let ca = SshCa::generate()?;
-    let (_, private) = store.init_ca(kind.as_str(), &ca.public_line(), &ca.private_openssh()?, now).await?;
+    let (_, private) = store
+        .init_ca(
+            kind.as_str(),
+            &ca.public_line(),
+            &ca.private_openssh()?,
+            now,
+        )
+        .await?;
     Ok(SshCa::from_openssh(&private)?)
 }
 
-async fn load_or_create_tls_ca(store: &Store, cluster: &str, now: time::OffsetDateTime) -> anyhow::Result<TlsCa> {
+async fn load_or_create_tls_ca(
+    store: &Store,
+    cluster: &str,
+    now: time::OffsetDateTime,
+) -> anyhow::Result<TlsCa> {
     if let Some((public, private)) = store.get_ca(CaKind::Tls.as_str()).await? {
         return TlsCa::from_pem(&public, &private).context("loading the TLS CA");
     }
     let ca = TlsCa::generate(cluster, now)?;
-    let (public, private) = store.init_ca(CaKind::Tls.as_str(), ca.cert_pem(), &ca.key_pem(), now.unix_timestamp()).await?;
+    let (public, private) = store
+        .init_ca(
+            CaKind::Tls.as_str(),
+            ca.cert_pem(),
+            &ca.key_pem(),
+            now.unix_timestamp(),
+        )
+        .await?;
     Ok(TlsCa::from_pem(&public, &private)?)
 }
 
@@ -140,15 +169,23 @@ pub async fn prepare(
     config: &AuthConfig,
     registry: &mut Registry,
 ) -> anyhow::Result<PreparedAuth> {
-    create_private_dir(data_dir).with_context(|| format!("creating data dir {}", data_dir.display()))?;
-    let store = Store::open(&data_dir.join("gatehouse.db")).await.context("opening the database")?;
+    create_private_dir(data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    let store = Store::open(&data_dir.join("gatehouse.db"))
+        .await
+        .context("opening the database")?;
     let now = time::OffsetDateTime::now_utc();
-    let default_name = cluster_name.map(str::to_owned).unwrap_or_else(default_cluster_name);
-    crate::resources::validate_name(&default_name).map_err(|m| anyhow::anyhow!("cluster name: {m}"))?;
+    let default_name = cluster_name
+        .map(str::to_owned)
+        .unwrap_or_else(default_cluster_name);
+    crate::resources::validate_name(&default_name)
+        .map_err(|m| anyhow::anyhow!("cluster name: {m}"))?;
     let first_start = store.get_meta("cluster_name").await?.is_none();
     let cluster = store.init_meta("cluster_name", &default_name).await?;
     if let Some(wanted) = cluster_name.filter(|w| *w != cluster) {
-        anyhow::bail!("this data dir belongs to cluster `{cluster}`, not `{wanted}`; the cluster name cannot change");
+        anyhow::bail!(
+            "this data dir belongs to cluster `{cluster}`, not `{wanted}`; the cluster name cannot change"
+        );
     }
     let user_ca = load_or_create_ssh_ca(&store, CaKind::SshUser, now.unix_timestamp()).await?;
     let host_ca = load_or_create_ssh_ca(&store, CaKind::SshHost, now.unix_timestamp()).await?;
@@ -164,7 +201,8 @@ pub async fn prepare(
     if !config.listen.ip().is_unspecified() {
         sans.push(config.listen.ip().to_string());
     }
-    let (server_cert, server_key) = tls_ca.issue_server_cert(&cluster, &sans, SERVER_CERT_TTL, now)?;
+    let (server_cert, server_key) =
+        tls_ca.issue_server_cert(&cluster, &sans, SERVER_CERT_TTL, now)?;
     let chain = format!("{}{}", server_cert.pem(), tls_ca.cert_pem());
     let tls = crate::tls::server_config(tls_ca.cert_pem(), &chain, &server_key.serialize_pem())?;
 
@@ -176,10 +214,22 @@ pub async fn prepare(
         .with_context(|| format!("binding the Auth API on {}", config.listen))?;
     let listen = listener.local_addr()?;
     let ca_pin = tls_ca.pin();
-    let state = Arc::new(AuthState::new(cluster.clone(), store, user_ca, host_ca, tls_ca)?);
+    let state = Arc::new(AuthState::new(
+        cluster.clone(),
+        store,
+        user_ca,
+        host_ca,
+        tls_ca,
+    )?);
     state.metrics.register(registry);
     Ok(PreparedAuth {
-        info: AuthInfo { cluster, ca_pin, listen, admin_dir, first_start },
+        info: AuthInfo {
+            cluster,
+            ca_pin,
+            listen,
+            admin_dir,
+            first_start,
+        },
         service: AuthService::new(state),
         listener,
         tls,
@@ -208,19 +258,33 @@ impl Connected for AuthConn {
 }
 
 impl AsyncRead for AuthConn {
-    fn poll_read(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for AuthConn {
-    fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
         std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
-    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
-    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
     fn poll_write_vectored(
@@ -236,7 +300,12 @@ impl AsyncWrite for AuthConn {
 }
 
 /// Handshake one connection; a failure closes only that connection, with a logged reason.
-async fn handshake(acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream, remote: SocketAddr, cluster: Arc<str>) -> Option<AuthConn> {
+async fn handshake(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    cluster: Arc<str>,
+) -> Option<AuthConn> {
     let _ = tcp.set_nodelay(true);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
@@ -263,12 +332,26 @@ async fn handshake(acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream, remote: 
             }
         },
     };
-    Some(AuthConn { inner: tls, peer: PeerInfo { remote: Some(remote), identity } })
+    Some(AuthConn {
+        inner: tls,
+        peer: PeerInfo {
+            remote: Some(remote),
+            identity,
+        },
+    })
 }
 
 /// Serve until `shutdown` resolves. Renews the admin identity daily.
-pub async fn serve(prepared: PreparedAuth, shutdown: impl std::future::Future<Output = ()> + Send) -> anyhow::Result<()> {
-    let PreparedAuth { info, service, listener, tls } = prepared;
+pub async fn serve(
+    prepared: PreparedAuth,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let PreparedAuth {
+        info,
+        service,
+        listener,
+        tls,
+    } = prepared;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<AuthConn, std::io::Error>>(256);
     let cluster: Arc<str> = Arc::from(info.cluster.as_str());

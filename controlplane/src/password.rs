@@ -1,8 +1,8 @@
 //! Password hashing (argon2id with the OWASP-recommended parameters: 19 MiB, t=2, p=1) and
 //! generation of initial passwords. Hashing is CPU-bound: callers run it on a blocking thread.
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use rand::Rng;
 
 pub const MIN_PASSWORD_LEN: usize = 12;
@@ -40,7 +40,9 @@ pub fn hash(password: &str) -> Result<String, PasswordError> {
 /// Constant-work verification: a malformed stored hash simply fails.
 pub fn verify(password: &str, stored_hash: &str) -> bool {
     match PasswordHash::new(stored_hash) {
-        Ok(parsed) => Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok(),
+        Ok(parsed) => Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok(),
         Err(_) => false,
     }
 }
@@ -49,7 +51,9 @@ pub fn verify(password: &str, stored_hash: &str) -> bool {
 pub fn generate() -> String {
     const ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
     let mut rng = rand::rngs::OsRng;
-    (0..24).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
+    (0..24)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 #[cfg(test)]
@@ -66,6 +70,9 @@ mod tests {
         assert!(verify(&p, &h));
         assert!(!verify("wrong password!", &h));
         assert!(!verify(&p, "not a hash"));
-        assert!(matches!(check_policy("short"), Err(PasswordError::TooShort)));
+        assert!(matches!(
+            check_policy("short"),
+            Err(PasswordError::TooShort)
+        ));
     }
 }

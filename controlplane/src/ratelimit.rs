@@ -29,25 +29,43 @@ pub struct LoginLimiter {
 impl Default for LoginLimiter {
     fn default() -> Self {
         Self::new(
-            Limit { max_failures: 5, window: Duration::from_secs(300) },
-            Limit { max_failures: 30, window: Duration::from_secs(300) },
+            Limit {
+                max_failures: 5,
+                window: Duration::from_secs(300),
+            },
+            Limit {
+                max_failures: 30,
+                window: Duration::from_secs(300),
+            },
         )
     }
 }
 
 impl LoginLimiter {
     pub fn new(per_user: Limit, per_addr: Limit) -> Self {
-        Self { per_user, per_addr, entries: HashMap::new(), max_entries: 100_000 }
+        Self {
+            per_user,
+            per_addr,
+            entries: HashMap::new(),
+            max_entries: 100_000,
+        }
     }
 
     fn keys(user: &str, addr: &str) -> [(String, bool); 2] {
-        [(format!("u:{}", user.to_lowercase()), true), (format!("a:{addr}"), false)]
+        [
+            (format!("u:{}", user.to_lowercase()), true),
+            (format!("a:{addr}"), false),
+        ]
     }
 
     /// `Err(retry_after)` if either key is locked out.
     pub fn check(&self, user: &str, addr: &str, now: Instant) -> Result<(), Duration> {
         for (key, is_user) in Self::keys(user, addr) {
-            let limit = if is_user { self.per_user } else { self.per_addr };
+            let limit = if is_user {
+                self.per_user
+            } else {
+                self.per_addr
+            };
             if let Some(e) = self.entries.get(&key) {
                 let ends = e.window_start + limit.window;
                 if e.failures >= limit.max_failures && now < ends {
@@ -62,13 +80,24 @@ impl LoginLimiter {
         if self.entries.len() >= self.max_entries {
             let (u, a) = (self.per_user.window, self.per_addr.window);
             let longest = u.max(a);
-            self.entries.retain(|_, e| now.saturating_duration_since(e.window_start) < longest);
+            self.entries
+                .retain(|_, e| now.saturating_duration_since(e.window_start) < longest);
         }
         for (key, is_user) in Self::keys(user, addr) {
-            let limit = if is_user { self.per_user } else { self.per_addr };
-            let e = self.entries.entry(key).or_insert(Entry { failures: 0, window_start: now });
+            let limit = if is_user {
+                self.per_user
+            } else {
+                self.per_addr
+            };
+            let e = self.entries.entry(key).or_insert(Entry {
+                failures: 0,
+                window_start: now,
+            });
             if now.saturating_duration_since(e.window_start) >= limit.window {
-                *e = Entry { failures: 0, window_start: now };
+                *e = Entry {
+                    failures: 0,
+                    window_start: now,
+                };
             }
             e.failures = e.failures.saturating_add(1);
         }
@@ -87,25 +116,42 @@ mod tests {
     #[test]
     fn locks_after_max_failures_and_unlocks_after_window() {
         let mut l = LoginLimiter::new(
-            Limit { max_failures: 3, window: Duration::from_secs(60) },
-            Limit { max_failures: 100, window: Duration::from_secs(60) },
+            Limit {
+                max_failures: 3,
+                window: Duration::from_secs(60),
+            },
+            Limit {
+                max_failures: 100,
+                window: Duration::from_secs(60),
+            },
         );
         let t0 = Instant::now();
         for i in 0..3 {
             assert!(l.check("alice", "1.2.3.4", t0).is_ok(), "attempt {i}");
             l.record_failure("alice", "1.2.3.4", t0);
         }
-        let wait = l.check("ALICE", "5.6.7.8", t0 + Duration::from_secs(10)).unwrap_err();
+        let wait = l
+            .check("ALICE", "5.6.7.8", t0 + Duration::from_secs(10))
+            .unwrap_err();
         assert_eq!(wait, Duration::from_secs(50));
         assert!(l.check("bob", "1.2.3.4", t0).is_ok());
-        assert!(l.check("alice", "1.2.3.4", t0 + Duration::from_secs(60)).is_ok());
+        assert!(
+            l.check("alice", "1.2.3.4", t0 + Duration::from_secs(60))
+                .is_ok()
+        );
     }
 
     #[test]
     fn address_limit_spans_users() {
         let mut l = LoginLimiter::new(
-            Limit { max_failures: 100, window: Duration::from_secs(60) },
-            Limit { max_failures: 2, window: Duration::from_secs(60) },
+            Limit {
+                max_failures: 100,
+                window: Duration::from_secs(60),
+            },
+            Limit {
+                max_failures: 2,
+                window: Duration::from_secs(60),
+            },
         );
         let t0 = Instant::now();
         l.record_failure("a", "9.9.9.9", t0);

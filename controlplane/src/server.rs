@@ -23,7 +23,10 @@ use crate::proto;
 use crate::proto::auth_server::Auth;
 use crate::ratelimit::LoginLimiter;
 use crate::rbac::{DEFAULT_SESSION_TTL, RoleSet};
-use crate::resources::{self, Metadata, Resource, ResourceKind, Role, RoleConditions, RoleSpec, Rule, User, UserSpec, Verb};
+use crate::resources::{
+    self, Metadata, Resource, ResourceKind, Role, RoleConditions, RoleSpec, Rule, User, UserSpec,
+    Verb,
+};
 use crate::storage::{EventFilter, Store, StoreError, StoredEvent, TokenRecord, TokenRejection};
 
 pub const HOST_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -62,11 +65,27 @@ pub struct AuthMetrics {
 impl AuthMetrics {
     pub fn register(self: &Arc<Self>, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("gatehouse_auth");
-        r.register("logins", "Login attempts by result (success, failure, rate_limited)", self.logins.clone());
+        r.register(
+            "logins",
+            "Login attempts by result (success, failure, rate_limited)",
+            self.logins.clone(),
+        );
         r.register("joins", "Join attempts by result", self.joins.clone());
-        r.register("certs_issued", "Certificates issued by kind", self.certs_issued.clone());
-        r.register("audit_events", "Audit events durably stored", self.audit_events.clone());
-        r.register("audit_duplicates", "Audit events ignored as duplicates of stored ones", self.audit_duplicates.clone());
+        r.register(
+            "certs_issued",
+            "Certificates issued by kind",
+            self.certs_issued.clone(),
+        );
+        r.register(
+            "audit_events",
+            "Audit events durably stored",
+            self.audit_events.clone(),
+        );
+        r.register(
+            "audit_duplicates",
+            "Audit events ignored as duplicates of stored ones",
+            self.audit_duplicates.clone(),
+        );
     }
 }
 
@@ -86,13 +105,23 @@ pub struct AuthState {
 
 impl std::fmt::Debug for AuthState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuthState").field("cluster", &self.cluster).finish_non_exhaustive()
+        f.debug_struct("AuthState")
+            .field("cluster", &self.cluster)
+            .finish_non_exhaustive()
     }
 }
 
 impl AuthState {
-    pub fn new(cluster: String, store: Store, user_ca: SshCa, host_ca: SshCa, tls_ca: TlsCa) -> Result<Self, password::PasswordError> {
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    pub fn new(
+        cluster: String,
+        store: Store,
+        user_ca: SshCa,
+        host_ca: SshCa,
+        tls_ca: TlsCa,
+    ) -> Result<Self, password::PasswordError> {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
         Ok(Self {
             cluster,
             store,
@@ -121,11 +150,17 @@ struct Caller {
 }
 
 fn now_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 fn now_nanos() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -146,10 +181,16 @@ fn admin_role() -> Role {
     Role {
         kind: "role".into(),
         version: "v1".into(),
-        metadata: Metadata { name: "@admin".into(), ..Default::default() },
+        metadata: Metadata {
+            name: "@admin".into(),
+            ..Default::default()
+        },
         spec: RoleSpec {
             allow: RoleConditions {
-                rules: vec![Rule { resources: vec![ResourceKind::Any], verbs: vec![Verb::Any] }],
+                rules: vec![Rule {
+                    resources: vec![ResourceKind::Any],
+                    verbs: vec![Verb::Any],
+                }],
                 ..Default::default()
             },
             ..Default::default()
@@ -162,13 +203,25 @@ fn node_role() -> Role {
     Role {
         kind: "role".into(),
         version: "v1".into(),
-        metadata: Metadata { name: "@node".into(), ..Default::default() },
+        metadata: Metadata {
+            name: "@node".into(),
+            ..Default::default()
+        },
         spec: RoleSpec {
             allow: RoleConditions {
                 rules: vec![
-                    Rule { resources: vec![ResourceKind::Node], verbs: vec![Verb::Create, Verb::Update] },
-                    Rule { resources: vec![ResourceKind::Event], verbs: vec![Verb::Create] },
-                    Rule { resources: vec![ResourceKind::CertAuthority], verbs: vec![Verb::Read] },
+                    Rule {
+                        resources: vec![ResourceKind::Node],
+                        verbs: vec![Verb::Create, Verb::Update],
+                    },
+                    Rule {
+                        resources: vec![ResourceKind::Event],
+                        verbs: vec![Verb::Create],
+                    },
+                    Rule {
+                        resources: vec![ResourceKind::CertAuthority],
+                        verbs: vec![Verb::Read],
+                    },
                 ],
                 ..Default::default()
             },
@@ -182,7 +235,9 @@ fn token_hash(secret: &str) -> String {
 }
 
 fn token_id(secret: &str) -> String {
-    let digest = hex::encode(Sha256::digest(format!("gatehouse-token-id:{secret}").as_bytes()));
+    let digest = hex::encode(Sha256::digest(
+        format!("gatehouse-token-id:{secret}").as_bytes(),
+    ));
     digest.get(..16).unwrap_or_default().to_owned()
 }
 
@@ -219,11 +274,18 @@ fn validate_host_address(a: &str) -> Result<(), Status> {
     }
     let ok = !a.is_empty()
         && a.len() <= 253
-        && a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        && a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
         && !a.starts_with('-')
         && !a.eq_ignore_ascii_case(AUTH_SERVER_NAME)
         && !a.to_ascii_lowercase().ends_with(".gatehouse.cluster.local");
-    if ok { Ok(()) } else { Err(Status::invalid_argument(format!("invalid host address `{a}`"))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "invalid host address `{a}`"
+        )))
+    }
 }
 
 impl AuthService {
@@ -236,7 +298,13 @@ impl AuthService {
     }
 
     fn peer<T>(req: &Request<T>) -> PeerInfo {
-        req.extensions().get::<PeerInfo>().cloned().unwrap_or(PeerInfo { remote: None, identity: None })
+        req.extensions()
+            .get::<PeerInfo>()
+            .cloned()
+            .unwrap_or(PeerInfo {
+                remote: None,
+                identity: None,
+            })
     }
 
     fn addr_of(peer: &PeerInfo) -> String {
@@ -245,13 +313,21 @@ impl AuthService {
 
     async fn roles_of(&self, identity: &Identity) -> Result<RoleSet, Status> {
         match identity.kind {
-            IdentityKind::Builtin if identity.name == "admin" => Ok(RoleSet::new(vec![admin_role()])),
+            IdentityKind::Builtin if identity.name == "admin" => {
+                Ok(RoleSet::new(vec![admin_role()]))
+            }
             IdentityKind::Node => Ok(RoleSet::new(vec![node_role()])),
             IdentityKind::User | IdentityKind::Bot => {
                 let mut roles = Vec::with_capacity(identity.roles.len());
                 for name in &identity.roles {
                     // A role deleted since the certificate was issued grants nothing.
-                    if let Some(role) = self.state.store.get_role(name).await.map_err(store_status)? {
+                    if let Some(role) = self
+                        .state
+                        .store
+                        .get_role(name)
+                        .await
+                        .map_err(store_status)?
+                    {
                         roles.push(role);
                     }
                 }
@@ -265,7 +341,9 @@ impl AuthService {
     async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         let peer = Self::peer(req);
         let identity = peer.identity.clone().ok_or_else(|| {
-            Status::unauthenticated("this call needs a client certificate from the cluster; log in first (gsh login)")
+            Status::unauthenticated(
+                "this call needs a client certificate from the cluster; log in first (gsh login)",
+            )
         })?;
         if identity.cluster != self.state.cluster {
             return Err(Status::unauthenticated(format!(
@@ -274,37 +352,75 @@ impl AuthService {
             )));
         }
         let roles = self.roles_of(&identity).await?;
-        Ok(Caller { identity, roles, addr: Self::addr_of(&peer) })
+        Ok(Caller {
+            identity,
+            roles,
+            addr: Self::addr_of(&peer),
+        })
     }
 
-    async fn authorize<T>(&self, req: &Request<T>, kind: ResourceKind, verb: Verb) -> Result<Caller, Status> {
+    async fn authorize<T>(
+        &self,
+        req: &Request<T>,
+        kind: ResourceKind,
+        verb: Verb,
+    ) -> Result<Caller, Status> {
         let caller = self.caller(req).await?;
-        caller
-            .roles
-            .check_access(kind, verb)
-            .map_err(|e| Status::permission_denied(format!("{} `{}`: {e}", kind_label(&caller.identity), caller.identity.name)))?;
+        caller.roles.check_access(kind, verb).map_err(|e| {
+            Status::permission_denied(format!(
+                "{} `{}`: {e}",
+                kind_label(&caller.identity),
+                caller.identity.name
+            ))
+        })?;
         Ok(caller)
     }
 
-    async fn audit(&self, event_type: &str, actor: &str, addr: &str, data: serde_json::Value) -> Result<(), Status> {
-        let ev = audit::event(event_type, actor, addr, &self.state.cluster, now_nanos(), data);
-        self.state.store.append_events(std::slice::from_ref(&ev)).await.map_err(store_status)?;
+    async fn audit(
+        &self,
+        event_type: &str,
+        actor: &str,
+        addr: &str,
+        data: serde_json::Value,
+    ) -> Result<(), Status> {
+        let ev = audit::event(
+            event_type,
+            actor,
+            addr,
+            &self.state.cluster,
+            now_nanos(),
+            data,
+        );
+        self.state
+            .store
+            .append_events(std::slice::from_ref(&ev))
+            .await
+            .map_err(store_status)?;
         self.state.metrics.audit_events.inc();
         Ok(())
     }
 
     async fn hash_password(&self, password: String) -> Result<String, Status> {
         let _permit = self.state.hash_permits.acquire().await.map_err(internal)?;
-        tokio::task::spawn_blocking(move || password::hash(&password)).await.map_err(internal)?.map_err(internal)
+        tokio::task::spawn_blocking(move || password::hash(&password))
+            .await
+            .map_err(internal)?
+            .map_err(internal)
     }
 
-    async fn verify_password(&self, password: String, hash: Option<String>) -> Result<bool, Status> {
+    async fn verify_password(
+        &self,
+        password: String,
+        hash: Option<String>,
+    ) -> Result<bool, Status> {
         let _permit = self.state.hash_permits.acquire().await.map_err(internal)?;
         let (hash, real) = match hash {
             Some(h) => (h, true),
             None => (self.state.dummy_hash.clone(), false),
         };
-        let ok = tokio::task::spawn_blocking(move || password::verify(&password, &hash)).await.map_err(internal)?;
+        let ok = tokio::task::spawn_blocking(move || password::verify(&password, &hash))
+            .await
+            .map_err(internal)?;
         Ok(ok && real)
     }
 
@@ -323,8 +439,17 @@ impl AuthService {
     /// Check a user's roles exist and their logins are well-formed.
     async fn check_roles_exist(&self, roles: &[String]) -> Result<(), Status> {
         for (i, r) in roles.iter().enumerate() {
-            if self.state.store.get_role(r).await.map_err(store_status)?.is_none() {
-                return Err(Status::invalid_argument(format!("spec.roles[{i}]: role `{r}` does not exist")));
+            if self
+                .state
+                .store
+                .get_role(r)
+                .await
+                .map_err(store_status)?
+                .is_none()
+            {
+                return Err(Status::invalid_argument(format!(
+                    "spec.roles[{i}]: role `{r}` does not exist"
+                )));
             }
         }
         Ok(())
@@ -341,12 +466,19 @@ fn kind_label(id: &Identity) -> &'static str {
 }
 
 fn ttl_from(seconds: u64, default: Duration) -> Duration {
-    if seconds == 0 { default } else { Duration::from_secs(seconds) }
+    if seconds == 0 {
+        default
+    } else {
+        Duration::from_secs(seconds)
+    }
 }
 
 #[tonic::async_trait]
 impl Auth for AuthService {
-    async fn ping(&self, _req: Request<proto::PingRequest>) -> Result<Response<proto::PingResponse>, Status> {
+    async fn ping(
+        &self,
+        _req: Request<proto::PingRequest>,
+    ) -> Result<Response<proto::PingResponse>, Status> {
         Ok(Response::new(proto::PingResponse {
             cluster_name: self.state.cluster.clone(),
             server_version: env!("CARGO_PKG_VERSION").into(),
@@ -354,42 +486,95 @@ impl Auth for AuthService {
         }))
     }
 
-    async fn login(&self, req: Request<proto::LoginRequest>) -> Result<Response<proto::LoginResponse>, Status> {
+    async fn login(
+        &self,
+        req: Request<proto::LoginRequest>,
+    ) -> Result<Response<proto::LoginResponse>, Status> {
         let peer = Self::peer(&req);
         let addr = Self::addr_of(&peer);
         let r = req.into_inner();
-        if r.user.is_empty() || r.user.len() > 128 || r.password.len() > password::MAX_PASSWORD_LEN {
-            return Err(Status::invalid_argument("user name must be 1-128 characters and password at most 1024 bytes"));
+        if r.user.is_empty() || r.user.len() > 128 || r.password.len() > password::MAX_PASSWORD_LEN
+        {
+            return Err(Status::invalid_argument(
+                "user name must be 1-128 characters and password at most 1024 bytes",
+            ));
         }
-        let ssh_key = parse_ssh_public_key(&r.ssh_public_key).map_err(|e| Status::invalid_argument(format!("ssh_public_key: {e}")))?;
+        let ssh_key = parse_ssh_public_key(&r.ssh_public_key)
+            .map_err(|e| Status::invalid_argument(format!("ssh_public_key: {e}")))?;
         rcgen::SubjectPublicKeyInfo::from_der(&r.tls_public_key)
             .map_err(|e| Status::invalid_argument(format!("tls_public_key: {e}")))?;
 
         let now_instant = Instant::now();
-        let limited = self.state.limiter.lock().map_err(internal)?.check(&r.user, &addr, now_instant);
+        let limited =
+            self.state
+                .limiter
+                .lock()
+                .map_err(internal)?
+                .check(&r.user, &addr, now_instant);
         if let Err(retry) = limited {
-            self.state.metrics.logins.get_or_create(&ResultLabel { result: "rate_limited" }).inc();
-            self.audit(types::USER_LOGIN, &r.user, &addr, audit::failure("rate limited", json!({ "user": r.user }))).await?;
+            self.state
+                .metrics
+                .logins
+                .get_or_create(&ResultLabel {
+                    result: "rate_limited",
+                })
+                .inc();
+            self.audit(
+                types::USER_LOGIN,
+                &r.user,
+                &addr,
+                audit::failure("rate limited", json!({ "user": r.user })),
+            )
+            .await?;
             return Err(Status::resource_exhausted(format!(
                 "too many failed login attempts; try again in {}s",
                 retry.as_secs().max(1)
             )));
         }
 
-        let stored = self.state.store.get_user(&r.user).await.map_err(store_status)?;
+        let stored = self
+            .state
+            .store
+            .get_user(&r.user)
+            .await
+            .map_err(store_status)?;
         let hash = stored.as_ref().and_then(|(_, h)| h.clone());
         let ok = self.verify_password(r.password.clone(), hash).await?;
         let Some((user, _)) = stored.filter(|_| ok) else {
-            self.state.limiter.lock().map_err(internal)?.record_failure(&r.user, &addr, now_instant);
-            self.state.metrics.logins.get_or_create(&ResultLabel { result: "failure" }).inc();
-            self.audit(types::USER_LOGIN, &r.user, &addr, audit::failure("invalid user name or password", json!({ "user": r.user }))).await?;
+            self.state.limiter.lock().map_err(internal)?.record_failure(
+                &r.user,
+                &addr,
+                now_instant,
+            );
+            self.state
+                .metrics
+                .logins
+                .get_or_create(&ResultLabel { result: "failure" })
+                .inc();
+            self.audit(
+                types::USER_LOGIN,
+                &r.user,
+                &addr,
+                audit::failure("invalid user name or password", json!({ "user": r.user })),
+            )
+            .await?;
             return Err(Status::unauthenticated("invalid user name or password"));
         };
-        self.state.limiter.lock().map_err(internal)?.record_success(&r.user);
+        self.state
+            .limiter
+            .lock()
+            .map_err(internal)?
+            .record_success(&r.user);
 
         let mut role_docs = Vec::new();
         for name in &user.spec.roles {
-            if let Some(role) = self.state.store.get_role(name).await.map_err(store_status)? {
+            if let Some(role) = self
+                .state
+                .store
+                .get_role(name)
+                .await
+                .map_err(store_status)?
+            {
                 role_docs.push(role);
             }
         }
@@ -426,11 +611,31 @@ impl Auth for AuthService {
         let tls_cert = self
             .state
             .tls_ca
-            .sign(&r.tls_public_key, &identity, TlsUsage::Client, &[], time::OffsetDateTime::now_utc())
+            .sign(
+                &r.tls_public_key,
+                &identity,
+                TlsUsage::Client,
+                &[],
+                time::OffsetDateTime::now_utc(),
+            )
             .map_err(|e| Status::invalid_argument(format!("tls_public_key: {e}")))?;
-        self.state.metrics.logins.get_or_create(&ResultLabel { result: "success" }).inc();
-        self.state.metrics.certs_issued.get_or_create(&KindLabel { kind: "user" }).inc();
-        self.audit(types::USER_LOGIN, &identity.name, &addr, audit::success(json!({ "user": identity.name, "method": "password" }))).await?;
+        self.state
+            .metrics
+            .logins
+            .get_or_create(&ResultLabel { result: "success" })
+            .inc();
+        self.state
+            .metrics
+            .certs_issued
+            .get_or_create(&KindLabel { kind: "user" })
+            .inc();
+        self.audit(
+            types::USER_LOGIN,
+            &identity.name,
+            &addr,
+            audit::success(json!({ "user": identity.name, "method": "password" })),
+        )
+        .await?;
         self.audit(
             types::CERT_ISSUED,
             &identity.name,
@@ -453,7 +658,10 @@ impl Auth for AuthService {
         }))
     }
 
-    async fn join(&self, req: Request<proto::JoinRequest>) -> Result<Response<proto::JoinResponse>, Status> {
+    async fn join(
+        &self,
+        req: Request<proto::JoinRequest>,
+    ) -> Result<Response<proto::JoinResponse>, Status> {
         let peer = Self::peer(&req);
         let addr = Self::addr_of(&peer);
         let r = req.into_inner();
@@ -461,27 +669,51 @@ impl Auth for AuthService {
         if r.token.is_empty() || r.token.len() > 256 {
             return Err(Status::invalid_argument("token must be 1-256 characters"));
         }
-        resources::validate_name(&r.host_name).map_err(|m| Status::invalid_argument(format!("host_name: {m}")))?;
+        resources::validate_name(&r.host_name)
+            .map_err(|m| Status::invalid_argument(format!("host_name: {m}")))?;
         if r.addresses.len() > 32 {
             return Err(Status::invalid_argument("at most 32 addresses"));
         }
         for a in &r.addresses {
             validate_host_address(a)?;
         }
-        let ssh_key = parse_ssh_public_key(&r.ssh_public_key).map_err(|e| Status::invalid_argument(format!("ssh_public_key: {e}")))?;
+        let ssh_key = parse_ssh_public_key(&r.ssh_public_key)
+            .map_err(|e| Status::invalid_argument(format!("ssh_public_key: {e}")))?;
         rcgen::SubjectPublicKeyInfo::from_der(&r.tls_public_key)
             .map_err(|e| Status::invalid_argument(format!("tls_public_key: {e}")))?;
         let hash = token_hash(&r.token);
         let now = now_secs();
-        let token = match self.state.store.consume_token(&hash, now).await.map_err(store_status)? {
+        let token = match self
+            .state
+            .store
+            .consume_token(&hash, now)
+            .await
+            .map_err(store_status)?
+        {
             Ok(t) => t,
             Err(rejection) => {
-                self.state.metrics.joins.get_or_create(&ResultLabel { result: "failure" }).inc();
-                self.audit(types::JOIN, &r.host_name, &addr, audit::failure(&rejection.to_string(), json!({ "host_name": r.host_name }))).await?;
+                self.state
+                    .metrics
+                    .joins
+                    .get_or_create(&ResultLabel { result: "failure" })
+                    .inc();
+                self.audit(
+                    types::JOIN,
+                    &r.host_name,
+                    &addr,
+                    audit::failure(&rejection.to_string(), json!({ "host_name": r.host_name })),
+                )
+                .await?;
                 let msg = match rejection {
                     TokenRejection::NotFound => "join token not recognized".to_string(),
-                    TokenRejection::Expired => "join token has expired; ask an admin for a new one (gctl tokens add)".to_string(),
-                    TokenRejection::UsedUp => "join token is used up; ask an admin for a new one (gctl tokens add)".to_string(),
+                    TokenRejection::Expired => {
+                        "join token has expired; ask an admin for a new one (gctl tokens add)"
+                            .to_string()
+                    }
+                    TokenRejection::UsedUp => {
+                        "join token is used up; ask an admin for a new one (gctl tokens add)"
+                            .to_string()
+                    }
                 };
                 return Err(Status::permission_denied(msg));
             }
@@ -499,7 +731,14 @@ impl Auth for AuthService {
         let ssh_cert = self
             .state
             .host_ca
-            .sign_host(&ssh_key, &host_id, &self.state.cluster, &principals, now as u64, expires as u64)
+            .sign_host(
+                &ssh_key,
+                &host_id,
+                &self.state.cluster,
+                &principals,
+                now as u64,
+                expires as u64,
+            )
             .map_err(internal)?;
         let identity = Identity {
             kind: IdentityKind::Node,
@@ -511,15 +750,33 @@ impl Auth for AuthService {
             route_to_cluster: self.state.cluster.clone(),
             expires,
         };
-        let mut sans = vec![host_id.clone(), format!("{host_id}.{}", self.state.cluster), r.host_name.clone()];
+        let mut sans = vec![
+            host_id.clone(),
+            format!("{host_id}.{}", self.state.cluster),
+            r.host_name.clone(),
+        ];
         sans.extend(r.addresses.iter().cloned());
         let tls_cert = self
             .state
             .tls_ca
-            .sign(&r.tls_public_key, &identity, TlsUsage::ServerAndClient, &sans, time::OffsetDateTime::now_utc())
+            .sign(
+                &r.tls_public_key,
+                &identity,
+                TlsUsage::ServerAndClient,
+                &sans,
+                time::OffsetDateTime::now_utc(),
+            )
             .map_err(|e| Status::invalid_argument(format!("tls_public_key or address: {e}")))?;
-        self.state.metrics.joins.get_or_create(&ResultLabel { result: "success" }).inc();
-        self.state.metrics.certs_issued.get_or_create(&KindLabel { kind: "host" }).inc();
+        self.state
+            .metrics
+            .joins
+            .get_or_create(&ResultLabel { result: "success" })
+            .inc();
+        self.state
+            .metrics
+            .certs_issued
+            .get_or_create(&KindLabel { kind: "host" })
+            .inc();
         self.audit(
             types::JOIN,
             &r.host_name,
@@ -530,44 +787,96 @@ impl Auth for AuthService {
         self.audit(types::CERT_ISSUED, &host_id, &addr, json!({ "kind": "host", "host_id": host_id, "principals": principals, "expires": expires }))
             .await?;
         Ok(Response::new(proto::JoinResponse {
-            credentials: Some(self.credentials(ssh_cert.to_openssh().map_err(internal)?, tls_cert.pem(), expires)),
+            credentials: Some(self.credentials(
+                ssh_cert.to_openssh().map_err(internal)?,
+                tls_cert.pem(),
+                expires,
+            )),
             host_id,
             role: "node".into(),
         }))
     }
 
-    async fn who_am_i(&self, req: Request<proto::WhoAmIRequest>) -> Result<Response<proto::WhoAmIResponse>, Status> {
+    async fn who_am_i(
+        &self,
+        req: Request<proto::WhoAmIRequest>,
+    ) -> Result<Response<proto::WhoAmIResponse>, Status> {
         let caller = self.caller(&req).await?;
-        Ok(Response::new(proto::WhoAmIResponse { identity_json: serde_json::to_string(&*caller.identity).map_err(internal)? }))
+        Ok(Response::new(proto::WhoAmIResponse {
+            identity_json: serde_json::to_string(&*caller.identity).map_err(internal)?,
+        }))
     }
 
-    async fn change_password(&self, req: Request<proto::ChangePasswordRequest>) -> Result<Response<proto::ChangePasswordResponse>, Status> {
+    async fn change_password(
+        &self,
+        req: Request<proto::ChangePasswordRequest>,
+    ) -> Result<Response<proto::ChangePasswordResponse>, Status> {
         let caller = self.caller(&req).await?;
         if caller.identity.kind != IdentityKind::User {
             return Err(Status::permission_denied("only users have passwords"));
         }
         let r = req.into_inner();
-        password::check_policy(&r.new_password).map_err(|e| Status::invalid_argument(format!("new password: {e}")))?;
+        password::check_policy(&r.new_password)
+            .map_err(|e| Status::invalid_argument(format!("new password: {e}")))?;
         let name = caller.identity.name.clone();
         let now_instant = Instant::now();
-        if let Err(retry) = self.state.limiter.lock().map_err(internal)?.check(&name, &caller.addr, now_instant) {
-            return Err(Status::resource_exhausted(format!("too many failed attempts; try again in {}s", retry.as_secs().max(1))));
+        if let Err(retry) =
+            self.state
+                .limiter
+                .lock()
+                .map_err(internal)?
+                .check(&name, &caller.addr, now_instant)
+        {
+            return Err(Status::resource_exhausted(format!(
+                "too many failed attempts; try again in {}s",
+                retry.as_secs().max(1)
+            )));
         }
-        let stored = self.state.store.get_user(&name).await.map_err(store_status)?;
+        let stored = self
+            .state
+            .store
+            .get_user(&name)
+            .await
+            .map_err(store_status)?;
         let hash = stored.and_then(|(_, h)| h);
         if !self.verify_password(r.old_password, hash).await? {
-            self.state.limiter.lock().map_err(internal)?.record_failure(&name, &caller.addr, now_instant);
-            self.audit(types::USER_PASSWORD_CHANGE, &name, &caller.addr, audit::failure("wrong current password", json!({ "user": name }))).await?;
+            self.state.limiter.lock().map_err(internal)?.record_failure(
+                &name,
+                &caller.addr,
+                now_instant,
+            );
+            self.audit(
+                types::USER_PASSWORD_CHANGE,
+                &name,
+                &caller.addr,
+                audit::failure("wrong current password", json!({ "user": name })),
+            )
+            .await?;
             return Err(Status::unauthenticated("current password is wrong"));
         }
         let new_hash = self.hash_password(r.new_password).await?;
-        self.state.store.set_password_hash(&name, &new_hash, now_secs()).await.map_err(store_status)?;
-        self.audit(types::USER_PASSWORD_CHANGE, &name, &caller.addr, audit::success(json!({ "user": name }))).await?;
+        self.state
+            .store
+            .set_password_hash(&name, &new_hash, now_secs())
+            .await
+            .map_err(store_status)?;
+        self.audit(
+            types::USER_PASSWORD_CHANGE,
+            &name,
+            &caller.addr,
+            audit::success(json!({ "user": name })),
+        )
+        .await?;
         Ok(Response::new(proto::ChangePasswordResponse {}))
     }
 
-    async fn create_user(&self, req: Request<proto::CreateUserRequest>) -> Result<Response<proto::CreateUserResponse>, Status> {
-        let caller = self.authorize(&req, ResourceKind::User, Verb::Create).await?;
+    async fn create_user(
+        &self,
+        req: Request<proto::CreateUserRequest>,
+    ) -> Result<Response<proto::CreateUserResponse>, Status> {
+        let caller = self
+            .authorize(&req, ResourceKind::User, Verb::Create)
+            .await?;
         let r = req.into_inner();
         let mut traits = BTreeMap::new();
         if !r.logins.is_empty() {
@@ -576,42 +885,99 @@ impl Auth for AuthService {
         let user = User {
             kind: "user".into(),
             version: "v1".into(),
-            metadata: Metadata { name: r.name.clone(), ..Default::default() },
-            spec: UserSpec { roles: r.roles.clone(), traits },
+            metadata: Metadata {
+                name: r.name.clone(),
+                ..Default::default()
+            },
+            spec: UserSpec {
+                roles: r.roles.clone(),
+                traits,
+            },
         };
         let value = serde_json::to_value(&user).map_err(internal)?;
         resources::parse_value(value).map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.check_roles_exist(&user.spec.roles).await?;
         let initial = password::generate();
         let hash = self.hash_password(initial.clone()).await?;
-        self.state.store.create_user(&user, &hash, now_secs()).await.map_err(store_status)?;
-        self.audit(types::USER_CREATE, &caller.identity.name, &caller.addr, json!({ "user": user.metadata.name, "roles": user.spec.roles, "logins": r.logins }))
-            .await?;
-        Ok(Response::new(proto::CreateUserResponse { initial_password: initial }))
+        self.state
+            .store
+            .create_user(&user, &hash, now_secs())
+            .await
+            .map_err(store_status)?;
+        self.audit(
+            types::USER_CREATE,
+            &caller.identity.name,
+            &caller.addr,
+            json!({ "user": user.metadata.name, "roles": user.spec.roles, "logins": r.logins }),
+        )
+        .await?;
+        Ok(Response::new(proto::CreateUserResponse {
+            initial_password: initial,
+        }))
     }
 
-    async fn reset_password(&self, req: Request<proto::ResetPasswordRequest>) -> Result<Response<proto::ResetPasswordResponse>, Status> {
-        let caller = self.authorize(&req, ResourceKind::User, Verb::Update).await?;
+    async fn reset_password(
+        &self,
+        req: Request<proto::ResetPasswordRequest>,
+    ) -> Result<Response<proto::ResetPasswordResponse>, Status> {
+        let caller = self
+            .authorize(&req, ResourceKind::User, Verb::Update)
+            .await?;
         let name = req.into_inner().name;
-        if self.state.store.get_user(&name).await.map_err(store_status)?.is_none() {
+        if self
+            .state
+            .store
+            .get_user(&name)
+            .await
+            .map_err(store_status)?
+            .is_none()
+        {
             return Err(Status::not_found(format!("user `{name}` not found")));
         }
         let new_password = password::generate();
         let hash = self.hash_password(new_password.clone()).await?;
-        self.state.store.set_password_hash(&name, &hash, now_secs()).await.map_err(store_status)?;
-        self.audit(types::USER_PASSWORD_RESET, &caller.identity.name, &caller.addr, json!({ "user": name })).await?;
-        Ok(Response::new(proto::ResetPasswordResponse { password: new_password }))
+        self.state
+            .store
+            .set_password_hash(&name, &hash, now_secs())
+            .await
+            .map_err(store_status)?;
+        self.audit(
+            types::USER_PASSWORD_RESET,
+            &caller.identity.name,
+            &caller.addr,
+            json!({ "user": name }),
+        )
+        .await?;
+        Ok(Response::new(proto::ResetPasswordResponse {
+            password: new_password,
+        }))
     }
 
-    async fn upsert_resource(&self, req: Request<proto::UpsertResourceRequest>) -> Result<Response<proto::UpsertResourceResponse>, Status> {
+    async fn upsert_resource(
+        &self,
+        req: Request<proto::UpsertResourceRequest>,
+    ) -> Result<Response<proto::UpsertResourceResponse>, Status> {
         let r = req.get_ref();
-        let value: serde_json::Value =
-            serde_json::from_str(&r.json).map_err(|e| Status::invalid_argument(format!("resource is not valid JSON: {e}")))?;
-        let resource = resources::parse_value(value).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let value: serde_json::Value = serde_json::from_str(&r.json)
+            .map_err(|e| Status::invalid_argument(format!("resource is not valid JSON: {e}")))?;
+        let resource =
+            resources::parse_value(value).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let kind = resource.kind();
         let exists = match &resource {
-            Resource::Role(role) => self.state.store.get_role(&role.metadata.name).await.map_err(store_status)?.is_some(),
-            Resource::User(user) => self.state.store.get_user(&user.metadata.name).await.map_err(store_status)?.is_some(),
+            Resource::Role(role) => self
+                .state
+                .store
+                .get_role(&role.metadata.name)
+                .await
+                .map_err(store_status)?
+                .is_some(),
+            Resource::User(user) => self
+                .state
+                .store
+                .get_user(&user.metadata.name)
+                .await
+                .map_err(store_status)?
+                .is_some(),
         };
         let verb = if exists { Verb::Update } else { Verb::Create };
         let caller = self.authorize(&req, kind, verb).await?;
@@ -619,66 +985,167 @@ impl Auth for AuthService {
         let now = now_secs();
         let (created, event_type) = match &resource {
             Resource::Role(role) => {
-                let created = self.state.store.upsert_role(role, create_only, now).await.map_err(store_status)?;
-                (created, if created { types::ROLE_CREATE } else { types::ROLE_UPDATE })
+                let created = self
+                    .state
+                    .store
+                    .upsert_role(role, create_only, now)
+                    .await
+                    .map_err(store_status)?;
+                (
+                    created,
+                    if created {
+                        types::ROLE_CREATE
+                    } else {
+                        types::ROLE_UPDATE
+                    },
+                )
             }
             Resource::User(user) => {
                 self.check_roles_exist(&user.spec.roles).await?;
-                let created = self.state.store.upsert_user(user, create_only, now).await.map_err(store_status)?;
-                (created, if created { types::USER_CREATE } else { types::USER_UPDATE })
+                let created = self
+                    .state
+                    .store
+                    .upsert_user(user, create_only, now)
+                    .await
+                    .map_err(store_status)?;
+                (
+                    created,
+                    if created {
+                        types::USER_CREATE
+                    } else {
+                        types::USER_UPDATE
+                    },
+                )
             }
         };
-        self.audit(event_type, &caller.identity.name, &caller.addr, json!({ "kind": kind.as_str(), "name": resource.name() })).await?;
+        self.audit(
+            event_type,
+            &caller.identity.name,
+            &caller.addr,
+            json!({ "kind": kind.as_str(), "name": resource.name() }),
+        )
+        .await?;
         Ok(Response::new(proto::UpsertResourceResponse { created }))
     }
 
-    async fn get_resource(&self, req: Request<proto::GetResourceRequest>) -> Result<Response<proto::GetResourceResponse>, Status> {
-        let kind = ResourceKind::parse(&req.get_ref().kind).ok_or_else(|| Status::invalid_argument("unknown kind"))?;
+    async fn get_resource(
+        &self,
+        req: Request<proto::GetResourceRequest>,
+    ) -> Result<Response<proto::GetResourceResponse>, Status> {
+        let kind = ResourceKind::parse(&req.get_ref().kind)
+            .ok_or_else(|| Status::invalid_argument("unknown kind"))?;
         self.authorize(&req, kind, Verb::Read).await?;
         let name = &req.get_ref().name;
         let json = match kind {
-            ResourceKind::Role => self.state.store.get_role(name).await.map_err(store_status)?.map(|r| Resource::Role(r).to_json()),
-            ResourceKind::User => self.state.store.get_user(name).await.map_err(store_status)?.map(|(u, _)| Resource::User(u).to_json()),
-            _ => return Err(Status::invalid_argument(format!("get is not supported for {kind}"))),
+            ResourceKind::Role => self
+                .state
+                .store
+                .get_role(name)
+                .await
+                .map_err(store_status)?
+                .map(|r| Resource::Role(r).to_json()),
+            ResourceKind::User => self
+                .state
+                .store
+                .get_user(name)
+                .await
+                .map_err(store_status)?
+                .map(|(u, _)| Resource::User(u).to_json()),
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "get is not supported for {kind}"
+                )));
+            }
         };
         let json = json.ok_or_else(|| Status::not_found(format!("{kind} `{name}` not found")))?;
         Ok(Response::new(proto::GetResourceResponse { json }))
     }
 
-    async fn list_resources(&self, req: Request<proto::ListResourcesRequest>) -> Result<Response<proto::ListResourcesResponse>, Status> {
-        let kind = ResourceKind::parse(&req.get_ref().kind).ok_or_else(|| Status::invalid_argument("unknown kind"))?;
+    async fn list_resources(
+        &self,
+        req: Request<proto::ListResourcesRequest>,
+    ) -> Result<Response<proto::ListResourcesResponse>, Status> {
+        let kind = ResourceKind::parse(&req.get_ref().kind)
+            .ok_or_else(|| Status::invalid_argument("unknown kind"))?;
         self.authorize(&req, kind, Verb::List).await?;
         let json = match kind {
-            ResourceKind::Role => self.state.store.list_roles().await.map_err(store_status)?.into_iter().map(|r| Resource::Role(r).to_json()).collect(),
-            ResourceKind::User => self.state.store.list_users().await.map_err(store_status)?.into_iter().map(|u| Resource::User(u).to_json()).collect(),
-            _ => return Err(Status::invalid_argument(format!("list is not supported for {kind}; use the kind's own call"))),
+            ResourceKind::Role => self
+                .state
+                .store
+                .list_roles()
+                .await
+                .map_err(store_status)?
+                .into_iter()
+                .map(|r| Resource::Role(r).to_json())
+                .collect(),
+            ResourceKind::User => self
+                .state
+                .store
+                .list_users()
+                .await
+                .map_err(store_status)?
+                .into_iter()
+                .map(|u| Resource::User(u).to_json())
+                .collect(),
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "list is not supported for {kind}; use the kind's own call"
+                )));
+            }
         };
         Ok(Response::new(proto::ListResourcesResponse { json }))
     }
 
-    async fn delete_resource(&self, req: Request<proto::DeleteResourceRequest>) -> Result<Response<proto::DeleteResourceResponse>, Status> {
-        let kind = ResourceKind::parse(&req.get_ref().kind).ok_or_else(|| Status::invalid_argument("unknown kind"))?;
+    async fn delete_resource(
+        &self,
+        req: Request<proto::DeleteResourceRequest>,
+    ) -> Result<Response<proto::DeleteResourceResponse>, Status> {
+        let kind = ResourceKind::parse(&req.get_ref().kind)
+            .ok_or_else(|| Status::invalid_argument("unknown kind"))?;
         let caller = self.authorize(&req, kind, Verb::Delete).await?;
         let name = req.get_ref().name.clone();
         let (table, event_type) = match kind {
             ResourceKind::Role => ("role", types::ROLE_DELETE),
             ResourceKind::User => ("user", types::USER_DELETE),
             ResourceKind::Node => ("node", types::NODE_DELETE),
-            _ => return Err(Status::invalid_argument(format!("delete is not supported for {kind}"))),
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "delete is not supported for {kind}"
+                )));
+            }
         };
-        self.state.store.delete(table, &name).await.map_err(store_status)?;
-        self.audit(event_type, &caller.identity.name, &caller.addr, json!({ "kind": kind.as_str(), "name": name })).await?;
+        self.state
+            .store
+            .delete(table, &name)
+            .await
+            .map_err(store_status)?;
+        self.audit(
+            event_type,
+            &caller.identity.name,
+            &caller.addr,
+            json!({ "kind": kind.as_str(), "name": name }),
+        )
+        .await?;
         Ok(Response::new(proto::DeleteResourceResponse {}))
     }
 
-    async fn create_token(&self, req: Request<proto::CreateTokenRequest>) -> Result<Response<proto::CreateTokenResponse>, Status> {
-        let caller = self.authorize(&req, ResourceKind::Token, Verb::Create).await?;
+    async fn create_token(
+        &self,
+        req: Request<proto::CreateTokenRequest>,
+    ) -> Result<Response<proto::CreateTokenResponse>, Status> {
+        let caller = self
+            .authorize(&req, ResourceKind::Token, Verb::Create)
+            .await?;
         let r = req.into_inner();
         if !matches!(r.r#type.as_str(), "node" | "bot" | "trusted_cluster") {
-            return Err(Status::invalid_argument(format!("type: unknown token type `{}`; expected node, bot or trusted_cluster", r.r#type)));
+            return Err(Status::invalid_argument(format!(
+                "type: unknown token type `{}`; expected node, bot or trusted_cluster",
+                r.r#type
+            )));
         }
         if r.r#type == "bot" {
-            resources::validate_name(&r.bot_name).map_err(|m| Status::invalid_argument(format!("bot_name: {m}")))?;
+            resources::validate_name(&r.bot_name)
+                .map_err(|m| Status::invalid_argument(format!("bot_name: {m}")))?;
         }
         let ttl = ttl_from(r.ttl_seconds, DEFAULT_TOKEN_TTL);
         if ttl > MAX_TOKEN_TTL {
@@ -700,7 +1167,11 @@ impl Auth for AuthService {
             bot_name: r.bot_name.clone(),
             labels: r.labels.clone(),
         };
-        self.state.store.insert_token(&record).await.map_err(store_status)?;
+        self.state
+            .store
+            .insert_token(&record)
+            .await
+            .map_err(store_status)?;
         self.audit(
             types::TOKEN_CREATE,
             &caller.identity.name,
@@ -708,60 +1179,118 @@ impl Auth for AuthService {
             json!({ "token_id": record.id, "type": record.token_type, "expires": record.expires, "max_uses": record.max_uses }),
         )
         .await?;
-        Ok(Response::new(proto::CreateTokenResponse { token: secret, info: Some(token_proto(&record)) }))
+        Ok(Response::new(proto::CreateTokenResponse {
+            token: secret,
+            info: Some(token_proto(&record)),
+        }))
     }
 
-    async fn list_tokens(&self, req: Request<proto::ListTokensRequest>) -> Result<Response<proto::ListTokensResponse>, Status> {
-        self.authorize(&req, ResourceKind::Token, Verb::List).await?;
+    async fn list_tokens(
+        &self,
+        req: Request<proto::ListTokensRequest>,
+    ) -> Result<Response<proto::ListTokensResponse>, Status> {
+        self.authorize(&req, ResourceKind::Token, Verb::List)
+            .await?;
         let tokens = self.state.store.list_tokens().await.map_err(store_status)?;
-        Ok(Response::new(proto::ListTokensResponse { tokens: tokens.iter().map(token_proto).collect() }))
+        Ok(Response::new(proto::ListTokensResponse {
+            tokens: tokens.iter().map(token_proto).collect(),
+        }))
     }
 
-    async fn delete_token(&self, req: Request<proto::DeleteTokenRequest>) -> Result<Response<proto::DeleteTokenResponse>, Status> {
-        let caller = self.authorize(&req, ResourceKind::Token, Verb::Delete).await?;
+    async fn delete_token(
+        &self,
+        req: Request<proto::DeleteTokenRequest>,
+    ) -> Result<Response<proto::DeleteTokenResponse>, Status> {
+        let caller = self
+            .authorize(&req, ResourceKind::Token, Verb::Delete)
+            .await?;
         let id = req.into_inner().id;
         // Accept the public id or the secret itself.
-        let (by_id, by_hash) = if id.len() == 16 { (id.clone(), String::new()) } else { (token_id(&id), token_hash(&id)) };
-        self.state.store.delete_token(&by_id, &by_hash).await.map_err(store_status)?;
-        self.audit(types::TOKEN_DELETE, &caller.identity.name, &caller.addr, json!({ "token_id": by_id })).await?;
+        let (by_id, by_hash) = if id.len() == 16 {
+            (id.clone(), String::new())
+        } else {
+            (token_id(&id), token_hash(&id))
+        };
+        self.state
+            .store
+            .delete_token(&by_id, &by_hash)
+            .await
+            .map_err(store_status)?;
+        self.audit(
+            types::TOKEN_DELETE,
+            &caller.identity.name,
+            &caller.addr,
+            json!({ "token_id": by_id }),
+        )
+        .await?;
         Ok(Response::new(proto::DeleteTokenResponse {}))
     }
 
-    async fn export_authorities(&self, req: Request<proto::ExportAuthoritiesRequest>) -> Result<Response<proto::ExportAuthoritiesResponse>, Status> {
-        self.authorize(&req, ResourceKind::CertAuthority, Verb::Read).await?;
+    async fn export_authorities(
+        &self,
+        req: Request<proto::ExportAuthoritiesRequest>,
+    ) -> Result<Response<proto::ExportAuthoritiesResponse>, Status> {
+        self.authorize(&req, ResourceKind::CertAuthority, Verb::Read)
+            .await?;
         let cluster = &self.state.cluster;
         let text = match req.get_ref().r#type.as_str() {
             // One line for sshd's TrustedUserCAKeys file.
             "user" => format!("{} {cluster} user CA\n", self.state.user_ca.public_line()),
             // known_hosts: trust host certs for any host of the cluster.
-            "host" => format!("@cert-authority * {} {cluster} host CA\n", self.state.host_ca.public_line()),
+            "host" => format!(
+                "@cert-authority * {} {cluster} host CA\n",
+                self.state.host_ca.public_line()
+            ),
             "tls" => self.state.tls_ca.cert_pem().to_owned(),
-            other => return Err(Status::invalid_argument(format!("type: unknown CA type `{other}`; expected user, host or tls"))),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "type: unknown CA type `{other}`; expected user, host or tls"
+                )));
+            }
         };
         Ok(Response::new(proto::ExportAuthoritiesResponse { text }))
     }
 
-    async fn emit_events(&self, req: Request<proto::EmitEventsRequest>) -> Result<Response<proto::EmitEventsResponse>, Status> {
-        let caller = self.authorize(&req, ResourceKind::Event, Verb::Create).await?;
+    async fn emit_events(
+        &self,
+        req: Request<proto::EmitEventsRequest>,
+    ) -> Result<Response<proto::EmitEventsResponse>, Status> {
+        let caller = self
+            .authorize(&req, ResourceKind::Event, Verb::Create)
+            .await?;
         let r = req.into_inner();
         if r.events.len() > MAX_EVENT_BATCH {
-            return Err(Status::invalid_argument(format!("at most {MAX_EVENT_BATCH} events per batch")));
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_EVENT_BATCH} events per batch"
+            )));
         }
         let mut batch = Vec::with_capacity(r.events.len());
         for (i, e) in r.events.into_iter().enumerate() {
-            if e.event_id.is_empty() || e.event_id.len() > 128 || e.r#type.is_empty() || e.r#type.len() > 64 {
-                return Err(Status::invalid_argument(format!("events[{i}]: event_id (1-128) and type (1-64) are required")));
+            if e.event_id.is_empty()
+                || e.event_id.len() > 128
+                || e.r#type.is_empty()
+                || e.r#type.len() > 64
+            {
+                return Err(Status::invalid_argument(format!(
+                    "events[{i}]: event_id (1-128) and type (1-64) are required"
+                )));
             }
             if e.data_json.len() > MAX_EVENT_DATA {
-                return Err(Status::invalid_argument(format!("events[{i}].data_json: larger than 64 KiB")));
+                return Err(Status::invalid_argument(format!(
+                    "events[{i}].data_json: larger than 64 KiB"
+                )));
             }
             let mut data: serde_json::Value = if e.data_json.is_empty() {
                 json!({})
             } else {
-                serde_json::from_str(&e.data_json).map_err(|err| Status::invalid_argument(format!("events[{i}].data_json: {err}")))?
+                serde_json::from_str(&e.data_json).map_err(|err| {
+                    Status::invalid_argument(format!("events[{i}].data_json: {err}"))
+                })?
             };
             let Some(obj) = data.as_object_mut() else {
-                return Err(Status::invalid_argument(format!("events[{i}].data_json: must be a JSON object")));
+                return Err(Status::invalid_argument(format!(
+                    "events[{i}].data_json: must be a JSON object"
+                )));
             };
             // Who delivered the event is recorded by Auth, not claimed by the emitter.
             obj.insert("emitted_by".into(), json!(caller.identity.name));
@@ -776,22 +1305,55 @@ impl Auth for AuthService {
                 data: data.to_string(),
             });
         }
-        let (accepted, duplicates) = self.state.store.append_events(&batch).await.map_err(store_status)?;
+        let (accepted, duplicates) = self
+            .state
+            .store
+            .append_events(&batch)
+            .await
+            .map_err(store_status)?;
         self.state.metrics.audit_events.inc_by(accepted as u64);
-        self.state.metrics.audit_duplicates.inc_by(duplicates as u64);
-        Ok(Response::new(proto::EmitEventsResponse { accepted, duplicates }))
+        self.state
+            .metrics
+            .audit_duplicates
+            .inc_by(duplicates as u64);
+        Ok(Response::new(proto::EmitEventsResponse {
+            accepted,
+            duplicates,
+        }))
     }
 
-    async fn search_events(&self, req: Request<proto::SearchEventsRequest>) -> Result<Response<proto::SearchEventsResponse>, Status> {
-        self.authorize(&req, ResourceKind::Event, Verb::List).await?;
+    async fn search_events(
+        &self,
+        req: Request<proto::SearchEventsRequest>,
+    ) -> Result<Response<proto::SearchEventsResponse>, Status> {
+        self.authorize(&req, ResourceKind::Event, Verb::List)
+            .await?;
         let r = req.into_inner();
-        let filter = EventFilter { from_nanos: r.from_nanos, to_nanos: r.to_nanos, types: r.types, after_id: r.after_id, limit: r.limit };
-        let events = self.state.store.search_events(&filter).await.map_err(store_status)?;
-        Ok(Response::new(proto::SearchEventsResponse { events: events.into_iter().map(event_proto).collect() }))
+        let filter = EventFilter {
+            from_nanos: r.from_nanos,
+            to_nanos: r.to_nanos,
+            types: r.types,
+            after_id: r.after_id,
+            limit: r.limit,
+        };
+        let events = self
+            .state
+            .store
+            .search_events(&filter)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(proto::SearchEventsResponse {
+            events: events.into_iter().map(event_proto).collect(),
+        }))
     }
 
-    async fn upsert_nodes(&self, req: Request<proto::UpsertNodesRequest>) -> Result<Response<proto::UpsertNodesResponse>, Status> {
-        let caller = self.authorize(&req, ResourceKind::Node, Verb::Update).await?;
+    async fn upsert_nodes(
+        &self,
+        req: Request<proto::UpsertNodesRequest>,
+    ) -> Result<Response<proto::UpsertNodesResponse>, Status> {
+        let caller = self
+            .authorize(&req, ResourceKind::Node, Verb::Update)
+            .await?;
         let r = req.into_inner();
         let ttl = ttl_from(r.ttl_seconds, Duration::from_secs(600)).min(Duration::from_secs(3600));
         let now = now_secs();
@@ -799,9 +1361,13 @@ impl Auth for AuthService {
         for mut n in r.nodes {
             // An agent may only speak for itself.
             if caller.identity.kind == IdentityKind::Node && n.host_id != caller.identity.name {
-                return Err(Status::permission_denied(format!("node `{}` cannot upsert node `{}`", caller.identity.name, n.host_id)));
+                return Err(Status::permission_denied(format!(
+                    "node `{}` cannot upsert node `{}`",
+                    caller.identity.name, n.host_id
+                )));
             }
-            resources::validate_name(&n.name).map_err(|m| Status::invalid_argument(format!("node name: {m}")))?;
+            resources::validate_name(&n.name)
+                .map_err(|m| Status::invalid_argument(format!("node name: {m}")))?;
             n.last_seen = now;
             n.expires = now + ttl.as_secs() as i64;
             let spec = json!({
@@ -810,13 +1376,25 @@ impl Auth for AuthService {
             });
             rows.push((n.host_id.clone(), spec.to_string()));
         }
-        self.state.store.upsert_nodes(&rows, now + ttl.as_secs() as i64).await.map_err(store_status)?;
+        self.state
+            .store
+            .upsert_nodes(&rows, now + ttl.as_secs() as i64)
+            .await
+            .map_err(store_status)?;
         Ok(Response::new(proto::UpsertNodesResponse {}))
     }
 
-    async fn list_nodes(&self, req: Request<proto::ListNodesRequest>) -> Result<Response<proto::ListNodesResponse>, Status> {
+    async fn list_nodes(
+        &self,
+        req: Request<proto::ListNodesRequest>,
+    ) -> Result<Response<proto::ListNodesResponse>, Status> {
         self.authorize(&req, ResourceKind::Node, Verb::List).await?;
-        let rows = self.state.store.list_nodes(now_secs()).await.map_err(store_status)?;
+        let rows = self
+            .state
+            .store
+            .list_nodes(now_secs())
+            .await
+            .map_err(store_status)?;
         let nodes = rows
             .iter()
             .filter_map(|s| serde_json::from_str::<serde_json::Value>(s).ok())

@@ -6,8 +6,10 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 
 use crate::resources::{Role, User};
 
@@ -102,31 +104,50 @@ impl Store {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(Self { pool })
     }
 
     pub async fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT value FROM meta WHERE key = ?").bind(key).fetch_optional(&self.pool).await?)
+        Ok(sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?)
     }
 
     /// Set `key` unless it is set; returns the value in force.
     pub async fn init_meta(&self, key: &str, value: &str) -> Result<String, StoreError> {
-        sqlx::query("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)").bind(key).bind(value).execute(&self.pool).await?;
-        self.get_meta(key).await?.ok_or_else(|| StoreError::Corrupt("meta", key.to_owned()))
+        sqlx::query("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)")
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
+        self.get_meta(key)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("meta", key.to_owned()))
     }
 
     pub async fn get_ca(&self, kind: &str) -> Result<Option<(String, String)>, StoreError> {
-        let row = sqlx::query("SELECT public_pem, private_pem FROM cert_authorities WHERE kind = ?")
-            .bind(kind)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT public_pem, private_pem FROM cert_authorities WHERE kind = ?")
+                .bind(kind)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
     /// Store a CA unless one of this kind exists; returns the one in force (first writer wins).
-    pub async fn init_ca(&self, kind: &str, public: &str, private: &str, now: i64) -> Result<(String, String), StoreError> {
+    pub async fn init_ca(
+        &self,
+        kind: &str,
+        public: &str,
+        private: &str,
+        now: i64,
+    ) -> Result<(String, String), StoreError> {
         sqlx::query("INSERT OR IGNORE INTO cert_authorities (kind, public_pem, private_pem, created) VALUES (?, ?, ?, ?)")
             .bind(kind)
             .bind(public)
@@ -134,13 +155,21 @@ impl Store {
             .bind(now)
             .execute(&self.pool)
             .await?;
-        self.get_ca(kind).await?.ok_or_else(|| StoreError::Corrupt("cert authority", kind.to_owned()))
+        self.get_ca(kind)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("cert authority", kind.to_owned()))
     }
 
     // ---- users ----
 
-    pub async fn create_user(&self, user: &User, password_hash: &str, now: i64) -> Result<(), StoreError> {
-        let spec = serde_json::to_string(user).map_err(|e| StoreError::Corrupt("user", e.to_string()))?;
+    pub async fn create_user(
+        &self,
+        user: &User,
+        password_hash: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let spec =
+            serde_json::to_string(user).map_err(|e| StoreError::Corrupt("user", e.to_string()))?;
         let done = sqlx::query("INSERT OR IGNORE INTO users (name, spec, password_hash, created, updated) VALUES (?, ?, ?, ?, ?)")
             .bind(&user.metadata.name)
             .bind(spec)
@@ -150,14 +179,23 @@ impl Store {
             .execute(&self.pool)
             .await?;
         if done.rows_affected() == 0 {
-            return Err(StoreError::AlreadyExists { kind: "user", name: user.metadata.name.clone() });
+            return Err(StoreError::AlreadyExists {
+                kind: "user",
+                name: user.metadata.name.clone(),
+            });
         }
         Ok(())
     }
 
     /// Create or update a user document, keeping any password hash. Returns true if created.
-    pub async fn upsert_user(&self, user: &User, create_only: bool, now: i64) -> Result<bool, StoreError> {
-        let spec = serde_json::to_string(user).map_err(|e| StoreError::Corrupt("user", e.to_string()))?;
+    pub async fn upsert_user(
+        &self,
+        user: &User,
+        create_only: bool,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let spec =
+            serde_json::to_string(user).map_err(|e| StoreError::Corrupt("user", e.to_string()))?;
         let created = sqlx::query("INSERT OR IGNORE INTO users (name, spec, password_hash, created, updated) VALUES (?, ?, NULL, ?, ?)")
             .bind(&user.metadata.name)
             .bind(&spec)
@@ -169,7 +207,10 @@ impl Store {
             == 1;
         if !created {
             if create_only {
-                return Err(StoreError::AlreadyExists { kind: "user", name: user.metadata.name.clone() });
+                return Err(StoreError::AlreadyExists {
+                    kind: "user",
+                    name: user.metadata.name.clone(),
+                });
             }
             sqlx::query("UPDATE users SET spec = ?, updated = ? WHERE name = ?")
                 .bind(&spec)
@@ -182,21 +223,36 @@ impl Store {
     }
 
     pub async fn get_user(&self, name: &str) -> Result<Option<(User, Option<String>)>, StoreError> {
-        let row = sqlx::query("SELECT spec, password_hash FROM users WHERE name = ?").bind(name).fetch_optional(&self.pool).await?;
+        let row = sqlx::query("SELECT spec, password_hash FROM users WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
         row.map(|r| {
             let spec: String = r.get(0);
-            let user = serde_json::from_str(&spec).map_err(|e| StoreError::Corrupt("user", e.to_string()))?;
+            let user = serde_json::from_str(&spec)
+                .map_err(|e| StoreError::Corrupt("user", e.to_string()))?;
             Ok((user, r.get(1)))
         })
         .transpose()
     }
 
     pub async fn list_users(&self) -> Result<Vec<User>, StoreError> {
-        let rows: Vec<String> = sqlx::query_scalar("SELECT spec FROM users ORDER BY name").fetch_all(&self.pool).await?;
-        rows.iter().map(|s| serde_json::from_str(s).map_err(|e| StoreError::Corrupt("user", e.to_string()))).collect()
+        let rows: Vec<String> = sqlx::query_scalar("SELECT spec FROM users ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|s| {
+                serde_json::from_str(s).map_err(|e| StoreError::Corrupt("user", e.to_string()))
+            })
+            .collect()
     }
 
-    pub async fn set_password_hash(&self, name: &str, hash: &str, now: i64) -> Result<(), StoreError> {
+    pub async fn set_password_hash(
+        &self,
+        name: &str,
+        hash: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
         let done = sqlx::query("UPDATE users SET password_hash = ?, updated = ? WHERE name = ?")
             .bind(hash)
             .bind(now)
@@ -204,7 +260,10 @@ impl Store {
             .execute(&self.pool)
             .await?;
         if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound { kind: "user", name: name.to_owned() });
+            return Err(StoreError::NotFound {
+                kind: "user",
+                name: name.to_owned(),
+            });
         }
         Ok(())
     }
@@ -214,11 +273,19 @@ impl Store {
             "user" => "DELETE FROM users WHERE name = ?",
             "role" => "DELETE FROM roles WHERE name = ?",
             "node" => "DELETE FROM nodes WHERE host_id = ?",
-            _ => return Err(StoreError::NotFound { kind, name: name.to_owned() }),
+            _ => {
+                return Err(StoreError::NotFound {
+                    kind,
+                    name: name.to_owned(),
+                });
+            }
         };
         let done = sqlx::query(sql).bind(name).execute(&self.pool).await?;
         if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound { kind, name: name.to_owned() });
+            return Err(StoreError::NotFound {
+                kind,
+                name: name.to_owned(),
+            });
         }
         Ok(())
     }
@@ -226,20 +293,31 @@ impl Store {
     // ---- roles ----
 
     /// Create or update a role. Returns true if it was created.
-    pub async fn upsert_role(&self, role: &Role, create_only: bool, now: i64) -> Result<bool, StoreError> {
-        let spec = serde_json::to_string(role).map_err(|e| StoreError::Corrupt("role", e.to_string()))?;
-        let created = sqlx::query("INSERT OR IGNORE INTO roles (name, spec, created, updated) VALUES (?, ?, ?, ?)")
-            .bind(&role.metadata.name)
-            .bind(&spec)
-            .bind(now)
-            .bind(now)
-            .execute(&self.pool)
-            .await?
-            .rows_affected()
+    pub async fn upsert_role(
+        &self,
+        role: &Role,
+        create_only: bool,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let spec =
+            serde_json::to_string(role).map_err(|e| StoreError::Corrupt("role", e.to_string()))?;
+        let created = sqlx::query(
+            "INSERT OR IGNORE INTO roles (name, spec, created, updated) VALUES (?, ?, ?, ?)",
+        )
+        .bind(&role.metadata.name)
+        .bind(&spec)
+        .bind(now)
+        .bind(now)
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
             == 1;
         if !created {
             if create_only {
-                return Err(StoreError::AlreadyExists { kind: "role", name: role.metadata.name.clone() });
+                return Err(StoreError::AlreadyExists {
+                    kind: "role",
+                    name: role.metadata.name.clone(),
+                });
             }
             sqlx::query("UPDATE roles SET spec = ?, updated = ? WHERE name = ?")
                 .bind(&spec)
@@ -252,14 +330,25 @@ impl Store {
     }
 
     pub async fn get_role(&self, name: &str) -> Result<Option<Role>, StoreError> {
-        let spec: Option<String> =
-            sqlx::query_scalar("SELECT spec FROM roles WHERE name = ?").bind(name).fetch_optional(&self.pool).await?;
-        spec.map(|s| serde_json::from_str(&s).map_err(|e| StoreError::Corrupt("role", e.to_string()))).transpose()
+        let spec: Option<String> = sqlx::query_scalar("SELECT spec FROM roles WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        spec.map(|s| {
+            serde_json::from_str(&s).map_err(|e| StoreError::Corrupt("role", e.to_string()))
+        })
+        .transpose()
     }
 
     pub async fn list_roles(&self) -> Result<Vec<Role>, StoreError> {
-        let rows: Vec<String> = sqlx::query_scalar("SELECT spec FROM roles ORDER BY name").fetch_all(&self.pool).await?;
-        rows.iter().map(|s| serde_json::from_str(s).map_err(|e| StoreError::Corrupt("role", e.to_string()))).collect()
+        let rows: Vec<String> = sqlx::query_scalar("SELECT spec FROM roles ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|s| {
+                serde_json::from_str(s).map_err(|e| StoreError::Corrupt("role", e.to_string()))
+            })
+            .collect()
     }
 
     // ---- tokens ----
@@ -297,22 +386,35 @@ impl Store {
     }
 
     pub async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM tokens ORDER BY created").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT * FROM tokens ORDER BY created")
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.iter().map(Self::token_from_row).collect())
     }
 
     /// Delete by public id or by hash of the secret.
     pub async fn delete_token(&self, id: &str, hash: &str) -> Result<(), StoreError> {
-        let done = sqlx::query("DELETE FROM tokens WHERE id = ? OR hash = ?").bind(id).bind(hash).execute(&self.pool).await?;
+        let done = sqlx::query("DELETE FROM tokens WHERE id = ? OR hash = ?")
+            .bind(id)
+            .bind(hash)
+            .execute(&self.pool)
+            .await?;
         if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound { kind: "token", name: id.to_owned() });
+            return Err(StoreError::NotFound {
+                kind: "token",
+                name: id.to_owned(),
+            });
         }
         Ok(())
     }
 
     /// Atomically use a token: one statement checks expiry and remaining uses and counts the use,
     /// so concurrent joins can never exceed `max_uses`. A refused token is left untouched.
-    pub async fn consume_token(&self, hash: &str, now: i64) -> Result<Result<TokenRecord, TokenRejection>, StoreError> {
+    pub async fn consume_token(
+        &self,
+        hash: &str,
+        now: i64,
+    ) -> Result<Result<TokenRecord, TokenRejection>, StoreError> {
         let row = sqlx::query(
             "UPDATE tokens SET uses = uses + 1 WHERE hash = ? AND expires > ? AND (max_uses = 0 OR uses < max_uses) RETURNING *",
         )
@@ -323,7 +425,10 @@ impl Store {
         if let Some(row) = row {
             return Ok(Ok(Self::token_from_row(&row)));
         }
-        let row = sqlx::query("SELECT * FROM tokens WHERE hash = ?").bind(hash).fetch_optional(&self.pool).await?;
+        let row = sqlx::query("SELECT * FROM tokens WHERE hash = ?")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(Err(match row.map(|r| Self::token_from_row(&r)) {
             None => TokenRejection::NotFound,
             Some(t) if t.expires <= now => TokenRejection::Expired,
@@ -333,12 +438,20 @@ impl Store {
 
     /// Remove tokens that expired more than `grace` seconds ago.
     pub async fn reap_tokens(&self, now: i64, grace: i64) -> Result<u64, StoreError> {
-        Ok(sqlx::query("DELETE FROM tokens WHERE expires < ?").bind(now - grace).execute(&self.pool).await?.rows_affected())
+        Ok(sqlx::query("DELETE FROM tokens WHERE expires < ?")
+            .bind(now - grace)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
     }
 
     // ---- nodes ----
 
-    pub async fn upsert_nodes(&self, nodes: &[(String, String)], expires: i64) -> Result<(), StoreError> {
+    pub async fn upsert_nodes(
+        &self,
+        nodes: &[(String, String)],
+        expires: i64,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         for (host_id, spec) in nodes {
             sqlx::query("INSERT INTO nodes (host_id, spec, expires) VALUES (?, ?, ?) ON CONFLICT(host_id) DO UPDATE SET spec = excluded.spec, expires = excluded.expires")
@@ -354,7 +467,12 @@ impl Store {
 
     /// Nodes whose heartbeat has not expired, as stored JSON.
     pub async fn list_nodes(&self, now: i64) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT spec FROM nodes WHERE expires > ? ORDER BY host_id").bind(now).fetch_all(&self.pool).await?)
+        Ok(
+            sqlx::query_scalar("SELECT spec FROM nodes WHERE expires > ? ORDER BY host_id")
+                .bind(now)
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     // ---- audit ----
@@ -382,19 +500,32 @@ impl Store {
     }
 
     pub async fn search_events(&self, f: &EventFilter) -> Result<Vec<StoredEvent>, StoreError> {
-        let mut sql = String::from("SELECT id, event_id, time_nanos, type, actor, source_addr, cluster, data FROM audit_events WHERE id > ? AND time_nanos >= ? AND time_nanos <= ?");
+        let mut sql = String::from(
+            "SELECT id, event_id, time_nanos, type, actor, source_addr, cluster, data FROM audit_events WHERE id > ? AND time_nanos >= ? AND time_nanos <= ?",
+        );
         if !f.types.is_empty() {
             sql.push_str(" AND type IN (");
             sql.push_str(&vec!["?"; f.types.len()].join(","));
             sql.push(')');
         }
         sql.push_str(" ORDER BY id LIMIT ?");
-        let to = if f.to_nanos <= 0 { i64::MAX } else { f.to_nanos };
-        let mut q = sqlx::query(&sql).bind(f.after_id).bind(f.from_nanos).bind(to);
+        let to = if f.to_nanos <= 0 {
+            i64::MAX
+        } else {
+            f.to_nanos
+        };
+        let mut q = sqlx::query(&sql)
+            .bind(f.after_id)
+            .bind(f.from_nanos)
+            .bind(to);
         for t in &f.types {
             q = q.bind(t);
         }
-        let limit = if f.limit == 0 { 1000 } else { f.limit.min(10_000) };
+        let limit = if f.limit == 0 {
+            1000
+        } else {
+            f.limit.min(10_000)
+        };
         let rows = q.bind(limit as i64).fetch_all(&self.pool).await?;
         Ok(rows
             .iter()
@@ -447,12 +578,27 @@ mod tests {
         s.insert_token(&token("a", 100, 1)).await.unwrap();
         s.insert_token(&token("b", 100, 0)).await.unwrap();
         assert!(s.consume_token("a", 50).await.unwrap().is_ok());
-        assert_eq!(s.consume_token("a", 50).await.unwrap(), Err(TokenRejection::UsedUp));
+        assert_eq!(
+            s.consume_token("a", 50).await.unwrap(),
+            Err(TokenRejection::UsedUp)
+        );
         assert!(s.consume_token("b", 50).await.unwrap().is_ok());
         assert!(s.consume_token("b", 51).await.unwrap().is_ok());
-        assert_eq!(s.consume_token("b", 100).await.unwrap(), Err(TokenRejection::Expired));
-        assert_eq!(s.consume_token("zzz", 1).await.unwrap(), Err(TokenRejection::NotFound));
-        let uses: Vec<u32> = s.list_tokens().await.unwrap().iter().map(|t| t.uses).collect();
+        assert_eq!(
+            s.consume_token("b", 100).await.unwrap(),
+            Err(TokenRejection::Expired)
+        );
+        assert_eq!(
+            s.consume_token("zzz", 1).await.unwrap(),
+            Err(TokenRejection::NotFound)
+        );
+        let uses: Vec<u32> = s
+            .list_tokens()
+            .await
+            .unwrap()
+            .iter()
+            .map(|t| t.uses)
+            .collect();
         assert_eq!(uses, [1, 2]);
     }
 
@@ -469,12 +615,32 @@ mod tests {
             cluster: "c".into(),
             data: "{}".into(),
         };
-        assert_eq!(s.append_events(&[ev("1", 10, "x"), ev("2", 20, "y")]).await.unwrap(), (2, 0));
-        assert_eq!(s.append_events(&[ev("2", 20, "y"), ev("3", 30, "x")]).await.unwrap(), (1, 1));
+        assert_eq!(
+            s.append_events(&[ev("1", 10, "x"), ev("2", 20, "y")])
+                .await
+                .unwrap(),
+            (2, 0)
+        );
+        assert_eq!(
+            s.append_events(&[ev("2", 20, "y"), ev("3", 30, "x")])
+                .await
+                .unwrap(),
+            (1, 1)
+        );
         let all = s.search_events(&EventFilter::default()).await.unwrap();
-        assert_eq!(all.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>(), ["1", "2", "3"]);
+        assert_eq!(
+            all.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>(),
+            ["1", "2", "3"]
+        );
         assert!(all.windows(2).all(|w| w[0].id < w[1].id));
-        let xs = s.search_events(&EventFilter { types: vec!["x".into()], from_nanos: 15, ..Default::default() }).await.unwrap();
+        let xs = s
+            .search_events(&EventFilter {
+                types: vec!["x".into()],
+                from_nanos: 15,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
         assert_eq!(xs.len(), 1);
         assert_eq!(xs[0].event_id, "3");
     }

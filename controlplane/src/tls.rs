@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
@@ -57,7 +57,11 @@ fn roots(ca_pem: &str) -> Result<Arc<RootCertStore>, TlsError> {
 /// Server config for the Auth API: TLS 1.3, ALPN h2, client certificates from the cluster CA
 /// verified when presented and optional (login, join and ping need none; every other call
 /// checks the identity itself).
-pub fn server_config(ca_pem: &str, cert_chain_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(
+    ca_pem: &str,
+    cert_chain_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_pem)?, provider.clone())
         .allow_unauthenticated()
@@ -81,17 +85,26 @@ pub enum Trust {
 }
 
 /// Client config for the Auth API, with an optional client identity (cert chain PEM, key PEM).
-pub fn client_config(trust: &Trust, identity: Option<(&str, &str)>) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn client_config(
+    trust: &Trust,
+    identity: Option<(&str, &str)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
-    let builder = ClientConfig::builder_with_provider(provider.clone()).with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
     let builder = match trust {
         Trust::CaPem(pem) => builder.with_root_certificates(roots(pem)?),
         Trust::Pin(pin) => builder
             .dangerous() // not dangerous: the pin verifier delegates to webpki with the pinned root
-            .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier { pin: pin.clone(), provider })),
+            .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier {
+                pin: pin.clone(),
+                provider,
+            })),
     };
     let mut config = match identity {
-        Some((cert, key)) => builder.with_client_auth_cert(certs_from_pem(cert)?, key_from_pem(key)?)?,
+        Some((cert, key)) => {
+            builder.with_client_auth_cert(certs_from_pem(cert)?, key_from_pem(key)?)?
+        }
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
@@ -126,9 +139,10 @@ impl ServerCertVerifier for PinnedCaVerifier {
             })?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
         inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
 
@@ -138,7 +152,12 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -147,10 +166,17 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

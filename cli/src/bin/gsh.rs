@@ -1,1 +1,316 @@
-fn main() {}
+//! `gsh`: the user's client. `gsh login` verifies Auth against the pinned CA, sends fresh public
+//! keys with the password, and keeps the short-lived certificates under `~/.gatehouse/` (0600).
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use gatehouse_cli::{
+    Profile, SSH_CERT_FILE, SSH_KEY_FILE, connect, fmt_time, identity_endpoint, init_logging,
+    profile_dir, read_stdin_line, rpc_error,
+};
+use gatehouse_controlplane::ca::{NO_LOGIN_PRINTCIPAL, spki_pin, ssh_ext};
+use gatehouse_controlplane::client::AuthEndpoint;
+use gatehouse_controlplane::daemon::{create_private_dir, write_private};
+use gatehouse_controlplane::proto;
+use gatehouse_controlplane::tls::{Trust, certs_from_pem};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "gsh",
+    version,
+    about = "Gatehouse client: log in and reach your nodes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Log in and get short-lived SSH and X.509 certificates.
+    Login {
+        /// Auth API address (host:port).
+        #[arg(long, env = "GATEHOUSE_AUTH")]
+        auth: Option<String>,
+        /// User name. Default: the profile's, else $USER.
+        #[arg(long)]
+        user: Option<String>,
+        /// Read the password from the first line of stdin instead of prompting.
+        #[arg(long)]
+        password_stdin: bool,
+        /// The cluster CA pin (sha256:…), printed by `gatehouse start`. Needed on first login.
+        #[arg(long, env = "GATEHOUSE_CA_PIN")]
+        ca_pin: Option<String>,
+        /// Requested certificate lifetime (e.g. 8h); capped by your roles. Default 12h.
+        #[arg(long)]
+        ttl: Option<humantime::Duration>,
+    },
+    /// Show who you are logged in as, your roles, logins and when the certificates expire.
+    Status,
+    /// Remove the keys and certificates of the current profile.
+    Logout,
+    /// Change your password (prompts; with --stdin reads current then new from two lines).
+    Passwd {
+        #[arg(long)]
+        stdin: bool,
+    },
+}
+
+fn main() {
+    init_logging("text", "warn");
+    let cli = Cli::parse();
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(cli)));
+    if let Err(e) = result {
+        eprintln!("gsh: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let dir = profile_dir()?;
+    match cli.command {
+        Command::Login {
+            auth,
+            user,
+            password_stdin,
+            ca_pin,
+            ttl,
+        } => login(&dir, auth, user, password_stdin, ca_pin, ttl).await,
+        Command::Status => status(&dir),
+        Command::Logout => logout(&dir),
+        Command::Passwd { stdin } => passwd(&dir, stdin).await,
+    }
+}
+
+async fn login(
+    dir: &Path,
+    auth: Option<String>,
+    user: Option<String>,
+    password_stdin: bool,
+    ca_pin: Option<String>,
+    ttl: Option<humantime::Duration>,
+) -> anyhow::Result<()> {
+    let previous = Profile::load(dir).ok();
+    let auth = auth
+        .or_else(|| previous.as_ref().map(|p| p.auth_addr.clone()))
+        .context("pass --auth HOST:PORT (the Auth address printed by `gatehouse start`)")?;
+    let user = user
+        .or_else(|| previous.as_ref().map(|p| p.user.clone()))
+        .or_else(|| std::env::var("USER").ok())
+        .context("pass --user")?;
+    // No trust on first use: the pin comes from the admin, or from the previous login's CA.
+    let trust = match (&ca_pin, &previous) {
+        (Some(pin), _) => {
+            if !pin.starts_with("sha256:") || pin.len() != 71 {
+                bail!("--ca-pin must look like sha256:<64 hex digits>");
+            }
+            Trust::Pin(pin.clone())
+        }
+        (None, Some(p)) if p.auth_addr == auth => Trust::Pin(p.ca_pin.clone()),
+        _ => bail!(
+            "first login to {auth}: pass --ca-pin sha256:… (printed by `gatehouse start`, or `gctl status`)"
+        ),
+    };
+    let pin = match &trust {
+        Trust::Pin(p) => p.clone(),
+        Trust::CaPem(_) => String::new(),
+    };
+    let password = if password_stdin {
+        read_stdin_line()?
+    } else {
+        rpassword::prompt_password(format!("Password for {user}: "))
+            .context("reading the password")?
+    };
+
+    let ssh_key = ssh_key::PrivateKey::random(&mut rand_core_rng(), ssh_key::Algorithm::Ed25519)?;
+    let tls_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let endpoint = AuthEndpoint {
+        addr: auth.clone(),
+        trust,
+        identity: None,
+    };
+    let mut client = connect(&endpoint).await?;
+    let resp = client
+        .login(proto::LoginRequest {
+            user: user.clone(),
+            password,
+            ssh_public_key: ssh_key.public_key().to_openssh()?,
+            tls_public_key: rcgen::PublicKeyData::subject_public_key_info(&tls_key),
+            ttl_seconds: ttl.map(|t| t.as_secs()).unwrap_or(0),
+        })
+        .await
+        .map_err(rpc_error)?
+        .into_inner();
+    let creds = resp.credentials.context("Auth sent no credentials")?;
+    // The CA Auth hands us must be the one we pinned.
+    let ca_der = certs_from_pem(&creds.tls_ca)?;
+    if !ca_der
+        .iter()
+        .any(|c| spki_pin(c).as_deref() == Some(pin.as_str()))
+    {
+        bail!("Auth returned a CA that does not match the pin {pin}; refusing to store it");
+    }
+
+    create_private_dir(dir)?;
+    write_private(
+        &dir.join(SSH_KEY_FILE),
+        ssh_key.to_openssh(ssh_key::LineEnding::LF)?.as_bytes(),
+    )?;
+    write_private(
+        &dir.join(format!("{SSH_KEY_FILE}.pub")),
+        format!("{}\n", ssh_key.public_key().to_openssh()?).as_bytes(),
+    )?;
+    write_private(
+        &dir.join(SSH_CERT_FILE),
+        format!("{}\n", creds.ssh_cert).as_bytes(),
+    )?;
+    write_private(&dir.join("tls.crt"), creds.tls_cert.as_bytes())?;
+    write_private(&dir.join("tls.key"), tls_key.serialize_pem().as_bytes())?;
+    write_private(&dir.join("ca.pem"), creds.tls_ca.as_bytes())?;
+    let known_hosts: String = creds
+        .ssh_host_ca
+        .iter()
+        .map(|k| format!("@cert-authority * {k} {} host CA\n", creds.cluster_name))
+        .collect();
+    write_private(&dir.join("known_hosts"), known_hosts.as_bytes())?;
+    let profile = Profile {
+        auth_addr: auth,
+        cluster: creds.cluster_name.clone(),
+        user: user.clone(),
+        ca_pin: pin,
+        expires: creds.expires,
+        roles: resp.roles.clone(),
+        logins: resp.logins.clone(),
+    };
+    profile.save(dir)?;
+    println!(
+        "Logged in to cluster \"{}\" as {user}.\n  Roles:   {}\n  Logins:  {}\n  Valid until: {}\n  Keys:    {}",
+        creds.cluster_name,
+        resp.roles.join(", "),
+        if resp.logins.is_empty() {
+            "(none)".into()
+        } else {
+            resp.logins.join(", ")
+        },
+        fmt_time(creds.expires),
+        dir.display()
+    );
+    Ok(())
+}
+
+fn rand_core_rng() -> impl ssh_key::rand_core::CryptoRngCore {
+    ssh_key::rand_core::OsRng
+}
+
+fn status(dir: &Path) -> anyhow::Result<()> {
+    let profile = Profile::load(dir)?;
+    let cert_path = dir.join(SSH_CERT_FILE);
+    let line = std::fs::read_to_string(&cert_path)
+        .with_context(|| format!("reading {}", cert_path.display()))?;
+    let cert = ssh_key::Certificate::from_openssh(line.trim())
+        .context("the stored SSH certificate is unreadable; log in again")?;
+    let logins: Vec<&str> = cert
+        .valid_principals()
+        .iter()
+        .map(String::as_str)
+        .filter(|p| *p != NO_LOGIN_PRINTCIPAL)
+        .collect();
+    let roles: Vec<String> = cert
+        .extensions()
+        .get(ssh_ext::ROLES)
+        .and_then(|r| serde_json::from_str(r).ok())
+        .unwrap_or_default();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let expires = cert.valid_before() as i64;
+    let validity = if expires > now {
+        format!(
+            "valid for {}",
+            humantime::format_duration(std::time::Duration::from_secs((expires - now) as u64))
+        )
+    } else {
+        "EXPIRED: run gsh login".to_string()
+    };
+    let extensions: Vec<&str> = cert
+        .extensions()
+        .keys()
+        .map(String::as_str)
+        .filter(|k| k.starts_with("permit-"))
+        .collect();
+    println!(
+        "> Profile:   {}\n  Auth:      {}\n  Cluster:   {}\n  User:      {}\n  Roles:     {}\n  Logins:    {}\n  Permits:   {}\n  Expires:   {} ({validity})",
+        dir.display(),
+        profile.auth_addr,
+        profile.cluster,
+        cert.key_id(),
+        roles.join(", "),
+        if logins.is_empty() {
+            "(none)".into()
+        } else {
+            logins.join(", ")
+        },
+        extensions.join(", "),
+        fmt_time(expires),
+    );
+    if expires <= now {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn logout(dir: &Path) -> anyhow::Result<()> {
+    let mut removed = 0;
+    for f in [
+        SSH_KEY_FILE,
+        &format!("{SSH_KEY_FILE}.pub"),
+        SSH_CERT_FILE,
+        "tls.crt",
+        "tls.key",
+        "known_hosts",
+        "profile.toml",
+        "ca.pem",
+    ] {
+        if std::fs::remove_file(dir.join(f)).is_ok() {
+            removed += 1;
+        }
+    }
+    if removed == 0 {
+        println!("Not logged in.");
+    } else {
+        println!(
+            "Logged out: keys and certificates removed from {}",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+async fn passwd(dir: &Path, stdin: bool) -> anyhow::Result<()> {
+    let profile = Profile::load(dir)?;
+    let (old, new) = if stdin {
+        (read_stdin_line()?, read_stdin_line()?)
+    } else {
+        let old = rpassword::prompt_password("Current password: ")?;
+        let new = rpassword::prompt_password("New password: ")?;
+        let again = rpassword::prompt_password("New password again: ")?;
+        if new != again {
+            bail!("the new passwords do not match");
+        }
+        (old, new)
+    };
+    let endpoint = identity_endpoint(dir, &profile.auth_addr)?;
+    let mut client = connect(&endpoint).await?;
+    client
+        .change_password(proto::ChangePasswordRequest {
+            old_password: old,
+            new_password: new,
+        })
+        .await
+        .map_err(rpc_error)?;
+    println!("Password changed.");
+    Ok(())
+}
