@@ -26,6 +26,15 @@ pub fn init_logging(format: &str, level: &str) {
 pub fn rpc_error(status: tonic::Status) -> anyhow::Error {
     let code = status.code();
     let msg = status.message();
+    if code == tonic::Code::Cancelled && msg.contains("canceled") {
+        // TLS 1.3 refuses a client certificate after the client considers the handshake done,
+        // so the client only sees the connection close. Say what that usually means.
+        return anyhow::anyhow!(
+            "Auth closed the connection ({code:?}): the client certificate was probably refused \
+             (issued by another cluster's CA, or expired: log in again, or check --identity); \
+             the Auth log names the reason"
+        );
+    }
     if code == tonic::Code::Unavailable || code == tonic::Code::Unknown {
         let chain = std::error::Error::source(&status)
             .map(error_chain)

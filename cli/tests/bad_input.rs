@@ -1,0 +1,375 @@
+//! Bad input gets a clear error and writes nothing: wrong passwords (same answer as an unknown
+//! user, rate limited), expired and used-up join tokens, malformed role files, API calls with
+//! no client certificate or with one from another cluster's CA, and a wrong CA pin.
+
+mod common;
+
+use common::Cluster;
+use gatehouse_controlplane::client::AuthEndpoint;
+use gatehouse_controlplane::proto;
+use gatehouse_controlplane::tls::Trust;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn wrong_password_looks_like_unknown_user_and_is_rate_limited() {
+    let c = Cluster::start("bad-pw");
+    let home = tempfile::tempdir().unwrap();
+    let pw = c.add_user("alice", "access", "alice");
+
+    let wrong = c
+        .login(home.path(), "alice", "not the password", &[])
+        .failed()
+        .stderr;
+    let unknown = c
+        .login(home.path(), "mallory", "not the password", &[])
+        .failed()
+        .stderr;
+    assert!(wrong.contains("invalid user name or password"), "{wrong}");
+    assert_eq!(
+        wrong, unknown,
+        "wrong password and unknown user must answer alike"
+    );
+    assert!(
+        !home.path().join("profile.toml").exists(),
+        "a failed login wrote a profile"
+    );
+
+    // Five failures for alice in the window: even the right password is now refused.
+    for _ in 0..4 {
+        c.login(home.path(), "alice", "not the password", &[])
+            .failed();
+    }
+    let limited = c.login(home.path(), "alice", &pw, &[]).failed().stderr;
+    assert!(
+        limited.contains("too many failed login attempts"),
+        "{limited}"
+    );
+    // Unknown users are limited the same way (no user enumeration through the limiter).
+    for _ in 0..4 {
+        c.login(home.path(), "mallory", "x", &[]).failed();
+    }
+    let limited_unknown = c.login(home.path(), "mallory", "x", &[]).failed().stderr;
+    assert!(
+        limited_unknown.contains("too many failed login attempts"),
+        "{limited_unknown}"
+    );
+    assert!(!home.path().join("tls.crt").exists());
+
+    let failures = c.events("user.login");
+    assert!(failures.iter().all(|e| e["data"]["success"] == false));
+    assert!(
+        failures
+            .iter()
+            .any(|e| e["data"]["reason"] == "rate limited")
+    );
+    assert!(
+        c.events("cert.issued").is_empty(),
+        "no certificate may be issued"
+    );
+    let log = serde_json::to_string(&failures).unwrap();
+    assert!(
+        !log.contains("not the password") && !log.contains(&pw),
+        "a password reached the audit log"
+    );
+}
+
+fn join(c: &Cluster, token: &str, host: &str) -> Result<proto::JoinResponse, tonic::Status> {
+    let ssh_key =
+        ssh_key::PrivateKey::random(&mut ssh_key::rand_core::OsRng, ssh_key::Algorithm::Ed25519)
+            .unwrap();
+    let tls_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let endpoint = AuthEndpoint {
+        addr: c.auth.clone(),
+        trust: Trust::Pin(c.pin.clone()),
+        identity: None,
+    };
+    rt().block_on(async {
+        let mut client = endpoint.connect().await.unwrap();
+        client
+            .join(proto::JoinRequest {
+                token: token.into(),
+                host_name: host.into(),
+                addresses: vec!["127.0.0.5".into()],
+                ssh_public_key: ssh_key.public_key().to_openssh().unwrap(),
+                tls_public_key: rcgen::PublicKeyData::subject_public_key_info(&tls_key),
+                bot_name: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    })
+}
+
+fn new_token(c: &Cluster, args: &[&str]) -> String {
+    let mut all = vec!["tokens", "add", "--type", "node"];
+    all.extend_from_slice(args);
+    let out = c.gctl(&all).ok().stdout;
+    out.split("Join token (shown once): ")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn join_tokens_expired_used_up_and_unknown_are_refused_without_writes() {
+    let c = Cluster::start("bad-join");
+    let single = new_token(&c, &["--uses", "1"]);
+    let ok = join(&c, &single, "node1").unwrap();
+    let creds = ok.credentials.unwrap();
+    assert!(
+        creds
+            .ssh_cert
+            .starts_with("ssh-ed25519-cert-v01@openssh.com ")
+    );
+    // Host cert principals: host id, host id.cluster, host name, address.
+    let cert = ssh_key::Certificate::from_openssh(&creds.ssh_cert).unwrap();
+    assert_eq!(cert.cert_type(), ssh_key::certificate::CertType::Host);
+    assert!(cert.valid_principals().contains(&"node1".to_string()));
+    assert!(cert.valid_principals().contains(&ok.host_id));
+    assert!(cert.valid_principals().contains(&"127.0.0.5".to_string()));
+
+    let used = join(&c, &single, "node2").unwrap_err();
+    assert_eq!(used.code(), tonic::Code::PermissionDenied);
+    assert!(used.message().contains("used up"), "{used:?}");
+
+    let brief = new_token(&c, &["--ttl", "1s", "--uses", "0"]);
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let expired = join(&c, &brief, "node3").unwrap_err();
+    assert!(expired.message().contains("expired"), "{expired:?}");
+
+    let unknown = join(&c, "0123456789abcdef", "node4").unwrap_err();
+    assert!(unknown.message().contains("not recognized"), "{unknown:?}");
+
+    // Bad input before the token is touched does not use it up.
+    let fresh = new_token(&c, &["--uses", "1"]);
+    let bad_name = join(&c, &fresh, "bad host name").unwrap_err();
+    assert_eq!(bad_name.code(), tonic::Code::InvalidArgument);
+    assert!(bad_name.message().contains("host_name"), "{bad_name:?}");
+    join(&c, &fresh, "node5").unwrap();
+
+    let tokens = c.gctl(&["tokens", "ls"]).ok().stdout;
+    assert!(
+        tokens.contains("1/1") && tokens.contains("used up"),
+        "{tokens}"
+    );
+    assert!(
+        tokens.contains("0/∞") && tokens.contains("expired"),
+        "{tokens}"
+    );
+    // Exactly two host certificates were issued: node1 and node5.
+    let issued = c.events("cert.issued");
+    assert_eq!(issued.len(), 2, "{issued:?}");
+    let joins = c.events("join");
+    assert_eq!(
+        joins
+            .iter()
+            .filter(|e| e["data"]["success"] == false)
+            .count(),
+        3
+    );
+}
+
+#[test]
+fn malformed_role_file_names_the_field_and_writes_nothing() {
+    let c = Cluster::start("bad-role");
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "unknown-field.toml",
+            "kind = \"role\"\n[metadata]\nname = \"r1\"\n[spec.allow]\nlogns = [\"x\"]\n",
+            "spec.allow",
+        ),
+        (
+            "bad-verb.toml",
+            "kind = \"role\"\n[metadata]\nname = \"r2\"\n[[spec.allow.rules]]\nresources = [\"user\"]\nverbs = [\"list\", \"reed\"]\n",
+            "spec.allow.rules[0].verbs[1]",
+        ),
+        (
+            "bad-ttl.json",
+            "{\"kind\":\"role\",\"metadata\":{\"name\":\"r3\"},\"spec\":{\"options\":{\"max_session_ttl\":\"forever\"}}}",
+            "spec.options.max_session_ttl",
+        ),
+        (
+            "bad-template.toml",
+            "kind = \"role\"\n[metadata]\nname = \"r4\"\n[spec.allow]\nlogins = [\"{{internal.logins\"]\n",
+            "spec.allow.logins[0]",
+        ),
+        (
+            "no-name.toml",
+            "kind = \"role\"\n[metadata]\ndescription = \"x\"\n",
+            "metadata",
+        ),
+        ("syntax.toml", "kind = \"role\"\n[metadata\n", "TOML"),
+    ];
+    for (file, body, field) in cases {
+        let path = dir.path().join(file);
+        std::fs::write(&path, body).unwrap();
+        let err = c
+            .gctl(&["create", "-f", path.to_str().unwrap()])
+            .failed()
+            .stderr;
+        assert!(
+            err.contains(field),
+            "{file}: error does not name `{field}`: {err}"
+        );
+    }
+    let roles = c.gctl(&["get", "roles", "--format", "json"]).ok().stdout;
+    let names: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(&roles)
+        .unwrap()
+        .iter()
+        .map(|r| r["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["access", "auditor", "editor"]);
+    assert!(c.events("role.create").is_empty());
+
+    // The server validates too: a hand-made request with a bad role is refused the same way.
+    let endpoint = gatehouse_cli::identity_endpoint(&c.data_dir().join("admin"), &c.auth).unwrap();
+    let status = rt()
+        .block_on(async {
+            let mut client = endpoint.connect().await.unwrap();
+            client
+                .upsert_resource(proto::UpsertResourceRequest {
+                    kind: "role".into(),
+                    json: r#"{"kind":"role","metadata":{"name":"r5"},"spec":{"allow":{"rules":[{"resources":["usr"],"verbs":["list"]}]}}}"#.into(),
+                    create_only: true,
+                })
+                .await
+        })
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .contains("spec.allow.rules[0].resources[0]"),
+        "{status:?}"
+    );
+}
+
+#[test]
+fn api_calls_without_a_cert_or_with_a_foreign_cert_are_refused() {
+    let c = Cluster::start("home");
+    let other = Cluster::start("other");
+
+    // No client certificate: ping works (unauthenticated), everything else is refused.
+    let endpoint = AuthEndpoint {
+        addr: c.auth.clone(),
+        trust: Trust::Pin(c.pin.clone()),
+        identity: None,
+    };
+    let (ping, err) = rt().block_on(async {
+        let mut client = endpoint.connect().await.unwrap();
+        let ping = client
+            .ping(proto::PingRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let err = client
+            .list_resources(proto::ListResourcesRequest {
+                kind: "user".into(),
+            })
+            .await
+            .unwrap_err();
+        (ping, err)
+    });
+    assert_eq!(ping.cluster_name, "home");
+    assert_eq!(ping.ca_pin, c.pin);
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(err.message().contains("client certificate"), "{err:?}");
+
+    // Another cluster's admin certificate: the TLS handshake itself is refused.
+    let mut cmd = std::process::Command::new(common::bin("gctl"));
+    cmd.arg("--identity")
+        .arg(other.data_dir().join("admin"))
+        .args(["--auth", &c.auth, "users", "ls"]);
+    let out = common::run(cmd, None).failed();
+    // The other cluster's CA does not vouch for this server, so gctl refuses it first.
+    assert!(
+        out.stderr.contains("UnknownIssuer") || out.stderr.contains("certificate"),
+        "{}",
+        out.stderr
+    );
+    // Now trust the right CA but present the foreign cert, as an attacker holding another
+    // cluster's certificate would: the server refuses the handshake.
+    let foreign_cert = std::fs::read_to_string(other.data_dir().join("admin/tls.crt")).unwrap();
+    let foreign_key = std::fs::read_to_string(other.data_dir().join("admin/tls.key")).unwrap();
+    let right_ca = std::fs::read_to_string(c.data_dir().join("admin/ca.pem")).unwrap();
+    let endpoint = AuthEndpoint {
+        addr: c.auth.clone(),
+        trust: Trust::CaPem(right_ca),
+        identity: Some((foreign_cert, foreign_key)),
+    };
+    let result = rt().block_on(async {
+        match endpoint.connect().await {
+            Err(e) => Err(gatehouse_controlplane::client::error_chain(&e)),
+            Ok(mut client) => client
+                .list_resources(proto::ListResourcesRequest {
+                    kind: "user".into(),
+                })
+                .await
+                .map(|_| ())
+                .map_err(|s| format!("{s:?}")),
+        }
+    });
+    let err = result.unwrap_err();
+    // TLS 1.3: the client learns of the refusal only as a closed connection.
+    assert!(
+        err.contains("Cancelled") || err.contains("UnknownCA"),
+        "unexpected error: {err}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let log = c.log();
+    assert!(
+        log.contains("TLS handshake failed") && log.contains("UnknownIssuer"),
+        "server did not log the refused handshake:\n{log}"
+    );
+    assert!(c.events("user.create").is_empty());
+
+    // A wrong pin: gsh refuses to talk to the server at all.
+    let home = tempfile::tempdir().unwrap();
+    let out = c
+        .gsh(
+            home.path(),
+            &[
+                "login",
+                "--auth",
+                &c.auth,
+                "--user",
+                "x",
+                "--password-stdin",
+                "--ca-pin",
+                &other.pin,
+            ],
+            Some("whatever-password\n"),
+        )
+        .failed();
+    assert!(
+        out.stderr.contains("does not match the pinned"),
+        "{}",
+        out.stderr
+    );
+    // And no pin at all on first login is refused with advice, not trusted on first use.
+    let out = c
+        .gsh(
+            home.path(),
+            &[
+                "login",
+                "--auth",
+                &c.auth,
+                "--user",
+                "x",
+                "--password-stdin",
+            ],
+            Some("pw\n"),
+        )
+        .failed();
+    assert!(out.stderr.contains("--ca-pin"), "{}", out.stderr);
+}

@@ -1,0 +1,300 @@
+//! Test harness: real `gatehouse`, `gctl` and `gsh` processes on loopback with ephemeral ports,
+//! every command bounded in time, every process killed on drop.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const CMD_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Output {
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn ok(self) -> Self {
+        assert_eq!(
+            self.status, 0,
+            "command failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+    pub fn failed(self) -> Self {
+        assert_ne!(
+            self.status, 0,
+            "command unexpectedly succeeded\nstdout:\n{}",
+            self.stdout
+        );
+        self
+    }
+}
+
+/// Run a command with optional stdin, killing it after `CMD_TIMEOUT`.
+pub fn run(mut cmd: Command, stdin: Option<&str>) -> Output {
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    if let Some(input) = stdin {
+        let mut s = child.stdin.take().unwrap();
+        s.write_all(input.as_bytes()).unwrap();
+    }
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + CMD_TIMEOUT;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("command timed out: {cmd:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status: status.code().unwrap_or(-1),
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    match name {
+        "gatehouse" => PathBuf::from(env!("CARGO_BIN_EXE_gatehouse")),
+        "gctl" => PathBuf::from(env!("CARGO_BIN_EXE_gctl")),
+        "gsh" => PathBuf::from(env!("CARGO_BIN_EXE_gsh")),
+        other => panic!("unknown binary {other}"),
+    }
+}
+
+/// A running single-process cluster (Auth role) in a temp dir.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub child: Child,
+    pub auth: String,
+    pub diag: String,
+    pub pin: String,
+    pub cluster_name: String,
+    pub stdout: String,
+}
+
+impl Cluster {
+    pub fn start(name: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, name)
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, name: &str) -> Self {
+        let mut child = Command::new(bin("gatehouse"))
+            .args([
+                "start",
+                "--auth-addr",
+                "127.0.0.1:0",
+                "--diag-addr",
+                "127.0.0.1:0",
+                "--cluster-name",
+                name,
+                "--data-dir",
+            ])
+            .arg(dir.path().join("data"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn gatehouse");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log_path = dir.path().join("daemon.log");
+        std::thread::spawn(move || {
+            let mut log = std::fs::File::create(log_path).unwrap();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = writeln!(log, "{line}");
+            }
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut all = String::new();
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                all.push_str(&line);
+                all.push('\n');
+                if !sent && line.starts_with("  gsh login") {
+                    let _ = tx.send(all.clone());
+                    sent = true;
+                }
+            }
+        });
+        let stdout = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = child.kill();
+                let log =
+                    std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
+                panic!("gatehouse did not start in time; log:\n{log}");
+            }
+        };
+        let field = |label: &str| {
+            stdout
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(label).map(|v| v.trim().to_string()))
+                .unwrap_or_else(|| panic!("no {label} in:\n{stdout}"))
+        };
+        let auth = field("Auth API:");
+        let pin = field("CA pin:");
+        let diag = field("Diagnostics:")
+            .trim_start_matches("http://")
+            .trim_end_matches("/metrics")
+            .to_string();
+        Cluster {
+            dir,
+            child,
+            auth,
+            diag,
+            pin,
+            cluster_name: name.into(),
+            stdout,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn gctl(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(bin("gctl"));
+        cmd.arg("--data-dir")
+            .arg(self.data_dir())
+            .args(args)
+            .env_remove("GATEHOUSE_AUTH");
+        run(cmd, None)
+    }
+
+    /// `gsh` with its profile in `home`.
+    pub fn gsh(&self, home: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(bin("gsh"));
+        cmd.args(args)
+            .env("GATEHOUSE_HOME", home)
+            .env_remove("GATEHOUSE_AUTH")
+            .env_remove("GATEHOUSE_CA_PIN");
+        run(cmd, stdin)
+    }
+
+    /// Add a user and return the generated password.
+    pub fn add_user(&self, name: &str, roles: &str, logins: &str) -> String {
+        let out = self
+            .gctl(&["users", "add", name, "--roles", roles, "--logins", logins])
+            .ok();
+        out.stdout.lines().last().unwrap().trim().to_string()
+    }
+
+    pub fn login(&self, home: &Path, user: &str, password: &str, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "login",
+            "--auth",
+            &self.auth,
+            "--user",
+            user,
+            "--password-stdin",
+            "--ca-pin",
+            &self.pin,
+        ];
+        args.extend_from_slice(extra);
+        self.gsh(home, &args, Some(&format!("{password}\n")))
+    }
+
+    pub fn events(&self, event_type: &str) -> Vec<serde_json::Value> {
+        let out = self
+            .gctl(&["events", "--type", event_type, "--format", "json"])
+            .ok();
+        out.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    pub fn stop(mut self) -> tempfile::TempDir {
+        kill(&mut self.child);
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        dir
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+}
+
+fn kill(child: &mut Child) {
+    #[cfg(unix)]
+    {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback; returns (status code, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// Unix mode bits of a file.
+pub fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
