@@ -1,6 +1,13 @@
 //! Bad input gets a clear error and writes nothing: wrong passwords (same answer as an unknown
 //! user, rate limited), expired and used-up join tokens, malformed role files, API calls with
 //! no client certificate or with one from another cluster's CA, and a wrong CA pin.
+// Test code: a failing unwrap or panic is a failing test, which is the point.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -1,5 +1,12 @@
 //! Login end to end: the certificates gsh stores are what the real OpenSSH and OpenSSL tools
 //! accept, the profile is private, admin flows work, and a restart keeps the cluster.
+// Test code: a failing unwrap or panic is a failing test, which is the point.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

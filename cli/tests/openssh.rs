@@ -1,6 +1,13 @@
 //! The real OpenSSH sshd trusts the cluster's user CA (from `gctl auth export --type user`); the
 //! real ssh client logs in with the cert gsh stored, and is refused for a login outside the
 //! cert's principals and once the cert has expired.
+// Test code: a failing unwrap or panic is a failing test, which is the point.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 mod common;
 

@@ -35,6 +35,49 @@ const MAX_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 const MAX_EVENT_BATCH: usize = 1000;
 const MAX_EVENT_DATA: usize = 64 * 1024;
 
+/// A node's heartbeat as stored.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct NodeRecord {
+    host_id: String,
+    name: String,
+    #[serde(default)]
+    labels: std::collections::HashMap<String, String>,
+    #[serde(default)]
+    addresses: Vec<String>,
+    #[serde(default)]
+    services: Vec<String>,
+    last_seen: i64,
+    expires: i64,
+}
+
+impl From<proto::Node> for NodeRecord {
+    fn from(n: proto::Node) -> Self {
+        Self {
+            host_id: n.host_id,
+            name: n.name,
+            labels: n.labels,
+            addresses: n.addresses,
+            services: n.services,
+            last_seen: n.last_seen,
+            expires: n.expires,
+        }
+    }
+}
+
+impl From<NodeRecord> for proto::Node {
+    fn from(n: NodeRecord) -> Self {
+        Self {
+            host_id: n.host_id,
+            name: n.name,
+            labels: n.labels,
+            addresses: n.addresses,
+            services: n.services,
+            last_seen: n.last_seen,
+            expires: n.expires,
+        }
+    }
+}
+
 /// The verified peer of one connection, attached to every request on it.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
@@ -1370,11 +1413,8 @@ impl Auth for AuthService {
                 .map_err(|m| Status::invalid_argument(format!("node name: {m}")))?;
             n.last_seen = now;
             n.expires = now + ttl.as_secs() as i64;
-            let spec = json!({
-                "host_id": n.host_id, "name": n.name, "labels": n.labels, "addresses": n.addresses,
-                "services": n.services, "last_seen": n.last_seen, "expires": n.expires,
-            });
-            rows.push((n.host_id.clone(), spec.to_string()));
+            let spec = serde_json::to_string(&NodeRecord::from(n.clone())).map_err(internal)?;
+            rows.push((n.host_id.clone(), spec));
         }
         self.state
             .store
@@ -1397,16 +1437,8 @@ impl Auth for AuthService {
             .map_err(store_status)?;
         let nodes = rows
             .iter()
-            .filter_map(|s| serde_json::from_str::<serde_json::Value>(s).ok())
-            .map(|v| proto::Node {
-                host_id: v["host_id"].as_str().unwrap_or_default().into(),
-                name: v["name"].as_str().unwrap_or_default().into(),
-                labels: serde_json::from_value(v["labels"].clone()).unwrap_or_default(),
-                addresses: serde_json::from_value(v["addresses"].clone()).unwrap_or_default(),
-                services: serde_json::from_value(v["services"].clone()).unwrap_or_default(),
-                last_seen: v["last_seen"].as_i64().unwrap_or_default(),
-                expires: v["expires"].as_i64().unwrap_or_default(),
-            })
+            .filter_map(|s| serde_json::from_str::<NodeRecord>(s).ok())
+            .map(proto::Node::from)
             .collect();
         Ok(Response::new(proto::ListNodesResponse { nodes }))
     }

@@ -214,7 +214,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     )?;
 
     tracing::info!(cluster = %info.cluster, auth = %info.listen, diag = %diag_addr, "gatehouse started");
-    let exe_dir_hint = if data_dir == PathBuf::from("gatehouse-data") {
+    let exe_dir_hint = if data_dir.as_os_str() == "gatehouse-data" {
         String::new()
     } else {
         format!(" --data-dir {}", data_dir.display())

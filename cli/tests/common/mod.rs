@@ -1,5 +1,12 @@
 //! Test harness: real `gatehouse`, `gctl` and `gsh` processes on loopback with ephemeral ports,
 //! every command bounded in time, every process killed on drop.
+// Test code: a failing unwrap or panic is a failing test, which is the point.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -236,8 +243,7 @@ impl Cluster {
 
     pub fn stop(mut self) -> tempfile::TempDir {
         kill(&mut self.child);
-        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
-        dir
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
 
     pub fn log(&self) -> String {
