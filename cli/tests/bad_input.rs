@@ -327,9 +327,20 @@ fn api_calls_without_a_cert_or_with_a_foreign_cert_are_refused() {
         }
     });
     let err = result.unwrap_err();
-    // TLS 1.3: the client learns of the refusal only as a closed connection.
+    // TLS 1.3: the client learns of the refusal as the server's alert (UnknownCA) or, when the
+    // connection is torn down first, as a closed/reset connection. Either way the call failed;
+    // the server log below carries the reason.
     assert!(
-        err.contains("Cancelled") || err.contains("UnknownCA"),
+        [
+            "Cancelled",
+            "UnknownCA",
+            "Unavailable",
+            "reset",
+            "closed",
+            "broken pipe"
+        ]
+        .iter()
+        .any(|w| err.contains(w)),
         "unexpected error: {err}"
     );
     std::thread::sleep(std::time::Duration::from_millis(300));
