@@ -426,20 +426,28 @@ impl AuthService {
         addr: &str,
         data: serde_json::Value,
     ) -> Result<(), Status> {
-        let ev = audit::event(
-            event_type,
-            actor,
-            addr,
-            &self.state.cluster,
-            now_nanos(),
-            data,
-        );
+        self.audit_all(addr, vec![(event_type, actor, data)]).await
+    }
+
+    /// Store several events in one transaction: all durable, or none.
+    async fn audit_all(
+        &self,
+        addr: &str,
+        events: Vec<(&str, &str, serde_json::Value)>,
+    ) -> Result<(), Status> {
+        let now = now_nanos();
+        let batch: Vec<StoredEvent> = events
+            .into_iter()
+            .map(|(event_type, actor, data)| {
+                audit::event(event_type, actor, addr, &self.state.cluster, now, data)
+            })
+            .collect();
         self.state
             .store
-            .append_events(std::slice::from_ref(&ev))
+            .append_events(&batch)
             .await
             .map_err(store_status)?;
-        self.state.metrics.audit_events.inc();
+        self.state.metrics.audit_events.inc_by(batch.len() as u64);
         Ok(())
     }
 
@@ -672,25 +680,28 @@ impl Auth for AuthService {
             .certs_issued
             .get_or_create(&KindLabel { kind: "user" })
             .inc();
-        self.audit(
-            types::USER_LOGIN,
-            &identity.name,
+        // The login and the certificate it produced are one durable write (one fsync).
+        self.audit_all(
             &addr,
-            audit::success(json!({ "user": identity.name, "method": "password" })),
-        )
-        .await?;
-        self.audit(
-            types::CERT_ISSUED,
-            &identity.name,
-            &addr,
-            json!({
-                "kind": "user",
-                "user": identity.name,
-                "roles": identity.roles,
-                "logins": identity.logins,
-                "expires": expires,
-                "ssh_serial": ssh_cert.serial(),
-            }),
+            vec![
+                (
+                    types::USER_LOGIN,
+                    identity.name.as_str(),
+                    audit::success(json!({ "user": identity.name, "method": "password" })),
+                ),
+                (
+                    types::CERT_ISSUED,
+                    identity.name.as_str(),
+                    json!({
+                        "kind": "user",
+                        "user": identity.name,
+                        "roles": identity.roles,
+                        "logins": identity.logins,
+                        "expires": expires,
+                        "ssh_serial": ssh_cert.serial(),
+                    }),
+                ),
+            ],
         )
         .await?;
         let ssh_line = ssh_cert.to_openssh().map_err(internal)?;
@@ -820,15 +831,22 @@ impl Auth for AuthService {
             .certs_issued
             .get_or_create(&KindLabel { kind: "host" })
             .inc();
-        self.audit(
-            types::JOIN,
-            &r.host_name,
+        self.audit_all(
             &addr,
-            audit::success(json!({ "host_id": host_id, "host_name": r.host_name, "token_id": token.id, "role": "node" })),
+            vec![
+                (
+                    types::JOIN,
+                    r.host_name.as_str(),
+                    audit::success(json!({ "host_id": host_id, "host_name": r.host_name, "token_id": token.id, "role": "node" })),
+                ),
+                (
+                    types::CERT_ISSUED,
+                    host_id.as_str(),
+                    json!({ "kind": "host", "host_id": host_id, "principals": principals, "expires": expires }),
+                ),
+            ],
         )
         .await?;
-        self.audit(types::CERT_ISSUED, &host_id, &addr, json!({ "kind": "host", "host_id": host_id, "principals": principals, "expires": expires }))
-            .await?;
         Ok(Response::new(proto::JoinResponse {
             credentials: Some(self.credentials(
                 ssh_cert.to_openssh().map_err(internal)?,
