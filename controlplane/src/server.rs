@@ -12,7 +12,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 use crate::audit::{self, types};
@@ -140,8 +139,8 @@ pub struct AuthState {
     pub tls_ca: TlsCa,
     pub metrics: Arc<AuthMetrics>,
     limiter: Mutex<LoginLimiter>,
-    /// Bounds concurrent argon2 work so password guessing cannot starve the server.
-    hash_permits: Semaphore,
+    /// One argon2 thread per core: bounds the CPU and memory password guessing can take.
+    hasher: password::HasherPool,
     /// Verified against when the user does not exist, so both cases cost the same.
     dummy_hash: String,
 }
@@ -173,7 +172,8 @@ impl AuthState {
             tls_ca,
             metrics: Arc::default(),
             limiter: Mutex::new(LoginLimiter::default()),
-            hash_permits: Semaphore::new(cpus),
+            hasher: password::HasherPool::new(cpus)
+                .map_err(|e| password::PasswordError::Hash(e.to_string()))?,
             dummy_hash: password::hash(&password::generate())?,
         })
     }
@@ -452,11 +452,7 @@ impl AuthService {
     }
 
     async fn hash_password(&self, password: String) -> Result<String, Status> {
-        let _permit = self.state.hash_permits.acquire().await.map_err(internal)?;
-        tokio::task::spawn_blocking(move || password::hash(&password))
-            .await
-            .map_err(internal)?
-            .map_err(internal)
+        self.state.hasher.hash(password).await.map_err(internal)
     }
 
     async fn verify_password(
@@ -464,12 +460,14 @@ impl AuthService {
         password: String,
         hash: Option<String>,
     ) -> Result<bool, Status> {
-        let _permit = self.state.hash_permits.acquire().await.map_err(internal)?;
         let (hash, real) = match hash {
             Some(h) => (h, true),
             None => (self.state.dummy_hash.clone(), false),
         };
-        let ok = tokio::task::spawn_blocking(move || password::verify(&password, &hash))
+        let ok = self
+            .state
+            .hasher
+            .verify(password, hash)
             .await
             .map_err(internal)?;
         Ok(ok && real)

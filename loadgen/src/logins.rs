@@ -42,12 +42,20 @@ pub struct LoginsReport {
 }
 
 pub async fn run(cfg: LoginsConfig) -> anyhow::Result<LoginsReport> {
-    let endpoint = AuthEndpoint { addr: cfg.auth.clone(), trust: Trust::Pin(cfg.pin.clone()), identity: None };
+    let endpoint = AuthEndpoint {
+        addr: cfg.auth.clone(),
+        trust: Trust::Pin(cfg.pin.clone()),
+        identity: None,
+    };
     // Fail fast with a clear error if Auth is unreachable.
-    let mut probe = endpoint.connect().await.map_err(|e| anyhow::anyhow!("{}", gatehouse_controlplane::client::error_chain(&e)))?;
+    let mut probe = endpoint
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", gatehouse_controlplane::client::error_chain(&e)))?;
     probe.ping(proto::PingRequest {}).await.context("ping")?;
 
-    let ssh_key = ssh_key::PrivateKey::random(&mut ssh_key::rand_core::OsRng, ssh_key::Algorithm::Ed25519)?;
+    let ssh_key =
+        ssh_key::PrivateKey::random(&mut ssh_key::rand_core::OsRng, ssh_key::Algorithm::Ed25519)?;
     let ssh_pub = ssh_key.public_key().to_openssh()?;
     let tls_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let tls_pub = rcgen::PublicKeyData::subject_public_key_info(&tls_key);
@@ -75,7 +83,10 @@ pub async fn run(cfg: LoginsConfig) -> anyhow::Result<LoginsReport> {
         };
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let mut client = endpoint.connect().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut client = endpoint
+                .connect()
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             while Instant::now() < deadline {
                 let t = Instant::now();
                 match client.login(req.clone()).await {
@@ -98,7 +109,10 @@ pub async fn run(cfg: LoginsConfig) -> anyhow::Result<LoginsReport> {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let secs = start.elapsed().as_secs_f64();
                 bar.set_position(secs as u64);
-                bar.set_message(format!("{:.0}/s", done.load(Ordering::Relaxed) as f64 / secs));
+                bar.set_message(format!(
+                    "{:.0}/s",
+                    done.load(Ordering::Relaxed) as f64 / secs
+                ));
             }
         })
     };
@@ -137,12 +151,17 @@ pub async fn run(cfg: LoginsConfig) -> anyhow::Result<LoginsReport> {
 }
 
 pub fn print(r: &LoginsReport) {
-    println!("scenario      logins (full password login: argon2id + SSH + X.509 certs + durable audit)");
+    println!(
+        "scenario      logins (full password login: argon2id + SSH + X.509 certs + durable audit)"
+    );
     println!("concurrency   {}", r.concurrency);
     println!("duration      {:.1} s", r.duration_s);
     println!("logins        {} ({} errors)", r.logins, r.errors);
     println!("rate          {:.1} logins/s", r.logins_per_s);
-    println!("latency       p50 {:.1} ms   p99 {:.1} ms   max {:.1} ms", r.p50_ms, r.p99_ms, r.max_ms);
+    println!(
+        "latency       p50 {:.1} ms   p99 {:.1} ms   max {:.1} ms",
+        r.p50_ms, r.p99_ms, r.max_ms
+    );
     if let (Some(cpu), Some(per)) = (r.auth_cpu_s, r.logins_per_auth_cpu_s) {
         println!("auth cpu      {cpu:.2} s ({per:.1} logins per Auth CPU-second)");
     }
@@ -151,6 +170,14 @@ pub fn print(r: &LoginsReport) {
     }
     if let Some(g) = r.generator_cpu_s {
         let busy = g / r.duration_s;
-        println!("generator cpu {g:.2} s ({:.0}% of one core){}", busy * 100.0, if busy > 0.9 { "  WARNING: the generator was saturated" } else { "" });
+        println!(
+            "generator cpu {g:.2} s ({:.0}% of one core){}",
+            busy * 100.0,
+            if busy > 0.9 {
+                "  WARNING: the generator was saturated"
+            } else {
+                ""
+            }
+        );
     }
 }

@@ -53,7 +53,11 @@ enum Scenario {
 
 fn main() {
     let cli = Cli::parse();
-    let result = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(run(cli)));
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(cli)));
     if let Err(e) = result {
         eprintln!("loadgen: error: {e:#}");
         std::process::exit(1);
@@ -62,8 +66,21 @@ fn main() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.scenario {
-        Scenario::Logins { spawn, auth, ca_pin, user, password, auth_pid, concurrency, duration } => {
-            let spawned = if spawn { Some(spawn::start("127.0.0.1")?) } else { None };
+        Scenario::Logins {
+            spawn,
+            auth,
+            ca_pin,
+            user,
+            password,
+            auth_pid,
+            concurrency,
+            duration,
+        } => {
+            let spawned = if spawn {
+                Some(spawn::start("127.0.0.1")?)
+            } else {
+                None
+            };
             let cfg = match &spawned {
                 Some(s) => logins::LoginsConfig {
                     auth: s.auth.clone(),
@@ -78,7 +95,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     auth: auth.unwrap_or_default(),
                     pin: ca_pin.unwrap_or_default(),
                     user: user.unwrap_or_default(),
-                    password: password.ok_or_else(|| anyhow::anyhow!("pass --password or set LOADGEN_PASSWORD"))?,
+                    password: password.ok_or_else(|| {
+                        anyhow::anyhow!("pass --password or set LOADGEN_PASSWORD")
+                    })?,
                     concurrency,
                     duration: duration.into(),
                     auth_pid,

@@ -26,7 +26,10 @@ impl SpawnedCluster {
 
 impl Drop for SpawnedCluster {
     fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         std::thread::sleep(Duration::from_millis(200));
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -37,7 +40,10 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe()?;
     let path = me.with_file_name(name);
     if !path.exists() {
-        bail!("--spawn needs `{name}` next to loadgen ({}); build with `cargo build --release --bins`", path.display());
+        bail!(
+            "--spawn needs `{name}` next to loadgen ({}); build with `cargo build --release --bins`",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -46,7 +52,18 @@ pub fn start(addr_ip: &str) -> anyhow::Result<SpawnedCluster> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
     let mut child = Command::new(sibling("gatehouse")?)
-        .args(["start", "--cluster-name", "loadgen", "--auth-addr", &format!("{addr_ip}:0"), "--diag-addr", &format!("{addr_ip}:0"), "--log-level", "warn", "--data-dir"])
+        .args([
+            "start",
+            "--cluster-name",
+            "loadgen",
+            "--auth-addr",
+            &format!("{addr_ip}:0"),
+            "--diag-addr",
+            &format!("{addr_ip}:0"),
+            "--log-level",
+            "warn",
+            "--data-dir",
+        ])
         .arg(&data)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -71,17 +88,36 @@ pub fn start(addr_ip: &str) -> anyhow::Result<SpawnedCluster> {
             }
         }
     });
-    let (auth, pin) = rx.recv_timeout(Duration::from_secs(60)).context("gatehouse did not start within 60 s")?;
+    let (auth, pin) = rx
+        .recv_timeout(Duration::from_secs(60))
+        .context("gatehouse did not start within 60 s")?;
     let user = "loadgen".to_string();
     let out = Command::new(sibling("gctl")?)
         .arg("--data-dir")
         .arg(&data)
-        .args(["users", "add", &user, "--roles", "access", "--logins", "loadgen"])
+        .args([
+            "users", "add", &user, "--roles", "access", "--logins", "loadgen",
+        ])
         .output()
         .context("running gctl")?;
     if !out.status.success() {
-        bail!("gctl users add failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "gctl users add failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    let password = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim().to_string();
-    Ok(SpawnedCluster { child, _dir: dir, auth, pin, user, password })
+    let password = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    Ok(SpawnedCluster {
+        child,
+        _dir: dir,
+        auth,
+        pin,
+        user,
+        password,
+    })
 }
