@@ -289,9 +289,11 @@ async fn users(client: &mut Client, cmd: UsersCmd) -> anyhow::Result<()> {
     match cmd {
         UsersCmd::Add {
             name,
-            roles,
-            logins,
+            mut roles,
+            mut logins,
         } => {
+            roles.retain(|r| !r.is_empty());
+            logins.retain(|l| !l.is_empty());
             let resp = client
                 .create_user(proto::CreateUserRequest {
                     name: name.clone(),
