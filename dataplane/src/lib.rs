@@ -1,3 +1,6 @@
-//! The Proxy data plane. The tunnel protocol and the per-core Proxy arrive with the reverse-tunnel issue;
-//! for now this crate only re-exports the control-plane client the Proxy will use.
+//! The Proxy data plane: the tunnel protocol (sans-IO, both ends), and from here on the per-core
+//! Proxy that routes user sessions to agents' tunnels.
+
+pub mod tunnel;
+
 pub use gatehouse_controlplane as controlplane;

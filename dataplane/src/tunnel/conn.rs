@@ -1,0 +1,742 @@
+//! The tunnel connection state machine, sans-IO (in the manner of `quinn-proto`): the driver
+//! feeds it bytes read from the transport and the current time, and takes from it the bytes to
+//! write, the events for the application and the next deadline. It owns no socket and reads no
+//! clock, so it is tested deterministically in memory.
+//!
+//! Flow control is per stream and credit based: each side announces its receive window in
+//! `Hello`; a sender may have at most that many unacknowledged bytes in flight, and the receiver
+//! returns credit with `Window` frames as its application consumes data. The queue of encoded
+//! frames waiting for the transport is capped too: past `max_buffered` bytes, `send` accepts
+//! nothing and the stream is told when it may write again. A slow reader therefore slows its
+//! writer; memory never grows without bound.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::frame::{Frame, FrameError, StreamId, VERSION};
+
+/// Error codes carried by `OpenErr`, `Reset` and `GoAway`.
+pub mod code {
+    pub const NO_ERROR: u16 = 0;
+    pub const PROTOCOL: u16 = 1;
+    pub const REFUSED: u16 = 2;
+    pub const NOT_FOUND: u16 = 3;
+    pub const ACCESS_DENIED: u16 = 4;
+    pub const TOO_MANY_STREAMS: u16 = 5;
+    pub const GOING_AWAY: u16 = 6;
+    pub const UNAVAILABLE: u16 = 7;
+    pub const CANCELLED: u16 = 8;
+    pub const INTERNAL: u16 = 9;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The side that dialled (the agent): opens odd streams.
+    Dialer,
+    /// The side that accepted (the proxy): opens even streams.
+    Listener,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Receive window per stream, announced to the peer.
+    pub initial_window: u32,
+    /// Largest frame payload accepted from the peer (and largest data frame sent).
+    pub max_frame: u32,
+    /// Streams the peer may have open at once; more are refused, not fatal.
+    pub max_streams: usize,
+    /// Encoded bytes that may wait for the transport before `send` pushes back.
+    pub max_buffered: usize,
+    pub ping_interval: Duration,
+    /// Close the tunnel if nothing arrives for this long (pings keep a live peer talking).
+    pub idle_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            initial_window: 256 * 1024,
+            max_frame: 32 * 1024,
+            max_streams: 4096,
+            max_buffered: 512 * 1024,
+            ping_interval: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(45),
+        }
+    }
+}
+
+/// What happened, for the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The peer's hello arrived: streams may be opened.
+    Ready,
+    /// The peer wants a stream to `target`; answer with `accept` or `reject`.
+    Incoming {
+        stream: StreamId,
+        target: String,
+        metadata: Bytes,
+    },
+    /// The peer accepted a stream we opened.
+    Accepted {
+        stream: StreamId,
+    },
+    /// The peer refused a stream we opened.
+    Rejected {
+        stream: StreamId,
+        code: u16,
+        message: String,
+    },
+    Data {
+        stream: StreamId,
+        data: Bytes,
+    },
+    /// The stream may accept more data from `send`.
+    Writable {
+        stream: StreamId,
+    },
+    /// The peer will send no more on this stream.
+    Finished {
+        stream: StreamId,
+    },
+    /// The peer reset the stream; it is gone.
+    Reset {
+        stream: StreamId,
+        code: u16,
+    },
+    Heartbeat {
+        inventory: Bytes,
+    },
+    /// The peer is draining: open no new streams on this connection.
+    GoAway {
+        code: u16,
+        message: String,
+    },
+    Pong {
+        rtt: Duration,
+    },
+}
+
+/// Why the connection ended. The driver logs it and closes the transport.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnError {
+    #[error("malformed frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("peer speaks protocol version {0}, this build speaks {VERSION}")]
+    Version(u16),
+    #[error("no frames from the peer for {0:?}")]
+    IdleTimeout(Duration),
+    #[error("the peer closed the tunnel: {0}")]
+    PeerClosed(String),
+}
+
+/// Why a local stream operation was refused. Affects only the caller, not the connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    #[error("the tunnel is not ready yet (no hello from the peer)")]
+    NotReady,
+    #[error("the tunnel is draining (go-away)")]
+    GoingAway,
+    #[error("the tunnel is closed")]
+    Closed,
+    #[error("no such stream {0}")]
+    UnknownStream(StreamId),
+    #[error("stream {0} is already finished for sending")]
+    Finished(StreamId),
+    #[error("target is longer than 1024 bytes")]
+    TargetTooLong,
+}
+
+#[derive(Debug)]
+struct Stream {
+    /// We opened it and the peer has not answered yet.
+    opening: bool,
+    send_credit: u64,
+    /// How much the peer may still send before we grant more.
+    recv_window: u64,
+    /// Consumed by the application, not yet granted back.
+    recv_unacked: u64,
+    sent_fin: bool,
+    recv_fin: bool,
+    /// `send` was refused for lack of credit or buffer: tell the app when it may write.
+    blocked: bool,
+}
+
+#[derive(Debug)]
+pub struct Connection {
+    side: Side,
+    config: Config,
+    peer_window: Option<u32>,
+    peer_max_frame: u32,
+    streams: HashMap<StreamId, Stream>,
+    next_local: StreamId,
+    /// Highest stream id the peer has opened.
+    last_peer: StreamId,
+    out: BytesMut,
+    inbuf: BytesMut,
+    events: VecDeque<Event>,
+    last_rx: Instant,
+    next_ping: Instant,
+    ping_outstanding: Option<(u64, Instant)>,
+    ping_counter: u64,
+    going_away: bool,
+    peer_going_away: bool,
+    closed: Option<ConnError>,
+}
+
+impl Connection {
+    /// A new connection; queues our hello at once.
+    pub fn new(side: Side, config: Config, now: Instant) -> Self {
+        let mut out = BytesMut::with_capacity(64);
+        Frame::Hello {
+            version: VERSION,
+            initial_window: config.initial_window,
+            max_frame: config.max_frame,
+        }
+        .encode(&mut out);
+        Self {
+            side,
+            next_local: if side == Side::Dialer { 1 } else { 2 },
+            last_peer: 0,
+            peer_window: None,
+            peer_max_frame: 16 * 1024,
+            streams: HashMap::new(),
+            out,
+            inbuf: BytesMut::new(),
+            events: VecDeque::new(),
+            last_rx: now,
+            next_ping: now + config.ping_interval,
+            ping_outstanding: None,
+            ping_counter: 0,
+            going_away: false,
+            peer_going_away: false,
+            closed: None,
+            config,
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.peer_window.is_some() && self.closed.is_none()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_some()
+    }
+
+    pub fn open_streams(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Whether the peer sent go-away (no new streams) or we did.
+    pub fn is_draining(&self) -> bool {
+        self.going_away || self.peer_going_away
+    }
+
+    fn is_peer_stream(&self, id: StreamId) -> bool {
+        let odd = id % 2 == 1;
+        match self.side {
+            Side::Dialer => !odd,
+            Side::Listener => odd,
+        }
+    }
+
+    fn fail(&mut self, err: ConnError) -> ConnError {
+        if self.closed.is_none() {
+            let code = match &err {
+                ConnError::IdleTimeout(_) => code::NO_ERROR,
+                _ => code::PROTOCOL,
+            };
+            Frame::GoAway {
+                last_stream: self.last_peer,
+                code,
+                message: err.to_string(),
+            }
+            .encode(&mut self.out);
+            self.closed = Some(err.clone());
+            self.streams.clear();
+        }
+        err
+    }
+
+    /// Feed bytes read from the transport. An error means the connection is over: write out
+    /// what `poll_transmit` still holds (a go-away naming the reason), then close.
+    pub fn handle_input(&mut self, data: &[u8], now: Instant) -> Result<(), ConnError> {
+        if let Some(e) = &self.closed {
+            return Err(e.clone());
+        }
+        self.last_rx = now;
+        self.inbuf.extend_from_slice(data);
+        loop {
+            let frame = match Frame::decode(&mut self.inbuf, self.config.max_frame) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return Err(self.fail(e.into())),
+            };
+            if let Err(e) = self.handle_frame(frame, now) {
+                return Err(self.fail(e));
+            }
+            if let Some(e) = &self.closed {
+                return Err(e.clone());
+            }
+        }
+        // Don't hold on to a large buffer after a burst.
+        if self.inbuf.is_empty() && self.inbuf.capacity() > 256 * 1024 {
+            self.inbuf = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    fn handle_frame(&mut self, frame: Frame, now: Instant) -> Result<(), ConnError> {
+        if self.peer_window.is_none() && !matches!(frame, Frame::Hello { .. }) {
+            return Err(ConnError::Protocol(format!(
+                "{} frame before hello",
+                frame.name()
+            )));
+        }
+        match frame {
+            Frame::Hello {
+                version,
+                initial_window,
+                max_frame,
+            } => {
+                if self.peer_window.is_some() {
+                    return Err(ConnError::Protocol("second hello".into()));
+                }
+                if version != VERSION {
+                    return Err(ConnError::Version(version));
+                }
+                if max_frame < 1024 {
+                    return Err(ConnError::Protocol(format!(
+                        "peer max_frame {max_frame} is below 1024"
+                    )));
+                }
+                self.peer_window = Some(initial_window);
+                self.peer_max_frame = max_frame.min(self.config.max_frame.max(1024));
+                self.events.push_back(Event::Ready);
+            }
+            Frame::Open {
+                stream,
+                target,
+                metadata,
+            } => {
+                if !self.is_peer_stream(stream) || stream <= self.last_peer {
+                    return Err(ConnError::Protocol(format!(
+                        "peer opened stream {stream} out of order or with our parity"
+                    )));
+                }
+                self.last_peer = stream;
+                if self.going_away {
+                    Frame::OpenErr {
+                        stream,
+                        code: code::GOING_AWAY,
+                        message: "tunnel is draining".into(),
+                    }
+                    .encode(&mut self.out);
+                } else if self
+                    .streams
+                    .keys()
+                    .filter(|id| self.is_peer_stream(**id))
+                    .count()
+                    >= self.config.max_streams
+                {
+                    Frame::OpenErr {
+                        stream,
+                        code: code::TOO_MANY_STREAMS,
+                        message: "too many streams".into(),
+                    }
+                    .encode(&mut self.out);
+                } else {
+                    let window = u64::from(self.peer_window.unwrap_or(0));
+                    self.streams.insert(
+                        stream,
+                        Stream {
+                            opening: false,
+                            send_credit: window,
+                            recv_window: u64::from(self.config.initial_window),
+                            recv_unacked: 0,
+                            sent_fin: false,
+                            recv_fin: false,
+                            blocked: false,
+                        },
+                    );
+                    self.events.push_back(Event::Incoming {
+                        stream,
+                        target,
+                        metadata,
+                    });
+                }
+            }
+            Frame::OpenOk { stream } => match self.streams.get_mut(&stream) {
+                Some(s) if s.opening => {
+                    s.opening = false;
+                    self.events.push_back(Event::Accepted { stream });
+                }
+                Some(_) => {
+                    return Err(ConnError::Protocol(format!(
+                        "open-ok for established stream {stream}"
+                    )));
+                }
+                None => self.check_known(stream, "open-ok")?,
+            },
+            Frame::OpenErr {
+                stream,
+                code,
+                message,
+            } => match self.streams.get(&stream) {
+                Some(s) if s.opening => {
+                    self.streams.remove(&stream);
+                    self.events.push_back(Event::Rejected {
+                        stream,
+                        code,
+                        message,
+                    });
+                }
+                Some(_) => {
+                    return Err(ConnError::Protocol(format!(
+                        "open-err for established stream {stream}"
+                    )));
+                }
+                None => self.check_known(stream, "open-err")?,
+            },
+            Frame::Data { stream, data } => {
+                let len = data.len() as u64;
+                match self.streams.get_mut(&stream) {
+                    Some(s) => {
+                        if s.opening {
+                            return Err(ConnError::Protocol(format!(
+                                "data on stream {stream} before open-ok"
+                            )));
+                        }
+                        if s.recv_fin {
+                            return Err(ConnError::Protocol(format!(
+                                "data on stream {stream} after fin"
+                            )));
+                        }
+                        if len > s.recv_window {
+                            return Err(ConnError::Protocol(format!(
+                                "flow control: {len} bytes on stream {stream} with a window of {}",
+                                s.recv_window
+                            )));
+                        }
+                        s.recv_window -= len;
+                        if !data.is_empty() {
+                            self.events.push_back(Event::Data { stream, data });
+                        }
+                    }
+                    None => self.check_known(stream, "data")?,
+                }
+            }
+            Frame::Window { stream, increment } => match self.streams.get_mut(&stream) {
+                Some(s) => {
+                    s.send_credit += u64::from(increment);
+                    if s.send_credit > u64::from(u32::MAX) {
+                        return Err(ConnError::Protocol(format!(
+                            "window overflow on stream {stream}"
+                        )));
+                    }
+                    if s.blocked && !s.sent_fin {
+                        s.blocked = false;
+                        self.events.push_back(Event::Writable { stream });
+                    }
+                }
+                None => self.check_known(stream, "window")?,
+            },
+            Frame::Fin { stream } => match self.streams.get_mut(&stream) {
+                Some(s) => {
+                    if s.recv_fin {
+                        return Err(ConnError::Protocol(format!(
+                            "second fin on stream {stream}"
+                        )));
+                    }
+                    s.recv_fin = true;
+                    self.events.push_back(Event::Finished { stream });
+                    self.maybe_remove(stream);
+                }
+                None => self.check_known(stream, "fin")?,
+            },
+            Frame::Reset { stream, code } => {
+                if self.streams.remove(&stream).is_some() {
+                    self.events.push_back(Event::Reset { stream, code });
+                } else {
+                    self.check_known(stream, "reset")?;
+                }
+            }
+            Frame::Ping { opaque } => Frame::Pong { opaque }.encode(&mut self.out),
+            Frame::Pong { opaque } => {
+                if let Some((expected, sent)) = self.ping_outstanding
+                    && expected == opaque
+                {
+                    self.ping_outstanding = None;
+                    self.events.push_back(Event::Pong {
+                        rtt: now.saturating_duration_since(sent),
+                    });
+                }
+            }
+            Frame::Heartbeat { inventory } => self.events.push_back(Event::Heartbeat { inventory }),
+            Frame::GoAway { code, message, .. } => {
+                self.peer_going_away = true;
+                if code != code::NO_ERROR && code != code::GOING_AWAY {
+                    let msg = format!("{message} (code {code})");
+                    self.closed = Some(ConnError::PeerClosed(msg));
+                    self.streams.clear();
+                }
+                self.events.push_back(Event::GoAway { code, message });
+            }
+        }
+        Ok(())
+    }
+
+    /// A frame for a stream we do not hold: fine if it was closed already (frames cross on the
+    /// wire), a protocol error if it was never opened.
+    fn check_known(&self, stream: StreamId, what: &str) -> Result<(), ConnError> {
+        let ever_opened = if self.is_peer_stream(stream) {
+            stream <= self.last_peer
+        } else {
+            stream < self.next_local
+        };
+        if ever_opened {
+            Ok(())
+        } else {
+            Err(ConnError::Protocol(format!(
+                "{what} on stream {stream}, which was never opened"
+            )))
+        }
+    }
+
+    fn maybe_remove(&mut self, stream: StreamId) {
+        if let Some(s) = self.streams.get(&stream)
+            && s.sent_fin
+            && s.recv_fin
+        {
+            self.streams.remove(&stream);
+        }
+    }
+
+    /// Open a stream to `target` with JSON `metadata`. The answer arrives as `Accepted` or
+    /// `Rejected`; data may be sent only after `Accepted`.
+    pub fn open(&mut self, target: &str, metadata: Bytes) -> Result<StreamId, StreamError> {
+        if self.closed.is_some() {
+            return Err(StreamError::Closed);
+        }
+        let window = self.peer_window.ok_or(StreamError::NotReady)?;
+        if self.is_draining() {
+            return Err(StreamError::GoingAway);
+        }
+        if target.len() > 1024 {
+            return Err(StreamError::TargetTooLong);
+        }
+        let stream = self.next_local;
+        self.next_local = self
+            .next_local
+            .checked_add(2)
+            .ok_or(StreamError::GoingAway)?;
+        self.streams.insert(
+            stream,
+            Stream {
+                opening: true,
+                send_credit: u64::from(window),
+                recv_window: u64::from(self.config.initial_window),
+                recv_unacked: 0,
+                sent_fin: false,
+                recv_fin: false,
+                blocked: false,
+            },
+        );
+        Frame::Open {
+            stream,
+            target: target.to_owned(),
+            metadata,
+        }
+        .encode(&mut self.out);
+        Ok(stream)
+    }
+
+    pub fn accept(&mut self, stream: StreamId) -> Result<(), StreamError> {
+        if !self.streams.contains_key(&stream) {
+            return Err(StreamError::UnknownStream(stream));
+        }
+        Frame::OpenOk { stream }.encode(&mut self.out);
+        Ok(())
+    }
+
+    pub fn reject(&mut self, stream: StreamId, code: u16, message: &str) {
+        if self.streams.remove(&stream).is_some() {
+            Frame::OpenErr {
+                stream,
+                code,
+                message: message.to_owned(),
+            }
+            .encode(&mut self.out);
+        }
+    }
+
+    /// How many bytes `send` would accept now.
+    pub fn writable(&self, stream: StreamId) -> usize {
+        match self.streams.get(&stream) {
+            Some(s) if !s.opening && !s.sent_fin => {
+                let room = self.config.max_buffered.saturating_sub(self.out.len());
+                (s.send_credit as usize).min(room)
+            }
+            _ => 0,
+        }
+    }
+
+    /// Queue as much of `data` as credit and buffer allow; returns how much was taken. When it
+    /// takes less than offered, `Writable` follows once more may be sent.
+    pub fn send(&mut self, stream: StreamId, data: &[u8]) -> Result<usize, StreamError> {
+        if self.closed.is_some() {
+            return Err(StreamError::Closed);
+        }
+        let room = self.config.max_buffered.saturating_sub(self.out.len());
+        let max_frame = self.peer_max_frame as usize;
+        let s = self
+            .streams
+            .get_mut(&stream)
+            .ok_or(StreamError::UnknownStream(stream))?;
+        if s.sent_fin {
+            return Err(StreamError::Finished(stream));
+        }
+        if s.opening {
+            s.blocked = true;
+            return Ok(0);
+        }
+        let n = data.len().min(s.send_credit as usize).min(room);
+        if n < data.len() {
+            s.blocked = true;
+        }
+        s.send_credit -= n as u64;
+        for chunk in data.get(..n).unwrap_or_default().chunks(max_frame) {
+            Frame::Data {
+                stream,
+                data: Bytes::copy_from_slice(chunk),
+            }
+            .encode(&mut self.out);
+        }
+        Ok(n)
+    }
+
+    /// The application consumed `n` received bytes of `stream`: return credit to the peer in
+    /// batches of half a window, so that a busy stream costs one window frame per half window.
+    pub fn consumed(&mut self, stream: StreamId, n: usize) {
+        let threshold = u64::from(self.config.initial_window / 2).max(1);
+        if let Some(s) = self.streams.get_mut(&stream) {
+            s.recv_unacked += n as u64;
+            if s.recv_unacked >= threshold && !s.recv_fin {
+                let inc = s.recv_unacked.min(u64::from(u32::MAX));
+                s.recv_window += inc;
+                s.recv_unacked -= inc;
+                Frame::Window {
+                    stream,
+                    increment: inc as u32,
+                }
+                .encode(&mut self.out);
+            }
+        }
+    }
+
+    /// Half-close: we send no more on `stream`.
+    pub fn finish(&mut self, stream: StreamId) -> Result<(), StreamError> {
+        let s = self
+            .streams
+            .get_mut(&stream)
+            .ok_or(StreamError::UnknownStream(stream))?;
+        if s.sent_fin {
+            return Ok(());
+        }
+        s.sent_fin = true;
+        s.blocked = false;
+        Frame::Fin { stream }.encode(&mut self.out);
+        self.maybe_remove(stream);
+        Ok(())
+    }
+
+    /// Abort `stream` in both directions.
+    pub fn reset(&mut self, stream: StreamId, code: u16) {
+        if self.streams.remove(&stream).is_some() && self.closed.is_none() {
+            Frame::Reset { stream, code }.encode(&mut self.out);
+        }
+    }
+
+    pub fn send_heartbeat(&mut self, inventory: Bytes) {
+        if self.closed.is_none() {
+            Frame::Heartbeat { inventory }.encode(&mut self.out);
+        }
+    }
+
+    /// Start draining: the peer opens nothing new; existing streams finish.
+    pub fn go_away(&mut self, code: u16, message: &str) {
+        if !self.going_away && self.closed.is_none() {
+            self.going_away = true;
+            Frame::GoAway {
+                last_stream: self.last_peer,
+                code,
+                message: message.to_owned(),
+            }
+            .encode(&mut self.out);
+        }
+    }
+
+    /// Bytes to write to the transport, if any. Also wakes streams that may write again.
+    pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        if self.out.is_empty() {
+            return None;
+        }
+        let out = self.out.split().freeze();
+        self.wake_blocked();
+        Some(out)
+    }
+
+    fn wake_blocked(&mut self) {
+        if self.out.len() >= self.config.max_buffered {
+            return;
+        }
+        for (id, s) in self.streams.iter_mut() {
+            if s.blocked && !s.opening && !s.sent_fin && s.send_credit > 0 {
+                s.blocked = false;
+                self.events.push_back(Event::Writable { stream: *id });
+            }
+        }
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When `handle_timeout` must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.closed.is_some() {
+            return None;
+        }
+        Some(self.next_ping.min(self.last_rx + self.config.idle_timeout))
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), ConnError> {
+        if let Some(e) = &self.closed {
+            return Err(e.clone());
+        }
+        if now.saturating_duration_since(self.last_rx) >= self.config.idle_timeout {
+            return Err(self.fail(ConnError::IdleTimeout(self.config.idle_timeout)));
+        }
+        if now >= self.next_ping {
+            self.ping_counter += 1;
+            self.ping_outstanding = Some((self.ping_counter, now));
+            Frame::Ping {
+                opaque: self.ping_counter,
+            }
+            .encode(&mut self.out);
+            self.next_ping = now + self.config.ping_interval;
+        }
+        Ok(())
+    }
+
+    /// Memory held by this connection's buffers (for the idle-tunnel budget).
+    pub fn buffered_bytes(&self) -> usize {
+        self.out.capacity() + self.inbuf.capacity()
+    }
+}

@@ -1,0 +1,11 @@
+//! The tunnel protocol: frames ([`frame`]) and the connection state machine ([`conn`]), both
+//! sans-IO. Agents dial the Proxy and hold one tunnel; user sessions are streams inside it.
+
+pub mod conn;
+pub mod frame;
+
+#[cfg(test)]
+mod tests;
+
+pub use conn::{Config, ConnError, Connection, Event, Side, StreamError, code};
+pub use frame::{Frame, FrameError, StreamId};

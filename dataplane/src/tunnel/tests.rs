@@ -1,0 +1,386 @@
+//! In-memory tests of the tunnel state machine: two connections wired back to back, with
+//! simulated time. Nothing here sleeps or touches a socket.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::conn::{Config, ConnError, Connection, Event, Side, StreamError, code};
+
+struct Pair {
+    agent: Connection,
+    proxy: Connection,
+    now: Instant,
+}
+
+impl Pair {
+    fn new(config: Config) -> Self {
+        let now = Instant::now();
+        let mut p = Pair {
+            agent: Connection::new(Side::Dialer, config.clone(), now),
+            proxy: Connection::new(Side::Listener, config, now),
+            now,
+        };
+        p.drive();
+        assert_eq!(p.agent.poll_event(), Some(Event::Ready));
+        assert_eq!(p.proxy.poll_event(), Some(Event::Ready));
+        p
+    }
+
+    /// Move bytes both ways until both are quiet.
+    fn drive(&mut self) {
+        loop {
+            let mut moved = false;
+            if let Some(b) = self.agent.poll_transmit() {
+                self.proxy.handle_input(&b, self.now).unwrap();
+                moved = true;
+            }
+            if let Some(b) = self.proxy.poll_transmit() {
+                self.agent.handle_input(&b, self.now).unwrap();
+                moved = true;
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    fn events(c: &mut Connection) -> Vec<Event> {
+        std::iter::from_fn(|| c.poll_event()).collect()
+    }
+
+    /// Proxy opens a stream to the agent, which accepts it.
+    fn open(&mut self, target: &str) -> u32 {
+        let id = self.proxy.open(target, Bytes::from_static(b"{}")).unwrap();
+        self.drive();
+        let ev = Self::events(&mut self.agent);
+        assert_eq!(
+            ev,
+            vec![Event::Incoming {
+                stream: id,
+                target: target.into(),
+                metadata: Bytes::from_static(b"{}")
+            }]
+        );
+        self.agent.accept(id).unwrap();
+        self.drive();
+        assert_eq!(
+            Self::events(&mut self.proxy),
+            vec![Event::Accepted { stream: id }]
+        );
+        id
+    }
+}
+
+fn data_of(events: &[Event]) -> Vec<u8> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Data { data, .. } => Some(data.to_vec()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+#[test]
+fn open_exchange_and_close_both_ways() {
+    let mut p = Pair::new(Config::default());
+    let id = p.open("ssh");
+    assert_eq!(id, 2, "the proxy opens even streams");
+    assert_eq!(p.proxy.send(id, b"SSH-2.0-client\r\n").unwrap(), 16);
+    p.drive();
+    let ev = Pair::events(&mut p.agent);
+    assert_eq!(data_of(&ev), b"SSH-2.0-client\r\n");
+    p.agent.send(id, b"SSH-2.0-server\r\n").unwrap();
+    p.agent.finish(id).unwrap();
+    p.drive();
+    let ev = Pair::events(&mut p.proxy);
+    assert_eq!(data_of(&ev), b"SSH-2.0-server\r\n");
+    assert_eq!(ev.last(), Some(&Event::Finished { stream: id }));
+    // Half-closed: the proxy can still send.
+    p.proxy.send(id, b"more").unwrap();
+    p.proxy.finish(id).unwrap();
+    p.drive();
+    let ev = Pair::events(&mut p.agent);
+    assert_eq!(data_of(&ev), b"more");
+    assert_eq!(ev.last(), Some(&Event::Finished { stream: id }));
+    assert_eq!(p.agent.open_streams(), 0);
+    assert_eq!(p.proxy.open_streams(), 0);
+    assert_eq!(p.agent.send(id, b"x"), Err(StreamError::UnknownStream(id)));
+}
+
+#[test]
+fn reject_and_reset() {
+    let mut p = Pair::new(Config::default());
+    let id = p.proxy.open("tcp:nope", Bytes::new()).unwrap();
+    p.drive();
+    assert!(matches!(
+        Pair::events(&mut p.agent)[..],
+        [Event::Incoming { .. }]
+    ));
+    p.agent.reject(id, code::NOT_FOUND, "no app named nope");
+    p.drive();
+    assert_eq!(
+        Pair::events(&mut p.proxy),
+        vec![Event::Rejected {
+            stream: id,
+            code: code::NOT_FOUND,
+            message: "no app named nope".into()
+        }]
+    );
+    let id = p.open("ssh");
+    p.agent.reset(id, code::CANCELLED);
+    p.drive();
+    assert_eq!(
+        Pair::events(&mut p.proxy),
+        vec![Event::Reset {
+            stream: id,
+            code: code::CANCELLED
+        }]
+    );
+    assert_eq!(p.proxy.open_streams(), 0);
+}
+
+#[test]
+fn flow_control_blocks_the_writer_until_the_reader_consumes() {
+    let config = Config {
+        initial_window: 64 * 1024,
+        ..Config::default()
+    };
+    let mut p = Pair::new(config);
+    let id = p.open("ssh");
+    let chunk = vec![7u8; 100 * 1024];
+    let n = p.proxy.send(id, &chunk).unwrap();
+    assert_eq!(n, 64 * 1024, "no more than the window is in flight");
+    assert_eq!(p.proxy.send(id, &chunk).unwrap(), 0);
+    p.drive();
+    let got = data_of(&Pair::events(&mut p.agent));
+    assert_eq!(got.len(), 64 * 1024);
+    assert!(
+        Pair::events(&mut p.proxy).is_empty(),
+        "no credit yet, so no writable"
+    );
+    // The agent's app consumes a quarter: below the half-window threshold, no credit yet.
+    p.agent.consumed(id, 16 * 1024);
+    p.drive();
+    assert!(Pair::events(&mut p.proxy).is_empty());
+    p.agent.consumed(id, 48 * 1024);
+    p.drive();
+    assert_eq!(
+        Pair::events(&mut p.proxy),
+        vec![Event::Writable { stream: id }]
+    );
+    assert_eq!(p.proxy.send(id, &chunk).unwrap(), 64 * 1024);
+}
+
+#[test]
+fn a_reader_that_never_reads_bounds_the_writers_memory() {
+    let config = Config {
+        initial_window: 1 << 30,
+        max_buffered: 256 * 1024,
+        ..Config::default()
+    };
+    let now = Instant::now();
+    let mut proxy = Connection::new(Side::Listener, config.clone(), now);
+    let mut agent = Connection::new(Side::Dialer, config, now);
+    proxy
+        .handle_input(&agent.poll_transmit().unwrap(), now)
+        .unwrap();
+    agent
+        .handle_input(&proxy.poll_transmit().unwrap(), now)
+        .unwrap();
+    let id = proxy.open("ssh", Bytes::new()).unwrap();
+    agent
+        .handle_input(&proxy.poll_transmit().unwrap(), now)
+        .unwrap();
+    agent.accept(id).unwrap();
+    proxy
+        .handle_input(&agent.poll_transmit().unwrap(), now)
+        .unwrap();
+    // The transport never drains: `send` stops at the buffer cap.
+    let chunk = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    for _ in 0..100 {
+        total += proxy.send(id, &chunk).unwrap();
+    }
+    // The cap counts encoded bytes (headers included), so a little less than 256 KiB of data.
+    assert!(total <= 256 * 1024 && total > 250 * 1024, "accepted {total}");
+    assert!(
+        proxy.buffered_bytes() < 300 * 1024 + 4096,
+        "buffered {}",
+        proxy.buffered_bytes()
+    );
+}
+
+#[test]
+fn data_beyond_the_window_is_a_protocol_error_with_a_reason() {
+    let config = Config {
+        initial_window: 1024,
+        ..Config::default()
+    };
+    let mut p = Pair::new(config);
+    let id = p.open("ssh");
+    // Forge an over-window data frame from the proxy side.
+    let mut wire = bytes::BytesMut::new();
+    super::frame::Frame::Data {
+        stream: id,
+        data: Bytes::from(vec![0u8; 2048]),
+    }
+    .encode(&mut wire);
+    let err = p.agent.handle_input(&wire, p.now).unwrap_err();
+    assert!(
+        matches!(&err, ConnError::Protocol(m) if m.contains("flow control")),
+        "{err}"
+    );
+    // The agent tells the proxy why, with a go-away, and refuses everything after.
+    let goodbye = p.agent.poll_transmit().unwrap();
+    p.proxy.handle_input(&goodbye, p.now).unwrap_err();
+    assert!(Pair::events(&mut p.proxy).iter().any(|e| matches!(e, Event::GoAway { code: code::PROTOCOL, message } if message.contains("flow control"))));
+    assert!(p.agent.is_closed());
+    assert_eq!(p.agent.open("ssh", Bytes::new()), Err(StreamError::Closed));
+}
+
+#[test]
+fn garbage_and_frames_before_hello_are_refused() {
+    let now = Instant::now();
+    let mut c = Connection::new(Side::Listener, Config::default(), now);
+    let err = c
+        .handle_input(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", now)
+        .unwrap_err();
+    assert!(matches!(err, ConnError::Frame(_)), "{err}");
+    let mut c = Connection::new(Side::Listener, Config::default(), now);
+    let mut wire = bytes::BytesMut::new();
+    super::frame::Frame::Ping { opaque: 1 }.encode(&mut wire);
+    assert!(
+        matches!(c.handle_input(&wire, now), Err(ConnError::Protocol(m)) if m.contains("before hello"))
+    );
+}
+
+#[test]
+fn peer_streams_must_use_their_parity_and_increase() {
+    let mut p = Pair::new(Config::default());
+    let mut wire = bytes::BytesMut::new();
+    // The agent (dialer) may only open odd streams.
+    super::frame::Frame::Open {
+        stream: 4,
+        target: "x".into(),
+        metadata: Bytes::new(),
+    }
+    .encode(&mut wire);
+    assert!(p.proxy.handle_input(&wire, p.now).is_err());
+    let mut p = Pair::new(Config::default());
+    let a = p.agent.open("auth", Bytes::new()).unwrap();
+    assert_eq!(a, 1);
+    p.drive();
+    let mut wire = bytes::BytesMut::new();
+    super::frame::Frame::Open {
+        stream: 1,
+        target: "again".into(),
+        metadata: Bytes::new(),
+    }
+    .encode(&mut wire);
+    assert!(
+        p.proxy.handle_input(&wire, p.now).is_err(),
+        "reusing a stream id is refused"
+    );
+    let mut p = Pair::new(Config::default());
+    let mut wire = bytes::BytesMut::new();
+    super::frame::Frame::Data {
+        stream: 9,
+        data: Bytes::from_static(b"x"),
+    }
+    .encode(&mut wire);
+    assert!(
+        matches!(p.proxy.handle_input(&wire, p.now), Err(ConnError::Protocol(m)) if m.contains("never opened"))
+    );
+}
+
+#[test]
+fn too_many_streams_are_refused_without_killing_the_tunnel() {
+    let mut p = Pair::new(Config {
+        max_streams: 2,
+        ..Config::default()
+    });
+    p.open("a");
+    p.open("b");
+    let id = p.proxy.open("c", Bytes::new()).unwrap();
+    p.drive();
+    assert!(Pair::events(&mut p.agent).is_empty());
+    assert!(
+        matches!(&Pair::events(&mut p.proxy)[..], [Event::Rejected { stream, code: code::TOO_MANY_STREAMS, .. }] if *stream == id)
+    );
+    assert!(!p.proxy.is_closed() && !p.agent.is_closed());
+}
+
+#[test]
+fn pings_keep_a_quiet_tunnel_alive_and_silence_times_it_out() {
+    let config = Config {
+        ping_interval: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(30),
+        ..Config::default()
+    };
+    let mut p = Pair::new(config);
+    for _ in 0..10 {
+        p.now = p
+            .agent
+            .poll_timeout()
+            .unwrap()
+            .min(p.proxy.poll_timeout().unwrap());
+        p.agent.handle_timeout(p.now).unwrap();
+        p.proxy.handle_timeout(p.now).unwrap();
+        p.drive();
+    }
+    assert!(
+        Pair::events(&mut p.agent)
+            .iter()
+            .any(|e| matches!(e, Event::Pong { .. }))
+    );
+    // Now the proxy goes silent: the agent times out after 30 s and says why.
+    let start = p.now;
+    loop {
+        let t = p.agent.poll_timeout().unwrap();
+        p.now = t;
+        match p.agent.handle_timeout(t) {
+            Ok(()) => {
+                let _ = p.agent.poll_transmit();
+            }
+            Err(e) => {
+                assert_eq!(e, ConnError::IdleTimeout(Duration::from_secs(30)));
+                break;
+            }
+        }
+    }
+    assert!(p.now.duration_since(start) <= Duration::from_secs(30));
+}
+
+#[test]
+fn go_away_stops_new_streams_but_lets_open_ones_finish() {
+    let mut p = Pair::new(Config::default());
+    let id = p.open("ssh");
+    p.proxy.go_away(code::GOING_AWAY, "proxy restarting");
+    p.drive();
+    assert!(Pair::events(&mut p.agent).contains(&Event::GoAway {
+        code: code::GOING_AWAY,
+        message: "proxy restarting".into()
+    }));
+    assert_eq!(p.agent.open("x", Bytes::new()), Err(StreamError::GoingAway));
+    assert_eq!(p.proxy.open("x", Bytes::new()), Err(StreamError::GoingAway));
+    p.agent.send(id, b"still here").unwrap();
+    p.drive();
+    assert_eq!(data_of(&Pair::events(&mut p.proxy)), b"still here");
+}
+
+#[test]
+fn heartbeats_are_delivered() {
+    let mut p = Pair::new(Config::default());
+    p.agent
+        .send_heartbeat(Bytes::from_static(b"{\"name\":\"node1\"}"));
+    p.drive();
+    assert_eq!(
+        Pair::events(&mut p.proxy),
+        vec![Event::Heartbeat {
+            inventory: Bytes::from_static(b"{\"name\":\"node1\"}")
+        }]
+    );
+}
