@@ -1,6 +1,9 @@
 //! The Proxy data plane: the tunnel protocol (sans-IO, both ends), and from here on the per-core
 //! Proxy that routes user sessions to agents' tunnels.
 
+pub mod client_hello;
+pub mod mux;
+pub mod tls_stream;
 pub mod tunnel;
 
 pub use gatehouse_controlplane as controlplane;

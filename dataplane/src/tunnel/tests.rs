@@ -205,7 +205,10 @@ fn a_reader_that_never_reads_bounds_the_writers_memory() {
         total += proxy.send(id, &chunk).unwrap();
     }
     // The cap counts encoded bytes (headers included), so a little less than 256 KiB of data.
-    assert!(total <= 256 * 1024 && total > 250 * 1024, "accepted {total}");
+    assert!(
+        total <= 256 * 1024 && total > 250 * 1024,
+        "accepted {total}"
+    );
     assert!(
         proxy.buffered_bytes() < 300 * 1024 + 4096,
         "buffered {}",

@@ -1,0 +1,531 @@
+//! The I/O driver around the sans-IO [`crate::tunnel::Connection`]: one tunnel per task pair
+//! (reader, writer) on a single-threaded runtime, with its streams spliced to sockets or any
+//! `AsyncRead + AsyncWrite`. State is shared with `Rc<RefCell<…>>`: everything of one tunnel lives
+//! on one thread, so there are no locks on the data path. No `RefCell` borrow is held across an
+//! `.await`.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Notify, mpsc};
+
+use crate::tunnel::{Config, ConnError, Connection, Event, Side, StreamError, StreamId, code};
+
+/// What a tunnel tells its owner (besides stream data, which goes to the streams).
+#[derive(Debug)]
+pub enum TunnelEvent {
+    /// The peer opened a stream: answer with [`Tunnel::accept`] or [`Tunnel::reject`].
+    Incoming {
+        stream: StreamId,
+        target: String,
+        metadata: Bytes,
+    },
+    Heartbeat(Bytes),
+    GoAway {
+        code: u16,
+        message: String,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    inbox: VecDeque<Bytes>,
+    fin: bool,
+    reset: Option<u16>,
+    open: Option<Result<(), (u16, String)>>,
+    notify: Rc<Notify>,
+}
+
+struct Inner {
+    conn: Connection,
+    slots: HashMap<StreamId, Slot>,
+    wake_writer: Rc<Notify>,
+    /// Signalled when the peer's hello arrives or the tunnel closes.
+    ready: Rc<Notify>,
+    closed: Option<String>,
+    events: mpsc::UnboundedSender<TunnelEvent>,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+/// A handle to one tunnel; cheap to clone, single-threaded.
+#[derive(Clone)]
+pub struct Tunnel {
+    inner: Rc<RefCell<Inner>>,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel").finish_non_exhaustive()
+    }
+}
+
+/// Why opening a stream failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    #[error("{0}")]
+    Stream(#[from] StreamError),
+    #[error("refused by the agent: {message} (code {code})")]
+    Rejected { code: u16, message: String },
+    #[error("tunnel closed: {0}")]
+    Closed(String),
+}
+
+/// Bytes moved by one spliced stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpliceStats {
+    /// From the local io into the tunnel.
+    pub to_tunnel: u64,
+    /// From the tunnel to the local io.
+    pub from_tunnel: u64,
+    pub reset: bool,
+}
+
+impl Tunnel {
+    /// Create a tunnel and the receiver of its events. Run it with [`Tunnel::run`].
+    pub fn new(side: Side, config: Config) -> (Self, mpsc::UnboundedReceiver<TunnelEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inner = Inner {
+            conn: Connection::new(side, config, Instant::now()),
+            slots: HashMap::new(),
+            wake_writer: Rc::new(Notify::new()),
+            ready: Rc::new(Notify::new()),
+            closed: None,
+            events: tx,
+            bytes_in: 0,
+            bytes_out: 0,
+        };
+        (
+            Self {
+                inner: Rc::new(RefCell::new(inner)),
+            },
+            rx,
+        )
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.inner.borrow().closed.is_some()
+    }
+
+    pub fn open_streams(&self) -> usize {
+        self.inner.borrow().slots.len()
+    }
+
+    /// Total payload bytes (received, sent) over this tunnel.
+    pub fn bytes(&self) -> (u64, u64) {
+        let i = self.inner.borrow();
+        (i.bytes_in, i.bytes_out)
+    }
+
+    fn wake(&self) {
+        self.inner.borrow().wake_writer.notify_one();
+    }
+
+    /// Drive the tunnel over `io` until it ends; returns why it ended.
+    pub async fn run<T: AsyncRead + AsyncWrite + 'static>(&self, io: T) -> String {
+        let (mut rd, mut wr) = tokio::io::split(io);
+        let reader = {
+            let this = self.clone();
+            async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match rd.read(&mut buf).await {
+                        Ok(0) => return "the peer closed the connection".to_string(),
+                        Ok(n) => n,
+                        Err(e) => return format!("read failed: {e}"),
+                    };
+                    let result = {
+                        let mut inner = this.inner.borrow_mut();
+                        let r = inner
+                            .conn
+                            .handle_input(buf.get(..n).unwrap_or_default(), Instant::now());
+                        inner.dispatch();
+                        r
+                    };
+                    this.wake();
+                    if let Err(e) = result {
+                        return e.to_string();
+                    }
+                }
+            }
+        };
+        let writer = {
+            let this = self.clone();
+            async move {
+                let notify = this.inner.borrow().wake_writer.clone();
+                loop {
+                    let (out, deadline, closed) = {
+                        let mut inner = this.inner.borrow_mut();
+                        let out = inner.conn.poll_transmit();
+                        inner.dispatch();
+                        (out, inner.conn.poll_timeout(), inner.conn.is_closed())
+                    };
+                    if let Some(bytes) = out {
+                        if let Err(e) = wr.write_all(&bytes).await {
+                            return format!("write failed: {e}");
+                        }
+                        continue;
+                    }
+                    if closed {
+                        let _ = wr.shutdown().await;
+                        return String::new();
+                    }
+                    let sleep = async {
+                        match deadline {
+                            Some(d) => {
+                                tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await
+                            }
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        _ = notify.notified() => {}
+                        _ = sleep => {
+                            let r = {
+                                let mut inner = this.inner.borrow_mut();
+                                let r = inner.conn.handle_timeout(Instant::now());
+                                inner.dispatch();
+                                r
+                            };
+                            if let Err(e) = r {
+                                // Flush the go-away that explains it, then stop.
+                                let out = this.inner.borrow_mut().conn.poll_transmit();
+                                if let Some(bytes) = out {
+                                    let _ = wr.write_all(&bytes).await;
+                                }
+                                return e.to_string();
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let reason = tokio::select! {
+            r = reader => r,
+            w = writer => w,
+        };
+        let reason = if reason.is_empty() {
+            self.inner
+                .borrow()
+                .closed
+                .clone()
+                .unwrap_or_else(|| "closed".into())
+        } else {
+            reason
+        };
+        self.close(&reason);
+        reason
+    }
+
+    /// Mark closed and wake every stream so it ends.
+    pub fn close(&self, reason: &str) {
+        let mut inner = self.inner.borrow_mut();
+        if inner.closed.is_none() {
+            inner.closed = Some(reason.to_owned());
+        }
+        inner.ready.notify_waiters();
+        for slot in inner.slots.values_mut() {
+            if slot.reset.is_none() {
+                slot.reset = Some(code::CANCELLED);
+            }
+            if slot.open.is_none() {
+                slot.open = Some(Err((code::UNAVAILABLE, format!("tunnel closed: {reason}"))));
+            }
+            slot.notify.notify_one();
+        }
+    }
+
+    /// Ask the peer to drain; existing streams finish.
+    pub fn go_away(&self, message: &str) {
+        self.inner
+            .borrow_mut()
+            .conn
+            .go_away(code::GOING_AWAY, message);
+        self.wake();
+    }
+
+    pub fn send_heartbeat(&self, inventory: Bytes) {
+        self.inner.borrow_mut().conn.send_heartbeat(inventory);
+        self.wake();
+    }
+
+    /// Wait until the peer's hello has arrived (or the tunnel closed).
+    pub async fn ready(&self) -> Result<(), OpenError> {
+        loop {
+            let notify = {
+                let inner = self.inner.borrow();
+                if let Some(reason) = &inner.closed {
+                    return Err(OpenError::Closed(reason.clone()));
+                }
+                if inner.conn.is_ready() {
+                    return Ok(());
+                }
+                inner.ready.clone()
+            };
+            let wait = notify.notified();
+            tokio::pin!(wait);
+            wait.as_mut().enable();
+            // Re-check after registering, so a hello that raced in is not missed.
+            if self.inner.borrow().conn.is_ready() || self.is_closed() {
+                continue;
+            }
+            wait.await;
+        }
+    }
+
+    /// Open a stream to `target` and wait for the peer's answer.
+    pub async fn open(&self, target: &str, metadata: Bytes) -> Result<StreamHandle, OpenError> {
+        self.ready().await?;
+        let (id, notify) = {
+            let mut inner = self.inner.borrow_mut();
+            if let Some(reason) = &inner.closed {
+                return Err(OpenError::Closed(reason.clone()));
+            }
+            let id = inner.conn.open(target, metadata)?;
+            let slot = Slot::default();
+            let notify = slot.notify.clone();
+            inner.slots.insert(id, slot);
+            (id, notify)
+        };
+        self.wake();
+        loop {
+            {
+                let mut inner = self.inner.borrow_mut();
+                match inner.slots.get_mut(&id).and_then(|s| s.open.take()) {
+                    Some(Ok(())) => break,
+                    Some(Err((code, message))) => {
+                        inner.slots.remove(&id);
+                        return Err(if code == code::UNAVAILABLE && inner.closed.is_some() {
+                            OpenError::Closed(message)
+                        } else {
+                            OpenError::Rejected { code, message }
+                        });
+                    }
+                    None => {}
+                }
+            }
+            notify.notified().await;
+        }
+        Ok(StreamHandle {
+            tunnel: self.clone(),
+            id,
+            notify,
+        })
+    }
+}
+
+impl Inner {
+    /// Move connection events into stream slots and the owner's channel.
+    fn dispatch(&mut self) {
+        while let Some(ev) = self.conn.poll_event() {
+            match ev {
+                Event::Ready => self.ready.notify_waiters(),
+                Event::Pong { .. } => {}
+                Event::Incoming {
+                    stream,
+                    target,
+                    metadata,
+                } => {
+                    self.slots.insert(
+                        stream,
+                        Slot {
+                            open: Some(Ok(())),
+                            ..Slot::default()
+                        },
+                    );
+                    let _ = self.events.send(TunnelEvent::Incoming {
+                        stream,
+                        target,
+                        metadata,
+                    });
+                }
+                Event::Accepted { stream } => self.signal(stream, |s| s.open = Some(Ok(()))),
+                Event::Rejected {
+                    stream,
+                    code,
+                    message,
+                } => self.signal(stream, |s| s.open = Some(Err((code, message)))),
+                Event::Data { stream, data } => {
+                    self.bytes_in += data.len() as u64;
+                    self.signal(stream, |s| s.inbox.push_back(data));
+                }
+                Event::Writable { stream } => self.signal(stream, |_| {}),
+                Event::Finished { stream } => self.signal(stream, |s| s.fin = true),
+                Event::Reset { stream, code } => self.signal(stream, |s| s.reset = Some(code)),
+                Event::Heartbeat { inventory } => {
+                    let _ = self.events.send(TunnelEvent::Heartbeat(inventory));
+                }
+                Event::GoAway { code, message } => {
+                    let _ = self.events.send(TunnelEvent::GoAway { code, message });
+                }
+            }
+        }
+    }
+
+    fn signal(&mut self, stream: StreamId, f: impl FnOnce(&mut Slot)) {
+        if let Some(slot) = self.slots.get_mut(&stream) {
+            f(slot);
+            slot.notify.notify_one();
+        }
+    }
+}
+
+/// One stream of a tunnel.
+pub struct StreamHandle {
+    tunnel: Tunnel,
+    id: StreamId,
+    notify: Rc<Notify>,
+}
+
+impl std::fmt::Debug for StreamHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamHandle")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl Tunnel {
+    /// Accept a stream the peer opened (from [`TunnelEvent::Incoming`]).
+    pub fn accept(&self, stream: StreamId) -> Result<StreamHandle, StreamError> {
+        let notify = {
+            let mut inner = self.inner.borrow_mut();
+            let notify = inner
+                .slots
+                .get(&stream)
+                .map(|s| s.notify.clone())
+                .ok_or(StreamError::UnknownStream(stream))?;
+            inner.conn.accept(stream)?;
+            notify
+        };
+        self.wake();
+        Ok(StreamHandle {
+            tunnel: self.clone(),
+            id: stream,
+            notify,
+        })
+    }
+
+    /// Refuse a stream the peer opened, with a reason the other side will see.
+    pub fn reject(&self, stream: StreamId, code: u16, message: &str) {
+        {
+            let mut inner = self.inner.borrow_mut();
+            inner.slots.remove(&stream);
+            inner.conn.reject(stream, code, message);
+        }
+        self.wake();
+    }
+}
+
+impl StreamHandle {
+    pub fn id(&self) -> StreamId {
+        self.id
+    }
+
+    /// Copy bytes both ways between this stream and `io` until both directions finish (or a
+    /// reset). `leftover` is plaintext already read from `io` that belongs to the stream.
+    pub async fn splice<IO: AsyncRead + AsyncWrite>(self, io: IO, leftover: Bytes) -> SpliceStats {
+        let (mut rd, mut wr) = tokio::io::split(io);
+        let mut stats = SpliceStats::default();
+        let mut buf = vec![0u8; 32 * 1024];
+        let mut pending: Bytes = leftover;
+        let mut read_done = false;
+        let mut write_done = false;
+        let tunnel = self.tunnel.clone();
+        let id = self.id;
+        loop {
+            // Push what we have read into the tunnel, as far as credit allows.
+            if !pending.is_empty() {
+                let r = tunnel.inner.borrow_mut().conn.send(id, &pending);
+                match r {
+                    Ok(n) => {
+                        stats.to_tunnel += n as u64;
+                        tunnel.inner.borrow_mut().bytes_out += n as u64;
+                        let _ = pending.split_to(n);
+                        tunnel.wake();
+                    }
+                    Err(_) => {
+                        read_done = true;
+                        pending.clear();
+                    }
+                }
+            }
+            // Take the next chunk for `io`, and learn whether the stream ended.
+            let (chunk, fin, reset) = {
+                let mut inner = tunnel.inner.borrow_mut();
+                match inner.slots.get_mut(&id) {
+                    Some(s) => (s.inbox.pop_front(), s.fin && s.inbox.is_empty(), s.reset),
+                    None => (None, true, Some(code::CANCELLED)),
+                }
+            };
+            if reset.is_some() && chunk.is_none() {
+                stats.reset = reset != Some(code::NO_ERROR);
+                break;
+            }
+            if let Some(chunk) = chunk {
+                if wr.write_all(&chunk).await.is_err() {
+                    tunnel.inner.borrow_mut().conn.reset(id, code::CANCELLED);
+                    tunnel.wake();
+                    stats.reset = true;
+                    break;
+                }
+                stats.from_tunnel += chunk.len() as u64;
+                tunnel.inner.borrow_mut().conn.consumed(id, chunk.len());
+                tunnel.wake();
+                continue;
+            }
+            if fin && !write_done {
+                let _ = wr.flush().await;
+                let _ = wr.shutdown().await;
+                write_done = true;
+            }
+            if read_done && write_done {
+                break;
+            }
+            let can_read = !read_done && pending.is_empty();
+            tokio::select! {
+                r = rd.read(&mut buf), if can_read => match r {
+                    Ok(0) | Err(_) => {
+                        read_done = true;
+                        let _ = tunnel.inner.borrow_mut().conn.finish(id);
+                        tunnel.wake();
+                    }
+                    Ok(n) => pending = Bytes::copy_from_slice(buf.get(..n).unwrap_or_default()),
+                },
+                _ = self.notify.notified() => {}
+            }
+        }
+        let mut inner = tunnel.inner.borrow_mut();
+        inner.slots.remove(&id);
+        if stats.reset {
+            inner.conn.reset(id, code::CANCELLED);
+        }
+        drop(inner);
+        tunnel.wake();
+        stats
+    }
+}
+
+impl Drop for StreamHandle {
+    fn drop(&mut self) {
+        // A handle dropped without splicing (e.g. the session failed) resets its stream.
+        if let Ok(mut inner) = self.tunnel.inner.try_borrow_mut()
+            && inner.slots.remove(&self.id).is_some()
+        {
+            inner.conn.reset(self.id, code::CANCELLED);
+            inner.wake_writer.notify_one();
+        }
+    }
+}
+
+/// Errors a tunnel run can end with, for logs and metrics.
+pub fn is_protocol_error(e: &ConnError) -> bool {
+    matches!(
+        e,
+        ConnError::Frame(_) | ConnError::Protocol(_) | ConnError::Version(_)
+    )
+}
