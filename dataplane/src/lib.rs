@@ -3,6 +3,8 @@
 
 pub mod client_hello;
 pub mod mux;
+pub mod proxy;
+pub mod session_proto;
 pub mod tls_stream;
 pub mod tunnel;
 

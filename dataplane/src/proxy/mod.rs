@@ -1,0 +1,516 @@
+//! The Proxy: one public TLS port on every core (SO_REUSEPORT), routed by ALPN.
+//!
+//! - `gatehouse-auth`: passed through to Auth byte for byte (decided by peeking at the
+//!   ClientHello, before any TLS termination), so the client's certificate authenticates to Auth.
+//! - `gatehouse-tunnel`: an agent (node certificate) holds its reverse tunnel here.
+//! - `gatehouse-ssh` / `gatehouse-tcp`: a user (user certificate) asks for a target; the session is
+//!   moved to the core that owns the target's tunnel (socket and TLS state over a channel), opened
+//!   as a stream in that tunnel and spliced. For SSH the Proxy forwards bytes only: the SSH
+//!   handshake is end to end between the client and the agent.
+//!
+//! Each worker is a thread with a current-thread tokio runtime; a tunnel and its sessions live on
+//! one worker, so the data path takes no locks. The route table is shared and copy-on-write.
+
+pub mod metrics;
+pub mod router;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
+use gatehouse_controlplane::identity::{Identity, IdentityKind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::client_hello::{self, Peek};
+use crate::mux::{OpenError, Tunnel, TunnelEvent};
+use crate::session_proto::{self, ALPN_AUTH, ALPN_SSH, ALPN_TCP, ALPN_TUNNEL, SessionRequest, SessionResponse};
+use crate::tls_stream::{TlsParts, TlsStream};
+use crate::tunnel::{self, Side, code};
+pub use metrics::ProxyMetrics;
+pub use router::{Inventory, RouteError, RouteTable, TunnelEntry};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    /// Worker threads (cores); 0 means one per available core.
+    pub workers: usize,
+    /// Where `gatehouse-auth` connections are passed through to.
+    pub auth_addr: String,
+    /// Server config: the Proxy's certificate, client certificates verified against the cluster
+    /// CA (optional at the TLS layer, required per ALPN), ALPN protocols set by [`server_alpn`].
+    pub tls: Arc<rustls::ServerConfig>,
+    pub cluster: String,
+    pub tunnel: tunnel::Config,
+}
+
+/// The ALPN protocols the Proxy terminates.
+pub fn server_alpn() -> Vec<Vec<u8>> {
+    vec![ALPN_TUNNEL.to_vec(), ALPN_SSH.to_vec(), ALPN_TCP.to_vec()]
+}
+
+/// A session on its way to the core that owns its tunnel.
+struct Handover {
+    parts: TlsParts,
+    session: SessionPlan,
+}
+
+#[derive(Debug, Clone)]
+struct SessionPlan {
+    tunnel_id: u64,
+    stream_target: String,
+    metadata: Bytes,
+    node: String,
+    host_id: String,
+    remote: SocketAddr,
+    user: String,
+}
+
+struct Shared {
+    config: ProxyConfig,
+    routes: ArcSwap<RouteTable>,
+    handovers: Vec<mpsc::UnboundedSender<Handover>>,
+    next_tunnel: AtomicU64,
+    metrics: Arc<ProxyMetrics>,
+    inventory: mpsc::UnboundedSender<Inventory>,
+    stop: watch::Receiver<bool>,
+}
+
+/// A running Proxy.
+pub struct Proxy {
+    pub local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").field("local_addr", &self.local_addr).finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// Bind one listener per worker on the same address (SO_REUSEPORT) and start the workers.
+    /// Agents' inventories arrive on the returned channel (for batching to Auth).
+    pub fn start(config: ProxyConfig, metrics: Arc<ProxyMetrics>) -> std::io::Result<(Self, mpsc::UnboundedReceiver<Inventory>)> {
+        let workers = if config.workers == 0 {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        } else {
+            config.workers
+        };
+        let mut listeners = Vec::with_capacity(workers);
+        let mut addr = config.listen;
+        for _ in 0..workers {
+            let l = bind_reuseport(addr)?;
+            addr = l.local_addr()?;
+            listeners.push(l);
+        }
+        let (inv_tx, inv_rx) = mpsc::unbounded_channel();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut senders = Vec::with_capacity(workers);
+        let mut receivers = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders.push(tx);
+            receivers.push(rx);
+        }
+        let shared = Arc::new(Shared {
+            config,
+            routes: ArcSwap::from_pointee(RouteTable::default()),
+            handovers: senders,
+            next_tunnel: AtomicU64::new(1),
+            metrics,
+            inventory: inv_tx,
+            stop: stop_rx,
+        });
+        let mut threads = Vec::with_capacity(workers);
+        for (core, (listener, rx)) in listeners.into_iter().zip(receivers).enumerate() {
+            let shared = Arc::clone(&shared);
+            threads.push(std::thread::Builder::new().name(format!("proxy-{core}")).spawn(move || worker(core, listener, rx, shared))?);
+        }
+        Ok((Self { local_addr: addr, shared, stop: stop_tx, threads }, inv_rx))
+    }
+
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.shared.routes.load_full()
+    }
+
+    /// Stop accepting, tell agents to go away (they reconnect elsewhere or later), and join.
+    pub fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// Per-worker state: the tunnels this core owns.
+#[derive(Clone)]
+struct Worker {
+    core: usize,
+    shared: Arc<Shared>,
+    tunnels: Rc<RefCell<HashMap<u64, Tunnel>>>,
+}
+
+fn worker(core: usize, listener: std::net::TcpListener, mut handovers: mpsc::UnboundedReceiver<Handover>, shared: Arc<Shared>) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(core, error = %e, "proxy worker: cannot build its runtime");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(core, error = %e, "proxy worker: cannot register its listener");
+                return;
+            }
+        };
+        let w = Worker { core, shared: Arc::clone(&shared), tunnels: Rc::default() };
+        {
+            let w = w.clone();
+            tokio::task::spawn_local(async move {
+                while let Some(h) = handovers.recv().await {
+                    let w = w.clone();
+                    tokio::task::spawn_local(async move { w.serve_handover(h).await });
+                }
+            });
+        }
+        let mut stop = shared.stop.clone();
+        loop {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((tcp, remote)) => {
+                        let w = w.clone();
+                        tokio::task::spawn_local(async move { w.serve_connection(tcp, remote).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(core, error = %e, "proxy: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = stop.changed() => break,
+            }
+        }
+        let tunnels: Vec<Tunnel> = w.tunnels.borrow().values().cloned().collect();
+        for t in &tunnels {
+            t.go_away("proxy shutting down");
+        }
+        // Give go-aways a moment to reach the agents.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    });
+}
+
+/// Read the ClientHello's ALPN without consuming anything from the socket.
+async fn peek_alpn(tcp: &TcpStream) -> Result<Vec<Vec<u8>>, &'static str> {
+    let mut buf = vec![0u8; client_hello::MAX_HELLO];
+    let mut last = 0;
+    loop {
+        let n = tcp.peek(&mut buf).await.map_err(|_| "read failed")?;
+        if n == 0 {
+            return Err("closed before sending a ClientHello");
+        }
+        match client_hello::peek(buf.get(..n).unwrap_or_default()) {
+            Peek::Hello { alpn, .. } => return Ok(alpn),
+            Peek::NotTls(why) => return Err(why),
+            Peek::NeedMore if n >= client_hello::MAX_HELLO => return Err("ClientHello too large"),
+            Peek::NeedMore => {
+                if n == last {
+                    // Nothing new yet: wait a little for the rest of the hello.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                last = n;
+            }
+        }
+    }
+}
+
+fn alpn_name(alpn: Option<&[u8]>) -> String {
+    alpn.map(|a| String::from_utf8_lossy(a).into_owned()).unwrap_or_else(|| "none".into())
+}
+
+fn peer_identity(tls: &TlsStream, cluster: &str) -> Option<Identity> {
+    let cert = tls.connection().peer_certificates()?.first()?;
+    Identity::from_cert_der(cert).ok().filter(|id| id.cluster == cluster)
+}
+
+impl Worker {
+    async fn serve_connection(&self, tcp: TcpStream, remote: SocketAddr) {
+        let _ = tcp.set_nodelay(true);
+        let metrics = &self.shared.metrics;
+        let alpn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, peek_alpn(&tcp)).await {
+            Ok(Ok(alpn)) => alpn,
+            Ok(Err(why)) => {
+                tracing::info!(%remote, reason = why, "proxy: closing connection: not a TLS client");
+                metrics.refuse("none", "not_tls");
+                return;
+            }
+            Err(_) => {
+                metrics.refuse("none", "hello_timeout");
+                return;
+            }
+        };
+        if alpn.iter().any(|a| a == ALPN_AUTH) {
+            self.pass_to_auth(tcp, remote).await;
+            return;
+        }
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsStream::accept(tcp, Arc::clone(&self.shared.config.tls))).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::info!(%remote, error = %e, "proxy: TLS handshake failed; connection closed");
+                metrics.refuse("tls", "handshake");
+                return;
+            }
+            Err(_) => {
+                metrics.refuse("tls", "handshake_timeout");
+                return;
+            }
+        };
+        let negotiated = tls.connection().alpn_protocol().map(<[u8]>::to_vec);
+        let identity = peer_identity(&tls, &self.shared.config.cluster);
+        match (negotiated.as_deref(), identity) {
+            (Some(ALPN_TUNNEL), Some(id)) if id.kind == IdentityKind::Node && !id.roles.iter().any(|r| r == "@proxy") => {
+                self.serve_tunnel(tls, remote, id).await
+            }
+            (Some(a @ (ALPN_SSH | ALPN_TCP)), Some(id)) if id.kind == IdentityKind::User => {
+                self.serve_session(tls, remote, id, a == ALPN_SSH).await
+            }
+            (alpn, id) => {
+                let who = id.map(|i| format!("{:?} `{}`", i.kind, i.name)).unwrap_or_else(|| "no client certificate".into());
+                tracing::info!(%remote, alpn = %alpn_name(alpn), who = %who, "proxy: connection refused: wrong identity for this protocol");
+                metrics.refuse(&alpn_name(alpn), "identity");
+            }
+        }
+    }
+
+    async fn pass_to_auth(&self, mut tcp: TcpStream, remote: SocketAddr) {
+        let mut upstream = match TcpStream::connect(&self.shared.config.auth_addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%remote, auth = %self.shared.config.auth_addr, error = %e, "proxy: cannot reach Auth for pass-through");
+                self.shared.metrics.dial_failure("auth_unreachable");
+                return;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        let _ = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
+    }
+
+    async fn serve_tunnel(&self, tls: TlsStream, remote: SocketAddr, id: Identity) {
+        let shared = &self.shared;
+        let tunnel_id = shared.next_tunnel.fetch_add(1, Ordering::Relaxed);
+        let host_name = id.traits.get("host_name").and_then(|v| v.first()).cloned().unwrap_or_default();
+        let (tunnel, mut events) = Tunnel::new(Side::Listener, shared.config.tunnel.clone());
+        self.tunnels.borrow_mut().insert(tunnel_id, tunnel.clone());
+        let entry = TunnelEntry {
+            tunnel_id,
+            core: self.core,
+            host_id: id.name.clone(),
+            name: host_name,
+            labels: Default::default(),
+            apps: vec![],
+        };
+        shared.routes.rcu(|t| t.with(entry.clone()));
+        shared.metrics.tunnels.inc();
+        tracing::info!(%remote, host_id = %id.name, core = self.core, "proxy: tunnel up");
+        let inventory_task = {
+            let (shared, tunnel, host_id) = (Arc::clone(shared), tunnel.clone(), id.name.clone());
+            tokio::task::spawn_local(async move {
+                while let Some(ev) = events.recv().await {
+                    match ev {
+                        TunnelEvent::Heartbeat(bytes) => match serde_json::from_slice::<Inventory>(&bytes) {
+                            Ok(mut inv) => {
+                                // The certificate says who the agent is, not the heartbeat.
+                                inv.host_id = host_id.clone();
+                                let apps: Vec<String> = inv.services.iter().filter_map(|s| s.strip_prefix("tcp:").map(str::to_owned)).collect();
+                                let current = shared.routes.load().get(tunnel_id).cloned();
+                                if let Some(cur) = current
+                                    && (cur.name != inv.name || cur.labels != inv.labels || cur.apps != apps)
+                                {
+                                    let updated = TunnelEntry { name: inv.name.clone(), labels: inv.labels.clone(), apps, ..cur };
+                                    shared.routes.rcu(|t| t.with(updated.clone()));
+                                }
+                                let _ = shared.inventory.send(inv);
+                            }
+                            Err(e) => tracing::warn!(host_id = %host_id, error = %e, "proxy: malformed heartbeat ignored"),
+                        },
+                        TunnelEvent::Incoming { stream, .. } => {
+                            tunnel.reject(stream, code::REFUSED, "the proxy accepts no streams from agents");
+                        }
+                        TunnelEvent::GoAway { message, .. } => {
+                            tracing::info!(host_id = %host_id, %message, "proxy: agent is draining its tunnel");
+                        }
+                    }
+                }
+            })
+        };
+        let reason = tunnel.run(tls).await;
+        inventory_task.abort();
+        self.tunnels.borrow_mut().remove(&tunnel_id);
+        shared.routes.rcu(|t| t.without(tunnel_id));
+        shared.metrics.tunnels.dec();
+        tracing::info!(%remote, host_id = %id.name, %reason, "proxy: tunnel closed");
+    }
+
+    async fn serve_session(&self, mut tls: TlsStream, remote: SocketAddr, id: Identity, ssh: bool) {
+        let shared = &self.shared;
+        let alpn = if ssh { "gatehouse-ssh" } else { "gatehouse-tcp" };
+        let mut buf = BytesMut::with_capacity(1024);
+        let request = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+            loop {
+                match session_proto::decode::<SessionRequest>(&mut buf) {
+                    Ok(Some(r)) => return Ok(r),
+                    Ok(None) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+                match tls.read_buf(&mut buf).await {
+                    Ok(0) => return Err("closed before sending a request".to_string()),
+                    Ok(_) => {}
+                    Err(e) => return Err(format!("read failed: {e}")),
+                }
+            }
+        })
+        .await;
+        let request = match request {
+            Ok(Ok(r)) => r,
+            Ok(Err(why)) => {
+                tracing::info!(%remote, user = %id.name, alpn, reason = %why, "proxy: malformed session request; connection closed");
+                shared.metrics.refuse(alpn, "bad_request");
+                return;
+            }
+            Err(_) => {
+                shared.metrics.refuse(alpn, "request_timeout");
+                return;
+            }
+        };
+        let routes = shared.routes.load();
+        let resolved = if ssh {
+            routes.resolve_node(&request.target).map(|e| (e.clone(), "ssh".to_string()))
+        } else {
+            routes.resolve_app(&request.target).map(|(e, app)| (e.clone(), format!("tcp:{app}")))
+        };
+        let (entry, stream_target) = match resolved {
+            Ok(r) => r,
+            Err(e) => {
+                let candidates = match &e {
+                    RouteError::Unknown { candidates, .. }
+                    | RouteError::Ambiguous { candidates, .. }
+                    | RouteError::UnknownApp { candidates, .. }
+                    | RouteError::AmbiguousApp { candidates, .. } => candidates.clone(),
+                    _ => vec![],
+                };
+                shared.metrics.dial_failure(match e {
+                    RouteError::Ambiguous { .. } | RouteError::AmbiguousApp { .. } => "ambiguous_target",
+                    _ => "unknown_target",
+                });
+                let resp = SessionResponse { ok: false, error: e.to_string(), candidates, node: String::new(), host_id: String::new() };
+                let _ = tls.write_all(&session_proto::encode(&resp)).await;
+                let _ = tls.shutdown().await;
+                return;
+            }
+        };
+        let metadata = serde_json::json!({
+            "user": id.name,
+            "login": request.login,
+            "source_addr": remote.to_string(),
+            "roles": id.roles,
+        });
+        let plan = SessionPlan {
+            tunnel_id: entry.tunnel_id,
+            stream_target,
+            metadata: Bytes::from(metadata.to_string()),
+            node: entry.name.clone(),
+            host_id: entry.host_id.clone(),
+            remote,
+            user: id.name.clone(),
+        };
+        let leftover = buf.split().freeze();
+        if entry.core == self.core {
+            self.run_session(tls, leftover, plan).await;
+            return;
+        }
+        // Move the session to the core that owns the tunnel.
+        let parts = match tls.into_parts(leftover) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(%remote, error = %e, "proxy: cannot hand the session over");
+                return;
+            }
+        };
+        match shared.handovers.get(entry.core) {
+            Some(tx) => {
+                shared.metrics.handovers.inc();
+                if tx.send(Handover { parts, session: plan }).is_err() {
+                    tracing::warn!(%remote, core = entry.core, "proxy: owner core is gone");
+                }
+            }
+            None => tracing::error!(core = entry.core, "proxy: route names a core that does not exist"),
+        }
+    }
+
+    async fn serve_handover(&self, h: Handover) {
+        match TlsStream::from_parts(h.parts) {
+            Ok((tls, leftover)) => self.run_session(tls, leftover, h.session).await,
+            Err(e) => tracing::warn!(remote = %h.session.remote, error = %e, "proxy: cannot resume a handed-over session"),
+        }
+    }
+
+    /// On the tunnel's core: open the stream, answer the client, splice.
+    async fn run_session(&self, mut tls: TlsStream, leftover: Bytes, plan: SessionPlan) {
+        let shared = &self.shared;
+        let tunnel = self.tunnels.borrow().get(&plan.tunnel_id).cloned();
+        let opened = match tunnel {
+            Some(t) => t.open(&plan.stream_target, plan.metadata.clone()).await,
+            None => Err(OpenError::Closed("the node disconnected".into())),
+        };
+        let stream = match opened {
+            Ok(s) => s,
+            Err(e) => {
+                shared.metrics.dial_failure(match &e {
+                    OpenError::Rejected { .. } => "refused_by_agent",
+                    _ => "tunnel_closed",
+                });
+                tracing::info!(remote = %plan.remote, user = %plan.user, node = %plan.node, error = %e, "proxy: session could not be opened");
+                let resp = SessionResponse { ok: false, error: e.to_string(), candidates: vec![], node: plan.node, host_id: plan.host_id };
+                let _ = tls.write_all(&session_proto::encode(&resp)).await;
+                let _ = tls.shutdown().await;
+                return;
+            }
+        };
+        let resp = SessionResponse { ok: true, error: String::new(), candidates: vec![], node: plan.node.clone(), host_id: plan.host_id.clone() };
+        if tls.write_all(&session_proto::encode(&resp)).await.is_err() {
+            return;
+        }
+        shared.metrics.sessions.inc();
+        shared.metrics.streams.inc();
+        let stats = stream.splice(tls, leftover).await;
+        shared.metrics.streams.dec();
+        shared.metrics.bytes.get_or_create(&metrics::DirectionLabel { direction: "to_agent" }).inc_by(stats.to_tunnel);
+        shared.metrics.bytes.get_or_create(&metrics::DirectionLabel { direction: "to_user" }).inc_by(stats.from_tunnel);
+        tracing::debug!(remote = %plan.remote, user = %plan.user, node = %plan.node, to_agent = stats.to_tunnel, to_user = stats.from_tunnel, "proxy: session ended");
+    }
+}
