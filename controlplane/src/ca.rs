@@ -317,6 +317,25 @@ impl TlsCa {
         Ok(params.signed_by(&public, &self.issuer)?)
     }
 
+    /// Issue a certificate with a fresh key for `identity` (in-process roles: the Proxy).
+    pub fn issue_with_new_key(
+        &self,
+        identity: &Identity,
+        usage: TlsUsage,
+        sans: &[String],
+        now: time::OffsetDateTime,
+    ) -> Result<(rcgen::Certificate, KeyPair), CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let cert = self.sign(
+            &rcgen::PublicKeyData::subject_public_key_info(&key),
+            identity,
+            usage,
+            sans,
+            now,
+        )?;
+        Ok((cert, key))
+    }
+
     /// Issue the Auth server's own certificate (fresh key), valid for `ttl`.
     pub fn issue_server_cert(
         &self,

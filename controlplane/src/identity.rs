@@ -19,6 +19,12 @@ pub const IDENTITY_OID: &[u64] = &[1, 3, 9999, 7001, 1];
 /// and lets clients reach Auth through any address (loopback, load balancer, proxy pass-through).
 pub const AUTH_SERVER_NAME: &str = "auth.gatehouse.cluster.local";
 
+/// The DNS name every Proxy server certificate carries (same reasoning as [`AUTH_SERVER_NAME`]).
+pub const PROXY_SERVER_NAME: &str = "proxy.gatehouse.cluster.local";
+
+/// ALPN for Auth API connections; the Proxy passes these through to Auth unterminated.
+pub const ALPN_AUTH: &[u8] = b"gatehouse-auth";
+
 /// What kind of principal an identity is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -242,6 +242,33 @@ fn admin_role() -> Role {
 }
 
 /// Built-in role for agents (node identities).
+/// Built-in role for proxies: they batch their agents' heartbeats to Auth.
+fn proxy_role() -> Role {
+    let rule = |resources: Vec<ResourceKind>, verbs: Vec<Verb>| Rule { resources, verbs };
+    Role {
+        kind: "role".into(),
+        version: "v1".into(),
+        metadata: Metadata {
+            name: "@proxy".into(),
+            ..Default::default()
+        },
+        spec: RoleSpec {
+            allow: RoleConditions {
+                rules: vec![
+                    rule(
+                        vec![ResourceKind::Node],
+                        vec![Verb::Create, Verb::Update, Verb::List, Verb::Read],
+                    ),
+                    rule(vec![ResourceKind::Event], vec![Verb::Create]),
+                    rule(vec![ResourceKind::CertAuthority], vec![Verb::Read]),
+                ],
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    }
+}
+
 fn node_role() -> Role {
     Role {
         kind: "role".into(),
@@ -264,6 +291,11 @@ fn node_role() -> Role {
                     Rule {
                         resources: vec![ResourceKind::CertAuthority],
                         verbs: vec![Verb::Read],
+                    },
+                    // Agents evaluate node access locally from the roles in user certificates.
+                    Rule {
+                        resources: vec![ResourceKind::Role],
+                        verbs: vec![Verb::Read, Verb::List],
                     },
                 ],
                 ..Default::default()
@@ -358,6 +390,9 @@ impl AuthService {
         match identity.kind {
             IdentityKind::Builtin if identity.name == "admin" => {
                 Ok(RoleSet::new(vec![admin_role()]))
+            }
+            IdentityKind::Node if identity.roles.iter().any(|r| r == "@proxy") => {
+                Ok(RoleSet::new(vec![proxy_role()]))
             }
             IdentityKind::Node => Ok(RoleSet::new(vec![node_role()])),
             IdentityKind::User | IdentityKind::Bot => {
@@ -502,6 +537,114 @@ impl AuthService {
             }
         }
         Ok(())
+    }
+
+    /// Issue host credentials (SSH host cert + X.509 node or proxy cert) for a validated join
+    /// request. Used by `Join` and by roles that run inside the Auth process.
+    pub async fn issue_host(
+        &self,
+        r: &proto::JoinRequest,
+        ssh_key: &ssh_key::PublicKey,
+        is_proxy: bool,
+        token_id: &str,
+        addr: &str,
+    ) -> Result<proto::JoinResponse, Status> {
+        let now = now_secs();
+        let addr = addr.to_owned();
+        let ssh_key = ssh_key.clone();
+        let host_id = uuid::Uuid::new_v4().to_string();
+        let expires = now + HOST_CERT_TTL.as_secs() as i64;
+        // `<name>.<cluster>` lets OpenSSH users write `ssh node.cluster` with a config block.
+        let mut principals = vec![
+            r.host_name.clone(),
+            format!("{}.{}", r.host_name, self.state.cluster),
+        ];
+        principals.extend(r.addresses.iter().cloned());
+        let ssh_cert = self
+            .state
+            .host_ca
+            .sign_host(
+                &ssh_key,
+                &host_id,
+                &self.state.cluster,
+                &principals,
+                now as u64,
+                expires as u64,
+            )
+            .map_err(internal)?;
+        let identity = Identity {
+            kind: IdentityKind::Node,
+            name: host_id.clone(),
+            roles: vec![if is_proxy {
+                "@proxy".into()
+            } else {
+                "@node".into()
+            }],
+            logins: vec![],
+            traits: BTreeMap::from([("host_name".to_string(), vec![r.host_name.clone()])]),
+            cluster: self.state.cluster.clone(),
+            route_to_cluster: self.state.cluster.clone(),
+            expires,
+        };
+        let mut sans = vec![
+            host_id.clone(),
+            format!("{host_id}.{}", self.state.cluster),
+            r.host_name.clone(),
+        ];
+        sans.extend(r.addresses.iter().cloned());
+        if is_proxy {
+            sans.push(crate::identity::PROXY_SERVER_NAME.to_string());
+        }
+        let tls_cert = self
+            .state
+            .tls_ca
+            .sign(
+                &r.tls_public_key,
+                &identity,
+                TlsUsage::ServerAndClient,
+                &sans,
+                time::OffsetDateTime::now_utc(),
+            )
+            .map_err(|e| Status::invalid_argument(format!("tls_public_key or address: {e}")))?;
+        self.state
+            .metrics
+            .joins
+            .get_or_create(&ResultLabel { result: "success" })
+            .inc();
+        self.state
+            .metrics
+            .certs_issued
+            .get_or_create(&KindLabel { kind: "host" })
+            .inc();
+        self.audit_all(
+            &addr,
+            vec![
+                (
+                    types::JOIN,
+                    r.host_name.as_str(),
+                    audit::success(json!({ "host_id": host_id, "host_name": r.host_name, "token_id": token_id, "role": if is_proxy { "proxy" } else { "node" } })),
+                ),
+                (
+                    types::CERT_ISSUED,
+                    host_id.as_str(),
+                    json!({ "kind": "host", "host_id": host_id, "principals": principals, "expires": expires }),
+                ),
+            ],
+        )
+        .await?;
+        Ok(proto::JoinResponse {
+            credentials: Some(self.credentials(
+                ssh_cert.to_openssh().map_err(internal)?,
+                tls_cert.pem(),
+                expires,
+            )),
+            host_id,
+            role: if is_proxy {
+                "proxy".into()
+            } else {
+                "node".into()
+            },
+        })
     }
 }
 
@@ -770,90 +913,17 @@ impl Auth for AuthService {
                 return Err(Status::permission_denied(msg));
             }
         };
-        if token.token_type != "node" {
+        let is_proxy = token.token_type == "proxy";
+        if token.token_type != "node" && !is_proxy {
             return Err(Status::unimplemented(format!(
                 "joining with a `{}` token is not supported by this Auth version yet",
                 token.token_type
             )));
         }
-        let host_id = uuid::Uuid::new_v4().to_string();
-        let expires = now + HOST_CERT_TTL.as_secs() as i64;
-        let mut principals = vec![r.host_name.clone()];
-        principals.extend(r.addresses.iter().cloned());
-        let ssh_cert = self
-            .state
-            .host_ca
-            .sign_host(
-                &ssh_key,
-                &host_id,
-                &self.state.cluster,
-                &principals,
-                now as u64,
-                expires as u64,
-            )
-            .map_err(internal)?;
-        let identity = Identity {
-            kind: IdentityKind::Node,
-            name: host_id.clone(),
-            roles: vec!["@node".into()],
-            logins: vec![],
-            traits: BTreeMap::from([("host_name".to_string(), vec![r.host_name.clone()])]),
-            cluster: self.state.cluster.clone(),
-            route_to_cluster: self.state.cluster.clone(),
-            expires,
-        };
-        let mut sans = vec![
-            host_id.clone(),
-            format!("{host_id}.{}", self.state.cluster),
-            r.host_name.clone(),
-        ];
-        sans.extend(r.addresses.iter().cloned());
-        let tls_cert = self
-            .state
-            .tls_ca
-            .sign(
-                &r.tls_public_key,
-                &identity,
-                TlsUsage::ServerAndClient,
-                &sans,
-                time::OffsetDateTime::now_utc(),
-            )
-            .map_err(|e| Status::invalid_argument(format!("tls_public_key or address: {e}")))?;
-        self.state
-            .metrics
-            .joins
-            .get_or_create(&ResultLabel { result: "success" })
-            .inc();
-        self.state
-            .metrics
-            .certs_issued
-            .get_or_create(&KindLabel { kind: "host" })
-            .inc();
-        self.audit_all(
-            &addr,
-            vec![
-                (
-                    types::JOIN,
-                    r.host_name.as_str(),
-                    audit::success(json!({ "host_id": host_id, "host_name": r.host_name, "token_id": token.id, "role": "node" })),
-                ),
-                (
-                    types::CERT_ISSUED,
-                    host_id.as_str(),
-                    json!({ "kind": "host", "host_id": host_id, "principals": principals, "expires": expires }),
-                ),
-            ],
-        )
-        .await?;
-        Ok(Response::new(proto::JoinResponse {
-            credentials: Some(self.credentials(
-                ssh_cert.to_openssh().map_err(internal)?,
-                tls_cert.pem(),
-                expires,
-            )),
-            host_id,
-            role: "node".into(),
-        }))
+        let resp = self
+            .issue_host(&r, &ssh_key, is_proxy, &token.id, &addr)
+            .await?;
+        Ok(Response::new(resp))
     }
 
     async fn who_am_i(
@@ -1196,9 +1266,12 @@ impl Auth for AuthService {
             .authorize(&req, ResourceKind::Token, Verb::Create)
             .await?;
         let r = req.into_inner();
-        if !matches!(r.r#type.as_str(), "node" | "bot" | "trusted_cluster") {
+        if !matches!(
+            r.r#type.as_str(),
+            "node" | "proxy" | "bot" | "trusted_cluster"
+        ) {
             return Err(Status::invalid_argument(format!(
-                "type: unknown token type `{}`; expected node, bot or trusted_cluster",
+                "type: unknown token type `{}`; expected node, proxy, bot or trusted_cluster",
                 r.r#type
             )));
         }
@@ -1419,7 +1492,10 @@ impl Auth for AuthService {
         let mut rows = Vec::with_capacity(r.nodes.len());
         for mut n in r.nodes {
             // An agent may only speak for itself.
-            if caller.identity.kind == IdentityKind::Node && n.host_id != caller.identity.name {
+            if caller.identity.kind == IdentityKind::Node
+                && !caller.identity.roles.iter().any(|r| r == "@proxy")
+                && n.host_id != caller.identity.name
+            {
                 return Err(Status::permission_denied(format!(
                     "node `{}` cannot upsert node `{}`",
                     caller.identity.name, n.host_id

@@ -71,7 +71,9 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs_from_pem(cert_chain_pem)?, key_from_pem(key_pem)?)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // gRPC runs over h2 either way; `gatehouse-auth` is what clients offer so that a Proxy can
+    // recognise and pass the connection through.
+    config.alpn_protocols = vec![crate::identity::ALPN_AUTH.to_vec(), b"h2".to_vec()];
     Ok(Arc::new(config))
 }
 
@@ -88,6 +90,15 @@ pub enum Trust {
 pub fn client_config(
     trust: &Trust,
     identity: Option<(&str, &str)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    client_config_with_alpn(trust, identity, &[crate::identity::ALPN_AUTH])
+}
+
+/// Client config offering the given ALPN protocols (the Proxy's tunnel, ssh and tcp ports).
+pub fn client_config_with_alpn(
+    trust: &Trust,
+    identity: Option<(&str, &str)>,
+    alpn: &[&[u8]],
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
@@ -107,7 +118,7 @@ pub fn client_config(
         }
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     Ok(Arc::new(config))
 }
 

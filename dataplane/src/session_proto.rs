@@ -8,9 +8,7 @@ use serde::{Deserialize, Serialize};
 pub const ALPN_TUNNEL: &[u8] = b"gatehouse-tunnel";
 pub const ALPN_SSH: &[u8] = b"gatehouse-ssh";
 pub const ALPN_TCP: &[u8] = b"gatehouse-tcp";
-pub const ALPN_AUTH: &[u8] = b"gatehouse-auth";
-/// The name in every Proxy server certificate; clients verify it whatever address they dial.
-pub const PROXY_SERVER_NAME: &str = "proxy.gatehouse.cluster.local";
+pub use gatehouse_controlplane::identity::{ALPN_AUTH, PROXY_SERVER_NAME};
 
 pub const MAX_MESSAGE: usize = 8 * 1024;
 
@@ -55,7 +53,9 @@ pub fn encode<T: Serialize>(msg: &T) -> Bytes {
 
 /// Decode one message from the front of `buf` if complete; consumes it.
 pub fn decode<T: for<'de> Deserialize<'de>>(buf: &mut BytesMut) -> Result<Option<T>, MessageError> {
-    let Some(len_bytes) = buf.get(..4) else { return Ok(None) };
+    let Some(len_bytes) = buf.get(..4) else {
+        return Ok(None);
+    };
     let len = u32::from_be_bytes(len_bytes.try_into().unwrap_or([0xFF; 4])) as usize;
     if len > MAX_MESSAGE {
         return Err(MessageError::TooLarge(len));
@@ -65,7 +65,9 @@ pub fn decode<T: for<'de> Deserialize<'de>>(buf: &mut BytesMut) -> Result<Option
     }
     buf.advance(4);
     let body = buf.split_to(len);
-    serde_json::from_slice(&body).map(Some).map_err(|e| MessageError::Json(e.to_string()))
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| MessageError::Json(e.to_string()))
 }
 
 #[cfg(test)]
@@ -74,7 +76,10 @@ mod tests {
 
     #[test]
     fn roundtrip_partial_and_bad() {
-        let req = SessionRequest { target: "web1".into(), login: "alice".into() };
+        let req = SessionRequest {
+            target: "web1".into(),
+            login: "alice".into(),
+        };
         let wire = encode(&req);
         let mut buf = BytesMut::new();
         for b in wire.iter() {
@@ -83,8 +88,14 @@ mod tests {
         }
         assert_eq!(decode::<SessionRequest>(&mut buf).unwrap(), Some(req));
         let mut big = BytesMut::from(&[0u8, 1, 0, 0][..]);
-        assert_eq!(decode::<SessionRequest>(&mut big), Err(MessageError::TooLarge(65536)));
+        assert_eq!(
+            decode::<SessionRequest>(&mut big),
+            Err(MessageError::TooLarge(65536))
+        );
         let mut junk = BytesMut::from(&[0u8, 0, 0, 2, b'{', b'x'][..]);
-        assert!(matches!(decode::<SessionRequest>(&mut junk), Err(MessageError::Json(_))));
+        assert!(matches!(
+            decode::<SessionRequest>(&mut junk),
+            Err(MessageError::Json(_))
+        ));
     }
 }

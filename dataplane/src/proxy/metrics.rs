@@ -38,19 +38,48 @@ impl ProxyMetrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("gatehouse_proxy");
         r.register("tunnels", "Agent tunnels connected", self.tunnels.clone());
-        r.register("streams", "User sessions open through tunnels", self.streams.clone());
+        r.register(
+            "streams",
+            "User sessions open through tunnels",
+            self.streams.clone(),
+        );
         r.register("sessions", "User sessions started", self.sessions.clone());
-        r.register("bytes_forwarded", "Session bytes forwarded (to_agent, to_user)", self.bytes.clone());
-        r.register("dial_failures", "Sessions that could not reach their target, by reason", self.dial_failures.clone());
-        r.register("connections_refused", "Connections closed before serving, by ALPN and reason", self.refused.clone());
-        r.register("handovers", "Sessions moved to the core that owns their tunnel", self.handovers.clone());
+        r.register(
+            "bytes_forwarded",
+            "Session bytes forwarded (to_agent, to_user)",
+            self.bytes.clone(),
+        );
+        r.register(
+            "dial_failures",
+            "Sessions that could not reach their target, by reason",
+            self.dial_failures.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections closed before serving, by ALPN and reason",
+            self.refused.clone(),
+        );
+        r.register(
+            "handovers",
+            "Sessions moved to the core that owns their tunnel",
+            self.handovers.clone(),
+        );
     }
 
     pub fn refuse(&self, alpn: &str, reason: &str) {
-        self.refused.get_or_create(&AlpnLabel { alpn: alpn.to_owned(), reason: reason.to_owned() }).inc();
+        self.refused
+            .get_or_create(&AlpnLabel {
+                alpn: alpn.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     pub fn dial_failure(&self, reason: &str) {
-        self.dial_failures.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
+        self.dial_failures
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 }

@@ -31,7 +31,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::client_hello::{self, Peek};
 use crate::mux::{OpenError, Tunnel, TunnelEvent};
-use crate::session_proto::{self, ALPN_AUTH, ALPN_SSH, ALPN_TCP, ALPN_TUNNEL, SessionRequest, SessionResponse};
+use crate::session_proto::{
+    self, ALPN_AUTH, ALPN_SSH, ALPN_TCP, ALPN_TUNNEL, SessionRequest, SessionResponse,
+};
 use crate::tls_stream::{TlsParts, TlsStream};
 use crate::tunnel::{self, Side, code};
 pub use metrics::ProxyMetrics;
@@ -95,16 +97,23 @@ pub struct Proxy {
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Proxy").field("local_addr", &self.local_addr).finish_non_exhaustive()
+        f.debug_struct("Proxy")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
     }
 }
 
 impl Proxy {
     /// Bind one listener per worker on the same address (SO_REUSEPORT) and start the workers.
     /// Agents' inventories arrive on the returned channel (for batching to Auth).
-    pub fn start(config: ProxyConfig, metrics: Arc<ProxyMetrics>) -> std::io::Result<(Self, mpsc::UnboundedReceiver<Inventory>)> {
+    pub fn start(
+        config: ProxyConfig,
+        metrics: Arc<ProxyMetrics>,
+    ) -> std::io::Result<(Self, mpsc::UnboundedReceiver<Inventory>)> {
         let workers = if config.workers == 0 {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         } else {
             config.workers
         };
@@ -136,9 +145,21 @@ impl Proxy {
         let mut threads = Vec::with_capacity(workers);
         for (core, (listener, rx)) in listeners.into_iter().zip(receivers).enumerate() {
             let shared = Arc::clone(&shared);
-            threads.push(std::thread::Builder::new().name(format!("proxy-{core}")).spawn(move || worker(core, listener, rx, shared))?);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("proxy-{core}"))
+                    .spawn(move || worker(core, listener, rx, shared))?,
+            );
         }
-        Ok((Self { local_addr: addr, shared, stop: stop_tx, threads }, inv_rx))
+        Ok((
+            Self {
+                local_addr: addr,
+                shared,
+                stop: stop_tx,
+                threads,
+            },
+            inv_rx,
+        ))
     }
 
     pub fn routes(&self) -> Arc<RouteTable> {
@@ -155,7 +176,11 @@ impl Proxy {
 }
 
 fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
     socket.set_reuse_address(true)?;
     #[cfg(unix)]
     socket.set_reuse_port(true)?;
@@ -173,8 +198,16 @@ struct Worker {
     tunnels: Rc<RefCell<HashMap<u64, Tunnel>>>,
 }
 
-fn worker(core: usize, listener: std::net::TcpListener, mut handovers: mpsc::UnboundedReceiver<Handover>, shared: Arc<Shared>) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+fn worker(
+    core: usize,
+    listener: std::net::TcpListener,
+    mut handovers: mpsc::UnboundedReceiver<Handover>,
+    shared: Arc<Shared>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(core, error = %e, "proxy worker: cannot build its runtime");
@@ -250,12 +283,15 @@ async fn peek_alpn(tcp: &TcpStream) -> Result<Vec<Vec<u8>>, &'static str> {
 }
 
 fn alpn_name(alpn: Option<&[u8]>) -> String {
-    alpn.map(|a| String::from_utf8_lossy(a).into_owned()).unwrap_or_else(|| "none".into())
+    alpn.map(|a| String::from_utf8_lossy(a).into_owned())
+        .unwrap_or_else(|| "none".into())
 }
 
 fn peer_identity(tls: &TlsStream, cluster: &str) -> Option<Identity> {
     let cert = tls.connection().peer_certificates()?.first()?;
-    Identity::from_cert_der(cert).ok().filter(|id| id.cluster == cluster)
+    Identity::from_cert_der(cert)
+        .ok()
+        .filter(|id| id.cluster == cluster)
 }
 
 impl Worker {
@@ -278,7 +314,12 @@ impl Worker {
             self.pass_to_auth(tcp, remote).await;
             return;
         }
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsStream::accept(tcp, Arc::clone(&self.shared.config.tls))).await {
+        let tls = match tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            TlsStream::accept(tcp, Arc::clone(&self.shared.config.tls)),
+        )
+        .await
+        {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 tracing::info!(%remote, error = %e, "proxy: TLS handshake failed; connection closed");
@@ -293,14 +334,18 @@ impl Worker {
         let negotiated = tls.connection().alpn_protocol().map(<[u8]>::to_vec);
         let identity = peer_identity(&tls, &self.shared.config.cluster);
         match (negotiated.as_deref(), identity) {
-            (Some(ALPN_TUNNEL), Some(id)) if id.kind == IdentityKind::Node && !id.roles.iter().any(|r| r == "@proxy") => {
+            (Some(ALPN_TUNNEL), Some(id))
+                if id.kind == IdentityKind::Node && !id.roles.iter().any(|r| r == "@proxy") =>
+            {
                 self.serve_tunnel(tls, remote, id).await
             }
             (Some(a @ (ALPN_SSH | ALPN_TCP)), Some(id)) if id.kind == IdentityKind::User => {
                 self.serve_session(tls, remote, id, a == ALPN_SSH).await
             }
             (alpn, id) => {
-                let who = id.map(|i| format!("{:?} `{}`", i.kind, i.name)).unwrap_or_else(|| "no client certificate".into());
+                let who = id
+                    .map(|i| format!("{:?} `{}`", i.kind, i.name))
+                    .unwrap_or_else(|| "no client certificate".into());
                 tracing::info!(%remote, alpn = %alpn_name(alpn), who = %who, "proxy: connection refused: wrong identity for this protocol");
                 metrics.refuse(&alpn_name(alpn), "identity");
             }
@@ -323,7 +368,12 @@ impl Worker {
     async fn serve_tunnel(&self, tls: TlsStream, remote: SocketAddr, id: Identity) {
         let shared = &self.shared;
         let tunnel_id = shared.next_tunnel.fetch_add(1, Ordering::Relaxed);
-        let host_name = id.traits.get("host_name").and_then(|v| v.first()).cloned().unwrap_or_default();
+        let host_name = id
+            .traits
+            .get("host_name")
+            .and_then(|v| v.first())
+            .cloned()
+            .unwrap_or_default();
         let (tunnel, mut events) = Tunnel::new(Side::Listener, shared.config.tunnel.clone());
         self.tunnels.borrow_mut().insert(tunnel_id, tunnel.clone());
         let entry = TunnelEntry {
@@ -342,24 +392,43 @@ impl Worker {
             tokio::task::spawn_local(async move {
                 while let Some(ev) = events.recv().await {
                     match ev {
-                        TunnelEvent::Heartbeat(bytes) => match serde_json::from_slice::<Inventory>(&bytes) {
-                            Ok(mut inv) => {
-                                // The certificate says who the agent is, not the heartbeat.
-                                inv.host_id = host_id.clone();
-                                let apps: Vec<String> = inv.services.iter().filter_map(|s| s.strip_prefix("tcp:").map(str::to_owned)).collect();
-                                let current = shared.routes.load().get(tunnel_id).cloned();
-                                if let Some(cur) = current
-                                    && (cur.name != inv.name || cur.labels != inv.labels || cur.apps != apps)
-                                {
-                                    let updated = TunnelEntry { name: inv.name.clone(), labels: inv.labels.clone(), apps, ..cur };
-                                    shared.routes.rcu(|t| t.with(updated.clone()));
+                        TunnelEvent::Heartbeat(bytes) => {
+                            match serde_json::from_slice::<Inventory>(&bytes) {
+                                Ok(mut inv) => {
+                                    // The certificate says who the agent is, not the heartbeat.
+                                    inv.host_id = host_id.clone();
+                                    let apps: Vec<String> = inv
+                                        .services
+                                        .iter()
+                                        .filter_map(|s| s.strip_prefix("tcp:").map(str::to_owned))
+                                        .collect();
+                                    let current = shared.routes.load().get(tunnel_id).cloned();
+                                    if let Some(cur) = current
+                                        && (cur.name != inv.name
+                                            || cur.labels != inv.labels
+                                            || cur.apps != apps)
+                                    {
+                                        let updated = TunnelEntry {
+                                            name: inv.name.clone(),
+                                            labels: inv.labels.clone(),
+                                            apps,
+                                            ..cur
+                                        };
+                                        shared.routes.rcu(|t| t.with(updated.clone()));
+                                    }
+                                    let _ = shared.inventory.send(inv);
                                 }
-                                let _ = shared.inventory.send(inv);
+                                Err(e) => {
+                                    tracing::warn!(host_id = %host_id, error = %e, "proxy: malformed heartbeat ignored")
+                                }
                             }
-                            Err(e) => tracing::warn!(host_id = %host_id, error = %e, "proxy: malformed heartbeat ignored"),
-                        },
+                        }
                         TunnelEvent::Incoming { stream, .. } => {
-                            tunnel.reject(stream, code::REFUSED, "the proxy accepts no streams from agents");
+                            tunnel.reject(
+                                stream,
+                                code::REFUSED,
+                                "the proxy accepts no streams from agents",
+                            );
                         }
                         TunnelEvent::GoAway { message, .. } => {
                             tracing::info!(host_id = %host_id, %message, "proxy: agent is draining its tunnel");
@@ -378,7 +447,11 @@ impl Worker {
 
     async fn serve_session(&self, mut tls: TlsStream, remote: SocketAddr, id: Identity, ssh: bool) {
         let shared = &self.shared;
-        let alpn = if ssh { "gatehouse-ssh" } else { "gatehouse-tcp" };
+        let alpn = if ssh {
+            "gatehouse-ssh"
+        } else {
+            "gatehouse-tcp"
+        };
         let mut buf = BytesMut::with_capacity(1024);
         let request = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
             loop {
@@ -409,9 +482,13 @@ impl Worker {
         };
         let routes = shared.routes.load();
         let resolved = if ssh {
-            routes.resolve_node(&request.target).map(|e| (e.clone(), "ssh".to_string()))
+            routes
+                .resolve_node(&request.target)
+                .map(|e| (e.clone(), "ssh".to_string()))
         } else {
-            routes.resolve_app(&request.target).map(|(e, app)| (e.clone(), format!("tcp:{app}")))
+            routes
+                .resolve_app(&request.target)
+                .map(|(e, app)| (e.clone(), format!("tcp:{app}")))
         };
         let (entry, stream_target) = match resolved {
             Ok(r) => r,
@@ -424,10 +501,18 @@ impl Worker {
                     _ => vec![],
                 };
                 shared.metrics.dial_failure(match e {
-                    RouteError::Ambiguous { .. } | RouteError::AmbiguousApp { .. } => "ambiguous_target",
+                    RouteError::Ambiguous { .. } | RouteError::AmbiguousApp { .. } => {
+                        "ambiguous_target"
+                    }
                     _ => "unknown_target",
                 });
-                let resp = SessionResponse { ok: false, error: e.to_string(), candidates, node: String::new(), host_id: String::new() };
+                let resp = SessionResponse {
+                    ok: false,
+                    error: e.to_string(),
+                    candidates,
+                    node: String::new(),
+                    host_id: String::new(),
+                };
                 let _ = tls.write_all(&session_proto::encode(&resp)).await;
                 let _ = tls.shutdown().await;
                 return;
@@ -464,18 +549,29 @@ impl Worker {
         match shared.handovers.get(entry.core) {
             Some(tx) => {
                 shared.metrics.handovers.inc();
-                if tx.send(Handover { parts, session: plan }).is_err() {
+                if tx
+                    .send(Handover {
+                        parts,
+                        session: plan,
+                    })
+                    .is_err()
+                {
                     tracing::warn!(%remote, core = entry.core, "proxy: owner core is gone");
                 }
             }
-            None => tracing::error!(core = entry.core, "proxy: route names a core that does not exist"),
+            None => tracing::error!(
+                core = entry.core,
+                "proxy: route names a core that does not exist"
+            ),
         }
     }
 
     async fn serve_handover(&self, h: Handover) {
         match TlsStream::from_parts(h.parts) {
             Ok((tls, leftover)) => self.run_session(tls, leftover, h.session).await,
-            Err(e) => tracing::warn!(remote = %h.session.remote, error = %e, "proxy: cannot resume a handed-over session"),
+            Err(e) => {
+                tracing::warn!(remote = %h.session.remote, error = %e, "proxy: cannot resume a handed-over session")
+            }
         }
     }
 
@@ -495,13 +591,25 @@ impl Worker {
                     _ => "tunnel_closed",
                 });
                 tracing::info!(remote = %plan.remote, user = %plan.user, node = %plan.node, error = %e, "proxy: session could not be opened");
-                let resp = SessionResponse { ok: false, error: e.to_string(), candidates: vec![], node: plan.node, host_id: plan.host_id };
+                let resp = SessionResponse {
+                    ok: false,
+                    error: e.to_string(),
+                    candidates: vec![],
+                    node: plan.node,
+                    host_id: plan.host_id,
+                };
                 let _ = tls.write_all(&session_proto::encode(&resp)).await;
                 let _ = tls.shutdown().await;
                 return;
             }
         };
-        let resp = SessionResponse { ok: true, error: String::new(), candidates: vec![], node: plan.node.clone(), host_id: plan.host_id.clone() };
+        let resp = SessionResponse {
+            ok: true,
+            error: String::new(),
+            candidates: vec![],
+            node: plan.node.clone(),
+            host_id: plan.host_id.clone(),
+        };
         if tls.write_all(&session_proto::encode(&resp)).await.is_err() {
             return;
         }
@@ -509,8 +617,20 @@ impl Worker {
         shared.metrics.streams.inc();
         let stats = stream.splice(tls, leftover).await;
         shared.metrics.streams.dec();
-        shared.metrics.bytes.get_or_create(&metrics::DirectionLabel { direction: "to_agent" }).inc_by(stats.to_tunnel);
-        shared.metrics.bytes.get_or_create(&metrics::DirectionLabel { direction: "to_user" }).inc_by(stats.from_tunnel);
+        shared
+            .metrics
+            .bytes
+            .get_or_create(&metrics::DirectionLabel {
+                direction: "to_agent",
+            })
+            .inc_by(stats.to_tunnel);
+        shared
+            .metrics
+            .bytes
+            .get_or_create(&metrics::DirectionLabel {
+                direction: "to_user",
+            })
+            .inc_by(stats.from_tunnel);
         tracing::debug!(remote = %plan.remote, user = %plan.user, node = %plan.node, to_agent = stats.to_tunnel, to_user = stats.from_tunnel, "proxy: session ended");
     }
 }

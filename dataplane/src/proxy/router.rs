@@ -37,19 +37,37 @@ pub struct Inventory {
 #[non_exhaustive]
 pub enum RouteError {
     #[error("no node matches `{target}`{}", candidates_hint(.candidates))]
-    Unknown { target: String, candidates: Vec<String> },
+    Unknown {
+        target: String,
+        candidates: Vec<String>,
+    },
     #[error("`{target}` matches {} nodes: {}; use a host id or more labels", .candidates.len(), .candidates.join(", "))]
-    Ambiguous { target: String, candidates: Vec<String> },
+    Ambiguous {
+        target: String,
+        candidates: Vec<String>,
+    },
     #[error("no app named `{app}`{}", candidates_hint(.candidates))]
-    UnknownApp { app: String, candidates: Vec<String> },
+    UnknownApp {
+        app: String,
+        candidates: Vec<String>,
+    },
     #[error("app `{app}` is served by {} nodes: {}; pick one with APP@NODE", .candidates.len(), .candidates.join(", "))]
-    AmbiguousApp { app: String, candidates: Vec<String> },
-    #[error("invalid target `{0}`: expected a node name, a host id, or labels like env=prod,team=db")]
+    AmbiguousApp {
+        app: String,
+        candidates: Vec<String>,
+    },
+    #[error(
+        "invalid target `{0}`: expected a node name, a host id, or labels like env=prod,team=db"
+    )]
     Invalid(String),
 }
 
 fn candidates_hint(c: &[String]) -> String {
-    if c.is_empty() { "; no nodes are connected".to_string() } else { format!("; connected nodes: {}", c.join(", ")) }
+    if c.is_empty() {
+        "; no nodes are connected".to_string()
+    } else {
+        format!("; connected nodes: {}", c.join(", "))
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -58,7 +76,11 @@ pub struct RouteTable {
 }
 
 fn label(e: &TunnelEntry) -> String {
-    if e.name.is_empty() { e.host_id.clone() } else { format!("{} ({})", e.name, e.host_id) }
+    if e.name.is_empty() {
+        e.host_id.clone()
+    } else {
+        format!("{} ({})", e.name, e.host_id)
+    }
 }
 
 impl RouteTable {
@@ -85,7 +107,14 @@ impl RouteTable {
     }
 
     pub fn without(&self, tunnel_id: u64) -> Self {
-        Self { entries: self.entries.iter().filter(|e| e.tunnel_id != tunnel_id).cloned().collect() }
+        Self {
+            entries: self
+                .entries
+                .iter()
+                .filter(|e| e.tunnel_id != tunnel_id)
+                .cloned()
+                .collect(),
+        }
     }
 
     pub fn get(&self, tunnel_id: u64) -> Option<&TunnelEntry> {
@@ -96,7 +125,13 @@ impl RouteTable {
     fn live(&self) -> Vec<&TunnelEntry> {
         let mut best: BTreeMap<&str, &TunnelEntry> = BTreeMap::new();
         for e in &self.entries {
-            best.entry(e.host_id.as_str()).and_modify(|b| if e.tunnel_id > b.tunnel_id { *b = e }).or_insert(e);
+            best.entry(e.host_id.as_str())
+                .and_modify(|b| {
+                    if e.tunnel_id > b.tunnel_id {
+                        *b = e
+                    }
+                })
+                .or_insert(e);
         }
         best.into_values().collect()
     }
@@ -117,13 +152,21 @@ impl RouteTable {
         let matches: Vec<&TunnelEntry> = if target.contains('=') {
             let mut selector = Vec::new();
             for pair in target.split(',') {
-                let (k, v) = pair.split_once('=').ok_or_else(|| RouteError::Invalid(target.to_owned()))?;
+                let (k, v) = pair
+                    .split_once('=')
+                    .ok_or_else(|| RouteError::Invalid(target.to_owned()))?;
                 if k.trim().is_empty() {
                     return Err(RouteError::Invalid(target.to_owned()));
                 }
                 selector.push((k.trim(), v.trim()));
             }
-            live.into_iter().filter(|e| selector.iter().all(|(k, v)| e.labels.get(*k).map(String::as_str) == Some(*v))).collect()
+            live.into_iter()
+                .filter(|e| {
+                    selector
+                        .iter()
+                        .all(|(k, v)| e.labels.get(*k).map(String::as_str) == Some(*v))
+                })
+                .collect()
         } else {
             match live.iter().find(|e| e.host_id == target) {
                 Some(e) => vec![*e],
@@ -132,8 +175,14 @@ impl RouteTable {
         };
         match matches.as_slice() {
             [one] => Ok(one),
-            [] => Err(RouteError::Unknown { target: target.to_owned(), candidates: self.all_names() }),
-            many => Err(RouteError::Ambiguous { target: target.to_owned(), candidates: many.iter().map(|e| label(e)).collect() }),
+            [] => Err(RouteError::Unknown {
+                target: target.to_owned(),
+                candidates: self.all_names(),
+            }),
+            many => Err(RouteError::Ambiguous {
+                target: target.to_owned(),
+                candidates: many.iter().map(|e| label(e)).collect(),
+            }),
         }
     }
 
@@ -153,11 +202,21 @@ impl RouteTable {
         match serving.as_slice() {
             [one] => Ok((one, name.to_owned())),
             [] => {
-                let mut all: Vec<String> = self.live().iter().flat_map(|e| e.apps.iter().map(move |a| format!("{a}@{}", e.name))).collect();
+                let mut all: Vec<String> = self
+                    .live()
+                    .iter()
+                    .flat_map(|e| e.apps.iter().map(move |a| format!("{a}@{}", e.name)))
+                    .collect();
                 all.sort();
-                Err(RouteError::UnknownApp { app: app.to_owned(), candidates: all })
+                Err(RouteError::UnknownApp {
+                    app: app.to_owned(),
+                    candidates: all,
+                })
             }
-            many => Err(RouteError::AmbiguousApp { app: app.to_owned(), candidates: many.iter().map(|e| label(e)).collect() }),
+            many => Err(RouteError::AmbiguousApp {
+                app: app.to_owned(),
+                candidates: many.iter().map(|e| label(e)).collect(),
+            }),
         }
     }
 }
@@ -166,22 +225,49 @@ impl RouteTable {
 mod tests {
     use super::*;
 
-    fn entry(id: u64, host: &str, name: &str, labels: &[(&str, &str)], apps: &[&str]) -> TunnelEntry {
+    fn entry(
+        id: u64,
+        host: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        apps: &[&str],
+    ) -> TunnelEntry {
         TunnelEntry {
             tunnel_id: id,
             core: 0,
             host_id: host.into(),
             name: name.into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             apps: apps.iter().map(|s| s.to_string()).collect(),
         }
     }
 
     fn table() -> RouteTable {
         RouteTable::default()
-            .with(entry(1, "h-1", "web1", &[("env", "prod"), ("role", "web")], &["api"]))
-            .with(entry(2, "h-2", "web2", &[("env", "prod"), ("role", "web")], &["api", "admin"]))
-            .with(entry(3, "h-3", "db1", &[("env", "prod"), ("role", "db")], &[]))
+            .with(entry(
+                1,
+                "h-1",
+                "web1",
+                &[("env", "prod"), ("role", "web")],
+                &["api"],
+            ))
+            .with(entry(
+                2,
+                "h-2",
+                "web2",
+                &[("env", "prod"), ("role", "web")],
+                &["api", "admin"],
+            ))
+            .with(entry(
+                3,
+                "h-3",
+                "db1",
+                &[("env", "prod"), ("role", "db")],
+                &[],
+            ))
             .with(entry(4, "h-4", "dup", &[], &[]))
             .with(entry(5, "h-5", "dup", &[], &[]))
     }
@@ -199,13 +285,28 @@ mod tests {
     fn ambiguous_and_unknown_name_the_candidates() {
         let t = table();
         let err = t.resolve_node("role=web").unwrap_err();
-        assert!(matches!(&err, RouteError::Ambiguous { candidates, .. } if candidates.len() == 2), "{err}");
-        assert!(err.to_string().contains("web1 (h-1)") && err.to_string().contains("web2 (h-2)"), "{err}");
+        assert!(
+            matches!(&err, RouteError::Ambiguous { candidates, .. } if candidates.len() == 2),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("web1 (h-1)") && err.to_string().contains("web2 (h-2)"),
+            "{err}"
+        );
         let err = t.resolve_node("dup").unwrap_err();
         assert!(matches!(err, RouteError::Ambiguous { .. }));
         let err = t.resolve_node("web9").unwrap_err();
-        assert!(err.to_string().contains("connected nodes: db1 (h-3)"), "{err}");
-        assert!(RouteTable::default().resolve_node("x").unwrap_err().to_string().contains("no nodes are connected"));
+        assert!(
+            err.to_string().contains("connected nodes: db1 (h-3)"),
+            "{err}"
+        );
+        assert!(
+            RouteTable::default()
+                .resolve_node("x")
+                .unwrap_err()
+                .to_string()
+                .contains("no nodes are connected")
+        );
         assert!(matches!(t.resolve_node("=x"), Err(RouteError::Invalid(_))));
     }
 
@@ -221,7 +322,10 @@ mod tests {
     fn apps() {
         let t = table();
         assert_eq!(t.resolve_app("admin").unwrap().0.name, "web2");
-        assert!(matches!(t.resolve_app("api"), Err(RouteError::AmbiguousApp { .. })));
+        assert!(matches!(
+            t.resolve_app("api"),
+            Err(RouteError::AmbiguousApp { .. })
+        ));
         assert_eq!(t.resolve_app("api@web1").unwrap().0.name, "web1");
         let err = t.resolve_app("nope").unwrap_err();
         assert!(err.to_string().contains("admin@web2"), "{err}");
