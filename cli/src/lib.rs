@@ -68,6 +68,9 @@ pub fn profile_dir() -> anyhow::Result<PathBuf> {
 /// What `gsh login` remembers (`profile.toml`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Profile {
+    /// The Proxy, when logged in through one (Auth is then reached through it too).
+    #[serde(default)]
+    pub proxy_addr: Option<String>,
     pub auth_addr: String,
     pub cluster: String,
     pub user: String,
@@ -113,6 +116,8 @@ pub fn identity_endpoint(dir: &Path, addr: &str) -> anyhow::Result<AuthEndpoint>
 pub struct RunAddresses {
     pub auth: Option<String>,
     pub diag: Option<String>,
+    #[serde(default)]
+    pub proxy: Option<String>,
 }
 
 impl RunAddresses {
@@ -173,3 +178,5 @@ pub fn read_stdin_line() -> anyhow::Result<String> {
         .context("reading stdin")?;
     Ok(line.trim_end_matches(['\n', '\r']).to_owned())
 }
+pub mod access;
+pub mod roles;

@@ -97,6 +97,13 @@ pub struct PreparedAuth {
     tls: Arc<rustls::ServerConfig>,
 }
 
+impl PreparedAuth {
+    /// The service, for roles that run in the same process (they issue their own certificates).
+    pub fn service(&self) -> &AuthService {
+        &self.service
+    }
+}
+
 impl std::fmt::Debug for PreparedAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PreparedAuth")

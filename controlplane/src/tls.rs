@@ -62,6 +62,23 @@ pub fn server_config(
     cert_chain_pem: &str,
     key_pem: &str,
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    // gRPC runs over h2 either way; `gatehouse-auth` is what clients offer so that a Proxy can
+    // recognise and pass the connection through.
+    server_config_with_alpn(
+        ca_pem,
+        cert_chain_pem,
+        key_pem,
+        &[crate::identity::ALPN_AUTH, b"h2"],
+    )
+}
+
+/// Server config with the given ALPN protocols (the Proxy's public port uses its own).
+pub fn server_config_with_alpn(
+    ca_pem: &str,
+    cert_chain_pem: &str,
+    key_pem: &str,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_pem)?, provider.clone())
         .allow_unauthenticated()
@@ -71,9 +88,7 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs_from_pem(cert_chain_pem)?, key_from_pem(key_pem)?)?;
-    // gRPC runs over h2 either way; `gatehouse-auth` is what clients offer so that a Proxy can
-    // recognise and pass the connection through.
-    config.alpn_protocols = vec![crate::identity::ALPN_AUTH.to_vec(), b"h2".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     Ok(Arc::new(config))
 }
 

@@ -46,9 +46,36 @@ struct StartArgs {
     /// Diagnostics (/healthz, /readyz, /metrics) listen address. Default: 127.0.0.1:3434
     #[arg(long)]
     diag_addr: Option<SocketAddr>,
-    /// Roles to run, comma-separated. This version runs: auth.
+    /// Roles to run, comma-separated: auth, proxy, agent. Default: all three.
     #[arg(long, value_delimiter = ',')]
     roles: Option<Vec<String>>,
+    /// Proxy listen address (the public port). Default: 127.0.0.1:3080
+    #[arg(long)]
+    proxy_addr: Option<SocketAddr>,
+    /// Proxy worker threads (0 = one per core).
+    #[arg(long)]
+    proxy_workers: Option<usize>,
+    /// For a proxy without a local Auth: the Auth API address.
+    #[arg(long)]
+    auth: Option<String>,
+    /// For an agent without a local proxy: the proxy to dial.
+    #[arg(long)]
+    proxy: Option<String>,
+    /// Join token (a `proxy` token for a proxy, a `node` token for an agent).
+    #[arg(long, env = "GATEHOUSE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The cluster CA pin (sha256:…), needed to join.
+    #[arg(long)]
+    ca_pin: Option<String>,
+    /// Agent: the node's name. Default: this host's name.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Agent: labels, e.g. env=dev,team=core.
+    #[arg(long, value_delimiter = ',')]
+    labels: Option<Vec<String>>,
+    /// Agent: a TCP app, NAME=HOST:PORT (repeatable).
+    #[arg(long = "app")]
+    apps: Vec<String>,
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
@@ -64,8 +91,53 @@ struct FileConfig {
     cluster_name: Option<String>,
     roles: Option<Vec<String>>,
     auth: AuthConfig,
+    proxy: ProxySection,
+    agent: AgentSection,
+    join: JoinSection,
     diag: DiagConfig,
     log: LogConfig,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ProxySection {
+    listen: SocketAddr,
+    workers: usize,
+    /// Auth API address when Auth does not run in this process.
+    auth_addr: Option<String>,
+    /// Extra names/IPs for the proxy certificate.
+    public_addrs: Vec<String>,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 3080)),
+            workers: 0,
+            auth_addr: None,
+            public_addrs: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct AgentSection {
+    /// The proxy to dial; default: the proxy in this process.
+    proxy: Option<String>,
+    node_name: Option<String>,
+    labels: std::collections::BTreeMap<String, String>,
+    /// App name → host:port.
+    apps: std::collections::BTreeMap<String, String>,
+    /// Serve SSH (default true).
+    ssh: Option<bool>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct JoinSection {
+    token: Option<String>,
+    ca_pin: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -138,6 +210,31 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+fn parse_kv(
+    items: &[String],
+    what: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for item in items.iter().filter(|i| !i.is_empty()) {
+        let (k, v) = item
+            .split_once('=')
+            .with_context(|| format!("{what} `{item}`: expected KEY=VALUE"))?;
+        if k.is_empty() {
+            anyhow::bail!("{what} `{item}`: empty key");
+        }
+        out.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(out)
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| gatehouse_controlplane::resources::validate_name(s).is_ok())
+        .unwrap_or_else(|| "node".into())
+}
+
 async fn start(args: StartArgs) -> anyhow::Result<()> {
     let mut config = match &args.config {
         Some(path) => {
@@ -163,6 +260,31 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     if let Some(v) = args.roles {
         config.roles = Some(v);
     }
+    if let Some(v) = args.proxy_addr {
+        config.proxy.listen = v;
+    }
+    if let Some(v) = args.proxy_workers {
+        config.proxy.workers = v;
+    }
+    if let Some(v) = args.auth {
+        config.proxy.auth_addr = Some(v);
+    }
+    if let Some(v) = args.proxy {
+        config.agent.proxy = Some(v);
+    }
+    if let Some(v) = args.token {
+        config.join.token = Some(v);
+    }
+    if let Some(v) = args.ca_pin {
+        config.join.ca_pin = Some(v);
+    }
+    if let Some(v) = args.node_name {
+        config.agent.node_name = Some(v);
+    }
+    if let Some(v) = args.labels {
+        config.agent.labels.extend(parse_kv(&v, "label")?);
+    }
+    config.agent.apps.extend(parse_kv(&args.apps, "app")?);
     if let Some(v) = args.log_format {
         config.log.format = v;
     }
@@ -176,26 +298,126 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         );
     }
     init_logging(&config.log.format, &config.log.level);
-    let roles = config.roles.clone().unwrap_or_else(|| vec!["auth".into()]);
+    let roles = config
+        .roles
+        .clone()
+        .unwrap_or_else(|| vec!["auth".into(), "proxy".into(), "agent".into()]);
     for r in &roles {
-        if r != "auth" {
-            anyhow::bail!("role `{r}` is not available in this version; available: auth");
+        if !matches!(r.as_str(), "auth" | "proxy" | "agent") {
+            anyhow::bail!(
+                "role `{r}` is not available in this version; available: auth, proxy, agent"
+            );
         }
+    }
+    let has = |r: &str| roles.iter().any(|x| x == r);
+    if has("proxy") && !has("auth") && config.proxy.auth_addr.is_none() {
+        anyhow::bail!(
+            "a proxy without a local Auth needs --auth ADDR (and --token, --ca-pin to join)"
+        );
+    }
+    if has("agent") && !has("proxy") && config.agent.proxy.is_none() {
+        anyhow::bail!(
+            "an agent without a local proxy needs --proxy ADDR (and --token, --ca-pin to join)"
+        );
     }
     let data_dir = config
         .data_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("gatehouse-data"));
+    gatehouse_controlplane::daemon::create_private_dir(&data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    let node_name = config.agent.node_name.clone().unwrap_or_else(host_name);
+    let join = gatehouse_cli::roles::JoinParams {
+        token: config.join.token.clone(),
+        ca_pin: config.join.ca_pin.clone(),
+    };
 
     let mut registry = diag::Registry::default();
-    let prepared = daemon::prepare(
-        &data_dir,
-        config.cluster_name.as_deref(),
-        &config.auth,
-        &mut registry,
-    )
-    .await?;
-    let info = prepared.info.clone();
+    let prepared = if has("auth") {
+        Some(
+            daemon::prepare(
+                &data_dir,
+                config.cluster_name.as_deref(),
+                &config.auth,
+                &mut registry,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let local_auth = prepared.as_ref().map(|p| p.service().clone());
+    let auth_addr = match &prepared {
+        Some(p) => p.info.listen.to_string(),
+        None => config.proxy.auth_addr.clone().unwrap_or_default(),
+    };
+
+    let mut proxy = None;
+    let mut cluster = prepared
+        .as_ref()
+        .map(|p| p.info.cluster.clone())
+        .unwrap_or_default();
+    if has("proxy") {
+        let mut sans = config.proxy.public_addrs.clone();
+        if !config.proxy.listen.ip().is_unspecified() {
+            sans.push(config.proxy.listen.ip().to_string());
+        }
+        let (cert, key, ca, name) = gatehouse_cli::roles::proxy_identity(
+            &data_dir,
+            local_auth.as_ref(),
+            &auth_addr,
+            &join,
+            &node_name,
+            &sans,
+        )
+        .await?;
+        cluster = name;
+        let metrics = Arc::new(gatehouse_agent::dataplane::proxy::ProxyMetrics::default());
+        metrics.register(&mut registry);
+        proxy = Some(gatehouse_cli::roles::start_proxy(
+            config.proxy.listen,
+            config.proxy.workers,
+            &auth_addr,
+            &cert,
+            &key,
+            &ca,
+            &cluster,
+            metrics,
+        )?);
+    }
+    let proxy_addr = proxy
+        .as_ref()
+        .map(|p| p.addr.to_string())
+        .or_else(|| config.agent.proxy.clone())
+        .unwrap_or_default();
+
+    let mut agent = None;
+    if has("agent") {
+        let addresses = vec![];
+        let identity = gatehouse_cli::roles::agent_identity(
+            &data_dir,
+            local_auth.as_ref(),
+            &proxy_addr,
+            &join,
+            &node_name,
+            &addresses,
+        )
+        .await?;
+        if cluster.is_empty() {
+            cluster = identity.cluster.clone();
+        }
+        let opts = gatehouse_agent::agent::AgentOptions {
+            data_dir: data_dir.join("agent"),
+            proxy_addr: proxy_addr.clone(),
+            node_name: identity.host_name.clone(),
+            labels: config.agent.labels.clone(),
+            apps: config.agent.apps.clone(),
+            addresses,
+            ssh: config.agent.ssh.unwrap_or(true),
+        };
+        agent = Some(gatehouse_agent::agent::start(opts, identity).await?);
+    }
+
     let ready = Readiness::default();
     let (diag_addr, diag_server) =
         diag::bind(config.diag.listen, Arc::new(registry), ready.clone())
@@ -204,8 +426,9 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     let diag_task = tokio::spawn(diag_server);
 
     let run = RunAddresses {
-        auth: Some(info.listen.to_string()),
+        auth: prepared.as_ref().map(|p| p.info.listen.to_string()),
         diag: Some(diag_addr.to_string()),
+        proxy: proxy.as_ref().map(|p| p.addr.to_string()),
     };
     daemon::create_private_dir(&data_dir.join("run"))?;
     daemon::write_private(
@@ -213,31 +436,72 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         serde_json::to_string_pretty(&run)?.as_bytes(),
     )?;
 
-    tracing::info!(cluster = %info.cluster, auth = %info.listen, diag = %diag_addr, "gatehouse started");
-    let exe_dir_hint = if data_dir.as_os_str() == "gatehouse-data" {
+    tracing::info!(cluster = %cluster, roles = ?roles, auth = ?run.auth, proxy = ?run.proxy, diag = %diag_addr, "gatehouse started");
+    let hint = if data_dir.as_os_str() == "gatehouse-data" {
         String::new()
     } else {
         format!(" --data-dir {}", data_dir.display())
     };
-    println!(
-        "Gatehouse cluster \"{cluster}\" is running{first}.\n\
-         \n  Auth API:     {auth}\n  CA pin:       {pin}\n  Diagnostics:  http://{diag}/metrics\n  Data dir:     {dir}\n\
-         \nNext, in another terminal:\n  gctl{hint} users add alice --roles access,editor --logins alice,root\n  gsh login --auth {auth} --user alice --ca-pin {pin}\n",
-        cluster = info.cluster,
-        first = if info.first_start {
-            " (new cluster: CAs created)"
-        } else {
-            ""
-        },
-        auth = info.listen,
-        pin = info.ca_pin,
-        diag = diag_addr,
-        dir = data_dir.display(),
-        hint = exe_dir_hint,
+    let me = std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "root".into());
+    let mut banner = format!(
+        "Gatehouse cluster \"{cluster}\" is running (roles: {}).\n\n",
+        roles.join(", ")
     );
+    if let Some(p) = &prepared {
+        if p.info.first_start {
+            banner = format!(
+                "Gatehouse cluster \"{cluster}\" is running (roles: {}) (new cluster: CAs created).\n\n",
+                roles.join(", ")
+            );
+        }
+        banner.push_str(&format!(
+            "  Auth API:     {}\n  CA pin:       {}\n",
+            p.info.listen, p.info.ca_pin
+        ));
+    }
+    if let Some(p) = &proxy {
+        banner.push_str(&format!("  Proxy:        {}\n", p.addr));
+    }
+    if agent.is_some() {
+        banner.push_str(&format!(
+            "  Agent:        node \"{node_name}\" via {proxy_addr}\n"
+        ));
+    }
+    banner.push_str(&format!(
+        "  Diagnostics:  http://{diag_addr}/metrics\n  Data dir:     {}\n",
+        data_dir.display()
+    ));
+    if let (Some(p), Some(px)) = (&prepared, &proxy) {
+        banner.push_str(&format!(
+            "\nNext, in another terminal:\n  gctl{hint} users add alice --roles access,editor --logins {me}\n  gsh login --proxy {} --user alice --ca-pin {}\n",
+            px.addr, p.info.ca_pin
+        ));
+        if agent.is_some() {
+            banner.push_str(&format!("  gsh ssh {me}@{node_name} echo hello\n"));
+        }
+    } else if let Some(p) = &prepared {
+        banner.push_str(&format!(
+            "\nNext, in another terminal:\n  gctl{hint} users add alice --roles access,editor --logins {me}\n  gsh login --auth {} --user alice --ca-pin {}\n",
+            p.info.listen, p.info.ca_pin
+        ));
+    }
+    println!("{banner}");
     ready.set(true);
-    let result = daemon::serve(prepared, shutdown_signal()).await;
+    let result = match prepared {
+        Some(p) => daemon::serve(p, shutdown_signal()).await,
+        None => {
+            shutdown_signal().await;
+            Ok(())
+        }
+    };
     ready.set(false);
+    if let Some(p) = proxy {
+        p.proxy.shutdown();
+    }
+    drop(agent);
     diag_task.abort();
     tracing::info!("gatehouse stopped");
     result

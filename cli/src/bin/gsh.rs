@@ -30,7 +30,10 @@ struct Cli {
 enum Command {
     /// Log in and get short-lived SSH and X.509 certificates.
     Login {
-        /// Auth API address (host:port).
+        /// The cluster's Proxy (host:port): Auth is reached through it, and so are the nodes.
+        #[arg(long, env = "GATEHOUSE_PROXY", conflicts_with = "auth")]
+        proxy: Option<String>,
+        /// Auth API address (host:port), when logging in without a Proxy.
         #[arg(long, env = "GATEHOUSE_AUTH")]
         auth: Option<String>,
         /// User name. Default: the profile's, else $USER.
@@ -55,6 +58,43 @@ enum Command {
         #[arg(long)]
         stdin: bool,
     },
+    /// List the nodes you can see, optionally filtered by labels (k=v ...).
+    Ls {
+        labels: Vec<String>,
+        /// text or json.
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
+    /// SSH to a node through the Proxy: `gsh ssh [login@]node [command...]`. Uses the OpenSSH
+    /// client with your Gatehouse certificate; the remote exit code becomes gsh's.
+    Ssh {
+        /// [login@]node (a node name, host id, or labels like env=prod).
+        target: String,
+        /// Command to run; an interactive shell when empty.
+        command: Vec<String>,
+        /// Force a terminal even for a command (ssh -t).
+        #[arg(short = 't')]
+        tty: bool,
+    },
+    /// Proxy helpers.
+    #[command(subcommand)]
+    Proxy(ProxyCmd),
+    /// Print an OpenSSH config block so that plain `ssh node.CLUSTER` goes through the Proxy.
+    Config,
+}
+
+#[derive(Subcommand, Debug)]
+enum ProxyCmd {
+    /// Bridge stdin/stdout to a node's SSH service (for OpenSSH's ProxyCommand `gsh proxy ssh %r@%h:%p`).
+    Ssh { spec: String },
+    /// Listen locally and forward each connection to a TCP app behind the Proxy.
+    Tcp {
+        /// APP or APP@NODE.
+        app: String,
+        /// Local address to listen on.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
 }
 
 fn main() {
@@ -75,20 +115,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let dir = profile_dir()?;
     match cli.command {
         Command::Login {
+            proxy,
             auth,
             user,
             password_stdin,
             ca_pin,
             ttl,
-        } => login(&dir, auth, user, password_stdin, ca_pin, ttl).await,
+        } => login(&dir, proxy, auth, user, password_stdin, ca_pin, ttl).await,
+        Command::Ls { labels, format } => gatehouse_cli::access::ls(&dir, &labels, &format).await,
+        Command::Ssh {
+            target,
+            command,
+            tty,
+        } => {
+            let code = gatehouse_cli::access::ssh(&dir, &target, &command, tty).await?;
+            std::process::exit(code);
+        }
+        Command::Proxy(ProxyCmd::Ssh { spec }) => {
+            gatehouse_cli::access::proxy_ssh(&dir, &spec).await
+        }
+        Command::Proxy(ProxyCmd::Tcp { app, listen }) => {
+            gatehouse_cli::access::proxy_tcp(&dir, &app, &listen).await
+        }
+        Command::Config => gatehouse_cli::access::config(&dir).await,
         Command::Status => status(&dir),
         Command::Logout => logout(&dir),
         Command::Passwd { stdin } => passwd(&dir, stdin).await,
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn login(
     dir: &Path,
+    proxy: Option<String>,
     auth: Option<String>,
     user: Option<String>,
     password_stdin: bool,
@@ -96,9 +155,17 @@ async fn login(
     ttl: Option<humantime::Duration>,
 ) -> anyhow::Result<()> {
     let previous = Profile::load(dir).ok();
-    let auth = auth
+    let proxy_addr = proxy.clone().or_else(|| {
+        if auth.is_none() {
+            previous.as_ref().and_then(|p| p.proxy_addr.clone())
+        } else {
+            None
+        }
+    });
+    let auth = proxy
+        .or(auth)
         .or_else(|| previous.as_ref().map(|p| p.auth_addr.clone()))
-        .context("pass --auth HOST:PORT (the Auth address printed by `gatehouse start`)")?;
+        .context("pass --proxy HOST:PORT (printed by `gatehouse start`)")?;
     let user = user
         .or_else(|| previous.as_ref().map(|p| p.user.clone()))
         .or_else(|| std::env::var("USER").ok())
@@ -179,6 +246,7 @@ async fn login(
         .collect();
     write_private(&dir.join("known_hosts"), known_hosts.as_bytes())?;
     let profile = Profile {
+        proxy_addr,
         auth_addr: auth,
         cluster: creds.cluster_name.clone(),
         user: user.clone(),

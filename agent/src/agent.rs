@@ -1,0 +1,282 @@
+//! Putting an agent together: its host identity, the audit spool and its sender, the role
+//! source the SSH service authorizes with, and the reverse tunnel.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gatehouse_controlplane::client::{AuthEndpoint, Client};
+use gatehouse_controlplane::proto;
+use gatehouse_controlplane::resources::{Resource, Role};
+
+use crate::host::HostIdentity;
+use crate::runner::{SshService, TunnelClientConfig, TunnelStatus};
+use crate::spool::Spool;
+use crate::ssh::{AuditSink, BoxFuture, ConnMeta, RoleSource, SshNode, SshNodeConfig};
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub data_dir: PathBuf,
+    pub proxy_addr: String,
+    pub node_name: String,
+    pub labels: BTreeMap<String, String>,
+    pub apps: BTreeMap<String, String>,
+    pub addresses: Vec<String>,
+    /// Serve SSH (false: TCP apps only).
+    pub ssh: bool,
+}
+
+#[derive(Debug)]
+pub struct RunningAgent {
+    pub status: Arc<TunnelStatus>,
+    pub spool: Arc<Spool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("spool: {0}")]
+    Spool(#[from] crate::spool::SpoolError),
+    #[error("identity: {0}")]
+    Identity(String),
+    #[error("ssh: {0}")]
+    Ssh(#[from] crate::ssh::SshError),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Start the agent's services on the current (multi-threaded) tokio runtime.
+pub async fn start(opts: AgentOptions, identity: HostIdentity) -> Result<RunningAgent, AgentError> {
+    let identity = Arc::new(identity);
+    let spool = Spool::open(&opts.data_dir.join("spool"))?;
+    let auth = Arc::new(AuthLink::new(identity.auth_endpoint(&opts.proxy_addr)));
+    tokio::spawn(deliver(Arc::clone(&spool), Arc::clone(&auth)));
+
+    let ssh: Option<Arc<dyn SshService>> = if opts.ssh {
+        let cfg = SshNodeConfig {
+            host_key: ssh_key::PrivateKey::from_openssh(&identity.ssh_key)
+                .map_err(|e| AgentError::Identity(e.to_string()))?,
+            host_cert: ssh_key::Certificate::from_openssh(&identity.ssh_cert)
+                .map_err(|e| AgentError::Identity(e.to_string()))?,
+            user_ca_keys: identity
+                .ssh_user_ca
+                .iter()
+                .filter_map(|l| ssh_key::PublicKey::from_openssh(l).ok())
+                .collect(),
+            cluster: identity.cluster.clone(),
+            node_name: opts.node_name.clone(),
+            labels: opts.labels.clone(),
+        };
+        let roles = Arc::new(CachedRoles {
+            auth: Arc::clone(&auth),
+            cache: Mutex::new(HashMap::new()),
+        });
+        let node = SshNode::new(cfg, roles, Arc::new(SpoolSink(Arc::clone(&spool))))?;
+        Some(Arc::new(SshAdapter(Arc::new(node))))
+    } else {
+        None
+    };
+    let config = TunnelClientConfig {
+        proxy_addr: opts.proxy_addr.clone(),
+        node_name: opts.node_name.clone(),
+        labels: opts.labels.clone(),
+        apps: opts.apps.clone(),
+        addresses: opts.addresses.clone(),
+        heartbeat_interval: Duration::from_secs(10),
+        tunnel: Default::default(),
+    };
+    let status = crate::runner::spawn(config, identity, ssh, tokio::runtime::Handle::current())?;
+    Ok(RunningAgent { status, spool })
+}
+
+/// A lazily (re)connected Auth client, reached through the Proxy's pass-through.
+struct AuthLink {
+    endpoint: AuthEndpoint,
+    client: tokio::sync::Mutex<Option<Client>>,
+}
+
+impl AuthLink {
+    fn new(endpoint: AuthEndpoint) -> Self {
+        Self {
+            endpoint,
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn client(&self) -> Result<Client, String> {
+        let mut guard = self.client.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = self
+            .endpoint
+            .connect()
+            .await
+            .map_err(|e| gatehouse_controlplane::client::error_chain(&e))?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn forget(&self) {
+        *self.client.lock().await = None;
+    }
+}
+
+/// Deliver spooled events to Auth in batches; on failure wait and retry (the events stay on disk).
+async fn deliver(spool: Arc<Spool>, auth: Arc<AuthLink>) {
+    let mut failures: u32 = 0;
+    loop {
+        let (batch, next) = match spool.pending() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "spool: cannot read");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            spool.wait(Duration::from_secs(5)).await;
+            continue;
+        }
+        let events: Vec<proto::AuditEvent> = batch
+            .iter()
+            .map(|e| proto::AuditEvent {
+                event_id: e.event_id.clone(),
+                r#type: e.event_type.clone(),
+                time_nanos: e.time_nanos,
+                actor: e.actor.clone(),
+                source_addr: e.source_addr.clone(),
+                data_json: e.data.to_string(),
+                id: 0,
+                cluster: String::new(),
+            })
+            .collect();
+        let sent = match auth.client().await {
+            Ok(mut c) => c
+                .emit_events(proto::EmitEventsRequest { events })
+                .await
+                .map_err(|s| s.to_string()),
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok(_) => {
+                failures = 0;
+                if let Err(e) = spool.delivered(next) {
+                    tracing::error!(error = %e, "spool: cannot record delivery (events may be sent twice; Auth deduplicates)");
+                }
+            }
+            Err(e) => {
+                auth.forget().await;
+                failures = failures.saturating_add(1);
+                let wait = Duration::from_millis(500)
+                    .saturating_mul(1 << failures.min(6))
+                    .min(Duration::from_secs(15));
+                tracing::warn!(error = %e, pending = batch.len(), retry_in = ?wait, "spool: Auth unreachable; events stay on disk");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+struct SpoolSink(Arc<Spool>);
+
+impl AuditSink for SpoolSink {
+    fn emit(&self, event_type: &str, actor: &str, data: serde_json::Value) {
+        let source = data
+            .get("source_addr")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        if let Err(e) = self.0.emit(event_type, actor, &source, data) {
+            tracing::error!(error = %e, event_type, "audit: cannot spool an event");
+        }
+    }
+}
+
+/// Roles from Auth, cached for 30 s; a stale copy is used while Auth is unreachable.
+struct CachedRoles {
+    auth: Arc<AuthLink>,
+    cache: Mutex<HashMap<String, (Role, Instant)>>,
+}
+
+const ROLE_TTL: Duration = Duration::from_secs(30);
+
+impl RoleSource for CachedRoles {
+    fn roles<'a>(&'a self, names: &'a [String]) -> BoxFuture<'a, Result<Vec<Role>, String>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(names.len());
+            for name in names {
+                let cached = self.cache.lock().ok().and_then(|c| c.get(name).cloned());
+                if let Some((role, at)) = &cached
+                    && at.elapsed() < ROLE_TTL
+                {
+                    out.push(role.clone());
+                    continue;
+                }
+                let fetched = match self.auth.client().await {
+                    Ok(mut c) => c
+                        .get_resource(proto::GetResourceRequest {
+                            kind: "role".into(),
+                            name: name.clone(),
+                        })
+                        .await
+                        .map(|r| r.into_inner().json)
+                        .map_err(|s| (s.code(), s.message().to_owned())),
+                    Err(e) => Err((tonic::Code::Unavailable, e)),
+                };
+                match fetched {
+                    Ok(json) => match gatehouse_controlplane::resources::parse_document(&json) {
+                        Ok(Resource::Role(role)) => {
+                            if let Ok(mut c) = self.cache.lock() {
+                                c.insert(name.clone(), (role.clone(), Instant::now()));
+                            }
+                            out.push(role);
+                        }
+                        _ => return Err(format!("role `{name}` from Auth is malformed")),
+                    },
+                    // A role deleted since the certificate was issued grants nothing.
+                    Err((tonic::Code::NotFound, _)) => {
+                        if let Ok(mut c) = self.cache.lock() {
+                            c.remove(name);
+                        }
+                    }
+                    Err((_, e)) => {
+                        self.auth.forget().await;
+                        match cached {
+                            Some((role, _)) => out.push(role),
+                            None => {
+                                return Err(format!("cannot fetch role `{name}` from Auth: {e}"));
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+struct SshAdapter(Arc<SshNode>);
+
+impl SshService for SshAdapter {
+    fn serve(
+        &self,
+        io: tokio::io::DuplexStream,
+        source_addr: String,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let node = Arc::clone(&self.0);
+        Box::pin(async move {
+            if let Err(e) = node
+                .serve(
+                    io,
+                    ConnMeta {
+                        source_addr: source_addr.clone(),
+                    },
+                )
+                .await
+            {
+                tracing::info!(source = %source_addr, error = %e, "ssh: connection ended with an error");
+            }
+        })
+    }
+}

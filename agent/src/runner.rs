@@ -1,0 +1,311 @@
+//! The agent's reverse tunnel: dial the Proxy, hold the tunnel, heartbeat the inventory, serve
+//! the streams the Proxy opens (SSH, TCP apps), and reconnect with jittered backoff when the
+//! tunnel ends. The tunnel lives on its own thread (single-threaded runtime, no locks on the
+//! data path); SSH sessions run on the caller's multi-threaded runtime, joined by in-memory pipes.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use gatehouse_controlplane::tls::{Trust, client_config_with_alpn};
+use gatehouse_dataplane::mux::{Tunnel, TunnelEvent};
+use gatehouse_dataplane::proxy::Inventory;
+use gatehouse_dataplane::session_proto::{ALPN_TUNNEL, PROXY_SERVER_NAME};
+use gatehouse_dataplane::tunnel::{self, Side, code};
+use rand::Rng;
+
+use crate::host::HostIdentity;
+
+/// Serves one SSH connection over a byte stream (the SSH node service implements it).
+pub trait SshService: Send + Sync + 'static {
+    fn serve(
+        &self,
+        io: tokio::io::DuplexStream,
+        source_addr: String,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+#[derive(Debug, Clone)]
+pub struct TunnelClientConfig {
+    pub proxy_addr: String,
+    pub node_name: String,
+    pub labels: BTreeMap<String, String>,
+    /// App name → `host:port` on the agent's network.
+    pub apps: BTreeMap<String, String>,
+    pub addresses: Vec<String>,
+    pub heartbeat_interval: Duration,
+    pub tunnel: tunnel::Config,
+}
+
+/// What the agent reports about its tunnel (for /readyz and /metrics).
+#[derive(Debug, Default)]
+pub struct TunnelStatus {
+    pub connected: AtomicBool,
+    pub connects: AtomicU64,
+    pub streams_served: AtomicU64,
+    pub stream_failures: AtomicU64,
+}
+
+/// Start the tunnel client on its own thread. It runs until the process ends.
+pub fn spawn(
+    config: TunnelClientConfig,
+    identity: Arc<HostIdentity>,
+    ssh: Option<Arc<dyn SshService>>,
+    sessions: tokio::runtime::Handle,
+) -> std::io::Result<Arc<TunnelStatus>> {
+    let status = Arc::new(TunnelStatus::default());
+    let st = Arc::clone(&status);
+    std::thread::Builder::new()
+        .name("agent-tunnel".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "agent: cannot build the tunnel runtime");
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, run(config, identity, ssh, sessions, st));
+        })?;
+    Ok(status)
+}
+
+async fn run(
+    config: TunnelClientConfig,
+    identity: Arc<HostIdentity>,
+    ssh: Option<Arc<dyn SshService>>,
+    sessions: tokio::runtime::Handle,
+    status: Arc<TunnelStatus>,
+) {
+    let tls = match client_config_with_alpn(
+        &Trust::CaPem(identity.ca_pem.clone()),
+        Some((&identity.tls_cert, &identity.tls_key)),
+        &[ALPN_TUNNEL],
+    ) {
+        Ok(c) => tokio_rustls::TlsConnector::from(c),
+        Err(e) => {
+            tracing::error!(error = %e, "agent: bad TLS identity; the tunnel cannot start");
+            return;
+        }
+    };
+    let mut attempt: u32 = 0;
+    loop {
+        let started = Instant::now();
+        match dial(&tls, &config.proxy_addr).await {
+            Ok(stream) => {
+                status.connected.store(true, Ordering::Release);
+                status.connects.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(proxy = %config.proxy_addr, "agent: tunnel up");
+                let reason =
+                    serve_tunnel(stream, &config, &identity, ssh.clone(), &sessions, &status).await;
+                status.connected.store(false, Ordering::Release);
+                tracing::warn!(proxy = %config.proxy_addr, %reason, "agent: tunnel down; reconnecting");
+                // A tunnel that held for a while starts the backoff over.
+                if started.elapsed() > Duration::from_secs(30) {
+                    attempt = 0;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(proxy = %config.proxy_addr, error = %e, attempt, "agent: cannot reach the proxy");
+            }
+        }
+        let delay = crate::backoff::delay(attempt, rand::thread_rng().r#gen::<f64>());
+        attempt = attempt.saturating_add(1);
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn dial(
+    tls: &tokio_rustls::TlsConnector,
+    addr: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    tcp.set_nodelay(true)?;
+    let name = rustls::pki_types::ServerName::try_from(PROXY_SERVER_NAME)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    tokio::time::timeout(Duration::from_secs(10), tls.connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+}
+
+fn inventory(config: &TunnelClientConfig, identity: &HostIdentity, ssh: bool) -> Bytes {
+    let mut services: Vec<String> = config.apps.keys().map(|a| format!("tcp:{a}")).collect();
+    if ssh {
+        services.insert(0, "ssh".into());
+    }
+    let inv = Inventory {
+        host_id: identity.host_id.clone(),
+        name: config.node_name.clone(),
+        labels: config.labels.clone(),
+        addresses: config.addresses.clone(),
+        services,
+    };
+    Bytes::from(serde_json::to_vec(&inv).unwrap_or_default())
+}
+
+async fn serve_tunnel<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + 'static>(
+    io: T,
+    config: &TunnelClientConfig,
+    identity: &HostIdentity,
+    ssh: Option<Arc<dyn SshService>>,
+    sessions: &tokio::runtime::Handle,
+    status: &Arc<TunnelStatus>,
+) -> String {
+    let (tunnel, mut events) = Tunnel::new(Side::Dialer, config.tunnel.clone());
+    let heartbeat = {
+        let (tunnel, inv, every) = (
+            tunnel.clone(),
+            inventory(config, identity, ssh.is_some()),
+            config.heartbeat_interval,
+        );
+        tokio::task::spawn_local(async move {
+            loop {
+                tunnel.send_heartbeat(inv.clone());
+                tokio::time::sleep(every).await;
+            }
+        })
+    };
+    let dispatcher = {
+        let (tunnel, apps, sessions, status) = (
+            tunnel.clone(),
+            config.apps.clone(),
+            sessions.clone(),
+            Arc::clone(status),
+        );
+        tokio::task::spawn_local(async move {
+            while let Some(ev) = events.recv().await {
+                match ev {
+                    TunnelEvent::Incoming {
+                        stream,
+                        target,
+                        metadata,
+                    } => {
+                        let meta: serde_json::Value =
+                            serde_json::from_slice(&metadata).unwrap_or_default();
+                        let source = meta
+                            .get("source_addr")
+                            .and_then(|v| v.as_str())
+                            .unwrap_or_default()
+                            .to_owned();
+                        serve_stream(
+                            &tunnel,
+                            stream,
+                            &target,
+                            source,
+                            &apps,
+                            ssh.as_ref(),
+                            &sessions,
+                            &status,
+                        )
+                        .await;
+                    }
+                    TunnelEvent::GoAway { message, .. } => {
+                        tracing::info!(%message, "agent: proxy is draining this tunnel")
+                    }
+                    TunnelEvent::Heartbeat(_) => {}
+                }
+            }
+        })
+    };
+    let reason = tunnel.run(io).await;
+    heartbeat.abort();
+    dispatcher.abort();
+    reason
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_stream(
+    tunnel: &Tunnel,
+    stream: u32,
+    target: &str,
+    source: String,
+    apps: &BTreeMap<String, String>,
+    ssh: Option<&Arc<dyn SshService>>,
+    sessions: &tokio::runtime::Handle,
+    status: &Arc<TunnelStatus>,
+) {
+    if target == "ssh" {
+        let Some(ssh) = ssh else {
+            tunnel.reject(stream, code::NOT_FOUND, "this agent does not serve SSH");
+            return;
+        };
+        let Ok(handle) = tunnel.accept(stream) else {
+            return;
+        };
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        sessions.spawn(ssh.serve(far, source));
+        status.streams_served.fetch_add(1, Ordering::Relaxed);
+        tokio::task::spawn_local(async move {
+            handle.splice(near, Bytes::new()).await;
+        });
+        return;
+    }
+    if let Some(app) = target.strip_prefix("tcp:") {
+        let Some(addr) = apps.get(app) else {
+            tunnel.reject(
+                stream,
+                code::NOT_FOUND,
+                &format!("this agent serves no app named `{app}`"),
+            );
+            return;
+        };
+        let (tunnel, addr, app, status) = (
+            tunnel.clone(),
+            addr.clone(),
+            app.to_owned(),
+            Arc::clone(status),
+        );
+        tokio::task::spawn_local(async move {
+            match tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio::net::TcpStream::connect(&addr),
+            )
+            .await
+            {
+                Ok(Ok(tcp)) => {
+                    let _ = tcp.set_nodelay(true);
+                    let Ok(handle) = tunnel.accept(stream) else {
+                        return;
+                    };
+                    status.streams_served.fetch_add(1, Ordering::Relaxed);
+                    handle.splice(tcp, Bytes::new()).await;
+                }
+                Ok(Err(e)) => {
+                    status.stream_failures.fetch_add(1, Ordering::Relaxed);
+                    tunnel.reject(
+                        stream,
+                        code::UNAVAILABLE,
+                        &format!("app `{app}` at {addr} is unreachable: {e}"),
+                    );
+                }
+                Err(_) => {
+                    status.stream_failures.fetch_add(1, Ordering::Relaxed);
+                    tunnel.reject(
+                        stream,
+                        code::UNAVAILABLE,
+                        &format!("app `{app}` at {addr} did not answer in 10 s"),
+                    );
+                }
+            }
+        });
+        return;
+    }
+    tunnel.reject(
+        stream,
+        code::NOT_FOUND,
+        &format!("unknown target `{target}`"),
+    );
+}

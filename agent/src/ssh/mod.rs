@@ -1,0 +1,263 @@
+//! The agent's SSH node service: an SSH server (russh) that serves one connection at a time over
+//! any byte stream (a reverse-tunnel stream in production, a TCP socket in tests).
+//!
+//! * Host authentication: the server presents its OpenSSH **host certificate** (signed by the
+//!   cluster's host CA), so a client with `@cert-authority * <host CA>` connects without a prompt.
+//! * User authentication: OpenSSH **user certificates only**. A certificate is accepted when it is
+//!   a user certificate, signed by one of the cluster's user CA keys, valid now, carries no critical
+//!   option, lists the requested login among its principals, and the roles named in its
+//!   `roles@gatehouse.dev` extension allow that login on this node's labels
+//!   ([`gatehouse_controlplane::rbac::RoleSet::check_node_login`]). The login must exist on the
+//!   host, and an agent that is not root can only serve its own user.
+//! * Sessions: shell and exec, with or without a PTY (`pty-req` needs `permit-pty`), `env`,
+//!   `window-change`, `signal`, `exit-status` / `exit-signal`.
+//! * Audit: `session.rejected`, `session.start`, `exec`, `session.end` through [`AuditSink`].
+//!
+//! Environment variables sent by the client (`env` requests, `ssh -o SetEnv=…`) are accepted when
+//! the name is a plain identifier (`[A-Za-z_][A-Za-z0-9_]*`, at most 128 bytes), the value has no
+//! NUL and is at most 16 KiB, there are at most 64 of them, and the name is not one the node sets
+//! itself or one that changes how programs are loaded or shells start: `HOME`, `USER`, `LOGNAME`,
+//! `SHELL`, `PATH`, `MAIL`, `IFS`, `ENV`, `BASH_ENV`, `SHELLOPTS`, `BASHOPTS`, `PS4`,
+//! `GLIBC_TUNABLES`, `GCONV_PATH`, `LOCPATH`, `NLSPATH`, `HOSTALIASES`, `RES_OPTIONS`,
+//! `LOCALDOMAIN`, and anything starting with `LD_`, `MALLOC_` or `BASH_FUNC_`. Client variables
+//! never reach a process running as root on behalf of another user: when the node switches user
+//! it runs `setpriv` (which sets uid, gid and the supplementary groups) with an empty environment,
+//! and the environment is applied by `env -i` after privileges are dropped.
+
+mod auth;
+mod handler;
+mod process;
+mod session;
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gatehouse_controlplane::resources::Role;
+
+use self::handler::{AuthTrace, ConnHandler};
+
+/// How long a connection may take from its first byte to a successful authentication.
+pub const LOGIN_GRACE: Duration = Duration::from_secs(60);
+
+/// A boxed future, so that [`RoleSource`] stays object safe (`Arc<dyn RoleSource>`).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What the node needs to know about itself.
+#[derive(Clone)]
+pub struct SshNodeConfig {
+    /// The agent's host private key (Ed25519).
+    pub host_key: ssh_key::PrivateKey,
+    /// Its OpenSSH host certificate, signed by the cluster's host CA.
+    pub host_cert: ssh_key::Certificate,
+    /// Trusted SSH user CA public keys (the cluster's).
+    pub user_ca_keys: Vec<ssh_key::PublicKey>,
+    pub cluster: String,
+    pub node_name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for SshNodeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshNodeConfig")
+            .field("host_cert_key_id", &self.host_cert.key_id())
+            .field("user_ca_keys", &self.user_ca_keys.len())
+            .field("cluster", &self.cluster)
+            .field("node_name", &self.node_name)
+            .field("labels", &self.labels)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Resolves role names (from the certificate's `roles@gatehouse.dev` extension) to roles.
+pub trait RoleSource: Send + Sync + 'static {
+    fn roles<'a>(&'a self, names: &'a [String]) -> BoxFuture<'a, Result<Vec<Role>, String>>;
+}
+
+/// Receives audit events (the caller batches and spools them). Must not block.
+pub trait AuditSink: Send + Sync + 'static {
+    fn emit(&self, event_type: &str, actor: &str, data: serde_json::Value);
+}
+
+/// Where a connection came from (filled by the caller from the tunnel stream).
+#[derive(Debug, Clone, Default)]
+pub struct ConnMeta {
+    pub source_addr: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SshError {
+    #[error("ssh node configuration: {0}")]
+    Config(String),
+    #[error("ssh: {0}")]
+    Ssh(#[from] russh::Error),
+    #[error("connection was not authenticated within {0:?}")]
+    LoginTimeout(Duration),
+}
+
+/// The SSH node service. Cheap to share: wrap it in an `Arc` and call [`SshNode::serve`] once per
+/// incoming connection, each in its own task.
+pub struct SshNode {
+    config: SshNodeConfig,
+    russh_config: Arc<russh::server::Config>,
+    roles: Arc<dyn RoleSource>,
+    audit: Arc<dyn AuditSink>,
+}
+
+impl std::fmt::Debug for SshNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshNode")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SshNode {
+    pub fn new(
+        config: SshNodeConfig,
+        roles: Arc<dyn RoleSource>,
+        audit: Arc<dyn AuditSink>,
+    ) -> Result<Self, SshError> {
+        if config.user_ca_keys.is_empty() {
+            return Err(SshError::Config("no trusted user CA key".into()));
+        }
+        if config.host_cert.cert_type() != ssh_key::certificate::CertType::Host {
+            return Err(SshError::Config(
+                "the host certificate is a user certificate".into(),
+            ));
+        }
+        if config.host_cert.public_key() != config.host_key.public_key().key_data() {
+            return Err(SshError::Config(
+                "the host certificate does not certify the host key".into(),
+            ));
+        }
+        let key_text = config
+            .host_key
+            .to_openssh(ssh_key::LineEnding::LF)
+            .map_err(|e| SshError::Config(format!("host key: {e}")))?;
+        let key = russh::keys::PrivateKey::from_openssh(key_text.as_bytes())
+            .map_err(|e| SshError::Config(format!("host key: {e}")))?;
+        let cert_text = config
+            .host_cert
+            .to_openssh()
+            .map_err(|e| SshError::Config(format!("host certificate: {e}")))?;
+        let cert = russh::keys::Certificate::from_openssh(&cert_text)
+            .map_err(|e| SshError::Config(format!("host certificate: {e}")))?;
+
+        let mut methods = russh::MethodSet::empty();
+        methods.push(russh::MethodKind::PublicKey);
+        let russh_config = russh::server::Config {
+            server_id: russh::SshId::Standard(Cow::Borrowed("SSH-2.0-Gatehouse")),
+            methods,
+            auth_rejection_time: Duration::from_millis(500),
+            // OpenSSH probes with "none" first: answer that at once.
+            auth_rejection_time_initial: Some(Duration::ZERO),
+            keys: vec![key],
+            certificates: vec![cert],
+            // Idle interactive sessions must survive: dead peers are found by keepalives instead.
+            inactivity_timeout: None,
+            keepalive_interval: Some(Duration::from_secs(30)),
+            keepalive_max: 3,
+            nodelay: true,
+            ..Default::default()
+        };
+        Ok(Self {
+            config,
+            russh_config: Arc::new(russh_config),
+            roles,
+            audit,
+        })
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.config.node_name
+    }
+
+    /// Serve one SSH connection over `stream` until it ends. Errors concern this connection only.
+    pub async fn serve<S>(self: &Arc<Self>, stream: S, meta: ConnMeta) -> Result<(), SshError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let trace = Arc::new(Mutex::new(AuthTrace::default()));
+        let handler = ConnHandler::new(Arc::clone(self), meta.source_addr.clone(), trace.clone());
+        let started = tokio::time::Instant::now();
+        // run_stream reads the client's identification line: bound it by the login grace time.
+        let running = match tokio::time::timeout(
+            LOGIN_GRACE,
+            russh::server::run_stream(Arc::clone(&self.russh_config), stream, handler),
+        )
+        .await
+        {
+            Ok(r) => r?,
+            Err(_) => return Err(SshError::LoginTimeout(LOGIN_GRACE)),
+        };
+        let handle = running.handle();
+        let grace_trace = trace.clone();
+        let grace = tokio::spawn(async move {
+            tokio::time::sleep_until(started + LOGIN_GRACE).await;
+            let authenticated = grace_trace.lock().map(|t| t.authenticated).unwrap_or(false);
+            if !authenticated {
+                tracing::info!("ssh: closing a connection that did not authenticate in time");
+                let _ = handle
+                    .disconnect(
+                        russh::Disconnect::ByApplication,
+                        "authentication timed out".into(),
+                        "en".into(),
+                    )
+                    .await;
+            }
+        });
+        let result = running.await;
+        grace.abort();
+        self.audit_unexplained_rejection(&trace, &meta);
+        result.map_err(SshError::from)
+    }
+
+    /// A connection that tried to authenticate, failed, and never showed us a certificate to
+    /// blame: say so once.
+    fn audit_unexplained_rejection(&self, trace: &Mutex<AuthTrace>, meta: &ConnMeta) {
+        let Ok(trace) = trace.lock() else {
+            return;
+        };
+        if trace.authenticated || trace.rejection_audited {
+            return;
+        }
+        let Some(login) = trace.login.clone() else {
+            return;
+        };
+        let reason = if trace.plain_keys_offered > 0 {
+            "no valid certificate presented: plain public keys are not accepted, and an expired \
+             or not-yet-valid certificate (or one whose signature does not verify) is refused \
+             during SSH authentication before the node can inspect it"
+        } else {
+            "no certificate presented (only OpenSSH user certificates are accepted; an expired \
+             or not-yet-valid certificate is refused during SSH authentication)"
+        };
+        self.reject_event("", &login, reason, &meta.source_addr);
+    }
+
+    pub(crate) fn reject_event(&self, user: &str, login: &str, reason: &str, source_addr: &str) {
+        tracing::warn!(
+            user,
+            login,
+            source_addr,
+            node = %self.config.node_name,
+            "ssh: session rejected: {reason}"
+        );
+        self.audit.emit(
+            "session.rejected",
+            user,
+            serde_json::json!({
+                "user": user,
+                "login": login,
+                "reason": reason,
+                "source_addr": source_addr,
+                "node": self.config.node_name,
+            }),
+        );
+    }
+}

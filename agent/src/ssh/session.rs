@@ -1,0 +1,573 @@
+//! A running session: the child process, its I/O pumps, signals and the end-of-session report.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use russh::server::Msg;
+use russh::{ChannelId, ChannelWriteHalf, Sig};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Notify, mpsc, watch};
+
+use super::SshNode;
+use super::process::{LoginUser, Program, build_command, session_env};
+
+/// Client input queued for the child beyond this many bytes stalls the connection until the
+/// child reads (russh re-opens the receive window by itself, so this is the only brake).
+const MAX_QUEUED_INPUT: usize = 16 * 1024 * 1024;
+/// After a PTY session's process exits, how long to wait for the rest of its output.
+const PTY_DRAIN: Duration = Duration::from_secs(2);
+/// After a hang-up, how long a session has to exit before it is killed.
+const HANGUP_GRACE: Duration = Duration::from_secs(2);
+
+/// A `pty-req`, remembered until the shell or command starts.
+#[derive(Debug, Clone)]
+pub(crate) struct PtyParams {
+    pub term: String,
+    pub cols: u32,
+    pub rows: u32,
+}
+
+fn pty_size(cols: u32, rows: u32) -> pty_process::Size {
+    let clamp = |v: u32, default: u16| match u16::try_from(v) {
+        Ok(0) | Err(_) => default,
+        Ok(v) => v,
+    };
+    pty_process::Size::new(clamp(rows, 24), clamp(cols, 80))
+}
+
+enum Input {
+    Data(Bytes),
+    Resize(pty_process::Size),
+}
+
+#[derive(Default)]
+struct InputBudget {
+    queued: AtomicUsize,
+    drained: Notify,
+}
+
+/// Who and what, for the audit trail.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionInfo {
+    pub key_id: String,
+    pub login: String,
+    pub source_addr: String,
+    pub session_id: String,
+}
+
+/// A started session. Dropping it (channel closed, connection gone) hangs the session up.
+pub(crate) struct Running {
+    input: Option<mpsc::UnboundedSender<Input>>,
+    budget: Arc<InputBudget>,
+    pgid: Option<Pid>,
+    exited: Arc<AtomicBool>,
+    has_pty: bool,
+    bytes_in: Arc<AtomicU64>,
+    _hangup: watch::Sender<()>,
+}
+
+impl Running {
+    /// Queue client data for the child's input.
+    pub async fn send_data(&self, data: &[u8]) {
+        self.bytes_in
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let Some(tx) = &self.input else {
+            return;
+        };
+        self.budget.queued.fetch_add(data.len(), Ordering::AcqRel);
+        if tx.send(Input::Data(Bytes::copy_from_slice(data))).is_err() {
+            return;
+        }
+        while self.budget.queued.load(Ordering::Acquire) > MAX_QUEUED_INPUT && !tx.is_closed() {
+            let drained = self.budget.drained.notified();
+            let _ = tokio::time::timeout(Duration::from_millis(200), drained).await;
+        }
+    }
+
+    /// The client will send no more input: close the child's stdin. A terminal has no EOF of its
+    /// own (the client sends ^D as data), so a PTY session ignores it.
+    pub fn eof(&mut self) {
+        if !self.has_pty {
+            self.input = None;
+        }
+    }
+
+    pub fn resize(&self, cols: u32, rows: u32) -> bool {
+        match &self.input {
+            Some(tx) if self.has_pty => tx.send(Input::Resize(pty_size(cols, rows))).is_ok(),
+            _ => false,
+        }
+    }
+
+    /// Forward a signal to the session's process group.
+    pub fn signal(&self, sig: &Sig) -> Result<(), String> {
+        let Some(signal) = signal_from_ssh(sig) else {
+            return Err(format!("unknown signal {sig:?}"));
+        };
+        if self.exited.load(Ordering::Acquire) {
+            return Err("the session has exited".into());
+        }
+        let pgid = self.pgid.ok_or("the session has no process group")?;
+        nix::sys::signal::killpg(pgid, signal).map_err(|e| e.to_string())
+    }
+}
+
+fn signal_from_ssh(sig: &Sig) -> Option<Signal> {
+    Some(match sig {
+        Sig::ABRT => Signal::SIGABRT,
+        Sig::ALRM => Signal::SIGALRM,
+        Sig::FPE => Signal::SIGFPE,
+        Sig::HUP => Signal::SIGHUP,
+        Sig::ILL => Signal::SIGILL,
+        Sig::INT => Signal::SIGINT,
+        Sig::KILL => Signal::SIGKILL,
+        Sig::PIPE => Signal::SIGPIPE,
+        Sig::QUIT => Signal::SIGQUIT,
+        Sig::SEGV => Signal::SIGSEGV,
+        Sig::TERM => Signal::SIGTERM,
+        Sig::USR1 => Signal::SIGUSR1,
+        Sig::Custom(name) => format!("SIG{name}").parse().ok()?,
+    })
+}
+
+fn signal_to_ssh(signal: i32) -> Sig {
+    match Signal::try_from(signal) {
+        Ok(Signal::SIGABRT) => Sig::ABRT,
+        Ok(Signal::SIGALRM) => Sig::ALRM,
+        Ok(Signal::SIGFPE) => Sig::FPE,
+        Ok(Signal::SIGHUP) => Sig::HUP,
+        Ok(Signal::SIGILL) => Sig::ILL,
+        Ok(Signal::SIGINT) => Sig::INT,
+        Ok(Signal::SIGKILL) => Sig::KILL,
+        Ok(Signal::SIGPIPE) => Sig::PIPE,
+        Ok(Signal::SIGQUIT) => Sig::QUIT,
+        Ok(Signal::SIGSEGV) => Sig::SEGV,
+        Ok(Signal::SIGTERM) => Sig::TERM,
+        Ok(Signal::SIGUSR1) => Sig::USR1,
+        Ok(other) => Sig::Custom(other.as_str().trim_start_matches("SIG").to_string()),
+        Err(_) => Sig::Custom(format!("{signal}")),
+    }
+}
+
+/// The SSH name of a signal (`TERM`, `USR2`).
+fn sig_name(sig: &Sig) -> String {
+    match sig {
+        Sig::ABRT => "ABRT".into(),
+        Sig::ALRM => "ALRM".into(),
+        Sig::FPE => "FPE".into(),
+        Sig::HUP => "HUP".into(),
+        Sig::ILL => "ILL".into(),
+        Sig::INT => "INT".into(),
+        Sig::KILL => "KILL".into(),
+        Sig::PIPE => "PIPE".into(),
+        Sig::QUIT => "QUIT".into(),
+        Sig::SEGV => "SEGV".into(),
+        Sig::TERM => "TERM".into(),
+        Sig::USR1 => "USR1".into(),
+        Sig::Custom(name) => name.clone(),
+    }
+}
+
+/// Everything a session needs to start.
+pub(crate) struct StartRequest<'a> {
+    pub node: Arc<SshNode>,
+    pub info: SessionInfo,
+    pub user: &'a LoginUser,
+    pub program: Program,
+    pub pty: Option<&'a PtyParams>,
+    pub client_env: &'a [(String, String)],
+    pub write: ChannelWriteHalf<Msg>,
+    pub handle: russh::server::Handle,
+    pub channel: ChannelId,
+}
+
+enum ChildIo {
+    Pipes {
+        stdin: Option<tokio::process::ChildStdin>,
+        stdout: Option<tokio::process::ChildStdout>,
+        stderr: Option<tokio::process::ChildStderr>,
+    },
+    Pty(pty_process::Pty),
+}
+
+/// Spawn the session's process and its pumps. The error is a reason fit for the client's log.
+pub(crate) fn start(req: StartRequest<'_>) -> Result<Running, String> {
+    let term = req.pty.map(|p| p.term.as_str());
+    let env = session_env(req.user, term, req.client_env, &req.info.session_id);
+    let mut cmd = build_command(req.user, &req.program, &env)?;
+    let (mut child, io) = match req.pty {
+        None => {
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0);
+            let mut child = cmd.spawn().map_err(|e| format!("could not start: {e}"))?;
+            let io = ChildIo::Pipes {
+                stdin: child.stdin.take(),
+                stdout: child.stdout.take(),
+                stderr: child.stderr.take(),
+            };
+            (child, io)
+        }
+        Some(params) => {
+            let (pty, pts) =
+                pty_process::open().map_err(|e| format!("could not allocate a PTY: {e}"))?;
+            pty.resize(pty_size(params.cols, params.rows))
+                .map_err(|e| format!("could not size the PTY: {e}"))?;
+            if req.user.switch {
+                std::os::unix::fs::fchown(&pts, Some(req.user.uid), None)
+                    .map_err(|e| format!("could not hand the PTY to the login user: {e}"))?;
+            }
+            // pty-process makes the child a session leader with the PTY as controlling terminal.
+            let child = pty_process::Command::from(cmd)
+                .spawn(pts)
+                .map_err(|e| format!("could not start: {e}"))?;
+            (child, ChildIo::Pty(pty))
+        }
+    };
+    let pgid = child
+        .id()
+        .and_then(|pid| i32::try_from(pid).ok())
+        .map(Pid::from_raw);
+    audit_start(&req.node, &req.info, &req.program, req.pty.is_some());
+    let (input_tx, input_rx) = mpsc::unbounded_channel();
+    let (hangup_tx, hangup_rx) = watch::channel(());
+    let budget = Arc::new(InputBudget::default());
+    let exited = Arc::new(AtomicBool::new(false));
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    let has_pty = matches!(io, ChildIo::Pty(_));
+    let pump = Pump {
+        node: req.node,
+        info: req.info,
+        write: req.write,
+        handle: req.handle,
+        channel: req.channel,
+        pgid,
+        exited: exited.clone(),
+        bytes_in: bytes_in.clone(),
+        hangup: hangup_rx,
+        started: tokio::time::Instant::now(),
+    };
+    let budget_for_pump = budget.clone();
+    tokio::spawn(async move {
+        pump.run(&mut child, io, input_rx, budget_for_pump).await;
+    });
+    Ok(Running {
+        input: Some(input_tx),
+        budget,
+        pgid,
+        exited,
+        has_pty,
+        bytes_in,
+        _hangup: hangup_tx,
+    })
+}
+
+/// `session.start` (and `exec`): emitted once the process runs, before its pump can end it.
+fn audit_start(node: &SshNode, info: &SessionInfo, program: &Program, tty: bool) {
+    tracing::info!(
+        user = %info.key_id,
+        login = %info.login,
+        session_id = %info.session_id,
+        source_addr = %info.source_addr,
+        tty,
+        "ssh: session started"
+    );
+    node.audit.emit(
+        "session.start",
+        &info.key_id,
+        serde_json::json!({
+            "user": info.key_id,
+            "login": info.login,
+            "node": node.config.node_name,
+            "source_addr": info.source_addr,
+            "session_id": info.session_id,
+            "tty": tty,
+        }),
+    );
+    if let Program::Exec(command) = program {
+        node.audit.emit(
+            "exec",
+            &info.key_id,
+            serde_json::json!({
+                "user": info.key_id,
+                "login": info.login,
+                "node": node.config.node_name,
+                "source_addr": info.source_addr,
+                "session_id": info.session_id,
+                "command": String::from_utf8_lossy(command),
+            }),
+        );
+    }
+}
+
+struct Pump {
+    node: Arc<SshNode>,
+    info: SessionInfo,
+    write: ChannelWriteHalf<Msg>,
+    handle: russh::server::Handle,
+    channel: ChannelId,
+    pgid: Option<Pid>,
+    exited: Arc<AtomicBool>,
+    bytes_in: Arc<AtomicU64>,
+    hangup: watch::Receiver<()>,
+    started: tokio::time::Instant,
+}
+
+/// Resolves once the session's [`Running`] is dropped.
+async fn hung_up(rx: &mut watch::Receiver<()>) {
+    while rx.changed().await.is_ok() {}
+}
+
+fn signal_group(pgid: Option<Pid>, signal: Signal) {
+    if let Some(pgid) = pgid {
+        let _ = nix::sys::signal::killpg(pgid, signal);
+    }
+}
+
+async fn copy_out<R, W>(mut from: R, mut to: W, counter: Arc<AtomicU64>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut open = true;
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        // Once the channel is gone keep reading (and discarding) so the child never blocks.
+        if open
+            && let Some(chunk) = buf.get(..n)
+            && to.write_all(chunk).await.is_err()
+        {
+            open = false;
+        }
+    }
+}
+
+async fn copy_in_pipe(
+    mut stdin: tokio::process::ChildStdin,
+    mut rx: mpsc::UnboundedReceiver<Input>,
+    budget: Arc<InputBudget>,
+) {
+    while let Some(msg) = rx.recv().await {
+        if let Input::Data(data) = msg {
+            let ok = stdin.write_all(&data).await.is_ok();
+            budget.queued.fetch_sub(data.len(), Ordering::AcqRel);
+            budget.drained.notify_waiters();
+            if !ok {
+                break;
+            }
+        }
+    }
+    // Dropping stdin here is the child's EOF.
+}
+
+async fn copy_in_pty(
+    mut pty: pty_process::OwnedWritePty,
+    mut rx: mpsc::UnboundedReceiver<Input>,
+    budget: Arc<InputBudget>,
+) {
+    let mut open = true;
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            Input::Data(data) => {
+                if open {
+                    open = pty.write_all(&data).await.is_ok();
+                }
+                budget.queued.fetch_sub(data.len(), Ordering::AcqRel);
+                budget.drained.notify_waiters();
+            }
+            Input::Resize(size) => {
+                let _ = pty.resize(size);
+            }
+        }
+    }
+}
+
+impl Pump {
+    async fn run(
+        mut self,
+        child: &mut tokio::process::Child,
+        io: ChildIo,
+        input: mpsc::UnboundedReceiver<Input>,
+        budget: Arc<InputBudget>,
+    ) {
+        let bytes_out = Arc::new(AtomicU64::new(0));
+        let mut outputs = Vec::new();
+        let is_pty = matches!(io, ChildIo::Pty(_));
+        match io {
+            ChildIo::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => {
+                if let Some(stdin) = stdin {
+                    tokio::spawn(copy_in_pipe(stdin, input, budget));
+                }
+                if let Some(stdout) = stdout {
+                    let w = self.write.make_writer();
+                    outputs.push(tokio::spawn(copy_out(stdout, w, bytes_out.clone())));
+                }
+                if let Some(stderr) = stderr {
+                    let w = self.write.make_writer_ext(Some(1));
+                    outputs.push(tokio::spawn(copy_out(stderr, w, bytes_out.clone())));
+                }
+            }
+            ChildIo::Pty(pty) => {
+                let (reader, writer) = pty.into_split();
+                tokio::spawn(copy_in_pty(writer, input, budget));
+                let w = self.write.make_writer();
+                outputs.push(tokio::spawn(copy_out(reader, w, bytes_out.clone())));
+            }
+        }
+
+        let mut hung_up_early = false;
+        let status = tokio::select! {
+            s = child.wait() => s.ok(),
+            () = hung_up(&mut self.hangup) => {
+                hung_up_early = true;
+                self.hang_up(child).await
+            }
+        };
+        self.exited.store(true, Ordering::Release);
+
+        // The rest of the output: pipes until every holder closes them (as sshd does); a PTY
+        // until it reports the terminal gone, bounded for background holders.
+        if !hung_up_early {
+            let drain = async {
+                for out in &mut outputs {
+                    let _ = out.await;
+                }
+            };
+            tokio::select! {
+                () = drain => {}
+                () = hung_up(&mut self.hangup) => hung_up_early = true,
+                () = tokio::time::sleep(PTY_DRAIN), if is_pty => {}
+            }
+        }
+        for out in &outputs {
+            out.abort();
+        }
+
+        if !hung_up_early {
+            self.report_exit(status).await;
+        }
+        self.audit_end(status, bytes_out.load(Ordering::Relaxed));
+    }
+
+    /// The channel or connection went away: SIGHUP the process group, then SIGKILL it.
+    async fn hang_up(&self, child: &mut tokio::process::Child) -> Option<ExitStatus> {
+        signal_group(self.pgid, Signal::SIGHUP);
+        if let Ok(Ok(status)) = tokio::time::timeout(HANGUP_GRACE, child.wait()).await {
+            return Some(status);
+        }
+        signal_group(self.pgid, Signal::SIGKILL);
+        let _ = child.start_kill();
+        tokio::time::timeout(HANGUP_GRACE, child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+
+    async fn report_exit(&self, status: Option<ExitStatus>) {
+        let _ = self.write.eof().await;
+        match status {
+            Some(s) => {
+                if let Some(code) = s.code() {
+                    let _ = self
+                        .write
+                        .exit_status(u32::try_from(code).unwrap_or(255))
+                        .await;
+                } else if let Some(sig) = s.signal() {
+                    let _ = self
+                        .handle
+                        .exit_signal_request(
+                            self.channel,
+                            signal_to_ssh(sig),
+                            s.core_dumped(),
+                            String::new(),
+                            "en".into(),
+                        )
+                        .await;
+                }
+            }
+            None => {
+                let _ = self.write.exit_status(255).await;
+            }
+        }
+        let _ = self.write.close().await;
+    }
+
+    fn audit_end(&self, status: Option<ExitStatus>, bytes_out: u64) {
+        let exit_code = status.and_then(|s| s.code());
+        let exit_signal = status
+            .and_then(|s| s.signal())
+            .map(|s| sig_name(&signal_to_ssh(s)));
+        let duration_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        tracing::info!(
+            user = %self.info.key_id,
+            login = %self.info.login,
+            session_id = %self.info.session_id,
+            ?exit_code,
+            ?exit_signal,
+            bytes_in,
+            bytes_out,
+            duration_ms,
+            "ssh: session ended"
+        );
+        self.node.audit.emit(
+            "session.end",
+            &self.info.key_id,
+            serde_json::json!({
+                "user": self.info.key_id,
+                "login": self.info.login,
+                "node": self.node.config.node_name,
+                "source_addr": self.info.source_addr,
+                "session_id": self.info.session_id,
+                "bytes_in": bytes_in,
+                "bytes_out": bytes_out,
+                "duration_ms": duration_ms,
+                "exit_code": exit_code,
+                "exit_signal": exit_signal,
+            }),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_round_trip() {
+        for sig in [Sig::INT, Sig::TERM, Sig::KILL, Sig::HUP, Sig::USR1] {
+            let s = signal_from_ssh(&sig).unwrap();
+            assert_eq!(sig_name(&signal_to_ssh(s as i32)), sig_name(&sig));
+        }
+        assert_eq!(
+            signal_from_ssh(&Sig::Custom("USR2".into())),
+            Some(Signal::SIGUSR2)
+        );
+        assert_eq!(signal_from_ssh(&Sig::Custom("NOPE".into())), None);
+    }
+
+    #[test]
+    fn pty_sizes_are_clamped() {
+        let s = pty_size(0, 100_000);
+        assert_eq!(
+            format!("{s:?}"),
+            format!("{:?}", pty_process::Size::new(24, 80))
+        );
+    }
+}

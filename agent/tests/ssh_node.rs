@@ -1,0 +1,635 @@
+//! The SSH node service against the real OpenSSH client: host certificate trust, user
+//! certificate authentication, RBAC, sessions (exec, PTY, env, stdin, signals) and the audit trail.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use gatehouse_agent::ssh::{AuditSink, BoxFuture, ConnMeta, RoleSource, SshNode, SshNodeConfig};
+use gatehouse_controlplane::ca::{SshCa, SshUserCertRequest};
+use gatehouse_controlplane::identity::{Identity, IdentityKind};
+use gatehouse_controlplane::resources::{Resource, Role, parse_value};
+use serde_json::{Value, json};
+use ssh_key::{Algorithm, LineEnding, PrivateKey};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+
+const HOST_ALIAS: &str = "node-1.example";
+const SSH_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct MemRoles(BTreeMap<String, Role>);
+
+impl RoleSource for MemRoles {
+    fn roles<'a>(&'a self, names: &'a [String]) -> BoxFuture<'a, Result<Vec<Role>, String>> {
+        Box::pin(async move {
+            Ok(names
+                .iter()
+                .filter_map(|n| self.0.get(n).cloned())
+                .collect())
+        })
+    }
+}
+
+#[derive(Default)]
+struct MemAudit(Mutex<Vec<(String, String, Value)>>);
+
+impl AuditSink for MemAudit {
+    fn emit(&self, event_type: &str, actor: &str, data: Value) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((event_type.to_string(), actor.to_string(), data));
+    }
+}
+
+impl MemAudit {
+    fn events(&self, event_type: &str) -> Vec<Value> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _, _)| t == event_type)
+            .map(|(_, _, d)| d.clone())
+            .collect()
+    }
+
+    /// Wait (bounded) for an event of `event_type` matching `pred`.
+    async fn wait_for(&self, event_type: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(e) = self.events(event_type).into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "no matching {event_type} event; have: {:#?}",
+                    self.0.lock().unwrap()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn role(value: Value) -> Role {
+    match parse_value(value).unwrap() {
+        Resource::Role(r) => r,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn current_user() -> String {
+    let out = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn is_root() -> bool {
+    let out = std::process::Command::new("id").arg("-u").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() == "0"
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    user_ca: SshCa,
+    addr: SocketAddr,
+    audit: Arc<MemAudit>,
+    login: String,
+    known_hosts: PathBuf,
+    accept: tokio::task::JoinHandle<()>,
+    files: AtomicUsize,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// A certificate on disk for the ssh client.
+struct ClientCert {
+    key: PathBuf,
+    cert: PathBuf,
+}
+
+struct CertSpec<'a> {
+    logins: Vec<String>,
+    roles: &'a [&'a str],
+    pty: bool,
+    /// Signing time and expiry, relative to now (seconds).
+    signed_at: i64,
+    expires_in: i64,
+}
+
+impl CertSpec<'_> {
+    fn for_login(login: &str) -> CertSpec<'static> {
+        CertSpec {
+            logins: vec![login.to_string()],
+            roles: &["node-access"],
+            pty: true,
+            signed_at: 0,
+            expires_in: 3600,
+        }
+    }
+}
+
+impl Fixture {
+    async fn start() -> Self {
+        let user_ca = SshCa::generate().unwrap();
+        let host_ca = SshCa::generate().unwrap();
+        let host_key = PrivateKey::random(&mut rand::rngs::OsRng, Algorithm::Ed25519).unwrap();
+        let host_cert = host_ca
+            .sign_host(
+                host_key.public_key(),
+                "node-1",
+                "example",
+                &[],
+                now(),
+                now() + 3600,
+            )
+            .unwrap();
+        let roles: BTreeMap<String, Role> = [
+            role(json!({
+                "kind": "role",
+                "metadata": {"name": "node-access"},
+                "spec": {"allow": {
+                    "logins": ["{{internal.logins}}"],
+                    "node_labels": {"env": "test"},
+                }},
+            })),
+            role(json!({
+                "kind": "role",
+                "metadata": {"name": "prod-only"},
+                "spec": {"allow": {
+                    "logins": ["{{internal.logins}}"],
+                    "node_labels": {"env": "prod"},
+                }},
+            })),
+        ]
+        .into_iter()
+        .map(|r| (r.metadata.name.clone(), r))
+        .collect();
+        let audit = Arc::new(MemAudit::default());
+        let config = SshNodeConfig {
+            host_key,
+            host_cert,
+            user_ca_keys: vec![user_ca.public_key().clone()],
+            cluster: "example".into(),
+            node_name: "node-1".into(),
+            labels: [("env".to_string(), "test".to_string())].into(),
+        };
+        let node =
+            Arc::new(SshNode::new(config, Arc::new(MemRoles(roles)), audit.clone()).unwrap());
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            while let Ok((sock, peer)) = listener.accept().await {
+                let node = node.clone();
+                tokio::spawn(async move {
+                    let meta = ConnMeta {
+                        source_addr: peer.to_string(),
+                    };
+                    if let Err(e) = node.serve(sock, meta).await {
+                        eprintln!("serve: {e}");
+                    }
+                });
+            }
+        });
+
+        let dir = tempfile::tempdir().unwrap();
+        let known_hosts = dir.path().join("known_hosts");
+        std::fs::write(
+            &known_hosts,
+            format!("@cert-authority * {}\n", host_ca.public_line()),
+        )
+        .unwrap();
+        Fixture {
+            dir,
+            user_ca,
+            addr,
+            audit,
+            login: current_user(),
+            known_hosts,
+            accept,
+            files: AtomicUsize::new(0),
+        }
+    }
+
+    fn cert(&self, spec: &CertSpec<'_>) -> ClientCert {
+        self.cert_from(&self.user_ca, spec)
+    }
+
+    fn cert_from(&self, ca: &SshCa, spec: &CertSpec<'_>) -> ClientCert {
+        let n = self.files.fetch_add(1, Ordering::Relaxed);
+        let key = PrivateKey::random(&mut rand::rngs::OsRng, Algorithm::Ed25519).unwrap();
+        let now = now() as i64;
+        let identity = Identity {
+            kind: IdentityKind::User,
+            name: "alice".into(),
+            roles: spec.roles.iter().map(|r| r.to_string()).collect(),
+            logins: spec.logins.clone(),
+            traits: [("logins".to_string(), spec.logins.clone())].into(),
+            cluster: "example".into(),
+            route_to_cluster: "example".into(),
+            expires: now + spec.expires_in,
+        };
+        let req = SshUserCertRequest {
+            identity: &identity,
+            permit_pty: spec.pty,
+            permit_port_forwarding: false,
+            permit_agent_forwarding: false,
+            permit_x11_forwarding: false,
+        };
+        let cert = ca
+            .sign_user(key.public_key(), &req, (now + spec.signed_at) as u64)
+            .unwrap();
+        let key_path = self.dir.path().join(format!("id_{n}"));
+        let cert_path = self.dir.path().join(format!("id_{n}-cert.pub"));
+        std::fs::write(
+            &key_path,
+            key.to_openssh(LineEnding::LF).unwrap().as_bytes(),
+        )
+        .unwrap();
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&cert_path, cert.to_openssh().unwrap()).unwrap();
+        ClientCert {
+            key: key_path,
+            cert: cert_path,
+        }
+    }
+
+    fn ssh_command(
+        &self,
+        cert: &ClientCert,
+        login: &str,
+        extra: &[&str],
+    ) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new("ssh");
+        let opt = |k: &str, v: &Path| format!("{k}={}", v.display());
+        cmd.arg("-F")
+            .arg("/dev/null")
+            .args(["-o", "BatchMode=yes"])
+            .args(["-o", "StrictHostKeyChecking=yes"])
+            .args(["-o", &opt("UserKnownHostsFile", &self.known_hosts)])
+            .args(["-o", "GlobalKnownHostsFile=/dev/null"])
+            .args(["-o", &format!("HostKeyAlias={HOST_ALIAS}")])
+            .args(["-o", "CheckHostIP=no"])
+            .args(["-o", &opt("IdentityFile", &cert.key)])
+            .args(["-o", &opt("CertificateFile", &cert.cert)])
+            .args(["-o", "IdentitiesOnly=yes"])
+            .args(["-o", "ConnectTimeout=10"])
+            .args(["-o", "LogLevel=ERROR"])
+            .args(["-p", &self.addr.port().to_string()])
+            .args(["-l", login])
+            .args(extra)
+            .arg(self.addr.ip().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Run `ssh … <remote>` with `stdin` fed to it; bounded in time.
+    async fn ssh(
+        &self,
+        cert: &ClientCert,
+        login: &str,
+        extra: &[&str],
+        remote: &str,
+        stdin: Option<&[u8]>,
+    ) -> Output {
+        let mut cmd = self.ssh_command(cert, login, extra);
+        cmd.arg(remote);
+        if stdin.is_some() {
+            cmd.stdin(Stdio::piped());
+        }
+        let mut child = cmd.spawn().unwrap();
+        if let Some(input) = stdin {
+            let mut w = child.stdin.take().unwrap();
+            w.write_all(input).await.unwrap();
+            drop(w);
+        }
+        let out = tokio::time::timeout(SSH_TIMEOUT, child.wait_with_output())
+            .await
+            .expect("ssh did not finish in time")
+            .unwrap();
+        let out = Output {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        eprintln!("ssh {remote:?} -> {out:?}");
+        out
+    }
+
+    async fn rejected_reason(&self, cert: &ClientCert, login: &str) -> String {
+        let out = self
+            .ssh(cert, login, &[], "echo should-not-run", None)
+            .await;
+        assert_eq!(out.code, Some(255), "{out:?}");
+        assert!(!out.stdout.contains("should-not-run"));
+        assert!(out.stderr.contains("Permission denied"), "{out:?}");
+        let event = self
+            .audit
+            .wait_for("session.rejected", |e| e["login"] == login)
+            .await;
+        assert_eq!(event["node"], "node-1");
+        assert!(
+            event["source_addr"]
+                .as_str()
+                .unwrap()
+                .starts_with("127.0.0.1:")
+        );
+        assert!(self.audit.events("session.start").is_empty());
+        event["reason"].as_str().unwrap().to_string()
+    }
+}
+
+#[derive(Debug)]
+struct Output {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_echo_over_host_certificate_with_audit() {
+    let f = Fixture::start().await;
+    let cert = f.cert(&CertSpec::for_login(&f.login));
+    let out = f.ssh(&cert, &f.login, &[], "echo hi", None).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(out.stdout, "hi\n");
+
+    let start = f.audit.wait_for("session.start", |_| true).await;
+    assert_eq!(start["user"], "alice");
+    assert_eq!(start["login"], f.login.as_str());
+    assert_eq!(start["node"], "node-1");
+    let session_id = start["session_id"].as_str().unwrap().to_string();
+    assert_eq!(session_id.len(), 36, "uuid: {session_id}");
+    let exec = f.audit.wait_for("exec", |_| true).await;
+    assert_eq!(exec["command"], "echo hi");
+    assert_eq!(exec["session_id"], session_id.as_str());
+    let end = f.audit.wait_for("session.end", |_| true).await;
+    assert_eq!(end["session_id"], session_id.as_str());
+    assert_eq!(end["exit_code"], 0);
+    assert_eq!(end["bytes_out"], 3);
+    assert!(end["duration_ms"].is_u64());
+    assert!(f.audit.events("session.rejected").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_status_stdin_and_stderr() {
+    let f = Fixture::start().await;
+    let cert = f.cert(&CertSpec::for_login(&f.login));
+    let out = f.ssh(&cert, &f.login, &[], "exit 3", None).await;
+    assert_eq!(out.code, Some(3), "{out:?}");
+
+    let out = f
+        .ssh(
+            &cert,
+            &f.login,
+            &[],
+            "cat; echo err >&2",
+            Some(b"from stdin\n"),
+        )
+        .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(out.stdout, "from stdin\n");
+    assert!(out.stderr.contains("err"), "{out:?}");
+    let end = f
+        .audit
+        .wait_for("session.end", |e| e["bytes_in"] == 11)
+        .await;
+    assert_eq!(end["exit_code"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_by_signal_reports_exit_signal() {
+    let f = Fixture::start().await;
+    let cert = f.cert(&CertSpec::for_login(&f.login));
+    let out = f.ssh(&cert, &f.login, &[], "kill -TERM $$", None).await;
+    // OpenSSH exits 255 when the remote command was killed by a signal.
+    assert_eq!(out.code, Some(255), "{out:?}");
+    let end = f.audit.wait_for("session.end", |_| true).await;
+    assert_eq!(end["exit_signal"], "TERM", "{end}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pty_exec_and_permit_pty() {
+    let f = Fixture::start().await;
+    let cert = f.cert(&CertSpec::for_login(&f.login));
+    let out = f
+        .ssh(
+            &cert,
+            &f.login,
+            &["-tt"],
+            "tty; test -t 0 && echo is-a-tty; echo $TERM",
+            None,
+        )
+        .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("/dev/pts/"), "{out:?}");
+    assert!(out.stdout.contains("is-a-tty"), "{out:?}");
+    let start = f.audit.wait_for("session.start", |_| true).await;
+    assert_eq!(start["tty"], true);
+
+    let out = f.ssh(&cert, &f.login, &["-tt"], "exit 5", None).await;
+    assert_eq!(out.code, Some(5), "{out:?}");
+
+    // Without permit-pty the PTY is refused (with -tt the OpenSSH client then gives up).
+    let no_pty = f.cert(&CertSpec {
+        pty: false,
+        ..CertSpec::for_login(&f.login)
+    });
+    let out = f
+        .ssh(
+            &no_pty,
+            &f.login,
+            &["-tt"],
+            "test -t 0 && echo is-a-tty",
+            None,
+        )
+        .await;
+    assert!(
+        out.stderr.contains("PTY allocation request failed"),
+        "{out:?}"
+    );
+    assert!(!out.stdout.contains("is-a-tty"), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interactive_pty_shell() {
+    let f = Fixture::start().await;
+    let cert = f.cert(&CertSpec::for_login(&f.login));
+    let mut cmd = f.ssh_command(&cert, &f.login, &["-tt"]);
+    cmd.stdin(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"stty size; echo shell-$((40+2)); exit 7\n")
+        .await
+        .unwrap();
+    let out = tokio::time::timeout(SSH_TIMEOUT, child.wait_with_output())
+        .await
+        .expect("ssh did not finish in time")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("shell-42"), "{stdout}");
+    assert_eq!(out.status.code(), Some(7), "{stdout}");
+    drop(stdin);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn env_requests_reach_the_command() {
+    let f = Fixture::start().await;
+    let cert = f.cert(&CertSpec::for_login(&f.login));
+    let out = f
+        .ssh(
+            &cert,
+            &f.login,
+            &["-o", "SetEnv=FOO=bar LD_PRELOAD=/nope"],
+            "echo \"$FOO\"; echo \"[$LD_PRELOAD]\"; echo \"$USER $HOME\"",
+            None,
+        )
+        .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines[0], "bar");
+    assert_eq!(lines[1], "[]", "LD_PRELOAD must be refused");
+    assert!(lines[2].starts_with(&format!("{} /", f.login)), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_login_not_in_principals() {
+    let f = Fixture::start().await;
+    let cert = f.cert(&CertSpec::for_login("somebody-else"));
+    let reason = f.rejected_reason(&cert, &f.login).await;
+    assert_eq!(
+        reason,
+        format!("login `{}` not in certificate principals", f.login)
+    );
+    let event = &f.audit.events("session.rejected")[0];
+    assert_eq!(event["user"], "alice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_expired_certificate() {
+    let f = Fixture::start().await;
+    let cert = f.cert(&CertSpec {
+        signed_at: -7200,
+        expires_in: -3600,
+        ..CertSpec::for_login(&f.login)
+    });
+    let reason = f.rejected_reason(&cert, &f.login).await;
+    assert!(reason.contains("expired"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_certificate_from_another_ca() {
+    let f = Fixture::start().await;
+    let other = SshCa::generate().unwrap();
+    let cert = f.cert_from(&other, &CertSpec::for_login(&f.login));
+    let reason = f.rejected_reason(&cert, &f.login).await;
+    assert_eq!(reason, "certificate not signed by this cluster's user CA");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_by_rbac_node_labels() {
+    let f = Fixture::start().await;
+    let cert = f.cert(&CertSpec {
+        roles: &["prod-only"],
+        ..CertSpec::for_login(&f.login)
+    });
+    let reason = f.rejected_reason(&cert, &f.login).await;
+    assert_eq!(
+        reason,
+        "access denied: no role's node labels match this node"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_unknown_login_user() {
+    let f = Fixture::start().await;
+    let login = "gh-no-such-user";
+    let cert = f.cert(&CertSpec::for_login(login));
+    let reason = f.rejected_reason(&cert, login).await;
+    assert_eq!(
+        reason,
+        format!("login user `{login}` does not exist on this host")
+    );
+}
+
+/// A throwaway system account, removed on drop.
+struct TempUser(String);
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("userdel")
+            .args(["-r", &self.0])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_as_another_user_with_groups_home_and_shell() {
+    if !is_root()
+        || std::process::Command::new("useradd")
+            .arg("-h")
+            .output()
+            .is_err()
+    {
+        eprintln!("skipped: needs root and useradd");
+        return;
+    }
+    let name = format!("ghssh{}", std::process::id());
+    let status = std::process::Command::new("useradd")
+        .args(["-m", "-s", "/bin/sh", "-G", "users", &name])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _user = TempUser(name.clone());
+
+    let f = Fixture::start().await;
+    let cert = f.cert(&CertSpec::for_login(&name));
+    let out = f
+        .ssh(
+            &cert,
+            &name,
+            &["-o", "SetEnv=FOO=bar"],
+            "id -un; id -Gn; pwd; echo \"$HOME $SHELL $FOO\"",
+            None,
+        )
+        .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines[0], name);
+    assert!(lines[1].split(' ').any(|g| g == "users"), "{out:?}");
+    let home = format!("/home/{name}");
+    assert_eq!(lines[2], home);
+    assert_eq!(lines[3], format!("{home} /bin/sh bar"));
+
+    // The PTY belongs to the login user.
+    let out = f
+        .ssh(&cert, &name, &["-tt"], "stat -c %U $(tty)", None)
+        .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains(&name), "{out:?}");
+}

@@ -1,0 +1,354 @@
+//! Reaching nodes through the Proxy: `gsh ls`, `gsh ssh`, `gsh proxy ssh` (OpenSSH
+//! ProxyCommand), `gsh proxy tcp` and `gsh config`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use bytes::{Bytes, BytesMut};
+use gatehouse_agent::dataplane::session_proto::{
+    self, ALPN_SSH, ALPN_TCP, PROXY_SERVER_NAME, SessionRequest, SessionResponse,
+};
+use gatehouse_controlplane::proto;
+use gatehouse_controlplane::tls::{Trust, client_config_with_alpn};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{
+    Profile, SSH_CERT_FILE, SSH_KEY_FILE, connect, identity_endpoint, print_table, rpc_error,
+};
+
+type ProxyStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+fn proxy_of(profile: &Profile) -> anyhow::Result<String> {
+    profile
+        .proxy_addr
+        .clone()
+        .context("this profile has no proxy; log in with `gsh login --proxy HOST:PORT`")
+}
+
+fn read(dir: &Path, name: &str) -> anyhow::Result<String> {
+    std::fs::read_to_string(dir.join(name))
+        .with_context(|| format!("reading {} (run gsh login)", dir.join(name).display()))
+}
+
+/// TLS to the Proxy with the user's certificate, for `alpn`.
+async fn dial_proxy(dir: &Path, profile: &Profile, alpn: &[u8]) -> anyhow::Result<ProxyStream> {
+    let addr = proxy_of(profile)?;
+    let config = client_config_with_alpn(
+        &Trust::CaPem(read(dir, "ca.pem")?),
+        Some((&read(dir, "tls.crt")?, &read(dir, "tls.key")?)),
+        &[alpn],
+    )?;
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .with_context(|| format!("cannot reach the proxy at {addr}"))?;
+    tcp.set_nodelay(true)?;
+    let name = rustls::pki_types::ServerName::try_from(PROXY_SERVER_NAME)?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::clone(&config))
+        .connect(name, tcp)
+        .await
+        .with_context(|| {
+            format!("TLS with the proxy at {addr} failed (expired certificate? run gsh login)")
+        })?;
+    Ok(tls)
+}
+
+/// Ask the Proxy for a session; returns the stream, the answer and bytes that followed it.
+async fn open_session(
+    dir: &Path,
+    profile: &Profile,
+    alpn: &[u8],
+    request: &SessionRequest,
+) -> anyhow::Result<(ProxyStream, SessionResponse, Bytes)> {
+    let mut tls = dial_proxy(dir, profile, alpn).await?;
+    tls.write_all(&session_proto::encode(request)).await?;
+    tls.flush().await?;
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        if let Some(resp) = session_proto::decode::<SessionResponse>(&mut buf)? {
+            return Ok((tls, resp, buf.freeze()));
+        }
+        if tls.read_buf(&mut buf).await? == 0 {
+            bail!(
+                "the proxy closed the connection without answering (is your certificate still valid? run gsh status)"
+            );
+        }
+    }
+}
+
+fn refusal(resp: &SessionResponse) -> anyhow::Error {
+    anyhow::anyhow!("{}", resp.error)
+}
+
+/// Copy both ways between the session and (reader, writer) until both directions end.
+async fn bridge<R, W>(
+    tls: ProxyStream,
+    leftover: Bytes,
+    mut input: R,
+    mut output: W,
+) -> anyhow::Result<()>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    output.write_all(&leftover).await?;
+    output.flush().await?;
+    let up = async {
+        let r = tokio::io::copy(&mut input, &mut wr).await;
+        let _ = wr.shutdown().await;
+        r
+    };
+    let down = async {
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            let n = rd.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            output.write_all(buf.get(..n).unwrap_or_default()).await?;
+            output.flush().await?;
+        }
+        let _ = output.shutdown().await;
+        Ok::<_, std::io::Error>(())
+    };
+    // When the node closes the session, stop even if our input is still open (a terminal).
+    tokio::select! {
+        r = down => r?,
+        r = async { let r = up.await; std::future::pending::<()>().await; r } => { r?; }
+    }
+    Ok(())
+}
+
+/// `gsh proxy ssh LOGIN@HOST:PORT`: HOST may carry the `.CLUSTER` suffix OpenSSH users type.
+pub async fn proxy_ssh(dir: &Path, spec: &str) -> anyhow::Result<()> {
+    let profile = Profile::load(dir)?;
+    let (login, rest) = spec.rsplit_once('@').unwrap_or(("", spec));
+    let host = match rest.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => rest,
+    };
+    let suffix = format!(".{}", profile.cluster);
+    let target = host.strip_suffix(&suffix).unwrap_or(host);
+    let req = SessionRequest {
+        target: target.to_owned(),
+        login: login.to_owned(),
+    };
+    let (tls, resp, leftover) = open_session(dir, &profile, ALPN_SSH, &req).await?;
+    if !resp.ok {
+        return Err(refusal(&resp));
+    }
+    bridge(tls, leftover, tokio::io::stdin(), tokio::io::stdout()).await
+}
+
+/// `gsh proxy tcp APP --listen ADDR`: forward local connections to an app behind the Proxy.
+pub async fn proxy_tcp(dir: &Path, app: &str, listen: &str) -> anyhow::Result<()> {
+    let profile = Profile::load(dir)?;
+    proxy_of(&profile)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    println!(
+        "Forwarding {} -> app {app} through {}",
+        listener.local_addr()?,
+        proxy_of(&profile)?
+    );
+    loop {
+        let (local, peer) = listener.accept().await?;
+        let (dir, profile, app) = (dir.to_owned(), profile.clone(), app.to_owned());
+        tokio::spawn(async move {
+            let req = SessionRequest {
+                target: app.clone(),
+                login: String::new(),
+            };
+            match open_session(&dir, &profile, ALPN_TCP, &req).await {
+                Ok((tls, resp, leftover)) if resp.ok => {
+                    let _ = local.set_nodelay(true);
+                    let (r, w) = local.into_split();
+                    if let Err(e) = bridge(tls, leftover, r, w).await {
+                        eprintln!("gsh: {peer}: {e:#}");
+                    }
+                }
+                Ok((_, resp, _)) => eprintln!("gsh: {peer}: {}", resp.error),
+                Err(e) => eprintln!("gsh: {peer}: {e:#}"),
+            }
+        });
+    }
+}
+
+async fn nodes(dir: &Path, profile: &Profile) -> anyhow::Result<Vec<proto::Node>> {
+    let mut client = connect(&identity_endpoint(dir, &profile.auth_addr)?).await?;
+    Ok(client
+        .list_nodes(proto::ListNodesRequest {})
+        .await
+        .map_err(rpc_error)?
+        .into_inner()
+        .nodes)
+}
+
+fn matches(node: &proto::Node, selector: &[(String, String)]) -> bool {
+    selector.iter().all(|(k, v)| node.labels.get(k) == Some(v))
+}
+
+fn parse_selector(items: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    items
+        .iter()
+        .flat_map(|i| i.split(','))
+        .filter(|i| !i.is_empty())
+        .map(|i| {
+            i.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .with_context(|| format!("`{i}`: expected KEY=VALUE"))
+        })
+        .collect()
+}
+
+pub async fn ls(dir: &Path, labels: &[String], format: &str) -> anyhow::Result<()> {
+    let profile = Profile::load(dir)?;
+    let selector = parse_selector(labels)?;
+    let mut list: Vec<proto::Node> = nodes(dir, &profile)
+        .await?
+        .into_iter()
+        .filter(|n| matches(n, &selector))
+        .collect();
+    list.sort_by(|a, b| a.name.cmp(&b.name));
+    if format == "json" {
+        let v: Vec<_> = list
+            .iter()
+            .map(|n| serde_json::json!({ "name": n.name, "host_id": n.host_id, "labels": n.labels, "services": n.services }))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|n| {
+            let mut labels: Vec<String> =
+                n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
+            vec![
+                n.name.clone(),
+                n.host_id.clone(),
+                labels.join(","),
+                n.services.join(","),
+            ]
+        })
+        .collect();
+    print_table(&["Node", "Host id", "Labels", "Services"], &rows);
+    Ok(())
+}
+
+fn gsh_exe() -> String {
+    std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "gsh".into())
+}
+
+fn proxy_command(dir: &Path) -> String {
+    let home = if std::env::var_os("GATEHOUSE_HOME").is_some() {
+        format!("env GATEHOUSE_HOME={} ", dir.display())
+    } else {
+        String::new()
+    };
+    format!("{home}{} proxy ssh %r@%h:%p", gsh_exe())
+}
+
+/// `gsh ssh [login@]target [command]` runs OpenSSH through `gsh proxy ssh`.
+pub async fn ssh(dir: &Path, target: &str, command: &[String], tty: bool) -> anyhow::Result<i32> {
+    let profile = Profile::load(dir)?;
+    proxy_of(&profile)?;
+    let (login, node) = match target.rsplit_once('@') {
+        Some((l, n)) => (l.to_owned(), n.to_owned()),
+        None => (
+            std::env::var("USER").unwrap_or_else(|_| "root".into()),
+            target.to_owned(),
+        ),
+    };
+    // A label selector names no host the host certificate could match: resolve it first.
+    let host = if node.contains('=') {
+        let selector = parse_selector(std::slice::from_ref(&node))?;
+        let found: Vec<proto::Node> = nodes(dir, &profile)
+            .await?
+            .into_iter()
+            .filter(|n| matches(n, &selector))
+            .collect();
+        match found.as_slice() {
+            [one] => one.name.clone(),
+            [] => bail!("no node matches `{node}`"),
+            many => bail!(
+                "`{node}` matches {} nodes: {}",
+                many.len(),
+                many.iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    } else {
+        node
+    };
+    let mut cmd = std::process::Command::new("ssh");
+    cmd.args([
+        "-F",
+        "/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "LogLevel=ERROR",
+    ])
+    .arg("-o")
+    .arg(format!("ProxyCommand={}", proxy_command(dir)))
+    .arg("-o")
+    .arg(format!(
+        "UserKnownHostsFile={}",
+        dir.join("known_hosts").display()
+    ))
+    .arg("-o")
+    .arg(format!("IdentityFile={}", dir.join(SSH_KEY_FILE).display()))
+    .arg("-o")
+    .arg(format!(
+        "CertificateFile={}",
+        dir.join(SSH_CERT_FILE).display()
+    ));
+    if tty {
+        cmd.arg("-t");
+    }
+    cmd.arg("-l").arg(&login).arg(&host);
+    if !command.is_empty() {
+        cmd.arg("--").args(command);
+    }
+    // The terminal belongs to ssh now; wait for it without holding the runtime's thread hostage.
+    let status = tokio::task::spawn_blocking(move || cmd.status())
+        .await?
+        .context("running the OpenSSH client `ssh` (is it installed?)")?;
+    Ok(status.code().unwrap_or(255))
+}
+
+/// `gsh config`: an OpenSSH config block for the cluster.
+pub async fn config(dir: &Path) -> anyhow::Result<()> {
+    let profile = Profile::load(dir)?;
+    proxy_of(&profile)?;
+    let mut names: Vec<String> = nodes(dir, &profile)
+        .await
+        .map(|ns| ns.into_iter().map(|n| n.name).collect())
+        .unwrap_or_default();
+    names.sort();
+    names.dedup();
+    let mut hosts = vec![format!("*.{}", profile.cluster)];
+    hosts.extend(names);
+    println!(
+        "# Gatehouse cluster {cluster} (generated by `gsh config`): add to ~/.ssh/config\n\
+         Host {hosts}\n    ProxyCommand {pc}\n    UserKnownHostsFile \"{kh}\"\n    IdentityFile \"{key}\"\n    CertificateFile \"{cert}\"\n    IdentitiesOnly yes\n",
+        cluster = profile.cluster,
+        hosts = hosts.join(" "),
+        pc = proxy_command(dir),
+        kh = dir.join("known_hosts").display(),
+        key = dir.join(SSH_KEY_FILE).display(),
+        cert = dir.join(SSH_CERT_FILE).display(),
+    );
+    Ok(())
+}
