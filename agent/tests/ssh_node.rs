@@ -1,5 +1,12 @@
 //! The SSH node service against the real OpenSSH client: host certificate trust, user
 //! certificate authentication, RBAC, sessions (exec, PTY, env, stdin, signals) and the audit trail.
+// Test code: a failing unwrap or panic is a failing test, which is the point.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -236,7 +243,24 @@ impl Fixture {
     }
 
     fn cert_from(&self, ca: &SshCa, spec: &CertSpec<'_>) -> ClientCert {
+        let (key, cert) = self.sign(ca, spec);
         let n = self.files.fetch_add(1, Ordering::Relaxed);
+        let key_path = self.dir.path().join(format!("id_{n}"));
+        let cert_path = self.dir.path().join(format!("id_{n}-cert.pub"));
+        std::fs::write(
+            &key_path,
+            key.to_openssh(LineEnding::LF).unwrap().as_bytes(),
+        )
+        .unwrap();
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&cert_path, cert.to_openssh().unwrap()).unwrap();
+        ClientCert {
+            key: key_path,
+            cert: cert_path,
+        }
+    }
+
+    fn sign(&self, ca: &SshCa, spec: &CertSpec<'_>) -> (PrivateKey, ssh_key::Certificate) {
         let key = PrivateKey::random(&mut rand::rngs::OsRng, Algorithm::Ed25519).unwrap();
         let now = now() as i64;
         let identity = Identity {
@@ -259,19 +283,7 @@ impl Fixture {
         let cert = ca
             .sign_user(key.public_key(), &req, (now + spec.signed_at) as u64)
             .unwrap();
-        let key_path = self.dir.path().join(format!("id_{n}"));
-        let cert_path = self.dir.path().join(format!("id_{n}-cert.pub"));
-        std::fs::write(
-            &key_path,
-            key.to_openssh(LineEnding::LF).unwrap().as_bytes(),
-        )
-        .unwrap();
-        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        std::fs::write(&cert_path, cert.to_openssh().unwrap()).unwrap();
-        ClientCert {
-            key: key_path,
-            cert: cert_path,
-        }
+        (key, cert)
     }
 
     fn ssh_command(
@@ -362,11 +374,33 @@ impl Fixture {
     }
 }
 
-#[derive(Debug)]
 struct Output {
     code: Option<i32>,
     stdout: String,
     stderr: String,
+}
+
+impl std::fmt::Debug for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let short = |s: &str| {
+            if s.len() > 300 {
+                format!(
+                    "{:?}… ({} bytes)",
+                    s.chars().take(300).collect::<String>(),
+                    s.len()
+                )
+            } else {
+                format!("{s:?}")
+            }
+        };
+        write!(
+            f,
+            "Output {{ code: {:?}, stdout: {}, stderr: {} }}",
+            self.code,
+            short(&self.stdout),
+            short(&self.stderr)
+        )
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -632,4 +666,166 @@ async fn runs_as_another_user_with_groups_home_and_shell() {
         .await;
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(out.stdout.contains(&name), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_transfer_both_ways() {
+    let f = Fixture::start().await;
+    let cert = f.cert(&CertSpec::for_login(&f.login));
+    let input: Vec<u8> = (0..20 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let started = std::time::Instant::now();
+    let out = f
+        .ssh(&cert, &f.login, &[], "cat | sha256sum", Some(&input))
+        .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let expected = {
+        use std::io::Write;
+        let mut c = std::process::Command::new("sha256sum")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(&input).unwrap();
+        String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap()
+    };
+    assert_eq!(out.stdout, expected);
+    eprintln!("20 MiB in: {:?}", started.elapsed());
+
+    let started = std::time::Instant::now();
+    let out = f
+        .ssh(&cert, &f.login, &[], "head -c 20971520 /dev/zero", None)
+        .await;
+    assert_eq!(out.code, Some(0));
+    assert_eq!(out.stdout.len(), 20 * 1024 * 1024);
+    eprintln!("20 MiB out: {:?}", started.elapsed());
+    let end = f
+        .audit
+        .wait_for("session.end", |e| e["bytes_out"] == 20 * 1024 * 1024)
+        .await;
+    assert_eq!(end["exit_code"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_closes_only_that_connection() {
+    let f = Fixture::start().await;
+    for junk in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &b"SSH-2.0-x\r\n\x00\x00\x00\x0c\x0a\x14garbagegarbage"[..],
+        &[0xffu8; 4096][..],
+    ] {
+        let mut sock = tokio::net::TcpStream::connect(f.addr).await.unwrap();
+        let _ = sock.write_all(junk).await;
+        let mut buf = Vec::new();
+        // The server answers with its banner (and maybe an error), then closes.
+        let read = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read_to_end(&mut sock, &mut buf),
+        )
+        .await;
+        assert!(read.is_ok(), "server kept a garbage connection open");
+    }
+    let cert = f.cert(&CertSpec::for_login(&f.login));
+    let out = f.ssh(&cert, &f.login, &[], "echo still-alive", None).await;
+    assert_eq!(out.stdout, "still-alive\n");
+}
+
+struct TrustAnyHost;
+
+impl russh::client::Handler for TrustAnyHost {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        // The node presents its certificate, not a bare key.
+        Ok(matches!(
+            key,
+            russh::keys::PublicKeyOrCertificate::Certificate(_)
+        ))
+    }
+}
+
+/// Everything a channel sent until it closed: (output, exit status, exit signal).
+async fn drain(
+    ch: &mut russh::Channel<russh::client::Msg>,
+) -> (String, Option<u32>, Option<russh::Sig>) {
+    let mut out = Vec::new();
+    let (mut status, mut signal) = (None, None);
+    loop {
+        let msg = tokio::time::timeout(SSH_TIMEOUT, ch.wait())
+            .await
+            .expect("channel did not close in time");
+        match msg {
+            Some(russh::ChannelMsg::Data { data }) => out.extend_from_slice(&data),
+            Some(russh::ChannelMsg::ExitStatus { exit_status }) => status = Some(exit_status),
+            Some(russh::ChannelMsg::ExitSignal { signal_name, .. }) => signal = Some(signal_name),
+            Some(russh::ChannelMsg::Close) | None => break,
+            Some(_) => {}
+        }
+    }
+    (String::from_utf8_lossy(&out).into_owned(), status, signal)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn window_change_and_signal_from_a_russh_client() {
+    let f = Fixture::start().await;
+    let (key, cert) = f.sign(&f.user_ca, &CertSpec::for_login(&f.login));
+    let key =
+        russh::keys::PrivateKey::from_openssh(key.to_openssh(LineEnding::LF).unwrap().as_bytes())
+            .unwrap();
+    let cert = russh::keys::Certificate::from_openssh(&cert.to_openssh().unwrap()).unwrap();
+    let mut config = russh::client::Config::default();
+    // Ask for the host certificate (russh clients do not by default).
+    config.preferred.host_key_certificates =
+        std::borrow::Cow::Owned(vec![russh::keys::Algorithm::Ed25519]);
+    let mut session = russh::client::connect(Arc::new(config), f.addr, TrustAnyHost)
+        .await
+        .unwrap();
+    let auth = session
+        .authenticate_openssh_cert(f.login.clone(), Arc::new(key), cert)
+        .await
+        .unwrap();
+    assert!(auth.success());
+
+    // PTY shell: a window-change before the command reaches the terminal.
+    let mut ch = session.channel_open_session().await.unwrap();
+    ch.request_pty(true, "xterm", 80, 24, 0, 0, &[])
+        .await
+        .unwrap();
+    ch.request_shell(true).await.unwrap();
+    ch.window_change(132, 43, 0, 0).await.unwrap();
+    ch.data(&b"stty size; exit 4\n"[..]).await.unwrap();
+    let (out, status, _) = drain(&mut ch).await;
+    assert!(out.contains("43 132"), "{out:?}");
+    assert_eq!(status, Some(4));
+
+    // More sessions, one after the other, than a connection may hold at once.
+    for i in 0..12 {
+        let mut ch = session.channel_open_session().await.unwrap();
+        ch.exec(true, format!("echo run-{i}")).await.unwrap();
+        let (out, status, _) = drain(&mut ch).await;
+        assert_eq!(out, format!("run-{i}\n"));
+        assert_eq!(status, Some(0));
+    }
+
+    // A signal reaches the command's process group; the client learns the signal.
+    let mut ch = session.channel_open_session().await.unwrap();
+    ch.exec(true, "echo started; sleep 30").await.unwrap();
+    let msg = tokio::time::timeout(SSH_TIMEOUT, ch.wait()).await.unwrap();
+    assert!(matches!(msg, Some(russh::ChannelMsg::Success)), "{msg:?}");
+    let msg = tokio::time::timeout(SSH_TIMEOUT, ch.wait()).await.unwrap();
+    assert!(
+        matches!(msg, Some(russh::ChannelMsg::Data { .. })),
+        "{msg:?}"
+    );
+    ch.signal(russh::Sig::INT).await.unwrap();
+    let (_, status, signal) = drain(&mut ch).await;
+    assert_eq!(status, None);
+    assert!(matches!(signal, Some(russh::Sig::INT)), "{signal:?}");
+    let end = f
+        .audit
+        .wait_for("session.end", |e| e["exit_signal"] == "INT")
+        .await;
+    assert!(end["duration_ms"].as_u64().unwrap() < 30_000);
 }

@@ -231,6 +231,8 @@ impl russh::server::Handler for ConnHandler {
                 .await;
             return Ok(());
         }
+        self.channels
+            .retain(|_, c| !c.running.as_ref().is_some_and(Running::finished));
         if self.channels.len() >= MAX_CHANNELS {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());

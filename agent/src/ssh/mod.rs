@@ -1,5 +1,6 @@
-//! The agent's SSH node service: an SSH server (russh) that serves one connection at a time over
-//! any byte stream (a reverse-tunnel stream in production, a TCP socket in tests).
+//! The agent's SSH node service: an SSH server (russh) that serves connections over any byte
+//! stream (a reverse-tunnel stream in production, a TCP socket in tests), one
+//! [`SshNode::serve`] call per connection.
 //!
 //! * Host authentication: the server presents its OpenSSH **host certificate** (signed by the
 //!   cluster's host CA), so a client with `@cert-authority * <host CA>` connects without a prompt.
@@ -12,6 +13,15 @@
 //! * Sessions: shell and exec, with or without a PTY (`pty-req` needs `permit-pty`), `env`,
 //!   `window-change`, `signal`, `exit-status` / `exit-signal`.
 //! * Audit: `session.rejected`, `session.start`, `exec`, `session.end` through [`AuditSink`].
+//!
+//! russh (0.65) refuses an expired or not-yet-valid certificate, or one whose signature does not
+//! verify, inside its own authentication code, before any handler callback sees it. Such a
+//! connection is audited once when it ends, with a reason that names these cases, since the node
+//! never learns which one it was. Every other refusal names its exact cause.
+//!
+//! Sessions get `HOME`, `USER`, `LOGNAME`, `SHELL`, `PATH`, `MAIL`, `GATEHOUSE_SESSION_ID`, and
+//! `TERM` with a PTY; `exec` runs `<shell> -c <command>`, `shell` runs `<shell> -l`, both in the
+//! user's home directory (or `/`), in a new process group (a new session with a PTY).
 //!
 //! Environment variables sent by the client (`env` requests, `ssh -o SetEnv=…`) are accepted when
 //! the name is a plain identifier (`[A-Za-z_][A-Za-z0-9_]*`, at most 128 bytes), the value has no
@@ -28,6 +38,7 @@ mod auth;
 mod handler;
 mod process;
 mod session;
+mod signals;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -97,6 +108,20 @@ pub enum SshError {
     Ssh(#[from] russh::Error),
     #[error("connection was not authenticated within {0:?}")]
     LoginTimeout(Duration),
+}
+
+/// A client that closes its socket without a disconnect message is not an error of ours.
+fn peer_went_away(e: &russh::Error) -> bool {
+    match e {
+        russh::Error::Disconnect | russh::Error::HUP => true,
+        russh::Error::IO(io) => matches!(
+            io.kind(),
+            std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+        ),
+        _ => false,
+    }
 }
 
 /// The SSH node service. Cheap to share: wrap it in an `Arc` and call [`SshNode::serve`] once per
@@ -214,7 +239,11 @@ impl SshNode {
         let result = running.await;
         grace.abort();
         self.audit_unexplained_rejection(&trace, &meta);
-        result.map_err(SshError::from)
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if peer_went_away(&e) => Ok(()),
+            Err(e) => Err(SshError::from(e)),
+        }
     }
 
     /// A connection that tried to authenticate, failed, and never showed us a certificate to

@@ -16,6 +16,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use super::SshNode;
 use super::process::{LoginUser, Program, build_command, session_env};
+use super::signals::{sig_name, signal_from_ssh, signal_to_ssh};
 
 /// Client input queued for the child beyond this many bytes stalls the connection until the
 /// child reads (russh re-opens the receive window by itself, so this is the only brake).
@@ -67,6 +68,8 @@ pub(crate) struct Running {
     budget: Arc<InputBudget>,
     pgid: Option<Pid>,
     exited: Arc<AtomicBool>,
+    /// Set once the pump has reported the end and closed the channel.
+    done: Arc<AtomicBool>,
     has_pty: bool,
     bytes_in: Arc<AtomicU64>,
     _hangup: watch::Sender<()>,
@@ -105,6 +108,12 @@ impl Running {
         }
     }
 
+    /// The session ended and its channel was closed from this side. russh does not tell the
+    /// handler when the client confirms that close, so the handler prunes finished sessions.
+    pub fn finished(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
     /// Forward a signal to the session's process group.
     pub fn signal(&self, sig: &Sig) -> Result<(), String> {
         let Some(signal) = signal_from_ssh(sig) else {
@@ -115,62 +124,6 @@ impl Running {
         }
         let pgid = self.pgid.ok_or("the session has no process group")?;
         nix::sys::signal::killpg(pgid, signal).map_err(|e| e.to_string())
-    }
-}
-
-fn signal_from_ssh(sig: &Sig) -> Option<Signal> {
-    Some(match sig {
-        Sig::ABRT => Signal::SIGABRT,
-        Sig::ALRM => Signal::SIGALRM,
-        Sig::FPE => Signal::SIGFPE,
-        Sig::HUP => Signal::SIGHUP,
-        Sig::ILL => Signal::SIGILL,
-        Sig::INT => Signal::SIGINT,
-        Sig::KILL => Signal::SIGKILL,
-        Sig::PIPE => Signal::SIGPIPE,
-        Sig::QUIT => Signal::SIGQUIT,
-        Sig::SEGV => Signal::SIGSEGV,
-        Sig::TERM => Signal::SIGTERM,
-        Sig::USR1 => Signal::SIGUSR1,
-        Sig::Custom(name) => format!("SIG{name}").parse().ok()?,
-    })
-}
-
-fn signal_to_ssh(signal: i32) -> Sig {
-    match Signal::try_from(signal) {
-        Ok(Signal::SIGABRT) => Sig::ABRT,
-        Ok(Signal::SIGALRM) => Sig::ALRM,
-        Ok(Signal::SIGFPE) => Sig::FPE,
-        Ok(Signal::SIGHUP) => Sig::HUP,
-        Ok(Signal::SIGILL) => Sig::ILL,
-        Ok(Signal::SIGINT) => Sig::INT,
-        Ok(Signal::SIGKILL) => Sig::KILL,
-        Ok(Signal::SIGPIPE) => Sig::PIPE,
-        Ok(Signal::SIGQUIT) => Sig::QUIT,
-        Ok(Signal::SIGSEGV) => Sig::SEGV,
-        Ok(Signal::SIGTERM) => Sig::TERM,
-        Ok(Signal::SIGUSR1) => Sig::USR1,
-        Ok(other) => Sig::Custom(other.as_str().trim_start_matches("SIG").to_string()),
-        Err(_) => Sig::Custom(format!("{signal}")),
-    }
-}
-
-/// The SSH name of a signal (`TERM`, `USR2`).
-fn sig_name(sig: &Sig) -> String {
-    match sig {
-        Sig::ABRT => "ABRT".into(),
-        Sig::ALRM => "ALRM".into(),
-        Sig::FPE => "FPE".into(),
-        Sig::HUP => "HUP".into(),
-        Sig::ILL => "ILL".into(),
-        Sig::INT => "INT".into(),
-        Sig::KILL => "KILL".into(),
-        Sig::PIPE => "PIPE".into(),
-        Sig::QUIT => "QUIT".into(),
-        Sig::SEGV => "SEGV".into(),
-        Sig::TERM => "TERM".into(),
-        Sig::USR1 => "USR1".into(),
-        Sig::Custom(name) => name.clone(),
     }
 }
 
@@ -240,6 +193,7 @@ pub(crate) fn start(req: StartRequest<'_>) -> Result<Running, String> {
     let (hangup_tx, hangup_rx) = watch::channel(());
     let budget = Arc::new(InputBudget::default());
     let exited = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
     let bytes_in = Arc::new(AtomicU64::new(0));
     let has_pty = matches!(io, ChildIo::Pty(_));
     let pump = Pump {
@@ -250,6 +204,7 @@ pub(crate) fn start(req: StartRequest<'_>) -> Result<Running, String> {
         channel: req.channel,
         pgid,
         exited: exited.clone(),
+        done: done.clone(),
         bytes_in: bytes_in.clone(),
         hangup: hangup_rx,
         started: tokio::time::Instant::now(),
@@ -263,6 +218,7 @@ pub(crate) fn start(req: StartRequest<'_>) -> Result<Running, String> {
         budget,
         pgid,
         exited,
+        done,
         has_pty,
         bytes_in,
         _hangup: hangup_tx,
@@ -315,6 +271,7 @@ struct Pump {
     channel: ChannelId,
     pgid: Option<Pid>,
     exited: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
     bytes_in: Arc<AtomicU64>,
     hangup: watch::Receiver<()>,
     started: tokio::time::Instant,
@@ -462,6 +419,7 @@ impl Pump {
         if !hung_up_early {
             self.report_exit(status).await;
         }
+        self.done.store(true, Ordering::Release);
         self.audit_end(status, bytes_out.load(Ordering::Relaxed));
     }
 
@@ -548,19 +506,6 @@ impl Pump {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn signals_round_trip() {
-        for sig in [Sig::INT, Sig::TERM, Sig::KILL, Sig::HUP, Sig::USR1] {
-            let s = signal_from_ssh(&sig).unwrap();
-            assert_eq!(sig_name(&signal_to_ssh(s as i32)), sig_name(&sig));
-        }
-        assert_eq!(
-            signal_from_ssh(&Sig::Custom("USR2".into())),
-            Some(Signal::SIGUSR2)
-        );
-        assert_eq!(signal_from_ssh(&Sig::Custom("NOPE".into())), None);
-    }
 
     #[test]
     fn pty_sizes_are_clamped() {

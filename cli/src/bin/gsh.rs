@@ -71,6 +71,7 @@ enum Command {
         /// [login@]node (a node name, host id, or labels like env=prod).
         target: String,
         /// Command to run; an interactive shell when empty.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
         /// Force a terminal even for a command (ssh -t).
         #[arg(short = 't')]

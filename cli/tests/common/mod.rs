@@ -304,3 +304,310 @@ pub fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
+
+/// A daemon process with its banner parsed, killed on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub banner: String,
+    pub log_path: PathBuf,
+}
+
+impl Daemon {
+    /// Start `gatehouse start ARGS` and wait for its banner (the line `  Diagnostics:`).
+    pub fn start(args: &[String], log_path: PathBuf) -> Self {
+        let mut child = Command::new(bin("gatehouse"))
+            .arg("start")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn gatehouse");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let lp = log_path.clone();
+        std::thread::spawn(move || {
+            let mut log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(lp)
+                .unwrap();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = writeln!(log, "{line}");
+            }
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut all = String::new();
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                all.push_str(&line);
+                all.push('\n');
+                if !sent && line.starts_with("  Data dir:") {
+                    let _ = tx.send(all.clone());
+                    sent = true;
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(banner) => Daemon {
+                child,
+                banner,
+                log_path,
+            },
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "gatehouse {args:?} did not start; log:\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+        }
+    }
+
+    pub fn field(&self, label: &str) -> String {
+        self.banner
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(label).map(|v| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("no {label} in:\n{}", self.banner))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn stop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// Auth, a Proxy and agents as separate processes on 127.0.0.x, joined with real tokens.
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub auth: Daemon,
+    pub proxy: Daemon,
+    pub agents: Vec<Daemon>,
+    pub auth_addr: String,
+    pub proxy_addr: String,
+    pub pin: String,
+    pub cluster: String,
+    /// The OS login the tests use (the user running them).
+    pub login: String,
+}
+
+pub fn whoami() -> String {
+    let out = Command::new("id").arg("-un").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+pub fn token(data_dir: &Path, ty: &str) -> String {
+    let mut cmd = Command::new(bin("gctl"));
+    cmd.arg("--data-dir")
+        .arg(data_dir)
+        .args(["tokens", "add", "--type", ty, "--uses", "0", "--ttl", "1h"]);
+    let out = run(cmd, None).ok().stdout;
+    out.split("Join token (shown once): ")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+impl Fleet {
+    /// `agents`: (node name, labels, extra args) for each agent process.
+    pub fn start(cluster: &str, agents: &[(&str, &str, Vec<String>)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = |p: &str| dir.path().join(p).display().to_string();
+        let auth = Daemon::start(
+            &[
+                "--roles".into(),
+                "auth".into(),
+                "--cluster-name".into(),
+                cluster.into(),
+                "--auth-addr".into(),
+                "127.0.0.1:0".into(),
+                "--diag-addr".into(),
+                "127.0.0.1:0".into(),
+                "--data-dir".into(),
+                d("auth"),
+            ],
+            dir.path().join("auth.log"),
+        );
+        let auth_addr = auth.field("Auth API:");
+        let pin = auth.field("CA pin:");
+        let proxy_token = token(&dir.path().join("auth"), "proxy");
+        let node_token = token(&dir.path().join("auth"), "node");
+        let proxy = Daemon::start(
+            &[
+                "--roles".into(),
+                "proxy".into(),
+                "--auth".into(),
+                auth_addr.clone(),
+                "--token".into(),
+                proxy_token,
+                "--ca-pin".into(),
+                pin.clone(),
+                "--proxy-addr".into(),
+                "127.0.0.2:0".into(),
+                "--diag-addr".into(),
+                "127.0.0.2:0".into(),
+                "--data-dir".into(),
+                d("proxy"),
+                "--node-name".into(),
+                "proxy1".into(),
+            ],
+            dir.path().join("proxy.log"),
+        );
+        let proxy_addr = proxy.field("Proxy:");
+        let mut fleet = Fleet {
+            auth,
+            proxy,
+            agents: vec![],
+            auth_addr,
+            proxy_addr,
+            pin,
+            cluster: cluster.into(),
+            login: whoami(),
+            dir,
+        };
+        for (i, (name, labels, extra)) in agents.iter().enumerate() {
+            let ip = format!("127.0.0.{}", 3 + i);
+            let mut args: Vec<String> = vec![
+                "--roles".into(),
+                "agent".into(),
+                "--proxy".into(),
+                fleet.proxy_addr.clone(),
+                "--token".into(),
+                node_token.clone(),
+                "--ca-pin".into(),
+                fleet.pin.clone(),
+                "--node-name".into(),
+                name.to_string(),
+                "--labels".into(),
+                labels.to_string(),
+                "--diag-addr".into(),
+                format!("{ip}:0"),
+                "--data-dir".into(),
+                fleet.dir.path().join(name).display().to_string(),
+            ];
+            args.extend(extra.iter().cloned());
+            let agent = Daemon::start(&args, fleet.dir.path().join(format!("{name}.log")));
+            fleet.agents.push(agent);
+        }
+        fleet
+    }
+
+    pub fn auth_data(&self) -> PathBuf {
+        self.dir.path().join("auth")
+    }
+
+    pub fn gctl(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(bin("gctl"));
+        cmd.arg("--data-dir")
+            .arg(self.auth_data())
+            .args(args)
+            .env_remove("GATEHOUSE_AUTH");
+        run(cmd, None)
+    }
+
+    pub fn gsh(&self, home: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(bin("gsh"));
+        cmd.args(args)
+            .env("GATEHOUSE_HOME", home)
+            .env_remove("GATEHOUSE_AUTH")
+            .env_remove("GATEHOUSE_PROXY");
+        run(cmd, stdin)
+    }
+
+    /// Create a user and log them in through the proxy into `home`.
+    pub fn user(&self, home: &Path, name: &str, roles: &str, logins: &str, extra: &[&str]) {
+        let out = self
+            .gctl(&["users", "add", name, "--roles", roles, "--logins", logins])
+            .ok();
+        let pw = out.stdout.lines().last().unwrap().trim().to_string();
+        let mut args = vec![
+            "login",
+            "--proxy",
+            &self.proxy_addr,
+            "--user",
+            name,
+            "--password-stdin",
+            "--ca-pin",
+            &self.pin,
+        ];
+        args.extend_from_slice(extra);
+        self.gsh(home, &args, Some(&format!("{pw}\n"))).ok();
+    }
+
+    /// Wait until Auth lists `n` nodes (heartbeats flow agent → proxy → Auth).
+    pub fn wait_for_nodes(&self, home: &Path, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.gsh(home, &["ls", "--format", "json"], None);
+            if out.status == 0 {
+                let v: Vec<serde_json::Value> =
+                    serde_json::from_str(&out.stdout).unwrap_or_default();
+                if v.len() >= n {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nodes did not show up: {}\n{}",
+                out.stdout,
+                out.stderr
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    pub fn events(&self, ty: &str) -> Vec<serde_json::Value> {
+        let out = self
+            .gctl(&["events", "--type", ty, "--format", "json"])
+            .ok();
+        out.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Write the `gsh config` block for OpenSSH and return its path.
+    pub fn ssh_config(&self, home: &Path) -> PathBuf {
+        let out = self.gsh(home, &["config"], None).ok();
+        let path = home.join("ssh_config");
+        std::fs::write(&path, out.stdout).unwrap();
+        path
+    }
+}
+
+/// The real OpenSSH client with a config file.
+pub fn openssh(
+    config: &Path,
+    extra: &[&str],
+    dest: &str,
+    command: &[&str],
+    stdin: Option<&str>,
+) -> Output {
+    let mut cmd = Command::new("ssh");
+    cmd.arg("-F")
+        .arg(config)
+        .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"])
+        .args(extra)
+        .arg(dest)
+        .args(command);
+    run(cmd, stdin)
+}
