@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -41,13 +40,43 @@ pub struct TunnelClientConfig {
     pub tunnel: tunnel::Config,
 }
 
-/// What the agent reports about its tunnel (for /readyz and /metrics).
+/// What the agent reports about its tunnel (for /readyz and /metrics, `gatehouse_agent_*`).
 #[derive(Debug, Default)]
 pub struct TunnelStatus {
-    pub connected: AtomicBool,
-    pub connects: AtomicU64,
-    pub streams_served: AtomicU64,
-    pub stream_failures: AtomicU64,
+    pub connected: prometheus_client::metrics::gauge::Gauge,
+    pub connects: prometheus_client::metrics::counter::Counter,
+    pub streams_served: prometheus_client::metrics::counter::Counter,
+    pub stream_failures: prometheus_client::metrics::counter::Counter,
+}
+
+impl TunnelStatus {
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        let r = registry.sub_registry_with_prefix("gatehouse_agent");
+        r.register(
+            "tunnel_connected",
+            "1 while the reverse tunnel to the proxy is up",
+            self.connected.clone(),
+        );
+        r.register(
+            "tunnel_connects",
+            "Tunnels established (reconnects included)",
+            self.connects.clone(),
+        );
+        r.register(
+            "streams_served",
+            "Sessions served (SSH and TCP apps)",
+            self.streams_served.clone(),
+        );
+        r.register(
+            "stream_failures",
+            "Sessions that could not reach their local target",
+            self.stream_failures.clone(),
+        );
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.get() > 0
+    }
 }
 
 /// Start the tunnel client on its own thread. It runs until the process ends.
@@ -101,12 +130,12 @@ async fn run(
         let started = Instant::now();
         match dial(&tls, &config.proxy_addr).await {
             Ok(stream) => {
-                status.connected.store(true, Ordering::Release);
-                status.connects.fetch_add(1, Ordering::Relaxed);
+                status.connected.set(1);
+                status.connects.inc();
                 tracing::info!(proxy = %config.proxy_addr, "agent: tunnel up");
                 let reason =
                     serve_tunnel(stream, &config, &identity, ssh.clone(), &sessions, &status).await;
-                status.connected.store(false, Ordering::Release);
+                status.connected.set(0);
                 tracing::warn!(proxy = %config.proxy_addr, %reason, "agent: tunnel down; reconnecting");
                 // A tunnel that held for a while starts the backoff over.
                 if started.elapsed() > Duration::from_secs(30) {
@@ -247,7 +276,7 @@ async fn serve_stream(
         };
         let (near, far) = tokio::io::duplex(64 * 1024);
         sessions.spawn(ssh.serve(far, source));
-        status.streams_served.fetch_add(1, Ordering::Relaxed);
+        status.streams_served.inc();
         tokio::task::spawn_local(async move {
             handle.splice(near, Bytes::new()).await;
         });
@@ -280,11 +309,11 @@ async fn serve_stream(
                     let Ok(handle) = tunnel.accept(stream) else {
                         return;
                     };
-                    status.streams_served.fetch_add(1, Ordering::Relaxed);
+                    status.streams_served.inc();
                     handle.splice(tcp, Bytes::new()).await;
                 }
                 Ok(Err(e)) => {
-                    status.stream_failures.fetch_add(1, Ordering::Relaxed);
+                    status.stream_failures.inc();
                     tunnel.reject(
                         stream,
                         code::UNAVAILABLE,
@@ -292,7 +321,7 @@ async fn serve_stream(
                     );
                 }
                 Err(_) => {
-                    status.stream_failures.fetch_add(1, Ordering::Relaxed);
+                    status.stream_failures.inc();
                     tunnel.reject(
                         stream,
                         code::UNAVAILABLE,

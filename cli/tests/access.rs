@@ -93,6 +93,34 @@ fn openssh_through_the_proxy_exec_exit_code_and_interactive_pty() {
         assert!(Instant::now() < deadline, "exec events missing: {execs:?}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Diagnostics on the proxy and the agents.
+    let diag = |d: &common::Daemon| {
+        d.field("Diagnostics:")
+            .trim_start_matches("http://")
+            .trim_end_matches("/metrics")
+            .to_string()
+    };
+    let (code, metrics) = common::http_get(&diag(&f.proxy), "/metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("gatehouse_proxy_tunnels 2"), "{metrics}");
+    assert!(
+        metrics.contains("gatehouse_proxy_bytes_forwarded_total{direction=\"to_user\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gatehouse_proxy_dial_failures_total")
+            || metrics.contains("gatehouse_proxy_sessions_total"),
+        "{metrics}"
+    );
+    assert_eq!(common::http_get(&diag(&f.proxy), "/readyz").0, 200);
+    let (code, agent_metrics) = common::http_get(&diag(&f.agents[0]), "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        agent_metrics.contains("gatehouse_agent_tunnel_connected 1"),
+        "{agent_metrics}"
+    );
+    assert_eq!(common::http_get(&diag(&f.agents[0]), "/healthz").0, 200);
+    assert_eq!(common::http_get(&diag(&f.agents[0]), "/readyz").0, 200);
     let ends = f.events("session.end");
     assert!(
         ends.iter()

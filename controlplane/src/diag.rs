@@ -11,16 +11,51 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 pub use prometheus_client::registry::Registry;
 
-/// Set by the daemon once every role it runs is ready; cleared while shutting down.
-#[derive(Debug, Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+/// A readiness check: `Err(reason)` while the role cannot serve.
+pub type ReadyCheck = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Set by the daemon once every role it runs has started; roles add live checks (an agent is
+/// ready only while its tunnel is up). Cleared while shutting down.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    started: Arc<AtomicBool>,
+    checks: Arc<std::sync::Mutex<Vec<ReadyCheck>>>,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness")
+            .field("started", &self.started.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
+        self.started.store(ready, Ordering::Release);
     }
-    pub fn get(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+
+    pub fn add_check(&self, check: ReadyCheck) {
+        if let Ok(mut c) = self.checks.lock() {
+            c.push(check);
+        }
+    }
+
+    /// `Ok` when started and every check passes; else the reasons.
+    pub fn get(&self) -> Result<(), String> {
+        if !self.started.load(Ordering::Acquire) {
+            return Err("starting or stopping".into());
+        }
+        let checks = self
+            .checks
+            .lock()
+            .map_err(|_| "readiness checks poisoned".to_string())?;
+        let failed: Vec<String> = checks.iter().filter_map(|c| c().err()).collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
     }
 }
 
@@ -50,10 +85,12 @@ pub async fn bind(
 }
 
 async fn readyz(State(s): State<DiagState>) -> impl IntoResponse {
-    if s.ready.get() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    match s.ready.get() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }
 

@@ -419,6 +419,17 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     }
 
     let ready = Readiness::default();
+    if let Some(a) = &agent {
+        a.status.register(&mut registry);
+        let status = Arc::clone(&a.status);
+        ready.add_check(Box::new(move || {
+            if status.is_connected() {
+                Ok(())
+            } else {
+                Err("agent tunnel is down".into())
+            }
+        }));
+    }
     let (diag_addr, diag_server) =
         diag::bind(config.diag.listen, Arc::new(registry), ready.clone())
             .await
