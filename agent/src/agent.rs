@@ -11,7 +11,7 @@ use gatehouse_controlplane::proto;
 use gatehouse_controlplane::resources::{Resource, Role};
 
 use crate::host::HostIdentity;
-use crate::runner::{SshService, TunnelClientConfig, TunnelStatus};
+use crate::runner::{SshService, StreamMeta, TunnelClientConfig, TunnelStatus};
 use crate::spool::Spool;
 use crate::ssh::{AuditSink, BoxFuture, ConnMeta, RoleSource, SshNode, SshNodeConfig};
 
@@ -262,20 +262,16 @@ impl SshService for SshAdapter {
     fn serve(
         &self,
         io: tokio::io::DuplexStream,
-        source_addr: String,
+        meta: StreamMeta,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         let node = Arc::clone(&self.0);
         Box::pin(async move {
-            if let Err(e) = node
-                .serve(
-                    io,
-                    ConnMeta {
-                        source_addr: source_addr.clone(),
-                    },
-                )
-                .await
-            {
-                tracing::info!(source = %source_addr, error = %e, "ssh: connection ended with an error");
+            let conn = ConnMeta {
+                source_addr: meta.source_addr.clone(),
+                proxy_user: meta.user,
+            };
+            if let Err(e) = node.serve(io, conn).await {
+                tracing::info!(source = %meta.source_addr, error = %e, "ssh: connection ended with an error");
             }
         })
     }

@@ -24,8 +24,17 @@ pub trait SshService: Send + Sync + 'static {
     fn serve(
         &self,
         io: tokio::io::DuplexStream,
-        source_addr: String,
+        meta: StreamMeta,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+/// What the Proxy says about a stream it opened (its JSON metadata).
+#[derive(Debug, Clone, Default)]
+pub struct StreamMeta {
+    /// The user's address as the Proxy saw it.
+    pub source_addr: String,
+    /// The Gatehouse user the Proxy authenticated by X.509 certificate.
+    pub user: String,
 }
 
 #[derive(Debug, Clone)]
@@ -224,11 +233,16 @@ async fn serve_tunnel<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + 'static>
                     } => {
                         let meta: serde_json::Value =
                             serde_json::from_slice(&metadata).unwrap_or_default();
-                        let source = meta
-                            .get("source_addr")
-                            .and_then(|v| v.as_str())
-                            .unwrap_or_default()
-                            .to_owned();
+                        let field = |k: &str| {
+                            meta.get(k)
+                                .and_then(|v| v.as_str())
+                                .unwrap_or_default()
+                                .to_owned()
+                        };
+                        let source = StreamMeta {
+                            source_addr: field("source_addr"),
+                            user: field("user"),
+                        };
                         serve_stream(
                             &tunnel,
                             stream,
@@ -260,7 +274,7 @@ async fn serve_stream(
     tunnel: &Tunnel,
     stream: u32,
     target: &str,
-    source: String,
+    source: StreamMeta,
     apps: &BTreeMap<String, String>,
     ssh: Option<&Arc<dyn SshService>>,
     sessions: &tokio::runtime::Handle,

@@ -211,6 +211,7 @@ impl Fixture {
                 tokio::spawn(async move {
                     let meta = ConnMeta {
                         source_addr: peer.to_string(),
+                        ..Default::default()
                     };
                     if let Err(e) = node.serve(sock, meta).await {
                         eprintln!("serve: {e}");

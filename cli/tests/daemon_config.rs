@@ -24,7 +24,7 @@ fn config_file_sets_data_dir_name_addresses_and_json_logs() {
     std::fs::write(
         &config,
         format!(
-            "data_dir = \"{}\"\ncluster_name = \"from-config\"\n[auth]\nlisten = \"127.0.0.1:0\"\npublic_addrs = [\"auth.example.test\"]\n[diag]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\nlevel = \"info\"\n",
+            "data_dir = \"{}\"\ncluster_name = \"from-config\"\nroles = [\"auth\"]\n[auth]\nlisten = \"127.0.0.1:0\"\npublic_addrs = [\"auth.example.test\"]\n[diag]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\nlevel = \"info\"\n",
             dir.path().join("state").display()
         ),
     )

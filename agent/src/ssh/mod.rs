@@ -97,6 +97,9 @@ pub trait AuditSink: Send + Sync + 'static {
 #[derive(Debug, Clone, Default)]
 pub struct ConnMeta {
     pub source_addr: String,
+    /// The Gatehouse user the Proxy authenticated (from the X.509 certificate), if any: named
+    /// in rejections that happen before the SSH certificate could be read.
+    pub proxy_user: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -266,7 +269,7 @@ impl SshNode {
             "no certificate presented (only OpenSSH user certificates are accepted; an expired \
              or not-yet-valid certificate is refused during SSH authentication)"
         };
-        self.reject_event("", &login, reason, &meta.source_addr);
+        self.reject_event(&meta.proxy_user, &login, reason, &meta.source_addr);
     }
 
     pub(crate) fn reject_event(&self, user: &str, login: &str, reason: &str, source_addr: &str) {

@@ -118,6 +118,8 @@ impl Cluster {
         let mut child = Command::new(bin("gatehouse"))
             .args([
                 "start",
+                "--roles",
+                "auth",
                 "--auth-addr",
                 "127.0.0.1:0",
                 "--diag-addr",
