@@ -70,9 +70,16 @@ fn candidates_hint(c: &[String]) -> String {
     }
 }
 
+/// Tunnels by id, plus the newest tunnel per host and the hosts per name. Persistent maps
+/// (imbl): a copy shares structure with the original, so the copy-on-write update of a table of
+/// 15k tunnels costs O(log n), not a full clone.
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
-    entries: Vec<TunnelEntry>,
+    entries: imbl::HashMap<u64, TunnelEntry>,
+    /// host id → its tunnels (the newest, the largest id, serves it).
+    hosts: imbl::HashMap<String, imbl::OrdSet<u64>>,
+    /// node name → host ids.
+    names: imbl::HashMap<String, imbl::OrdSet<String>>,
 }
 
 fn label(e: &TunnelEntry) -> String {
@@ -84,10 +91,6 @@ fn label(e: &TunnelEntry) -> String {
 }
 
 impl RouteTable {
-    pub fn entries(&self) -> &[TunnelEntry] {
-        &self.entries
-    }
-
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -96,48 +99,83 @@ impl RouteTable {
         self.entries.is_empty()
     }
 
+    fn newest(&self, host_id: &str) -> Option<&TunnelEntry> {
+        self.hosts
+            .get(host_id)
+            .and_then(|ids| ids.get_max())
+            .and_then(|id| self.entries.get(id))
+    }
+
+    fn unname(&mut self, name: &str, host_id: &str) {
+        if let Some(set) = self.names.get(name) {
+            let set = set.without(host_id);
+            if set.is_empty() {
+                self.names.remove(name);
+            } else {
+                self.names.insert(name.to_owned(), set);
+            }
+        }
+    }
+
     /// A copy with `entry` added or replaced (by tunnel id).
     pub fn with(&self, entry: TunnelEntry) -> Self {
-        let mut entries = self.entries.clone();
-        match entries.iter_mut().find(|e| e.tunnel_id == entry.tunnel_id) {
-            Some(e) => *e = entry,
-            None => entries.push(entry),
+        let mut t = self.clone();
+        if let Some(old) = t.entries.insert(entry.tunnel_id, entry.clone())
+            && old.name != entry.name
+        {
+            t.unname(&old.name, &old.host_id);
         }
-        Self { entries }
+        let ids = t
+            .hosts
+            .get(&entry.host_id)
+            .cloned()
+            .unwrap_or_default()
+            .update(entry.tunnel_id);
+        t.hosts.insert(entry.host_id.clone(), ids);
+        if !entry.name.is_empty() {
+            let set = t
+                .names
+                .get(&entry.name)
+                .cloned()
+                .unwrap_or_default()
+                .update(entry.host_id.clone());
+            t.names.insert(entry.name.clone(), set);
+        }
+        t
     }
 
     pub fn without(&self, tunnel_id: u64) -> Self {
-        Self {
-            entries: self
-                .entries
-                .iter()
-                .filter(|e| e.tunnel_id != tunnel_id)
+        let mut t = self.clone();
+        if let Some(old) = t.entries.remove(&tunnel_id) {
+            let ids = t
+                .hosts
+                .get(&old.host_id)
                 .cloned()
-                .collect(),
+                .unwrap_or_default()
+                .without(&tunnel_id);
+            if ids.is_empty() {
+                t.hosts.remove(&old.host_id);
+                t.unname(&old.name, &old.host_id);
+            } else {
+                t.hosts.insert(old.host_id.clone(), ids);
+            }
         }
+        t
     }
 
     pub fn get(&self, tunnel_id: u64) -> Option<&TunnelEntry> {
-        self.entries.iter().find(|e| e.tunnel_id == tunnel_id)
+        self.entries.get(&tunnel_id)
     }
 
     /// The newest tunnel per host (a reconnecting agent briefly has two).
     fn live(&self) -> Vec<&TunnelEntry> {
-        let mut best: BTreeMap<&str, &TunnelEntry> = BTreeMap::new();
-        for e in &self.entries {
-            best.entry(e.host_id.as_str())
-                .and_modify(|b| {
-                    if e.tunnel_id > b.tunnel_id {
-                        *b = e
-                    }
-                })
-                .or_insert(e);
-        }
-        best.into_values().collect()
+        let mut v: Vec<&TunnelEntry> = self.hosts.keys().filter_map(|h| self.newest(h)).collect();
+        v.sort_by(|a, b| a.host_id.cmp(&b.host_id));
+        v
     }
 
     fn all_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.live().into_iter().map(label).collect();
+        let mut names: Vec<String> = self.live().into_iter().map(label).take(50).collect();
         names.sort();
         names
     }
@@ -148,7 +186,11 @@ impl RouteTable {
         if target.is_empty() || target.len() > 512 {
             return Err(RouteError::Invalid(target.to_owned()));
         }
-        let live = self.live();
+        let live = if target.contains('=') {
+            self.live()
+        } else {
+            Vec::new()
+        };
         let matches: Vec<&TunnelEntry> = if target.contains('=') {
             let mut selector = Vec::new();
             for pair in target.split(',') {
@@ -168,9 +210,14 @@ impl RouteTable {
                 })
                 .collect()
         } else {
-            match live.iter().find(|e| e.host_id == target) {
-                Some(e) => vec![*e],
-                None => live.into_iter().filter(|e| e.name == target).collect(),
+            drop(live);
+            match self.newest(target) {
+                Some(e) => vec![e],
+                None => self
+                    .names
+                    .get(target)
+                    .map(|hosts| hosts.iter().filter_map(|h| self.newest(h)).collect())
+                    .unwrap_or_default(),
             }
         };
         match matches.as_slice() {
