@@ -1,10 +1,14 @@
-//! `loadgen`: Gatehouse's bundled load generator. This version has the `logins` scenario
-//! (Auth); the data-plane scenarios (tunnels, throughput, latency, sessions, ssh) arrive with the
-//! Proxy.
+//! `loadgen`: Gatehouse's bundled load generator. Scenarios: `logins` (Auth), `tunnels` and
+//! `throughput` (the Proxy, with the direct and naive-relay baselines). `latency`, `sessions` and
+//! `ssh` are still to come.
 
+mod fleet;
 mod logins;
 mod procstat;
+mod sim_agent;
 mod spawn;
+mod throughput;
+mod tunnels;
 
 use std::path::PathBuf;
 
@@ -49,9 +53,75 @@ enum Scenario {
         #[arg(long, default_value = "10s")]
         duration: humantime::Duration,
     },
+    /// Simulated agents hold idle tunnels (real TLS, real joined certificates, heartbeats):
+    /// connect rate, Proxy memory per tunnel and Proxy CPU while idle. Spawns its own cluster.
+    Tunnels {
+        /// Tunnels to hold.
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        /// Generator processes (each from its own 127.0.0.x address; ≤ 10k tunnels each).
+        #[arg(long, default_value_t = 2)]
+        procs: usize,
+        /// Joined identities the simulated agents share (each joins with a real token).
+        #[arg(long, default_value_t = 16)]
+        identities: usize,
+        /// How long to hold the tunnels idle while measuring CPU.
+        #[arg(long, default_value = "10s")]
+        hold: humantime::Duration,
+        /// Proxy worker threads (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+    },
+    /// Bulk streams client -> middle -> sink over TLS, for each path (proxy, direct, naive
+    /// relay): GB/s and GB per CPU-second of the middle box. Spawns its own cluster.
+    Throughput {
+        /// Concurrent streams.
+        #[arg(long, default_value_t = 4)]
+        streams: usize,
+        /// How long each run lasts.
+        #[arg(long, default_value = "5s")]
+        duration: humantime::Duration,
+        /// Runs per path; the report gives medians.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Paths to measure.
+        #[arg(long, value_delimiter = ',', default_value = "direct,naive,proxy")]
+        paths: Vec<throughput::Path>,
+        /// Proxy worker threads (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+    },
+    /// (internal) a generator worker process holding simulated agents' tunnels.
+    #[command(hide = true)]
+    WorkerAgents {
+        #[arg(long)]
+        identities: PathBuf,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        proxy: std::net::SocketAddr,
+        #[arg(long)]
+        source_ip: std::net::IpAddr,
+    },
+}
+
+/// Raise the soft open-files limit to the hard one: thousands of tunnels need thousands of fds.
+fn raise_nofile() {
+    if let Ok((_, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        let _ =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn main() {
+    raise_nofile();
     let cli = Cli::parse();
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -114,5 +184,179 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             drop(spawned);
             Ok(())
         }
+        Scenario::Tunnels {
+            count,
+            procs,
+            identities,
+            hold,
+            workers,
+        } => {
+            if count == 0 || procs == 0 {
+                anyhow::bail!("--count and --procs must be at least 1");
+            }
+            let fleet = fleet::Fleet::spawn("127.0.0.2", workers).await?;
+            let cfg = tunnels::TunnelsConfig {
+                count,
+                procs,
+                identities,
+                hold: hold.into(),
+            };
+            let report = tunnels::run(&fleet, &cfg).await?;
+            tunnels::print(&report);
+            if let Some(path) = cli.json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+            }
+            Ok(())
+        }
+        Scenario::Throughput {
+            streams,
+            duration,
+            runs,
+            paths,
+            workers,
+        } => throughput_cmd(streams, duration.into(), runs, &paths, workers, cli.json).await,
+        Scenario::WorkerAgents {
+            identities,
+            count,
+            proxy,
+            source_ip,
+        } => {
+            let ids = fleet::load_identities(&identities)?;
+            let stats = std::sync::Arc::new(sim_agent::AgentStats::default());
+            sim_agent::spawn(ids, count, proxy, source_ip, std::sync::Arc::clone(&stats))?;
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                let c = stats.connected.load(std::sync::atomic::Ordering::Relaxed);
+                let f = stats.failed.load(std::sync::atomic::Ordering::Relaxed);
+                println!("STATUS {c} {f}");
+            }
+        }
+    }
+}
+
+async fn throughput_cmd(
+    streams: usize,
+    duration: std::time::Duration,
+    runs: usize,
+    paths: &[throughput::Path],
+    workers: usize,
+    json: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+    use throughput::Path;
+    if streams == 0 || runs == 0 {
+        anyhow::bail!("--streams and --runs must be at least 1");
+    }
+    let (sink, cert, key, ca) = throughput::start_sink(&format!("{}:0", throughput::sink_ip()))?;
+    let dir = tempfile::tempdir()?;
+    let mut fleet = None;
+    let mut relay = None;
+    let mut all = Vec::new();
+    let mut summary = Vec::new();
+    for path in paths {
+        let (target, pid, user) = match path {
+            Path::Direct => (sink.to_string(), None, None),
+            Path::Naive => {
+                if relay.is_none() {
+                    for (name, text) in [("cert.pem", &cert), ("key.pem", &key), ("ca.pem", &ca)] {
+                        std::fs::write(dir.path().join(name), text)?;
+                    }
+                    let exe = std::env::current_exe()?.with_file_name("naive-relay");
+                    let mut child = std::process::Command::new(&exe)
+                        .args(["--listen", "127.0.0.3:0", "--upstream", &sink.to_string()])
+                        .arg("--cert")
+                        .arg(dir.path().join("cert.pem"))
+                        .arg("--key")
+                        .arg(dir.path().join("key.pem"))
+                        .arg("--upstream-ca")
+                        .arg(dir.path().join("ca.pem"))
+                        .stdout(std::process::Stdio::piped())
+                        .spawn()
+                        .map_err(|e| {
+                            anyhow::anyhow!(
+                                "starting {} (build with cargo build --release --bins): {e}",
+                                exe.display()
+                            )
+                        })?;
+                    let mut line = String::new();
+                    if let Some(out) = child.stdout.take() {
+                        std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)?;
+                    }
+                    let addr = line
+                        .trim()
+                        .strip_prefix("LISTENING ")
+                        .unwrap_or_default()
+                        .to_string();
+                    relay = Some((ChildGuard(child), addr));
+                }
+                let (guard, addr) = relay.as_ref().ok_or_else(|| anyhow::anyhow!("no relay"))?;
+                (addr.clone(), Some(guard.0.id()), None)
+            }
+            Path::Proxy => {
+                if fleet.is_none() {
+                    let f = fleet::Fleet::spawn("127.0.0.2", workers).await?;
+                    let ids = f.join_agents(2).await?;
+                    let stats = std::sync::Arc::new(sim_agent::AgentStats::default());
+                    sim_agent::spawn(
+                        ids,
+                        2,
+                        f.proxy_addr.parse()?,
+                        throughput::sink_ip().parse()?,
+                        std::sync::Arc::clone(&stats),
+                    )?;
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                    while stats.connected.load(Ordering::Relaxed) < 2 {
+                        if std::time::Instant::now() > deadline {
+                            anyhow::bail!("simulated agents did not connect");
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    fleet = Some((f, stats));
+                }
+                let (f, _) = fleet.as_ref().ok_or_else(|| anyhow::anyhow!("no fleet"))?;
+                (
+                    f.proxy_addr.clone(),
+                    Some(f.proxy.pid()),
+                    Some(f.user.clone()),
+                )
+            }
+        };
+        let mut rates = Vec::new();
+        let mut per_cpu = Vec::new();
+        for _ in 0..runs {
+            let r =
+                throughput::run(*path, &target, user.as_ref(), &ca, streams, duration, pid).await?;
+            throughput::print(&r);
+            rates.push(r.gb_per_s);
+            if let Some(g) = r.gb_per_middle_cpu_s {
+                per_cpu.push(g);
+            }
+            all.push(r);
+        }
+        summary.push(serde_json::json!({
+            "scenario": "throughput", "path": path, "streams": streams, "runs": runs,
+            "median_gb_per_s": median(rates), "median_gb_per_middle_cpu_s": if per_cpu.is_empty() { None } else { Some(median(per_cpu)) },
+        }));
+    }
+    println!("medians:");
+    for s in &summary {
+        println!("  {s}");
+    }
+    if let Some(path) = json {
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&serde_json::json!({ "runs": all, "medians": summary }))?,
+        )?;
+    }
+    Ok(())
+}
+
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

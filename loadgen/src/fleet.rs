@@ -1,0 +1,265 @@
+//! `--spawn` for the data-plane scenarios: Auth and a Proxy as separate processes (so the
+//! Proxy's CPU and memory are its own, read from /proc), joined with real tokens, plus a user
+//! logged in and a set of joined agent identities for simulated agents.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use gatehouse_agent::host::HostIdentity;
+use gatehouse_controlplane::client::{AuthEndpoint, error_chain};
+use gatehouse_controlplane::proto;
+use gatehouse_controlplane::tls::Trust;
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    if !path.exists() {
+        bail!(
+            "--spawn needs `{name}` next to loadgen ({}); build with `cargo build --release --bins`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A child process killed on drop.
+#[derive(Debug)]
+pub struct Proc {
+    child: Child,
+    pub banner: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    fn field(&self, label: &str) -> anyhow::Result<String> {
+        self.banner
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(label).map(|v| v.trim().to_string()))
+            .with_context(|| format!("no `{label}` in the daemon's banner:\n{}", self.banner))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_daemon(args: &[&str], log: &Path) -> anyhow::Result<Proc> {
+    let log_file = std::fs::File::create(log)?;
+    let mut child = Command::new(sibling("gatehouse")?)
+        .arg("start")
+        .args(args)
+        .args(["--log-level", "warn"])
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .spawn()
+        .context("starting gatehouse")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            all.push_str(&line);
+            all.push('\n');
+            if line.starts_with("  Data dir:") {
+                let _ = tx.send(all.clone());
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(banner) => Ok(Proc { child, banner }),
+        Err(_) => {
+            let _ = child.kill();
+            bail!(
+                "gatehouse {args:?} did not start within 60 s; see {}",
+                log.display()
+            )
+        }
+    }
+}
+
+fn gctl(data: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(sibling("gctl")?)
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!("gctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn new_token(data: &Path, ty: &str) -> anyhow::Result<String> {
+    let out = gctl(
+        data,
+        &["tokens", "add", "--type", ty, "--uses", "0", "--ttl", "2h"],
+    )?;
+    out.split("Join token (shown once): ")
+        .nth(1)
+        .and_then(|r| r.lines().next())
+        .map(|t| t.trim().to_string())
+        .context("gctl printed no token")
+}
+
+/// A user's credentials for the Proxy's session ALPNs.
+#[derive(Debug, Clone)]
+pub struct UserCreds {
+    pub cert: String,
+    pub key: String,
+    pub ca: String,
+}
+
+#[derive(Debug)]
+pub struct Fleet {
+    _dir: tempfile::TempDir,
+    /// Kept alive for the run (killed on drop).
+    pub _auth: Proc,
+    pub proxy: Proc,
+    pub proxy_addr: String,
+    pub pin: String,
+    pub node_token: String,
+    pub user: UserCreds,
+}
+
+impl Fleet {
+    pub async fn spawn(proxy_ip: &str, workers: usize) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let auth_data = dir.path().join("auth");
+        let auth = start_daemon(
+            &[
+                "--roles",
+                "auth",
+                "--cluster-name",
+                "bench",
+                "--auth-addr",
+                "127.0.0.1:0",
+                "--diag-addr",
+                "127.0.0.1:0",
+                "--data-dir",
+                &auth_data.display().to_string(),
+            ],
+            &dir.path().join("auth.log"),
+        )?;
+        let auth_addr = auth.field("Auth API:")?;
+        let pin = auth.field("CA pin:")?;
+        let proxy_token = new_token(&auth_data, "proxy")?;
+        let node_token = new_token(&auth_data, "node")?;
+        let proxy = start_daemon(
+            &[
+                "--roles",
+                "proxy",
+                "--auth",
+                &auth_addr,
+                "--token",
+                &proxy_token,
+                "--ca-pin",
+                &pin,
+                "--proxy-addr",
+                &format!("{proxy_ip}:0"),
+                "--proxy-workers",
+                &workers.to_string(),
+                "--diag-addr",
+                &format!("{proxy_ip}:0"),
+                "--node-name",
+                "bench-proxy",
+                "--data-dir",
+                &dir.path().join("proxy").display().to_string(),
+            ],
+            &dir.path().join("proxy.log"),
+        )?;
+        let proxy_addr = proxy.field("Proxy:")?;
+        let out = gctl(
+            &auth_data,
+            &[
+                "users", "add", "bench", "--roles", "access", "--logins", "bench",
+            ],
+        )?;
+        let password = out.lines().last().unwrap_or_default().trim().to_string();
+        let user = login(&proxy_addr, &pin, "bench", &password).await?;
+        Ok(Self {
+            _dir: dir,
+            _auth: auth,
+            proxy,
+            proxy_addr,
+            pin,
+            node_token,
+            user,
+        })
+    }
+
+    /// Join `n` agent identities (real host certificates) through the Proxy.
+    pub async fn join_agents(&self, n: usize) -> anyhow::Result<Vec<HostIdentity>> {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let id = HostIdentity::join(
+                &self.proxy_addr,
+                &self.pin,
+                &self.node_token,
+                &format!("sim-{i}"),
+                &[],
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("joining simulated agent {i}: {e}"))?;
+            out.push(id);
+        }
+        Ok(out)
+    }
+}
+
+pub async fn login(
+    proxy: &str,
+    pin: &str,
+    user: &str,
+    password: &str,
+) -> anyhow::Result<UserCreds> {
+    let ssh =
+        ssh_key::PrivateKey::random(&mut ssh_key::rand_core::OsRng, ssh_key::Algorithm::Ed25519)?;
+    let tls = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let endpoint = AuthEndpoint {
+        addr: proxy.to_owned(),
+        trust: Trust::Pin(pin.to_owned()),
+        identity: None,
+    };
+    let mut client = endpoint
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))?;
+    let resp = client
+        .login(proto::LoginRequest {
+            user: user.into(),
+            password: password.into(),
+            ssh_public_key: ssh.public_key().to_openssh()?,
+            tls_public_key: rcgen::PublicKeyData::subject_public_key_info(&tls),
+            ttl_seconds: 0,
+        })
+        .await?
+        .into_inner();
+    let creds = resp.credentials.context("no credentials")?;
+    Ok(UserCreds {
+        cert: creds.tls_cert,
+        key: tls.serialize_pem(),
+        ca: creds.tls_ca,
+    })
+}
+
+/// Keys for identities kept in files by worker processes.
+pub fn save_identities(ids: &[HostIdentity], path: &Path) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_vec(ids)?)?;
+    Ok(())
+}
+
+pub fn load_identities(path: &Path) -> anyhow::Result<Vec<HostIdentity>> {
+    Ok(serde_json::from_slice(&std::fs::read(path)?)?)
+}

@@ -1,0 +1,196 @@
+//! Simulated agents: real tunnel protocol, real TLS, real joined identities; no SSH. They serve
+//! `tcp:sink` (read and discard) and `tcp:echo`. Each thread runs a current-thread runtime with
+//! many tunnels, as the Proxy's workers do.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use gatehouse_agent::dataplane::mux::{Tunnel, TunnelEvent};
+use gatehouse_agent::dataplane::proxy::Inventory;
+use gatehouse_agent::dataplane::session_proto::{ALPN_TUNNEL, PROXY_SERVER_NAME};
+use gatehouse_agent::dataplane::tunnel::{Config, Side, code};
+use gatehouse_agent::host::HostIdentity;
+use gatehouse_controlplane::tls::{Trust, client_config_with_alpn};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    pub connected: AtomicU64,
+    pub failed: AtomicU64,
+    pub sink_bytes: AtomicU64,
+}
+
+/// Hold `count` tunnels (identity `i % ids.len()` for tunnel `i`) from `source_ip` until the
+/// process ends. Returns at once; progress is in `stats`.
+pub fn spawn(
+    ids: Vec<HostIdentity>,
+    count: usize,
+    proxy: SocketAddr,
+    source_ip: std::net::IpAddr,
+    stats: Arc<AgentStats>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("sim-agents".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                let configs: Vec<_> = ids
+                    .iter()
+                    .filter_map(|id| {
+                        client_config_with_alpn(
+                            &Trust::CaPem(id.ca_pem.clone()),
+                            Some((&id.tls_cert, &id.tls_key)),
+                            &[ALPN_TUNNEL],
+                        )
+                        .ok()
+                    })
+                    .collect();
+                if configs.len() != ids.len() || ids.is_empty() {
+                    return;
+                }
+                // Dial with bounded concurrency: a burst of thousands of handshakes at once only queues.
+                let permits = Arc::new(tokio::sync::Semaphore::new(64));
+                for i in 0..count {
+                    let (Some(id), Some(cfg)) =
+                        (ids.get(i % ids.len()), configs.get(i % configs.len()))
+                    else {
+                        continue;
+                    };
+                    let (id, cfg, stats, permits) = (
+                        id.clone(),
+                        Arc::clone(cfg),
+                        Arc::clone(&stats),
+                        Arc::clone(&permits),
+                    );
+                    tokio::task::spawn_local(async move {
+                        let Ok(permit) = permits.acquire_owned().await else {
+                            return;
+                        };
+                        match dial(cfg, proxy, source_ip).await {
+                            Ok(tls) => {
+                                drop(permit);
+                                stats.connected.fetch_add(1, Ordering::Relaxed);
+                                serve(tls, &id, i, &stats).await;
+                                stats.connected.fetch_sub(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                stats.failed.fetch_add(1, Ordering::Relaxed);
+                                if stats.failed.load(Ordering::Relaxed) < 5 {
+                                    eprintln!("loadgen: simulated agent {i}: {e}");
+                                }
+                            }
+                        }
+                    });
+                }
+                std::future::pending::<()>().await;
+            });
+        })?;
+    Ok(())
+}
+
+async fn dial(
+    cfg: Arc<rustls::ClientConfig>,
+    proxy: SocketAddr,
+    source_ip: std::net::IpAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let socket = if proxy.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(source_ip, 0))?;
+    let tcp = socket.connect(proxy).await?;
+    tcp.set_nodelay(true)?;
+    let name = rustls::pki_types::ServerName::try_from(PROXY_SERVER_NAME)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+}
+
+async fn serve(
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    id: &HostIdentity,
+    i: usize,
+    stats: &Arc<AgentStats>,
+) {
+    let (tunnel, mut events) = Tunnel::new(Side::Dialer, Config::default());
+    let inv = Inventory {
+        host_id: id.host_id.clone(),
+        name: id.host_name.clone(),
+        labels: [("sim".to_string(), (i % 100).to_string())].into(),
+        addresses: vec![],
+        services: vec!["tcp:sink".into(), "tcp:echo".into()],
+    };
+    let inv = Bytes::from(serde_json::to_vec(&inv).unwrap_or_default());
+    let heartbeat = {
+        let t = tunnel.clone();
+        tokio::task::spawn_local(async move {
+            loop {
+                t.send_heartbeat(inv.clone());
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        })
+    };
+    let dispatcher = {
+        let (t, stats) = (tunnel.clone(), Arc::clone(stats));
+        tokio::task::spawn_local(async move {
+            while let Some(ev) = events.recv().await {
+                let TunnelEvent::Incoming { stream, target, .. } = ev else {
+                    continue;
+                };
+                let Ok(handle) = (match target.as_str() {
+                    "tcp:sink" | "tcp:echo" => t.accept(stream),
+                    _ => {
+                        t.reject(
+                            stream,
+                            code::NOT_FOUND,
+                            "simulated agents serve tcp:sink and tcp:echo",
+                        );
+                        continue;
+                    }
+                }) else {
+                    continue;
+                };
+                let stats = Arc::clone(&stats);
+                let echo = target == "tcp:echo";
+                tokio::task::spawn_local(async move {
+                    let (near, mut far) = tokio::io::duplex(256 * 1024);
+                    let app = async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            match far.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    stats.sink_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                                    if echo
+                                        && far
+                                            .write_all(buf.get(..n).unwrap_or_default())
+                                            .await
+                                            .is_err()
+                                    {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = far.shutdown().await;
+                    };
+                    tokio::join!(handle.splice(near, Bytes::new()), app);
+                });
+            }
+        })
+    };
+    let _ = tunnel.run(tls).await;
+    heartbeat.abort();
+    dispatcher.abort();
+}
