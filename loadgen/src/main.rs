@@ -3,6 +3,7 @@
 //! `ssh` are still to come.
 
 mod fleet;
+mod latency;
 mod logins;
 mod procstat;
 mod sim_agent;
@@ -88,6 +89,29 @@ enum Scenario {
         #[arg(long, value_delimiter = ',', default_value = "direct,naive,proxy")]
         paths: Vec<throughput::Path>,
         /// Proxy worker threads (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+    },
+    /// Fixed-rate 64-byte request/response over K sessions through an echo, proxy beside direct:
+    /// p50/p99/p99.9/max, coordinated-omission corrected, and the latency the proxy adds.
+    Latency {
+        #[arg(long, default_value_t = 32)]
+        sessions: usize,
+        /// Total requests per second over all sessions.
+        #[arg(long, default_value_t = 20000.0)]
+        rate: f64,
+        #[arg(long, default_value = "10s")]
+        duration: humantime::Duration,
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+    },
+    /// New sessions as fast as C workers can open them (TLS handshake, route, stream open, one
+    /// byte echoed, close), proxy beside direct TLS: sessions/s, latency, per proxy CPU-second.
+    Sessions {
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        #[arg(long, default_value = "5s")]
+        duration: humantime::Duration,
         #[arg(long, default_value_t = 0)]
         workers: usize,
     },
@@ -215,6 +239,108 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             paths,
             workers,
         } => throughput_cmd(streams, duration.into(), runs, &paths, workers, cli.json).await,
+        Scenario::Latency {
+            sessions,
+            rate,
+            duration,
+            workers,
+        } => {
+            if sessions == 0 || rate <= 0.0 {
+                anyhow::bail!("--sessions and --rate must be positive");
+            }
+            let (echo, _, _, ca) =
+                throughput::start_sink(&format!("{}:0", throughput::sink_ip()), true)?;
+            let (fleet, _stats) = proxy_fleet(workers).await?;
+            let mut reports = Vec::new();
+            for path in [throughput::Path::Direct, throughput::Path::Proxy] {
+                let (target, user) = match path {
+                    throughput::Path::Proxy => (fleet.proxy_addr.clone(), Some(fleet.user.clone())),
+                    _ => (echo.to_string(), None),
+                };
+                let r = latency::latency(
+                    path,
+                    &target,
+                    user.as_ref(),
+                    &ca,
+                    sessions,
+                    rate,
+                    duration.into(),
+                )
+                .await?;
+                println!(
+                    "latency {:<6} {} req over {sessions} sessions at {rate:.0}/s: p50 {} µs  p99 {} µs  p99.9 {} µs  max {} µs",
+                    format!("{:?}", r.path).to_lowercase(),
+                    r.requests,
+                    r.p50_us,
+                    r.p99_us,
+                    r.p999_us,
+                    r.max_us
+                );
+                reports.push(r);
+            }
+            if let [d, p] = reports.as_slice() {
+                println!(
+                    "added by the proxy: p50 {} µs  p99 {} µs  p99.9 {} µs",
+                    p.p50_us.saturating_sub(d.p50_us),
+                    p.p99_us.saturating_sub(d.p99_us),
+                    p.p999_us.saturating_sub(d.p999_us)
+                );
+            }
+            if let Some(path) = cli.json {
+                std::fs::write(&path, serde_json::to_string_pretty(&reports)?)?;
+            }
+            Ok(())
+        }
+        Scenario::Sessions {
+            concurrency,
+            duration,
+            workers,
+        } => {
+            if concurrency == 0 {
+                anyhow::bail!("--concurrency must be at least 1");
+            }
+            let (echo, _, _, ca) =
+                throughput::start_sink(&format!("{}:0", throughput::sink_ip()), true)?;
+            let (fleet, _stats) = proxy_fleet(workers).await?;
+            let mut reports = Vec::new();
+            for path in [throughput::Path::Direct, throughput::Path::Proxy] {
+                let (target, user, pid) = match path {
+                    throughput::Path::Proxy => (
+                        fleet.proxy_addr.clone(),
+                        Some(fleet.user.clone()),
+                        Some(fleet.proxy.pid()),
+                    ),
+                    _ => (echo.to_string(), None, None),
+                };
+                let r = latency::sessions(
+                    path,
+                    &target,
+                    user.as_ref(),
+                    &ca,
+                    concurrency,
+                    duration.into(),
+                    pid,
+                )
+                .await?;
+                println!(
+                    "sessions {:<6} {:.0}/s ({} ok, {} errors)  p50 {:.2} ms  p99 {:.2} ms{}",
+                    format!("{:?}", r.path).to_lowercase(),
+                    r.sessions_per_s,
+                    r.sessions,
+                    r.errors,
+                    r.p50_ms,
+                    r.p99_ms,
+                    r.sessions_per_middle_cpu_s
+                        .map(|s| format!("  {s:.0} per proxy CPU-second"))
+                        .unwrap_or_default()
+                );
+                reports.push(r);
+            }
+            if let Some(path) = cli.json {
+                std::fs::write(&path, serde_json::to_string_pretty(&reports)?)?;
+            }
+            Ok(())
+        }
         Scenario::WorkerAgents {
             identities,
             count,
@@ -234,6 +360,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// A spawned Auth + Proxy with two simulated agents (sim-0, sim-1) serving sink and echo.
+async fn proxy_fleet(
+    workers: usize,
+) -> anyhow::Result<(fleet::Fleet, std::sync::Arc<sim_agent::AgentStats>)> {
+    use std::sync::atomic::Ordering;
+    let f = fleet::Fleet::spawn("127.0.0.2", workers).await?;
+    let ids = f.join_agents(2).await?;
+    let stats = std::sync::Arc::new(sim_agent::AgentStats::default());
+    sim_agent::spawn(
+        ids,
+        2,
+        f.proxy_addr.parse()?,
+        throughput::sink_ip().parse()?,
+        std::sync::Arc::clone(&stats),
+    )?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while stats.connected.load(Ordering::Relaxed) < 2 {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("simulated agents did not connect");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The first heartbeat puts the agents' apps in the route table.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    Ok((f, stats))
+}
+
 async fn throughput_cmd(
     streams: usize,
     duration: std::time::Duration,
@@ -242,12 +395,12 @@ async fn throughput_cmd(
     workers: usize,
     json: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    use std::sync::atomic::Ordering;
     use throughput::Path;
     if streams == 0 || runs == 0 {
         anyhow::bail!("--streams and --runs must be at least 1");
     }
-    let (sink, cert, key, ca) = throughput::start_sink(&format!("{}:0", throughput::sink_ip()))?;
+    let (sink, cert, key, ca) =
+        throughput::start_sink(&format!("{}:0", throughput::sink_ip()), false)?;
     let dir = tempfile::tempdir()?;
     let mut fleet = None;
     let mut relay = None;
@@ -294,25 +447,7 @@ async fn throughput_cmd(
             }
             Path::Proxy => {
                 if fleet.is_none() {
-                    let f = fleet::Fleet::spawn("127.0.0.2", workers).await?;
-                    let ids = f.join_agents(2).await?;
-                    let stats = std::sync::Arc::new(sim_agent::AgentStats::default());
-                    sim_agent::spawn(
-                        ids,
-                        2,
-                        f.proxy_addr.parse()?,
-                        throughput::sink_ip().parse()?,
-                        std::sync::Arc::clone(&stats),
-                    )?;
-                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-                    while stats.connected.load(Ordering::Relaxed) < 2 {
-                        if std::time::Instant::now() > deadline {
-                            anyhow::bail!("simulated agents did not connect");
-                        }
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                    fleet = Some((f, stats));
+                    fleet = Some(proxy_fleet(workers).await?);
                 }
                 let (f, _) = fleet.as_ref().ok_or_else(|| anyhow::anyhow!("no fleet"))?;
                 (

@@ -44,8 +44,8 @@ pub struct ThroughputReport {
 
 const CHUNK: usize = 64 * 1024;
 
-/// A TLS sink: accepts connections and discards what arrives.
-pub fn start_sink(bind: &str) -> anyhow::Result<(SocketAddr, String, String, String)> {
+/// A TLS sink: accepts connections and discards what arrives (or echoes it, with `echo`).
+pub fn start_sink(bind: &str, echo: bool) -> anyhow::Result<(SocketAddr, String, String, String)> {
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -89,6 +89,14 @@ pub fn start_sink(bind: &str) -> anyhow::Result<(SocketAddr, String, String, Str
                                 if n == 0 {
                                     break;
                                 }
+                                if echo
+                                    && tls
+                                        .write_all(buf.get(..n).unwrap_or_default())
+                                        .await
+                                        .is_err()
+                                {
+                                    break;
+                                }
                             }
                         }
                     });
@@ -98,12 +106,13 @@ pub fn start_sink(bind: &str) -> anyhow::Result<(SocketAddr, String, String, Str
     Ok((addr, cert_pem, key_pem, ca_pem))
 }
 
-async fn client_stream(
+pub async fn client_stream(
     path: Path,
     target: &str,
     user: Option<&UserCreds>,
     sink_ca: &str,
     stream_idx: usize,
+    app: &str,
 ) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     match path {
         Path::Proxy => {
@@ -122,7 +131,7 @@ async fn client_stream(
                 )
                 .await?;
             let req = SessionRequest {
-                target: format!("sink@sim-{}", stream_idx % 2),
+                target: format!("{app}@sim-{}", stream_idx % 2),
                 login: String::new(),
             };
             tls.write_all(&session_proto::encode(&req)).await?;
@@ -175,7 +184,7 @@ pub async fn run(
     let mut conns = Vec::with_capacity(streams);
     for i in 0..streams {
         conns.push(
-            client_stream(path, target, user, sink_ca, i)
+            client_stream(path, target, user, sink_ca, i, "sink")
                 .await
                 .with_context(|| format!("opening stream {i}"))?,
         );

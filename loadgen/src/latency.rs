@@ -1,0 +1,174 @@
+//! `latency` and `sessions`: request/response through an echo, proxy path beside direct.
+//!
+//! latency: K sessions send a 64-byte request at a fixed total rate and wait for the echo. A
+//! request whose slot came while the previous one was still outstanding is timed from its slot
+//! (coordinated omission corrected: a stall counts against every request it delayed); otherwise
+//! from when it was sent, so the generator's own timer slack (tokio timers are 1 ms coarse) is
+//! not charged to the system under test.
+//!
+//! sessions: new sessions as fast as C workers can open them: TLS handshake, route, stream open,
+//! one byte echoed, close. Reports sessions/s and setup latency.
+
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::fleet::UserCreds;
+use crate::throughput::{Path, client_stream};
+
+#[derive(Debug, Serialize)]
+pub struct LatencyReport {
+    pub scenario: &'static str,
+    pub path: Path,
+    pub sessions: usize,
+    pub rate_per_s: f64,
+    pub requests: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+pub async fn latency(
+    path: Path,
+    target: &str,
+    user: Option<&UserCreds>,
+    ca: &str,
+    sessions: usize,
+    rate: f64,
+    duration: Duration,
+) -> anyhow::Result<LatencyReport> {
+    let per_session = rate / sessions as f64;
+    let interval = Duration::from_secs_f64(1.0 / per_session.max(1e-3));
+    let mut tasks = Vec::new();
+    let start = Instant::now() + Duration::from_millis(200);
+    for i in 0..sessions {
+        let mut tls = client_stream(path, target, user, ca, i, "echo").await?;
+        // Spread the sessions' schedules over one interval.
+        let offset = interval.mul_f64(i as f64 / sessions as f64);
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_max(60_000_000, 3)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let msg = [0x42u8; 64];
+            let mut buf = [0u8; 64];
+            let mut n = 0u32;
+            let mut prev_done = start;
+            loop {
+                let intended = start + offset + interval * n;
+                if intended > start + duration {
+                    break;
+                }
+                tokio::time::sleep_until(tokio::time::Instant::from_std(intended)).await;
+                let sent = Instant::now();
+                let from = if prev_done > intended { intended } else { sent };
+                tls.write_all(&msg).await?;
+                tls.read_exact(&mut buf).await?;
+                prev_done = Instant::now();
+                hist.record(prev_done.duration_since(from).as_micros() as u64)
+                    .ok();
+                n += 1;
+            }
+            let _ = tls.shutdown().await;
+            Ok::<_, anyhow::Error>(hist)
+        }));
+    }
+    let mut hist =
+        Histogram::<u64>::new_with_max(60_000_000, 3).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for t in tasks {
+        hist.add(t.await??).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(LatencyReport {
+        scenario: "latency",
+        path,
+        sessions,
+        rate_per_s: rate,
+        requests: hist.len(),
+        p50_us: hist.value_at_quantile(0.5),
+        p99_us: hist.value_at_quantile(0.99),
+        p999_us: hist.value_at_quantile(0.999),
+        max_us: hist.max(),
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct SessionsReport {
+    pub scenario: &'static str,
+    pub path: Path,
+    pub concurrency: usize,
+    pub sessions: u64,
+    pub errors: u64,
+    pub sessions_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub middle_cpu_s: Option<f64>,
+    pub sessions_per_middle_cpu_s: Option<f64>,
+}
+
+pub async fn sessions(
+    path: Path,
+    target: &str,
+    user: Option<&UserCreds>,
+    ca: &str,
+    concurrency: usize,
+    duration: Duration,
+    middle_pid: Option<u32>,
+) -> anyhow::Result<SessionsReport> {
+    let cpu0 = middle_pid.and_then(crate::procstat::cpu_seconds);
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let (target, user, ca) = (target.to_owned(), user.cloned(), ca.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new(3).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut errors = 0u64;
+            let mut i = w;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let one = async {
+                    let mut tls =
+                        client_stream(path, &target, user.as_ref(), &ca, i, "echo").await?;
+                    tls.write_all(b"x").await?;
+                    let mut b = [0u8; 1];
+                    tls.read_exact(&mut b).await?;
+                    let _ = tls.shutdown().await;
+                    Ok::<_, anyhow::Error>(())
+                };
+                match one.await {
+                    Ok(()) => {
+                        hist.record(t.elapsed().as_micros() as u64).ok();
+                    }
+                    Err(_) => errors += 1,
+                }
+                i += concurrency;
+            }
+            Ok::<_, anyhow::Error>((hist, errors))
+        }));
+    }
+    let mut hist = Histogram::<u64>::new(3).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut errors = 0;
+    for t in tasks {
+        let (h, e) = t.await??;
+        hist.add(h).map_err(|e| anyhow::anyhow!("{e}"))?;
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = match (cpu0, middle_pid.and_then(crate::procstat::cpu_seconds)) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    Ok(SessionsReport {
+        scenario: "sessions",
+        path,
+        concurrency,
+        sessions: hist.len(),
+        errors,
+        sessions_per_s: hist.len() as f64 / elapsed,
+        p50_ms: hist.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
+        middle_cpu_s: cpu,
+        sessions_per_middle_cpu_s: cpu.filter(|c| *c > 0.0).map(|c| hist.len() as f64 / c),
+    })
+}
