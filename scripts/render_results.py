@@ -28,6 +28,10 @@ for i, line in enumerate(lines):
     if m and i > 0 and lines[i - 1].strip() and " " not in lines[i - 1].strip():
         crit[lines[i - 1].strip()] = f"{m.group(1)} {m.group(2)}"
 
+def per_cpu(s):
+    v = s.get('sessions_per_middle_cpu_s')
+    return f"{v:.0f}" if v else "—"
+
 def ratio(a, b):
     return f"{a / b:.2f}×" if a and b else "n/a"
 
@@ -95,7 +99,7 @@ TLS handshake + (proxy: session request, route, stream open through the tunnel) 
 
 | path | sessions/s | p50 ms | p99 ms | per proxy CPU-second |
 |---|---|---|---|---|
-""" + "".join(f"| {p} | {s['sessions_per_s']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {f"{s['sessions_per_middle_cpu_s']:.0f}" if s.get('sessions_per_middle_cpu_s') else '—'} |\n" for p, s in ses.items()) + f"""
+""" + "".join(f"| {p} | {s['sessions_per_s']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {per_cpu(s)} |\n" for p, s in ses.items()) + f"""
 ## Tunnels: idle agents on one proxy (`loadgen tunnels --count 15000 --procs 2 --identities 16 --hold 10s`)
 
 | tunnels held | failed | connect rate | proxy RSS before → after | per idle tunnel | proxy CPU while idle |
