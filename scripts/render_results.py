@@ -84,9 +84,11 @@ saturated are flagged in `results.json`.
 
 ## Latency: 64-byte echo, 32 sessions (`loadgen latency --sessions 32 --rate R --duration 8s`)
 
-Each request is timed from its slot in the fixed-rate schedule (coordinated omission corrected).
-The echo is a TLS server (direct) or a simulated agent behind the proxy. Generator, echo and proxy
-share the 2 cores, so at 20,000/s queueing in the generator dominates both paths.
+A request whose slot came while the previous one of its session was still outstanding is timed
+from its slot (coordinated omission corrected); otherwise from when it was sent (tokio timers are
+1 ms coarse, and that slack is the generator's, not the proxy's). The echo is a TLS server
+(direct) or a simulated agent behind the proxy. Generator, echo and proxy share the 2 cores, so at
+20,000/s the tails are mostly queueing on the shared cores for both paths.
 
 | rate | path | p50 µs | p99 µs | p99.9 µs | max µs |
 |---|---|---|---|---|---|
