@@ -8,6 +8,19 @@ use gatehouse_controlplane::client::{AuthEndpoint, Client, error_chain};
 use gatehouse_controlplane::tls::Trust;
 use serde::{Deserialize, Serialize};
 
+/// Run a client command on a single-threaded runtime; print `NAME: error: …` and exit 1 on error.
+pub fn run_main(name: &str, command: impl std::future::Future<Output = anyhow::Result<()>>) {
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(command));
+    if let Err(e) = result {
+        eprintln!("{name}: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
 /// `text` or `json` logs on stderr, filtered by `level` (or `RUST_LOG`).
 pub fn init_logging(format: &str, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -79,6 +79,13 @@ pub struct EventFilter {
     pub limit: u32,
 }
 
+/// The tables that hold named JSON documents.
+#[derive(Debug, Clone, Copy)]
+enum Table {
+    Users,
+    Roles,
+}
+
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
@@ -196,30 +203,8 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let spec =
             serde_json::to_string(user).map_err(|e| StoreError::Corrupt("user", e.to_string()))?;
-        let created = sqlx::query("INSERT OR IGNORE INTO users (name, spec, password_hash, created, updated) VALUES (?, ?, NULL, ?, ?)")
-            .bind(&user.metadata.name)
-            .bind(&spec)
-            .bind(now)
-            .bind(now)
-            .execute(&self.pool)
-            .await?
-            .rows_affected()
-            == 1;
-        if !created {
-            if create_only {
-                return Err(StoreError::AlreadyExists {
-                    kind: "user",
-                    name: user.metadata.name.clone(),
-                });
-            }
-            sqlx::query("UPDATE users SET spec = ?, updated = ? WHERE name = ?")
-                .bind(&spec)
-                .bind(now)
-                .bind(&user.metadata.name)
-                .execute(&self.pool)
-                .await?;
-        }
-        Ok(created)
+        self.upsert_document(Table::Users, &user.metadata.name, &spec, create_only, now)
+            .await
     }
 
     pub async fn get_user(&self, name: &str) -> Result<Option<(User, Option<String>)>, StoreError> {
@@ -301,28 +286,52 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let spec =
             serde_json::to_string(role).map_err(|e| StoreError::Corrupt("role", e.to_string()))?;
-        let created = sqlx::query(
-            "INSERT OR IGNORE INTO roles (name, spec, created, updated) VALUES (?, ?, ?, ?)",
-        )
-        .bind(&role.metadata.name)
-        .bind(&spec)
-        .bind(now)
-        .bind(now)
-        .execute(&self.pool)
-        .await?
-        .rows_affected()
+        self.upsert_document(Table::Roles, &role.metadata.name, &spec, create_only, now)
+            .await
+    }
+
+    /// Insert a document unless its name exists; else update it (or refuse with `create_only`).
+    /// Returns true if it was created. Users keep their password hash either way.
+    async fn upsert_document(
+        &self,
+        table: Table,
+        name: &str,
+        spec: &str,
+        create_only: bool,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let (insert, update, kind) = match table {
+            Table::Users => (
+                "INSERT OR IGNORE INTO users (name, spec, password_hash, created, updated) VALUES (?, ?, NULL, ?, ?)",
+                "UPDATE users SET spec = ?, updated = ? WHERE name = ?",
+                "user",
+            ),
+            Table::Roles => (
+                "INSERT OR IGNORE INTO roles (name, spec, created, updated) VALUES (?, ?, ?, ?)",
+                "UPDATE roles SET spec = ?, updated = ? WHERE name = ?",
+                "role",
+            ),
+        };
+        let created = sqlx::query(insert)
+            .bind(name)
+            .bind(spec)
+            .bind(now)
+            .bind(now)
+            .execute(&self.pool)
+            .await?
+            .rows_affected()
             == 1;
         if !created {
             if create_only {
                 return Err(StoreError::AlreadyExists {
-                    kind: "role",
-                    name: role.metadata.name.clone(),
+                    kind,
+                    name: name.to_owned(),
                 });
             }
-            sqlx::query("UPDATE roles SET spec = ?, updated = ? WHERE name = ?")
-                .bind(&spec)
+            sqlx::query(update)
+                .bind(spec)
                 .bind(now)
-                .bind(&role.metadata.name)
+                .bind(name)
                 .execute(&self.pool)
                 .await?;
         }

@@ -13,7 +13,7 @@ use gatehouse_controlplane::client::{AuthEndpoint, error_chain};
 use gatehouse_controlplane::proto;
 use gatehouse_controlplane::tls::Trust;
 
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let path = std::env::current_exe()?.with_file_name(name);
     if !path.exists() {
         bail!(
@@ -35,7 +35,7 @@ impl Proc {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
-    fn field(&self, label: &str) -> anyhow::Result<String> {
+    pub fn field(&self, label: &str) -> anyhow::Result<String> {
         self.banner
             .lines()
             .find_map(|l| l.trim().strip_prefix(label).map(|v| v.trim().to_string()))
@@ -55,7 +55,7 @@ impl Drop for Proc {
     }
 }
 
-fn start_daemon(args: &[&str], log: &Path) -> anyhow::Result<Proc> {
+pub fn start_daemon(args: &[&str], log: &Path) -> anyhow::Result<Proc> {
     let log_file = std::fs::File::create(log)?;
     let mut child = Command::new(sibling("gatehouse")?)
         .arg("start")
@@ -89,7 +89,7 @@ fn start_daemon(args: &[&str], log: &Path) -> anyhow::Result<Proc> {
     }
 }
 
-fn gctl(data: &Path, args: &[&str]) -> anyhow::Result<String> {
+pub fn gctl(data: &Path, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(sibling("gctl")?)
         .arg("--data-dir")
         .arg(data)

@@ -150,15 +150,7 @@ struct EventsArgs {
 fn main() {
     init_logging("text", "warn");
     let cli = Cli::parse();
-    let result = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(run(cli)));
-    if let Err(e) = result {
-        eprintln!("gctl: error: {e:#}");
-        std::process::exit(1);
-    }
+    gatehouse_cli::run_main("gctl", run(cli));
 }
 
 fn endpoint(cli: &Cli) -> anyhow::Result<AuthEndpoint> {

@@ -101,15 +101,7 @@ enum ProxyCmd {
 fn main() {
     init_logging("text", "warn");
     let cli = Cli::parse();
-    let result = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(anyhow::Error::from)
-        .and_then(|rt| rt.block_on(run(cli)));
-    if let Err(e) = result {
-        eprintln!("gsh: error: {e:#}");
-        std::process::exit(1);
-    }
+    gatehouse_cli::run_main("gsh", run(cli));
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
