@@ -14,6 +14,7 @@ logins = load("logins.json")
 thr = load("throughput.json")
 tun = load("tunnels.json")
 lat = {"20000": load("latency-20k.json"), "2000": load("latency-2k.json")}
+icount = open(os.path.join(src, "icount.txt")).read().strip() if os.path.exists(os.path.join(src, "icount.txt")) else "not run"
 ses = {s["path"]: s for s in load("sessions.json")}
 med = {m["path"]: m for m in thr["medians"]}
 crit = {}
@@ -120,14 +121,21 @@ host), from two generator processes on 127.0.0.10 and 127.0.0.11, heartbeating e
 
 argon2id (19 MiB, t=2, p=1) bounds password logins by design.
 
-## Certificate signing (criterion, `cargo bench -p gatehouse-bench --bench signing`)
+## Micro-benchmarks (criterion: `cargo bench -p gatehouse-bench --bench signing` and `--bench tunnel`)
 
 | benchmark | median |
 |---|---|
-""" + "".join(f"| `{k}` | {v} |\n" for k, v in sorted(crit.items())) + """
+""" + "".join(f"| `{k}` | {v} |\n" for k, v in sorted(crit.items())) + f"""
+## Instruction counts (`scripts/icount`, callgrind)
+
+{icount}
+
+Repeatable to the instruction for the same binary, whatever else the machine is doing: compare
+this number across commits to judge the codec and the forwarding state machine.
+
 ## Not measured yet
 
-The `ssh` scenario, the OpenSSH jump-host and rathole baselines, callgrind instruction counts and
-flame graphs: the loadgen issue is still open.
+The `ssh` scenario, the OpenSSH jump-host and rathole baselines and flame graphs: the loadgen
+issue is still open.
 """
 open(md_path, "w").write(md)
