@@ -119,6 +119,10 @@ pub struct UserCreds {
     pub cert: String,
     pub key: String,
     pub ca: String,
+    /// OpenSSH private key and its certificate, and the cluster's user CA (public key lines).
+    pub ssh_key: String,
+    pub ssh_cert: String,
+    pub ssh_user_ca: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -180,14 +184,7 @@ impl Fleet {
             &dir.path().join("proxy.log"),
         )?;
         let proxy_addr = proxy.field("Proxy:")?;
-        let out = gctl(
-            &auth_data,
-            &[
-                "users", "add", "bench", "--roles", "access", "--logins", "bench",
-            ],
-        )?;
-        let password = out.lines().last().unwrap_or_default().trim().to_string();
-        let user = login(&proxy_addr, &pin, "bench", &password).await?;
+        let user = add_user(&auth_data, &proxy_addr, &pin, "bench", "bench").await?;
         Ok(Self {
             _dir: dir,
             _auth: auth,
@@ -197,6 +194,45 @@ impl Fleet {
             node_token,
             user,
         })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
+    /// A user with the `access` role and these logins, logged in through the Proxy.
+    pub async fn user(&self, name: &str, logins: &str) -> anyhow::Result<UserCreds> {
+        add_user(
+            &self.dir().join("auth"),
+            &self.proxy_addr,
+            &self.pin,
+            name,
+            logins,
+        )
+        .await
+    }
+
+    /// Start a real agent process (`gatehouse start --roles agent`) joined through the Proxy.
+    pub fn start_agent(&self, name: &str, ip: &str) -> anyhow::Result<Proc> {
+        start_daemon(
+            &[
+                "--roles",
+                "agent",
+                "--proxy",
+                &self.proxy_addr,
+                "--token",
+                &self.node_token,
+                "--ca-pin",
+                &self.pin,
+                "--node-name",
+                name,
+                "--diag-addr",
+                &format!("{ip}:0"),
+                "--data-dir",
+                &self.dir().join(name).display().to_string(),
+            ],
+            &self.dir().join(format!("{name}.log")),
+        )
     }
 
     /// Join `n` agent identities (real host certificates) through the Proxy.
@@ -216,6 +252,23 @@ impl Fleet {
         }
         Ok(out)
     }
+}
+
+async fn add_user(
+    auth_data: &Path,
+    proxy: &str,
+    pin: &str,
+    name: &str,
+    logins: &str,
+) -> anyhow::Result<UserCreds> {
+    let out = gctl(
+        auth_data,
+        &[
+            "users", "add", name, "--roles", "access", "--logins", logins,
+        ],
+    )?;
+    let password = out.lines().last().unwrap_or_default().trim().to_string();
+    login(proxy, pin, name, &password).await
 }
 
 pub async fn login(
@@ -251,6 +304,9 @@ pub async fn login(
         cert: creds.tls_cert,
         key: tls.serialize_pem(),
         ca: creds.tls_ca,
+        ssh_key: ssh.to_openssh(ssh_key::LineEnding::LF)?.to_string(),
+        ssh_cert: creds.ssh_cert,
+        ssh_user_ca: creds.ssh_user_ca,
     })
 }
 

@@ -15,8 +15,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::fleet::UserCreds;
-use crate::throughput::{Path, client_stream};
+use crate::throughput::{Path, Target, client_stream};
 
 #[derive(Debug, Serialize)]
 pub struct LatencyReport {
@@ -32,20 +31,19 @@ pub struct LatencyReport {
 }
 
 pub async fn latency(
-    path: Path,
-    target: &str,
-    user: Option<&UserCreds>,
+    target: &Target,
     ca: &str,
     sessions: usize,
     rate: f64,
     duration: Duration,
 ) -> anyhow::Result<LatencyReport> {
+    let path = target.path;
     let per_session = rate / sessions as f64;
     let interval = Duration::from_secs_f64(1.0 / per_session.max(1e-3));
     let mut tasks = Vec::new();
     let start = Instant::now() + Duration::from_millis(200);
     for i in 0..sessions {
-        let mut tls = client_stream(path, target, user, ca, i, "echo").await?;
+        let mut tls = client_stream(target, ca, i, "echo").await?;
         // Spread the sessions' schedules over one interval.
         let offset = interval.mul_f64(i as f64 / sessions as f64);
         tasks.push(tokio::spawn(async move {
@@ -107,20 +105,19 @@ pub struct SessionsReport {
 }
 
 pub async fn sessions(
-    path: Path,
-    target: &str,
-    user: Option<&UserCreds>,
+    target: &Target,
     ca: &str,
     concurrency: usize,
     duration: Duration,
     middle_pid: Option<u32>,
 ) -> anyhow::Result<SessionsReport> {
+    let path = target.path;
     let cpu0 = middle_pid.and_then(crate::procstat::cpu_seconds);
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = Vec::new();
     for w in 0..concurrency {
-        let (target, user, ca) = (target.to_owned(), user.cloned(), ca.to_owned());
+        let (target, ca) = (target.clone(), ca.to_owned());
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).map_err(|e| anyhow::anyhow!("{e}"))?;
             let mut errors = 0u64;
@@ -128,8 +125,7 @@ pub async fn sessions(
             while Instant::now() < deadline {
                 let t = Instant::now();
                 let one = async {
-                    let mut tls =
-                        client_stream(path, &target, user.as_ref(), &ca, i, "echo").await?;
+                    let mut tls = client_stream(&target, &ca, i, "echo").await?;
                     tls.write_all(b"x").await?;
                     let mut b = [0u8; 1];
                     tls.read_exact(&mut b).await?;

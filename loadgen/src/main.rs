@@ -5,9 +5,12 @@
 mod fleet;
 mod latency;
 mod logins;
+mod openssh;
 mod procstat;
+mod rathole;
 mod sim_agent;
 mod spawn;
+mod ssh;
 mod throughput;
 mod tunnels;
 
@@ -110,6 +113,20 @@ enum Scenario {
     Sessions {
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
+        #[arg(long, default_value = "5s")]
+        duration: humantime::Duration,
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+    },
+    /// Real SSH with the user's certificate (russh client): new sessions per second (TLS + SSH
+    /// handshake, certificate auth, `exec true`, exit status) and one channel's bulk upload,
+    /// through the Proxy to a real agent process beside the same client straight to a loopback
+    /// OpenSSH sshd that trusts the cluster's user CA. Logs in as the user running loadgen.
+    Ssh {
+        /// Workers opening sessions back to back.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// How long each measurement lasts (bulk: at most 5 s).
         #[arg(long, default_value = "5s")]
         duration: humantime::Duration,
         #[arg(long, default_value_t = 0)]
@@ -253,20 +270,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (fleet, _stats) = proxy_fleet(workers).await?;
             let mut reports = Vec::new();
             for path in [throughput::Path::Direct, throughput::Path::Proxy] {
-                let (target, user) = match path {
-                    throughput::Path::Proxy => (fleet.proxy_addr.clone(), Some(fleet.user.clone())),
-                    _ => (echo.to_string(), None),
-                };
-                let r = latency::latency(
-                    path,
-                    &target,
-                    user.as_ref(),
-                    &ca,
-                    sessions,
-                    rate,
-                    duration.into(),
-                )
-                .await?;
+                let target = echo_target(path, &fleet, echo);
+                let r = latency::latency(&target, &ca, sessions, rate, duration.into()).await?;
                 println!(
                     "latency {:<6} {} req over {sessions} sessions at {rate:.0}/s: p50 {} µs  p99 {} µs  p99.9 {} µs  max {} µs",
                     format!("{:?}", r.path).to_lowercase(),
@@ -304,24 +309,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (fleet, _stats) = proxy_fleet(workers).await?;
             let mut reports = Vec::new();
             for path in [throughput::Path::Direct, throughput::Path::Proxy] {
-                let (target, user, pid) = match path {
-                    throughput::Path::Proxy => (
-                        fleet.proxy_addr.clone(),
-                        Some(fleet.user.clone()),
-                        Some(fleet.proxy.pid()),
-                    ),
-                    _ => (echo.to_string(), None, None),
-                };
-                let r = latency::sessions(
-                    path,
-                    &target,
-                    user.as_ref(),
-                    &ca,
-                    concurrency,
-                    duration.into(),
-                    pid,
-                )
-                .await?;
+                let target = echo_target(path, &fleet, echo);
+                let pid = (path == throughput::Path::Proxy).then(|| fleet.proxy.pid());
+                let r = latency::sessions(&target, &ca, concurrency, duration.into(), pid).await?;
                 println!(
                     "sessions {:<6} {:.0}/s ({} ok, {} errors)  p50 {:.2} ms  p99 {:.2} ms{}",
                     format!("{:?}", r.path).to_lowercase(),
@@ -341,6 +331,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Scenario::Ssh {
+            concurrency,
+            duration,
+            workers,
+        } => {
+            if concurrency == 0 {
+                anyhow::bail!("--concurrency must be at least 1");
+            }
+            ssh_cmd(concurrency, duration.into(), workers, cli.json).await
+        }
         Scenario::WorkerAgents {
             identities,
             count,
@@ -357,6 +357,77 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("STATUS {c} {f}");
             }
         }
+    }
+}
+
+async fn ssh_cmd(
+    concurrency: usize,
+    duration: std::time::Duration,
+    workers: usize,
+    json: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let login = openssh::current_login()?;
+    let fleet = fleet::Fleet::spawn("127.0.0.2", workers).await?;
+    let user = fleet.user("sshbench", &login).await?;
+    let agent = fleet.start_agent("bench-node", "127.0.0.6")?;
+    let mut reports = Vec::new();
+    let gatehouse = ssh::SshTarget {
+        path: ssh::SshPath::Gatehouse,
+        addr: fleet.proxy_addr.clone(),
+        node: "bench-node".into(),
+        login: login.clone(),
+        user: user.clone(),
+    };
+    ssh::wait_ready(&gatehouse, std::time::Duration::from_secs(30)).await?;
+    let r = ssh::run(
+        &gatehouse,
+        concurrency,
+        duration,
+        &[fleet.proxy.pid(), agent.pid()],
+    )
+    .await?;
+    ssh::print(&r);
+    reports.push(serde_json::to_value(&r)?);
+    drop(agent);
+    match openssh::Sshd::start("127.0.0.4", Some(&user.ssh_user_ca.join("\n"))) {
+        Ok(sshd) => {
+            let direct = ssh::SshTarget {
+                path: ssh::SshPath::Openssh,
+                addr: sshd.addr.to_string(),
+                ..gatehouse
+            };
+            ssh::wait_ready(&direct, std::time::Duration::from_secs(10)).await?;
+            let r = ssh::run(&direct, concurrency, duration, &[sshd.pid()]).await?;
+            ssh::print(&r);
+            reports.push(serde_json::to_value(&r)?);
+        }
+        Err(e) => {
+            println!("ssh openssh   skipped: {e:#}");
+            reports.push(serde_json::json!({"scenario": "ssh", "path": "openssh", "skipped": format!("{e:#}")}));
+        }
+    }
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&reports)?)?;
+    }
+    Ok(())
+}
+
+/// The echo through the Proxy (the simulated agents' `tcp:echo`) or directly.
+fn echo_target(
+    path: throughput::Path,
+    fleet: &fleet::Fleet,
+    echo: std::net::SocketAddr,
+) -> throughput::Target {
+    let proxy = path == throughput::Path::Proxy;
+    throughput::Target {
+        path,
+        addr: if proxy {
+            fleet.proxy_addr.clone()
+        } else {
+            echo.to_string()
+        },
+        user: proxy.then(|| fleet.user.clone()),
+        jump: None,
     }
 }
 
@@ -387,6 +458,53 @@ async fn proxy_fleet(
     Ok((f, stats))
 }
 
+/// The middle box of one throughput path, started on first use and kept for its runs.
+enum Middle {
+    None,
+    Relay(ChildGuard, String),
+    Fleet(Box<(fleet::Fleet, std::sync::Arc<sim_agent::AgentStats>)>),
+    Jump(std::sync::Arc<openssh::Sshd>),
+    Rathole(rathole::Rathole),
+}
+
+/// Start the naive relay (bench/src/bin/naive-relay.rs) in front of `sink`.
+fn start_relay(
+    sink: std::net::SocketAddr,
+    dir: &std::path::Path,
+    pems: [&str; 3],
+) -> anyhow::Result<(ChildGuard, String)> {
+    for (name, text) in ["cert.pem", "key.pem", "ca.pem"].into_iter().zip(pems) {
+        std::fs::write(dir.join(name), text)?;
+    }
+    let exe = std::env::current_exe()?.with_file_name("naive-relay");
+    let mut child = std::process::Command::new(&exe)
+        .args(["--listen", "127.0.0.3:0", "--upstream", &sink.to_string()])
+        .arg("--cert")
+        .arg(dir.join("cert.pem"))
+        .arg("--key")
+        .arg(dir.join("key.pem"))
+        .arg("--upstream-ca")
+        .arg(dir.join("ca.pem"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "starting {} (build with cargo build --release --bins): {e}",
+                exe.display()
+            )
+        })?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)?;
+    }
+    let addr = line
+        .trim()
+        .strip_prefix("LISTENING ")
+        .unwrap_or_default()
+        .to_string();
+    Ok((ChildGuard(child), addr))
+}
+
 async fn throughput_cmd(
     streams: usize,
     duration: std::time::Duration,
@@ -395,73 +513,92 @@ async fn throughput_cmd(
     workers: usize,
     json: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    use throughput::Path;
+    use throughput::{Path, Target};
     if streams == 0 || runs == 0 {
         anyhow::bail!("--streams and --runs must be at least 1");
     }
     let (sink, cert, key, ca) =
         throughput::start_sink(&format!("{}:0", throughput::sink_ip()), false)?;
     let dir = tempfile::tempdir()?;
-    let mut fleet = None;
-    let mut relay = None;
     let mut all = Vec::new();
     let mut summary = Vec::new();
-    for path in paths {
-        let (target, pid, user) = match path {
-            Path::Direct => (sink.to_string(), None, None),
-            Path::Naive => {
-                if relay.is_none() {
-                    for (name, text) in [("cert.pem", &cert), ("key.pem", &key), ("ca.pem", &ca)] {
-                        std::fs::write(dir.path().join(name), text)?;
-                    }
-                    let exe = std::env::current_exe()?.with_file_name("naive-relay");
-                    let mut child = std::process::Command::new(&exe)
-                        .args(["--listen", "127.0.0.3:0", "--upstream", &sink.to_string()])
-                        .arg("--cert")
-                        .arg(dir.path().join("cert.pem"))
-                        .arg("--key")
-                        .arg(dir.path().join("key.pem"))
-                        .arg("--upstream-ca")
-                        .arg(dir.path().join("ca.pem"))
-                        .stdout(std::process::Stdio::piped())
-                        .spawn()
-                        .map_err(|e| {
-                            anyhow::anyhow!(
-                                "starting {} (build with cargo build --release --bins): {e}",
-                                exe.display()
-                            )
-                        })?;
-                    let mut line = String::new();
-                    if let Some(out) = child.stdout.take() {
-                        std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)?;
-                    }
-                    let addr = line
-                        .trim()
-                        .strip_prefix("LISTENING ")
-                        .unwrap_or_default()
-                        .to_string();
-                    relay = Some((ChildGuard(child), addr));
-                }
-                let (guard, addr) = relay.as_ref().ok_or_else(|| anyhow::anyhow!("no relay"))?;
-                (addr.clone(), Some(guard.0.id()), None)
+    for &path in paths {
+        let middle =
+            match path {
+                Path::Direct => Ok(Middle::None),
+                Path::Naive => start_relay(sink, dir.path(), [&cert, &key, &ca])
+                    .map(|(g, a)| Middle::Relay(g, a)),
+                Path::Proxy => proxy_fleet(workers)
+                    .await
+                    .map(|f| Middle::Fleet(Box::new(f))),
+                Path::Openssh => openssh::Sshd::start("127.0.0.4", None)
+                    .map(|s| Middle::Jump(std::sync::Arc::new(s))),
+                Path::Rathole => rathole::Rathole::start("127.0.0.5", sink, &cert, &key, &ca)
+                    .map(Middle::Rathole),
+            };
+        // Third-party baselines are optional: without them the run goes on and says why.
+        let middle = match middle {
+            Ok(m) => m,
+            Err(e) if matches!(path, Path::Openssh | Path::Rathole) => {
+                println!("throughput {:<7} skipped: {e:#}", path.name());
+                summary.push(serde_json::json!({
+                    "scenario": "throughput", "path": path, "skipped": format!("{e:#}"),
+                }));
+                continue;
             }
-            Path::Proxy => {
-                if fleet.is_none() {
-                    fleet = Some(proxy_fleet(workers).await?);
-                }
-                let (f, _) = fleet.as_ref().ok_or_else(|| anyhow::anyhow!("no fleet"))?;
-                (
-                    f.proxy_addr.clone(),
-                    Some(f.proxy.pid()),
-                    Some(f.user.clone()),
-                )
-            }
+            Err(e) => return Err(e),
+        };
+        let (target, pid) = match &middle {
+            Middle::None => (
+                Target {
+                    path,
+                    addr: sink.to_string(),
+                    user: None,
+                    jump: None,
+                },
+                None,
+            ),
+            Middle::Relay(guard, addr) => (
+                Target {
+                    path,
+                    addr: addr.clone(),
+                    user: None,
+                    jump: None,
+                },
+                Some(guard.0.id()),
+            ),
+            Middle::Fleet(f) => (
+                Target {
+                    path,
+                    addr: f.0.proxy_addr.clone(),
+                    user: Some(f.0.user.clone()),
+                    jump: None,
+                },
+                Some(f.0.proxy.pid()),
+            ),
+            Middle::Jump(sshd) => (
+                Target {
+                    path,
+                    addr: sink.to_string(),
+                    user: None,
+                    jump: Some(std::sync::Arc::clone(sshd)),
+                },
+                Some(sshd.pid()),
+            ),
+            Middle::Rathole(r) => (
+                Target {
+                    path,
+                    addr: r.service.to_string(),
+                    user: None,
+                    jump: None,
+                },
+                Some(r.server_pid()),
+            ),
         };
         let mut rates = Vec::new();
         let mut per_cpu = Vec::new();
         for _ in 0..runs {
-            let r =
-                throughput::run(*path, &target, user.as_ref(), &ca, streams, duration, pid).await?;
+            let r = throughput::run(&target, &ca, streams, duration, pid).await?;
             throughput::print(&r);
             rates.push(r.gb_per_s);
             if let Some(g) = r.gb_per_middle_cpu_s {
@@ -473,6 +610,7 @@ async fn throughput_cmd(
             "scenario": "throughput", "path": path, "streams": streams, "runs": runs,
             "median_gb_per_s": median(rates), "median_gb_per_middle_cpu_s": if per_cpu.is_empty() { None } else { Some(median(per_cpu)) },
         }));
+        drop(middle);
     }
     println!("medians:");
     for s in &summary {

@@ -27,3 +27,55 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 pub fn self_cpu_seconds() -> Option<f64> {
     cpu_seconds(std::process::id())
 }
+
+/// Parent PID of `pid`.
+fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// User + system CPU seconds of `pid` plus those of its children it has reaped (cutime,
+/// cstime: a finished sshd session or agent shell lands there).
+fn cpu_with_reaped(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let mut ticks = 0.0;
+    for i in 11..15 {
+        ticks += fields.get(i)?.parse::<f64>().ok()?;
+    }
+    Some(ticks / 100.0)
+}
+
+/// CPU seconds of `pid`'s whole process tree: itself, every descendant alive now, and every
+/// descendant already reaped (each process counted once: live, or in the cutime of the
+/// ancestor that reaped it). sshd serves each connection in child processes and the agent
+/// runs each command as one, so their cost is the tree's.
+pub fn tree_cpu_seconds(pid: u32) -> Option<f64> {
+    let mut all: Vec<(u32, u32)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        if let Some(p) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+            && let Some(pp) = parent(p)
+        {
+            all.push((p, pp));
+        }
+    }
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while let Some(&p) = tree.get(i) {
+        tree.extend(all.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    let mut total = cpu_with_reaped(pid)?;
+    for p in tree.iter().skip(1) {
+        total += cpu_with_reaped(*p).unwrap_or(0.0);
+    }
+    Some(total)
+}

@@ -15,7 +15,7 @@ use gatehouse_agent::dataplane::session_proto::{
 };
 use gatehouse_controlplane::tls::{Trust, client_config_with_alpn};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::fleet::UserCreds;
 use crate::procstat;
@@ -23,9 +23,84 @@ use crate::procstat;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Path {
+    /// Gatehouse: TLS to the Proxy, tunnel TLS to a simulated agent that discards.
     Proxy,
+    /// One TLS connection straight to the sink: the ceiling.
     Direct,
+    /// A per-connection tokio + tokio-rustls relay (bench/src/bin/naive-relay.rs).
     Naive,
+    /// A real OpenSSH jump host: `ssh -W` per stream through a loopback sshd (aes128-gcm).
+    Openssh,
+    /// rathole's TLS transport: visitor TCP in at the server, TLS data channel to its client.
+    Rathole,
+}
+
+impl Path {
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Proxy => "proxy",
+            Path::Direct => "direct",
+            Path::Naive => "naive",
+            Path::Openssh => "openssh",
+            Path::Rathole => "rathole",
+        }
+    }
+}
+
+/// Where a client's streams go and how they get there.
+#[derive(Clone)]
+pub struct Target {
+    pub path: Path,
+    /// What the client connects to: the Proxy, the relay, the rathole service port or the sink
+    /// itself (also the `ssh -W` destination for the OpenSSH path).
+    pub addr: String,
+    /// Proxy path: the user's certificate.
+    pub user: Option<UserCreds>,
+    /// OpenSSH path: the jump host.
+    pub jump: Option<Arc<crate::openssh::Sshd>>,
+}
+
+/// Anything a client's TLS can run over: a TCP socket or an `ssh -W` child's pipes.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+pub type ClientTls = tokio_rustls::client::TlsStream<Box<dyn Io>>;
+
+/// The stdin/stdout of an `ssh -W` child as one duplex stream; the child dies with it.
+struct ChildPipe {
+    _child: tokio::process::Child,
+    io: tokio::io::Join<tokio::process::ChildStdout, tokio::process::ChildStdin>,
+}
+
+impl AsyncRead for ChildPipe {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ChildPipe {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -49,11 +124,18 @@ pub fn start_sink(bind: &str, echo: bool) -> anyhow::Result<(SocketAddr, String,
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    // Distinct subjects: OpenSSL (rathole's native-tls) takes a leaf whose subject equals its
+    // issuer for a self-signed certificate.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "loadgen sink CA");
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let key = rcgen::KeyPair::generate()?;
-    let cert =
-        rcgen::CertificateParams::new(vec!["sink.bench".to_string()])?.signed_by(&key, &issuer)?;
+    let mut leaf = rcgen::CertificateParams::new(vec!["sink.bench".to_string()])?;
+    leaf.distinguished_name
+        .push(rcgen::DnType::CommonName, "sink.bench");
+    let cert = leaf.signed_by(&key, &issuer)?;
     let (cert_pem, key_pem, ca_pem) = (cert.pem(), key.serialize_pem(), ca_cert.pem());
     let certs = gatehouse_controlplane::tls::certs_from_pem(&cert_pem)?;
     let pkey = gatehouse_controlplane::tls::key_from_pem(&key_pem)?;
@@ -107,27 +189,26 @@ pub fn start_sink(bind: &str, echo: bool) -> anyhow::Result<(SocketAddr, String,
 }
 
 pub async fn client_stream(
-    path: Path,
-    target: &str,
-    user: Option<&UserCreds>,
+    target: &Target,
     sink_ca: &str,
     stream_idx: usize,
     app: &str,
-) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    match path {
+) -> anyhow::Result<ClientTls> {
+    match target.path {
         Path::Proxy => {
-            let user = user.context("proxy path needs a user")?;
+            let user = target.user.as_ref().context("proxy path needs a user")?;
             let cfg = client_config_with_alpn(
                 &Trust::CaPem(user.ca.clone()),
                 Some((&user.cert, &user.key)),
                 &[ALPN_TCP],
             )?;
-            let tcp = tokio::net::TcpStream::connect(target).await?;
+            let tcp = tokio::net::TcpStream::connect(&target.addr).await?;
             tcp.set_nodelay(true)?;
+            let io: Box<dyn Io> = Box::new(tcp);
             let mut tls = tokio_rustls::TlsConnector::from(cfg)
                 .connect(
                     rustls::pki_types::ServerName::try_from(PROXY_SERVER_NAME)?,
-                    tcp,
+                    io,
                 )
                 .await?;
             let req = SessionRequest {
@@ -148,7 +229,7 @@ pub async fn client_stream(
             }
             Ok(tls)
         }
-        Path::Direct | Path::Naive => {
+        Path::Direct | Path::Naive | Path::Rathole | Path::Openssh => {
             let cfg = rustls::ClientConfig::builder_with_provider(
                 gatehouse_controlplane::tls::provider(),
             )
@@ -161,10 +242,30 @@ pub async fn client_stream(
                 roots
             })
             .with_no_client_auth();
-            let tcp = tokio::net::TcpStream::connect(target).await?;
-            tcp.set_nodelay(true)?;
+            let io: Box<dyn Io> = match &target.jump {
+                Some(jump) if target.path == Path::Openssh => {
+                    let mut child = jump
+                        .jump_command(&target.addr)
+                        .spawn()
+                        .context("starting ssh -W")?;
+                    let stdout = child.stdout.take().context("ssh has no stdout")?;
+                    let stdin = child.stdin.take().context("ssh has no stdin")?;
+                    Box::new(ChildPipe {
+                        _child: child,
+                        io: tokio::io::join(stdout, stdin),
+                    })
+                }
+                Some(_) | None if target.path == Path::Openssh => {
+                    anyhow::bail!("the openssh path needs a jump host")
+                }
+                _ => {
+                    let tcp = tokio::net::TcpStream::connect(&target.addr).await?;
+                    tcp.set_nodelay(true)?;
+                    Box::new(tcp)
+                }
+            };
             Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg))
-                .connect(rustls::pki_types::ServerName::try_from("sink.bench")?, tcp)
+                .connect(rustls::pki_types::ServerName::try_from("sink.bench")?, io)
                 .await?)
         }
     }
@@ -173,46 +274,58 @@ pub async fn client_stream(
 /// Run `streams` bulk senders against `target` for `duration`; `middle_pid` is the process in
 /// the middle whose CPU counts (proxy or relay).
 pub async fn run(
-    path: Path,
-    target: &str,
-    user: Option<&UserCreds>,
+    target: &Target,
     sink_ca: &str,
     streams: usize,
     duration: Duration,
     middle_pid: Option<u32>,
 ) -> anyhow::Result<ThroughputReport> {
+    let path = target.path;
     let mut conns = Vec::with_capacity(streams);
     for i in 0..streams {
         conns.push(
-            client_stream(path, target, user, sink_ca, i, "sink")
+            client_stream(target, sink_ca, i, "sink")
                 .await
-                .with_context(|| format!("opening stream {i}"))?,
+                .with_context(|| format!("opening {} stream {i}", path.name()))?,
         );
     }
     let total = Arc::new(AtomicU64::new(0));
-    let cpu0 = middle_pid.and_then(procstat::cpu_seconds);
+    let cpu0 = middle_pid.and_then(procstat::tree_cpu_seconds);
     let gen0 = procstat::self_cpu_seconds().unwrap_or(0.0);
     let started = Instant::now();
     let deadline = started + duration;
+    // The middle box's CPU is read at the deadline, while every connection (and each sshd
+    // child serving one) is still alive.
+    let cpu_at_deadline = tokio::spawn(async move {
+        tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await;
+        middle_pid.and_then(procstat::tree_cpu_seconds)
+    });
     let mut tasks = Vec::new();
     for mut tls in conns {
         let total = Arc::clone(&total);
         tasks.push(tokio::spawn(async move {
             let chunk = vec![0x5Au8; CHUNK];
-            while Instant::now() < deadline {
+            let mut last = Instant::now();
+            while last < deadline {
                 if tls.write_all(&chunk).await.is_err() {
                     break;
                 }
                 total.fetch_add(CHUNK as u64, Ordering::Relaxed);
+                last = Instant::now();
             }
-            let _ = tls.shutdown().await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), tls.shutdown()).await;
+            last
         }));
     }
+    let mut last = started;
     for t in tasks {
-        let _ = t.await;
+        if let Ok(t) = t.await {
+            last = last.max(t);
+        }
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let cpu = match (cpu0, middle_pid.and_then(procstat::cpu_seconds)) {
+    // Bytes were counted until the last write finished (just past the deadline).
+    let elapsed = last.duration_since(started).as_secs_f64().max(1e-3);
+    let cpu = match (cpu0, cpu_at_deadline.await.ok().flatten()) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };

@@ -27,7 +27,7 @@ fn loadgen(args: &[&str]) -> (i32, String, String) {
 fn help_lists_every_scenario_and_its_options() {
     let (code, out, _) = loadgen(&["--help"]);
     assert_eq!(code, 0);
-    for s in ["logins", "tunnels", "throughput", "latency", "sessions"] {
+    for s in ["logins", "tunnels", "throughput", "latency", "sessions", "ssh"] {
         assert!(out.contains(s), "--help lacks {s}:\n{out}");
     }
     assert!(
@@ -39,6 +39,11 @@ fn help_lists_every_scenario_and_its_options() {
     for opt in ["--count", "--procs", "--identities", "--hold", "--workers"] {
         assert!(out.contains(opt), "tunnels --help lacks {opt}:\n{out}");
     }
+    let (code, out, _) = loadgen(&["throughput", "--help"]);
+    assert_eq!(code, 0);
+    for path in ["proxy", "direct", "naive", "openssh", "rathole"] {
+        assert!(out.contains(path), "throughput --help lacks {path}:\n{out}");
+    }
 }
 
 #[test]
@@ -49,6 +54,9 @@ fn wrong_options_and_unreachable_clusters_are_clear_errors() {
     let (code, _, err) = loadgen(&["throughput", "--paths", "carrier-pigeon"]);
     assert_ne!(code, 0);
     assert!(err.contains("carrier-pigeon"), "{err}");
+    let (code, _, err) = loadgen(&["ssh", "--concurrency", "0"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("at least 1"), "{err}");
     let (code, _, err) = loadgen(&["tunnels", "--count", "0"]);
     assert_ne!(code, 0);
     assert!(err.contains("at least 1"), "{err}");
@@ -68,4 +76,74 @@ fn wrong_options_and_unreachable_clusters_are_clear_errors() {
     assert_ne!(code, 0);
     assert!(err.contains("cannot reach Auth at 127.0.0.1:1"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+fn json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The `ssh` scenario end to end, briefly: a spawned cluster and a real agent process, a real
+/// sshd beside it; sessions open without errors on both paths and bytes flow.
+#[test]
+fn ssh_scenario_runs_through_the_proxy_and_beside_openssh() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ssh.json");
+    let (code, stdout, err) = loadgen(&[
+        "--json",
+        out.to_str().unwrap(),
+        "ssh",
+        "--duration",
+        "1s",
+        "--concurrency",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    let v = json(&out);
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{v}");
+    for row in rows {
+        assert!(row["sessions"].as_u64().unwrap() > 0, "{row}");
+        assert_eq!(row["errors"], 0, "{row}");
+        assert!(row["bulk_gb_per_s"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["server_cpu_s"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    assert_eq!(rows[0]["path"], "gatehouse");
+    assert_eq!(rows[1]["path"], "openssh");
+}
+
+/// The OpenSSH jump host baseline moves bytes and is charged its sshd children's CPU; rathole
+/// either runs or is skipped with the reason.
+#[test]
+fn throughput_baselines_run_or_say_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t.json");
+    let (code, stdout, err) = loadgen(&[
+        "--json",
+        out.to_str().unwrap(),
+        "throughput",
+        "--paths",
+        "openssh,rathole",
+        "--runs",
+        "1",
+        "--streams",
+        "1",
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    let v = json(&out);
+    let medians = v["medians"].as_array().unwrap();
+    assert_eq!(medians.len(), 2, "{v}");
+    assert_eq!(medians[0]["path"], "openssh");
+    assert!(medians[0]["median_gb_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(
+        medians[0]["median_gb_per_middle_cpu_s"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
+    assert_eq!(medians[1]["path"], "rathole");
+    assert!(
+        medians[1]["median_gb_per_s"].as_f64().unwrap_or(0.0) > 0.0
+            || medians[1]["skipped"].as_str().is_some_and(|s| !s.is_empty()),
+        "{v}"
+    );
 }

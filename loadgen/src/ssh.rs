@@ -1,0 +1,333 @@
+//! `ssh`: real SSH through Gatehouse (user → Proxy → tunnel → a real agent's SSH service, which
+//! starts a real process) beside the same client talking straight to a real OpenSSH `sshd` that
+//! trusts the cluster's user CA. The client is russh with the user's certificate from login.
+//!
+//! Two measurements per path: new sessions per second (TCP + TLS + SSH handshake + certificate
+//! auth + `exec true` + exit status + close, by C concurrent workers) with setup latency, and one
+//! channel's bulk throughput (`cat > /dev/null`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use gatehouse_agent::dataplane::session_proto::{
+    self, ALPN_SSH, PROXY_SERVER_NAME, SessionRequest, SessionResponse,
+};
+use gatehouse_controlplane::tls::{Trust, client_config_with_alpn};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::fleet::UserCreds;
+use crate::procstat;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SshPath {
+    /// Through the Proxy to a Gatehouse agent.
+    Gatehouse,
+    /// Straight to OpenSSH sshd on loopback.
+    Openssh,
+}
+
+/// Where the SSH client goes.
+#[derive(Clone)]
+pub struct SshTarget {
+    pub path: SshPath,
+    /// The Proxy (Gatehouse) or sshd (OpenSSH).
+    pub addr: String,
+    /// The node name the Proxy routes to.
+    pub node: String,
+    pub login: String,
+    pub user: UserCreds,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SshReport {
+    pub scenario: &'static str,
+    pub path: SshPath,
+    pub concurrency: usize,
+    pub sessions: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub sessions_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// CPU of the server side while opening sessions: Proxy + agent, or sshd and its children.
+    pub server_cpu_s: Option<f64>,
+    pub sessions_per_server_cpu_s: Option<f64>,
+    /// One channel's bulk upload into `cat > /dev/null`.
+    pub bulk_gb_per_s: f64,
+    pub bulk_gb_per_server_cpu_s: Option<f64>,
+    pub generator_cpu_s: f64,
+}
+
+struct AnyHost;
+
+impl russh::client::Handler for AnyHost {
+    type Error = russh::Error;
+
+    // The bench trusts the host it just started; the product's client (`gsh ssh`) checks the
+    // host certificate against the cluster's host CA.
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+fn client_config() -> Arc<russh::client::Config> {
+    let mut config = russh::client::Config::default();
+    // Agents present host certificates (sshd here a plain key, which stays acceptable).
+    config.preferred.host_key_certificates =
+        std::borrow::Cow::Owned(vec![russh::keys::Algorithm::Ed25519]);
+    // AES-GCM, as the jump-host baseline and the Proxy's TLS use.
+    config.preferred.cipher =
+        std::borrow::Cow::Owned(vec![russh::cipher::AES_256_GCM, russh::cipher::AES_128_GCM]);
+    Arc::new(config)
+}
+
+type Session = russh::client::Handle<AnyHost>;
+
+/// Connect and authenticate one SSH connection.
+async fn connect(
+    target: &SshTarget,
+    config: Arc<russh::client::Config>,
+    key: Arc<russh::keys::PrivateKey>,
+    cert: russh::keys::Certificate,
+) -> anyhow::Result<Session> {
+    let tcp = tokio::net::TcpStream::connect(&target.addr).await?;
+    tcp.set_nodelay(true)?;
+    let mut session = match target.path {
+        SshPath::Openssh => russh::client::connect_stream(config, tcp, AnyHost).await?,
+        SshPath::Gatehouse => {
+            let tls_cfg = client_config_with_alpn(
+                &Trust::CaPem(target.user.ca.clone()),
+                Some((&target.user.cert, &target.user.key)),
+                &[ALPN_SSH],
+            )?;
+            let mut tls = tokio_rustls::TlsConnector::from(tls_cfg)
+                .connect(
+                    rustls::pki_types::ServerName::try_from(PROXY_SERVER_NAME)?,
+                    tcp,
+                )
+                .await?;
+            let req = SessionRequest {
+                target: target.node.clone(),
+                login: target.login.clone(),
+            };
+            tls.write_all(&session_proto::encode(&req)).await?;
+            // Read exactly the answer (length-prefixed) so the SSH bytes after it stay unread.
+            let len = tls.read_u32().await? as usize;
+            anyhow::ensure!(len <= session_proto::MAX_MESSAGE, "proxy answer too large");
+            let mut buf = bytes::BytesMut::with_capacity(4 + len);
+            buf.extend_from_slice(&(len as u32).to_be_bytes());
+            buf.resize(4 + len, 0);
+            tls.read_exact(buf.get_mut(4..).context("buffer")?).await?;
+            let resp = session_proto::decode::<SessionResponse>(&mut buf)?
+                .context("incomplete proxy answer")?;
+            anyhow::ensure!(resp.ok, "proxy refused the session: {}", resp.error);
+            russh::client::connect_stream(config, tls, AnyHost).await?
+        }
+    };
+    let auth = session
+        .authenticate_openssh_cert(target.login.clone(), key, cert)
+        .await?;
+    anyhow::ensure!(auth.success(), "certificate authentication refused");
+    Ok(session)
+}
+
+/// Run `command` on a new channel and wait for its exit status.
+async fn exec(session: &Session, command: &str) -> anyhow::Result<u32> {
+    let mut ch = session.channel_open_session().await?;
+    ch.exec(true, command).await?;
+    let mut status = None;
+    while let Some(msg) = ch.wait().await {
+        match msg {
+            russh::ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+            russh::ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    status.context("the channel closed without an exit status")
+}
+
+fn keys(
+    user: &UserCreds,
+) -> anyhow::Result<(Arc<russh::keys::PrivateKey>, russh::keys::Certificate)> {
+    let key = russh::keys::PrivateKey::from_openssh(user.ssh_key.as_bytes())
+        .context("parsing the SSH key")?;
+    let cert = russh::keys::Certificate::from_openssh(user.ssh_cert.trim())
+        .context("parsing the SSH certificate")?;
+    Ok((Arc::new(key), cert))
+}
+
+/// Open one session and run `true`, retrying until `timeout`: the agent's tunnel and the
+/// route may need a moment after start.
+pub async fn wait_ready(target: &SshTarget, timeout: Duration) -> anyhow::Result<()> {
+    let (key, cert) = keys(&target.user)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let attempt = async {
+            let s = connect(target, client_config(), Arc::clone(&key), cert.clone()).await?;
+            let status = exec(&s, "true").await?;
+            anyhow::ensure!(status == 0, "`true` exited with {status}");
+            Ok(())
+        };
+        match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) if Instant::now() > deadline => {
+                return Err(e.context(format!("{:?} SSH path not ready", target.path)));
+            }
+            Err(_) if Instant::now() > deadline => {
+                anyhow::bail!("{:?} SSH path timed out", target.path)
+            }
+            _ => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
+}
+
+/// Sessions per second and bulk throughput on one path; `server_pids` are the processes whose
+/// CPU (with their children) counts as the server side.
+pub async fn run(
+    target: &SshTarget,
+    concurrency: usize,
+    duration: Duration,
+    server_pids: &[u32],
+) -> anyhow::Result<SshReport> {
+    let (key, cert) = keys(&target.user)?;
+    let config = client_config();
+    let server_cpu = || -> Option<f64> {
+        server_pids
+            .iter()
+            .map(|p| procstat::tree_cpu_seconds(*p))
+            .sum()
+    };
+    let gen0 = procstat::self_cpu_seconds().unwrap_or(0.0);
+
+    // New sessions.
+    let cpu0 = server_cpu();
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (target, config, key, cert) = (
+            target.clone(),
+            Arc::clone(&config),
+            Arc::clone(&key),
+            cert.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new(3).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (mut errors, mut first_error) = (0u64, None);
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let one = async {
+                    let s = connect(&target, Arc::clone(&config), Arc::clone(&key), cert.clone())
+                        .await?;
+                    let status = exec(&s, "true").await?;
+                    anyhow::ensure!(status == 0, "`true` exited with {status}");
+                    let _ = s
+                        .disconnect(russh::Disconnect::ByApplication, "", "en")
+                        .await;
+                    Ok(())
+                };
+                match tokio::time::timeout(Duration::from_secs(10), one).await {
+                    Ok(Ok(())) => {
+                        hist.record(t.elapsed().as_micros() as u64).ok();
+                    }
+                    Ok(Err(e)) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| format!("{e:#}"));
+                    }
+                    Err(_) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| "timed out after 10 s".into());
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>((hist, errors, first_error))
+        }));
+    }
+    let mut hist = Histogram::<u64>::new(3).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (mut errors, mut first_error) = (0, None);
+    for t in tasks {
+        let (h, e, f) = t.await??;
+        hist.add(h).map_err(|e| anyhow::anyhow!("{e}"))?;
+        errors += e;
+        if first_error.is_none() {
+            first_error = f;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = match (cpu0, server_cpu()) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+
+    // Bulk: one channel into `cat > /dev/null` for the same duration.
+    let session = connect(target, Arc::clone(&config), Arc::clone(&key), cert.clone()).await?;
+    let ch = session.channel_open_session().await?;
+    ch.exec(true, "cat > /dev/null").await?;
+    let chunk = vec![0x5Au8; 32 * 1024];
+    let bulk_cpu0 = server_cpu();
+    let bulk_start = Instant::now();
+    let bulk_deadline = bulk_start + duration.min(Duration::from_secs(5));
+    let mut sent = 0u64;
+    let writer = ch.make_writer();
+    tokio::pin!(writer);
+    while Instant::now() < bulk_deadline {
+        writer.write_all(&chunk).await?;
+        sent += chunk.len() as u64;
+    }
+    let bulk_s = bulk_start.elapsed().as_secs_f64();
+    let bulk_cpu = match (bulk_cpu0, server_cpu()) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let _ = writer.shutdown().await;
+    let _ = session
+        .disconnect(russh::Disconnect::ByApplication, "", "en")
+        .await;
+    let gb = sent as f64 / 1e9;
+
+    Ok(SshReport {
+        scenario: "ssh",
+        path: target.path,
+        concurrency,
+        sessions: hist.len(),
+        errors,
+        first_error,
+        sessions_per_s: hist.len() as f64 / elapsed,
+        p50_ms: hist.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
+        server_cpu_s: cpu,
+        sessions_per_server_cpu_s: cpu.filter(|c| *c > 0.0).map(|c| hist.len() as f64 / c),
+        bulk_gb_per_s: gb / bulk_s,
+        bulk_gb_per_server_cpu_s: bulk_cpu.filter(|c| *c > 0.0).map(|c| gb / c),
+        generator_cpu_s: procstat::self_cpu_seconds().unwrap_or(0.0) - gen0,
+    })
+}
+
+pub fn print(r: &SshReport) {
+    println!(
+        "ssh {:<9} {:.0} sessions/s ({} ok, {} errors)  p50 {:.2} ms  p99 {:.2} ms{}  bulk {:.3} GB/s{}",
+        format!("{:?}", r.path).to_lowercase(),
+        r.sessions_per_s,
+        r.sessions,
+        r.errors,
+        r.p50_ms,
+        r.p99_ms,
+        r.sessions_per_server_cpu_s
+            .map(|s| format!("  {s:.0} per server CPU-second"))
+            .unwrap_or_default(),
+        r.bulk_gb_per_s,
+        r.bulk_gb_per_server_cpu_s
+            .map(|g| format!(" ({g:.2} GB per server CPU-second)"))
+            .unwrap_or_default(),
+    );
+    if let Some(e) = &r.first_error {
+        println!("    first error: {e}");
+    }
+}
