@@ -42,6 +42,7 @@ pub async fn latency(
     let interval = Duration::from_secs_f64(1.0 / per_session.max(1e-3));
     let mut tasks = Vec::new();
     let start = Instant::now() + Duration::from_millis(200);
+    let _bar = crate::progress::timed(&format!("latency {}", path.name()), duration);
     for i in 0..sessions {
         let mut tls = client_stream(target, ca, i, "echo").await?;
         // Spread the sessions' schedules over one interval.
@@ -113,6 +114,7 @@ pub async fn sessions(
 ) -> anyhow::Result<SessionsReport> {
     let path = target.path;
     let cpu0 = middle_pid.and_then(crate::procstat::cpu_seconds);
+    let _bar = crate::progress::timed(&format!("sessions {}", path.name()), duration);
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = Vec::new();

@@ -7,6 +7,7 @@ mod latency;
 mod logins;
 mod openssh;
 mod procstat;
+mod progress;
 mod rathole;
 mod sim_agent;
 mod spawn;

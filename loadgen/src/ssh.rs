@@ -207,6 +207,7 @@ pub async fn run(
     let gen0 = procstat::self_cpu_seconds().unwrap_or(0.0);
 
     // New sessions.
+    let bar = crate::progress::timed(&format!("ssh sessions {:?}", target.path), duration);
     let cpu0 = server_cpu();
     let started = Instant::now();
     let deadline = started + duration;
@@ -261,6 +262,7 @@ pub async fn run(
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
+    drop(bar);
     let cpu = match (cpu0, server_cpu()) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
@@ -271,6 +273,10 @@ pub async fn run(
     let ch = session.channel_open_session().await?;
     ch.exec(true, "cat > /dev/null").await?;
     let chunk = vec![0x5Au8; 32 * 1024];
+    let _bar = crate::progress::timed(
+        &format!("ssh bulk {:?}", target.path),
+        duration.min(Duration::from_secs(5)),
+    );
     let bulk_cpu0 = server_cpu();
     let bulk_start = Instant::now();
     let bulk_deadline = bulk_start + duration.min(Duration::from_secs(5));

@@ -292,6 +292,7 @@ pub async fn run(
     let total = Arc::new(AtomicU64::new(0));
     let cpu0 = middle_pid.and_then(procstat::tree_cpu_seconds);
     let gen0 = procstat::self_cpu_seconds().unwrap_or(0.0);
+    let _bar = crate::progress::timed(&format!("throughput {}", path.name()), duration);
     let started = Instant::now();
     let deadline = started + duration;
     // The middle box's CPU is read at the deadline, while every connection (and each sshd
