@@ -27,7 +27,14 @@ fn loadgen(args: &[&str]) -> (i32, String, String) {
 fn help_lists_every_scenario_and_its_options() {
     let (code, out, _) = loadgen(&["--help"]);
     assert_eq!(code, 0);
-    for s in ["logins", "tunnels", "throughput", "latency", "sessions", "ssh"] {
+    for s in [
+        "logins",
+        "tunnels",
+        "throughput",
+        "latency",
+        "sessions",
+        "ssh",
+    ] {
         assert!(out.contains(s), "--help lacks {s}:\n{out}");
     }
     assert!(
@@ -143,7 +150,9 @@ fn throughput_baselines_run_or_say_why_not() {
     assert_eq!(medians[1]["path"], "rathole");
     assert!(
         medians[1]["median_gb_per_s"].as_f64().unwrap_or(0.0) > 0.0
-            || medians[1]["skipped"].as_str().is_some_and(|s| !s.is_empty()),
+            || medians[1]["skipped"]
+                .as_str()
+                .is_some_and(|s| !s.is_empty()),
         "{v}"
     );
 }
