@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use crate::tunnel::{Config, ConnError, Connection, Event, Side, StreamError, StreamId, code};
 
@@ -47,9 +47,100 @@ struct Inner {
     /// Signalled when the peer's hello arrives or the tunnel closes.
     ready: Rc<Notify>,
     closed: Option<String>,
-    events: mpsc::UnboundedSender<TunnelEvent>,
+    events: EventSender,
     bytes_in: u64,
     bytes_out: u64,
+}
+
+/// Events of one tunnel, for its owner. Unlike a tokio mpsc channel (which allocates a block of
+/// 32 slots up front), an idle tunnel's queue holds no allocation at all.
+#[derive(Default)]
+struct EventQueue {
+    queue: VecDeque<TunnelEvent>,
+    /// The tunnel is gone: no more events will come.
+    closed: bool,
+}
+
+struct EventSender {
+    shared: Rc<RefCell<EventQueue>>,
+    notify: Rc<Notify>,
+}
+
+/// The receiving end of a tunnel's events (see [`TunnelEvent`]); ends when the tunnel is dropped.
+pub struct Events {
+    shared: Rc<RefCell<EventQueue>>,
+    notify: Rc<Notify>,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events").finish_non_exhaustive()
+    }
+}
+
+fn event_queue() -> (EventSender, Events) {
+    let shared = Rc::new(RefCell::new(EventQueue::default()));
+    let notify = Rc::new(Notify::new());
+    (
+        EventSender {
+            shared: Rc::clone(&shared),
+            notify: Rc::clone(&notify),
+        },
+        Events { shared, notify },
+    )
+}
+
+impl EventSender {
+    fn send(&self, ev: TunnelEvent) {
+        self.shared.borrow_mut().queue.push_back(ev);
+        self.notify.notify_one();
+    }
+}
+
+impl Drop for EventSender {
+    fn drop(&mut self) {
+        self.shared.borrow_mut().closed = true;
+        self.notify.notify_one();
+    }
+}
+
+impl Events {
+    /// The next event, or `None` once the tunnel is gone and every event was taken.
+    pub async fn recv(&mut self) -> Option<TunnelEvent> {
+        loop {
+            {
+                let mut q = self.shared.borrow_mut();
+                if let Some(ev) = q.queue.pop_front() {
+                    if q.queue.is_empty() {
+                        // Give the memory back: most tunnels see an event every few seconds.
+                        q.queue = VecDeque::new();
+                    }
+                    return Some(ev);
+                }
+                if q.closed {
+                    return None;
+                }
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// Size of each thread's shared read buffer (a read takes at most this much at once).
+const READ_BUF: usize = 64 * 1024;
+
+thread_local! {
+    /// One read buffer per thread, shared by every tunnel the thread drives: tunnels are many
+    /// and mostly idle, and a read is consumed before its poll returns.
+    static READ_BUF_SHARED: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_BUF].into_boxed_slice());
+}
+
+/// Run `f` with the thread's read buffer (a private one if it is somehow already in use).
+fn with_read_buf<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    READ_BUF_SHARED.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => f(&mut buf),
+        Err(_) => f(&mut vec![0u8; READ_BUF]),
+    })
 }
 
 /// A handle to one tunnel; cheap to clone, single-threaded.
@@ -87,8 +178,8 @@ pub struct SpliceStats {
 
 impl Tunnel {
     /// Create a tunnel and the receiver of its events. Run it with [`Tunnel::run`].
-    pub fn new(side: Side, config: Config) -> (Self, mpsc::UnboundedReceiver<TunnelEvent>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    pub fn new(side: Side, config: Config) -> (Self, Events) {
+        let (tx, rx) = event_queue();
         let inner = Inner {
             conn: Connection::new(side, config, Instant::now()),
             slots: HashMap::new(),
@@ -131,24 +222,40 @@ impl Tunnel {
         let reader = {
             let this = self.clone();
             async move {
-                let mut buf = vec![0u8; 64 * 1024];
                 loop {
-                    let n = match rd.read(&mut buf).await {
-                        Ok(0) => return "the peer closed the connection".to_string(),
-                        Ok(n) => n,
-                        Err(e) => return format!("read failed: {e}"),
-                    };
-                    let result = {
-                        let mut inner = this.inner.borrow_mut();
-                        let r = inner
-                            .conn
-                            .handle_input(buf.get(..n).unwrap_or_default(), Instant::now());
-                        inner.dispatch();
-                        r
-                    };
-                    this.wake();
-                    if let Err(e) = result {
-                        return e.to_string();
+                    // Read into this thread's shared buffer and hand the bytes to the
+                    // connection within the same poll: an idle tunnel holds no read buffer.
+                    let read = std::future::poll_fn(|cx| {
+                        with_read_buf(|buf| {
+                            let mut rb = tokio::io::ReadBuf::new(buf);
+                            match std::pin::Pin::new(&mut rd).poll_read(cx, &mut rb) {
+                                std::task::Poll::Pending => std::task::Poll::Pending,
+                                std::task::Poll::Ready(Err(e)) => {
+                                    std::task::Poll::Ready(Err(format!("read failed: {e}")))
+                                }
+                                std::task::Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                                    std::task::Poll::Ready(Err(
+                                        "the peer closed the connection".to_string()
+                                    ))
+                                }
+                                std::task::Poll::Ready(Ok(())) => {
+                                    let mut inner = this.inner.borrow_mut();
+                                    let r = inner.conn.handle_input(rb.filled(), Instant::now());
+                                    inner.dispatch();
+                                    std::task::Poll::Ready(Ok(r))
+                                }
+                            }
+                        })
+                    })
+                    .await;
+                    match read {
+                        Err(reason) => return reason,
+                        Ok(result) => {
+                            this.wake();
+                            if let Err(e) = result {
+                                return e.to_string();
+                            }
+                        }
                     }
                 }
             }
@@ -337,7 +444,7 @@ impl Inner {
                             ..Slot::default()
                         },
                     );
-                    let _ = self.events.send(TunnelEvent::Incoming {
+                    self.events.send(TunnelEvent::Incoming {
                         stream,
                         target,
                         metadata,
@@ -357,10 +464,10 @@ impl Inner {
                 Event::Finished { stream } => self.signal(stream, |s| s.fin = true),
                 Event::Reset { stream, code } => self.signal(stream, |s| s.reset = Some(code)),
                 Event::Heartbeat { inventory } => {
-                    let _ = self.events.send(TunnelEvent::Heartbeat(inventory));
+                    self.events.send(TunnelEvent::Heartbeat(inventory));
                 }
                 Event::GoAway { code, message } => {
-                    let _ = self.events.send(TunnelEvent::GoAway { code, message });
+                    self.events.send(TunnelEvent::GoAway { code, message });
                 }
             }
         }

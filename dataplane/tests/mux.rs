@@ -31,7 +31,7 @@ fn run_local<F: std::future::Future>(f: F) -> F::Output {
 }
 
 /// An "agent" that echoes every stream back, and rejects target "nope".
-fn spawn_echo_agent(agent: Tunnel, mut events: tokio::sync::mpsc::UnboundedReceiver<TunnelEvent>) {
+fn spawn_echo_agent(agent: Tunnel, mut events: gatehouse_dataplane::mux::Events) {
     tokio::task::spawn_local(async move {
         while let Some(ev) = events.recv().await {
             if let TunnelEvent::Incoming { stream, target, .. } = ev {

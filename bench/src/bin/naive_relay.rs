@@ -29,7 +29,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    // The same crypto provider and suite order as Gatehouse, so the comparison is the relay's.
+    let provider = gatehouse_controlplane::tls::provider();
     let certs = rustls_pemfile::certs(&mut std::fs::read(&args.cert)?.as_slice())
         .collect::<Result<Vec<_>, _>>()?;
     let key = rustls_pemfile::private_key(&mut std::fs::read(&args.key)?.as_slice())?

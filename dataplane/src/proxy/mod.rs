@@ -387,9 +387,10 @@ impl Worker {
         shared.routes.rcu(|t| t.with(entry.clone()));
         shared.metrics.tunnels.inc();
         tracing::info!(%remote, host_id = %id.name, core = self.core, "proxy: tunnel up");
-        let inventory_task = {
+        // The tunnel's events are handled in the same task as its I/O (one task per tunnel).
+        let inventory = {
             let (shared, tunnel, host_id) = (Arc::clone(shared), tunnel.clone(), id.name.clone());
-            tokio::task::spawn_local(async move {
+            async move {
                 while let Some(ev) = events.recv().await {
                     match ev {
                         TunnelEvent::Heartbeat(bytes) => {
@@ -435,10 +436,14 @@ impl Worker {
                         }
                     }
                 }
-            })
+                // Events end only when the tunnel is dropped; the I/O side decides the end.
+                std::future::pending::<()>().await;
+            }
         };
-        let reason = tunnel.run(tls).await;
-        inventory_task.abort();
+        let reason = tokio::select! {
+            reason = tunnel.run(tls) => reason,
+            () = inventory => String::new(),
+        };
         self.tunnels.borrow_mut().remove(&tunnel_id);
         shared.routes.rcu(|t| t.without(tunnel_id));
         shared.metrics.tunnels.dec();
