@@ -337,10 +337,16 @@ impl Worker {
             (Some(ALPN_TUNNEL), Some(id))
                 if id.kind == IdentityKind::Node && !id.roles.iter().any(|r| r == "@proxy") =>
             {
-                self.serve_tunnel(tls, remote, id).await
+                // A tunnel lives for days: it gets a task of its own sized for what it keeps
+                // (the handshake's state goes with this task), and its TLS state moves to the
+                // heap once instead of being copied into each enclosing future.
+                let w = self.clone();
+                tokio::task::spawn_local(async move {
+                    w.serve_tunnel(Box::new(tls), remote, id).await
+                });
             }
             (Some(a @ (ALPN_SSH | ALPN_TCP)), Some(id)) if id.kind == IdentityKind::User => {
-                self.serve_session(tls, remote, id, a == ALPN_SSH).await
+                Box::pin(self.serve_session(tls, remote, id, a == ALPN_SSH)).await
             }
             (alpn, id) => {
                 let who = id
@@ -365,7 +371,7 @@ impl Worker {
         let _ = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
     }
 
-    async fn serve_tunnel(&self, tls: TlsStream, remote: SocketAddr, id: Identity) {
+    async fn serve_tunnel(&self, tls: Box<TlsStream>, remote: SocketAddr, id: Identity) {
         let shared = &self.shared;
         let tunnel_id = shared.next_tunnel.fetch_add(1, Ordering::Relaxed);
         let host_name = id
