@@ -126,6 +126,9 @@ impl Events {
     }
 }
 
+/// How much a spliced stream reads from its socket at once.
+const SPLICE_READ: usize = 32 * 1024;
+
 /// Size of each thread's shared read buffer (a read takes at most this much at once).
 const READ_BUF: usize = 64 * 1024;
 
@@ -538,7 +541,9 @@ impl StreamHandle {
     pub async fn splice<IO: AsyncRead + AsyncWrite>(self, io: IO, leftover: Bytes) -> SpliceStats {
         let (mut rd, mut wr) = tokio::io::split(io);
         let mut stats = SpliceStats::default();
-        let mut buf = vec![0u8; 32 * 1024];
+        // Read straight into the buffer that becomes `pending` (no copy between the two); a
+        // fresh 32 KiB is reserved only when the previous chunk was handed on.
+        let mut buf = bytes::BytesMut::new();
         let mut pending: Bytes = leftover;
         let mut read_done = false;
         let mut write_done = false;
@@ -594,14 +599,17 @@ impl StreamHandle {
                 break;
             }
             let can_read = !read_done && pending.is_empty();
+            if can_read && buf.capacity() - buf.len() < SPLICE_READ / 2 {
+                buf.reserve(SPLICE_READ);
+            }
             tokio::select! {
-                r = rd.read(&mut buf), if can_read => match r {
+                r = rd.read_buf(&mut buf), if can_read => match r {
                     Ok(0) | Err(_) => {
                         read_done = true;
                         let _ = tunnel.inner.borrow_mut().conn.finish(id);
                         tunnel.wake();
                     }
-                    Ok(n) => pending = Bytes::copy_from_slice(buf.get(..n).unwrap_or_default()),
+                    Ok(_) => pending = buf.split().freeze(),
                 },
                 _ = self.notify.notified() => {}
             }

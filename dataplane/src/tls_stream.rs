@@ -3,7 +3,7 @@
 //! [`TlsParts`]), so a user session moves to the worker that owns its target's tunnel and its
 //! bytes never cross cores after that. (tokio-rustls keeps its state private, so it cannot.)
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -186,11 +186,33 @@ impl AsyncRead for TlsStream {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            match this.tls.reader().read(buf.initialize_unfilled()) {
-                Ok(n) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
+            // Copy plaintext straight from rustls' buffers into the caller's (which may be
+            // uninitialised: no zeroing first), as many records as fit.
+            let mut copied = 0;
+            let res = {
+                let mut reader = this.tls.reader();
+                loop {
+                    if buf.remaining() == 0 {
+                        break Ok(());
+                    }
+                    let n = match reader.fill_buf() {
+                        Ok([]) => break Ok(()),
+                        Ok(chunk) => {
+                            let n = chunk.len().min(buf.remaining());
+                            buf.put_slice(chunk.get(..n).unwrap_or_default());
+                            n
+                        }
+                        Err(e) => break Err(e),
+                    };
+                    reader.consume(n);
+                    copied += n;
                 }
+            };
+            if copied > 0 {
+                return Poll::Ready(Ok(()));
+            }
+            match res {
+                Ok(()) => return Poll::Ready(Ok(())),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // Peer closed without close_notify: report EOF (our protocols frame themselves).
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Poll::Ready(Ok(())),

@@ -612,11 +612,7 @@ impl Connection {
         }
         s.send_credit -= n as u64;
         for chunk in data.get(..n).unwrap_or_default().chunks(max_frame) {
-            Frame::Data {
-                stream,
-                data: Bytes::copy_from_slice(chunk),
-            }
-            .encode(&mut self.out);
+            Frame::encode_data(stream, chunk, &mut self.out);
         }
         Ok(n)
     }

@@ -229,6 +229,17 @@ impl Frame {
         }
     }
 
+    /// Append a `Data` frame carrying `data` to `out`: the same bytes as encoding
+    /// `Frame::Data`, without first copying the payload into a `Bytes`.
+    pub fn encode_data(stream: StreamId, data: &[u8], out: &mut BytesMut) {
+        out.reserve(HEADER_LEN + data.len());
+        out.put_u8(kind::DATA);
+        out.put_u8(0);
+        out.put_u32(stream);
+        out.put_u32(data.len() as u32);
+        out.put_slice(data);
+    }
+
     /// Decode one frame from the front of `buf`, if a whole one is there. Consumes exactly the
     /// frame's bytes; payloads are split off `buf` without copying.
     pub fn decode(buf: &mut BytesMut, max_frame: u32) -> Result<Option<Frame>, FrameError> {
