@@ -341,9 +341,9 @@ impl Worker {
                 // (the handshake's state goes with this task), and its TLS state moves to the
                 // heap once instead of being copied into each enclosing future.
                 let w = self.clone();
-                tokio::task::spawn_local(async move {
-                    w.serve_tunnel(Box::new(tls), remote, id).await
-                });
+                tokio::task::spawn_local(
+                    async move { w.serve_tunnel(Box::new(tls), remote, id).await },
+                );
             }
             (Some(a @ (ALPN_SSH | ALPN_TCP)), Some(id)) if id.kind == IdentityKind::User => {
                 Box::pin(self.serve_session(tls, remote, id, a == ALPN_SSH)).await
