@@ -115,8 +115,14 @@ pub fn start_proxy(
     let alpn = server_alpn();
     let alpn_refs: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
     let chain = format!("{cert_pem}{ca_pem}");
-    let tls =
-        gatehouse_controlplane::tls::server_config_with_alpn(ca_pem, &chain, key_pem, &alpn_refs)?;
+    let mut tls = (*gatehouse_controlplane::tls::server_config_with_alpn(
+        ca_pem, &chain, key_pem, &alpn_refs,
+    )?)
+    .clone();
+    // No TLS 1.3 session tickets: clients open a fresh session per command and agents reconnect
+    // rarely, so tickets would be work (and cache entries) per session that nothing resumes.
+    tls.send_tls13_tickets = 0;
+    let tls = std::sync::Arc::new(tls);
     let config = ProxyConfig {
         listen,
         workers,

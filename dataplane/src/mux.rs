@@ -126,6 +126,13 @@ impl Events {
     }
 }
 
+/// Write all of `bytes` and flush: TLS writers may hold what the socket did not take until the
+/// next write or flush, and the next write may be a long time coming.
+async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
 /// How much a spliced stream reads from its socket at once.
 const SPLICE_READ: usize = 32 * 1024;
 
@@ -275,7 +282,8 @@ impl Tunnel {
                         (out, inner.conn.poll_timeout(), inner.conn.is_closed())
                     };
                     if let Some(bytes) = out {
-                        if let Err(e) = wr.write_all(&bytes).await {
+                        // Flushed too: a TLS writer may keep what the socket did not take.
+                        if let Err(e) = write_flush(&mut wr, &bytes).await {
                             return format!("write failed: {e}");
                         }
                         continue;
@@ -305,7 +313,7 @@ impl Tunnel {
                                 // Flush the go-away that explains it, then stop.
                                 let out = this.inner.borrow_mut().conn.poll_transmit();
                                 if let Some(bytes) = out {
-                                    let _ = wr.write_all(&bytes).await;
+                                    let _ = write_flush(&mut wr, &bytes).await;
                                 }
                                 return e.to_string();
                             }
@@ -579,7 +587,7 @@ impl StreamHandle {
                 break;
             }
             if let Some(chunk) = chunk {
-                if wr.write_all(&chunk).await.is_err() {
+                if write_flush(&mut wr, &chunk).await.is_err() {
                     tunnel.inner.borrow_mut().conn.reset(id, code::CANCELLED);
                     tunnel.wake();
                     stats.reset = true;
