@@ -180,7 +180,12 @@ fn process(
             Ok(_) => stop = true,
             Err(e) => {
                 // The fatal alert that says why is queued: encode it for the caller to flush.
-                queue_alert(tls, buf);
+                // rustls must see the same unconsumed bytes again (it keeps offsets into them).
+                if discard > 0 {
+                    input.copy_within(discard..*used, 0);
+                    *used -= discard;
+                }
+                queue_alert(tls, buf, input.get_mut(..*used).unwrap_or_default());
                 return Err(tls_error(e));
             }
         }
@@ -194,10 +199,12 @@ fn process(
     }
 }
 
-/// After an error, move the alert rustls queued into `outgoing` (best effort).
-fn queue_alert(tls: &mut UnbufferedServerConnection, buf: &mut Buffers) {
-    for _ in 0..4 {
-        let UnbufferedStatus { state, .. } = tls.process_tls_records(&mut []);
+/// After an error, move the alert rustls queued into `outgoing` (best effort). `input` is the
+/// connection's unconsumed ciphertext, as rustls last saw it.
+fn queue_alert(tls: &mut UnbufferedServerConnection, buf: &mut Buffers, input: &mut [u8]) {
+    // Only while records wait: past them rustls would process `input` again.
+    while tls.wants_write() {
+        let UnbufferedStatus { state, .. } = tls.process_tls_records(&mut *input);
         match state {
             Ok(ConnectionState::EncodeTlsData(mut enc)) => {
                 let start = buf.outgoing.len();
@@ -400,10 +407,19 @@ impl TlsStream {
     fn encrypt_into(&mut self, data: &[u8], dst: &mut [u8]) -> io::Result<(usize, usize)> {
         let data = data.get(..data.len().min(WRITE_CHUNK)).unwrap_or_default();
         for _ in 0..8 {
-            let UnbufferedStatus { state, .. } = self.tls.process_tls_records(&mut []);
+            // rustls sees the connection's unconsumed ciphertext on every call (it keeps
+            // offsets into it); at rest that is at most an incomplete record.
+            let UnbufferedStatus { discard, state } =
+                self.tls.process_tls_records(&mut self.buf.incoming);
             match state {
                 Ok(ConnectionState::WriteTraffic(mut w)) => {
-                    return match w.encrypt(data, dst) {
+                    let r = w.encrypt(data, dst);
+                    if discard > 0 {
+                        self.buf
+                            .incoming
+                            .drain(..discard.min(self.buf.incoming.len()));
+                    }
+                    return match r {
                         Ok(n) => Ok((data.len(), n)),
                         Err(EncryptError::InsufficientSize(e)) => Err(tls_error(format!(
                             "encrypt buffer too small ({} bytes needed)",
@@ -413,8 +429,12 @@ impl TlsStream {
                     };
                 }
                 Ok(ConnectionState::EncodeTlsData(_) | ConnectionState::TransmitTlsData(_)) => {
-                    let mut used = 0;
-                    process(&mut self.tls, &mut self.buf, &mut [], &mut used, None)?;
+                    let mut incoming = std::mem::take(&mut self.buf.incoming);
+                    let mut used = incoming.len();
+                    let r = process(&mut self.tls, &mut self.buf, &mut incoming, &mut used, None);
+                    incoming.truncate(used);
+                    self.buf.incoming = incoming;
+                    r?;
                 }
                 Ok(_) => {
                     return Err(io::Error::new(
@@ -430,7 +450,7 @@ impl TlsStream {
 
     /// Queue close_notify.
     fn queue_close_notify(&mut self) -> io::Result<()> {
-        let UnbufferedStatus { state, .. } = self.tls.process_tls_records(&mut []);
+        let UnbufferedStatus { state, .. } = self.tls.process_tls_records(&mut self.buf.incoming);
         if let Ok(ConnectionState::WriteTraffic(mut w)) = state {
             self.sent_close_notify = true;
             let start = self.buf.outgoing.len();
@@ -580,5 +600,290 @@ impl AsyncWrite for TlsStream {
             Poll::Ready(Ok(())) => Pin::new(&mut this.io).poll_shutdown(cx),
             other => other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // Test code: a failing unwrap is a failing test.
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use std::time::Duration;
+
+    use gatehouse_controlplane::tls::{Trust, client_config_with_alpn, server_config_with_alpn};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    const NAME: &str = gatehouse_controlplane::identity::PROXY_SERVER_NAME;
+    const ALPN: &[u8] = b"test";
+
+    /// A CA and a certificate with a fresh key signed by it: (cert PEM, key PEM).
+    struct Ca {
+        issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+        pem: String,
+    }
+
+    impl Ca {
+        fn new(cn: &str) -> Self {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn);
+            let pem = params.self_signed(&key).unwrap().pem();
+            Self {
+                issuer: rcgen::Issuer::new(params, key),
+                pem,
+            }
+        }
+        fn leaf(&self, name: &str) -> (String, String) {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            (cert.pem(), key.serialize_pem())
+        }
+    }
+
+    struct Setup {
+        server: Arc<ServerConfig>,
+        client: Arc<rustls::ClientConfig>,
+        listener: tokio::net::TcpListener,
+    }
+
+    async fn setup(client_ca: &Ca, ca: &Ca) -> Setup {
+        let (cert, key) = ca.leaf(NAME);
+        let mut server = (*server_config_with_alpn(&ca.pem, &cert, &key, &[ALPN]).unwrap()).clone();
+        server.send_tls13_tickets = 0;
+        let (ccert, ckey) = client_ca.leaf("client");
+        let client = client_config_with_alpn(
+            &Trust::CaPem(ca.pem.clone()),
+            Some((&ccert, &ckey)),
+            &[ALPN],
+        )
+        .unwrap();
+        Setup {
+            server: Arc::new(server),
+            client,
+            listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        }
+    }
+
+    async fn connect(s: &Setup) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let tcp = tokio::net::TcpStream::connect(s.listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        tokio_rustls::TlsConnector::from(Arc::clone(&s.client))
+            .connect(rustls::pki_types::ServerName::try_from(NAME).unwrap(), tcp)
+            .await
+            .unwrap()
+    }
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    async fn timeout<F: std::future::Future>(f: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(20), f)
+            .await
+            .expect("timed out")
+    }
+
+    /// Data written right behind the handshake, in writes of every size, read back through a
+    /// tiny server buffer (so plaintext waits in the connection) and echoed; then close_notify
+    /// each way ends both sides cleanly.
+    #[tokio::test]
+    async fn echo_with_tiny_reads_and_clean_close() {
+        let ca = Ca::new("test CA");
+        let s = setup(&ca, &ca).await;
+        let addr = s.listener.local_addr().unwrap();
+        let client_config = Arc::clone(&s.client);
+        let server = {
+            let config = Arc::clone(&s.server);
+            let listener =
+                tokio::net::TcpListener::from_std(s.listener.into_std().unwrap()).unwrap();
+            tokio::spawn(async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let mut tls = TlsStream::accept(tcp, config).await.unwrap();
+                assert_eq!(tls.connection().alpn_protocol(), Some(ALPN));
+                assert!(tls.connection().peer_certificates().is_some());
+                let mut buf = [0u8; 100];
+                let mut total = 0;
+                loop {
+                    let n = tls.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    total += n;
+                    tls.write_all(&buf[..n]).await.unwrap();
+                }
+                tls.shutdown().await.unwrap();
+                total
+            })
+        };
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut c = tokio_rustls::TlsConnector::from(client_config)
+            .connect(rustls::pki_types::ServerName::try_from(NAME).unwrap(), tcp)
+            .await
+            .unwrap();
+        let data = pattern(3 * 1024 * 1024 + 17);
+        let (mut rd, mut wr) = tokio::io::split(&mut c);
+        let send = async {
+            let mut off = 0;
+            let mut size = 1;
+            while off < data.len() {
+                let end = (off + size).min(data.len());
+                wr.write_all(&data[off..end]).await.unwrap();
+                off = end;
+                size = (size * 3 + 1) % 200_000 + 1;
+            }
+            wr.shutdown().await.unwrap();
+        };
+        let recv = async {
+            let mut back = Vec::new();
+            rd.read_to_end(&mut back).await.unwrap();
+            back
+        };
+        let ((), back) = timeout(async { tokio::join!(send, recv) }).await;
+        assert_eq!(back.len(), data.len());
+        assert!(back == data, "echoed bytes differ");
+        assert_eq!(timeout(server).await.unwrap(), data.len());
+    }
+
+    /// The session moves to another thread mid-stream with ciphertext and plaintext buffered;
+    /// nothing is lost or reordered.
+    #[tokio::test]
+    async fn handover_to_another_thread_keeps_buffered_bytes() {
+        let ca = Ca::new("test CA");
+        let s = setup(&ca, &ca).await;
+        let data = pattern(2 * 1024 * 1024 + 5);
+        let accept = {
+            let config = Arc::clone(&s.server);
+            let listener = &s.listener;
+            async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                TlsStream::accept(tcp, config).await.unwrap()
+            }
+        };
+        let (mut server, mut client) = tokio::join!(accept, connect(&s));
+        client.write_all(&data).await.unwrap();
+        client.flush().await.unwrap();
+        // Take a little, so some is decrypted and some still ciphertext.
+        let mut first = vec![0u8; 1000];
+        server.read_exact(&mut first).await.unwrap();
+        let parts = server.into_parts(Bytes::from_static(b"left")).unwrap();
+        let other = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let (mut tls, leftover) = TlsStream::from_parts(parts).unwrap();
+                assert_eq!(&leftover[..], b"left");
+                let mut rest = vec![0u8; data.len() - 1000];
+                tls.read_exact(&mut rest).await.unwrap();
+                tls.write_all(b"done").await.unwrap();
+                tls.flush().await.unwrap();
+                rest
+            })
+        });
+        let mut done = [0u8; 4];
+        timeout(client.read_exact(&mut done)).await.unwrap();
+        assert_eq!(&done, b"done");
+        let rest = other.join().unwrap();
+        let mut all = first;
+        all.extend_from_slice(&rest);
+        assert!(
+            all == pattern(2 * 1024 * 1024 + 5),
+            "bytes lost or reordered"
+        );
+    }
+
+    /// A client certificate from another CA fails the handshake with an alert the client sees.
+    #[tokio::test]
+    async fn foreign_client_certificate_is_refused_with_an_alert() {
+        let ca = Ca::new("test CA");
+        let other = Ca::new("other CA");
+        let s = setup(&other, &ca).await;
+        let accept = {
+            let config = Arc::clone(&s.server);
+            let listener = &s.listener;
+            async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                TlsStream::accept(tcp, config).await
+            }
+        };
+        let client = async {
+            let tcp = tokio::net::TcpStream::connect(s.listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(Arc::clone(&s.client))
+                .connect(rustls::pki_types::ServerName::try_from(NAME).unwrap(), tcp)
+                .await?;
+            // TLS 1.3: the client learns of the refusal on its first read.
+            let mut b = [0u8; 1];
+            tls.read(&mut b).await.map(|_| ())
+        };
+        let (server, client) = timeout(async { tokio::join!(accept, client) }).await;
+        let err = server.expect_err("the server accepted a foreign certificate");
+        assert!(err.to_string().contains("certificate"), "{err}");
+        let err = client.expect_err("the client did not notice the refusal");
+        assert!(
+            err.to_string().to_lowercase().contains("alert"),
+            "the client saw no alert: {err}"
+        );
+    }
+
+    /// Bytes that are not TLS end the handshake with an error, not a hang or a panic.
+    #[tokio::test]
+    async fn garbage_fails_the_handshake() {
+        let ca = Ca::new("test CA");
+        let s = setup(&ca, &ca).await;
+        let addr = s.listener.local_addr().unwrap();
+        let client = async {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tcp.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 1, 2, 3])
+                .await
+                .unwrap();
+            tcp.write_all(&[0u8; 70_000]).await.ok();
+            tcp
+        };
+        let accept = async {
+            let (tcp, _) = s.listener.accept().await.unwrap();
+            TlsStream::accept(tcp, Arc::clone(&s.server)).await
+        };
+        let (r, _tcp) = timeout(async { tokio::join!(accept, client) }).await;
+        assert!(r.is_err());
+    }
+
+    /// A peer that stops reading stops our writer: what waits in the connection stays bounded.
+    #[tokio::test]
+    async fn a_slow_reader_applies_backpressure() {
+        let ca = Ca::new("test CA");
+        let s = setup(&ca, &ca).await;
+        let accept = async {
+            let (tcp, _) = s.listener.accept().await.unwrap();
+            TlsStream::accept(tcp, Arc::clone(&s.server)).await.unwrap()
+        };
+        let (mut server, _client) = tokio::join!(accept, connect(&s));
+        let chunk = vec![0x42u8; 64 * 1024];
+        let mut written = 0usize;
+        loop {
+            match tokio::time::timeout(Duration::from_millis(300), server.write(&chunk)).await {
+                Ok(Ok(n)) => written += n,
+                Ok(Err(e)) => panic!("write failed: {e}"),
+                Err(_) => break, // blocked: the client is not reading
+            }
+            assert!(written < 256 * 1024 * 1024, "writes never blocked");
+        }
+        assert!(
+            server.buf.outgoing.len() <= MAX_OUTGOING + WRITE_SCRATCH,
+            "{} bytes wait in the connection",
+            server.buf.outgoing.len()
+        );
     }
 }
