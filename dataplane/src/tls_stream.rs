@@ -450,12 +450,19 @@ impl TlsStream {
 
     /// Queue close_notify.
     fn queue_close_notify(&mut self) -> io::Result<()> {
-        let UnbufferedStatus { state, .. } = self.tls.process_tls_records(&mut self.buf.incoming);
+        let UnbufferedStatus { discard, state } =
+            self.tls.process_tls_records(&mut self.buf.incoming);
         if let Ok(ConnectionState::WriteTraffic(mut w)) = state {
             self.sent_close_notify = true;
             let start = self.buf.outgoing.len();
             self.buf.outgoing.resize(start + 64, 0);
-            match w.queue_close_notify(self.buf.outgoing.get_mut(start..).unwrap_or_default()) {
+            let r = w.queue_close_notify(self.buf.outgoing.get_mut(start..).unwrap_or_default());
+            if discard > 0 {
+                self.buf
+                    .incoming
+                    .drain(..discard.min(self.buf.incoming.len()));
+            }
+            match r {
                 Ok(n) => self.buf.outgoing.truncate(start + n),
                 Err(e) => {
                     self.buf.outgoing.truncate(start);
@@ -858,6 +865,64 @@ mod tests {
         };
         let (r, _tcp) = timeout(async { tokio::join!(accept, client) }).await;
         assert!(r.is_err());
+    }
+
+    /// After a good handshake the peer sends raw bytes that are not (valid) TLS records —
+    /// random, a plausible header over random bytes, a record cut short, a huge length: the
+    /// server's read ends with an error or EOF, never a panic or a hang.
+    #[tokio::test]
+    async fn garbage_after_the_handshake_is_an_error_not_a_panic() {
+        let ca = Ca::new("test CA");
+        let s = setup(&ca, &ca).await;
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for case in 0..24 {
+            let len = (next() % 40_000) as usize + 1;
+            let mut junk: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            match case % 4 {
+                // application_data header, random body
+                1 => junk
+                    .splice(0..0, [23, 3, 3, (len >> 8) as u8, len as u8])
+                    .for_each(drop),
+                // a record header promising more than will come
+                2 => junk = vec![23, 3, 3, 0x40, 0x00, 1, 2, 3],
+                // an impossible length
+                3 => junk.splice(0..0, [23, 3, 3, 0xff, 0xff]).for_each(drop),
+                _ => {}
+            }
+            let accept = async {
+                let (tcp, _) = s.listener.accept().await.unwrap();
+                TlsStream::accept(tcp, Arc::clone(&s.server)).await.unwrap()
+            };
+            let (mut server, client) = tokio::join!(accept, connect(&s));
+            let (mut tcp, _) = client.into_inner();
+            tcp.write_all(&junk).await.unwrap();
+            tcp.shutdown().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let r = timeout(async {
+                loop {
+                    match server.read(&mut buf).await {
+                        Ok(0) => break Ok(()),
+                        Ok(_) => {}
+                        Err(e) => break Err(e),
+                    }
+                }
+            })
+            .await;
+            // Random bytes cannot authenticate: anything but a clean EOF must be an error.
+            if case % 4 != 2 {
+                assert!(r.is_err(), "case {case}: garbage was accepted as data");
+            }
+            // Once failed, the stream stays failed and writing is refused too.
+            if r.is_err() {
+                assert!(server.write_all(b"x").await.is_err());
+            }
+        }
     }
 
     /// A peer that stops reading stops our writer: what waits in the connection stays bounded.
