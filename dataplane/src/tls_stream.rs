@@ -125,9 +125,12 @@ fn process(
     mut out: Option<&mut ReadBuf<'_>>,
 ) -> io::Result<Step> {
     let mut step = Step::NeedInput;
-    loop {
+    // Consumed bytes are skipped with `start` and removed once at the end (compacting after
+    // every record would move the rest of a 64 KiB read again and again).
+    let mut start = 0;
+    let result = loop {
         let UnbufferedStatus { mut discard, state } =
-            tls.process_tls_records(input.get_mut(..*used).unwrap_or_default());
+            tls.process_tls_records(input.get_mut(start..*used).unwrap_or_default());
         let mut stop = false;
         match state {
             Ok(ConnectionState::ReadTraffic(mut records)) => {
@@ -181,22 +184,21 @@ fn process(
             Err(e) => {
                 // The fatal alert that says why is queued: encode it for the caller to flush.
                 // rustls must see the same unconsumed bytes again (it keeps offsets into them).
-                if discard > 0 {
-                    input.copy_within(discard..*used, 0);
-                    *used -= discard;
-                }
-                queue_alert(tls, buf, input.get_mut(..*used).unwrap_or_default());
-                return Err(tls_error(e));
+                start += discard;
+                queue_alert(tls, buf, input.get_mut(start..*used).unwrap_or_default());
+                break Err(tls_error(e));
             }
         }
-        if discard > 0 {
-            input.copy_within(discard..*used, 0);
-            *used -= discard;
-        }
+        start += discard;
         if stop {
-            return Ok(step);
+            break Ok(step);
         }
+    };
+    if start > 0 {
+        input.copy_within(start..*used, 0);
+        *used -= start;
     }
+    result
 }
 
 /// After an error, move the alert rustls queued into `outgoing` (best effort). `input` is the
@@ -319,7 +321,12 @@ impl TlsStream {
                 if input.len() < used + READ_CHUNK {
                     input.resize(used + READ_CHUNK, 0);
                 }
-                let mut rb = ReadBuf::new(input.get_mut(used..).unwrap_or_default());
+                // Read about as much as the reader can take, so little plaintext waits in the
+                // connection (and is copied twice); never less than one whole record.
+                let want = out
+                    .as_deref()
+                    .map_or(READ_CHUNK, |o| o.remaining().clamp(MAX_RECORD, READ_CHUNK));
+                let mut rb = ReadBuf::new(input.get_mut(used..used + want).unwrap_or_default());
                 match Pin::new(&mut *io).poll_read(cx, &mut rb) {
                     Poll::Ready(Ok(())) if rb.filled().is_empty() => {
                         buf.keep_incoming(&[]);
