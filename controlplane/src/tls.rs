@@ -93,6 +93,7 @@ pub fn server_config_with_alpn(
         .allow_unauthenticated()
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier = Arc::new(CachingClientVerifier::new(verifier));
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -213,5 +214,217 @@ impl ServerCertVerifier for PinnedCaVerifier {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+/// At most this many verified client chains are remembered (then the cache starts over).
+const VERIFIED_CACHE: usize = 32 * 1024;
+
+/// The WebPKI client verifier with a memory: a certificate chain that verified once (the exact
+/// DER bytes, against this server's roots) is not verified again while it is within its
+/// validity. Chain verification is an ECDSA verification per certificate, about a sixth of the
+/// proxy's CPU per new session; users open many sessions with one certificate and agents
+/// reconnect with theirs. The handshake signature (`CertificateVerify`, which proves the client
+/// holds the key) is still checked every time, and validity is checked against `now` on every
+/// use. Gatehouse has no revocation list; when one comes, it must be consulted here too.
+#[derive(Debug)]
+pub struct CachingClientVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    /// sha256 of the chain → (not before, not after) in Unix seconds.
+    verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], (u64, u64)>>,
+    hits: std::sync::atomic::AtomicU64,
+}
+
+impl CachingClientVerifier {
+    pub fn new(inner: Arc<dyn rustls::server::danger::ClientCertVerifier>) -> Self {
+        Self {
+            inner,
+            verified: std::sync::Mutex::new(std::collections::HashMap::new()),
+            hits: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Verifications answered from memory so far.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn key(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> [u8; 32] {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for cert in std::iter::once(end_entity).chain(intermediates) {
+            h.update((cert.len() as u64).to_be_bytes());
+            h.update(cert.as_ref());
+        }
+        h.finalize().into()
+    }
+
+    /// The window in which every certificate of the chain is valid.
+    fn validity(
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Option<(u64, u64)> {
+        let mut window = (0u64, u64::MAX);
+        for cert in std::iter::once(end_entity).chain(intermediates) {
+            let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+            let from = u64::try_from(c.validity().not_before.timestamp()).ok()?;
+            let to = u64::try_from(c.validity().not_after.timestamp()).ok()?;
+            window = (window.0.max(from), window.1.min(to));
+        }
+        Some(window)
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for CachingClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let key = Self::key(end_entity, intermediates);
+        let t = now.as_secs();
+        let known = self.verified.lock().ok().and_then(|m| m.get(&key).copied());
+        if let Some((from, to)) = known
+            && from <= t
+            && t <= to
+        {
+            self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(rustls::server::danger::ClientCertVerified::assertion());
+        }
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if let (Some(window), Ok(mut m)) = (
+            Self::validity(end_entity, intermediates),
+            self.verified.lock(),
+        ) {
+            if m.len() >= VERIFIED_CACHE {
+                m.clear();
+            }
+            m.insert(key, window);
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod verifier_cache_tests {
+    // Test code: a failing unwrap is a failing test.
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use rustls::server::danger::ClientCertVerifier;
+
+    use super::*;
+
+    fn ca(cn: &str) -> (rcgen::Issuer<'static, rcgen::KeyPair>, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        let pem = p.self_signed(&key).unwrap().pem();
+        (rcgen::Issuer::new(p, key), pem)
+    }
+
+    /// A client certificate valid from `from` to `to` (Unix seconds).
+    fn leaf(
+        issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+        from: i64,
+        to: i64,
+    ) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["client".to_string()]).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "client");
+        p.not_before = time::OffsetDateTime::from_unix_timestamp(from).unwrap();
+        p.not_after = time::OffsetDateTime::from_unix_timestamp(to).unwrap();
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        p.signed_by(&key, issuer).unwrap().der().clone()
+    }
+
+    fn verifier(ca_pem: &str) -> CachingClientVerifier {
+        let inner = WebPkiClientVerifier::builder_with_provider(roots(ca_pem).unwrap(), provider())
+            .build()
+            .unwrap();
+        CachingClientVerifier::new(inner)
+    }
+
+    fn at(secs: u64) -> UnixTime {
+        UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs))
+    }
+
+    #[test]
+    fn a_verified_chain_is_remembered_only_within_its_validity() {
+        let (issuer, pem) = ca("cache CA");
+        let v = verifier(&pem);
+        let now = 1_900_000_000;
+        let cert = leaf(&issuer, now - 60, now + 3600);
+        v.verify_client_cert(&cert, &[], at(now as u64)).unwrap();
+        assert_eq!(v.hits(), 0);
+        v.verify_client_cert(&cert, &[], at(now as u64 + 10))
+            .unwrap();
+        assert_eq!(
+            v.hits(),
+            1,
+            "the second verification should come from memory"
+        );
+        // Past its expiry the remembered result does not apply and the chain fails.
+        assert!(
+            v.verify_client_cert(&cert, &[], at(now as u64 + 3601))
+                .is_err()
+        );
+        // Before its start likewise.
+        assert!(
+            v.verify_client_cert(&cert, &[], at(now as u64 - 120))
+                .is_err()
+        );
+        assert_eq!(v.hits(), 1);
+    }
+
+    #[test]
+    fn a_chain_that_failed_is_never_remembered() {
+        let (_, pem) = ca("cache CA");
+        let (other, _) = ca("other CA");
+        let v = verifier(&pem);
+        let now = 1_900_000_000;
+        let foreign = leaf(&other, now - 60, now + 3600);
+        for _ in 0..3 {
+            assert!(v.verify_client_cert(&foreign, &[], at(now as u64)).is_err());
+        }
+        assert_eq!(v.hits(), 0);
     }
 }
