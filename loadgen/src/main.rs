@@ -86,7 +86,8 @@ enum Scenario {
         /// How long each run lasts.
         #[arg(long, default_value = "5s")]
         duration: humantime::Duration,
-        /// Runs per path; the report gives medians.
+        /// Rounds; each round runs every path once, in turn (so drift on a shared machine
+        /// touches all paths alike). The report gives each path's median.
         #[arg(long, default_value_t = 3)]
         runs: usize,
         /// Paths to measure.
@@ -523,6 +524,8 @@ async fn throughput_cmd(
     let dir = tempfile::tempdir()?;
     let mut all = Vec::new();
     let mut summary = Vec::new();
+    let mut skipped: Vec<(Path, String)> = Vec::new();
+    let mut active = Vec::new();
     for &path in paths {
         let middle =
             match path {
@@ -542,9 +545,7 @@ async fn throughput_cmd(
             Ok(m) => m,
             Err(e) if matches!(path, Path::Openssh | Path::Rathole) => {
                 println!("throughput {:<7} skipped: {e:#}", path.name());
-                summary.push(serde_json::json!({
-                    "scenario": "throughput", "path": path, "skipped": format!("{e:#}"),
-                }));
+                skipped.push((path, format!("{e:#}")));
                 continue;
             }
             Err(e) => return Err(e),
@@ -596,23 +597,45 @@ async fn throughput_cmd(
                 Some(r.server_pid()),
             ),
         };
-        let mut rates = Vec::new();
-        let mut per_cpu = Vec::new();
-        for _ in 0..runs {
-            let r = throughput::run(&target, &ca, streams, duration, pid).await?;
+        active.push((path, middle, target, pid));
+    }
+    // Rounds: each round runs every path once, so slow drift on a shared machine touches all
+    // paths alike instead of whichever ran last.
+    let mut measured: Vec<(Path, Vec<f64>, Vec<f64>)> = Vec::new();
+    for _ in 0..runs {
+        for (path, _middle, target, pid) in &active {
+            let r = throughput::run(target, &ca, streams, duration, *pid).await?;
             throughput::print(&r);
-            rates.push(r.gb_per_s);
-            if let Some(g) = r.gb_per_middle_cpu_s {
-                per_cpu.push(g);
+            let idx = match measured.iter().position(|(p, _, _)| p == path) {
+                Some(i) => i,
+                None => {
+                    measured.push((*path, Vec::new(), Vec::new()));
+                    measured.len() - 1
+                }
+            };
+            if let Some((_, rates, per_cpu)) = measured.get_mut(idx) {
+                rates.push(r.gb_per_s);
+                if let Some(g) = r.gb_per_middle_cpu_s {
+                    per_cpu.push(g);
+                }
             }
             all.push(r);
         }
-        summary.push(serde_json::json!({
-            "scenario": "throughput", "path": path, "streams": streams, "runs": runs,
-            "median_gb_per_s": median(rates), "median_gb_per_middle_cpu_s": if per_cpu.is_empty() { None } else { Some(median(per_cpu)) },
-        }));
-        drop(middle);
     }
+    for &path in paths {
+        if let Some((_, why)) = skipped.iter().find(|(p, _)| *p == path) {
+            summary.push(serde_json::json!({
+                "scenario": "throughput", "path": path, "skipped": why,
+            }));
+        } else if let Some((_, rates, per_cpu)) = measured.iter().find(|(p, _, _)| *p == path) {
+            summary.push(serde_json::json!({
+                "scenario": "throughput", "path": path, "streams": streams, "runs": runs,
+                "median_gb_per_s": median(rates.clone()),
+                "median_gb_per_middle_cpu_s": if per_cpu.is_empty() { None } else { Some(median(per_cpu.clone())) },
+            }));
+        }
+    }
+    drop(active);
     println!("medians:");
     for s in &summary {
         println!("  {s}");
