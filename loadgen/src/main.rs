@@ -221,9 +221,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let report = logins::run(cfg).await?;
             logins::print(&report);
-            if let Some(path) = cli.json {
-                std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
-            }
+            write_json(cli.json.as_deref(), &report)?;
             drop(spawned);
             Ok(())
         }
@@ -246,9 +244,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let report = tunnels::run(&fleet, &cfg).await?;
             tunnels::print(&report);
-            if let Some(path) = cli.json {
-                std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
-            }
+            write_json(cli.json.as_deref(), &report)?;
             Ok(())
         }
         Scenario::Throughput {
@@ -293,9 +289,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     p.p999_us.saturating_sub(d.p999_us)
                 );
             }
-            if let Some(path) = cli.json {
-                std::fs::write(&path, serde_json::to_string_pretty(&reports)?)?;
-            }
+            write_json(cli.json.as_deref(), &reports)?;
             Ok(())
         }
         Scenario::Sessions {
@@ -328,9 +322,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 reports.push(r);
             }
-            if let Some(path) = cli.json {
-                std::fs::write(&path, serde_json::to_string_pretty(&reports)?)?;
-            }
+            write_json(cli.json.as_deref(), &reports)?;
             Ok(())
         }
         Scenario::Ssh {
@@ -408,10 +400,7 @@ async fn ssh_cmd(
             reports.push(serde_json::json!({"scenario": "ssh", "path": "openssh", "skipped": format!("{e:#}")}));
         }
     }
-    if let Some(path) = json {
-        std::fs::write(&path, serde_json::to_string_pretty(&reports)?)?;
-    }
-    Ok(())
+    write_json(json.as_deref(), &reports)
 }
 
 /// The echo through the Proxy (the simulated agents' `tcp:echo`) or directly.
@@ -601,24 +590,10 @@ async fn throughput_cmd(
     }
     // Rounds: each round runs every path once, so slow drift on a shared machine touches all
     // paths alike instead of whichever ran last.
-    let mut measured: Vec<(Path, Vec<f64>, Vec<f64>)> = Vec::new();
     for _ in 0..runs {
-        for (path, _middle, target, pid) in &active {
+        for (_path, _middle, target, pid) in &active {
             let r = throughput::run(target, &ca, streams, duration, *pid).await?;
             throughput::print(&r);
-            let idx = match measured.iter().position(|(p, _, _)| p == path) {
-                Some(i) => i,
-                None => {
-                    measured.push((*path, Vec::new(), Vec::new()));
-                    measured.len() - 1
-                }
-            };
-            if let Some((_, rates, per_cpu)) = measured.get_mut(idx) {
-                rates.push(r.gb_per_s);
-                if let Some(g) = r.gb_per_middle_cpu_s {
-                    per_cpu.push(g);
-                }
-            }
             all.push(r);
         }
     }
@@ -627,24 +602,37 @@ async fn throughput_cmd(
             summary.push(serde_json::json!({
                 "scenario": "throughput", "path": path, "skipped": why,
             }));
-        } else if let Some((_, rates, per_cpu)) = measured.iter().find(|(p, _, _)| *p == path) {
-            summary.push(serde_json::json!({
-                "scenario": "throughput", "path": path, "streams": streams, "runs": runs,
-                "median_gb_per_s": median(rates.clone()),
-                "median_gb_per_middle_cpu_s": if per_cpu.is_empty() { None } else { Some(median(per_cpu.clone())) },
-            }));
+            continue;
         }
+        let runs_of = || all.iter().filter(|r| r.path == path);
+        if runs_of().next().is_none() {
+            continue;
+        }
+        let per_cpu: Vec<f64> = runs_of().filter_map(|r| r.gb_per_middle_cpu_s).collect();
+        summary.push(serde_json::json!({
+            "scenario": "throughput", "path": path, "streams": streams, "runs": runs,
+            "median_gb_per_s": median(runs_of().map(|r| r.gb_per_s).collect()),
+            "median_gb_per_middle_cpu_s": if per_cpu.is_empty() { None } else { Some(median(per_cpu)) },
+        }));
     }
     drop(active);
     println!("medians:");
     for s in &summary {
         println!("  {s}");
     }
-    if let Some(path) = json {
-        std::fs::write(
-            &path,
-            serde_json::to_string_pretty(&serde_json::json!({ "runs": all, "medians": summary }))?,
-        )?;
+    write_json(
+        json.as_deref(),
+        &serde_json::json!({ "runs": all, "medians": summary }),
+    )
+}
+
+/// `--json FILE`: the report, pretty-printed.
+fn write_json(
+    path: Option<&std::path::Path>,
+    report: &impl serde::Serialize,
+) -> anyhow::Result<()> {
+    if let Some(path) = path {
+        std::fs::write(path, serde_json::to_string_pretty(report)?)?;
     }
     Ok(())
 }

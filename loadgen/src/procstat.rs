@@ -1,16 +1,31 @@
 //! CPU time and memory of a process, read from /proc (Linux).
 
+/// The fields of `/proc/<pid>/stat` after the command name (which is in parentheses and may
+/// contain spaces): index 1 is the parent PID, 11..=14 utime, stime, cutime, cstime.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+    )
+}
+
+/// Sum of the stat fields `range` (clock ticks), in seconds.
+fn ticks_seconds(pid: u32, range: std::ops::Range<usize>) -> Option<f64> {
+    let fields = stat_fields(pid)?;
+    let mut ticks = 0.0;
+    for i in range {
+        ticks += fields.get(i)?.parse::<f64>().ok()?;
+    }
+    Some(ticks / 100.0) // USER_HZ is 100 on every Linux this runs on
+}
+
 /// User + system CPU seconds consumed so far by `pid`.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may contain spaces.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the full line: 12 and 13 after the name.
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    let ticks = 100.0; // USER_HZ is 100 on every Linux this runs on
-    Some((utime + stime) / ticks)
+    ticks_seconds(pid, 11..13)
 }
 
 /// Resident set size in KiB.
@@ -30,25 +45,13 @@ pub fn self_cpu_seconds() -> Option<f64> {
 
 /// Parent PID of `pid`.
 fn parent(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    stat_fields(pid)?.get(1)?.parse().ok()
 }
 
 /// User + system CPU seconds of `pid` plus those of its children it has reaped (cutime,
 /// cstime: a finished sshd session or agent shell lands there).
 fn cpu_with_reaped(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let mut ticks = 0.0;
-    for i in 11..15 {
-        ticks += fields.get(i)?.parse::<f64>().ok()?;
-    }
-    Some(ticks / 100.0)
+    ticks_seconds(pid, 11..15)
 }
 
 /// CPU seconds of `pid`'s whole process tree: itself, every descendant alive now, and every

@@ -230,18 +230,7 @@ pub async fn client_stream(
             Ok(tls)
         }
         Path::Direct | Path::Naive | Path::Rathole | Path::Openssh => {
-            let cfg = rustls::ClientConfig::builder_with_provider(
-                gatehouse_controlplane::tls::provider(),
-            )
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates({
-                let mut roots = rustls::RootCertStore::empty();
-                for c in gatehouse_controlplane::tls::certs_from_pem(sink_ca)? {
-                    roots.add(c)?;
-                }
-                roots
-            })
-            .with_no_client_auth();
+            let cfg = client_config_with_alpn(&Trust::CaPem(sink_ca.to_owned()), None, &[])?;
             let io: Box<dyn Io> = match &target.jump {
                 Some(jump) if target.path == Path::Openssh => {
                     let mut child = jump
@@ -264,7 +253,7 @@ pub async fn client_stream(
                     Box::new(tcp)
                 }
             };
-            Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            Ok(tokio_rustls::TlsConnector::from(cfg)
                 .connect(rustls::pki_types::ServerName::try_from("sink.bench")?, io)
                 .await?)
         }
