@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use gatehouse_agent::dataplane::proxy::{Inventory, Proxy, ProxyConfig, ProxyMetrics, server_alpn};
+use gatehouse_agent::dataplane::socket::IoBackend;
 use gatehouse_agent::host::{HostIdentity, NewKeys};
 use gatehouse_controlplane::ca::TlsUsage;
 use gatehouse_controlplane::client::{AuthEndpoint, Client};
@@ -105,6 +106,7 @@ impl std::fmt::Debug for StartedProxy {
 pub fn start_proxy(
     listen: SocketAddr,
     workers: usize,
+    io_backend: IoBackend,
     auth_addr: &str,
     cert_pem: &str,
     key_pem: &str,
@@ -130,6 +132,7 @@ pub fn start_proxy(
         tls,
         cluster: cluster.to_owned(),
         tunnel: Default::default(),
+        io_backend,
     };
     let (proxy, inventories) =
         Proxy::start(config, metrics).with_context(|| format!("starting the proxy on {listen}"))?;

@@ -5,7 +5,9 @@ pub mod client_hello;
 pub mod mux;
 pub mod proxy;
 pub mod session_proto;
+pub mod socket;
 pub mod tls_stream;
 pub mod tunnel;
+pub mod uring;
 
 pub use gatehouse_controlplane as controlplane;

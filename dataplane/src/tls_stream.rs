@@ -20,7 +20,8 @@ use rustls::ServerConfig;
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+
+use crate::socket::Socket;
 
 /// Largest TLS record on the wire (16 KiB of payload plus header and AEAD overhead).
 const MAX_RECORD: usize = 16 * 1024 + 256 + 5;
@@ -70,7 +71,7 @@ struct Buffers {
 }
 
 pub struct TlsStream {
-    io: TcpStream,
+    io: Socket,
     tls: Box<UnbufferedServerConnection>,
     buf: Buffers,
     /// The peer sent close_notify or closed the socket.
@@ -227,7 +228,8 @@ fn queue_alert(tls: &mut UnbufferedServerConnection, buf: &mut Buffers, input: &
 
 impl TlsStream {
     /// Run the server handshake on `io`.
-    pub async fn accept(io: TcpStream, config: Arc<ServerConfig>) -> io::Result<Self> {
+    pub async fn accept(io: impl Into<Socket>, config: Arc<ServerConfig>) -> io::Result<Self> {
+        let io = io.into();
         let tls = UnbufferedServerConnection::new(config).map_err(tls_error)?;
         let mut s = Self {
             io,
@@ -252,7 +254,8 @@ impl TlsStream {
                 return Poll::Ready(Err(tls_error(why)));
             }
             if !self.tls.is_handshaking() && self.buf.outgoing.is_empty() {
-                return Poll::Ready(Ok(()));
+                // On io_uring a write is only queued: the last flight is out when this is.
+                return Pin::new(&mut self.io).poll_flush(cx);
             }
             let r = self.read_and_process(cx, None);
             match r {
@@ -364,19 +367,22 @@ impl TlsStream {
 
     /// Take the stream apart to move it to another thread.
     pub fn into_parts(self, leftover: Bytes) -> io::Result<TlsParts> {
-        let socket = self.io.into_std()?;
+        let (socket, received) = self.io.into_std()?;
+        let mut buffers = self.buf;
+        // Ciphertext the backend received but TLS has not seen yet goes after the partial
+        // record it continues.
+        buffers.incoming.extend_from_slice(&received);
         Ok(TlsParts {
             socket,
             tls: self.tls,
             leftover,
-            buffers: self.buf,
+            buffers,
         })
     }
 
     /// Rebuild on the current thread's runtime.
     pub fn from_parts(parts: TlsParts) -> io::Result<(Self, Bytes)> {
-        parts.socket.set_nonblocking(true)?;
-        let io = TcpStream::from_std(parts.socket)?;
+        let io = Socket::from_std(parts.socket)?;
         Ok((
             Self {
                 io,
@@ -710,8 +716,7 @@ mod tests {
     /// Data written right behind the handshake, in writes of every size, read back through a
     /// tiny server buffer (so plaintext waits in the connection) and echoed; then close_notify
     /// each way ends both sides cleanly.
-    #[tokio::test]
-    async fn echo_with_tiny_reads_and_clean_close() {
+    async fn echo_with_tiny_reads_and_clean_close_on() {
         let ca = Ca::new("test CA");
         let s = setup(&ca, &ca).await;
         let addr = s.listener.local_addr().unwrap();
@@ -720,9 +725,9 @@ mod tests {
             let config = Arc::clone(&s.server);
             let listener =
                 tokio::net::TcpListener::from_std(s.listener.into_std().unwrap()).unwrap();
-            tokio::spawn(async move {
+            tokio::task::spawn_local(async move {
                 let (tcp, _) = listener.accept().await.unwrap();
-                let mut tls = TlsStream::accept(tcp, config).await.unwrap();
+                let mut tls = TlsStream::accept(adopt(tcp), config).await.unwrap();
                 assert_eq!(tls.connection().alpn_protocol(), Some(ALPN));
                 assert!(tls.connection().peer_certificates().is_some());
                 let mut buf = [0u8; 100];
@@ -770,8 +775,7 @@ mod tests {
 
     /// The session moves to another thread mid-stream with ciphertext and plaintext buffered;
     /// nothing is lost or reordered.
-    #[tokio::test]
-    async fn handover_to_another_thread_keeps_buffered_bytes() {
+    async fn handover_to_another_thread_keeps_buffered_bytes_on() {
         let ca = Ca::new("test CA");
         let s = setup(&ca, &ca).await;
         let data = pattern(2 * 1024 * 1024 + 5);
@@ -780,7 +784,7 @@ mod tests {
             let listener = &s.listener;
             async move {
                 let (tcp, _) = listener.accept().await.unwrap();
-                TlsStream::accept(tcp, config).await.unwrap()
+                TlsStream::accept(adopt(tcp), config).await.unwrap()
             }
         };
         let (mut server, mut client) = tokio::join!(accept, connect(&s));
@@ -790,12 +794,9 @@ mod tests {
         let mut first = vec![0u8; 1000];
         server.read_exact(&mut first).await.unwrap();
         let parts = server.into_parts(Bytes::from_static(b"left")).unwrap();
+        let backend = crate::socket::current_backend();
         let other = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
+            crate::socket::block_on_worker(backend, async move {
                 let (mut tls, leftover) = TlsStream::from_parts(parts).unwrap();
                 assert_eq!(&leftover[..], b"left");
                 let mut rest = vec![0u8; data.len() - 1000];
@@ -804,6 +805,7 @@ mod tests {
                 tls.flush().await.unwrap();
                 rest
             })
+            .unwrap()
         });
         let mut done = [0u8; 4];
         timeout(client.read_exact(&mut done)).await.unwrap();
@@ -818,8 +820,7 @@ mod tests {
     }
 
     /// A client certificate from another CA fails the handshake with an alert the client sees.
-    #[tokio::test]
-    async fn foreign_client_certificate_is_refused_with_an_alert() {
+    async fn foreign_client_certificate_is_refused_with_an_alert_on() {
         let ca = Ca::new("test CA");
         let other = Ca::new("other CA");
         let s = setup(&other, &ca).await;
@@ -828,7 +829,7 @@ mod tests {
             let listener = &s.listener;
             async move {
                 let (tcp, _) = listener.accept().await.unwrap();
-                TlsStream::accept(tcp, config).await
+                TlsStream::accept(adopt(tcp), config).await
             }
         };
         let client = async {
@@ -853,8 +854,7 @@ mod tests {
     }
 
     /// Bytes that are not TLS end the handshake with an error, not a hang or a panic.
-    #[tokio::test]
-    async fn garbage_fails_the_handshake() {
+    async fn garbage_fails_the_handshake_on() {
         let ca = Ca::new("test CA");
         let s = setup(&ca, &ca).await;
         let addr = s.listener.local_addr().unwrap();
@@ -868,7 +868,7 @@ mod tests {
         };
         let accept = async {
             let (tcp, _) = s.listener.accept().await.unwrap();
-            TlsStream::accept(tcp, Arc::clone(&s.server)).await
+            TlsStream::accept(adopt(tcp), Arc::clone(&s.server)).await
         };
         let (r, _tcp) = timeout(async { tokio::join!(accept, client) }).await;
         assert!(r.is_err());
@@ -877,8 +877,7 @@ mod tests {
     /// After a good handshake the peer sends raw bytes that are not (valid) TLS records —
     /// random, a plausible header over random bytes, a record cut short, a huge length: the
     /// server's read ends with an error or EOF, never a panic or a hang.
-    #[tokio::test]
-    async fn garbage_after_the_handshake_is_an_error_not_a_panic() {
+    async fn garbage_after_the_handshake_is_an_error_not_a_panic_on() {
         let ca = Ca::new("test CA");
         let s = setup(&ca, &ca).await;
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
@@ -904,7 +903,9 @@ mod tests {
             }
             let accept = async {
                 let (tcp, _) = s.listener.accept().await.unwrap();
-                TlsStream::accept(tcp, Arc::clone(&s.server)).await.unwrap()
+                TlsStream::accept(adopt(tcp), Arc::clone(&s.server))
+                    .await
+                    .unwrap()
             };
             let (mut server, client) = tokio::join!(accept, connect(&s));
             let (mut tcp, _) = client.into_inner();
@@ -933,13 +934,14 @@ mod tests {
     }
 
     /// A peer that stops reading stops our writer: what waits in the connection stays bounded.
-    #[tokio::test]
-    async fn a_slow_reader_applies_backpressure() {
+    async fn a_slow_reader_applies_backpressure_on() {
         let ca = Ca::new("test CA");
         let s = setup(&ca, &ca).await;
         let accept = async {
             let (tcp, _) = s.listener.accept().await.unwrap();
-            TlsStream::accept(tcp, Arc::clone(&s.server)).await.unwrap()
+            TlsStream::accept(adopt(tcp), Arc::clone(&s.server))
+                .await
+                .unwrap()
         };
         let (mut server, _client) = tokio::join!(accept, connect(&s));
         let chunk = vec![0x42u8; 64 * 1024];
@@ -957,5 +959,40 @@ mod tests {
             "{} bytes wait in the connection",
             server.buf.outgoing.len()
         );
+    }
+
+    /// The server side of a test connection on this thread's backend.
+    fn adopt(tcp: tokio::net::TcpStream) -> crate::socket::Socket {
+        crate::socket::Socket::from_std(tcp.into_std().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn echo_with_tiny_reads_and_clean_close() {
+        crate::socket::on_each_backend(echo_with_tiny_reads_and_clean_close_on);
+    }
+
+    #[test]
+    fn handover_to_another_thread_keeps_buffered_bytes() {
+        crate::socket::on_each_backend(handover_to_another_thread_keeps_buffered_bytes_on);
+    }
+
+    #[test]
+    fn foreign_client_certificate_is_refused_with_an_alert() {
+        crate::socket::on_each_backend(foreign_client_certificate_is_refused_with_an_alert_on);
+    }
+
+    #[test]
+    fn garbage_fails_the_handshake() {
+        crate::socket::on_each_backend(garbage_fails_the_handshake_on);
+    }
+
+    #[test]
+    fn garbage_after_the_handshake_is_an_error_not_a_panic() {
+        crate::socket::on_each_backend(garbage_after_the_handshake_is_an_error_not_a_panic_on);
+    }
+
+    #[test]
+    fn a_slow_reader_applies_backpressure() {
+        crate::socket::on_each_backend(a_slow_reader_applies_backpressure_on);
     }
 }

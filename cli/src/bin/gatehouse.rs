@@ -55,6 +55,9 @@ struct StartArgs {
     /// Proxy worker threads (0 = one per core).
     #[arg(long)]
     proxy_workers: Option<usize>,
+    /// Proxy I/O backend: auto (io_uring when the kernel allows it), io_uring or epoll.
+    #[arg(long, env = "GATEHOUSE_PROXY_IO_BACKEND")]
+    proxy_io_backend: Option<gatehouse_agent::dataplane::socket::IoBackend>,
     /// For a proxy without a local Auth: the Auth API address.
     #[arg(long)]
     auth: Option<String>,
@@ -103,6 +106,8 @@ struct FileConfig {
 struct ProxySection {
     listen: SocketAddr,
     workers: usize,
+    /// `auto` (io_uring when the kernel allows it, else epoll), `io_uring` or `epoll`.
+    io_backend: gatehouse_agent::dataplane::socket::IoBackend,
     /// Auth API address when Auth does not run in this process.
     auth_addr: Option<String>,
     /// Extra names/IPs for the proxy certificate.
@@ -114,6 +119,7 @@ impl Default for ProxySection {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 3080)),
             workers: 0,
+            io_backend: Default::default(),
             auth_addr: None,
             public_addrs: vec![],
         }
@@ -277,6 +283,9 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     if let Some(v) = args.proxy_workers {
         config.proxy.workers = v;
     }
+    if let Some(v) = args.proxy_io_backend {
+        config.proxy.io_backend = v;
+    }
     if let Some(v) = args.auth {
         config.proxy.auth_addr = Some(v);
     }
@@ -388,6 +397,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         proxy = Some(gatehouse_cli::roles::start_proxy(
             config.proxy.listen,
             config.proxy.workers,
+            config.proxy.io_backend,
             &auth_addr,
             &cert,
             &key,

@@ -23,8 +23,15 @@ pub struct DirectionLabel {
     pub direction: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabel {
+    pub backend: &'static str,
+}
+
 #[derive(Debug, Default)]
 pub struct ProxyMetrics {
+    /// 1 for the I/O backend the workers run on (`io_uring` or `epoll`).
+    pub io_backend: Family<BackendLabel, Gauge>,
     pub tunnels: Gauge,
     pub streams: Gauge,
     pub sessions: Counter,
@@ -38,6 +45,11 @@ impl ProxyMetrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("gatehouse_proxy");
         r.register("tunnels", "Agent tunnels connected", self.tunnels.clone());
+        r.register(
+            "io_backend",
+            "The data plane's I/O backend (1 for the one in use)",
+            self.io_backend.clone(),
+        );
         r.register(
             "streams",
             "User sessions open through tunnels",
@@ -64,6 +76,19 @@ impl ProxyMetrics {
             "Sessions moved to the core that owns their tunnel",
             self.handovers.clone(),
         );
+    }
+
+    pub fn set_io_backend(&self, backend: crate::socket::IoBackend) {
+        for b in [
+            crate::socket::IoBackend::IoUring,
+            crate::socket::IoBackend::Epoll,
+        ] {
+            self.io_backend
+                .get_or_create(&BackendLabel {
+                    backend: b.as_str(),
+                })
+                .set(i64::from(b == backend));
+        }
     }
 
     pub fn refuse(&self, alpn: &str, reason: &str) {

@@ -34,8 +34,10 @@ use crate::mux::{OpenError, Tunnel, TunnelEvent};
 use crate::session_proto::{
     self, ALPN_AUTH, ALPN_SSH, ALPN_TCP, ALPN_TUNNEL, SessionRequest, SessionResponse,
 };
+use crate::socket::{self, IoBackend, Socket};
 use crate::tls_stream::{TlsParts, TlsStream};
 use crate::tunnel::{self, Side, code};
+use crate::uring::UringListener;
 pub use metrics::ProxyMetrics;
 pub use router::{Inventory, RouteError, RouteTable, TunnelEntry};
 
@@ -53,6 +55,8 @@ pub struct ProxyConfig {
     pub tls: Arc<rustls::ServerConfig>,
     pub cluster: String,
     pub tunnel: tunnel::Config,
+    /// epoll, io_uring, or auto (io_uring when the kernel allows it).
+    pub io_backend: IoBackend,
 }
 
 /// The ALPN protocols the Proxy terminates.
@@ -90,6 +94,8 @@ struct Shared {
 /// A running Proxy.
 pub struct Proxy {
     pub local_addr: SocketAddr,
+    /// The I/O backend the workers run on (never `Auto`).
+    pub io_backend: IoBackend,
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -110,6 +116,9 @@ impl Proxy {
         config: ProxyConfig,
         metrics: Arc<ProxyMetrics>,
     ) -> std::io::Result<(Self, mpsc::UnboundedReceiver<Inventory>)> {
+        let (io_backend, why) = socket::choose(config.io_backend).map_err(std::io::Error::other)?;
+        tracing::info!(backend = %io_backend, reason = %why, "proxy: data plane I/O backend");
+        metrics.set_io_backend(io_backend);
         let workers = if config.workers == 0 {
             std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -148,12 +157,13 @@ impl Proxy {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("proxy-{core}"))
-                    .spawn(move || worker(core, listener, rx, shared))?,
+                    .spawn(move || worker(core, listener, rx, shared, io_backend))?,
             );
         }
         Ok((
             Self {
                 local_addr: addr,
+                io_backend,
                 shared,
                 stop: stop_tx,
                 threads,
@@ -198,32 +208,57 @@ struct Worker {
     tunnels: Rc<RefCell<HashMap<u64, Tunnel>>>,
 }
 
+/// A worker's listening socket on its backend.
+enum Listener {
+    Epoll(TcpListener),
+    Uring(UringListener),
+}
+
+impl Listener {
+    async fn accept(&mut self) -> std::io::Result<(Socket, SocketAddr)> {
+        match self {
+            Self::Epoll(l) => l.accept().await.map(|(s, a)| (Socket::Epoll(s), a)),
+            Self::Uring(l) => l.accept().await.map(|(s, a)| (Socket::Uring(s), a)),
+        }
+    }
+}
+
 fn worker(
+    core: usize,
+    listener: std::net::TcpListener,
+    handovers: mpsc::UnboundedReceiver<Handover>,
+    shared: Arc<Shared>,
+    backend: IoBackend,
+) {
+    let r = socket::block_on_worker(backend, serve_worker(core, listener, handovers, shared));
+    if let Err(e) = r {
+        tracing::error!(core, error = %e, "proxy worker: cannot build its runtime");
+    }
+}
+
+async fn serve_worker(
     core: usize,
     listener: std::net::TcpListener,
     mut handovers: mpsc::UnboundedReceiver<Handover>,
     shared: Arc<Shared>,
 ) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
     {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(core, error = %e, "proxy worker: cannot build its runtime");
-            return;
-        }
-    };
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        let listener = match TcpListener::from_std(listener) {
+        let listener = match crate::uring::current() {
+            Some(d) => UringListener::new(listener, d).map(Listener::Uring),
+            None => TcpListener::from_std(listener).map(Listener::Epoll),
+        };
+        let mut listener = match listener {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!(core, error = %e, "proxy worker: cannot register its listener");
+                tracing::error!(core, error = %e, "proxy worker: cannot set up its listener");
                 return;
             }
         };
-        let w = Worker { core, shared: Arc::clone(&shared), tunnels: Rc::default() };
+        let w = Worker {
+            core,
+            shared: Arc::clone(&shared),
+            tunnels: Rc::default(),
+        };
         {
             let w = w.clone();
             tokio::task::spawn_local(async move {
@@ -255,11 +290,11 @@ fn worker(
         }
         // Give go-aways a moment to reach the agents.
         tokio::time::sleep(Duration::from_millis(100)).await;
-    });
+    }
 }
 
 /// Read the ClientHello's ALPN without consuming anything from the socket.
-async fn peek_alpn(tcp: &TcpStream) -> Result<Vec<Vec<u8>>, &'static str> {
+async fn peek_alpn(tcp: &mut Socket) -> Result<Vec<Vec<u8>>, &'static str> {
     let mut buf = vec![0u8; client_hello::MAX_HELLO];
     let mut last = 0;
     loop {
@@ -295,10 +330,10 @@ fn peer_identity(tls: &TlsStream, cluster: &str) -> Option<Identity> {
 }
 
 impl Worker {
-    async fn serve_connection(&self, tcp: TcpStream, remote: SocketAddr) {
+    async fn serve_connection(&self, mut tcp: Socket, remote: SocketAddr) {
         let _ = tcp.set_nodelay(true);
         let metrics = &self.shared.metrics;
-        let alpn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, peek_alpn(&tcp)).await {
+        let alpn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, peek_alpn(&mut tcp)).await {
             Ok(Ok(alpn)) => alpn,
             Ok(Err(why)) => {
                 tracing::info!(%remote, reason = why, "proxy: closing connection: not a TLS client");
@@ -358,7 +393,7 @@ impl Worker {
         }
     }
 
-    async fn pass_to_auth(&self, mut tcp: TcpStream, remote: SocketAddr) {
+    async fn pass_to_auth(&self, mut tcp: Socket, remote: SocketAddr) {
         let mut upstream = match TcpStream::connect(&self.shared.config.auth_addr).await {
             Ok(s) => s,
             Err(e) => {
