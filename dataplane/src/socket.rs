@@ -57,15 +57,22 @@ impl std::fmt::Display for IoBackend {
 /// Decide the backend for `wanted`: `Ok((backend, why))`, or an error when io_uring was
 /// demanded and is not available.
 pub fn choose(wanted: IoBackend) -> Result<(IoBackend, String), String> {
+    choose_with(wanted, uring::probe)
+}
+
+fn choose_with(
+    wanted: IoBackend,
+    probe: impl FnOnce() -> Result<(), String>,
+) -> Result<(IoBackend, String), String> {
     match wanted {
         IoBackend::Epoll => Ok((IoBackend::Epoll, "forced by configuration".into())),
-        IoBackend::IoUring => match uring::probe() {
+        IoBackend::IoUring => match probe() {
             Ok(()) => Ok((IoBackend::IoUring, "forced by configuration".into())),
             Err(why) => Err(format!(
                 "io_uring was asked for but is not available: {why}"
             )),
         },
-        IoBackend::Auto => match uring::probe() {
+        IoBackend::Auto => match probe() {
             Ok(()) => Ok((IoBackend::IoUring, "available".into())),
             Err(why) => Ok((IoBackend::Epoll, format!("io_uring unavailable: {why}"))),
         },
@@ -235,5 +242,34 @@ where
             }
         }
         Err(why) => eprintln!("io_uring variant skipped: {why}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn denied() -> Result<(), String> {
+        Err("io_uring_setup: Operation not permitted (os error 1)".into())
+    }
+
+    #[test]
+    fn auto_falls_back_to_epoll_and_says_why() {
+        let (b, why) = choose_with(IoBackend::Auto, denied).unwrap();
+        assert_eq!(b, IoBackend::Epoll);
+        assert!(why.contains("not permitted"), "{why}");
+        let (b, _) = choose_with(IoBackend::Auto, || Ok(())).unwrap();
+        assert_eq!(b, IoBackend::IoUring);
+    }
+
+    #[test]
+    fn forced_backends_are_obeyed_or_refused() {
+        let (b, _) = choose_with(IoBackend::Epoll, || Ok(())).unwrap();
+        assert_eq!(b, IoBackend::Epoll);
+        let err = choose_with(IoBackend::IoUring, denied).unwrap_err();
+        assert!(err.contains("asked for"), "{err}");
+        assert_eq!("epoll".parse::<IoBackend>().unwrap(), IoBackend::Epoll);
+        assert_eq!("io_uring".parse::<IoBackend>().unwrap(), IoBackend::IoUring);
+        assert!("kqueue".parse::<IoBackend>().is_err());
     }
 }
