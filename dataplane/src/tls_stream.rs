@@ -79,6 +79,9 @@ pub struct TlsStream {
     /// A fatal TLS error (kept to answer every later call the same way).
     failed: Option<String>,
     sent_close_notify: bool,
+    /// `buf.incoming` may hold complete records (moved here from another core) that must be
+    /// processed before waiting for more.
+    stored_unprocessed: bool,
 }
 
 impl std::fmt::Debug for TlsStream {
@@ -238,6 +241,7 @@ impl TlsStream {
             read_eof: false,
             failed: None,
             sent_close_notify: false,
+            stored_unprocessed: false,
         };
         std::future::poll_fn(|cx| s.poll_handshake(cx)).await?;
         Ok(s)
@@ -291,6 +295,13 @@ impl TlsStream {
         cx: &mut Context<'_>,
         out: Option<&mut ReadBuf<'_>>,
     ) -> Poll<io::Result<Step>> {
+        if matches!(self.io, Socket::Uring(_))
+            && !self.stored_unprocessed
+            && self.buf.incoming.len() <= crate::uring::HEADROOM
+        {
+            return self.recv_and_process_in_place(cx, out);
+        }
+        self.stored_unprocessed = false;
         let Self { io, tls, buf, .. } = self;
         let run = |input: &mut Vec<u8>| -> Poll<io::Result<Step>> {
             let mut out = out;
@@ -357,6 +368,42 @@ impl TlsStream {
         })
     }
 
+    /// io_uring: the records are decrypted where the kernel received them (the provided
+    /// buffer), with the partial record kept from the last receive copied in front.
+    fn recv_and_process_in_place(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut out: Option<&mut ReadBuf<'_>>,
+    ) -> Poll<io::Result<Step>> {
+        let Self { io, tls, buf, .. } = self;
+        let Socket::Uring(u) = io else {
+            return Poll::Ready(Err(io::Error::other("not an io_uring socket")));
+        };
+        let want = out
+            .as_deref()
+            .map_or(READ_CHUNK, |o| o.remaining().clamp(MAX_RECORD, READ_CHUNK));
+        let prefix = std::mem::take(&mut buf.incoming);
+        let r = u.poll_recv_with(cx, want, &prefix, |input| {
+            let mut used = input.len();
+            let step = process(tls, buf, input, &mut used, out.as_deref_mut());
+            buf.keep_incoming(if step.is_ok() {
+                input.get(..used).unwrap_or_default()
+            } else {
+                &[]
+            });
+            step
+        });
+        match r {
+            Poll::Pending => {
+                buf.incoming = prefix;
+                Poll::Pending
+            }
+            Poll::Ready(Ok(Some(step))) => Poll::Ready(step),
+            Poll::Ready(Ok(None)) => Poll::Ready(Ok(Step::PeerClosed)),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        }
+    }
+
     pub fn connection(&self) -> &UnbufferedServerConnection {
         &self.tls
     }
@@ -391,6 +438,7 @@ impl TlsStream {
                 read_eof: false,
                 failed: None,
                 sent_close_notify: false,
+                stored_unprocessed: true,
             },
             parts.leftover,
         ))
@@ -564,6 +612,35 @@ impl AsyncWrite for TlsStream {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
             }
+        }
+        if this.buf.outgoing.is_empty()
+            && let Socket::Uring(u) = &mut this.io
+        {
+            // io_uring: records are encrypted straight into the socket's send queue.
+            let mut q = match u.poll_queue(cx, WRITE_SCRATCH) {
+                Poll::Ready(Ok(q)) => q,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            };
+            let r = this.encrypt_into(data, q.spare());
+            if let Ok((_, written)) = r {
+                q.commit(written);
+                if !this.buf.outgoing.is_empty() {
+                    // Records rustls had to send first (a key update): they go before these.
+                    let records = q.uncommit(written);
+                    this.buf.outgoing.extend_from_slice(&records);
+                }
+            }
+            if let Socket::Uring(u) = &mut this.io {
+                u.requeue(q);
+            }
+            let (taken, _) = r?;
+            if !this.buf.outgoing.is_empty()
+                && let Poll::Ready(Err(e)) = this.poll_flush_out(cx)
+            {
+                return Poll::Ready(Err(e));
+            }
+            return Poll::Ready(Ok(taken));
         }
         SCRATCH.with(|cell| {
             let mut private = Vec::new();

@@ -46,11 +46,16 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 const RING_ENTRIES: u32 = 2048;
 /// One provided receive buffer (four full TLS records).
 pub const BUF_SIZE: usize = 64 * 1024;
+/// Room in front of each receive buffer, ours to fill: a TLS record split across two receives
+/// is completed in place by copying its first part (at most one record) in front of the second.
+pub const HEADROOM: usize = 16 * 1024 + 512;
 /// Provided buffers per worker (must be a power of two).
 const BUF_COUNT: u16 = 128;
 const BGID: u16 = 0;
-/// A queued send waits for the one in flight up to this much; past it the writer waits.
-const SEND_CAP: usize = 128 * 1024;
+/// One send buffer: what a connection queues while a send is in flight, at most.
+const SEND_BUF: usize = 192 * 1024;
+/// Send buffers kept per thread for reuse (initialized once, never freed while in the pool).
+const SEND_POOL_MAX: usize = 16;
 /// A send still in flight when its connection is dropped gets this long to finish (a TLS
 /// alert or the last bytes of a session), then it is cancelled.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
@@ -58,6 +63,7 @@ const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
 const IGNORED: u64 = u64::MAX;
 
 thread_local! {
+    static SEND_POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
     static DRIVER: RefCell<Option<Rc<Driver>>> = const { RefCell::new(None) };
 }
 
@@ -84,7 +90,7 @@ pub fn probe() -> Result<(), String> {
         }
     }
     // Provided-buffer rings and multishot accept came with Linux 5.19.
-    let bufs = BufRing::new(2, 4096).map_err(|e| format!("allocating a buffer ring: {e}"))?;
+    let bufs = BufRing::new(2, 4096, 0).map_err(|e| format!("allocating a buffer ring: {e}"))?;
     // SAFETY: the ring memory lives until after the unregister below.
     unsafe {
         ring.submitter()
@@ -95,12 +101,81 @@ pub fn probe() -> Result<(), String> {
     Ok(())
 }
 
+/// Bytes on their way to a socket: a buffer from the thread's pool, written into directly
+/// (a TLS stream encrypts into it), owned by the send operation while the kernel reads it.
+#[derive(Debug, Default)]
+pub struct SendBuf {
+    data: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl SendBuf {
+    fn new() -> Self {
+        let data = SEND_POOL
+            .with(|p| p.borrow_mut().pop())
+            .unwrap_or_else(|| vec![0u8; SEND_BUF]);
+        Self {
+            data,
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Free room at the end, to write into and then [`Self::commit`].
+    pub fn spare(&mut self) -> &mut [u8] {
+        self.data.get_mut(self.end..).unwrap_or_default()
+    }
+
+    pub fn commit(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.data.len());
+    }
+
+    /// Take back the last `n` committed bytes (returned as a copy).
+    pub fn uncommit(&mut self, n: usize) -> Vec<u8> {
+        let from = self.end.saturating_sub(n).max(self.start);
+        let bytes = self.data.get(from..self.end).unwrap_or_default().to_vec();
+        self.end = from;
+        bytes
+    }
+
+    fn pending(&self) -> &[u8] {
+        self.data.get(self.start..self.end).unwrap_or_default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+    }
+}
+
+impl Drop for SendBuf {
+    fn drop(&mut self) {
+        if self.data.len() == SEND_BUF {
+            let data = std::mem::take(&mut self.data);
+            let _ = SEND_POOL.try_with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < SEND_POOL_MAX {
+                    p.push(data);
+                }
+            });
+        }
+    }
+}
+
 /// A completion handed to the op's owner.
 struct Taken {
     c: Completion,
     /// The op is over (its slot is free).
     done: bool,
-    buf: BytesMut,
+    buf: Option<SendBuf>,
 }
 
 /// What one completion said.
@@ -130,7 +205,7 @@ struct Op {
     /// Its owner is gone: completions only release what they hold.
     abandoned: bool,
     /// A send's bytes, owned here until the kernel is done with them.
-    buf: BytesMut,
+    buf: Option<SendBuf>,
 }
 
 impl Op {
@@ -143,7 +218,7 @@ impl Op {
             more: VecDeque::new(),
             finished: false,
             abandoned: false,
-            buf: BytesMut::new(),
+            buf: None,
         }
     }
 }
@@ -187,9 +262,10 @@ struct BufRing {
     /// Page-aligned array of `entries` ring entries shared with the kernel.
     ring: *mut types::BufRingEntry,
     entries: u16,
-    /// `entries * size` bytes the kernel writes received data into.
+    /// `entries` slots of `headroom + size` bytes; the kernel writes into the last `size`.
     data: *mut u8,
     size: usize,
+    headroom: usize,
     tail: Cell<u16>,
 }
 
@@ -202,13 +278,17 @@ impl BufRing {
         .map_err(io::Error::other)
     }
 
-    fn data_layout(entries: u16, size: usize) -> io::Result<Layout> {
-        Layout::from_size_align(usize::from(entries) * size, 4096).map_err(io::Error::other)
+    fn data_layout(entries: u16, slot: usize) -> io::Result<Layout> {
+        Layout::from_size_align(usize::from(entries) * slot, 4096).map_err(io::Error::other)
     }
 
-    fn new(entries: u16, size: usize) -> io::Result<Self> {
+    fn slot(&self) -> usize {
+        self.headroom + self.size
+    }
+
+    fn new(entries: u16, size: usize, headroom: usize) -> io::Result<Self> {
         let ring_layout = Self::ring_layout(entries)?;
-        let data_layout = Self::data_layout(entries, size)?;
+        let data_layout = Self::data_layout(entries, headroom + size)?;
         // SAFETY: both layouts have non-zero size; null results are checked.
         let ring = unsafe { std::alloc::alloc_zeroed(ring_layout) }.cast::<types::BufRingEntry>();
         if ring.is_null() {
@@ -227,6 +307,7 @@ impl BufRing {
             entries,
             data,
             size,
+            headroom,
             tail: Cell::new(0),
         };
         for bid in 0..entries {
@@ -243,7 +324,8 @@ impl BufRing {
         // SAFETY: idx < entries; the entry is ours until the tail moves past it.
         let entry = unsafe { &mut *self.ring.add(idx) };
         // SAFETY: bid < entries, so the buffer lies inside `data`.
-        entry.set_addr(unsafe { self.data.add(usize::from(bid) * self.size) } as u64);
+        let at = usize::from(bid) * self.slot() + self.headroom;
+        entry.set_addr(unsafe { self.data.add(at) } as u64);
         entry.set_len(self.size as u32);
         entry.set_bid(bid);
         self.tail.set(tail.wrapping_add(1));
@@ -266,15 +348,26 @@ impl BufRing {
         }
     }
 
-    /// The first `len` bytes the kernel wrote into buffer `bid`.
-    fn filled(&self, bid: u16, len: usize) -> &[u8] {
+    /// Buffer `bid`'s slot: `headroom` bytes, then the `len` bytes the kernel wrote.
+    #[allow(clippy::mut_from_ref)]
+    fn slot_mut(&self, bid: u16, len: usize) -> &mut [u8] {
         if bid >= self.entries {
-            return &[];
+            return &mut [];
         }
-        let len = len.min(self.size);
-        // SAFETY: the kernel filled `len` bytes of buffer `bid` and handed it to us with the
-        // completion; it does not touch it again until we recycle it.
-        unsafe { std::slice::from_raw_parts(self.data.add(usize::from(bid) * self.size), len) }
+        let len = self.headroom + len.min(self.size);
+        // SAFETY: the kernel filled buffer `bid` and handed it to us with the completion; it
+        // does not touch the slot again until we recycle it, and only one completion (one
+        // caller) holds a given `bid` at a time.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.data.add(usize::from(bid) * self.slot()), len)
+        }
+    }
+
+    /// The `len` bytes the kernel wrote into buffer `bid`.
+    fn filled(&self, bid: u16, len: usize) -> &[u8] {
+        self.slot_mut(bid, len)
+            .get(self.headroom..)
+            .unwrap_or_default()
     }
 }
 
@@ -282,7 +375,7 @@ impl Drop for BufRing {
     fn drop(&mut self) {
         if let (Ok(ring_layout), Ok(data_layout)) = (
             Self::ring_layout(self.entries),
-            Self::data_layout(self.entries, self.size),
+            Self::data_layout(self.entries, self.slot()),
         ) {
             // SAFETY: allocated in `new` with these layouts; the ring is unregistered (or its
             // io_uring closed and drained) before the driver drops this.
@@ -326,7 +419,7 @@ impl Driver {
         let ring = IoUring::builder()
             .setup_cqsize(RING_ENTRIES * 2)
             .build(RING_ENTRIES)?;
-        let bufs = BufRing::new(BUF_COUNT, BUF_SIZE)?;
+        let bufs = BufRing::new(BUF_COUNT, BUF_SIZE, HEADROOM)?;
         // SAFETY: the buffer ring outlives its registration: the driver drops the io_uring
         // (which releases it) before `bufs` (field order), and leaks it if it cannot drain.
         unsafe {
@@ -556,8 +649,8 @@ impl Driver {
     fn start(
         &self,
         kind: Kind,
-        buf: BytesMut,
-        build: impl FnOnce(&BytesMut) -> squeue::Entry,
+        buf: Option<SendBuf>,
+        build: impl FnOnce(Option<&SendBuf>) -> squeue::Entry,
     ) -> usize {
         let mut ops = self.ops.borrow_mut();
         let generation = self.next_generation.get();
@@ -570,7 +663,7 @@ impl Driver {
         // Moving the `Op` (a Vec of slots may grow) does not move the bytes it owns.
         let entry = ops
             .get_mut(slot)
-            .map(|op| build(&op.buf))
+            .map(|op| build(op.buf.as_ref()))
             .unwrap_or_else(|| opcode::Nop::new().build())
             .user_data(slot as u64);
         drop(ops);
@@ -597,9 +690,9 @@ impl Driver {
         };
         let done = op.finished && op.first.is_none();
         let buf = if done {
-            ops.remove(slot).map(|op| op.buf).unwrap_or_default()
+            ops.remove(slot).and_then(|op| op.buf)
         } else {
-            BytesMut::new()
+            None
         };
         Some(Taken { c, done, buf })
     }
@@ -692,6 +785,7 @@ impl Drop for Driver {
                     entries: 0,
                     data: std::ptr::null_mut(),
                     size: 0,
+                    headroom: 0,
                     tail: Cell::new(0),
                 },
             );
@@ -722,7 +816,7 @@ pub struct UringStream {
     /// The send in flight (its bytes live in its op slot).
     send: Option<usize>,
     /// Bytes written while a send is in flight.
-    queued: BytesMut,
+    queued: Option<SendBuf>,
     write_error: Option<io::ErrorKind>,
 }
 
@@ -751,7 +845,7 @@ impl UringStream {
             pending: BytesMut::new(),
             eof: false,
             send: None,
-            queued: BytesMut::new(),
+            queued: None,
             write_error: None,
         })
     }
@@ -773,7 +867,7 @@ impl UringStream {
 
     /// The socket back, with bytes received but not read; fails while operations are in flight.
     pub fn into_std(mut self) -> io::Result<(std::net::TcpStream, BytesMut)> {
-        if self.recv.is_some() || self.send.is_some() || !self.queued.is_empty() {
+        if self.recv.is_some() || self.send.is_some() || self.queued.is_some() {
             return Err(io::Error::new(
                 io::ErrorKind::WouldBlock,
                 "io_uring operations in flight",
@@ -801,7 +895,7 @@ impl UringStream {
         let len = len.clamp(1, BUF_SIZE) as u32;
         let fd = self.fd.as_raw_fd();
         self.recv_is_peek = flags & libc::MSG_PEEK != 0;
-        self.recv = Some(self.driver.start(Kind::Recv, BytesMut::new(), |_| {
+        self.recv = Some(self.driver.start(Kind::Recv, None, |_| {
             opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), len)
                 .flags(flags)
                 .buf_group(BGID)
@@ -835,6 +929,78 @@ impl UringStream {
         Ok(n)
     }
 
+    /// Receive (at most `len` bytes) into a provided buffer and run `f` on `prefix` followed by
+    /// the received bytes, in place, mutable: no copy of what was received. `Ready(Ok(None))`
+    /// at the end of the stream. (A `prefix` longer than [`HEADROOM`], or bytes a plain read
+    /// left behind, go through a temporary buffer instead.)
+    pub fn poll_recv_with<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        len: usize,
+        prefix: &[u8],
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> Poll<io::Result<Option<R>>> {
+        if !self.pending.is_empty() {
+            let mut joined = Vec::with_capacity(prefix.len() + self.pending.len());
+            joined.extend_from_slice(prefix);
+            joined.extend_from_slice(&self.pending);
+            self.pending = BytesMut::new();
+            return Poll::Ready(Ok(Some(f(&mut joined))));
+        }
+        if self.eof {
+            return Poll::Ready(Ok(None));
+        }
+        loop {
+            let was_peek = self.recv_is_peek;
+            let Some(c) = self.poll_recv_done(cx) else {
+                if self.recv.is_none() {
+                    self.start_recv(len, 0);
+                    continue;
+                }
+                return Poll::Pending;
+            };
+            let bid = cqueue::buffer_select(c.flags);
+            if was_peek || c.result == -libc::ENOBUFS {
+                if let Some(bid) = bid {
+                    self.driver.bufs.recycle(bid);
+                }
+                self.start_recv(len, 0);
+                if !was_peek {
+                    // Every provided buffer is out: they come back within the tick.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                continue;
+            }
+            if c.result < 0 {
+                if let Some(bid) = bid {
+                    self.driver.bufs.recycle(bid);
+                }
+                return Poll::Ready(Err(os_error(c.result)));
+            }
+            let (Some(bid), true) = (bid, c.result > 0) else {
+                self.eof = true;
+                return Poll::Ready(Ok(None));
+            };
+            let n = c.result as usize;
+            let slot = self.driver.bufs.slot_mut(bid, n);
+            let r = if prefix.len() <= HEADROOM
+                && let Some(input) = slot.get_mut(HEADROOM - prefix.len()..)
+                && let Some(front) = input.get_mut(..prefix.len())
+            {
+                front.copy_from_slice(prefix);
+                f(input)
+            } else {
+                let mut joined = Vec::with_capacity(prefix.len() + n);
+                joined.extend_from_slice(prefix);
+                joined.extend_from_slice(slot.get(HEADROOM..).unwrap_or_default());
+                f(&mut joined)
+            };
+            self.driver.bufs.recycle(bid);
+            return Poll::Ready(Ok(Some(r)));
+        }
+    }
+
     /// Like `recv(MSG_PEEK)`: bytes at the front of the stream, left in place.
     pub async fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.recv.is_some() && !self.recv_is_peek {
@@ -862,24 +1028,22 @@ impl UringStream {
     }
 
     /// Move the send along: take its completion, send the rest or what was queued meanwhile.
-    /// Ready when nothing is in flight.
+    /// Ready when nothing is in flight or queued.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             if let Some(kind) = self.write_error {
                 return Poll::Ready(Err(kind.into()));
             }
             let Some(slot) = self.send else {
-                if self.queued.is_empty() {
-                    return Poll::Ready(Ok(()));
+                match self.queued.take() {
+                    Some(q) if !q.is_empty() => {
+                        self.start_send(q);
+                        continue;
+                    }
+                    _ => return Poll::Ready(Ok(())),
                 }
-                let buf = std::mem::take(&mut self.queued);
-                self.start_send(buf);
-                continue;
             };
-            let Some(Taken {
-                c, buf: mut sent, ..
-            }) = self.driver.take(slot, cx)
-            else {
+            let Some(Taken { c, buf, .. }) = self.driver.take(slot, cx) else {
                 return Poll::Pending;
             };
             self.send = None;
@@ -891,23 +1055,56 @@ impl UringStream {
                 self.write_error = Some(io::ErrorKind::WriteZero);
                 continue;
             }
-            sent.advance((c.result as usize).min(sent.len()));
-            if !sent.is_empty() {
-                // A short send: the rest goes first, then whatever was queued behind it.
-                sent.extend_from_slice(&self.queued);
-                self.queued = BytesMut::new();
-                self.start_send(sent);
+            if let Some(mut sent) = buf {
+                sent.advance(c.result as usize);
+                if !sent.is_empty() {
+                    // A short send: the rest goes before anything queued behind it.
+                    self.start_send(sent);
+                }
             }
         }
     }
 
-    fn start_send(&mut self, buf: BytesMut) {
+    fn start_send(&mut self, buf: SendBuf) {
         let fd = self.fd.as_raw_fd();
-        self.send = Some(self.driver.start(Kind::Send, buf, |b| {
-            opcode::Send::new(types::Fd(fd), b.as_ptr(), b.len() as u32)
+        self.send = Some(self.driver.start(Kind::Send, Some(buf), |b| {
+            let bytes = b.map(SendBuf::pending).unwrap_or_default();
+            opcode::Send::new(types::Fd(fd), bytes.as_ptr(), bytes.len() as u32)
                 .flags(libc::MSG_NOSIGNAL)
                 .build()
         }));
+    }
+
+    /// The send queue, to write into directly, once it has `room` bytes free: Pending (the
+    /// waker set on the send in flight) while it is full. Give it back with [`Self::requeue`].
+    pub fn poll_queue(&mut self, cx: &mut Context<'_>, room: usize) -> Poll<io::Result<SendBuf>> {
+        loop {
+            if let Poll::Ready(Err(e)) = self.poll_send(cx) {
+                return Poll::Ready(Err(e));
+            }
+            let mut q = self.queued.take().unwrap_or_else(SendBuf::new);
+            if q.spare().len() >= room.min(SEND_BUF) {
+                return Poll::Ready(Ok(q));
+            }
+            if self.send.is_none() && !q.is_empty() {
+                self.start_send(q);
+                continue;
+            }
+            self.queued = Some(q);
+            return Poll::Pending;
+        }
+    }
+
+    /// Put the queue back; it goes out at once when no send is in flight.
+    pub fn requeue(&mut self, q: SendBuf) {
+        if q.is_empty() {
+            return;
+        }
+        if self.send.is_none() {
+            self.start_send(q);
+        } else {
+            self.queued = Some(q);
+        }
     }
 }
 
@@ -967,20 +1164,18 @@ impl AsyncWrite for UringStream {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if let Poll::Ready(Err(e)) = this.poll_send(cx) {
-            return Poll::Ready(Err(e));
+        let mut q = match this.poll_queue(cx, 1) {
+            Poll::Ready(Ok(q)) => q,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        };
+        let spare = q.spare();
+        let n = data.len().min(spare.len());
+        if let (Some(d), Some(s)) = (spare.get_mut(..n), data.get(..n)) {
+            d.copy_from_slice(s);
         }
-        if this.queued.len() >= SEND_CAP {
-            // Waker registered by `poll_send` on the send in flight.
-            return Poll::Pending;
-        }
-        let n = data.len().min(SEND_CAP);
-        this.queued
-            .extend_from_slice(data.get(..n).unwrap_or_default());
-        if this.send.is_none() {
-            let buf = std::mem::take(&mut this.queued);
-            this.start_send(buf);
-        }
+        q.commit(n);
+        this.requeue(q);
         Poll::Ready(Ok(n))
     }
 
@@ -1054,7 +1249,7 @@ impl UringListener {
                 Some(s) => s,
                 None => {
                     let fd = self.fd.as_raw_fd();
-                    let s = self.driver.start(Kind::Accept, BytesMut::new(), |_| {
+                    let s = self.driver.start(Kind::Accept, None, |_| {
                         opcode::AcceptMulti::new(types::Fd(fd))
                             .flags(libc::SOCK_CLOEXEC)
                             .build()
