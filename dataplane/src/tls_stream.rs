@@ -373,7 +373,7 @@ impl TlsStream {
     fn recv_and_process_in_place(
         &mut self,
         cx: &mut Context<'_>,
-        mut out: Option<&mut ReadBuf<'_>>,
+        out: Option<&mut ReadBuf<'_>>,
     ) -> Poll<io::Result<Step>> {
         let Self { io, tls, buf, .. } = self;
         let Socket::Uring(u) = io else {
@@ -385,7 +385,7 @@ impl TlsStream {
         let prefix = std::mem::take(&mut buf.incoming);
         let r = u.poll_recv_with(cx, want, &prefix, |input| {
             let mut used = input.len();
-            let step = process(tls, buf, input, &mut used, out.as_deref_mut());
+            let step = process(tls, buf, input, &mut used, out);
             buf.keep_incoming(if step.is_ok() {
                 input.get(..used).unwrap_or_default()
             } else {

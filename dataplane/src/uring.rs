@@ -103,7 +103,7 @@ pub fn probe() -> Result<(), String> {
 
 /// Bytes on their way to a socket: a buffer from the thread's pool, written into directly
 /// (a TLS stream encrypts into it), owned by the send operation while the kernel reads it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SendBuf {
     data: Vec<u8>,
     start: usize,
@@ -111,7 +111,7 @@ pub struct SendBuf {
 }
 
 impl SendBuf {
-    fn new() -> Self {
+    fn from_pool() -> Self {
         let data = SEND_POOL
             .with(|p| p.borrow_mut().pop())
             .unwrap_or_else(|| vec![0u8; SEND_BUF]);
@@ -1082,7 +1082,7 @@ impl UringStream {
             if let Poll::Ready(Err(e)) = self.poll_send(cx) {
                 return Poll::Ready(Err(e));
             }
-            let mut q = self.queued.take().unwrap_or_else(SendBuf::new);
+            let mut q = self.queued.take().unwrap_or_else(SendBuf::from_pool);
             if q.spare().len() >= room.min(SEND_BUF) {
                 return Poll::Ready(Ok(q));
             }
