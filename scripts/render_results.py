@@ -18,6 +18,9 @@ icount = open(os.path.join(src, "icount.txt")).read().strip() if os.path.exists(
 ses = {s["path"]: s for s in load("sessions.json")}
 ssh = {s["path"]: s for s in load("ssh.json")}
 med = {m["path"]: m for m in thr["medians"]}
+opt = lambda name: load(name) if os.path.exists(os.path.join(src, name)) else None
+epoll = {"latency-20k": opt("latency-20k-epoll.json"), "latency-2k": opt("latency-2k-epoll.json"),
+         "sessions": opt("sessions-epoll.json"), "tunnels": opt("tunnels-epoll.json")}
 crit = {}
 for line in open(os.path.join(src, "criterion.txt")):
     m = re.match(r"^(\S+)\s+time:\s+\[\S+ \S+ (\S+) (\S+) \S+ \S+\]", line)
@@ -45,6 +48,29 @@ def baseline_row(name, m):
             f"{ratio(pm.get('median_gb_per_s'), m.get('median_gb_per_s'))} | "
             f"{ratio(pm.get('median_gb_per_middle_cpu_s'), m.get('median_gb_per_middle_cpu_s'))} |")
 
+def added(ls, key):
+    return ls[1][key] - ls[0][key] if ls and len(ls) == 2 else None
+
+def backend_table():
+    rows = ["| measure | io_uring | epoll | io_uring ÷ epoll |", "|---|---|---|---|"]
+    def row(name, a, b, fmt, better_low=False):
+        fa = fmt.format(a) if a is not None else "not run"
+        fb = fmt.format(b) if b is not None else "not run"
+        r = f"{a / b:.2f}×" if a and b else "—"
+        rows.append(f"| {name} | {fa} | {fb} | {r} |")
+    row("throughput GB/s (median of 3)", p.get("median_gb_per_s"), pe.get("median_gb_per_s"), "{:.3f}")
+    row("throughput GB per proxy CPU-second", p.get("median_gb_per_middle_cpu_s"), pe.get("median_gb_per_middle_cpu_s"), "{:.2f}")
+    se = {s["path"]: s for s in (epoll["sessions"] or [])}
+    row("new sessions/s", ses.get("proxy", {}).get("sessions_per_s"), se.get("proxy", {}).get("sessions_per_s"), "{:.0f}")
+    row("sessions per proxy CPU-second", ses.get("proxy", {}).get("sessions_per_middle_cpu_s"), se.get("proxy", {}).get("sessions_per_middle_cpu_s"), "{:.0f}")
+    for rate, key in (("20000", "latency-20k"), ("2000", "latency-2k")):
+        row(f"p50 added at {rate}/s (µs)", added(lat[rate], "p50_us"), added(epoll[key], "p50_us"), "{}")
+        row(f"p99 added at {rate}/s (µs)", added(lat[rate], "p99_us"), added(epoll[key], "p99_us"), "{}")
+    te = epoll["tunnels"] or {}
+    row("KiB proxy RSS per idle tunnel (15,000)", tun.get("proxy_kib_per_tunnel"), te.get("proxy_kib_per_tunnel"), "{:.1f}")
+    row("tunnel connects/s", tun.get("connects_per_second"), te.get("connects_per_second"), "{:.0f}")
+    return "\n".join(rows)
+
 def ssh_row(m):
     if m.get("skipped"):
         return f"| {m['path']} | skipped: {m['skipped'].splitlines()[0]} | | | | | |"
@@ -54,6 +80,7 @@ def ssh_row(m):
             f"{spc:.0f} | {m['bulk_gb_per_s']:.3f} | {bpc:.2f} |" if spc and bpc else f"| {m['path']} | {m['sessions_per_s']:.0f} | | | | | |")
 
 p, n, d = med.get("proxy", {}), med.get("naive", {}), med.get("direct", {})
+pe = med.get("proxy-epoll", {})
 o, r = med.get("openssh", {}), med.get("rathole", {})
 sg, so = ssh.get("gatehouse", {}), ssh.get("openssh", {})
 results = [
@@ -72,6 +99,8 @@ results = [
     {"scenario": "throughput", "baseline": "naive-relay", "unit": "GB per relay CPU-second", "value": n.get("median_gb_per_middle_cpu_s")},
     {"scenario": "throughput", "baseline": "gatehouse-proxy", "unit": "GB/s", "value": p.get("median_gb_per_s")},
     {"scenario": "throughput", "baseline": "gatehouse-proxy", "unit": "GB per proxy CPU-second", "value": p.get("median_gb_per_middle_cpu_s")},
+    {"scenario": "throughput", "baseline": "gatehouse-proxy-epoll", "unit": "GB/s", "value": pe.get("median_gb_per_s")},
+    {"scenario": "throughput", "baseline": "gatehouse-proxy-epoll", "unit": "GB per proxy CPU-second", "value": pe.get("median_gb_per_middle_cpu_s")},
     {"scenario": "tunnels", "baseline": "gatehouse-proxy", "unit": "tunnels held", "value": tun["tunnels_held"]},
     {"scenario": "tunnels", "baseline": "gatehouse-proxy", "unit": "KiB proxy RSS per idle tunnel", "value": tun["proxy_kib_per_tunnel"]},
     {"scenario": "tunnels", "baseline": "gatehouse-proxy", "unit": "tunnels connected per second", "value": tun["connects_per_second"]},
@@ -84,7 +113,7 @@ results = [
 ]
 results = [{k: v for k, v in x.items() if k != "skipped" or v} for x in results]
 json.dump({"date": date, "commit": commit, "machine": machine, "results": results,
-           "raw": {"ssh": ssh, "throughput": thr, "tunnels": tun, "logins": logins, "latency": lat, "sessions": ses, "criterion": crit}},
+           "raw": {"epoll": epoll, "ssh": ssh, "throughput": thr, "tunnels": tun, "logins": logins, "latency": lat, "sessions": ses, "criterion": crit}},
           open(json_path, "w"), indent=2)
 
 md = f"""# Benchmark results
@@ -116,7 +145,8 @@ child processes (sshd serves each connection in children) — for rathole the se
 | naive relay | {n.get('median_gb_per_s', 0):.3f} | {n.get('median_gb_per_middle_cpu_s') or 0:.2f} | {ratio(p.get('median_gb_per_s'), n.get('median_gb_per_s'))} | {ratio(p.get('median_gb_per_middle_cpu_s'), n.get('median_gb_per_middle_cpu_s'))} |
 {baseline_row("OpenSSH jump host (`ssh -W`, aes128-gcm)", o)}
 {baseline_row("rathole (TLS transport)", r)}
-| **gatehouse proxy** | {p.get('median_gb_per_s', 0):.3f} | {p.get('median_gb_per_middle_cpu_s') or 0:.2f} | 1.00× | 1.00× |
+| **gatehouse proxy** ({p.get('proxy_io_backend') or '?'}) | {p.get('median_gb_per_s', 0):.3f} | {p.get('median_gb_per_middle_cpu_s') or 0:.2f} | 1.00× | 1.00× |
+| gatehouse proxy ({pe.get('proxy_io_backend') or 'epoll'}) | {pe.get('median_gb_per_s', 0):.3f} | {pe.get('median_gb_per_middle_cpu_s') or 0:.2f} | {ratio(p.get('median_gb_per_s'), pe.get('median_gb_per_s'))} | {ratio(p.get('median_gb_per_middle_cpu_s'), pe.get('median_gb_per_middle_cpu_s'))} |
 
 The generator (clients, sink and simulated agents) runs on the same 2 cores; runs where it was
 saturated are flagged in `results.json`.
@@ -141,6 +171,14 @@ TLS handshake + (proxy: session request, route, stream open through the tunnel) 
 | path | sessions/s | p50 ms | p99 ms | per proxy CPU-second |
 |---|---|---|---|---|
 """ + "".join(f"| {p} | {s['sessions_per_s']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {per_cpu(s)} |\n" for p, s in ses.items()) + f"""
+## I/O backends side by side: io_uring and epoll
+
+The same proxy binary, `--proxy-io-backend io_uring` (everything above) and `epoll`. Throughput:
+both are paths of the same interleaved rounds above. Latency, sessions and tunnels: the epoll
+pass ran right after the io_uring pass in the same `scripts/bench` run.
+
+""" + backend_table() + f"""
+
 ## SSH: real sessions (`loadgen ssh --concurrency 8 --duration 5s`)
 
 A russh client with the user's certificate from login opens sessions back to back from 8 workers:

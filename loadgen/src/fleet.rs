@@ -132,6 +132,8 @@ pub struct Fleet {
     pub _auth: Proc,
     pub proxy: Proc,
     pub proxy_addr: String,
+    /// The I/O backend the proxy runs on (`io_uring` or `epoll`), from its banner.
+    pub io_backend: String,
     pub pin: String,
     pub node_token: String,
     pub user: UserCreds,
@@ -139,6 +141,16 @@ pub struct Fleet {
 
 impl Fleet {
     pub async fn spawn(proxy_ip: &str, workers: usize) -> anyhow::Result<Self> {
+        Self::spawn_with(proxy_ip, workers, None).await
+    }
+
+    /// `io_backend`: the proxy's `--proxy-io-backend` (None: its default, or
+    /// GATEHOUSE_PROXY_IO_BACKEND from the environment).
+    pub async fn spawn_with(
+        proxy_ip: &str,
+        workers: usize,
+        io_backend: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let auth_data = dir.path().join("auth");
         let auth = start_daemon(
@@ -160,29 +172,34 @@ impl Fleet {
         let pin = auth.field("CA pin:")?;
         let proxy_token = new_token(&auth_data, "proxy")?;
         let node_token = new_token(&auth_data, "node")?;
-        let proxy = start_daemon(
-            &[
-                "--roles",
-                "proxy",
-                "--auth",
-                &auth_addr,
-                "--token",
-                &proxy_token,
-                "--ca-pin",
-                &pin,
-                "--proxy-addr",
-                &format!("{proxy_ip}:0"),
-                "--proxy-workers",
-                &workers.to_string(),
-                "--diag-addr",
-                &format!("{proxy_ip}:0"),
-                "--node-name",
-                "bench-proxy",
-                "--data-dir",
-                &dir.path().join("proxy").display().to_string(),
-            ],
-            &dir.path().join("proxy.log"),
-        )?;
+        let workers = workers.to_string();
+        let proxy_addr_arg = format!("{proxy_ip}:0");
+        let data_dir = dir.path().join("proxy").display().to_string();
+        let mut args = vec![
+            "--roles",
+            "proxy",
+            "--auth",
+            &auth_addr,
+            "--token",
+            &proxy_token,
+            "--ca-pin",
+            &pin,
+            "--proxy-addr",
+            &proxy_addr_arg,
+            "--proxy-workers",
+            &workers,
+            "--diag-addr",
+            &proxy_addr_arg,
+            "--node-name",
+            "bench-proxy",
+            "--data-dir",
+            &data_dir,
+        ];
+        if let Some(b) = io_backend {
+            args.extend(["--proxy-io-backend", b]);
+        }
+        let proxy = start_daemon(&args, &dir.path().join("proxy.log"))?;
+        let io_backend = proxy.field("Proxy I/O:")?;
         let proxy_addr = proxy.field("Proxy:")?;
         let user = add_user(&auth_data, &proxy_addr, &pin, "bench", "bench").await?;
         Ok(Self {
@@ -190,6 +207,7 @@ impl Fleet {
             _auth: auth,
             proxy,
             proxy_addr,
+            io_backend,
             pin,
             node_token,
             user,

@@ -236,6 +236,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("--count and --procs must be at least 1");
             }
             let fleet = fleet::Fleet::spawn("127.0.0.2", workers).await?;
+            println!("proxy I/O backend: {}", fleet.io_backend);
             let cfg = tunnels::TunnelsConfig {
                 count,
                 procs,
@@ -265,7 +266,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let (echo, _, _, ca) =
                 throughput::start_sink(&format!("{}:0", throughput::sink_ip()), true)?;
-            let (fleet, _stats) = proxy_fleet(workers).await?;
+            let (fleet, _stats) = proxy_fleet(workers, None).await?;
             let mut reports = Vec::new();
             for path in [throughput::Path::Direct, throughput::Path::Proxy] {
                 let target = echo_target(path, &fleet, echo);
@@ -302,7 +303,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let (echo, _, _, ca) =
                 throughput::start_sink(&format!("{}:0", throughput::sink_ip()), true)?;
-            let (fleet, _stats) = proxy_fleet(workers).await?;
+            let (fleet, _stats) = proxy_fleet(workers, None).await?;
             let mut reports = Vec::new();
             for path in [throughput::Path::Direct, throughput::Path::Proxy] {
                 let target = echo_target(path, &fleet, echo);
@@ -425,9 +426,11 @@ fn echo_target(
 /// A spawned Auth + Proxy with two simulated agents (sim-0, sim-1) serving sink and echo.
 async fn proxy_fleet(
     workers: usize,
+    io_backend: Option<&str>,
 ) -> anyhow::Result<(fleet::Fleet, std::sync::Arc<sim_agent::AgentStats>)> {
     use std::sync::atomic::Ordering;
-    let f = fleet::Fleet::spawn("127.0.0.2", workers).await?;
+    let f = fleet::Fleet::spawn_with("127.0.0.2", workers, io_backend).await?;
+    println!("proxy I/O backend: {}", f.io_backend);
     let ids = f.join_agents(2).await?;
     let stats = std::sync::Arc::new(sim_agent::AgentStats::default());
     sim_agent::spawn(
@@ -515,13 +518,17 @@ async fn throughput_cmd(
     let mut summary = Vec::new();
     let mut skipped: Vec<(Path, String)> = Vec::new();
     let mut active = Vec::new();
+    let mut backends: Vec<(Path, String)> = Vec::new();
     for &path in paths {
         let middle =
             match path {
                 Path::Direct => Ok(Middle::None),
                 Path::Naive => start_relay(sink, dir.path(), [&cert, &key, &ca])
                     .map(|(g, a)| Middle::Relay(g, a)),
-                Path::Proxy => proxy_fleet(workers)
+                Path::Proxy => proxy_fleet(workers, None)
+                    .await
+                    .map(|f| Middle::Fleet(Box::new(f))),
+                Path::ProxyEpoll => proxy_fleet(workers, Some("epoll"))
                     .await
                     .map(|f| Middle::Fleet(Box::new(f))),
                 Path::Openssh => openssh::Sshd::start("127.0.0.4", None)
@@ -586,6 +593,9 @@ async fn throughput_cmd(
                 Some(r.server_pid()),
             ),
         };
+        if let Middle::Fleet(f) = &middle {
+            backends.push((path, f.0.io_backend.clone()));
+        }
         active.push((path, middle, target, pid));
     }
     // Rounds: each round runs every path once, so slow drift on a shared machine touches all
@@ -609,8 +619,10 @@ async fn throughput_cmd(
             continue;
         }
         let per_cpu: Vec<f64> = runs_of().filter_map(|r| r.gb_per_middle_cpu_s).collect();
+        let io_backend = backends.iter().find(|(p, _)| *p == path).map(|(_, b)| b);
         summary.push(serde_json::json!({
             "scenario": "throughput", "path": path, "streams": streams, "runs": runs,
+            "proxy_io_backend": io_backend,
             "median_gb_per_s": median(runs_of().map(|r| r.gb_per_s).collect()),
             "median_gb_per_middle_cpu_s": if per_cpu.is_empty() { None } else { Some(median(per_cpu)) },
         }));

@@ -21,10 +21,13 @@ use crate::fleet::UserCreds;
 use crate::procstat;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Path {
-    /// Gatehouse: TLS to the Proxy, tunnel TLS to a simulated agent that discards.
+    /// Gatehouse: TLS to the Proxy, tunnel TLS to a simulated agent that discards (the
+    /// proxy's I/O backend: auto, i.e. io_uring where the kernel allows it).
     Proxy,
+    /// The same Proxy forced onto its epoll backend.
+    ProxyEpoll,
     /// One TLS connection straight to the sink: the ceiling.
     Direct,
     /// A per-connection tokio + tokio-rustls relay (bench/src/bin/naive-relay.rs).
@@ -39,6 +42,7 @@ impl Path {
     pub fn name(self) -> &'static str {
         match self {
             Path::Proxy => "proxy",
+            Path::ProxyEpoll => "proxy-epoll",
             Path::Direct => "direct",
             Path::Naive => "naive",
             Path::Openssh => "openssh",
@@ -195,7 +199,7 @@ pub async fn client_stream(
     app: &str,
 ) -> anyhow::Result<ClientTls> {
     match target.path {
-        Path::Proxy => {
+        Path::Proxy | Path::ProxyEpoll => {
             let user = target.user.as_ref().context("proxy path needs a user")?;
             let cfg = client_config_with_alpn(
                 &Trust::CaPem(user.ca.clone()),

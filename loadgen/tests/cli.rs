@@ -48,7 +48,14 @@ fn help_lists_every_scenario_and_its_options() {
     }
     let (code, out, _) = loadgen(&["throughput", "--help"]);
     assert_eq!(code, 0);
-    for path in ["proxy", "direct", "naive", "openssh", "rathole"] {
+    for path in [
+        "proxy",
+        "proxy-epoll",
+        "direct",
+        "naive",
+        "openssh",
+        "rathole",
+    ] {
         assert!(out.contains(path), "throughput --help lacks {path}:\n{out}");
     }
 }
@@ -155,4 +162,40 @@ fn throughput_baselines_run_or_say_why_not() {
                 .is_some_and(|s| !s.is_empty()),
         "{v}"
     );
+}
+
+/// The proxy on each I/O backend, side by side in one run: both move bytes, and each reports the
+/// backend it really ran on (from the daemon's banner).
+#[test]
+fn throughput_measures_both_proxy_backends() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t.json");
+    let (code, stdout, err) = loadgen(&[
+        "--json",
+        out.to_str().unwrap(),
+        "throughput",
+        "--paths",
+        "proxy,proxy-epoll",
+        "--runs",
+        "1",
+        "--streams",
+        "1",
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    let v = json(&out);
+    let medians = v["medians"].as_array().unwrap();
+    assert_eq!(medians.len(), 2, "{v}");
+    for m in medians {
+        assert!(m["median_gb_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    }
+    assert_eq!(medians[1]["path"], "proxy-epoll");
+    assert_eq!(medians[1]["proxy_io_backend"], "epoll", "{v}");
+    let wanted = std::env::var("GATEHOUSE_PROXY_IO_BACKEND").unwrap_or_default();
+    let got = medians[0]["proxy_io_backend"].as_str().unwrap();
+    match wanted.as_str() {
+        "io_uring" | "epoll" => assert_eq!(got, wanted, "{v}"),
+        _ => assert!(got == "io_uring" || got == "epoll", "{v}"),
+    }
 }

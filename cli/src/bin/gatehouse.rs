@@ -496,6 +496,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     }
     if let Some(p) = &proxy {
         banner.push_str(&format!("  Proxy:        {}\n", p.addr));
+        banner.push_str(&format!("  Proxy I/O:    {}\n", p.proxy.io_backend));
     }
     if agent.is_some() {
         banner.push_str(&format!(
