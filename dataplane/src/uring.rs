@@ -42,7 +42,8 @@ use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
-/// Submission ring size (the completion ring is twice this).
+/// Submission ring size (the completion ring is eight times this: completions of a burst of
+/// connections can outnumber the submissions of one batch).
 const RING_ENTRIES: u32 = 2048;
 /// One provided receive buffer (four full TLS records).
 pub const BUF_SIZE: usize = 64 * 1024;
@@ -417,7 +418,7 @@ impl Driver {
     /// Create this thread's ring and install it; spawn its tasks on the current `LocalSet`.
     pub fn install() -> io::Result<Rc<Self>> {
         let ring = IoUring::builder()
-            .setup_cqsize(RING_ENTRIES * 2)
+            .setup_cqsize(RING_ENTRIES * 8)
             .build(RING_ENTRIES)?;
         let bufs = BufRing::new(BUF_COUNT, BUF_SIZE, HEADROOM)?;
         // SAFETY: the buffer ring outlives its registration: the driver drops the io_uring
@@ -591,7 +592,7 @@ impl Driver {
     /// Take every completion: record it with its op and wake the op's task.
     fn reap(&self) {
         let mut wake = self.wake.borrow_mut();
-        {
+        for _ in 0..8 {
             let mut ring = self.ring.borrow_mut();
             let mut ops = self.ops.borrow_mut();
             for cqe in ring.completion() {
@@ -626,6 +627,15 @@ impl Driver {
                 if let Some(w) = op.waker.take() {
                     wake.push(w);
                 }
+            }
+            // Completions the kernel kept aside while the ring was full reach it only through
+            // an enter: without one they would wait for the next submission.
+            if !ring.submission().cq_overflow() {
+                break;
+            }
+            if let Err(e) = ring.submit() {
+                tracing::warn!(error = %e, "io_uring: flushing overflowed completions failed");
+                break;
             }
         }
         for w in wake.drain(..) {
