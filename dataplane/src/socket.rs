@@ -181,6 +181,17 @@ impl AsyncWrite for Socket {
     }
 }
 
+/// Move what fits of `buf` into `out`; an emptied `buf` gives its memory back (idle
+/// connections hold no buffers).
+pub(crate) fn drain_into(buf: &mut BytesMut, out: &mut ReadBuf<'_>) {
+    let n = buf.len().min(out.remaining());
+    out.put_slice(buf.get(..n).unwrap_or_default());
+    bytes::Buf::advance(buf, n);
+    if buf.is_empty() {
+        *buf = BytesMut::new();
+    }
+}
+
 /// The backend of the current thread.
 pub fn current_backend() -> IoBackend {
     if uring::current().is_some() {

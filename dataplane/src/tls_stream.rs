@@ -544,12 +544,7 @@ impl AsyncRead for TlsStream {
         let this = self.get_mut();
         loop {
             if !this.buf.plaintext.is_empty() {
-                let n = this.buf.plaintext.len().min(out.remaining());
-                out.put_slice(this.buf.plaintext.get(..n).unwrap_or_default());
-                this.buf.plaintext.advance(n);
-                if this.buf.plaintext.is_empty() {
-                    this.buf.plaintext = BytesMut::new();
-                }
+                crate::socket::drain_into(&mut this.buf.plaintext, out);
                 return Poll::Ready(Ok(()));
             }
             if let Some(why) = &this.failed {

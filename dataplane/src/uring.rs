@@ -37,7 +37,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
@@ -1126,12 +1126,7 @@ impl AsyncRead for UringStream {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.pending.is_empty() {
-            let n = this.pending.len().min(rb.remaining());
-            rb.put_slice(this.pending.get(..n).unwrap_or_default());
-            this.pending.advance(n);
-            if this.pending.is_empty() {
-                this.pending = BytesMut::new();
-            }
+            crate::socket::drain_into(&mut this.pending, rb);
             return Poll::Ready(Ok(()));
         }
         if this.eof || rb.remaining() == 0 {
