@@ -55,7 +55,15 @@ pub fn run(mut cmd: Command, stdin: Option<&str>) -> Output {
         .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
     if let Some(input) = stdin {
         let mut s = child.stdin.take().unwrap();
-        s.write_all(input.as_bytes()).unwrap();
+        // A command that fails before reading its input (e.g. a refused login) closes the
+        // pipe first: its exit status and output say what happened, not this write.
+        if let Err(e) = s.write_all(input.as_bytes()) {
+            assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe,
+                "writing stdin: {e}"
+            );
+        }
     }
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
