@@ -25,6 +25,8 @@ pub struct AgentOptions {
     pub addresses: Vec<String>,
     /// Serve SSH (false: TCP apps only).
     pub ssh: bool,
+    /// How the tunnel reaches the proxy: TLS over TCP (default) or QUIC.
+    pub transport: gatehouse_dataplane::quic::TunnelTransport,
 }
 
 #[derive(Debug)]
@@ -84,6 +86,7 @@ pub async fn start(opts: AgentOptions, identity: HostIdentity) -> Result<Running
         addresses: opts.addresses.clone(),
         heartbeat_interval: Duration::from_secs(10),
         tunnel: Default::default(),
+        transport: opts.transport,
     };
     let status = crate::runner::spawn(config, identity, ssh, tokio::runtime::Handle::current())?;
     Ok(RunningAgent { status, spool })

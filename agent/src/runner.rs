@@ -13,6 +13,7 @@ use bytes::Bytes;
 use gatehouse_controlplane::tls::{Trust, client_config_with_alpn};
 use gatehouse_dataplane::mux::{Tunnel, TunnelEvent};
 use gatehouse_dataplane::proxy::Inventory;
+use gatehouse_dataplane::quic::TunnelTransport;
 use gatehouse_dataplane::session_proto::{ALPN_TUNNEL, PROXY_SERVER_NAME};
 use gatehouse_dataplane::tunnel::{self, Side, code};
 use rand::Rng;
@@ -47,6 +48,8 @@ pub struct TunnelClientConfig {
     pub addresses: Vec<String>,
     pub heartbeat_interval: Duration,
     pub tunnel: tunnel::Config,
+    /// TLS over TCP, or QUIC.
+    pub transport: TunnelTransport,
 }
 
 /// What the agent reports about its tunnel (for /readyz and /metrics, `gatehouse_agent_*`).
@@ -123,25 +126,63 @@ async fn run(
     sessions: tokio::runtime::Handle,
     status: Arc<TunnelStatus>,
 ) {
-    let tls = match client_config_with_alpn(
+    let client = match client_config_with_alpn(
         &Trust::CaPem(identity.ca_pem.clone()),
         Some((&identity.tls_cert, &identity.tls_key)),
         &[ALPN_TUNNEL],
     ) {
-        Ok(c) => tokio_rustls::TlsConnector::from(c),
+        Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "agent: bad TLS identity; the tunnel cannot start");
             return;
         }
     };
+    let tls = tokio_rustls::TlsConnector::from(Arc::clone(&client));
+    let quic = match config.transport {
+        TunnelTransport::Tls => None,
+        TunnelTransport::Quic => {
+            let cfg = gatehouse_dataplane::quic::client_config(&client);
+            let endpoint = gatehouse_dataplane::quic::client_endpoint(std::net::SocketAddr::from(
+                ([0, 0, 0, 0], 0),
+            ));
+            match (cfg, endpoint) {
+                (Ok(cfg), Ok(endpoint)) => Some((cfg, endpoint)),
+                (Err(e), _) => {
+                    tracing::error!(error = %e, "agent: cannot set up QUIC; the tunnel cannot start");
+                    return;
+                }
+                (_, Err(e)) => {
+                    tracing::error!(error = %e, "agent: cannot bind UDP for QUIC; the tunnel cannot start");
+                    return;
+                }
+            }
+        }
+    };
     let mut attempt: u32 = 0;
     loop {
         let started = Instant::now();
-        match dial(&tls, &config.proxy_addr).await {
-            Ok(stream) => {
+        let connected = match &quic {
+            None => dial(&tls, &config.proxy_addr)
+                .await
+                .map(|s| (Box::new(s) as Box<dyn TunnelIo>, None)),
+            Some((cfg, endpoint)) => tokio::time::timeout(
+                Duration::from_secs(10),
+                gatehouse_dataplane::quic::dial(endpoint, cfg.clone(), &config.proxy_addr),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "QUIC connect timed out",
+                ))
+            })
+            .map(|(conn, s)| (Box::new(s) as Box<dyn TunnelIo>, Some(conn))),
+        };
+        match connected {
+            Ok((stream, _quic_conn)) => {
                 status.connected.set(1);
                 status.connects.inc();
-                tracing::info!(proxy = %config.proxy_addr, "agent: tunnel up");
+                tracing::info!(proxy = %config.proxy_addr, transport = %config.transport, "agent: tunnel up");
                 let reason =
                     serve_tunnel(stream, &config, &identity, ssh.clone(), &sessions, &status).await;
                 status.connected.set(0);
@@ -178,6 +219,10 @@ async fn dial(
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
 }
+
+/// A tunnel's byte stream, over TLS or QUIC.
+trait TunnelIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> TunnelIo for T {}
 
 fn inventory(config: &TunnelClientConfig, identity: &HostIdentity, ssh: bool) -> Bytes {
     let mut services: Vec<String> = config.apps.keys().map(|a| format!("tcp:{a}")).collect();

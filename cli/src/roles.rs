@@ -107,6 +107,7 @@ pub fn start_proxy(
     listen: SocketAddr,
     workers: usize,
     io_backend: IoBackend,
+    quic: bool,
     auth_addr: &str,
     cert_pem: &str,
     key_pem: &str,
@@ -133,6 +134,7 @@ pub fn start_proxy(
         cluster: cluster.to_owned(),
         tunnel: Default::default(),
         io_backend,
+        quic,
     };
     let (proxy, inventories) =
         Proxy::start(config, metrics).with_context(|| format!("starting the proxy on {listen}"))?;

@@ -4,6 +4,7 @@
 pub mod client_hello;
 pub mod mux;
 pub mod proxy;
+pub mod quic;
 pub mod session_proto;
 pub mod socket;
 pub mod tls_stream;

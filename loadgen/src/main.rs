@@ -344,7 +344,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let ids = fleet::load_identities(&identities)?;
             let stats = std::sync::Arc::new(sim_agent::AgentStats::default());
-            sim_agent::spawn(ids, count, proxy, source_ip, std::sync::Arc::clone(&stats))?;
+            sim_agent::spawn(
+                ids,
+                count,
+                proxy,
+                source_ip,
+                std::sync::Arc::clone(&stats),
+                gatehouse_agent::dataplane::quic::TunnelTransport::Tls,
+            )?;
             loop {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 let c = stats.connected.load(std::sync::atomic::Ordering::Relaxed);
@@ -428,6 +435,20 @@ async fn proxy_fleet(
     workers: usize,
     io_backend: Option<&str>,
 ) -> anyhow::Result<(fleet::Fleet, std::sync::Arc<sim_agent::AgentStats>)> {
+    proxy_fleet_with(
+        workers,
+        io_backend,
+        gatehouse_agent::dataplane::quic::TunnelTransport::Tls,
+    )
+    .await
+}
+
+/// `proxy_fleet` with the simulated agents' tunnels over `transport`.
+async fn proxy_fleet_with(
+    workers: usize,
+    io_backend: Option<&str>,
+    transport: gatehouse_agent::dataplane::quic::TunnelTransport,
+) -> anyhow::Result<(fleet::Fleet, std::sync::Arc<sim_agent::AgentStats>)> {
     use std::sync::atomic::Ordering;
     let f = fleet::Fleet::spawn_with("127.0.0.2", workers, io_backend).await?;
     println!("proxy I/O backend: {}", f.io_backend);
@@ -439,6 +460,7 @@ async fn proxy_fleet(
         f.proxy_addr.parse()?,
         throughput::sink_ip().parse()?,
         std::sync::Arc::clone(&stats),
+        transport,
     )?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while stats.connected.load(Ordering::Relaxed) < 2 {
@@ -531,6 +553,13 @@ async fn throughput_cmd(
                 Path::ProxyEpoll => proxy_fleet(workers, Some("epoll"))
                     .await
                     .map(|f| Middle::Fleet(Box::new(f))),
+                Path::ProxyQuic => proxy_fleet_with(
+                    workers,
+                    None,
+                    gatehouse_agent::dataplane::quic::TunnelTransport::Quic,
+                )
+                .await
+                .map(|f| Middle::Fleet(Box::new(f))),
                 Path::Openssh => openssh::Sshd::start("127.0.0.4", None)
                     .map(|s| Middle::Jump(std::sync::Arc::new(s))),
                 Path::Rathole => rathole::Rathole::start("127.0.0.5", sink, &cert, &key, &ca)

@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use gatehouse_agent::dataplane::mux::{Tunnel, TunnelEvent};
 use gatehouse_agent::dataplane::proxy::Inventory;
+use gatehouse_agent::dataplane::quic::TunnelTransport;
 use gatehouse_agent::dataplane::session_proto::{ALPN_TUNNEL, PROXY_SERVER_NAME};
 use gatehouse_agent::dataplane::tunnel::{Config, Side, code};
 use gatehouse_agent::host::HostIdentity;
@@ -31,6 +32,7 @@ pub fn spawn(
     proxy: SocketAddr,
     source_ip: std::net::IpAddr,
     stats: Arc<AgentStats>,
+    transport: TunnelTransport,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("sim-agents".into())
@@ -57,6 +59,21 @@ pub fn spawn(
                 if configs.len() != ids.len() || ids.is_empty() {
                     return;
                 }
+                // QUIC: one client endpoint (one UDP socket) for all of this thread's tunnels.
+                let quic = match transport {
+                    TunnelTransport::Tls => None,
+                    TunnelTransport::Quic => {
+                        match gatehouse_agent::dataplane::quic::client_endpoint(SocketAddr::new(
+                            source_ip, 0,
+                        )) {
+                            Ok(e) => Some(e),
+                            Err(e) => {
+                                eprintln!("loadgen: simulated agents: cannot bind UDP: {e}");
+                                return;
+                            }
+                        }
+                    }
+                };
                 // Dial with bounded concurrency: a burst of thousands of handshakes at once only queues.
                 let permits = Arc::new(tokio::sync::Semaphore::new(64));
                 for i in 0..count {
@@ -65,21 +82,39 @@ pub fn spawn(
                     else {
                         continue;
                     };
-                    let (id, cfg, stats, permits) = (
+                    let (id, cfg, stats, permits, quic) = (
                         id.clone(),
                         Arc::clone(cfg),
                         Arc::clone(&stats),
                         Arc::clone(&permits),
+                        quic.clone(),
                     );
                     tokio::task::spawn_local(async move {
                         let Ok(permit) = permits.acquire_owned().await else {
                             return;
                         };
-                        match dial(cfg, proxy, source_ip).await {
-                            Ok(tls) => {
+                        let dialed = match &quic {
+                            None => dial(cfg, proxy, source_ip)
+                                .await
+                                .map(|t| (Box::new(t) as Box<dyn TunnelIo>, None)),
+                            Some(endpoint) => {
+                                match gatehouse_agent::dataplane::quic::client_config(&cfg) {
+                                    Ok(qcfg) => gatehouse_agent::dataplane::quic::dial(
+                                        endpoint,
+                                        qcfg,
+                                        &proxy.to_string(),
+                                    )
+                                    .await
+                                    .map(|(c, s)| (Box::new(s) as Box<dyn TunnelIo>, Some(c))),
+                                    Err(e) => Err(std::io::Error::other(e)),
+                                }
+                            }
+                        };
+                        match dialed {
+                            Ok((io, _quic_conn)) => {
                                 drop(permit);
                                 stats.connected.fetch_add(1, Ordering::Relaxed);
-                                serve(tls, &id, i, &stats).await;
+                                serve(io, &id, i, &stats).await;
                                 stats.connected.fetch_sub(1, Ordering::Relaxed);
                             }
                             Err(e) => {
@@ -117,12 +152,11 @@ async fn dial(
         .await
 }
 
-async fn serve(
-    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-    id: &HostIdentity,
-    i: usize,
-    stats: &Arc<AgentStats>,
-) {
+/// A tunnel's byte stream, over TLS or QUIC.
+trait TunnelIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> TunnelIo for T {}
+
+async fn serve(tls: Box<dyn TunnelIo>, id: &HostIdentity, i: usize, stats: &Arc<AgentStats>) {
     let (tunnel, mut events) = Tunnel::new(Side::Dialer, Config::default());
     let inv = Inventory {
         host_id: id.host_id.clone(),

@@ -28,6 +28,8 @@ pub enum Path {
     Proxy,
     /// The same Proxy forced onto its epoll backend.
     ProxyEpoll,
+    /// The Proxy with the simulated agents' tunnels over QUIC instead of TLS.
+    ProxyQuic,
     /// One TLS connection straight to the sink: the ceiling.
     Direct,
     /// A per-connection tokio + tokio-rustls relay (bench/src/bin/naive-relay.rs).
@@ -43,6 +45,7 @@ impl Path {
         match self {
             Path::Proxy => "proxy",
             Path::ProxyEpoll => "proxy-epoll",
+            Path::ProxyQuic => "proxy-quic",
             Path::Direct => "direct",
             Path::Naive => "naive",
             Path::Openssh => "openssh",
@@ -199,7 +202,7 @@ pub async fn client_stream(
     app: &str,
 ) -> anyhow::Result<ClientTls> {
     match target.path {
-        Path::Proxy | Path::ProxyEpoll => {
+        Path::Proxy | Path::ProxyEpoll | Path::ProxyQuic => {
             let user = target.user.as_ref().context("proxy path needs a user")?;
             let cfg = client_config_with_alpn(
                 &Trust::CaPem(user.ca.clone()),

@@ -76,6 +76,9 @@ struct StartArgs {
     /// Agent: labels, e.g. env=dev,team=core.
     #[arg(long, value_delimiter = ',')]
     labels: Option<Vec<String>>,
+    /// Agent: how the tunnel reaches the proxy, tls (TCP) or quic (UDP).
+    #[arg(long)]
+    tunnel_transport: Option<gatehouse_agent::dataplane::quic::TunnelTransport>,
     /// Agent: a TCP app, NAME=HOST:PORT (repeatable).
     #[arg(long = "app")]
     apps: Vec<String>,
@@ -108,6 +111,8 @@ struct ProxySection {
     workers: usize,
     /// `auto` (io_uring when the kernel allows it, else epoll), `io_uring` or `epoll`.
     io_backend: gatehouse_agent::dataplane::socket::IoBackend,
+    /// Accept agent tunnels over QUIC (UDP, same address and port).
+    quic: bool,
     /// Auth API address when Auth does not run in this process.
     auth_addr: Option<String>,
     /// Extra names/IPs for the proxy certificate.
@@ -120,6 +125,7 @@ impl Default for ProxySection {
             listen: SocketAddr::from(([127, 0, 0, 1], 3080)),
             workers: 0,
             io_backend: Default::default(),
+            quic: true,
             auth_addr: None,
             public_addrs: vec![],
         }
@@ -137,6 +143,8 @@ struct AgentSection {
     apps: std::collections::BTreeMap<String, String>,
     /// Serve SSH (default true).
     ssh: Option<bool>,
+    /// The tunnel's transport: `tls` (TCP, default) or `quic` (UDP, same proxy address).
+    transport: gatehouse_agent::dataplane::quic::TunnelTransport,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -292,6 +300,9 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     if let Some(v) = args.proxy {
         config.agent.proxy = Some(v);
     }
+    if let Some(v) = args.tunnel_transport {
+        config.agent.transport = v;
+    }
     if let Some(v) = args.token {
         config.join.token = Some(v);
     }
@@ -398,6 +409,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             config.proxy.listen,
             config.proxy.workers,
             config.proxy.io_backend,
+            config.proxy.quic,
             &auth_addr,
             &cert,
             &key,
@@ -435,6 +447,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             apps: config.agent.apps.clone(),
             addresses,
             ssh: config.agent.ssh.unwrap_or(true),
+            transport: config.agent.transport,
         };
         agent = Some(gatehouse_agent::agent::start(opts, identity).await?);
     }

@@ -57,6 +57,8 @@ pub struct ProxyConfig {
     pub tunnel: tunnel::Config,
     /// epoll, io_uring, or auto (io_uring when the kernel allows it).
     pub io_backend: IoBackend,
+    /// Accept agent tunnels over QUIC on UDP at the same address and port.
+    pub quic: bool,
 }
 
 /// The ALPN protocols the Proxy terminates.
@@ -133,6 +135,22 @@ impl Proxy {
             addr = l.local_addr()?;
             listeners.push(l);
         }
+        // QUIC tunnels: one endpoint, on the first worker (its tunnels live there).
+        let mut quic = if config.quic {
+            let server = crate::quic::server_config(&config.tls).map_err(std::io::Error::other)?;
+            match std::net::UdpSocket::bind(addr) {
+                Ok(udp) => {
+                    tracing::info!(%addr, "proxy: QUIC tunnels on UDP");
+                    Some((udp, server))
+                }
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "proxy: cannot bind UDP; QUIC tunnels are off");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let (inv_tx, inv_rx) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut senders = Vec::with_capacity(workers);
@@ -154,10 +172,11 @@ impl Proxy {
         let mut threads = Vec::with_capacity(workers);
         for (core, (listener, rx)) in listeners.into_iter().zip(receivers).enumerate() {
             let shared = Arc::clone(&shared);
+            let quic = quic.take();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("proxy-{core}"))
-                    .spawn(move || worker(core, listener, rx, shared, io_backend))?,
+                    .spawn(move || worker(core, listener, quic, rx, shared, io_backend))?,
             );
         }
         Ok((
@@ -223,14 +242,20 @@ impl Listener {
     }
 }
 
+type QuicListener = Option<(std::net::UdpSocket, quinn::ServerConfig)>;
+
 fn worker(
     core: usize,
     listener: std::net::TcpListener,
+    quic: QuicListener,
     handovers: mpsc::UnboundedReceiver<Handover>,
     shared: Arc<Shared>,
     backend: IoBackend,
 ) {
-    let r = socket::block_on_worker(backend, serve_worker(core, listener, handovers, shared));
+    let r = socket::block_on_worker(
+        backend,
+        serve_worker(core, listener, quic, handovers, shared),
+    );
     if let Err(e) = r {
         tracing::error!(core, error = %e, "proxy worker: cannot build its runtime");
     }
@@ -239,6 +264,7 @@ fn worker(
 async fn serve_worker(
     core: usize,
     listener: std::net::TcpListener,
+    quic: QuicListener,
     mut handovers: mpsc::UnboundedReceiver<Handover>,
     shared: Arc<Shared>,
 ) {
@@ -268,6 +294,30 @@ async fn serve_worker(
                 }
             });
         }
+        let quic_endpoint = match quic {
+            Some((udp, server)) => match quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                Some(server),
+                udp,
+                Arc::new(quinn::TokioRuntime),
+            ) {
+                Ok(endpoint) => {
+                    let (w, endpoint2) = (w.clone(), endpoint.clone());
+                    tokio::task::spawn_local(async move {
+                        while let Some(incoming) = endpoint2.accept().await {
+                            let w = w.clone();
+                            tokio::task::spawn_local(async move { w.serve_quic(incoming).await });
+                        }
+                    });
+                    Some(endpoint)
+                }
+                Err(e) => {
+                    tracing::error!(core, error = %e, "proxy: cannot start the QUIC endpoint; QUIC tunnels are off");
+                    None
+                }
+            },
+            None => None,
+        };
         let mut stop = shared.stop.clone();
         loop {
             tokio::select! {
@@ -290,6 +340,9 @@ async fn serve_worker(
         }
         // Give go-aways a moment to reach the agents.
         tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Some(endpoint) = quic_endpoint {
+            endpoint.close(quinn::VarInt::from_u32(0), b"proxy shutting down");
+        }
     }
 }
 
@@ -393,6 +446,55 @@ impl Worker {
         }
     }
 
+    /// An agent tunnel over QUIC: the same identity rules as over TLS, then the tunnel protocol
+    /// on the first bidirectional stream the agent opens.
+    async fn serve_quic(&self, incoming: quinn::Incoming) {
+        let remote = incoming.remote_address();
+        let metrics = &self.shared.metrics;
+        let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::info!(%remote, error = %e, "proxy: QUIC handshake failed");
+                metrics.refuse("quic", "handshake");
+                return;
+            }
+            Err(_) => {
+                metrics.refuse("quic", "handshake_timeout");
+                return;
+            }
+        };
+        let (alpn, cert) = crate::quic::peer(&conn);
+        let id = cert
+            .and_then(|c| Identity::from_cert_der(&c).ok())
+            .filter(|id| id.cluster == self.shared.config.cluster);
+        let id = match (alpn.as_deref(), id) {
+            (Some(ALPN_TUNNEL), Some(id))
+                if id.kind == IdentityKind::Node && !id.roles.iter().any(|r| r == "@proxy") =>
+            {
+                id
+            }
+            (alpn, id) => {
+                let who = id
+                    .map(|i| format!("{:?} `{}`", i.kind, i.name))
+                    .unwrap_or_else(|| "no client certificate".into());
+                tracing::info!(%remote, alpn = %alpn_name(alpn), who = %who, "proxy: QUIC connection refused: wrong identity for this protocol");
+                metrics.refuse("quic", "identity");
+                conn.close(quinn::VarInt::from_u32(1), b"wrong identity");
+                return;
+            }
+        };
+        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await {
+            Ok(Ok((send, recv))) => tokio::io::join(recv, send),
+            _ => {
+                metrics.refuse("quic", "no_stream");
+                conn.close(quinn::VarInt::from_u32(2), b"no tunnel stream");
+                return;
+            }
+        };
+        self.serve_tunnel(Box::new(stream), remote, id).await;
+        conn.close(quinn::VarInt::from_u32(0), b"tunnel closed");
+    }
+
     async fn pass_to_auth(&self, mut tcp: Socket, remote: SocketAddr) {
         let mut upstream = match TcpStream::connect(&self.shared.config.auth_addr).await {
             Ok(s) => s,
@@ -406,7 +508,10 @@ impl Worker {
         let _ = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
     }
 
-    async fn serve_tunnel(&self, tls: Box<TlsStream>, remote: SocketAddr, id: Identity) {
+    async fn serve_tunnel<T>(&self, tls: Box<T>, remote: SocketAddr, id: Identity)
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+    {
         let shared = &self.shared;
         let tunnel_id = shared.next_tunnel.fetch_add(1, Ordering::Relaxed);
         let host_name = id
