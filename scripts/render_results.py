@@ -81,6 +81,7 @@ def ssh_row(m):
 
 p, n, d = med.get("proxy", {}), med.get("naive", {}), med.get("direct", {})
 pe = med.get("proxy-epoll", {})
+pq = med.get("proxy-quic", {})
 o, r = med.get("openssh", {}), med.get("rathole", {})
 sg, so = ssh.get("gatehouse", {}), ssh.get("openssh", {})
 results = [
@@ -100,6 +101,8 @@ results = [
     {"scenario": "throughput", "baseline": "gatehouse-proxy", "unit": "GB/s", "value": p.get("median_gb_per_s")},
     {"scenario": "throughput", "baseline": "gatehouse-proxy", "unit": "GB per proxy CPU-second", "value": p.get("median_gb_per_middle_cpu_s")},
     {"scenario": "throughput", "baseline": "gatehouse-proxy-epoll", "unit": "GB/s", "value": pe.get("median_gb_per_s")},
+    {"scenario": "throughput", "baseline": "gatehouse-proxy-quic-tunnels", "unit": "GB/s", "value": pq.get("median_gb_per_s")},
+    {"scenario": "throughput", "baseline": "gatehouse-proxy-quic-tunnels", "unit": "GB per proxy CPU-second", "value": pq.get("median_gb_per_middle_cpu_s")},
     {"scenario": "throughput", "baseline": "gatehouse-proxy-epoll", "unit": "GB per proxy CPU-second", "value": pe.get("median_gb_per_middle_cpu_s")},
     {"scenario": "tunnels", "baseline": "gatehouse-proxy", "unit": "tunnels held", "value": tun["tunnels_held"]},
     {"scenario": "tunnels", "baseline": "gatehouse-proxy", "unit": "KiB proxy RSS per idle tunnel", "value": tun["proxy_kib_per_tunnel"]},
@@ -146,7 +149,12 @@ child processes (sshd serves each connection in children) — for rathole the se
 {baseline_row("OpenSSH jump host (`ssh -W`, aes128-gcm)", o)}
 {baseline_row("rathole (TLS transport)", r)}
 | **gatehouse proxy** ({p.get('proxy_io_backend') or '?'}) | {p.get('median_gb_per_s', 0):.3f} | {p.get('median_gb_per_middle_cpu_s') or 0:.2f} | 1.00× | 1.00× |
+| gatehouse proxy, agent tunnels over QUIC ({pq.get('proxy_io_backend') or '?'}) | {pq.get('median_gb_per_s', 0):.3f} | {pq.get('median_gb_per_middle_cpu_s') or 0:.2f} | {ratio(p.get('median_gb_per_s'), pq.get('median_gb_per_s'))} | {ratio(p.get('median_gb_per_middle_cpu_s'), pq.get('median_gb_per_middle_cpu_s'))} |
 | gatehouse proxy ({pe.get('proxy_io_backend') or 'epoll'}) | {pe.get('median_gb_per_s', 0):.3f} | {pe.get('median_gb_per_middle_cpu_s') or 0:.2f} | {ratio(p.get('median_gb_per_s'), pe.get('median_gb_per_s'))} | {ratio(p.get('median_gb_per_middle_cpu_s'), pe.get('median_gb_per_middle_cpu_s'))} |
+
+**QUIC tunnels**: the same proxy with the simulated agents' tunnels over QUIC (quinn, one
+bidirectional stream per tunnel) instead of TCP + TLS; users still reach the proxy over TLS, so the
+proxy decrypts TLS and encrypts QUIC packets. QUIC endpoints run on one worker.
 
 The generator (clients, sink and simulated agents) runs on the same 2 cores; runs where it was
 saturated are flagged in `results.json`.

@@ -354,8 +354,8 @@ pub fn print(r: &ThroughputReport) {
         .map(|g| format!("{g:.2} GB per middle-box CPU-second"))
         .unwrap_or_else(|| "n/a".into());
     println!(
-        "throughput {:<6} streams {:>3}  {:>6.3} GB/s  {per_cpu}  (generator {:.1} CPU-s{})",
-        format!("{:?}", r.path).to_lowercase(),
+        "throughput {:<11} streams {:>3}  {:>6.3} GB/s  {per_cpu}  (generator {:.1} CPU-s{})",
+        r.path.name(),
         r.streams,
         r.gb_per_s,
         r.generator_cpu_s,

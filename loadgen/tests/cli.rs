@@ -51,6 +51,7 @@ fn help_lists_every_scenario_and_its_options() {
     for path in [
         "proxy",
         "proxy-epoll",
+        "proxy-quic",
         "direct",
         "naive",
         "openssh",
@@ -198,4 +199,33 @@ fn throughput_measures_both_proxy_backends() {
         "io_uring" | "epoll" => assert_eq!(got, wanted, "{v}"),
         _ => assert!(got == "io_uring" || got == "epoll", "{v}"),
     }
+}
+
+/// The simulated agents' tunnels over QUIC carry bulk sessions through the proxy.
+#[test]
+fn throughput_through_quic_tunnels() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t.json");
+    let (code, stdout, err) = loadgen(&[
+        "--json",
+        out.to_str().unwrap(),
+        "throughput",
+        "--paths",
+        "proxy-quic",
+        "--runs",
+        "1",
+        "--streams",
+        "2",
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    let v = json(&out);
+    let m = &v["medians"][0];
+    assert_eq!(m["path"], "proxy-quic", "{v}");
+    assert!(m["median_gb_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(
+        m["median_gb_per_middle_cpu_s"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
 }
