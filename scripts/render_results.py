@@ -21,6 +21,7 @@ med = {m["path"]: m for m in thr["medians"]}
 opt = lambda name: load(name) if os.path.exists(os.path.join(src, name)) else None
 epoll = {"latency-20k": opt("latency-20k-epoll.json"), "latency-2k": opt("latency-2k-epoll.json"),
          "sessions": opt("sessions-epoll.json"), "tunnels": opt("tunnels-epoll.json")}
+tunq = opt("tunnels-quic.json")
 crit = {}
 for line in open(os.path.join(src, "criterion.txt")):
     m = re.match(r"^(\S+)\s+time:\s+\[\S+ \S+ (\S+) (\S+) \S+ \S+\]", line)
@@ -107,6 +108,8 @@ results = [
     {"scenario": "tunnels", "baseline": "gatehouse-proxy", "unit": "tunnels held", "value": tun["tunnels_held"]},
     {"scenario": "tunnels", "baseline": "gatehouse-proxy", "unit": "KiB proxy RSS per idle tunnel", "value": tun["proxy_kib_per_tunnel"]},
     {"scenario": "tunnels", "baseline": "gatehouse-proxy", "unit": "tunnels connected per second", "value": tun["connects_per_second"]},
+    {"scenario": "tunnels", "baseline": "gatehouse-proxy-quic-tunnels", "unit": "KiB proxy RSS per idle tunnel", "value": (tunq or {}).get("proxy_kib_per_tunnel")},
+    {"scenario": "tunnels", "baseline": "gatehouse-proxy-quic-tunnels", "unit": "tunnels connected per second", "value": (tunq or {}).get("connects_per_second")},
     {"scenario": "tunnels", "baseline": "gatehouse-proxy", "unit": "% of a core while idle", "value": tun["proxy_idle_cpu_percent"]},
     {"scenario": "logins", "baseline": "gatehouse-auth", "unit": "logins/s", "value": logins["logins_per_s"]},
     *[{"scenario": "latency", "baseline": "gatehouse-proxy" if l["path"] == "proxy" else "direct", "unit": f"p99 µs at {rate}/s", "value": l["p99_us"]} for rate, ls in lat.items() for l in ls],
@@ -206,7 +209,9 @@ dominates its session cost; the agent serves sessions in-process and forks only 
 
 | tunnels held | failed | connect rate | proxy RSS before → after | per idle tunnel | proxy CPU while idle |
 |---|---|---|---|---|---|
-| {tun['tunnels_held']} of {tun['tunnels_requested']} | {tun['failures']} | {tun['connects_per_second']:.0f}/s | {tun['proxy_rss_before_kib']/1024:.1f} → {tun['proxy_rss_after_kib']/1024:.1f} MiB | **{tun['proxy_kib_per_tunnel']:.1f} KiB** | {tun['proxy_idle_cpu_percent']:.1f} % of a core |
+| over TLS: {tun['tunnels_held']} of {tun['tunnels_requested']} | {tun['failures']} | {tun['connects_per_second']:.0f}/s | {tun['proxy_rss_before_kib']/1024:.1f} → {tun['proxy_rss_after_kib']/1024:.1f} MiB | **{tun['proxy_kib_per_tunnel']:.1f} KiB** | {tun['proxy_idle_cpu_percent']:.1f} % of a core |
+""" + (f"""| over QUIC: {tunq['tunnels_held']} of {tunq['tunnels_requested']} | {tunq['failures']} | {tunq['connects_per_second']:.0f}/s | {tunq['proxy_rss_before_kib']/1024:.1f} → {tunq['proxy_rss_after_kib']/1024:.1f} MiB | {tunq['proxy_kib_per_tunnel']:.1f} KiB | {tunq['proxy_idle_cpu_percent']:.1f} % of a core |
+""" if tunq else "") + f"""
 
 Simulated agents speak the real protocol over real TLS with real joined certificates (16
 identities shared by the 15,000 tunnels: the proxy holds every tunnel; routing picks the newest per

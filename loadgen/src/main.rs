@@ -76,6 +76,9 @@ enum Scenario {
         /// Proxy worker threads (0 = one per core).
         #[arg(long, default_value_t = 0)]
         workers: usize,
+        /// The agents' tunnel transport: tls or quic.
+        #[arg(long, default_value = "tls")]
+        transport: gatehouse_agent::dataplane::quic::TunnelTransport,
     },
     /// Bulk streams client -> middle -> sink over TLS, for each path (proxy, direct, naive
     /// relay): GB/s and GB per CPU-second of the middle box. Spawns its own cluster.
@@ -145,6 +148,8 @@ enum Scenario {
         proxy: std::net::SocketAddr,
         #[arg(long)]
         source_ip: std::net::IpAddr,
+        #[arg(long, default_value = "tls")]
+        transport: gatehouse_agent::dataplane::quic::TunnelTransport,
     },
 }
 
@@ -231,6 +236,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             identities,
             hold,
             workers,
+            transport,
         } => {
             if count == 0 || procs == 0 {
                 anyhow::bail!("--count and --procs must be at least 1");
@@ -242,6 +248,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 procs,
                 identities,
                 hold: hold.into(),
+                transport,
             };
             let report = tunnels::run(&fleet, &cfg).await?;
             tunnels::print(&report);
@@ -341,6 +348,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             count,
             proxy,
             source_ip,
+            transport,
         } => {
             let ids = fleet::load_identities(&identities)?;
             let stats = std::sync::Arc::new(sim_agent::AgentStats::default());
@@ -350,7 +358,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 proxy,
                 source_ip,
                 std::sync::Arc::clone(&stats),
-                gatehouse_agent::dataplane::quic::TunnelTransport::Tls,
+                transport,
             )?;
             loop {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;

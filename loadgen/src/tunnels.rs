@@ -18,11 +18,14 @@ pub struct TunnelsConfig {
     pub procs: usize,
     pub identities: usize,
     pub hold: Duration,
+    pub transport: gatehouse_agent::dataplane::quic::TunnelTransport,
 }
 
 #[derive(Debug, Serialize)]
 pub struct TunnelsReport {
     pub scenario: &'static str,
+    /// The agents' tunnel transport (tls or quic).
+    pub transport: String,
     pub tunnels_requested: usize,
     pub tunnels_held: u64,
     pub failures: u64,
@@ -63,6 +66,8 @@ pub async fn run(fleet: &Fleet, cfg: &TunnelsConfig) -> anyhow::Result<TunnelsRe
                 &fleet.proxy_addr,
                 "--source-ip",
                 &format!("127.0.0.{}", 10 + p),
+                "--transport",
+                &cfg.transport.to_string(),
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -126,6 +131,7 @@ pub async fn run(fleet: &Fleet, cfg: &TunnelsConfig) -> anyhow::Result<TunnelsRe
     }
     Ok(TunnelsReport {
         scenario: "tunnels",
+        transport: cfg.transport.to_string(),
         tunnels_requested: cfg.count,
         tunnels_held: held,
         failures: failed,
@@ -140,7 +146,10 @@ pub async fn run(fleet: &Fleet, cfg: &TunnelsConfig) -> anyhow::Result<TunnelsRe
 }
 
 pub fn print(r: &TunnelsReport) {
-    println!("scenario        tunnels (idle tunnels with heartbeats, real TLS and certificates)");
+    println!(
+        "scenario        tunnels over {} (idle tunnels with heartbeats, real certificates)",
+        r.transport
+    );
     println!(
         "held            {} of {} ({} failed), {} generator processes",
         r.tunnels_held, r.tunnels_requested, r.failures, r.generator_processes
