@@ -295,7 +295,8 @@ impl TlsStream {
         cx: &mut Context<'_>,
         out: Option<&mut ReadBuf<'_>>,
     ) -> Poll<io::Result<Step>> {
-        if matches!(self.io, Socket::Uring(_))
+        if let Socket::Uring(u) = &self.io
+            && !u.data_waiting()
             && !self.stored_unprocessed
             && self.buf.incoming.len() <= crate::uring::HEADROOM
         {

@@ -828,6 +828,9 @@ pub struct UringStream {
     /// Bytes written while a send is in flight.
     queued: Option<SendBuf>,
     write_error: Option<io::ErrorKind>,
+    /// The last receive said more data was waiting in the socket (`IORING_CQE_F_SOCK_NONEMPTY`):
+    /// the next read takes it with a plain non-blocking `recv` instead of a ring round trip.
+    nonempty: bool,
 }
 
 impl std::fmt::Debug for UringStream {
@@ -857,6 +860,7 @@ impl UringStream {
             send: None,
             queued: None,
             write_error: None,
+            nonempty: false,
         })
     }
 
@@ -993,6 +997,7 @@ impl UringStream {
                 return Poll::Ready(Ok(None));
             };
             let n = c.result as usize;
+            self.nonempty = cqueue::sock_nonempty(c.flags);
             let slot = self.driver.bufs.slot_mut(bid, n);
             let r = if prefix.len() <= HEADROOM
                 && let Some(input) = slot.get_mut(HEADROOM - prefix.len()..)
@@ -1009,6 +1014,36 @@ impl UringStream {
             self.driver.bufs.recycle(bid);
             return Poll::Ready(Ok(Some(r)));
         }
+    }
+
+    /// Whether a plain read is likely to find data now (see [`Self::poll_read`]).
+    pub fn data_waiting(&self) -> bool {
+        self.nonempty && self.recv.is_none() && self.pending.is_empty()
+    }
+
+    /// A non-blocking `recv` into `dst`: `None` when the socket is empty (the hint is cleared).
+    fn recv_now(&mut self, dst: &mut [u8]) -> Option<io::Result<usize>> {
+        // SAFETY: `dst` is a valid, writable buffer of `dst.len()` bytes for the call.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                dst.as_mut_ptr().cast(),
+                dst.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            self.nonempty = false;
+            return match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => None,
+                _ => Some(Err(e)),
+            };
+        }
+        let n = n as usize;
+        // A full buffer suggests more behind it; a short one that the socket is drained.
+        self.nonempty = n == dst.len() && n > 0;
+        Some(Ok(n))
     }
 
     /// Like `recv(MSG_PEEK)`: bytes at the front of the stream, left in place.
@@ -1131,6 +1166,21 @@ impl AsyncRead for UringStream {
         }
         if this.eof || rb.remaining() == 0 {
             return Poll::Ready(Ok(()));
+        }
+        // Bulk transfer: the socket had more than the last receive took, so read it directly
+        // (one syscall, no ring round trip); an empty socket goes back to waiting on the ring.
+        if this.data_waiting() {
+            match this.recv_now(rb.initialize_unfilled()) {
+                Some(Ok(n)) => {
+                    if n == 0 {
+                        this.eof = true;
+                    }
+                    rb.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Some(Err(e)) => return Poll::Ready(Err(e)),
+                None => {}
+            }
         }
         loop {
             let was_peek = this.recv_is_peek;
