@@ -860,7 +860,8 @@ impl UringStream {
             send: None,
             queued: None,
             write_error: None,
-            nonempty: false,
+            // A new connection usually has its first bytes waiting (a ClientHello, a request).
+            nonempty: true,
         })
     }
 
@@ -1022,14 +1023,14 @@ impl UringStream {
     }
 
     /// A non-blocking `recv` into `dst`: `None` when the socket is empty (the hint is cleared).
-    fn recv_now(&mut self, dst: &mut [u8]) -> Option<io::Result<usize>> {
+    fn recv_now(&mut self, dst: &mut [u8], flags: i32) -> Option<io::Result<usize>> {
         // SAFETY: `dst` is a valid, writable buffer of `dst.len()` bytes for the call.
         let n = unsafe {
             libc::recv(
                 self.fd.as_raw_fd(),
                 dst.as_mut_ptr().cast(),
                 dst.len(),
-                libc::MSG_DONTWAIT,
+                libc::MSG_DONTWAIT | flags,
             )
         };
         if n < 0 {
@@ -1052,14 +1053,27 @@ impl UringStream {
             return Err(io::Error::other("peek while a read is in flight"));
         }
         std::future::poll_fn(|cx| {
+            if self.data_waiting() {
+                match self.recv_now(buf, libc::MSG_PEEK) {
+                    Some(Ok(n)) => {
+                        // The bytes are still there for the first read.
+                        self.nonempty = n > 0;
+                        return Poll::Ready(Ok(n));
+                    }
+                    Some(Err(e)) => return Poll::Ready(Err(e)),
+                    None => {}
+                }
+            }
             if let Some(c) = self.poll_recv_done(cx) {
                 if c.result == -libc::ENOBUFS {
                     self.start_recv(buf.len(), libc::MSG_PEEK);
+                    cx.waker().wake_by_ref();
                     return Poll::Pending;
                 }
                 if c.result == 0 {
                     return Poll::Ready(Ok(0));
                 }
+                self.nonempty = c.result > 0;
                 return Poll::Ready(self.deliver(c, buf, false));
             }
             if self.recv.is_none() {
@@ -1110,8 +1124,35 @@ impl UringStream {
         }
     }
 
-    fn start_send(&mut self, buf: SendBuf) {
+    fn start_send(&mut self, mut buf: SendBuf) {
         let fd = self.fd.as_raw_fd();
+        // Most sends find room in the socket: one non-blocking send, and the ring only for what
+        // the socket did not take (it then waits for room without a thread waiting).
+        let pending = buf.pending();
+        // SAFETY: `pending` is a valid buffer of `pending.len()` bytes for the call.
+        let n = unsafe {
+            libc::send(
+                fd,
+                pending.as_ptr().cast(),
+                pending.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n > 0 {
+            buf.advance(n as usize);
+            if buf.is_empty() {
+                return;
+            }
+        } else if n < 0 {
+            let e = io::Error::last_os_error();
+            if !matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) {
+                self.write_error = Some(e.kind());
+                return;
+            }
+        }
         self.send = Some(self.driver.start(Kind::Send, Some(buf), |b| {
             let bytes = b.map(SendBuf::pending).unwrap_or_default();
             opcode::Send::new(types::Fd(fd), bytes.as_ptr(), bytes.len() as u32)
@@ -1170,7 +1211,7 @@ impl AsyncRead for UringStream {
         // Bulk transfer: the socket had more than the last receive took, so read it directly
         // (one syscall, no ring round trip); an empty socket goes back to waiting on the ring.
         if this.data_waiting() {
-            match this.recv_now(rb.initialize_unfilled()) {
+            match this.recv_now(rb.initialize_unfilled(), 0) {
                 Some(Ok(n)) => {
                     if n == 0 {
                         this.eof = true;
