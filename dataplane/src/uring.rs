@@ -45,8 +45,9 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 /// Submission ring size (the completion ring is eight times this: completions of a burst of
 /// connections can outnumber the submissions of one batch).
 const RING_ENTRIES: u32 = 2048;
-/// One provided receive buffer (four full TLS records).
-pub const BUF_SIZE: usize = 64 * 1024;
+/// One provided receive buffer (two full TLS records): it takes the first bytes after a wait;
+/// bulk reads that find more waiting go straight to the socket.
+pub const BUF_SIZE: usize = 32 * 1024;
 /// Room in front of each receive buffer, ours to fill: a TLS record split across two receives
 /// is completed in place by copying its first part (at most one record) in front of the second.
 pub const HEADROOM: usize = 16 * 1024 + 512;
