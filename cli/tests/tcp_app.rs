@@ -53,18 +53,7 @@ fn hundred_mib_round_trip_through_gsh_proxy_tcp() {
     round_trip(home.path(), 128 * 1024 * 1024);
 
     // An app that does not exist: a clear error naming what exists.
-    let mut fwd = Command::new(bin("gsh"))
-        .args(["proxy", "tcp", "nope", "--listen", "127.0.0.1:0"])
-        .env("GATEHOUSE_HOME", home.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(fwd.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let local = line.split_whitespace().nth(1).unwrap().to_string();
+    let (mut fwd, local) = forward(home.path(), "nope");
     let mut c = std::net::TcpStream::connect(&local).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut sink = Vec::new();
@@ -155,18 +144,7 @@ fn round_trip_through_a_quic_tunnel() {
 
 /// `size` pseudo-random bytes through `gsh proxy tcp echo` and back, checksums compared.
 fn round_trip(home: &std::path::Path, size: usize) {
-    let mut fwd = Command::new(bin("gsh"))
-        .args(["proxy", "tcp", "echo", "--listen", "127.0.0.1:0"])
-        .env("GATEHOUSE_HOME", home)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(fwd.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let local = line.split_whitespace().nth(1).unwrap().to_string();
+    let (mut fwd, local) = forward(home, "echo");
 
     let mut conn = std::net::TcpStream::connect(&local).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(60)))
@@ -212,4 +190,21 @@ fn round_trip(home: &std::path::Path, size: usize) {
         size >> 20,
         (2 * size) as f64 / 1048576.0 / elapsed.as_secs_f64()
     );
+}
+
+/// `gsh proxy tcp APP` on an ephemeral local port: the child and the address it listens on.
+fn forward(home: &std::path::Path, app: &str) -> (std::process::Child, String) {
+    let mut fwd = Command::new(bin("gsh"))
+        .args(["proxy", "tcp", app, "--listen", "127.0.0.1:0"])
+        .env("GATEHOUSE_HOME", home)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(fwd.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let local = line.split_whitespace().nth(1).unwrap().to_string();
+    (fwd, local)
 }

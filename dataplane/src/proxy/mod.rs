@@ -375,6 +375,12 @@ fn alpn_name(alpn: Option<&[u8]>) -> String {
         .unwrap_or_else(|| "none".into())
 }
 
+/// Who a refused peer was, for the log line.
+fn who(id: Option<&Identity>) -> String {
+    id.map(|i| format!("{:?} `{}`", i.kind, i.name))
+        .unwrap_or_else(|| "no client certificate".into())
+}
+
 fn peer_identity(tls: &TlsStream, cluster: &str) -> Option<Identity> {
     let cert = tls.connection().peer_certificates()?.first()?;
     Identity::from_cert_der(cert)
@@ -437,9 +443,7 @@ impl Worker {
                 Box::pin(self.serve_session(tls, remote, id, a == ALPN_SSH)).await
             }
             (alpn, id) => {
-                let who = id
-                    .map(|i| format!("{:?} `{}`", i.kind, i.name))
-                    .unwrap_or_else(|| "no client certificate".into());
+                let who = who(id.as_ref());
                 tracing::info!(%remote, alpn = %alpn_name(alpn), who = %who, "proxy: connection refused: wrong identity for this protocol");
                 metrics.refuse(&alpn_name(alpn), "identity");
             }
@@ -474,9 +478,7 @@ impl Worker {
                 id
             }
             (alpn, id) => {
-                let who = id
-                    .map(|i| format!("{:?} `{}`", i.kind, i.name))
-                    .unwrap_or_else(|| "no client certificate".into());
+                let who = who(id.as_ref());
                 tracing::info!(%remote, alpn = %alpn_name(alpn), who = %who, "proxy: QUIC connection refused: wrong identity for this protocol");
                 metrics.refuse("quic", "identity");
                 conn.close(quinn::VarInt::from_u32(1), b"wrong identity");
