@@ -130,23 +130,7 @@ fn ssh_scenario_runs_through_the_proxy_and_beside_openssh() {
 /// either runs or is skipped with the reason.
 #[test]
 fn throughput_baselines_run_or_say_why_not() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("t.json");
-    let (code, stdout, err) = loadgen(&[
-        "--json",
-        out.to_str().unwrap(),
-        "throughput",
-        "--paths",
-        "openssh,rathole",
-        "--runs",
-        "1",
-        "--streams",
-        "1",
-        "--duration",
-        "1s",
-    ]);
-    assert_eq!(code, 0, "{stdout}\n{err}");
-    let v = json(&out);
+    let v = throughput_json("openssh,rathole", "1");
     let medians = v["medians"].as_array().unwrap();
     assert_eq!(medians.len(), 2, "{v}");
     assert_eq!(medians[0]["path"], "openssh");
@@ -169,23 +153,7 @@ fn throughput_baselines_run_or_say_why_not() {
 /// backend it really ran on (from the daemon's banner).
 #[test]
 fn throughput_measures_both_proxy_backends() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("t.json");
-    let (code, stdout, err) = loadgen(&[
-        "--json",
-        out.to_str().unwrap(),
-        "throughput",
-        "--paths",
-        "proxy,proxy-epoll",
-        "--runs",
-        "1",
-        "--streams",
-        "1",
-        "--duration",
-        "1s",
-    ]);
-    assert_eq!(code, 0, "{stdout}\n{err}");
-    let v = json(&out);
+    let v = throughput_json("proxy,proxy-epoll", "1");
     let medians = v["medians"].as_array().unwrap();
     assert_eq!(medians.len(), 2, "{v}");
     for m in medians {
@@ -204,23 +172,7 @@ fn throughput_measures_both_proxy_backends() {
 /// The simulated agents' tunnels over QUIC carry bulk sessions through the proxy.
 #[test]
 fn throughput_through_quic_tunnels() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("t.json");
-    let (code, stdout, err) = loadgen(&[
-        "--json",
-        out.to_str().unwrap(),
-        "throughput",
-        "--paths",
-        "proxy-quic",
-        "--runs",
-        "1",
-        "--streams",
-        "2",
-        "--duration",
-        "1s",
-    ]);
-    assert_eq!(code, 0, "{stdout}\n{err}");
-    let v = json(&out);
+    let v = throughput_json("proxy-quic", "2");
     let m = &v["medians"][0];
     assert_eq!(m["path"], "proxy-quic", "{v}");
     assert!(m["median_gb_per_s"].as_f64().unwrap() > 0.0, "{v}");
@@ -228,4 +180,25 @@ fn throughput_through_quic_tunnels() {
         m["median_gb_per_middle_cpu_s"].as_f64().unwrap() > 0.0,
         "{v}"
     );
+}
+
+/// `loadgen throughput` over `paths` (one 1 s round of `streams` streams): its JSON report.
+fn throughput_json(paths: &str, streams: &str) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t.json");
+    let (code, stdout, err) = loadgen(&[
+        "--json",
+        out.to_str().unwrap(),
+        "throughput",
+        "--paths",
+        paths,
+        "--runs",
+        "1",
+        "--streams",
+        streams,
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    json(&out)
 }
