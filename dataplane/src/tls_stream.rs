@@ -457,10 +457,9 @@ impl TlsStream {
                 Poll::Pending => return Poll::Pending,
             }
         }
-        // Idle connections keep no send buffer.
-        if self.buf.outgoing.capacity() > 0 {
-            self.buf.outgoing = BytesMut::new();
-        }
+        // Idle connections keep no send buffer. (Not `capacity() > 0`: a buffer filled to its
+        // end and then drained has no capacity left but still owns its allocation.)
+        self.buf.outgoing = BytesMut::new();
         Poll::Ready(Ok(()))
     }
 

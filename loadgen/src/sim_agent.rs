@@ -142,6 +142,16 @@ async fn dial(
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
+    if proxy.is_ipv4() {
+        // The port is chosen at connect, per destination: back-to-back runs of 15,000 tunnels
+        // would otherwise run out of source ports on their address (TIME_WAIT holds them).
+        nix::sys::socket::setsockopt(
+            &socket,
+            nix::sys::socket::sockopt::IpBindAddressNoPort,
+            &true,
+        )
+        .map_err(std::io::Error::from)?;
+    }
     socket.bind(SocketAddr::new(source_ip, 0))?;
     let tcp = socket.connect(proxy).await?;
     tcp.set_nodelay(true)?;

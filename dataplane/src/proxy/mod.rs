@@ -381,6 +381,17 @@ fn who(id: Option<&Identity>) -> String {
         .unwrap_or_else(|| "no client certificate".into())
 }
 
+/// An agent's host id and its `host_name` trait; the rest of its identity is dropped.
+fn host_of(id: Identity) -> (String, String) {
+    let name = id
+        .traits
+        .get("host_name")
+        .and_then(|v| v.first())
+        .cloned()
+        .unwrap_or_default();
+    (id.name, name)
+}
+
 fn peer_identity(tls: &TlsStream, cluster: &str) -> Option<Identity> {
     let cert = tls.connection().peer_certificates()?.first()?;
     Identity::from_cert_der(cert)
@@ -516,28 +527,25 @@ impl Worker {
     {
         let shared = &self.shared;
         let tunnel_id = shared.next_tunnel.fetch_add(1, Ordering::Relaxed);
-        let host_name = id
-            .traits
-            .get("host_name")
-            .and_then(|v| v.first())
-            .cloned()
-            .unwrap_or_default();
+        // A tunnel lives for days: of its identity it keeps the host id and name, nothing else
+        // (the rest is freed here, not when the tunnel ends).
+        let (host_id, host_name) = host_of(id);
         let (tunnel, mut events) = Tunnel::new(Side::Listener, shared.config.tunnel.clone());
         self.tunnels.borrow_mut().insert(tunnel_id, tunnel.clone());
         let entry = TunnelEntry {
             tunnel_id,
             core: self.core,
-            host_id: id.name.clone(),
+            host_id: host_id.clone(),
             name: host_name,
             labels: Default::default(),
             apps: vec![],
         };
-        shared.routes.rcu(|t| t.with(entry.clone()));
+        shared.routes.rcu(move |t| t.with(entry.clone()));
         shared.metrics.tunnels.inc();
-        tracing::info!(%remote, host_id = %id.name, core = self.core, "proxy: tunnel up");
+        tracing::info!(%remote, %host_id, core = self.core, "proxy: tunnel up");
         // The tunnel's events are handled in the same task as its I/O (one task per tunnel).
         let inventory = {
-            let (shared, tunnel, host_id) = (Arc::clone(shared), tunnel.clone(), id.name.clone());
+            let (shared, tunnel, host_id) = (Arc::clone(shared), tunnel.clone(), host_id.clone());
             async move {
                 while let Some(ev) = events.recv().await {
                     match ev {
@@ -595,7 +603,7 @@ impl Worker {
         self.tunnels.borrow_mut().remove(&tunnel_id);
         shared.routes.rcu(|t| t.without(tunnel_id));
         shared.metrics.tunnels.dec();
-        tracing::info!(%remote, host_id = %id.name, %reason, "proxy: tunnel closed");
+        tracing::info!(%remote, %host_id, %reason, "proxy: tunnel closed");
     }
 
     async fn serve_session(&self, mut tls: TlsStream, remote: SocketAddr, id: Identity, ssh: bool) {

@@ -285,8 +285,9 @@ impl Connection {
                 return Err(e.clone());
             }
         }
-        // Don't hold on to a large buffer after a burst.
-        if self.inbuf.is_empty() && self.inbuf.capacity() > 256 * 1024 {
+        // An idle tunnel holds no input buffer: the decoded frames share the allocation and
+        // free it when they are gone (a burst allocates per read, which its size amortizes).
+        if self.inbuf.is_empty() {
             self.inbuf = BytesMut::new();
         }
         Ok(())
@@ -681,6 +682,9 @@ impl Connection {
     /// Bytes to write to the transport, if any. Also wakes streams that may write again.
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
         if self.out.is_empty() {
+            // Nothing to send: drop what is left of the last chunk's allocation, so an idle
+            // tunnel holds no output buffer.
+            self.out = BytesMut::new();
             return None;
         }
         let out = self.out.split().freeze();
@@ -701,7 +705,12 @@ impl Connection {
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let ev = self.events.pop_front();
+        if ev.is_none() && self.events.capacity() > 0 {
+            // Drained: an idle tunnel keeps no event queue.
+            self.events = VecDeque::new();
+        }
+        ev
     }
 
     /// When `handle_timeout` must next be called.
