@@ -31,14 +31,39 @@ fn read(dir: &Path, name: &str) -> anyhow::Result<String> {
         .with_context(|| format!("reading {} (run gsh login)", dir.join(name).display()))
 }
 
+/// The files a client config was built from, and the config.
+type CachedConfig = ([String; 4], Arc<rustls::ClientConfig>);
+
+/// The client config for the profile's current certificate and `alpn`: built once and reused
+/// while the files stay the same, so the connections of one process (`gsh proxy tcp` opens
+/// one per local connection) resume their TLS session instead of repeating the certificate
+/// signatures. A `gsh login` that renews the certificate changes the files and so the config.
+fn proxy_client_config(dir: &Path, alpn: &[u8]) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    static CACHE: std::sync::Mutex<Option<CachedConfig>> = std::sync::Mutex::new(None);
+    let (ca, crt, tls_key) = (
+        read(dir, "ca.pem")?,
+        read(dir, "tls.crt")?,
+        read(dir, "tls.key")?,
+    );
+    let key = [ca, crt, tls_key, hex::encode(alpn)];
+    let mut cache = CACHE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((k, config)) = cache.as_ref()
+        && *k == key
+    {
+        return Ok(Arc::clone(config));
+    }
+    let [ca, crt, tls_key, _] = &key;
+    let config = client_config_with_alpn(&Trust::CaPem(ca.clone()), Some((crt, tls_key)), &[alpn])?;
+    *cache = Some((key, Arc::clone(&config)));
+    Ok(config)
+}
+
 /// TLS to the Proxy with the user's certificate, for `alpn`.
 async fn dial_proxy(dir: &Path, profile: &Profile, alpn: &[u8]) -> anyhow::Result<ProxyStream> {
     let addr = proxy_of(profile)?;
-    let config = client_config_with_alpn(
-        &Trust::CaPem(read(dir, "ca.pem")?),
-        Some((&read(dir, "tls.crt")?, &read(dir, "tls.key")?)),
-        &[alpn],
-    )?;
+    let config = proxy_client_config(dir, alpn)?;
     let tcp = tokio::net::TcpStream::connect(&addr)
         .await
         .with_context(|| format!("cannot reach the proxy at {addr}"))?;

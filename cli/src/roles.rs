@@ -122,9 +122,14 @@ pub fn start_proxy(
         ca_pem, &chain, key_pem, &alpn_refs,
     )?)
     .clone();
-    // No TLS 1.3 session tickets: clients open a fresh session per command and agents reconnect
-    // rarely, so tickets would be work (and cache entries) per session that nothing resumes.
-    tls.send_tls13_tickets = 0;
+    // One TLS 1.3 session ticket per connection, stateless (sealed with keys rustls rotates
+    // every 6 hours; nothing is stored per session). A client that opens many sessions
+    // (`gsh proxy tcp`, a reconnecting agent) resumes and skips the certificate signatures,
+    // which are most of a full handshake's cost. The proxy checks the identity's expiry on every
+    // connection, resumed or not, so a ticket never outlives its certificate; tickets die with
+    // the process, and a resumption on another proxy falls back to a full handshake.
+    tls.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().context("session ticket keys")?;
+    tls.send_tls13_tickets = 1;
     let tls = std::sync::Arc::new(tls);
     let config = ProxyConfig {
         listen,

@@ -127,19 +127,102 @@ fn round_trip_through_a_quic_tunnel() {
     // The stream fails (quinn reports the peer's close as "connection lost"); the metric below
     // says why.
     refused.expect_err("a non-node certificate got a QUIC tunnel");
-    let diag = f
-        .proxy
-        .field("Diagnostics:")
-        .trim_start_matches("http://")
-        .trim_end_matches("/metrics")
-        .to_string();
-    let (_, metrics) = common::http_get(&diag, "/metrics");
+    let metrics = proxy_metrics(&f);
     assert!(
         metrics.contains(
             r#"gatehouse_proxy_connections_refused_total{alpn="quic",reason="identity"} 1"#
         ),
         "{metrics}"
     );
+}
+
+/// One `gsh proxy tcp` serves many local connections: after the first, each resumes its TLS
+/// session with the proxy (no certificate signatures). A resumed session carries the
+/// certificate of its first handshake unverified, so the proxy checks expiry itself: once the
+/// certificate has expired, the same forwarder's next (resumed) session is refused.
+#[test]
+fn sessions_resume_but_not_past_the_certificate() {
+    let echo = echo_server();
+    let f = Fleet::start(
+        "resume",
+        &[(
+            "node1",
+            "env=dev",
+            vec!["--app".into(), format!("echo={echo}")],
+        )],
+    );
+    let admin_home = tempfile::tempdir().unwrap();
+    f.user(admin_home.path(), "alice", "access", &f.login, &[]);
+    f.wait_for_nodes(admin_home.path(), 1);
+
+    let home = tempfile::tempdir().unwrap();
+    let ttl = Duration::from_secs(8);
+    let logged_in = Instant::now();
+    f.user(home.path(), "bob", "access", &f.login, &["--ttl", "8s"]);
+    let (mut fwd, local) = forward(home.path(), "echo");
+    let echoed = |msg: &[u8]| -> Vec<u8> {
+        let mut c = std::net::TcpStream::connect(&local).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        c.write_all(msg).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        let _ = c.read_to_end(&mut back);
+        back
+    };
+    for i in 0..3 {
+        let msg = format!("hello {i}");
+        assert_eq!(echoed(msg.as_bytes()), msg.as_bytes());
+    }
+    assert!(
+        logged_in.elapsed() < ttl,
+        "the sessions above took longer than the certificate lives; the test cannot tell"
+    );
+    let metrics = proxy_metrics(&f);
+    // alice's `gsh ls` went to Auth, not through the proxy's session port; bob's three
+    // sessions: one full handshake, then resumptions.
+    assert!(handshakes(&metrics, "resumed") >= 2, "{metrics}");
+
+    // Past the certificate's end: the forwarder still holds a ticket and resumes, and the
+    // proxy refuses the session.
+    std::thread::sleep((ttl + Duration::from_secs(1)).saturating_sub(logged_in.elapsed()));
+    let resumed_before = handshakes(&metrics, "resumed");
+    assert_eq!(
+        echoed(b"too late"),
+        b"",
+        "a session outlived its certificate"
+    );
+    let metrics = proxy_metrics(&f);
+    let _ = fwd.kill();
+    let _ = fwd.wait();
+    assert!(
+        metrics.contains(r#"reason="expired"} 1"#),
+        "the refusal is counted as an expired certificate: {metrics}"
+    );
+    let resumed_after = handshakes(&metrics, "resumed");
+    assert!(
+        resumed_after > resumed_before,
+        "the refused session was a resumed one (the case this guards)"
+    );
+}
+
+/// `gatehouse_proxy_tls_handshakes_total` of `kind` in a metrics text (0 when absent).
+fn handshakes(metrics: &str, kind: &str) -> u64 {
+    let name = format!("gatehouse_proxy_tls_handshakes_total{{kind=\"{kind}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&name))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// The proxy's Prometheus metrics, as text.
+fn proxy_metrics(f: &Fleet) -> String {
+    let diag = f
+        .proxy
+        .field("Diagnostics:")
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string();
+    common::http_get(&diag, "/metrics").1
 }
 
 /// `size` pseudo-random bytes through `gsh proxy tcp echo` and back, checksums compared.

@@ -9,13 +9,14 @@
 //! sessions: new sessions as fast as C workers can open them: TLS handshake, route, stream open,
 //! one byte echoed, close. Reports sessions/s and setup latency.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::throughput::{Path, Target, client_stream};
+use crate::throughput::{Path, Target, client_stream, client_stream_with};
 
 #[derive(Debug, Serialize)]
 pub struct LatencyReport {
@@ -103,54 +104,84 @@ pub struct SessionsReport {
     pub p99_ms: f64,
     pub middle_cpu_s: Option<f64>,
     pub sessions_per_middle_cpu_s: Option<f64>,
+    /// The client reused one TLS config (and so its session tickets) for every session.
+    pub resumption: bool,
+    /// Sessions whose TLS handshake was a resumption.
+    pub resumed: u64,
 }
 
+/// New sessions back to back from `concurrency` workers for `duration`. With `resumption`,
+/// every session of the run shares one client TLS config, as one long-running client
+/// (`gsh proxy tcp`) does, and resumes where the server sent a ticket; without it, each
+/// session is a new client with a full handshake.
 pub async fn sessions(
     target: &Target,
     ca: &str,
     concurrency: usize,
     duration: Duration,
     middle_pid: Option<u32>,
+    resumption: bool,
 ) -> anyhow::Result<SessionsReport> {
     let path = target.path;
+    let shared = if resumption {
+        Some(crate::throughput::client_config(target, ca)?)
+    } else {
+        None
+    };
+    // One session first, so the timed ones start with a ticket in hand.
+    if let Some(cfg) = &shared {
+        let mut tls = client_stream_with(target, Arc::clone(cfg), 0, "echo").await?;
+        tls.write_all(b"x").await?;
+        let mut b = [0u8; 1];
+        tls.read_exact(&mut b).await?;
+        let _ = tls.shutdown().await;
+    }
     let cpu0 = middle_pid.and_then(crate::procstat::cpu_seconds);
-    let _bar = crate::progress::timed(&format!("sessions {}", path.name()), duration);
+    let label = if resumption { " (resumed)" } else { "" };
+    let _bar = crate::progress::timed(&format!("sessions {}{label}", path.name()), duration);
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = Vec::new();
     for w in 0..concurrency {
-        let (target, ca) = (target.clone(), ca.to_owned());
+        let (target, ca, shared) = (target.clone(), ca.to_owned(), shared.clone());
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let mut errors = 0u64;
+            let (mut errors, mut resumed) = (0u64, 0u64);
             let mut i = w;
             while Instant::now() < deadline {
                 let t = Instant::now();
                 let one = async {
-                    let mut tls = client_stream(&target, &ca, i, "echo").await?;
+                    let cfg = match &shared {
+                        Some(cfg) => Arc::clone(cfg),
+                        None => crate::throughput::client_config(&target, &ca)?,
+                    };
+                    let mut tls = client_stream_with(&target, cfg, i, "echo").await?;
+                    let kind = tls.get_ref().1.handshake_kind();
                     tls.write_all(b"x").await?;
                     let mut b = [0u8; 1];
                     tls.read_exact(&mut b).await?;
                     let _ = tls.shutdown().await;
-                    Ok::<_, anyhow::Error>(())
+                    Ok::<_, anyhow::Error>(kind == Some(rustls::HandshakeKind::Resumed))
                 };
                 match one.await {
-                    Ok(()) => {
+                    Ok(r) => {
                         hist.record(t.elapsed().as_micros() as u64).ok();
+                        resumed += u64::from(r);
                     }
                     Err(_) => errors += 1,
                 }
                 i += concurrency;
             }
-            Ok::<_, anyhow::Error>((hist, errors))
+            Ok::<_, anyhow::Error>((hist, errors, resumed))
         }));
     }
     let mut hist = Histogram::<u64>::new(3).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut errors = 0;
+    let (mut errors, mut resumed) = (0, 0);
     for t in tasks {
-        let (h, e) = t.await??;
+        let (h, e, r) = t.await??;
         hist.add(h).map_err(|e| anyhow::anyhow!("{e}"))?;
         errors += e;
+        resumed += r;
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = match (cpu0, middle_pid.and_then(crate::procstat::cpu_seconds)) {
@@ -168,5 +199,7 @@ pub async fn sessions(
         p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
         middle_cpu_s: cpu,
         sessions_per_middle_cpu_s: cpu.filter(|c| *c > 0.0).map(|c| hist.len() as f64 / c),
+        resumption,
+        resumed,
     })
 }

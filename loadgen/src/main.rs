@@ -312,23 +312,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 throughput::start_sink(&format!("{}:0", throughput::sink_ip()), true)?;
             let (fleet, _stats) = proxy_fleet(workers, None).await?;
             let mut reports = Vec::new();
-            for path in [throughput::Path::Direct, throughput::Path::Proxy] {
-                let target = echo_target(path, &fleet, echo);
-                let pid = (path == throughput::Path::Proxy).then(|| fleet.proxy.pid());
-                let r = latency::sessions(&target, &ca, concurrency, duration.into(), pid).await?;
-                println!(
-                    "sessions {:<6} {:.0}/s ({} ok, {} errors)  p50 {:.2} ms  p99 {:.2} ms{}",
-                    format!("{:?}", r.path).to_lowercase(),
-                    r.sessions_per_s,
-                    r.sessions,
-                    r.errors,
-                    r.p50_ms,
-                    r.p99_ms,
-                    r.sessions_per_middle_cpu_s
-                        .map(|s| format!("  {s:.0} per proxy CPU-second"))
-                        .unwrap_or_default()
-                );
-                reports.push(r);
+            // Each session a new client (full handshakes), then one client for all sessions
+            // (resumed handshakes, as `gsh proxy tcp` makes them).
+            for resumption in [false, true] {
+                for path in [throughput::Path::Direct, throughput::Path::Proxy] {
+                    let target = echo_target(path, &fleet, echo);
+                    let pid = (path == throughput::Path::Proxy).then(|| fleet.proxy.pid());
+                    let r = latency::sessions(
+                        &target,
+                        &ca,
+                        concurrency,
+                        duration.into(),
+                        pid,
+                        resumption,
+                    )
+                    .await?;
+                    println!(
+                        "sessions {:<6} {:<7} {:.0}/s ({} ok, {} resumed, {} errors)  p50 {:.2} ms  p99 {:.2} ms{}",
+                        format!("{:?}", r.path).to_lowercase(),
+                        if resumption { "resumed" } else { "full" },
+                        r.sessions_per_s,
+                        r.sessions,
+                        r.resumed,
+                        r.errors,
+                        r.p50_ms,
+                        r.p99_ms,
+                        r.sessions_per_middle_cpu_s
+                            .map(|s| format!("  {s:.0} per proxy CPU-second"))
+                            .unwrap_or_default()
+                    );
+                    reports.push(r);
+                }
             }
             write_json(cli.json.as_deref(), &reports)?;
             Ok(())

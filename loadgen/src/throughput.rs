@@ -201,14 +201,38 @@ pub async fn client_stream(
     stream_idx: usize,
     app: &str,
 ) -> anyhow::Result<ClientTls> {
-    match target.path {
+    client_stream_with(target, client_config(target, sink_ca)?, stream_idx, app).await
+}
+
+/// The client's TLS config for `target`: the user's certificate and the proxy's CA on the
+/// proxy paths, the sink's CA otherwise. Connections that share one config resume their TLS
+/// session (rustls keeps the tickets in the config); a fresh config per connection makes
+/// every handshake a full one.
+pub fn client_config(target: &Target, sink_ca: &str) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    Ok(match target.path {
         Path::Proxy | Path::ProxyEpoll | Path::ProxyQuic => {
             let user = target.user.as_ref().context("proxy path needs a user")?;
-            let cfg = client_config_with_alpn(
+            client_config_with_alpn(
                 &Trust::CaPem(user.ca.clone()),
                 Some((&user.cert, &user.key)),
                 &[ALPN_TCP],
-            )?;
+            )?
+        }
+        Path::Direct | Path::Naive | Path::Rathole | Path::Openssh => {
+            client_config_with_alpn(&Trust::CaPem(sink_ca.to_owned()), None, &[])?
+        }
+    })
+}
+
+/// [`client_stream`] with a given client config.
+pub async fn client_stream_with(
+    target: &Target,
+    cfg: Arc<rustls::ClientConfig>,
+    stream_idx: usize,
+    app: &str,
+) -> anyhow::Result<ClientTls> {
+    match target.path {
+        Path::Proxy | Path::ProxyEpoll | Path::ProxyQuic => {
             let tcp = tokio::net::TcpStream::connect(&target.addr).await?;
             tcp.set_nodelay(true)?;
             let io: Box<dyn Io> = Box::new(tcp);
@@ -237,7 +261,6 @@ pub async fn client_stream(
             Ok(tls)
         }
         Path::Direct | Path::Naive | Path::Rathole | Path::Openssh => {
-            let cfg = client_config_with_alpn(&Trust::CaPem(sink_ca.to_owned()), None, &[])?;
             let io: Box<dyn Io> = match &target.jump {
                 Some(jump) if target.path == Path::Openssh => {
                     let mut child = jump

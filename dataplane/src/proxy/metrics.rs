@@ -1,5 +1,5 @@
 //! Proxy metrics (`gatehouse_proxy_*`): tunnels, open streams, bytes forwarded, dial failures
-//! by reason, connections refused by ALPN and reason.
+//! by reason, connections refused by ALPN and reason, TLS handshakes by kind.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -28,6 +28,11 @@ pub struct BackendLabel {
     pub backend: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
 #[derive(Debug, Default)]
 pub struct ProxyMetrics {
     /// 1 for the I/O backend the workers run on (`io_uring` or `epoll`).
@@ -39,6 +44,8 @@ pub struct ProxyMetrics {
     pub dial_failures: Family<ReasonLabel, Counter>,
     pub refused: Family<AlpnLabel, Counter>,
     pub handovers: Counter,
+    /// TLS handshakes completed, `full` or `resumed` (a session ticket from an earlier one).
+    pub handshakes: Family<KindLabel, Counter>,
 }
 
 impl ProxyMetrics {
@@ -76,6 +83,16 @@ impl ProxyMetrics {
             "Sessions moved to the core that owns their tunnel",
             self.handovers.clone(),
         );
+        r.register(
+            "tls_handshakes",
+            "TLS handshakes completed, by kind (full, resumed)",
+            self.handshakes.clone(),
+        );
+    }
+
+    pub fn handshake(&self, resumed: bool) {
+        let kind = if resumed { "resumed" } else { "full" };
+        self.handshakes.get_or_create(&KindLabel { kind }).inc();
     }
 
     pub fn set_io_backend(&self, backend: crate::socket::IoBackend) {

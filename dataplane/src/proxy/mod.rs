@@ -25,6 +25,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use gatehouse_controlplane::identity::{Identity, IdentityKind};
+use rustls::HandshakeKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -376,9 +377,41 @@ fn alpn_name(alpn: Option<&[u8]>) -> String {
 }
 
 /// Who a refused peer was, for the log line.
-fn who(id: Option<&Identity>) -> String {
-    id.map(|i| format!("{:?} `{}`", i.kind, i.name))
-        .unwrap_or_else(|| "no client certificate".into())
+fn who(id: &Result<Identity, &'static str>) -> String {
+    match id {
+        Ok(i) => format!("{:?} `{}`", i.kind, i.name),
+        Err(why) => (*why).to_owned(),
+    }
+}
+
+/// The refusal reason for the metric: an expired certificate is told apart.
+fn refusal(id: &Result<Identity, &'static str>) -> &'static str {
+    match id {
+        Err(EXPIRED) => "expired",
+        _ => "identity",
+    }
+}
+
+const EXPIRED: &str = "certificate expired";
+
+/// The identity in a peer's certificate, if this cluster issued it and it has not expired.
+/// The expiry is checked here, on every connection, because a resumed TLS session presents
+/// the certificate of its first handshake without it being verified again: resumption must
+/// never outlive the certificate.
+fn identity_of(cert: Option<&[u8]>, cluster: &str) -> Result<Identity, &'static str> {
+    let cert = cert.ok_or("no client certificate")?;
+    let id = Identity::from_cert_der(cert).map_err(|_| "no identity in the certificate")?;
+    if id.cluster != cluster {
+        return Err("a certificate of another cluster");
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    if id.expires <= now {
+        return Err(EXPIRED);
+    }
+    Ok(id)
 }
 
 /// An agent's host id and its `host_name` trait; the rest of its identity is dropped.
@@ -392,11 +425,13 @@ fn host_of(id: Identity) -> (String, String) {
     (id.name, name)
 }
 
-fn peer_identity(tls: &TlsStream, cluster: &str) -> Option<Identity> {
-    let cert = tls.connection().peer_certificates()?.first()?;
-    Identity::from_cert_der(cert)
-        .ok()
-        .filter(|id| id.cluster == cluster)
+fn peer_identity(tls: &TlsStream, cluster: &str) -> Result<Identity, &'static str> {
+    let cert = tls
+        .connection()
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.as_ref());
+    identity_of(cert, cluster)
 }
 
 impl Worker {
@@ -437,9 +472,10 @@ impl Worker {
             }
         };
         let negotiated = tls.connection().alpn_protocol().map(<[u8]>::to_vec);
+        metrics.handshake(tls.connection().handshake_kind() == Some(HandshakeKind::Resumed));
         let identity = peer_identity(&tls, &self.shared.config.cluster);
         match (negotiated.as_deref(), identity) {
-            (Some(ALPN_TUNNEL), Some(id))
+            (Some(ALPN_TUNNEL), Ok(id))
                 if id.kind == IdentityKind::Node && !id.roles.iter().any(|r| r == "@proxy") =>
             {
                 // A tunnel lives for days: it gets a task of its own sized for what it keeps
@@ -450,13 +486,12 @@ impl Worker {
                     async move { w.serve_tunnel(Box::new(tls), remote, id).await },
                 );
             }
-            (Some(a @ (ALPN_SSH | ALPN_TCP)), Some(id)) if id.kind == IdentityKind::User => {
+            (Some(a @ (ALPN_SSH | ALPN_TCP)), Ok(id)) if id.kind == IdentityKind::User => {
                 Box::pin(self.serve_session(tls, remote, id, a == ALPN_SSH)).await
             }
             (alpn, id) => {
-                let who = who(id.as_ref());
-                tracing::info!(%remote, alpn = %alpn_name(alpn), who = %who, "proxy: connection refused: wrong identity for this protocol");
-                metrics.refuse(&alpn_name(alpn), "identity");
+                tracing::info!(%remote, alpn = %alpn_name(alpn), who = %who(&id), "proxy: connection refused: wrong identity for this protocol");
+                metrics.refuse(&alpn_name(alpn), refusal(&id));
             }
         }
     }
@@ -479,19 +514,16 @@ impl Worker {
             }
         };
         let (alpn, cert) = crate::quic::peer(&conn);
-        let id = cert
-            .and_then(|c| Identity::from_cert_der(&c).ok())
-            .filter(|id| id.cluster == self.shared.config.cluster);
+        let id = identity_of(cert.as_deref(), &self.shared.config.cluster);
         let id = match (alpn.as_deref(), id) {
-            (Some(ALPN_TUNNEL), Some(id))
+            (Some(ALPN_TUNNEL), Ok(id))
                 if id.kind == IdentityKind::Node && !id.roles.iter().any(|r| r == "@proxy") =>
             {
                 id
             }
             (alpn, id) => {
-                let who = who(id.as_ref());
-                tracing::info!(%remote, alpn = %alpn_name(alpn), who = %who, "proxy: QUIC connection refused: wrong identity for this protocol");
-                metrics.refuse("quic", "identity");
+                tracing::info!(%remote, alpn = %alpn_name(alpn), who = %who(&id), "proxy: QUIC connection refused: wrong identity for this protocol");
+                metrics.refuse("quic", refusal(&id));
                 conn.close(quinn::VarInt::from_u32(1), b"wrong identity");
                 return;
             }
