@@ -9,11 +9,13 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Buf, BufMut, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
-use crate::tunnel::{Config, ConnError, Connection, Event, Side, StreamError, StreamId, code};
+use crate::tunnel::{
+    Config, ConnError, Connection, Event, HEADER_LEN, Side, StreamError, StreamId, code,
+};
 
 /// What a tunnel tells its owner (besides stream data, which goes to the streams).
 #[derive(Debug)]
@@ -132,6 +134,41 @@ async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io:
     w.write_all(bytes).await?;
     w.flush().await
 }
+
+/// Write every buffer of `batch` in order (vectored where the writer supports it), then flush;
+/// `batch` is empty afterwards.
+async fn write_all_flush<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    batch: &mut Vec<Bytes>,
+) -> std::io::Result<()> {
+    let mut first = 0;
+    while first < batch.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = batch
+            .iter()
+            .skip(first)
+            .map(|b| std::io::IoSlice::new(b))
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        for b in batch.iter_mut().skip(first) {
+            if n >= b.len() {
+                n -= b.len();
+                first += 1;
+            } else {
+                b.advance(n);
+                break;
+            }
+        }
+    }
+    batch.clear();
+    w.flush().await
+}
+
+/// Frames (buffers) a tunnel writer hands to one vectored write, at most.
+const WRITE_BATCH: usize = 16;
+const WRITE_BATCH_BYTES: usize = 256 * 1024;
 
 /// How much a spliced stream reads from its socket at once.
 const SPLICE_READ: usize = 32 * 1024;
@@ -274,16 +311,28 @@ impl Tunnel {
             let this = self.clone();
             async move {
                 let notify = this.inner.borrow().wake_writer.clone();
+                let mut batch = Vec::new();
                 loop {
-                    let (out, deadline, closed) = {
+                    let (deadline, closed) = {
                         let mut inner = this.inner.borrow_mut();
-                        let out = inner.conn.poll_transmit();
+                        let mut len = 0;
+                        while batch.len() < WRITE_BATCH && len < WRITE_BATCH_BYTES {
+                            match inner.conn.poll_transmit() {
+                                Some(b) => {
+                                    len += b.len();
+                                    batch.push(b);
+                                }
+                                None => break,
+                            }
+                        }
                         inner.dispatch();
-                        (out, inner.conn.poll_timeout(), inner.conn.is_closed())
+                        (inner.conn.poll_timeout(), inner.conn.is_closed())
                     };
-                    if let Some(bytes) = out {
-                        // Flushed too: a TLS writer may keep what the socket did not take.
-                        if let Err(e) = write_flush(&mut wr, &bytes).await {
+                    if !batch.is_empty() {
+                        // One vectored write: a TLS writer makes the frames records in one
+                        // batch and one send. Flushed too: it may keep what the socket did not
+                        // take.
+                        if let Err(e) = write_all_flush(&mut wr, &mut batch).await {
                             return format!("write failed: {e}");
                         }
                         continue;
@@ -310,11 +359,15 @@ impl Tunnel {
                                 r
                             };
                             if let Err(e) = r {
-                                // Flush the go-away that explains it, then stop.
-                                let out = this.inner.borrow_mut().conn.poll_transmit();
-                                if let Some(bytes) = out {
-                                    let _ = write_flush(&mut wr, &bytes).await;
+                                // Flush the go-away that explains it (behind whatever was
+                                // queued before it), then stop.
+                                {
+                                    let mut inner = this.inner.borrow_mut();
+                                    while let Some(b) = inner.conn.poll_transmit() {
+                                        batch.push(b);
+                                    }
                                 }
+                                let _ = write_all_flush(&mut wr, &mut batch).await;
                                 return e.to_string();
                             }
                         }
@@ -549,9 +602,11 @@ impl StreamHandle {
     pub async fn splice<IO: AsyncRead + AsyncWrite>(self, io: IO, leftover: Bytes) -> SpliceStats {
         let (mut rd, mut wr) = tokio::io::split(io);
         let mut stats = SpliceStats::default();
-        // Read straight into the buffer that becomes `pending` (no copy between the two); a
-        // fresh 32 KiB is reserved only when the previous chunk was handed on.
-        let mut buf = bytes::BytesMut::new();
+        // Reads land behind room for a frame header, so the bytes read become a data frame in
+        // place (`send_framed`): the payload is not copied again on its way to the tunnel.
+        let mut framed = bytes::BytesMut::new();
+        // Bytes for the tunnel that have no room in front (`leftover`, or the rest of a read
+        // that credit cut short): these go through `send`, which copies them into frames.
         let mut pending: Bytes = leftover;
         let mut read_done = false;
         let mut write_done = false;
@@ -571,6 +626,24 @@ impl StreamHandle {
                     Err(_) => {
                         read_done = true;
                         pending.clear();
+                    }
+                }
+            } else if framed.len() > HEADER_LEN {
+                let r = tunnel.inner.borrow_mut().conn.send_framed(id, &mut framed);
+                match r {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        stats.to_tunnel += n as u64;
+                        tunnel.inner.borrow_mut().bytes_out += n as u64;
+                        if !framed.is_empty() {
+                            // Credit took part of it: the rest has no header room.
+                            pending = framed.split().freeze();
+                        }
+                        tunnel.wake();
+                    }
+                    Err(_) => {
+                        read_done = true;
+                        framed.clear();
                     }
                 }
             }
@@ -606,18 +679,22 @@ impl StreamHandle {
             if read_done && write_done {
                 break;
             }
-            let can_read = !read_done && pending.is_empty();
-            if can_read && buf.capacity() - buf.len() < SPLICE_READ / 2 {
-                buf.reserve(SPLICE_READ);
+            let can_read = !read_done && pending.is_empty() && framed.len() <= HEADER_LEN;
+            // One frame's payload per read, behind its header's room.
+            let max = tunnel.inner.borrow().conn.max_payload().min(SPLICE_READ);
+            if can_read && framed.is_empty() {
+                framed.reserve(HEADER_LEN + max);
+                framed.put_bytes(0, HEADER_LEN);
             }
+            let mut room = (&mut framed).limit(max);
             tokio::select! {
-                r = rd.read_buf(&mut buf), if can_read => match r {
+                r = rd.read_buf(&mut room), if can_read => match r {
                     Ok(0) | Err(_) => {
                         read_done = true;
                         let _ = tunnel.inner.borrow_mut().conn.finish(id);
                         tunnel.wake();
                     }
-                    Ok(_) => pending = buf.split().freeze(),
+                    Ok(_) => {}
                 },
                 _ = self.notify.notified() => {}
             }

@@ -587,29 +587,85 @@ impl AsyncRead for TlsStream {
 /// At most this much encrypted data waits in a connection's send buffer before writes wait.
 const MAX_OUTGOING: usize = 128 * 1024;
 
-impl AsyncWrite for TlsStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
+/// What [`TlsStream::encrypt_slices`] did.
+struct Encrypted {
+    /// Plaintext bytes taken.
+    taken: usize,
+    /// Record bytes written.
+    written: usize,
+    /// rustls queued a message into `outgoing` mid-batch (e.g. a key update): where in the
+    /// records those that must follow it begin, and where in `outgoing` the message begins.
+    split: Option<(usize, usize)>,
+}
+
+impl TlsStream {
+    /// Encrypt `bufs` in order (whole slices while [`WRITE_CHUNK`] of plaintext and the
+    /// destination allow) into `dst` as records of their own per slice.
+    fn encrypt_slices(
+        &mut self,
+        bufs: &[io::IoSlice<'_>],
+        dst: &mut [u8],
+    ) -> io::Result<Encrypted> {
+        let (mut taken, mut written) = (0, 0);
+        for slice in bufs.iter().filter(|b| !b.is_empty()) {
+            let take = slice.len().min(WRITE_CHUNK - taken);
+            // Each record adds its header, content type and tag (22 bytes; 64 is generous).
+            let need = take + take.div_ceil(16 * 1024) * 64;
+            let room = dst.len() - written;
+            if take == 0 || (taken > 0 && room < need) {
+                break;
+            }
+            let queued_before = self.buf.outgoing.len();
+            let data = slice.get(..take).unwrap_or_default();
+            let r = self.encrypt_into(data, dst.get_mut(written..).unwrap_or_default());
+            let (t, w) = match r {
+                Ok(tw) => tw,
+                // What was taken is accepted; the error comes back on the next call.
+                Err(_) if taken > 0 => break,
+                Err(e) => return Err(e),
+            };
+            taken += t;
+            written += w;
+            if self.buf.outgoing.len() != queued_before {
+                let split = Some((written - w, queued_before));
+                return Ok(Encrypted {
+                    taken,
+                    written,
+                    split,
+                });
+            }
+            if t < slice.len() {
+                break;
+            }
+        }
+        Ok(Encrypted {
+            taken,
+            written,
+            split: None,
+        })
+    }
+
+    fn poll_write_slices(
+        &mut self,
         cx: &mut Context<'_>,
-        data: &[u8],
+        bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if let Some(why) = &this.failed {
+        if let Some(why) = &self.failed {
             return Poll::Ready(Err(tls_error(why)));
         }
-        if data.is_empty() {
+        if bufs.iter().all(|b| b.is_empty()) {
             return Poll::Ready(Ok(0));
         }
         // Backpressure: a socket that does not drain stops the writer, not memory growth.
-        if this.buf.outgoing.len() >= MAX_OUTGOING {
-            match this.poll_flush_out(cx) {
+        if self.buf.outgoing.len() >= MAX_OUTGOING {
+            match self.poll_flush_out(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
             }
         }
-        if this.buf.outgoing.is_empty()
-            && let Socket::Uring(u) = &mut this.io
+        if self.buf.outgoing.is_empty()
+            && let Socket::Uring(u) = &mut self.io
         {
             // io_uring: records are encrypted straight into the socket's send queue.
             let mut q = match u.poll_queue(cx, WRITE_SCRATCH) {
@@ -617,21 +673,22 @@ impl AsyncWrite for TlsStream {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
             };
-            let r = this.encrypt_into(data, q.spare());
-            if let Ok((_, written)) = r {
+            let r = self.encrypt_slices(bufs, q.spare());
+            if let Ok(Encrypted { written, split, .. }) = r {
                 q.commit(written);
-                if !this.buf.outgoing.is_empty() {
-                    // Records rustls had to send first (a key update): they go before these.
-                    let records = q.uncommit(written);
-                    this.buf.outgoing.extend_from_slice(&records);
+                if let Some((from, _)) = split {
+                    // Records rustls had to send first (a key update) go before the rest: the
+                    // queue is sent before `outgoing`, which was empty.
+                    let records = q.uncommit(written - from);
+                    self.buf.outgoing.extend_from_slice(&records);
                 }
             }
-            if let Socket::Uring(u) = &mut this.io {
+            if let Socket::Uring(u) = &mut self.io {
                 u.requeue(q);
             }
-            let (taken, _) = r?;
-            if !this.buf.outgoing.is_empty()
-                && let Poll::Ready(Err(e)) = this.poll_flush_out(cx)
+            let taken = r?.taken;
+            if !self.buf.outgoing.is_empty()
+                && let Poll::Ready(Err(e)) = self.poll_flush_out(cx)
             {
                 return Poll::Ready(Err(e));
             }
@@ -647,19 +704,36 @@ impl AsyncWrite for TlsStream {
             if scratch.len() < WRITE_SCRATCH {
                 scratch.resize(WRITE_SCRATCH, 0);
             }
-            let (taken, written) = this.encrypt_into(data, scratch)?;
+            let waiting = !self.buf.outgoing.is_empty();
+            let Encrypted {
+                taken,
+                written,
+                split,
+            } = self.encrypt_slices(bufs, scratch)?;
             let records = scratch.get(..written).unwrap_or_default();
-            // Order on the wire: whatever already waits goes first.
-            if !this.buf.outgoing.is_empty() {
-                this.buf.outgoing.extend_from_slice(records);
-                if let Poll::Ready(Err(e)) = this.poll_flush_out(cx) {
+            if let Some((from, at)) = split {
+                // A message rustls queued mid-batch (a key update) goes between the records
+                // before it and those after it; what waited before all of them stays first.
+                let mut queued = std::mem::take(&mut self.buf.outgoing);
+                let message = queued.split_off(at.min(queued.len()));
+                let (before, rest) = records.split_at(from.min(records.len()));
+                self.buf.outgoing = queued;
+                self.buf.outgoing.extend_from_slice(before);
+                self.buf.outgoing.extend_from_slice(&message);
+                self.buf.outgoing.extend_from_slice(rest);
+            } else if waiting {
+                // Order on the wire: whatever already waits goes first.
+                self.buf.outgoing.extend_from_slice(records);
+            }
+            if waiting || split.is_some() {
+                if let Poll::Ready(Err(e)) = self.poll_flush_out(cx) {
                     return Poll::Ready(Err(e));
                 }
                 return Poll::Ready(Ok(taken));
             }
             let mut sent = 0;
             while sent < records.len() {
-                match Pin::new(&mut this.io).poll_write(cx, records.get(sent..).unwrap_or_default())
+                match Pin::new(&mut self.io).poll_write(cx, records.get(sent..).unwrap_or_default())
                 {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                     Poll::Ready(Ok(n)) => sent += n,
@@ -668,11 +742,36 @@ impl AsyncWrite for TlsStream {
                     Poll::Pending => break,
                 }
             }
-            this.buf
+            self.buf
                 .outgoing
                 .extend_from_slice(records.get(sent..).unwrap_or_default());
             Poll::Ready(Ok(taken))
         })
+    }
+}
+
+impl AsyncWrite for TlsStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut()
+            .poll_write_slices(cx, &[io::IoSlice::new(data)])
+    }
+
+    /// Several buffers (e.g. a tunnel's queued frames) become records in one batch and leave
+    /// in one send.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().poll_write_slices(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -1006,6 +1105,56 @@ mod tests {
     }
 
     /// A peer that stops reading stops our writer: what waits in the connection stays bounded.
+    /// Vectored writes: many buffers of mixed sizes (a frame header's 10 bytes up to more than
+    /// one batch holds) arrive whole and in order, however the batches split them.
+    async fn vectored_writes_arrive_in_order_on() {
+        let ca = Ca::new("test CA");
+        let s = setup(&ca, &ca).await;
+        let accept = {
+            let config = Arc::clone(&s.server);
+            let listener = &s.listener;
+            async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                TlsStream::accept(adopt(tcp), config).await.unwrap()
+            }
+        };
+        let (mut server, mut client) = tokio::join!(accept, connect(&s));
+        assert!(server.is_write_vectored());
+        let data = pattern(3 * 1024 * 1024 + 11);
+        let sizes = [10usize, 32 * 1024, 1, 70 * 1024, 10, 16 * 1024 + 5, 300];
+        let send = async {
+            let mut off = 0;
+            let mut round = 0;
+            while off < data.len() {
+                // Up to 12 buffers per call, sizes cycling through `sizes`.
+                let mut bufs = Vec::new();
+                let mut at = off;
+                for k in 0..12 {
+                    let end = (at + sizes[(round + k) % sizes.len()]).min(data.len());
+                    if at == end {
+                        break;
+                    }
+                    bufs.push(std::io::IoSlice::new(&data[at..end]));
+                    at = end;
+                }
+                let n = server.write_vectored(&bufs).await.unwrap();
+                assert!(n > 0 && n <= at - off, "wrote {n} of {}", at - off);
+                off += n;
+                round += 1;
+            }
+            server.flush().await.unwrap();
+            server.shutdown().await.unwrap();
+        };
+        let recv = async {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let ((), got) = timeout(async { tokio::join!(send, recv) }).await;
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "bytes differ");
+    }
+
     async fn a_slow_reader_applies_backpressure_on() {
         let ca = Ca::new("test CA");
         let s = setup(&ca, &ca).await;
@@ -1066,5 +1215,10 @@ mod tests {
     #[test]
     fn a_slow_reader_applies_backpressure() {
         crate::socket::on_each_backend(a_slow_reader_applies_backpressure_on);
+    }
+
+    #[test]
+    fn vectored_writes_arrive_in_order() {
+        crate::socket::on_each_backend(vectored_writes_arrive_in_order_on);
     }
 }

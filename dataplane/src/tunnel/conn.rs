@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use super::frame::{Frame, FrameError, StreamId, VERSION};
+use super::frame::{Frame, FrameError, HEADER_LEN, StreamId, VERSION};
 
 /// Error codes carried by `OpenErr`, `Reset` and `GoAway`.
 pub mod code {
@@ -179,6 +179,10 @@ pub struct Connection {
     /// Highest stream id the peer has opened.
     last_peer: StreamId,
     out: BytesMut,
+    /// Data frames queued whole, without copying their payload (see [`Connection::send_framed`]);
+    /// they go out before `out`, which holds what was queued after them.
+    segments: VecDeque<Bytes>,
+    segments_len: usize,
     inbuf: BytesMut,
     events: VecDeque<Event>,
     last_rx: Instant,
@@ -208,6 +212,8 @@ impl Connection {
             peer_max_frame: 16 * 1024,
             streams: HashMap::new(),
             out,
+            segments: VecDeque::new(),
+            segments_len: 0,
             inbuf: BytesMut::new(),
             events: VecDeque::new(),
             last_rx: now,
@@ -581,7 +587,7 @@ impl Connection {
     pub fn writable(&self, stream: StreamId) -> usize {
         match self.streams.get(&stream) {
             Some(s) if !s.opening && !s.sent_fin => {
-                let room = self.config.max_buffered.saturating_sub(self.out.len());
+                let room = self.config.max_buffered.saturating_sub(self.buffered());
                 (s.send_credit as usize).min(room)
             }
             _ => 0,
@@ -594,7 +600,7 @@ impl Connection {
         if self.closed.is_some() {
             return Err(StreamError::Closed);
         }
-        let room = self.config.max_buffered.saturating_sub(self.out.len());
+        let room = self.config.max_buffered.saturating_sub(self.buffered());
         let max_frame = self.peer_max_frame as usize;
         let s = self
             .streams
@@ -616,6 +622,66 @@ impl Connection {
             Frame::encode_data(stream, chunk, &mut self.out);
         }
         Ok(n)
+    }
+
+    /// The largest data payload one frame may carry to the peer.
+    pub fn max_payload(&self) -> usize {
+        self.peer_max_frame as usize
+    }
+
+    /// [`send`](Self::send) without copying: `buf` holds [`HEADER_LEN`] bytes of room and then
+    /// the payload. As much of the payload as credit, buffer and frame size allow becomes one
+    /// data frame in place: the header is written into the room and the frame split off `buf`
+    /// and queued as it is. Returns the payload bytes taken; a rest stays in `buf` (without
+    /// room: send it with `send`). Nothing is taken if `buf` has no payload.
+    pub fn send_framed(
+        &mut self,
+        stream: StreamId,
+        buf: &mut BytesMut,
+    ) -> Result<usize, StreamError> {
+        if self.closed.is_some() {
+            return Err(StreamError::Closed);
+        }
+        let payload = buf.len().saturating_sub(HEADER_LEN);
+        let room = self.config.max_buffered.saturating_sub(self.buffered());
+        let max_frame = self.peer_max_frame as usize;
+        let s = self
+            .streams
+            .get_mut(&stream)
+            .ok_or(StreamError::UnknownStream(stream))?;
+        if s.sent_fin {
+            return Err(StreamError::Finished(stream));
+        }
+        if s.opening {
+            s.blocked = true;
+            return Ok(0);
+        }
+        let n = payload.min(s.send_credit as usize).min(room).min(max_frame);
+        if n < payload {
+            s.blocked = true;
+        }
+        if n == 0 {
+            return Ok(0);
+        }
+        s.send_credit -= n as u64;
+        if let Some(header) = buf.get_mut(..HEADER_LEN) {
+            Frame::write_data_header(stream, n, header);
+        }
+        let frame = buf.split_to(HEADER_LEN + n).freeze();
+        if !self.out.is_empty() {
+            // What was queued before this frame goes before it.
+            let earlier = self.out.split().freeze();
+            self.segments_len += earlier.len();
+            self.segments.push_back(earlier);
+        }
+        self.segments_len += frame.len();
+        self.segments.push_back(frame);
+        Ok(n)
+    }
+
+    /// Bytes queued for the transport.
+    fn buffered(&self) -> usize {
+        self.out.len() + self.segments_len
     }
 
     /// The application consumed `n` received bytes of `stream`: return credit to the peer in
@@ -681,6 +747,11 @@ impl Connection {
 
     /// Bytes to write to the transport, if any. Also wakes streams that may write again.
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        if let Some(frame) = self.segments.pop_front() {
+            self.segments_len -= frame.len();
+            self.wake_blocked();
+            return Some(frame);
+        }
         if self.out.is_empty() {
             // Nothing to send: drop what is left of the last chunk's allocation, so an idle
             // tunnel holds no output buffer.
@@ -693,7 +764,7 @@ impl Connection {
     }
 
     fn wake_blocked(&mut self) {
-        if self.out.len() >= self.config.max_buffered {
+        if self.buffered() >= self.config.max_buffered {
             return;
         }
         for (id, s) in self.streams.iter_mut() {
@@ -742,6 +813,6 @@ impl Connection {
 
     /// Memory held by this connection's buffers (for the idle-tunnel budget).
     pub fn buffered_bytes(&self) -> usize {
-        self.out.capacity() + self.inbuf.capacity()
+        self.out.capacity() + self.segments_len + self.inbuf.capacity()
     }
 }

@@ -233,11 +233,24 @@ impl Frame {
     /// `Frame::Data`, without first copying the payload into a `Bytes`.
     pub fn encode_data(stream: StreamId, data: &[u8], out: &mut BytesMut) {
         out.reserve(HEADER_LEN + data.len());
-        out.put_u8(kind::DATA);
-        out.put_u8(0);
-        out.put_u32(stream);
-        out.put_u32(data.len() as u32);
+        let start = out.len();
+        out.put_bytes(0, HEADER_LEN);
+        if let Some(header) = out.get_mut(start..) {
+            Self::write_data_header(stream, data.len(), header);
+        }
         out.put_slice(data);
+    }
+
+    /// Write the header of a `Data` frame with a `len`-byte payload into `header` (its first
+    /// [`HEADER_LEN`] bytes), for a payload that follows it in place.
+    pub fn write_data_header(stream: StreamId, len: usize, header: &mut [u8]) {
+        let mut h = [0u8; HEADER_LEN];
+        h[0] = kind::DATA;
+        h[2..6].copy_from_slice(&stream.to_be_bytes());
+        h[6..10].copy_from_slice(&(len as u32).to_be_bytes());
+        if let Some(dst) = header.get_mut(..HEADER_LEN) {
+            dst.copy_from_slice(&h);
+        }
     }
 
     /// Decode one frame from the front of `buf`, if a whole one is there. Consumes exactly the

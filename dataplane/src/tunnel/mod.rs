@@ -8,4 +8,4 @@ pub mod frame;
 mod tests;
 
 pub use conn::{Config, ConnError, Connection, Event, Side, StreamError, code};
-pub use frame::{Frame, FrameError, StreamId};
+pub use frame::{Frame, FrameError, HEADER_LEN, StreamId};

@@ -3,9 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 
 use super::conn::{Config, ConnError, Connection, Event, Side, StreamError, code};
+use super::frame::HEADER_LEN;
 
 struct Pair {
     agent: Connection,
@@ -385,5 +386,125 @@ fn heartbeats_are_delivered() {
         vec![Event::Heartbeat {
             inventory: Bytes::from_static(b"{\"name\":\"node1\"}")
         }]
+    );
+}
+
+/// `payload` behind room for a frame header, as `send_framed` takes it.
+fn with_room(payload: &[u8]) -> BytesMut {
+    let mut b = BytesMut::with_capacity(HEADER_LEN + payload.len());
+    b.put_bytes(0, HEADER_LEN);
+    b.put_slice(payload);
+    b
+}
+
+/// Everything `c` has queued for the transport, in order.
+fn drain(c: &mut Connection) -> Vec<u8> {
+    std::iter::from_fn(|| c.poll_transmit()).flatten().collect()
+}
+
+#[test]
+fn framed_sends_put_the_same_bytes_on_the_wire_in_the_same_order() {
+    let payload: Vec<u8> = (0..20_000u32).map(|i| (i * 7) as u8).collect();
+    let mut copied = Pair::new(Config::default());
+    let mut framed = Pair::new(Config::default());
+    let a = copied.open("app");
+    let b = framed.open("app");
+    assert_eq!(a, b);
+    // A control frame before, a data frame, another control frame and data after.
+    copied.proxy.send_heartbeat(Bytes::from_static(b"inv"));
+    framed.proxy.send_heartbeat(Bytes::from_static(b"inv"));
+    assert_eq!(copied.proxy.send(a, &payload).unwrap(), payload.len());
+    let mut buf = with_room(&payload);
+    assert_eq!(
+        framed.proxy.send_framed(b, &mut buf).unwrap(),
+        payload.len()
+    );
+    assert!(buf.is_empty());
+    copied.proxy.send_heartbeat(Bytes::from_static(b"inv2"));
+    framed.proxy.send_heartbeat(Bytes::from_static(b"inv2"));
+    copied.proxy.send(a, b"tail").unwrap();
+    framed
+        .proxy
+        .send_framed(b, &mut with_room(b"tail"))
+        .unwrap();
+    let wire = drain(&mut framed.proxy);
+    assert_eq!(
+        drain(&mut copied.proxy),
+        wire,
+        "framed and copied sends encode alike"
+    );
+    // And the peer reads it all.
+    framed.agent.handle_input(&wire, framed.now).unwrap();
+    let events = Pair::events(&mut framed.agent);
+    let mut expected = payload.clone();
+    expected.extend_from_slice(b"tail");
+    assert_eq!(data_of(&events), expected);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::Heartbeat { .. }))
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn a_framed_send_takes_what_credit_and_frame_size_allow_and_leaves_the_rest() {
+    let config = Config {
+        initial_window: 48 * 1024,
+        ..Config::default()
+    };
+    let max_frame = config.max_frame as usize;
+    let mut p = Pair::new(config);
+    let id = p.open("app");
+    let payload: Vec<u8> = (0..100 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let mut buf = with_room(&payload);
+    // One frame at most per call.
+    assert_eq!(p.proxy.send_framed(id, &mut buf).unwrap(), max_frame);
+    assert_eq!(
+        &buf[..],
+        &payload[max_frame..],
+        "the rest stays, without room"
+    );
+    // Credit left: 48 KiB - one frame; the rest goes through `send`.
+    let n = p.proxy.send(id, &buf).unwrap();
+    assert_eq!(n, 48 * 1024 - max_frame);
+    assert_eq!(p.proxy.send(id, &buf[n..]).unwrap(), 0, "window exhausted");
+    let mut more = with_room(&payload);
+    assert_eq!(p.proxy.send_framed(id, &mut more).unwrap(), 0);
+    assert_eq!(
+        more.len(),
+        HEADER_LEN + payload.len(),
+        "nothing taken: untouched"
+    );
+    p.drive();
+    assert_eq!(
+        data_of(&Pair::events(&mut p.agent)),
+        payload[..48 * 1024].to_vec()
+    );
+}
+
+#[test]
+fn framed_sends_stop_at_the_buffer_cap_when_the_transport_never_drains() {
+    let config = Config {
+        initial_window: 1 << 30,
+        max_buffered: 256 * 1024,
+        ..Config::default()
+    };
+    let mut p = Pair::new(config);
+    let id = p.open("app");
+    let mut total = 0;
+    for _ in 0..100 {
+        let mut buf = with_room(&[1u8; 32 * 1024]);
+        total += p.proxy.send_framed(id, &mut buf).unwrap();
+    }
+    assert!(
+        total <= 256 * 1024 && total > 200 * 1024,
+        "accepted {total}"
+    );
+    assert!(
+        p.proxy.buffered_bytes() <= 256 * 1024 + 32 * 1024 + HEADER_LEN,
+        "buffered {}",
+        p.proxy.buffered_bytes()
     );
 }
