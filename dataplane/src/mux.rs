@@ -170,8 +170,11 @@ async fn write_all_flush<W: AsyncWrite + Unpin>(
 const WRITE_BATCH: usize = 16;
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
 
-/// How much a spliced stream reads from its socket at once.
-const SPLICE_READ: usize = 32 * 1024;
+/// How much a spliced stream reads from its socket at once, at most (a busy stream) and at
+/// least (a quiet one): the read size doubles after a read that filled it and halves after one
+/// that used less than an eighth.
+const SPLICE_READ: usize = 64 * 1024;
+const SPLICE_READ_MIN: usize = 4 * 1024;
 
 /// Size of each thread's shared read buffer (a read takes at most this much at once).
 const READ_BUF: usize = 64 * 1024;
@@ -608,6 +611,7 @@ impl StreamHandle {
         // Bytes for the tunnel that have no room in front (`leftover`, or the rest of a read
         // that credit cut short): these go through `send`, which copies them into frames.
         let mut pending: Bytes = leftover;
+        let mut read_size = SPLICE_READ_MIN;
         let mut read_done = false;
         let mut write_done = false;
         let tunnel = self.tunnel.clone();
@@ -680,13 +684,14 @@ impl StreamHandle {
                 break;
             }
             let can_read = !read_done && pending.is_empty() && framed.len() <= HEADER_LEN;
-            // One frame's payload per read, behind its header's room.
-            let max = tunnel.inner.borrow().conn.max_payload().min(SPLICE_READ);
+            // One frame's payload per read, behind its header's room; the buffer is sized by
+            // what the last reads brought, so a quiet (interactive) session waits on a small one.
+            let limit = read_size.min(tunnel.inner.borrow().conn.max_payload());
             if can_read && framed.is_empty() {
-                framed.reserve(HEADER_LEN + max);
+                framed = bytes::BytesMut::with_capacity(HEADER_LEN + limit);
                 framed.put_bytes(0, HEADER_LEN);
             }
-            let mut room = (&mut framed).limit(max);
+            let mut room = (&mut framed).limit(limit);
             tokio::select! {
                 r = rd.read_buf(&mut room), if can_read => match r {
                     Ok(0) | Err(_) => {
@@ -694,7 +699,13 @@ impl StreamHandle {
                         let _ = tunnel.inner.borrow_mut().conn.finish(id);
                         tunnel.wake();
                     }
-                    Ok(_) => {}
+                    Ok(n) => {
+                        if n >= limit {
+                            read_size = (read_size * 2).min(SPLICE_READ);
+                        } else if n < read_size / 8 {
+                            read_size = (read_size / 2).max(SPLICE_READ_MIN);
+                        }
+                    }
                 },
                 _ = self.notify.notified() => {}
             }

@@ -58,7 +58,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             initial_window: 256 * 1024,
-            max_frame: 32 * 1024,
+            max_frame: 64 * 1024,
             max_streams: 4096,
             max_buffered: 512 * 1024,
             ping_interval: Duration::from_secs(15),

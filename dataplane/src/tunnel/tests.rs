@@ -452,6 +452,7 @@ fn framed_sends_put_the_same_bytes_on_the_wire_in_the_same_order() {
 fn a_framed_send_takes_what_credit_and_frame_size_allow_and_leaves_the_rest() {
     let config = Config {
         initial_window: 48 * 1024,
+        max_frame: 32 * 1024,
         ..Config::default()
     };
     let max_frame = config.max_frame as usize;
