@@ -291,9 +291,11 @@ impl Connection {
                 return Err(e.clone());
             }
         }
-        // An idle tunnel holds no input buffer: the decoded frames share the allocation and
-        // free it when they are gone (a burst allocates per read, which its size amortizes).
-        if self.inbuf.is_empty() {
+        // A tunnel without streams holds no input buffer (the decoded frames share the
+        // allocation and free it when they are gone). With streams open the buffer is kept for
+        // the next read, unless a burst made it large.
+        if self.inbuf.is_empty() && (self.streams.is_empty() || self.inbuf.capacity() > 256 * 1024)
+        {
             self.inbuf = BytesMut::new();
         }
         Ok(())
@@ -753,9 +755,11 @@ impl Connection {
             return Some(frame);
         }
         if self.out.is_empty() {
-            // Nothing to send: drop what is left of the last chunk's allocation, so an idle
-            // tunnel holds no output buffer.
-            self.out = BytesMut::new();
+            if self.streams.is_empty() {
+                // Nothing to send and no stream to send it: drop what is left of the last
+                // chunk's allocation, so an idle tunnel holds no output buffer.
+                self.out = BytesMut::new();
+            }
             return None;
         }
         let out = self.out.split().freeze();
@@ -777,8 +781,8 @@ impl Connection {
 
     pub fn poll_event(&mut self) -> Option<Event> {
         let ev = self.events.pop_front();
-        if ev.is_none() && self.events.capacity() > 0 {
-            // Drained: an idle tunnel keeps no event queue.
+        if ev.is_none() && self.events.capacity() > 0 && self.streams.is_empty() {
+            // Drained, and no stream to bring more soon: an idle tunnel keeps no event queue.
             self.events = VecDeque::new();
         }
         ev
