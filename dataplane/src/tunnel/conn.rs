@@ -599,11 +599,27 @@ impl Connection {
     /// Queue as much of `data` as credit and buffer allow; returns how much was taken. When it
     /// takes less than offered, `Writable` follows once more may be sent.
     pub fn send(&mut self, stream: StreamId, data: &[u8]) -> Result<usize, StreamError> {
+        let n = self.take_credit(stream, data.len(), usize::MAX)?;
+        let max_frame = self.peer_max_frame as usize;
+        for chunk in data.get(..n).unwrap_or_default().chunks(max_frame) {
+            Frame::encode_data(stream, chunk, &mut self.out);
+        }
+        Ok(n)
+    }
+
+    /// How much of `wanted` bytes `stream` may send now (at most `cap`), as credit, the output
+    /// buffer's room and the stream's state allow; the credit is taken. A stream given less
+    /// than it wanted is marked blocked, to be told when it may write again.
+    fn take_credit(
+        &mut self,
+        stream: StreamId,
+        wanted: usize,
+        cap: usize,
+    ) -> Result<usize, StreamError> {
         if self.closed.is_some() {
             return Err(StreamError::Closed);
         }
         let room = self.config.max_buffered.saturating_sub(self.buffered());
-        let max_frame = self.peer_max_frame as usize;
         let s = self
             .streams
             .get_mut(&stream)
@@ -615,14 +631,11 @@ impl Connection {
             s.blocked = true;
             return Ok(0);
         }
-        let n = data.len().min(s.send_credit as usize).min(room);
-        if n < data.len() {
+        let n = wanted.min(s.send_credit as usize).min(room).min(cap);
+        if n < wanted {
             s.blocked = true;
         }
         s.send_credit -= n as u64;
-        for chunk in data.get(..n).unwrap_or_default().chunks(max_frame) {
-            Frame::encode_data(stream, chunk, &mut self.out);
-        }
         Ok(n)
     }
 
@@ -641,31 +654,11 @@ impl Connection {
         stream: StreamId,
         buf: &mut BytesMut,
     ) -> Result<usize, StreamError> {
-        if self.closed.is_some() {
-            return Err(StreamError::Closed);
-        }
         let payload = buf.len().saturating_sub(HEADER_LEN);
-        let room = self.config.max_buffered.saturating_sub(self.buffered());
-        let max_frame = self.peer_max_frame as usize;
-        let s = self
-            .streams
-            .get_mut(&stream)
-            .ok_or(StreamError::UnknownStream(stream))?;
-        if s.sent_fin {
-            return Err(StreamError::Finished(stream));
-        }
-        if s.opening {
-            s.blocked = true;
-            return Ok(0);
-        }
-        let n = payload.min(s.send_credit as usize).min(room).min(max_frame);
-        if n < payload {
-            s.blocked = true;
-        }
+        let n = self.take_credit(stream, payload, self.peer_max_frame as usize)?;
         if n == 0 {
             return Ok(0);
         }
-        s.send_credit -= n as u64;
         if let Some(header) = buf.get_mut(..HEADER_LEN) {
             Frame::write_data_header(stream, n, header);
         }
