@@ -110,6 +110,22 @@ pub struct SessionsReport {
     pub resumed: u64,
 }
 
+/// One session: connect (TLS, and the session request on the proxy path), one byte echoed,
+/// close. Returns whether the TLS handshake was a resumption.
+async fn one_session(
+    target: &Target,
+    cfg: Arc<rustls::ClientConfig>,
+    i: usize,
+) -> anyhow::Result<bool> {
+    let mut tls = client_stream_with(target, cfg, i, "echo").await?;
+    let kind = tls.get_ref().1.handshake_kind();
+    tls.write_all(b"x").await?;
+    let mut b = [0u8; 1];
+    tls.read_exact(&mut b).await?;
+    let _ = tls.shutdown().await;
+    Ok(kind == Some(rustls::HandshakeKind::Resumed))
+}
+
 /// New sessions back to back from `concurrency` workers for `duration`. With `resumption`,
 /// every session of the run shares one client TLS config, as one long-running client
 /// (`gsh proxy tcp`) does, and resumes where the server sent a ticket; without it, each
@@ -130,11 +146,7 @@ pub async fn sessions(
     };
     // One session first, so the timed ones start with a ticket in hand.
     if let Some(cfg) = &shared {
-        let mut tls = client_stream_with(target, Arc::clone(cfg), 0, "echo").await?;
-        tls.write_all(b"x").await?;
-        let mut b = [0u8; 1];
-        tls.read_exact(&mut b).await?;
-        let _ = tls.shutdown().await;
+        one_session(target, Arc::clone(cfg), 0).await?;
     }
     let cpu0 = middle_pid.and_then(crate::procstat::cpu_seconds);
     let label = if resumption { " (resumed)" } else { "" };
@@ -155,13 +167,7 @@ pub async fn sessions(
                         Some(cfg) => Arc::clone(cfg),
                         None => crate::throughput::client_config(&target, &ca)?,
                     };
-                    let mut tls = client_stream_with(&target, cfg, i, "echo").await?;
-                    let kind = tls.get_ref().1.handshake_kind();
-                    tls.write_all(b"x").await?;
-                    let mut b = [0u8; 1];
-                    tls.read_exact(&mut b).await?;
-                    let _ = tls.shutdown().await;
-                    Ok::<_, anyhow::Error>(kind == Some(rustls::HandshakeKind::Resumed))
+                    one_session(&target, cfg, i).await
                 };
                 match one.await {
                     Ok(r) => {
