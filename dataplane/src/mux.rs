@@ -256,6 +256,11 @@ impl Tunnel {
         self.inner.borrow().slots.len()
     }
 
+    /// Bytes of input buffer the tunnel holds: none while it has no streams and waits.
+    pub fn input_capacity(&self) -> usize {
+        self.inner.borrow().conn.input_capacity()
+    }
+
     /// Total payload bytes (received, sent) over this tunnel.
     pub fn bytes(&self) -> (u64, u64) {
         let i = self.inner.borrow();
@@ -266,6 +271,65 @@ impl Tunnel {
         self.inner.borrow().wake_writer.notify_one();
     }
 
+    /// Read once from the transport and hand the bytes to the connection: `Ok(r)` with the
+    /// connection's verdict on them, or `Err(reason)` when the transport failed or closed.
+    fn poll_read_input<R: AsyncRead + Unpin>(
+        &self,
+        rd: &mut R,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Result<(), ConnError>, String>> {
+        use std::task::Poll;
+        let mut inner = self.inner.borrow_mut();
+        let read = if inner.conn.open_streams() > 0 {
+            // While streams are open the connection keeps its input buffer anyway: read
+            // straight into it, so received frames are not copied once more. tokio's `read_buf`
+            // keeps no state between polls, so a fresh one per poll is the same read.
+            let inbuf = inner.conn.input_buffer(READ_BUF);
+            match std::pin::pin!(tokio::io::AsyncReadExt::read_buf(rd, inbuf)).poll(cx) {
+                Poll::Ready(Ok(0)) => Ok(false),
+                Poll::Ready(Ok(_)) => inner.conn.process_input(Instant::now()).map(|()| true),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(format!("read failed: {e}"))),
+                // Reader and writer run in one task, and whatever ends a stream wakes the
+                // writer: this read is polled again then and takes the branch below, which
+                // releases what it reserved.
+                Poll::Pending => return Poll::Pending,
+            }
+        } else {
+            // Read into this thread's shared buffer and hand the bytes to the connection within
+            // the same poll: an idle tunnel holds no read buffer. (A direct read that was waiting
+            // when the last stream ended left room reserved in the input buffer: released here.)
+            inner.conn.release_idle_input();
+            drop(inner);
+            let read = with_read_buf(|buf| {
+                let mut rb = tokio::io::ReadBuf::new(buf);
+                match std::pin::Pin::new(&mut *rd).poll_read(cx, &mut rb) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(format!("read failed: {e}"))),
+                    Poll::Ready(Ok(())) if rb.filled().is_empty() => Poll::Ready(Ok(Ok(false))),
+                    Poll::Ready(Ok(())) => Poll::Ready(Ok(self
+                        .inner
+                        .borrow_mut()
+                        .conn
+                        .handle_input(rb.filled(), Instant::now())
+                        .map(|()| true))),
+                }
+            });
+            inner = self.inner.borrow_mut();
+            match read {
+                Poll::Ready(Ok(r)) => r,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        };
+        match read {
+            Ok(false) => Poll::Ready(Err("the peer closed the connection".to_string())),
+            r => {
+                inner.dispatch();
+                Poll::Ready(Ok(r.map(|_| ())))
+            }
+        }
+    }
+
     /// Drive the tunnel over `io` until it ends; returns why it ended.
     pub async fn run<T: AsyncRead + AsyncWrite + 'static>(&self, io: T) -> String {
         let (mut rd, mut wr) = tokio::io::split(io);
@@ -273,31 +337,7 @@ impl Tunnel {
             let this = self.clone();
             async move {
                 loop {
-                    // Read into this thread's shared buffer and hand the bytes to the
-                    // connection within the same poll: an idle tunnel holds no read buffer.
-                    let read = std::future::poll_fn(|cx| {
-                        with_read_buf(|buf| {
-                            let mut rb = tokio::io::ReadBuf::new(buf);
-                            match std::pin::Pin::new(&mut rd).poll_read(cx, &mut rb) {
-                                std::task::Poll::Pending => std::task::Poll::Pending,
-                                std::task::Poll::Ready(Err(e)) => {
-                                    std::task::Poll::Ready(Err(format!("read failed: {e}")))
-                                }
-                                std::task::Poll::Ready(Ok(())) if rb.filled().is_empty() => {
-                                    std::task::Poll::Ready(Err(
-                                        "the peer closed the connection".to_string()
-                                    ))
-                                }
-                                std::task::Poll::Ready(Ok(())) => {
-                                    let mut inner = this.inner.borrow_mut();
-                                    let r = inner.conn.handle_input(rb.filled(), Instant::now());
-                                    inner.dispatch();
-                                    std::task::Poll::Ready(Ok(r))
-                                }
-                            }
-                        })
-                    })
-                    .await;
+                    let read = std::future::poll_fn(|cx| this.poll_read_input(&mut rd, cx)).await;
                     match read {
                         Err(reason) => return reason,
                         Ok(result) => {

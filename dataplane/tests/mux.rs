@@ -10,11 +10,11 @@
     clippy::indexing_slicing
 )]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use gatehouse_dataplane::mux::{OpenError, Tunnel, TunnelEvent};
-use gatehouse_dataplane::tunnel::{Config, Side, code};
+use gatehouse_dataplane::tunnel::{Config, Connection, Event, Side, code};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn run_local<F: std::future::Future>(f: F) -> F::Output {
@@ -108,6 +108,105 @@ fn ten_mib_round_trip_with_half_close_and_small_windows() {
         assert_eq!(stats.from_tunnel, expected.len() as u64);
         assert!(!stats.reset);
         assert_eq!(proxy.open_streams(), 0);
+    });
+}
+
+/// Drive a sans-IO `Connection` over `io` until `until` accepts one of its events.
+async fn pump_until(
+    conn: &mut Connection,
+    io: &mut tokio::io::DuplexStream,
+    mut until: impl FnMut(&Event) -> bool,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        while let Some(b) = conn.poll_transmit() {
+            io.write_all(&b).await.unwrap();
+        }
+        while let Some(ev) = conn.poll_event() {
+            if until(&ev) {
+                return;
+            }
+        }
+        let n = io.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the tunnel closed");
+        conn.handle_input(&buf[..n], Instant::now()).unwrap();
+    }
+}
+
+#[test]
+fn a_tunnel_reads_into_its_input_buffer_only_while_streams_are_open() {
+    run_local(async {
+        let (near, mut far) = tokio::io::duplex(1024 * 1024);
+        let (agent, mut events) = Tunnel::new(Side::Dialer, Config::default());
+        let a = agent.clone();
+        tokio::task::spawn_local(async move { a.run(near).await });
+        // The agent's application reads its stream to the end, then closes its side: the
+        // stream ends by the agent's own action while its tunnel waits for input.
+        let app_done = std::rc::Rc::new(tokio::sync::Notify::new());
+        {
+            let (agent, app_done) = (agent.clone(), app_done.clone());
+            tokio::task::spawn_local(async move {
+                while let Some(ev) = events.recv().await {
+                    if let TunnelEvent::Incoming { stream, .. } = ev {
+                        let handle = agent.accept(stream).unwrap();
+                        let (a, mut b) = tokio::io::duplex(64 * 1024);
+                        let app_done = app_done.clone();
+                        let app = async move {
+                            let mut got = Vec::new();
+                            b.read_to_end(&mut got).await.unwrap();
+                            assert_eq!(got.len(), 300_000);
+                            b.shutdown().await.unwrap();
+                        };
+                        tokio::join!(handle.splice(a, Bytes::new()), app);
+                        app_done.notify_one();
+                    }
+                }
+            });
+        }
+        // The proxy's side, frame by frame.
+        let mut proxy = Connection::new(Side::Listener, Config::default(), Instant::now());
+        pump_until(&mut proxy, &mut far, |e| matches!(e, Event::Ready)).await;
+        assert_eq!(
+            agent.input_capacity(),
+            0,
+            "an idle tunnel holds no input buffer"
+        );
+        let id = proxy.open("sink", Bytes::new()).unwrap();
+        pump_until(&mut proxy, &mut far, |e| {
+            matches!(e, Event::Accepted { .. })
+        })
+        .await;
+        let data = vec![7u8; 300_000];
+        let mut sent = 0;
+        while sent < data.len() {
+            sent += proxy.send(id, &data[sent..]).unwrap();
+            if sent < data.len() {
+                pump_until(&mut proxy, &mut far, |e| {
+                    matches!(e, Event::Writable { .. })
+                })
+                .await;
+            }
+        }
+        proxy.finish(id).unwrap();
+        pump_until(&mut proxy, &mut far, |e| {
+            matches!(e, Event::Finished { .. })
+        })
+        .await;
+        app_done.notified().await;
+        // The agent's reader was waiting in a read into its input buffer when the stream
+        // ended; nothing more arrives, yet the buffer is released.
+        for _ in 0..100 {
+            if agent.open_streams() == 0 && agent.input_capacity() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(agent.open_streams(), 0);
+        assert_eq!(
+            agent.input_capacity(),
+            0,
+            "idle again: the input buffer is released"
+        );
     });
 }
 

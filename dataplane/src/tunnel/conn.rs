@@ -235,6 +235,11 @@ impl Connection {
         self.closed.is_some()
     }
 
+    /// Bytes of input buffer the connection holds (allocated, used or not).
+    pub fn input_capacity(&self) -> usize {
+        self.inbuf.capacity()
+    }
+
     pub fn open_streams(&self) -> usize {
         self.streams.len()
     }
@@ -276,8 +281,27 @@ impl Connection {
         if let Some(e) = &self.closed {
             return Err(e.clone());
         }
-        self.last_rx = now;
         self.inbuf.extend_from_slice(data);
+        self.process_input(now)
+    }
+
+    /// The connection's input buffer with room for at least `room` more bytes, for a transport
+    /// that reads straight into it (then calls [`Connection::process_input`]) instead of handing
+    /// over a copy with [`Connection::handle_input`]. Only append to it. Worth it while streams
+    /// are open, when the buffer is kept between reads anyway; an idle tunnel should read into a
+    /// shared buffer and call `handle_input`, so that it holds no buffer of its own.
+    pub fn input_buffer(&mut self, room: usize) -> &mut BytesMut {
+        self.inbuf.reserve(room);
+        &mut self.inbuf
+    }
+
+    /// Decode and handle the frames complete in the input buffer (after the transport appended
+    /// to [`Connection::input_buffer`]).
+    pub fn process_input(&mut self, now: Instant) -> Result<(), ConnError> {
+        if let Some(e) = &self.closed {
+            return Err(e.clone());
+        }
+        self.last_rx = now;
         loop {
             let frame = match Frame::decode(&mut self.inbuf, self.config.max_frame) {
                 Ok(Some(f)) => f,
@@ -291,14 +315,19 @@ impl Connection {
                 return Err(e.clone());
             }
         }
-        // A tunnel without streams holds no input buffer (the decoded frames share the
-        // allocation and free it when they are gone). With streams open the buffer is kept for
-        // the next read, unless a burst made it large.
+        self.release_idle_input();
+        Ok(())
+    }
+
+    /// A tunnel without streams holds no input buffer (decoded frames share its allocation and
+    /// free it when they are gone). With streams open an empty buffer is kept for the next read,
+    /// unless a burst made it large. Called after input is processed, and by a transport whose
+    /// read into [`Connection::input_buffer`] was waiting when the last stream ended.
+    pub fn release_idle_input(&mut self) {
         if self.inbuf.is_empty() && (self.streams.is_empty() || self.inbuf.capacity() > 256 * 1024)
         {
             self.inbuf = BytesMut::new();
         }
-        Ok(())
     }
 
     fn handle_frame(&mut self, frame: Frame, now: Instant) -> Result<(), ConnError> {
