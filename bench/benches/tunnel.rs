@@ -73,7 +73,7 @@ fn pump(total: usize, chunk: &[u8]) -> usize {
         while let Some(ev) = agent.poll_event() {
             if let Event::Data { data, .. } = ev {
                 received += data.len();
-                agent.consumed(id, data.len());
+                agent.consumed(id, data.len(), now);
             }
         }
         if let Some(bytes) = agent.poll_transmit() {

@@ -711,7 +711,11 @@ impl StreamHandle {
                     break;
                 }
                 stats.from_tunnel += chunk.len() as u64;
-                tunnel.inner.borrow_mut().conn.consumed(id, chunk.len());
+                tunnel
+                    .inner
+                    .borrow_mut()
+                    .conn
+                    .consumed(id, chunk.len(), Instant::now());
                 tunnel.wake();
                 continue;
             }

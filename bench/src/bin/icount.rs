@@ -53,7 +53,7 @@ fn forward(total: usize) -> Result<usize, String> {
         while let Some(ev) = agent.poll_event() {
             if let Event::Data { data, .. } = ev {
                 received += data.len();
-                agent.consumed(id, data.len());
+                agent.consumed(id, data.len(), now);
             }
         }
         step(&mut agent, &mut proxy)?;

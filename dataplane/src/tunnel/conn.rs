@@ -43,6 +43,13 @@ pub enum Side {
 pub struct Config {
     /// Receive window per stream, announced to the peer.
     pub initial_window: u32,
+    /// A stream's receive window grows (doubling) up to this while its application consumes
+    /// faster than the peer could send within the window: a window is granted again less than
+    /// two round trips after the last grant. Set it to `initial_window` for fixed windows.
+    pub max_window: u32,
+    /// How far the windows of all streams of this connection may grow beyond
+    /// `initial_window`, together: what a tunnel may hold for fast streams whose readers stall.
+    pub max_window_growth: u64,
     /// Largest frame payload accepted from the peer (and largest data frame sent).
     pub max_frame: u32,
     /// Streams the peer may have open at once; more are refused, not fatal.
@@ -58,6 +65,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             initial_window: 256 * 1024,
+            max_window: 4 * 1024 * 1024,
+            max_window_growth: 32 * 1024 * 1024,
             max_frame: 64 * 1024,
             max_streams: 4096,
             max_buffered: 512 * 1024,
@@ -162,6 +171,11 @@ struct Stream {
     recv_window: u64,
     /// Consumed by the application, not yet granted back.
     recv_unacked: u64,
+    /// The receive window this stream is granted up to: `initial_window`, grown while the
+    /// application keeps up (see [`Config::max_window`]).
+    window: u64,
+    /// When window was last granted (none yet: no rate to judge growth by).
+    granted_at: Option<Instant>,
     sent_fin: bool,
     recv_fin: bool,
     /// `send` was refused for lack of credit or buffer: tell the app when it may write.
@@ -189,6 +203,10 @@ pub struct Connection {
     next_ping: Instant,
     ping_outstanding: Option<(u64, Instant)>,
     ping_counter: u64,
+    /// Smoothed round-trip time from pings (the first is sent when the peer's hello arrives).
+    srtt: Option<Duration>,
+    /// Sum over open streams of how far their windows grew beyond `initial_window`.
+    window_growth: u64,
     going_away: bool,
     peer_going_away: bool,
     closed: Option<ConnError>,
@@ -220,6 +238,8 @@ impl Connection {
             next_ping: now + config.ping_interval,
             ping_outstanding: None,
             ping_counter: 0,
+            srtt: None,
+            window_growth: 0,
             going_away: false,
             peer_going_away: false,
             closed: None,
@@ -270,7 +290,7 @@ impl Connection {
             }
             .encode(&mut self.out);
             self.closed = Some(err.clone());
-            self.streams.clear();
+            self.remove_all_streams();
         }
         err
     }
@@ -357,6 +377,9 @@ impl Connection {
                 self.peer_window = Some(initial_window);
                 self.peer_max_frame = max_frame.min(self.config.max_frame.max(1024));
                 self.events.push_back(Event::Ready);
+                // A first round-trip time for window auto-tuning, without waiting a ping
+                // interval.
+                self.send_ping(now);
             }
             Frame::Open {
                 stream,
@@ -398,6 +421,8 @@ impl Connection {
                             send_credit: window,
                             recv_window: u64::from(self.config.initial_window),
                             recv_unacked: 0,
+                            window: u64::from(self.config.initial_window),
+                            granted_at: None,
                             sent_fin: false,
                             recv_fin: false,
                             blocked: false,
@@ -428,7 +453,7 @@ impl Connection {
                 message,
             } => match self.streams.get(&stream) {
                 Some(s) if s.opening => {
-                    self.streams.remove(&stream);
+                    self.remove_stream(stream);
                     self.events.push_back(Event::Rejected {
                         stream,
                         code,
@@ -499,7 +524,7 @@ impl Connection {
                 None => self.check_known(stream, "fin")?,
             },
             Frame::Reset { stream, code } => {
-                if self.streams.remove(&stream).is_some() {
+                if self.remove_stream(stream) {
                     self.events.push_back(Event::Reset { stream, code });
                 } else {
                     self.check_known(stream, "reset")?;
@@ -511,9 +536,12 @@ impl Connection {
                     && expected == opaque
                 {
                     self.ping_outstanding = None;
-                    self.events.push_back(Event::Pong {
-                        rtt: now.saturating_duration_since(sent),
+                    let rtt = now.saturating_duration_since(sent);
+                    self.srtt = Some(match self.srtt {
+                        Some(srtt) => (srtt * 7 + rtt) / 8,
+                        None => rtt,
                     });
+                    self.events.push_back(Event::Pong { rtt });
                 }
             }
             Frame::Heartbeat { inventory } => self.events.push_back(Event::Heartbeat { inventory }),
@@ -522,7 +550,7 @@ impl Connection {
                 if code != code::NO_ERROR && code != code::GOING_AWAY {
                     let msg = format!("{message} (code {code})");
                     self.closed = Some(ConnError::PeerClosed(msg));
-                    self.streams.clear();
+                    self.remove_all_streams();
                 }
                 self.events.push_back(Event::GoAway { code, message });
             }
@@ -552,8 +580,27 @@ impl Connection {
             && s.sent_fin
             && s.recv_fin
         {
-            self.streams.remove(&stream);
+            self.remove_stream(stream);
         }
+    }
+
+    /// Forget `stream`, returning its window growth to the connection. Whether it was open.
+    fn remove_stream(&mut self, stream: StreamId) -> bool {
+        match self.streams.remove(&stream) {
+            Some(s) => {
+                let grown = s
+                    .window
+                    .saturating_sub(u64::from(self.config.initial_window));
+                self.window_growth = self.window_growth.saturating_sub(grown);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn remove_all_streams(&mut self) {
+        self.streams.clear();
+        self.window_growth = 0;
     }
 
     /// Open a stream to `target` with JSON `metadata`. The answer arrives as `Accepted` or
@@ -581,6 +628,8 @@ impl Connection {
                 send_credit: u64::from(window),
                 recv_window: u64::from(self.config.initial_window),
                 recv_unacked: 0,
+                window: u64::from(self.config.initial_window),
+                granted_at: None,
                 sent_fin: false,
                 recv_fin: false,
                 blocked: false,
@@ -604,7 +653,7 @@ impl Connection {
     }
 
     pub fn reject(&mut self, stream: StreamId, code: u16, message: &str) {
-        if self.streams.remove(&stream).is_some() {
+        if self.remove_stream(stream) {
             Frame::OpenErr {
                 stream,
                 code,
@@ -710,21 +759,44 @@ impl Connection {
 
     /// The application consumed `n` received bytes of `stream`: return credit to the peer in
     /// batches of half a window, so that a busy stream costs one window frame per half window.
-    pub fn consumed(&mut self, stream: StreamId, n: usize) {
-        let threshold = u64::from(self.config.initial_window / 2).max(1);
-        if let Some(s) = self.streams.get_mut(&stream) {
-            s.recv_unacked += n as u64;
-            if s.recv_unacked >= threshold && !s.recv_fin {
-                let inc = s.recv_unacked.min(u64::from(u32::MAX));
-                s.recv_window += inc;
-                s.recv_unacked -= inc;
-                Frame::Window {
-                    stream,
-                    increment: inc as u32,
-                }
-                .encode(&mut self.out);
-            }
+    ///
+    /// The window grows while the application keeps up: when half a window was consumed within
+    /// two round trips of the last grant, the peer could have sent faster than the window let it
+    /// (the rule of Chromium's QUIC receive-window auto-tuning), so the window doubles, up to
+    /// [`Config::max_window`] and within the connection's [`Config::max_window_growth`].
+    pub fn consumed(&mut self, stream: StreamId, n: usize, now: Instant) {
+        let Some(s) = self.streams.get_mut(&stream) else {
+            return;
+        };
+        s.recv_unacked += n as u64;
+        if s.recv_unacked < (s.window / 2).max(1) || s.recv_fin {
+            return;
         }
+        let mut grow = 0;
+        if let (Some(rtt), Some(last)) = (self.srtt, s.granted_at)
+            && now.saturating_duration_since(last) < 2 * rtt
+        {
+            grow = s
+                .window
+                .min(u64::from(self.config.max_window).saturating_sub(s.window))
+                .min(
+                    self.config
+                        .max_window_growth
+                        .saturating_sub(self.window_growth),
+                );
+            s.window += grow;
+            self.window_growth += grow;
+        }
+        s.granted_at = Some(now);
+        // Growth is granted like consumed bytes; what one frame cannot carry waits for the next.
+        let inc = (s.recv_unacked + grow).min(u64::from(u32::MAX));
+        s.recv_unacked = s.recv_unacked + grow - inc;
+        s.recv_window += inc;
+        Frame::Window {
+            stream,
+            increment: inc as u32,
+        }
+        .encode(&mut self.out);
     }
 
     /// Half-close: we send no more on `stream`.
@@ -745,7 +817,7 @@ impl Connection {
 
     /// Abort `stream` in both directions.
     pub fn reset(&mut self, stream: StreamId, code: u16) {
-        if self.streams.remove(&stream).is_some() && self.closed.is_none() {
+        if self.remove_stream(stream) && self.closed.is_none() {
             Frame::Reset { stream, code }.encode(&mut self.out);
         }
     }
@@ -826,15 +898,24 @@ impl Connection {
             return Err(self.fail(ConnError::IdleTimeout(self.config.idle_timeout)));
         }
         if now >= self.next_ping {
-            self.ping_counter += 1;
-            self.ping_outstanding = Some((self.ping_counter, now));
-            Frame::Ping {
-                opaque: self.ping_counter,
-            }
-            .encode(&mut self.out);
-            self.next_ping = now + self.config.ping_interval;
+            self.send_ping(now);
         }
         Ok(())
+    }
+
+    fn send_ping(&mut self, now: Instant) {
+        self.ping_counter += 1;
+        self.ping_outstanding = Some((self.ping_counter, now));
+        Frame::Ping {
+            opaque: self.ping_counter,
+        }
+        .encode(&mut self.out);
+        self.next_ping = now + self.config.ping_interval;
+    }
+
+    /// The smoothed round-trip time, once a ping was answered.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.srtt
     }
 
     /// Memory held by this connection's buffers (for the idle-tunnel budget).

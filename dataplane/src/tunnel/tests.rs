@@ -23,8 +23,15 @@ impl Pair {
             now,
         };
         p.drive();
+        // Each side pings as the peer's hello arrives (a first round-trip time); simulated time
+        // stands still, so it is zero here.
         assert_eq!(p.agent.poll_event(), Some(Event::Ready));
         assert_eq!(p.proxy.poll_event(), Some(Event::Ready));
+        let rtt0 = Event::Pong {
+            rtt: Duration::ZERO,
+        };
+        assert_eq!(p.agent.poll_event(), Some(rtt0.clone()));
+        assert_eq!(p.proxy.poll_event(), Some(rtt0));
         p
     }
 
@@ -163,16 +170,119 @@ fn flow_control_blocks_the_writer_until_the_reader_consumes() {
         "no credit yet, so no writable"
     );
     // The agent's app consumes a quarter: below the half-window threshold, no credit yet.
-    p.agent.consumed(id, 16 * 1024);
+    p.agent.consumed(id, 16 * 1024, p.now);
     p.drive();
     assert!(Pair::events(&mut p.proxy).is_empty());
-    p.agent.consumed(id, 48 * 1024);
+    p.agent.consumed(id, 48 * 1024, p.now);
     p.drive();
     assert_eq!(
         Pair::events(&mut p.proxy),
         vec![Event::Writable { stream: id }]
     );
     assert_eq!(p.proxy.send(id, &chunk).unwrap(), 64 * 1024);
+}
+
+/// The agent's round-trip time becomes about `rtt` (a ping answered that long after it left).
+fn set_agent_rtt(p: &mut Pair, rtt: Duration) {
+    for _ in 0..40 {
+        p.now += Duration::from_secs(15);
+        p.agent.handle_timeout(p.now).unwrap();
+        p.proxy.handle_timeout(p.now).unwrap();
+        let ping = p.agent.poll_transmit().unwrap();
+        p.proxy.handle_input(&ping, p.now).unwrap();
+        p.now += rtt;
+        p.drive();
+        Pair::events(&mut p.agent);
+        Pair::events(&mut p.proxy);
+    }
+    let srtt = p.agent.rtt().unwrap();
+    assert!(srtt > rtt * 9 / 10 && srtt <= rtt, "{srtt:?}");
+}
+
+/// The proxy sends all it may on `id`, the agent receives it and its app consumes it
+/// `after` the data arrived. Returns how much was in flight (the window the agent granted).
+fn window_round(p: &mut Pair, id: u32, after: Duration) -> usize {
+    let chunk = vec![1u8; 8 << 20];
+    let mut sent = 0;
+    loop {
+        let n = p.proxy.send(id, &chunk).unwrap();
+        if n == 0 {
+            break;
+        }
+        sent += n;
+        p.drive();
+    }
+    let got = data_of(&Pair::events(&mut p.agent)).len();
+    assert_eq!(got, sent);
+    p.now += after;
+    p.agent.consumed(id, got, p.now);
+    p.drive();
+    Pair::events(&mut p.proxy);
+    sent
+}
+
+#[test]
+fn windows_grow_while_the_reader_keeps_up_and_only_then() {
+    let config = Config {
+        initial_window: 64 * 1024,
+        max_window: 512 * 1024,
+        ..Config::default()
+    };
+    let rtt = Duration::from_millis(20);
+
+    // A reader that consumes everything within a round trip: the window doubles per grant
+    // (the first grant only starts the clock) up to max_window.
+    let mut p = Pair::new(config.clone());
+    set_agent_rtt(&mut p, rtt);
+    let id = p.open("ssh");
+    let in_flight: Vec<usize> = (0..7).map(|_| window_round(&mut p, id, rtt / 4)).collect();
+    assert_eq!(
+        in_flight,
+        [64, 64, 128, 256, 512, 512, 512].map(|k| k * 1024),
+        "window per round"
+    );
+
+    // A reader slower than two round trips per half window: the window stays.
+    let mut p = Pair::new(config.clone());
+    set_agent_rtt(&mut p, rtt);
+    let id = p.open("ssh");
+    for _ in 0..5 {
+        assert_eq!(window_round(&mut p, id, rtt * 3), 64 * 1024);
+    }
+
+    // No round-trip time measured (simulated time stood still): fixed windows.
+    let mut p = Pair::new(config);
+    let id = p.open("ssh");
+    for _ in 0..5 {
+        assert_eq!(window_round(&mut p, id, Duration::ZERO), 64 * 1024);
+    }
+}
+
+#[test]
+fn window_growth_is_bounded_per_connection_and_returned_when_a_stream_ends() {
+    let config = Config {
+        initial_window: 64 * 1024,
+        max_window: 1024 * 1024,
+        max_window_growth: 192 * 1024,
+        ..Config::default()
+    };
+    let rtt = Duration::from_millis(20);
+    let mut p = Pair::new(config);
+    set_agent_rtt(&mut p, rtt);
+    let a = p.open("a");
+    let b = p.open("b");
+    // Stream a takes the whole budget: 64 + 64 + 128 = 256 KiB.
+    let in_flight: Vec<usize> = (0..5).map(|_| window_round(&mut p, a, rtt / 4)).collect();
+    assert_eq!(in_flight, [64, 64, 128, 256, 256].map(|k| k * 1024));
+    // Stream b is as fast, but nothing is left to grow by.
+    let in_flight: Vec<usize> = (0..4).map(|_| window_round(&mut p, b, rtt / 4)).collect();
+    assert_eq!(in_flight, [64; 4].map(|k| k * 1024));
+    // Stream a ends: its growth returns, and b grows.
+    p.proxy.reset(a, code::CANCELLED);
+    p.drive();
+    Pair::events(&mut p.agent);
+    let in_flight: Vec<usize> = (0..3).map(|_| window_round(&mut p, b, rtt / 4)).collect();
+    assert_eq!(in_flight, [64, 128, 256].map(|k| k * 1024));
 }
 
 #[test]
