@@ -22,6 +22,8 @@ ses = {skey(s): s for s in load("sessions.json")}
 ssh = {s["path"]: s for s in load("ssh.json")}
 med = {m["path"]: m for m in thr["medians"]}
 opt = lambda name: load(name) if os.path.exists(os.path.join(src, name)) else None
+# One session: a single stream (throughput --streams 1), absent in older runs.
+one = {m["path"]: m for m in (opt("throughput-1.json") or {"medians": []})["medians"]}
 epoll = {"latency-20k": opt("latency-20k-epoll.json"), "latency-2k": opt("latency-2k-epoll.json"),
          "sessions": opt("sessions-epoll.json"), "tunnels": opt("tunnels-epoll.json")}
 tunq = opt("tunnels-quic.json")
@@ -51,6 +53,19 @@ def baseline_row(name, m):
     return (f"| {name} | {m.get('median_gb_per_s', 0):.3f} | {m.get('median_gb_per_middle_cpu_s') or 0:.2f} | "
             f"{ratio(pm.get('median_gb_per_s'), m.get('median_gb_per_s'))} | "
             f"{ratio(pm.get('median_gb_per_middle_cpu_s'), m.get('median_gb_per_middle_cpu_s'))} |")
+
+def one_table():
+    if not one:
+        return "Not run.\n"
+    d1 = one.get("direct", {})
+    rows = ["| path | GB/s | GB per proxy CPU-second | ÷ direct |", "|---|---|---|---|",
+            f"| direct | {d1.get('median_gb_per_s', 0):.3f} | — | 1.00× |"]
+    for key, name in (("proxy", "gatehouse proxy"), ("proxy-epoll", "gatehouse proxy")):
+        m = one.get(key)
+        if m:
+            rows.append(f"| {name} ({m.get('proxy_io_backend') or '?'}) | {m.get('median_gb_per_s', 0):.3f} | "
+                        f"{m.get('median_gb_per_middle_cpu_s') or 0:.2f} | {ratio(m.get('median_gb_per_s'), d1.get('median_gb_per_s'))} |")
+    return "\n".join(rows) + "\n"
 
 def added(ls, key):
     return ls[1][key] - ls[0][key] if ls and len(ls) == 2 else None
@@ -109,6 +124,9 @@ results = [
     {"scenario": "throughput", "baseline": "gatehouse-proxy-quic-tunnels", "unit": "GB/s", "value": pq.get("median_gb_per_s")},
     {"scenario": "throughput", "baseline": "gatehouse-proxy-quic-tunnels", "unit": "GB per proxy CPU-second", "value": pq.get("median_gb_per_middle_cpu_s")},
     {"scenario": "throughput", "baseline": "gatehouse-proxy-epoll", "unit": "GB per proxy CPU-second", "value": pe.get("median_gb_per_middle_cpu_s")},
+    {"scenario": "one-session", "baseline": "direct", "unit": "GB/s", "value": one.get("direct", {}).get("median_gb_per_s")},
+    {"scenario": "one-session", "baseline": "gatehouse-proxy", "unit": "GB/s", "value": one.get("proxy", {}).get("median_gb_per_s")},
+    {"scenario": "one-session", "baseline": "gatehouse-proxy-epoll", "unit": "GB/s", "value": one.get("proxy-epoll", {}).get("median_gb_per_s")},
     {"scenario": "tunnels", "baseline": "gatehouse-proxy", "unit": "tunnels held", "value": tun["tunnels_held"]},
     {"scenario": "tunnels", "baseline": "gatehouse-proxy", "unit": "KiB proxy RSS per idle tunnel", "value": tun["proxy_kib_per_tunnel"]},
     {"scenario": "tunnels", "baseline": "gatehouse-proxy", "unit": "tunnels connected per second", "value": tun["connects_per_second"]},
@@ -166,6 +184,15 @@ proxy decrypts TLS and encrypts QUIC packets. QUIC endpoints run on one worker.
 
 The generator (clients, sink and simulated agents) runs on the same 2 cores; runs where it was
 saturated are flagged in `results.json`.
+
+## One session end to end: a single stream (`loadgen throughput --streams 1 --duration 5s --runs 3`)
+
+One TLS connection from one client, through the proxy and one tunnel to the simulated agent,
+beside one TLS connection straight to the sink; medians of 3 interleaved rounds. A single stream
+leans on flow control: the tunnel's stream window grows while the agent keeps up (receive-window
+auto-tuning).
+
+""" + one_table() + f"""
 
 ## Latency: 64-byte echo, 32 sessions (`loadgen latency --sessions 32 --rate R --duration 8s`)
 
