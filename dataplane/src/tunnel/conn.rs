@@ -61,6 +61,9 @@ pub struct Config {
     pub idle_timeout: Duration,
 }
 
+/// A window grant carries a ping (a round-trip sample under load) at most this often.
+const RTT_SAMPLE_INTERVAL: Duration = Duration::from_millis(10);
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -203,8 +206,11 @@ pub struct Connection {
     next_ping: Instant,
     ping_outstanding: Option<(u64, Instant)>,
     ping_counter: u64,
-    /// Smoothed round-trip time from pings (the first is sent when the peer's hello arrives).
+    /// Smoothed round-trip time from pings (the first is sent when the peer's hello arrives,
+    /// more along with window grants: see [`Connection::consumed`]).
     srtt: Option<Duration>,
+    /// When the last ping was answered.
+    rtt_sampled_at: Option<Instant>,
     /// Sum over open streams of how far their windows grew beyond `initial_window`.
     window_growth: u64,
     going_away: bool,
@@ -239,6 +245,7 @@ impl Connection {
             ping_outstanding: None,
             ping_counter: 0,
             srtt: None,
+            rtt_sampled_at: None,
             window_growth: 0,
             going_away: false,
             peer_going_away: false,
@@ -541,6 +548,7 @@ impl Connection {
                         Some(srtt) => (srtt * 7 + rtt) / 8,
                         None => rtt,
                     });
+                    self.rtt_sampled_at = Some(now);
                     self.events.push_back(Event::Pong { rtt });
                 }
             }
@@ -797,6 +805,15 @@ impl Connection {
             increment: inc as u32,
         }
         .encode(&mut self.out);
+        // Sample the round trip while data flows: it includes what queues at the sender, which
+        // is what the window must cover (an idle ping, such as the first one, sees less).
+        if self.ping_outstanding.is_none()
+            && self
+                .rtt_sampled_at
+                .is_none_or(|t| now.saturating_duration_since(t) >= RTT_SAMPLE_INTERVAL)
+        {
+            self.send_ping(now);
+        }
     }
 
     /// Half-close: we send no more on `stream`.

@@ -258,6 +258,62 @@ fn windows_grow_while_the_reader_keeps_up_and_only_then() {
     }
 }
 
+/// Frames `c` has queued for the transport.
+fn queued_frames(c: &mut Connection) -> Vec<super::frame::Frame> {
+    let mut wire = BytesMut::new();
+    while let Some(b) = c.poll_transmit() {
+        wire.extend_from_slice(&b);
+    }
+    std::iter::from_fn(|| super::frame::Frame::decode(&mut wire, 1 << 20).unwrap()).collect()
+}
+
+#[test]
+fn window_grants_sample_the_round_trip_under_load() {
+    use super::frame::Frame;
+    let mut p = Pair::new(Config::default());
+    let id = p.open("ssh");
+    // The idle sample from the hello is a while old when data starts to flow.
+    p.now += Duration::from_secs(1);
+    let half = vec![0u8; 128 * 1024];
+    let mut grant = |p: &mut Pair| {
+        assert_eq!(p.proxy.send(id, &half).unwrap(), half.len());
+        p.drive();
+        Pair::events(&mut p.agent);
+        p.now += Duration::from_millis(4);
+        p.agent.consumed(id, half.len(), p.now);
+        queued_frames(&mut p.agent)
+    };
+    // The first grant carries a ping; its pong comes back 30 ms later (say, behind the
+    // sender's queue): the smoothed RTT moves an eighth of the way from the idle sample (0).
+    let frames = grant(&mut p);
+    assert!(
+        matches!(frames[..], [Frame::Window { .. }, Frame::Ping { opaque }] if opaque == 2),
+        "{frames:?}"
+    );
+    p.proxy.handle_input(&encode(&frames[1..]), p.now).unwrap();
+    p.now += Duration::from_millis(30);
+    p.drive();
+    assert_eq!(p.agent.rtt(), Some(Duration::from_micros(3750)));
+    // Grants within 10 ms of that sample carry none; the next one after does.
+    let frames = grant(&mut p);
+    assert!(matches!(frames[..], [Frame::Window { .. }]), "{frames:?}");
+    p.proxy.handle_input(&encode(&frames), p.now).unwrap();
+    p.now += Duration::from_millis(10);
+    let frames = grant(&mut p);
+    assert!(
+        matches!(frames[..], [Frame::Window { .. }, Frame::Ping { .. }]),
+        "{frames:?}"
+    );
+}
+
+fn encode(frames: &[super::frame::Frame]) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    for f in frames {
+        f.encode(&mut b);
+    }
+    b.to_vec()
+}
+
 #[test]
 fn window_growth_is_bounded_per_connection_and_returned_when_a_stream_ends() {
     let config = Config {
