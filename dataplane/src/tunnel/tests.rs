@@ -275,7 +275,7 @@ fn window_grants_sample_the_round_trip_under_load() {
     // The idle sample from the hello is a while old when data starts to flow.
     p.now += Duration::from_secs(1);
     let half = vec![0u8; 128 * 1024];
-    let mut grant = |p: &mut Pair| {
+    let grant = |p: &mut Pair| {
         assert_eq!(p.proxy.send(id, &half).unwrap(), half.len());
         p.drive();
         Pair::events(&mut p.agent);
