@@ -15,8 +15,10 @@ use gatehouse_dataplane::mux::{Tunnel, TunnelEvent};
 use gatehouse_dataplane::proxy::Inventory;
 use gatehouse_dataplane::quic::TunnelTransport;
 use gatehouse_dataplane::session_proto::{ALPN_TUNNEL, PROXY_SERVER_NAME};
+use gatehouse_dataplane::tls_stream::TlsStream;
 use gatehouse_dataplane::tunnel::{self, Side, code};
 use rand::Rng;
+use rustls::client::UnbufferedClientConnection;
 
 use crate::host::HostIdentity;
 
@@ -137,7 +139,6 @@ async fn run(
             return;
         }
     };
-    let tls = tokio_rustls::TlsConnector::from(Arc::clone(&client));
     let quic = match config.transport {
         TunnelTransport::Tls => None,
         TunnelTransport::Quic => {
@@ -162,7 +163,7 @@ async fn run(
     loop {
         let started = Instant::now();
         let connected = match &quic {
-            None => dial(&tls, &config.proxy_addr)
+            None => dial(&client, &config.proxy_addr)
                 .await
                 .map(|s| (Box::new(s) as Box<dyn TunnelIo>, None)),
             Some((cfg, endpoint)) => tokio::time::timeout(
@@ -202,10 +203,12 @@ async fn run(
     }
 }
 
+/// TCP and TLS to the proxy, on the data plane's unbuffered TLS stream (the proxy's own, client
+/// side): records are decrypted in place and copied once, into the tunnel's input buffer.
 async fn dial(
-    tls: &tokio_rustls::TlsConnector,
+    client: &Arc<rustls::ClientConfig>,
     addr: &str,
-) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+) -> std::io::Result<TlsStream<UnbufferedClientConnection>> {
     let tcp = tokio::time::timeout(
         Duration::from_secs(10),
         tokio::net::TcpStream::connect(addr),
@@ -215,9 +218,12 @@ async fn dial(
     tcp.set_nodelay(true)?;
     let name = rustls::pki_types::ServerName::try_from(PROXY_SERVER_NAME)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    tokio::time::timeout(Duration::from_secs(10), tls.connect(name, tcp))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        TlsStream::connect(tcp, Arc::clone(client), name),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
 }
 
 /// A tunnel's byte stream, over TLS or QUIC.

@@ -1,4 +1,5 @@
-//! The Proxy's server-side TLS stream, on rustls' unbuffered API.
+//! The data plane's TLS stream, on rustls' unbuffered API: the Proxy's server side
+//! ([`TlsStream::accept`]) and the agents' client side ([`TlsStream::connect`]).
 //!
 //! Why not tokio-rustls or rustls' buffered `ServerConnection`:
 //! - the accepted socket and TLS state must move to another core as plain values (see
@@ -16,9 +17,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use rustls::ServerConfig;
-use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::pki_types::ServerName;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, UnbufferedConnectionCommon, UnbufferedStatus,
+};
+use rustls::{ClientConfig, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::socket::Socket;
@@ -40,6 +45,37 @@ thread_local! {
     /// Records are encrypted here and written from here; only what the socket does not take
     /// is copied into the connection's own `outgoing`.
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; WRITE_SCRATCH]);
+}
+
+/// One side of an unbuffered rustls connection: the server or the client.
+pub trait TlsSide:
+    std::ops::DerefMut<Target = UnbufferedConnectionCommon<Self::Data>> + Send + 'static
+{
+    type Data;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+}
+
+impl TlsSide for UnbufferedServerConnection {
+    type Data = ServerConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, ServerConnectionData> {
+        self.process_tls_records(incoming)
+    }
+}
+
+impl TlsSide for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, ClientConnectionData> {
+        self.process_tls_records(incoming)
+    }
 }
 
 /// An accepted, handshaken TLS connection as movable parts.
@@ -70,9 +106,11 @@ struct Buffers {
     outgoing: BytesMut,
 }
 
-pub struct TlsStream {
+/// A TLS connection over a [`Socket`]: the server side by default, `TlsStream<UnbufferedClientConnection>`
+/// for a client.
+pub struct TlsStream<C: TlsSide = UnbufferedServerConnection> {
     io: Socket,
-    tls: Box<UnbufferedServerConnection>,
+    tls: Box<C>,
     buf: Buffers,
     /// The peer sent close_notify or closed the socket.
     read_eof: bool,
@@ -84,7 +122,7 @@ pub struct TlsStream {
     stored_unprocessed: bool,
 }
 
-impl std::fmt::Debug for TlsStream {
+impl<C: TlsSide> std::fmt::Debug for TlsStream<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsStream")
             .field("peer", &self.io.peer_addr().ok())
@@ -121,8 +159,8 @@ impl Buffers {
 /// Process every complete record in `input[..*used]`: decrypted application data goes to
 /// `out` (as much as fits) and then to `buf.plaintext`; TLS records the connection wants to send
 /// go to `buf.outgoing`. Consumed bytes are removed from the front of `input`.
-fn process(
-    tls: &mut UnbufferedServerConnection,
+fn process<C: TlsSide>(
+    tls: &mut C,
     buf: &mut Buffers,
     input: &mut [u8],
     used: &mut usize,
@@ -134,7 +172,7 @@ fn process(
     let mut start = 0;
     let result = loop {
         let UnbufferedStatus { mut discard, state } =
-            tls.process_tls_records(input.get_mut(start..*used).unwrap_or_default());
+            tls.process(input.get_mut(start..*used).unwrap_or_default());
         let mut stop = false;
         match state {
             Ok(ConnectionState::ReadTraffic(mut records)) => {
@@ -156,7 +194,7 @@ fn process(
                 }
             }
             Ok(ConnectionState::ReadEarlyData(_)) => {
-                // Early data is never enabled on the proxy's config.
+                // Early data is never enabled (on the proxy's config; clients never receive it).
                 return Err(tls_error("unexpected early data"));
             }
             Ok(ConnectionState::EncodeTlsData(mut enc)) => loop {
@@ -207,10 +245,10 @@ fn process(
 
 /// After an error, move the alert rustls queued into `outgoing` (best effort). `input` is the
 /// connection's unconsumed ciphertext, as rustls last saw it.
-fn queue_alert(tls: &mut UnbufferedServerConnection, buf: &mut Buffers, input: &mut [u8]) {
+fn queue_alert<C: TlsSide>(tls: &mut C, buf: &mut Buffers, input: &mut [u8]) {
     // Only while records wait: past them rustls would process `input` again.
     while tls.wants_write() {
-        let UnbufferedStatus { state, .. } = tls.process_tls_records(&mut *input);
+        let UnbufferedStatus { state, .. } = tls.process(&mut *input);
         match state {
             Ok(ConnectionState::EncodeTlsData(mut enc)) => {
                 let start = buf.outgoing.len();
@@ -232,8 +270,25 @@ fn queue_alert(tls: &mut UnbufferedServerConnection, buf: &mut Buffers, input: &
 impl TlsStream {
     /// Run the server handshake on `io`.
     pub async fn accept(io: impl Into<Socket>, config: Arc<ServerConfig>) -> io::Result<Self> {
-        let io = io.into();
         let tls = UnbufferedServerConnection::new(config).map_err(tls_error)?;
+        Self::handshake(io.into(), tls).await
+    }
+}
+
+impl TlsStream<UnbufferedClientConnection> {
+    /// Run the client handshake to `name` on `io`.
+    pub async fn connect(
+        io: impl Into<Socket>,
+        config: Arc<ClientConfig>,
+        name: ServerName<'static>,
+    ) -> io::Result<Self> {
+        let tls = UnbufferedClientConnection::new(config, name).map_err(tls_error)?;
+        Self::handshake(io.into(), tls).await
+    }
+}
+
+impl<C: TlsSide> TlsStream<C> {
+    async fn handshake(io: Socket, tls: C) -> io::Result<Self> {
         let mut s = Self {
             io,
             tls: Box::new(tls),
@@ -315,7 +370,7 @@ impl TlsStream {
             }
             let mut read_something = false;
             loop {
-                let step = match process(tls, buf, input, &mut used, out.as_deref_mut()) {
+                let step = match process(&mut **tls, buf, input, &mut used, out.as_deref_mut()) {
                     Ok(s) => s,
                     Err(e) => {
                         buf.keep_incoming(&[]);
@@ -386,7 +441,7 @@ impl TlsStream {
         let prefix = std::mem::take(&mut buf.incoming);
         let r = u.poll_recv_with(cx, want, &prefix, |input| {
             let mut used = input.len();
-            let step = process(tls, buf, input, &mut used, out);
+            let step = process(&mut **tls, buf, input, &mut used, out);
             buf.keep_incoming(if step.is_ok() {
                 input.get(..used).unwrap_or_default()
             } else {
@@ -405,14 +460,16 @@ impl TlsStream {
         }
     }
 
-    pub fn connection(&self) -> &UnbufferedServerConnection {
+    pub fn connection(&self) -> &C {
         &self.tls
     }
 
     pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
         self.io.peer_addr()
     }
+}
 
+impl TlsStream {
     /// Take the stream apart to move it to another thread.
     pub fn into_parts(self, leftover: Bytes) -> io::Result<TlsParts> {
         let (socket, received) = self.io.into_std()?;
@@ -444,7 +501,9 @@ impl TlsStream {
             parts.leftover,
         ))
     }
+}
 
+impl<C: TlsSide> TlsStream<C> {
     /// Push `outgoing` to the socket; Ready when it is empty.
     fn poll_flush_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.buf.outgoing.is_empty() {
@@ -470,8 +529,7 @@ impl TlsStream {
         for _ in 0..8 {
             // rustls sees the connection's unconsumed ciphertext on every call (it keeps
             // offsets into it); at rest that is at most an incomplete record.
-            let UnbufferedStatus { discard, state } =
-                self.tls.process_tls_records(&mut self.buf.incoming);
+            let UnbufferedStatus { discard, state } = self.tls.process(&mut self.buf.incoming);
             match state {
                 Ok(ConnectionState::WriteTraffic(mut w)) => {
                     let r = w.encrypt(data, dst);
@@ -492,7 +550,13 @@ impl TlsStream {
                 Ok(ConnectionState::EncodeTlsData(_) | ConnectionState::TransmitTlsData(_)) => {
                     let mut incoming = std::mem::take(&mut self.buf.incoming);
                     let mut used = incoming.len();
-                    let r = process(&mut self.tls, &mut self.buf, &mut incoming, &mut used, None);
+                    let r = process(
+                        &mut *self.tls,
+                        &mut self.buf,
+                        &mut incoming,
+                        &mut used,
+                        None,
+                    );
                     incoming.truncate(used);
                     self.buf.incoming = incoming;
                     r?;
@@ -511,8 +575,7 @@ impl TlsStream {
 
     /// Queue close_notify.
     fn queue_close_notify(&mut self) -> io::Result<()> {
-        let UnbufferedStatus { discard, state } =
-            self.tls.process_tls_records(&mut self.buf.incoming);
+        let UnbufferedStatus { discard, state } = self.tls.process(&mut self.buf.incoming);
         if let Ok(ConnectionState::WriteTraffic(mut w)) = state {
             self.sent_close_notify = true;
             let start = self.buf.outgoing.len();
@@ -535,7 +598,7 @@ impl TlsStream {
     }
 }
 
-impl AsyncRead for TlsStream {
+impl<C: TlsSide> AsyncRead for TlsStream<C> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -598,7 +661,7 @@ struct Encrypted {
     split: Option<(usize, usize)>,
 }
 
-impl TlsStream {
+impl<C: TlsSide> TlsStream<C> {
     /// Encrypt `bufs` in order (whole slices while [`WRITE_CHUNK`] of plaintext and the
     /// destination allow) into `dst` as records of their own per slice.
     fn encrypt_slices(
@@ -750,7 +813,7 @@ impl TlsStream {
     }
 }
 
-impl AsyncWrite for TlsStream {
+impl<C: TlsSide> AsyncWrite for TlsStream<C> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -941,6 +1004,83 @@ mod tests {
         let ((), back) = timeout(async { tokio::join!(send, recv) }).await;
         assert_eq!(back.len(), data.len());
         assert!(back == data, "echoed bytes differ");
+        assert_eq!(timeout(server).await.unwrap(), data.len());
+    }
+
+    /// The client side: both ends are `TlsStream`s. The server sends session tickets after the
+    /// handshake (the client takes them in stride, mid-stream), data of every write size goes
+    /// both ways through vectored writes, and close_notify ends both cleanly. A client that does
+    /// not trust the server's CA fails its handshake with an error.
+    async fn client_side_echo_tickets_and_refusal_on() {
+        let ca = Ca::new("test CA");
+        let s = setup(&ca, &ca).await;
+        let addr = s.listener.local_addr().unwrap();
+        let mut server_config = (*s.server).clone();
+        server_config.send_tls13_tickets = 2;
+        let server_config = Arc::new(server_config);
+        let listener = tokio::net::TcpListener::from_std(s.listener.into_std().unwrap()).unwrap();
+        let server = tokio::task::spawn_local(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = TlsStream::accept(adopt(tcp), server_config.clone())
+                .await
+                .unwrap();
+            let mut buf = vec![0u8; 70_000];
+            let mut total = 0;
+            loop {
+                let n = tls.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                total += n;
+                tls.write_all(&buf[..n]).await.unwrap();
+            }
+            tls.shutdown().await.unwrap();
+            // The second client does not trust this server: its handshake fails.
+            let (tcp, _) = listener.accept().await.unwrap();
+            assert!(TlsStream::accept(adopt(tcp), server_config).await.is_err());
+            total
+        });
+        let name = ServerName::try_from(NAME).unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut c = TlsStream::connect(adopt(tcp), Arc::clone(&s.client), name.clone())
+            .await
+            .unwrap();
+        assert_eq!(c.connection().alpn_protocol(), Some(ALPN));
+        let data = pattern(3 * 1024 * 1024 + 17);
+        let (mut rd, mut wr) = tokio::io::split(&mut c);
+        let send = async {
+            let mut off = 0;
+            let mut size = 1;
+            while off < data.len() {
+                let end = (off + size).min(data.len());
+                let (a, b) = data[off..end].split_at((end - off) / 3);
+                let mut slices = [std::io::IoSlice::new(a), std::io::IoSlice::new(b)];
+                let mut slices = &mut slices[..];
+                while !slices.is_empty() {
+                    let n = wr.write_vectored(slices).await.unwrap();
+                    std::io::IoSlice::advance_slices(&mut slices, n);
+                }
+                off = end;
+                size = (size * 3 + 1) % 200_000 + 1;
+            }
+            wr.shutdown().await.unwrap();
+        };
+        let recv = async {
+            let mut back = Vec::new();
+            rd.read_to_end(&mut back).await.unwrap();
+            back
+        };
+        let ((), back) = timeout(async { tokio::join!(send, recv) }).await;
+        assert_eq!(back.len(), data.len());
+        assert!(back == data, "echoed bytes differ");
+
+        let other = Ca::new("other CA");
+        let distrusting =
+            client_config_with_alpn(&Trust::CaPem(other.pem.clone()), None, &[ALPN]).unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let refused = timeout(TlsStream::connect(adopt(tcp), distrusting, name)).await;
+        let err = refused.expect_err("a client that does not trust the server must fail");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
         assert_eq!(timeout(server).await.unwrap(), data.len());
     }
 
@@ -1190,6 +1330,11 @@ mod tests {
     #[test]
     fn echo_with_tiny_reads_and_clean_close() {
         crate::socket::on_each_backend(echo_with_tiny_reads_and_clean_close_on);
+    }
+
+    #[test]
+    fn client_side_echo_tickets_and_refusal() {
+        crate::socket::on_each_backend(client_side_echo_tickets_and_refusal_on);
     }
 
     #[test]

@@ -12,9 +12,11 @@ use gatehouse_agent::dataplane::mux::{Tunnel, TunnelEvent};
 use gatehouse_agent::dataplane::proxy::Inventory;
 use gatehouse_agent::dataplane::quic::TunnelTransport;
 use gatehouse_agent::dataplane::session_proto::{ALPN_TUNNEL, PROXY_SERVER_NAME};
+use gatehouse_agent::dataplane::tls_stream::TlsStream;
 use gatehouse_agent::dataplane::tunnel::{Config, Side, code};
 use gatehouse_agent::host::HostIdentity;
 use gatehouse_controlplane::tls::{Trust, client_config_with_alpn};
+use rustls::client::UnbufferedClientConnection;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Debug, Default)]
@@ -136,7 +138,7 @@ async fn dial(
     cfg: Arc<rustls::ClientConfig>,
     proxy: SocketAddr,
     source_ip: std::net::IpAddr,
-) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+) -> std::io::Result<TlsStream<UnbufferedClientConnection>> {
     let socket = if proxy.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -157,9 +159,8 @@ async fn dial(
     tcp.set_nodelay(true)?;
     let name = rustls::pki_types::ServerName::try_from(PROXY_SERVER_NAME)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    tokio_rustls::TlsConnector::from(cfg)
-        .connect(name, tcp)
-        .await
+    // The agent's own TLS stream (the data plane's, client side).
+    TlsStream::connect(tcp, cfg, name).await
 }
 
 /// A tunnel's byte stream, over TLS or QUIC.
