@@ -52,6 +52,10 @@ pub trait TlsSide:
     std::ops::DerefMut<Target = UnbufferedConnectionCommon<Self::Data>> + Send + 'static
 {
     type Data;
+    /// Records produced as the handshake completes wait for the first write (the server's
+    /// session tickets: one send less per connection). Never on a client, whose last flight
+    /// completes the handshake for the peer.
+    const HOLDS_RECORDS_AFTER_HANDSHAKE: bool;
     fn process<'c, 'i>(
         &'c mut self,
         incoming: &'i mut [u8],
@@ -60,6 +64,7 @@ pub trait TlsSide:
 
 impl TlsSide for UnbufferedServerConnection {
     type Data = ServerConnectionData;
+    const HOLDS_RECORDS_AFTER_HANDSHAKE: bool = true;
     fn process<'c, 'i>(
         &'c mut self,
         incoming: &'i mut [u8],
@@ -70,6 +75,7 @@ impl TlsSide for UnbufferedServerConnection {
 
 impl TlsSide for UnbufferedClientConnection {
     type Data = ClientConnectionData;
+    const HOLDS_RECORDS_AFTER_HANDSHAKE: bool = false;
     fn process<'c, 'i>(
         &'c mut self,
         incoming: &'i mut [u8],
@@ -104,6 +110,9 @@ struct Buffers {
     plaintext: BytesMut,
     /// TLS records not yet taken by the socket.
     outgoing: BytesMut,
+    /// How much of the front of `outgoing` is records from after the handshake (a server's
+    /// session tickets) that wait for the first write, to go out in the same send.
+    held: usize,
 }
 
 /// A TLS connection over a [`Socket`]: the server side by default, `TlsStream<UnbufferedClientConnection>`
@@ -304,6 +313,15 @@ impl<C: TlsSide> TlsStream<C> {
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
+            if C::HOLDS_RECORDS_AFTER_HANDSHAKE
+                && !self.tls.is_handshaking()
+                && self.failed.is_none()
+            {
+                // Our flights went out before the peer's last one could arrive, so what waits
+                // now came after the handshake (session tickets): it goes with the first write.
+                self.buf.held = self.buf.outgoing.len();
+                return Pin::new(&mut self.io).poll_flush(cx);
+            }
             // Whatever the handshake produced (including an alert on failure) goes out first.
             match self.poll_flush_out(cx) {
                 Poll::Ready(Ok(())) => {}
@@ -511,7 +529,10 @@ impl<C: TlsSide> TlsStream<C> {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
-                Poll::Ready(Ok(n)) => self.buf.outgoing.advance(n),
+                Poll::Ready(Ok(n)) => {
+                    self.buf.outgoing.advance(n);
+                    self.buf.held = self.buf.held.saturating_sub(n);
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
             }
@@ -618,8 +639,9 @@ impl<C: TlsSide> AsyncRead for TlsStream<C> {
             }
             let filled = out.filled().len();
             let r = this.read_and_process(cx, Some(out));
-            // Records the peer's messages produced (key update answers) go out when they can.
-            if !this.buf.outgoing.is_empty() {
+            // Records the peer's messages produced (key update answers) go out when they can;
+            // held session tickets wait for the first write.
+            if this.buf.outgoing.len() > this.buf.held {
                 let _ = this.poll_flush_out(cx);
             }
             match r {
@@ -1084,6 +1106,55 @@ mod tests {
         assert_eq!(timeout(server).await.unwrap(), data.len());
     }
 
+    /// The server's session ticket waits for its first write and goes out with it: nothing
+    /// reaches the client after the handshake until the server writes, and the ticket that came
+    /// with that write resumes the next session.
+    async fn tickets_go_out_with_the_first_write_on() {
+        let ca = Ca::new("test CA");
+        let s = setup(&ca, &ca).await;
+        let mut server_config = (*s.server).clone();
+        server_config.send_tls13_tickets = 1;
+        let server_config = Arc::new(server_config);
+        let accept = || {
+            let (config, listener) = (Arc::clone(&server_config), &s.listener);
+            async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                TlsStream::accept(adopt(tcp), config).await.unwrap()
+            }
+        };
+        let (mut server, mut client) = tokio::join!(accept(), connect(&s));
+        assert_eq!(
+            server.connection().handshake_kind(),
+            Some(rustls::HandshakeKind::Full)
+        );
+        // The server reads; nothing arrives at the client's socket meanwhile (peeked, so the
+        // client's TLS does not consume it).
+        let (mut one, mut other) = ([0u8; 1], [0u8; 1]);
+        let idle = tokio::join!(
+            tokio::time::timeout(
+                Duration::from_millis(300),
+                client.get_ref().0.peek(&mut one)
+            ),
+            tokio::time::timeout(Duration::from_millis(300), server.read(&mut other)),
+        );
+        assert!(
+            idle.0.is_err(),
+            "bytes reached the client before the server wrote: {:?}",
+            idle.0
+        );
+        assert!(idle.1.is_err(), "the client sent nothing");
+        server.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        timeout(client.read_exact(&mut got)).await.unwrap();
+        assert_eq!(&got, b"hello");
+        // The ticket arrived with "hello": the next session resumes.
+        let (second, _client2) = tokio::join!(accept(), connect(&s));
+        assert_eq!(
+            second.connection().handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed)
+        );
+    }
+
     /// The session moves to another thread mid-stream with ciphertext and plaintext buffered;
     /// nothing is lost or reordered.
     async fn handover_to_another_thread_keeps_buffered_bytes_on() {
@@ -1335,6 +1406,11 @@ mod tests {
     #[test]
     fn client_side_echo_tickets_and_refusal() {
         crate::socket::on_each_backend(client_side_echo_tickets_and_refusal_on);
+    }
+
+    #[test]
+    fn tickets_go_out_with_the_first_write() {
+        crate::socket::on_each_backend(tickets_go_out_with_the_first_write_on);
     }
 
     #[test]

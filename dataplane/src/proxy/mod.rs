@@ -400,7 +400,7 @@ const EXPIRED: &str = "certificate expired";
 /// never outlive the certificate.
 fn identity_of(cert: Option<&[u8]>, cluster: &str) -> Result<Identity, &'static str> {
     let cert = cert.ok_or("no client certificate")?;
-    let id = Identity::from_cert_der(cert).map_err(|_| "no identity in the certificate")?;
+    let id = parsed_identity(cert)?;
     if id.cluster != cluster {
         return Err("a certificate of another cluster");
     }
@@ -411,6 +411,32 @@ fn identity_of(cert: Option<&[u8]>, cluster: &str) -> Result<Identity, &'static 
     if id.expires <= now {
         return Err(EXPIRED);
     }
+    Ok(id)
+}
+
+/// Certificates' identities already parsed by this worker, by certificate (DER). A client
+/// opens many sessions with one certificate, and parsing X.509 plus the identity's JSON was
+/// ~3 % of the proxy's CPU per new session. Only the parse is remembered: cluster and expiry are
+/// checked on every connection.
+const PARSED_IDENTITIES: usize = 1024;
+
+thread_local! {
+    static IDENTITIES: RefCell<HashMap<Box<[u8]>, Identity>> =
+        RefCell::new(HashMap::new());
+}
+
+fn parsed_identity(cert: &[u8]) -> Result<Identity, &'static str> {
+    if let Some(id) = IDENTITIES.with_borrow(|m| m.get(cert).cloned()) {
+        return Ok(id);
+    }
+    let id = Identity::from_cert_der(cert).map_err(|_| "no identity in the certificate")?;
+    IDENTITIES.with_borrow_mut(|m| {
+        // Bounded: past the limit start over (the busy certificates come straight back).
+        if m.len() >= PARSED_IDENTITIES {
+            *m = HashMap::new();
+        }
+        m.insert(cert.into(), id.clone());
+    });
     Ok(id)
 }
 
