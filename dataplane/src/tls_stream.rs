@@ -1315,6 +1315,61 @@ mod tests {
         }
     }
 
+    /// The client side against a server that sends garbage after the handshake: errors, never
+    /// a panic, and a clean EOF only where the garbage is an incomplete record header.
+    async fn garbage_from_the_server_is_an_error_for_the_client_on() {
+        let ca = Ca::new("test CA");
+        let s = setup(&ca, &ca).await;
+        let addr = s.listener.local_addr().unwrap();
+        let name = ServerName::try_from(NAME).unwrap();
+        for (case, junk) in [
+            vec![0x42u8; 3000],
+            [&[23u8, 3, 3, 0x01, 0x00][..], &[7u8; 256]].concat(),
+            vec![23, 3, 3, 0x40, 0x00, 1, 2, 3],
+            vec![23, 3, 3, 0xff, 0xff, 0, 0, 0],
+            vec![21, 3, 3, 0, 2, 2, 40],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let accept = async {
+                let (tcp, _) = s.listener.accept().await.unwrap();
+                TlsStream::accept(adopt(tcp), Arc::clone(&s.server))
+                    .await
+                    .unwrap()
+            };
+            let connect = async {
+                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                TlsStream::connect(adopt(tcp), Arc::clone(&s.client), name.clone())
+                    .await
+                    .unwrap()
+            };
+            let (server, mut client) = tokio::join!(accept, connect);
+            let parts = server.into_parts(Bytes::new()).unwrap();
+            parts.socket.set_nonblocking(true).unwrap();
+            let mut raw = tokio::net::TcpStream::from_std(parts.socket).unwrap();
+            raw.write_all(&junk).await.unwrap();
+            raw.shutdown().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let r = timeout(async {
+                loop {
+                    match client.read(&mut buf).await {
+                        Ok(0) => break Ok(()),
+                        Ok(_) => {}
+                        Err(e) => break Err(e),
+                    }
+                }
+            })
+            .await;
+            if case != 2 {
+                assert!(r.is_err(), "case {case}: garbage was accepted");
+            }
+            if r.is_err() {
+                assert!(client.write_all(b"x").await.is_err(), "case {case}");
+            }
+        }
+    }
+
     /// A peer that stops reading stops our writer: what waits in the connection stays bounded.
     /// Vectored writes: many buffers of mixed sizes (a frame header's 10 bytes up to more than
     /// one batch holds) arrive whole and in order, however the batches split them.
@@ -1431,6 +1486,11 @@ mod tests {
     #[test]
     fn garbage_after_the_handshake_is_an_error_not_a_panic() {
         crate::socket::on_each_backend(garbage_after_the_handshake_is_an_error_not_a_panic_on);
+    }
+
+    #[test]
+    fn garbage_from_the_server_is_an_error_for_the_client() {
+        crate::socket::on_each_backend(garbage_from_the_server_is_an_error_for_the_client_on);
     }
 
     #[test]
