@@ -732,7 +732,17 @@ impl StreamHandle {
             // what the last reads brought, so a quiet (interactive) session waits on a small one.
             let limit = read_size.min(tunnel.inner.borrow().conn.max_payload());
             if can_read && framed.is_empty() {
-                framed = bytes::BytesMut::with_capacity(HEADER_LEN + limit);
+                if limit >= SPLICE_READ {
+                    // A bulk stream reads into the same allocation again once the tunnel has
+                    // written the frames made in it (`reserve` takes it back when no frame
+                    // holds it any more). A fresh 64 KiB buffer per read faulted its pages in
+                    // anew each time the allocator had given them back: 14 % of the proxy's
+                    // samples for one stream.
+                    framed.reserve(HEADER_LEN + limit);
+                } else {
+                    // A quiet stream holds no large buffer.
+                    framed = bytes::BytesMut::with_capacity(HEADER_LEN + limit);
+                }
                 framed.put_bytes(0, HEADER_LEN);
             }
             let mut room = (&mut framed).limit(limit);
