@@ -1006,13 +1006,36 @@ mod tests {
             .await
             .unwrap();
         let data = pattern(3 * 1024 * 1024 + 17);
-        let (mut rd, mut wr) = tokio::io::split(&mut c);
+        let back = timeout(send_and_read_back(&mut c, &data, false)).await;
+        assert_eq!(back.len(), data.len());
+        assert!(back == data, "echoed bytes differ");
+        assert_eq!(timeout(server).await.unwrap(), data.len());
+    }
+
+    /// Write `data` to `s` in writes of every size (two-slice vectored writes with `vectored`),
+    /// shut down the write side, and return everything read back until EOF.
+    async fn send_and_read_back<S: AsyncRead + AsyncWrite + Unpin>(
+        s: &mut S,
+        data: &[u8],
+        vectored: bool,
+    ) -> Vec<u8> {
+        let (mut rd, mut wr) = tokio::io::split(s);
         let send = async {
             let mut off = 0;
             let mut size = 1;
             while off < data.len() {
                 let end = (off + size).min(data.len());
-                wr.write_all(&data[off..end]).await.unwrap();
+                if vectored {
+                    let (a, b) = data[off..end].split_at((end - off) / 3);
+                    let mut slices = [std::io::IoSlice::new(a), std::io::IoSlice::new(b)];
+                    let mut slices = &mut slices[..];
+                    while !slices.is_empty() {
+                        let n = wr.write_vectored(slices).await.unwrap();
+                        std::io::IoSlice::advance_slices(&mut slices, n);
+                    }
+                } else {
+                    wr.write_all(&data[off..end]).await.unwrap();
+                }
                 off = end;
                 size = (size * 3 + 1) % 200_000 + 1;
             }
@@ -1023,10 +1046,7 @@ mod tests {
             rd.read_to_end(&mut back).await.unwrap();
             back
         };
-        let ((), back) = timeout(async { tokio::join!(send, recv) }).await;
-        assert_eq!(back.len(), data.len());
-        assert!(back == data, "echoed bytes differ");
-        assert_eq!(timeout(server).await.unwrap(), data.len());
+        tokio::join!(send, recv).1
     }
 
     /// The client side: both ends are `TlsStream`s. The server sends session tickets after the
@@ -1069,30 +1089,7 @@ mod tests {
             .unwrap();
         assert_eq!(c.connection().alpn_protocol(), Some(ALPN));
         let data = pattern(3 * 1024 * 1024 + 17);
-        let (mut rd, mut wr) = tokio::io::split(&mut c);
-        let send = async {
-            let mut off = 0;
-            let mut size = 1;
-            while off < data.len() {
-                let end = (off + size).min(data.len());
-                let (a, b) = data[off..end].split_at((end - off) / 3);
-                let mut slices = [std::io::IoSlice::new(a), std::io::IoSlice::new(b)];
-                let mut slices = &mut slices[..];
-                while !slices.is_empty() {
-                    let n = wr.write_vectored(slices).await.unwrap();
-                    std::io::IoSlice::advance_slices(&mut slices, n);
-                }
-                off = end;
-                size = (size * 3 + 1) % 200_000 + 1;
-            }
-            wr.shutdown().await.unwrap();
-        };
-        let recv = async {
-            let mut back = Vec::new();
-            rd.read_to_end(&mut back).await.unwrap();
-            back
-        };
-        let ((), back) = timeout(async { tokio::join!(send, recv) }).await;
+        let back = timeout(send_and_read_back(&mut c, &data, true)).await;
         assert_eq!(back.len(), data.len());
         assert!(back == data, "echoed bytes differ");
 
