@@ -986,18 +986,8 @@ mod tests {
                 let mut tls = TlsStream::accept(adopt(tcp), config).await.unwrap();
                 assert_eq!(tls.connection().alpn_protocol(), Some(ALPN));
                 assert!(tls.connection().peer_certificates().is_some());
-                let mut buf = [0u8; 100];
-                let mut total = 0;
-                loop {
-                    let n = tls.read(&mut buf).await.unwrap();
-                    if n == 0 {
-                        break;
-                    }
-                    total += n;
-                    tls.write_all(&buf[..n]).await.unwrap();
-                }
-                tls.shutdown().await.unwrap();
-                total
+                // A tiny buffer, so plaintext waits in the connection.
+                echo_until_eof(&mut tls, 100).await
             })
         };
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -1010,6 +1000,33 @@ mod tests {
         assert_eq!(back.len(), data.len());
         assert!(back == data, "echoed bytes differ");
         assert_eq!(timeout(server).await.unwrap(), data.len());
+    }
+
+    /// Echo what arrives, read `chunk` bytes at most at a time, until EOF; then close. Returns
+    /// the bytes echoed.
+    async fn echo_until_eof<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, chunk: usize) -> usize {
+        let mut buf = vec![0u8; chunk];
+        let mut total = 0;
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            total += n;
+            s.write_all(&buf[..n]).await.unwrap();
+        }
+        s.shutdown().await.unwrap();
+        total
+    }
+
+    /// Read until a clean EOF (`Ok`) or an error.
+    async fn read_to_eof_or_error<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<()> {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            if s.read(&mut buf).await? == 0 {
+                return Ok(());
+            }
+        }
     }
 
     /// Write `data` to `s` in writes of every size (two-slice vectored writes with `vectored`),
@@ -1066,17 +1083,7 @@ mod tests {
             let mut tls = TlsStream::accept(adopt(tcp), server_config.clone())
                 .await
                 .unwrap();
-            let mut buf = vec![0u8; 70_000];
-            let mut total = 0;
-            loop {
-                let n = tls.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    break;
-                }
-                total += n;
-                tls.write_all(&buf[..n]).await.unwrap();
-            }
-            tls.shutdown().await.unwrap();
+            let total = echo_until_eof(&mut tls, 70_000).await;
             // The second client does not trust this server: its handshake fails.
             let (tcp, _) = listener.accept().await.unwrap();
             assert!(TlsStream::accept(adopt(tcp), server_config).await.is_err());
@@ -1290,17 +1297,7 @@ mod tests {
             let (mut tcp, _) = client.into_inner();
             tcp.write_all(&junk).await.unwrap();
             tcp.shutdown().await.unwrap();
-            let mut buf = vec![0u8; 4096];
-            let r = timeout(async {
-                loop {
-                    match server.read(&mut buf).await {
-                        Ok(0) => break Ok(()),
-                        Ok(_) => {}
-                        Err(e) => break Err(e),
-                    }
-                }
-            })
-            .await;
+            let r = timeout(read_to_eof_or_error(&mut server)).await;
             // Random bytes cannot authenticate: anything but a clean EOF must be an error.
             if case % 4 != 2 {
                 assert!(r.is_err(), "case {case}: garbage was accepted as data");
@@ -1347,17 +1344,7 @@ mod tests {
             let mut raw = tokio::net::TcpStream::from_std(parts.socket).unwrap();
             raw.write_all(&junk).await.unwrap();
             raw.shutdown().await.unwrap();
-            let mut buf = vec![0u8; 4096];
-            let r = timeout(async {
-                loop {
-                    match client.read(&mut buf).await {
-                        Ok(0) => break Ok(()),
-                        Ok(_) => {}
-                        Err(e) => break Err(e),
-                    }
-                }
-            })
-            .await;
+            let r = timeout(read_to_eof_or_error(&mut client)).await;
             if case != 2 {
                 assert!(r.is_err(), "case {case}: garbage was accepted");
             }
