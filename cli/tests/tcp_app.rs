@@ -34,17 +34,22 @@ fn echo_server() -> std::net::SocketAddr {
     addr
 }
 
-#[test]
-fn hundred_mib_round_trip_through_gsh_proxy_tcp() {
+/// A cluster with one node, `node1` (`env=dev`), serving an echo server as the app `echo`.
+fn echo_fleet(name: &str) -> Fleet {
     let echo = echo_server();
-    let f = Fleet::start(
-        "apps",
+    Fleet::start(
+        name,
         &[(
             "node1",
             "env=dev",
             vec!["--app".into(), format!("echo={echo}")],
         )],
-    );
+    )
+}
+
+#[test]
+fn hundred_mib_round_trip_through_gsh_proxy_tcp() {
+    let f = echo_fleet("apps");
     let home = tempfile::tempdir().unwrap();
     f.user(home.path(), "alice", "access", &f.login, &[]);
     f.wait_for_nodes(home.path(), 1);
@@ -142,15 +147,7 @@ fn round_trip_through_a_quic_tunnel() {
 /// certificate has expired, the same forwarder's next (resumed) session is refused.
 #[test]
 fn sessions_resume_but_not_past_the_certificate() {
-    let echo = echo_server();
-    let f = Fleet::start(
-        "resume",
-        &[(
-            "node1",
-            "env=dev",
-            vec!["--app".into(), format!("echo={echo}")],
-        )],
-    );
+    let f = echo_fleet("resume");
     let admin_home = tempfile::tempdir().unwrap();
     f.user(admin_home.path(), "alice", "access", &f.login, &[]);
     f.wait_for_nodes(admin_home.path(), 1);

@@ -1119,13 +1119,7 @@ mod tests {
         let mut server_config = (*s.server).clone();
         server_config.send_tls13_tickets = 1;
         let server_config = Arc::new(server_config);
-        let accept = || {
-            let (config, listener) = (Arc::clone(&server_config), &s.listener);
-            async move {
-                let (tcp, _) = listener.accept().await.unwrap();
-                TlsStream::accept(adopt(tcp), config).await.unwrap()
-            }
-        };
+        let accept = || accept_one(&s.listener, Arc::clone(&server_config));
         let (mut server, mut client) = tokio::join!(accept(), connect(&s));
         assert_eq!(
             server.connection().handshake_kind(),
@@ -1165,14 +1159,7 @@ mod tests {
         let ca = Ca::new("test CA");
         let s = setup(&ca, &ca).await;
         let data = pattern(2 * 1024 * 1024 + 5);
-        let accept = {
-            let config = Arc::clone(&s.server);
-            let listener = &s.listener;
-            async move {
-                let (tcp, _) = listener.accept().await.unwrap();
-                TlsStream::accept(adopt(tcp), config).await.unwrap()
-            }
-        };
+        let accept = accept_one(&s.listener, Arc::clone(&s.server));
         let (mut server, mut client) = tokio::join!(accept, connect(&s));
         client.write_all(&data).await.unwrap();
         client.flush().await.unwrap();
@@ -1287,12 +1274,7 @@ mod tests {
                 3 => junk.splice(0..0, [23, 3, 3, 0xff, 0xff]).for_each(drop),
                 _ => {}
             }
-            let accept = async {
-                let (tcp, _) = s.listener.accept().await.unwrap();
-                TlsStream::accept(adopt(tcp), Arc::clone(&s.server))
-                    .await
-                    .unwrap()
-            };
+            let accept = accept_one(&s.listener, Arc::clone(&s.server));
             let (mut server, client) = tokio::join!(accept, connect(&s));
             let (mut tcp, _) = client.into_inner();
             tcp.write_all(&junk).await.unwrap();
@@ -1326,12 +1308,7 @@ mod tests {
         .into_iter()
         .enumerate()
         {
-            let accept = async {
-                let (tcp, _) = s.listener.accept().await.unwrap();
-                TlsStream::accept(adopt(tcp), Arc::clone(&s.server))
-                    .await
-                    .unwrap()
-            };
+            let accept = accept_one(&s.listener, Arc::clone(&s.server));
             let connect = async {
                 let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
                 TlsStream::connect(adopt(tcp), Arc::clone(&s.client), name.clone())
@@ -1354,20 +1331,12 @@ mod tests {
         }
     }
 
-    /// A peer that stops reading stops our writer: what waits in the connection stays bounded.
     /// Vectored writes: many buffers of mixed sizes (a frame header's 10 bytes up to more than
     /// one batch holds) arrive whole and in order, however the batches split them.
     async fn vectored_writes_arrive_in_order_on() {
         let ca = Ca::new("test CA");
         let s = setup(&ca, &ca).await;
-        let accept = {
-            let config = Arc::clone(&s.server);
-            let listener = &s.listener;
-            async move {
-                let (tcp, _) = listener.accept().await.unwrap();
-                TlsStream::accept(adopt(tcp), config).await.unwrap()
-            }
-        };
+        let accept = accept_one(&s.listener, Arc::clone(&s.server));
         let (mut server, mut client) = tokio::join!(accept, connect(&s));
         assert!(server.is_write_vectored());
         let data = pattern(3 * 1024 * 1024 + 11);
@@ -1405,15 +1374,11 @@ mod tests {
         assert!(got == data, "bytes differ");
     }
 
+    /// A peer that stops reading stops our writer: what waits in the connection stays bounded.
     async fn a_slow_reader_applies_backpressure_on() {
         let ca = Ca::new("test CA");
         let s = setup(&ca, &ca).await;
-        let accept = async {
-            let (tcp, _) = s.listener.accept().await.unwrap();
-            TlsStream::accept(adopt(tcp), Arc::clone(&s.server))
-                .await
-                .unwrap()
-        };
+        let accept = accept_one(&s.listener, Arc::clone(&s.server));
         let (mut server, _client) = tokio::join!(accept, connect(&s));
         let chunk = vec![0x42u8; 64 * 1024];
         let mut written = 0usize;
@@ -1430,6 +1395,15 @@ mod tests {
             "{} bytes wait in the connection",
             server.buf.outgoing.len()
         );
+    }
+
+    /// Accept one connection on `listener` and run the server handshake.
+    async fn accept_one(
+        listener: &tokio::net::TcpListener,
+        config: Arc<ServerConfig>,
+    ) -> TlsStream {
+        let (tcp, _) = listener.accept().await.unwrap();
+        TlsStream::accept(adopt(tcp), config).await.unwrap()
     }
 
     /// The server side of a test connection on this thread's backend.
