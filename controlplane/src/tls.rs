@@ -99,6 +99,10 @@ pub fn server_config_with_alpn(
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs_from_pem(cert_chain_pem)?, key_from_pem(key_pem)?)?;
     config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    // The data plane's TLS stream takes the records over from rustls after the handshake
+    // (gatehouse-dataplane's `tls_records`); rustls hands the traffic keys only to a config
+    // that allows it. Nothing else extracts them.
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 
@@ -144,6 +148,10 @@ pub fn client_config_with_alpn(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    // The data plane's TLS stream takes the records over from rustls after the handshake
+    // (gatehouse-dataplane's `tls_records`); rustls hands the traffic keys only to a config
+    // that allows it. Nothing else extracts them.
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 

@@ -7,6 +7,7 @@ pub mod proxy;
 pub mod quic;
 pub mod session_proto;
 pub mod socket;
+pub mod tls_records;
 pub mod tls_stream;
 pub mod tunnel;
 pub mod uring;

@@ -18,15 +18,17 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
-use rustls::pki_types::ServerName;
+use rustls::kernel::KernelConnection;
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
     ConnectionState, EncodeError, EncryptError, UnbufferedConnectionCommon, UnbufferedStatus,
 };
-use rustls::{ClientConfig, ServerConfig};
+use rustls::{ClientConfig, ExtractedSecrets, HandshakeKind, ProtocolVersion, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::socket::Socket;
+use crate::tls_records::{Opened, Records, TicketSink};
 
 /// Largest TLS record on the wire (16 KiB of payload plus header and AEAD overhead).
 const MAX_RECORD: usize = 16 * 1024 + 256 + 5;
@@ -60,6 +62,11 @@ pub trait TlsSide:
         &'c mut self,
         incoming: &'i mut [u8],
     ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    /// Hand the records over after the handshake (see [`crate::tls_records`]).
+    fn into_kernel(self)
+    -> Result<(ExtractedSecrets, KernelConnection<Self::Data>), rustls::Error>;
+    /// What becomes of a session ticket the peer sends after the handshake.
+    const TICKETS: TicketSink<Self::Data>;
 }
 
 impl TlsSide for UnbufferedServerConnection {
@@ -71,6 +78,16 @@ impl TlsSide for UnbufferedServerConnection {
     ) -> UnbufferedStatus<'c, 'i, ServerConnectionData> {
         self.process_tls_records(incoming)
     }
+    fn into_kernel(
+        self,
+    ) -> Result<(ExtractedSecrets, KernelConnection<ServerConnectionData>), rustls::Error> {
+        self.dangerous_into_kernel_connection()
+    }
+    const TICKETS: TicketSink<ServerConnectionData> = |_, _| {
+        Err(rustls::Error::General(
+            "a client sent a session ticket".into(),
+        ))
+    };
 }
 
 impl TlsSide for UnbufferedClientConnection {
@@ -82,12 +99,37 @@ impl TlsSide for UnbufferedClientConnection {
     ) -> UnbufferedStatus<'c, 'i, ClientConnectionData> {
         self.process_tls_records(incoming)
     }
+    fn into_kernel(
+        self,
+    ) -> Result<(ExtractedSecrets, KernelConnection<ClientConnectionData>), rustls::Error> {
+        self.dangerous_into_kernel_connection()
+    }
+    const TICKETS: TicketSink<ClientConnectionData> =
+        |kernel, ticket| kernel.handle_new_session_ticket(ticket);
+}
+
+/// Who protects a connection's records.
+enum Engine<C: TlsSide> {
+    /// rustls: during the handshake, and for good on TLS 1.2 or with a config that does not
+    /// allow secret extraction.
+    Rustls(Box<C>),
+    /// Our own record layer (TLS 1.3 after the handshake).
+    Records(Box<Records<C::Data>>),
+}
+
+/// What the handshake settled, kept for the application after rustls hands the records over.
+#[derive(Debug, Default)]
+struct Handshake {
+    alpn: Option<Vec<u8>>,
+    kind: Option<HandshakeKind>,
+    peer_certificates: Option<Vec<CertificateDer<'static>>>,
 }
 
 /// An accepted, handshaken TLS connection as movable parts.
 pub struct TlsParts {
     pub socket: std::net::TcpStream,
-    pub tls: Box<UnbufferedServerConnection>,
+    tls: Engine<UnbufferedServerConnection>,
+    handshake: Handshake,
     /// Plaintext already read from the TLS session but not yet consumed by the application.
     pub leftover: Bytes,
     buffers: Buffers,
@@ -119,7 +161,10 @@ struct Buffers {
 /// for a client.
 pub struct TlsStream<C: TlsSide = UnbufferedServerConnection> {
     io: Socket,
-    tls: Box<C>,
+    tls: Engine<C>,
+    handshake: Handshake,
+    /// The config allows rustls to hand the records over after the handshake.
+    take_over: bool,
     buf: Buffers,
     /// The peer sent close_notify or closed the socket.
     read_eof: bool,
@@ -169,13 +214,18 @@ impl Buffers {
 /// `out` (as much as fits) and then to `buf.plaintext`; TLS records the connection wants to send
 /// go to `buf.outgoing`. Consumed bytes are removed from the front of `input`.
 fn process<C: TlsSide>(
-    tls: &mut C,
+    tls: &mut Engine<C>,
     buf: &mut Buffers,
     input: &mut [u8],
     used: &mut usize,
-    mut out: Option<&mut ReadBuf<'_>>,
+    out: Option<&mut ReadBuf<'_>>,
 ) -> io::Result<Step> {
+    let tls = match tls {
+        Engine::Rustls(c) => &mut **c,
+        Engine::Records(r) => return process_records(r, buf, input, used, out),
+    };
     let mut step = Step::NeedInput;
+    let mut out = out;
     // Consumed bytes are skipped with `start` and removed once at the end (compacting after
     // every record would move the rest of a 64 KiB read again and again).
     let mut start = 0;
@@ -188,17 +238,7 @@ fn process<C: TlsSide>(
                 while let Some(record) = records.next_record() {
                     let record = record.map_err(tls_error)?;
                     discard += record.discard;
-                    let payload = record.payload;
-                    let direct = match out.as_deref_mut() {
-                        Some(o) if buf.plaintext.is_empty() => {
-                            let n = payload.len().min(o.remaining());
-                            o.put_slice(payload.get(..n).unwrap_or_default());
-                            n
-                        }
-                        _ => 0,
-                    };
-                    buf.plaintext
-                        .extend_from_slice(payload.get(direct..).unwrap_or_default());
+                    deliver(buf, out.as_deref_mut(), record.payload);
                     step = Step::Delivered;
                 }
             }
@@ -252,6 +292,61 @@ fn process<C: TlsSide>(
     result
 }
 
+/// Application data to the reader (as much as fits), the rest to `buf.plaintext`.
+fn deliver(buf: &mut Buffers, out: Option<&mut ReadBuf<'_>>, payload: &[u8]) {
+    let direct = match out {
+        Some(o) if buf.plaintext.is_empty() => {
+            let n = payload.len().min(o.remaining());
+            o.put_slice(payload.get(..n).unwrap_or_default());
+            n
+        }
+        _ => 0,
+    };
+    buf.plaintext
+        .extend_from_slice(payload.get(direct..).unwrap_or_default());
+}
+
+/// [`process`] on our own record layer: records are opened in place in `input`.
+fn process_records<D>(
+    records: &mut Records<D>,
+    buf: &mut Buffers,
+    input: &mut [u8],
+    used: &mut usize,
+    mut out: Option<&mut ReadBuf<'_>>,
+) -> io::Result<Step> {
+    let mut step = Step::NeedInput;
+    let mut start = 0;
+    let result = loop {
+        let rest = input.get_mut(start..*used).unwrap_or_default();
+        match records.open(rest, &mut buf.outgoing) {
+            Ok((0, _)) => break Ok(step),
+            Ok((n, opened)) => {
+                start += n;
+                match opened {
+                    Opened::Data(payload) if !payload.is_empty() => {
+                        deliver(buf, out.as_deref_mut(), payload);
+                        step = Step::Delivered;
+                    }
+                    Opened::Data(_) | Opened::Control => {}
+                    Opened::Closed => break Ok(Step::PeerClosed),
+                }
+            }
+            Err(e) => {
+                // Tell the peer why (unless it was its own alert), for the caller to flush.
+                if let Some(alert) = e.alert() {
+                    records.push_alert(&mut buf.outgoing, Some(alert));
+                }
+                break Err(tls_error(e));
+            }
+        }
+    };
+    if start > 0 {
+        input.copy_within(start..*used, 0);
+        *used -= start;
+    }
+    result
+}
+
 /// After an error, move the alert rustls queued into `outgoing` (best effort). `input` is the
 /// connection's unconsumed ciphertext, as rustls last saw it.
 fn queue_alert<C: TlsSide>(tls: &mut C, buf: &mut Buffers, input: &mut [u8]) {
@@ -279,8 +374,9 @@ fn queue_alert<C: TlsSide>(tls: &mut C, buf: &mut Buffers, input: &mut [u8]) {
 impl TlsStream {
     /// Run the server handshake on `io`.
     pub async fn accept(io: impl Into<Socket>, config: Arc<ServerConfig>) -> io::Result<Self> {
+        let take_over = config.enable_secret_extraction;
         let tls = UnbufferedServerConnection::new(config).map_err(tls_error)?;
-        Self::handshake(io.into(), tls).await
+        Self::handshake(io.into(), tls, take_over).await
     }
 }
 
@@ -291,16 +387,19 @@ impl TlsStream<UnbufferedClientConnection> {
         config: Arc<ClientConfig>,
         name: ServerName<'static>,
     ) -> io::Result<Self> {
+        let take_over = config.enable_secret_extraction;
         let tls = UnbufferedClientConnection::new(config, name).map_err(tls_error)?;
-        Self::handshake(io.into(), tls).await
+        Self::handshake(io.into(), tls, take_over).await
     }
 }
 
 impl<C: TlsSide> TlsStream<C> {
-    async fn handshake(io: Socket, tls: C) -> io::Result<Self> {
+    async fn handshake(io: Socket, tls: C, take_over: bool) -> io::Result<Self> {
         let mut s = Self {
             io,
-            tls: Box::new(tls),
+            tls: Engine::Rustls(Box::new(tls)),
+            handshake: Handshake::default(),
+            take_over,
             buf: Buffers::default(),
             read_eof: false,
             failed: None,
@@ -308,15 +407,63 @@ impl<C: TlsSide> TlsStream<C> {
             stored_unprocessed: false,
         };
         std::future::poll_fn(|cx| s.poll_handshake(cx)).await?;
-        Ok(s)
+        s.take_over_records()
+    }
+
+    /// Keep what the handshake settled, then (TLS 1.3, when the config allows it) let rustls
+    /// hand the records over to [`Records`]. rustls has nothing left to send by now: the
+    /// handshake's last records (a server's session tickets) are already in `outgoing`.
+    fn take_over_records(mut self) -> io::Result<Self> {
+        let Engine::Rustls(c) = &self.tls else {
+            return Ok(self);
+        };
+        self.handshake = Handshake {
+            alpn: c.alpn_protocol().map(<[u8]>::to_vec),
+            kind: c.handshake_kind(),
+            peer_certificates: c
+                .peer_certificates()
+                .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect()),
+        };
+        if !self.take_over
+            || c.protocol_version() != Some(ProtocolVersion::TLSv1_3)
+            || c.wants_write()
+        {
+            return Ok(self);
+        }
+        self.tls = match self.tls {
+            Engine::Rustls(c) => {
+                let (secrets, kernel) = (*c).into_kernel().map_err(tls_error)?;
+                let records = Records::new(secrets, kernel, C::TICKETS).map_err(tls_error)?;
+                Engine::Records(Box::new(records))
+            }
+            records => records,
+        };
+        Ok(self)
+    }
+
+    /// Whether rustls handed the records over to [`crate::tls_records`].
+    pub fn own_records(&self) -> bool {
+        matches!(self.tls, Engine::Records(_))
+    }
+
+    /// The protocol the handshake agreed through ALPN.
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.handshake.alpn.as_deref()
+    }
+
+    /// Full or resumed.
+    pub fn handshake_kind(&self) -> Option<HandshakeKind> {
+        self.handshake.kind
+    }
+
+    /// The peer's certificate chain, leaf first (when it presented one).
+    pub fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
+        self.handshake.peer_certificates.as_deref()
     }
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            if C::HOLDS_RECORDS_AFTER_HANDSHAKE
-                && !self.tls.is_handshaking()
-                && self.failed.is_none()
-            {
+            if C::HOLDS_RECORDS_AFTER_HANDSHAKE && !self.is_handshaking() && self.failed.is_none() {
                 // Our flights went out before the peer's last one could arrive, so what waits
                 // now came after the handshake (session tickets): it goes with the first write.
                 self.buf.held = self.buf.outgoing.len();
@@ -330,7 +477,7 @@ impl<C: TlsSide> TlsStream<C> {
             if let Some(why) = &self.failed {
                 return Poll::Ready(Err(tls_error(why)));
             }
-            if !self.tls.is_handshaking() && self.buf.outgoing.is_empty() {
+            if !self.is_handshaking() && self.buf.outgoing.is_empty() {
                 // On io_uring a write is only queued: the last flight is out when this is.
                 return Pin::new(&mut self.io).poll_flush(cx);
             }
@@ -388,7 +535,7 @@ impl<C: TlsSide> TlsStream<C> {
             }
             let mut read_something = false;
             loop {
-                let step = match process(&mut **tls, buf, input, &mut used, out.as_deref_mut()) {
+                let step = match process(tls, buf, input, &mut used, out.as_deref_mut()) {
                     Ok(s) => s,
                     Err(e) => {
                         buf.keep_incoming(&[]);
@@ -459,7 +606,7 @@ impl<C: TlsSide> TlsStream<C> {
         let prefix = std::mem::take(&mut buf.incoming);
         let r = u.poll_recv_with(cx, want, &prefix, |input| {
             let mut used = input.len();
-            let step = process(&mut **tls, buf, input, &mut used, out);
+            let step = process(tls, buf, input, &mut used, out);
             buf.keep_incoming(if step.is_ok() {
                 input.get(..used).unwrap_or_default()
             } else {
@@ -478,8 +625,11 @@ impl<C: TlsSide> TlsStream<C> {
         }
     }
 
-    pub fn connection(&self) -> &C {
-        &self.tls
+    fn is_handshaking(&self) -> bool {
+        match &self.tls {
+            Engine::Rustls(c) => c.is_handshaking(),
+            Engine::Records(_) => false,
+        }
     }
 
     pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
@@ -498,6 +648,7 @@ impl TlsStream {
         Ok(TlsParts {
             socket,
             tls: self.tls,
+            handshake: self.handshake,
             leftover,
             buffers,
         })
@@ -510,6 +661,9 @@ impl TlsStream {
             Self {
                 io,
                 tls: parts.tls,
+                handshake: parts.handshake,
+                // (Already decided, one way or the other.)
+                take_over: false,
                 buf: parts.buffers,
                 read_eof: false,
                 failed: None,
@@ -548,9 +702,12 @@ impl<C: TlsSide> TlsStream<C> {
     fn encrypt_into(&mut self, data: &[u8], dst: &mut [u8]) -> io::Result<(usize, usize)> {
         let data = data.get(..data.len().min(WRITE_CHUNK)).unwrap_or_default();
         for _ in 0..8 {
+            let Engine::Rustls(tls) = &mut self.tls else {
+                return Err(tls_error("not a rustls record layer"));
+            };
             // rustls sees the connection's unconsumed ciphertext on every call (it keeps
             // offsets into it); at rest that is at most an incomplete record.
-            let UnbufferedStatus { discard, state } = self.tls.process(&mut self.buf.incoming);
+            let UnbufferedStatus { discard, state } = tls.process(&mut self.buf.incoming);
             match state {
                 Ok(ConnectionState::WriteTraffic(mut w)) => {
                     let r = w.encrypt(data, dst);
@@ -571,13 +728,7 @@ impl<C: TlsSide> TlsStream<C> {
                 Ok(ConnectionState::EncodeTlsData(_) | ConnectionState::TransmitTlsData(_)) => {
                     let mut incoming = std::mem::take(&mut self.buf.incoming);
                     let mut used = incoming.len();
-                    let r = process(
-                        &mut *self.tls,
-                        &mut self.buf,
-                        &mut incoming,
-                        &mut used,
-                        None,
-                    );
+                    let r = process(&mut self.tls, &mut self.buf, &mut incoming, &mut used, None);
                     incoming.truncate(used);
                     self.buf.incoming = incoming;
                     r?;
@@ -596,7 +747,15 @@ impl<C: TlsSide> TlsStream<C> {
 
     /// Queue close_notify.
     fn queue_close_notify(&mut self) -> io::Result<()> {
-        let UnbufferedStatus { discard, state } = self.tls.process(&mut self.buf.incoming);
+        let tls = match &mut self.tls {
+            Engine::Rustls(tls) => tls,
+            Engine::Records(records) => {
+                self.sent_close_notify = true;
+                records.push_alert(&mut self.buf.outgoing, None);
+                return Ok(());
+            }
+        };
+        let UnbufferedStatus { discard, state } = tls.process(&mut self.buf.incoming);
         if let Ok(ConnectionState::WriteTraffic(mut w)) = state {
             self.sent_close_notify = true;
             let start = self.buf.outgoing.len();
@@ -691,6 +850,15 @@ impl<C: TlsSide> TlsStream<C> {
         bufs: &[io::IoSlice<'_>],
         dst: &mut [u8],
     ) -> io::Result<Encrypted> {
+        if let Engine::Records(records) = &mut self.tls {
+            // Records are filled across the slices (a tunnel's frames share them).
+            let (taken, written) = records.seal(bufs, WRITE_CHUNK, dst).map_err(tls_error)?;
+            return Ok(Encrypted {
+                taken,
+                written,
+                split: None,
+            });
+        }
         let (mut taken, mut written) = (0, 0);
         for slice in bufs.iter().filter(|b| !b.is_empty()) {
             let take = slice.len().min(WRITE_CHUNK - taken);
@@ -880,7 +1048,7 @@ impl<C: TlsSide> AsyncWrite for TlsStream<C> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     // Test code: a failing unwrap is a failing test.
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -895,13 +1063,13 @@ mod tests {
     const ALPN: &[u8] = b"test";
 
     /// A CA and a certificate with a fresh key signed by it: (cert PEM, key PEM).
-    struct Ca {
+    pub(crate) struct Ca {
         issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-        pem: String,
+        pub(crate) pem: String,
     }
 
     impl Ca {
-        fn new(cn: &str) -> Self {
+        pub(crate) fn new(cn: &str) -> Self {
             let key = rcgen::KeyPair::generate().unwrap();
             let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
             params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -914,7 +1082,7 @@ mod tests {
                 pem,
             }
         }
-        fn leaf(&self, name: &str) -> (String, String) {
+        pub(crate) fn leaf(&self, name: &str) -> (String, String) {
             let key = rcgen::KeyPair::generate().unwrap();
             let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
             params
@@ -972,20 +1140,32 @@ mod tests {
     /// Data written right behind the handshake, in writes of every size, read back through a
     /// tiny server buffer (so plaintext waits in the connection) and echoed; then close_notify
     /// each way ends both sides cleanly.
+    ///
+    /// Both record layers: our own (what the configs allow by default) and rustls' (a config
+    /// that does not allow rustls to hand the records over).
     async fn echo_with_tiny_reads_and_clean_close_on() {
+        for own_records in [true, false] {
+            echo_with_tiny_reads(own_records).await;
+        }
+    }
+
+    async fn echo_with_tiny_reads(own_records: bool) {
         let ca = Ca::new("test CA");
         let s = setup(&ca, &ca).await;
         let addr = s.listener.local_addr().unwrap();
         let client_config = Arc::clone(&s.client);
         let server = {
-            let config = Arc::clone(&s.server);
+            let mut config = (*s.server).clone();
+            config.enable_secret_extraction = own_records;
+            let config = Arc::new(config);
             let listener =
                 tokio::net::TcpListener::from_std(s.listener.into_std().unwrap()).unwrap();
             tokio::task::spawn_local(async move {
                 let (tcp, _) = listener.accept().await.unwrap();
                 let mut tls = TlsStream::accept(adopt(tcp), config).await.unwrap();
-                assert_eq!(tls.connection().alpn_protocol(), Some(ALPN));
-                assert!(tls.connection().peer_certificates().is_some());
+                assert_eq!(tls.alpn_protocol(), Some(ALPN));
+                assert!(tls.peer_certificates().is_some());
+                assert_eq!(tls.own_records(), own_records);
                 // A tiny buffer, so plaintext waits in the connection.
                 echo_until_eof(&mut tls, 100).await
             })
@@ -1094,7 +1274,8 @@ mod tests {
         let mut c = TlsStream::connect(adopt(tcp), Arc::clone(&s.client), name.clone())
             .await
             .unwrap();
-        assert_eq!(c.connection().alpn_protocol(), Some(ALPN));
+        assert_eq!(c.alpn_protocol(), Some(ALPN));
+        assert!(c.own_records());
         let data = pattern(3 * 1024 * 1024 + 17);
         let back = timeout(send_and_read_back(&mut c, &data, true)).await;
         assert_eq!(back.len(), data.len());
@@ -1121,10 +1302,7 @@ mod tests {
         let server_config = Arc::new(server_config);
         let accept = || accept_one(&s.listener, Arc::clone(&server_config));
         let (mut server, mut client) = tokio::join!(accept(), connect(&s));
-        assert_eq!(
-            server.connection().handshake_kind(),
-            Some(rustls::HandshakeKind::Full)
-        );
+        assert_eq!(server.handshake_kind(), Some(rustls::HandshakeKind::Full));
         // The server reads; nothing arrives at the client's socket meanwhile (peeked, so the
         // client's TLS does not consume it).
         let (mut one, mut other) = ([0u8; 1], [0u8; 1]);
@@ -1148,7 +1326,7 @@ mod tests {
         // The ticket arrived with "hello": the next session resumes.
         let (second, _client2) = tokio::join!(accept(), connect(&s));
         assert_eq!(
-            second.connection().handshake_kind(),
+            second.handshake_kind(),
             Some(rustls::HandshakeKind::Resumed)
         );
     }

@@ -453,7 +453,6 @@ fn host_of(id: Identity) -> (String, String) {
 
 fn peer_identity(tls: &TlsStream, cluster: &str) -> Result<Identity, &'static str> {
     let cert = tls
-        .connection()
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|c| c.as_ref());
@@ -497,8 +496,8 @@ impl Worker {
                 return;
             }
         };
-        let negotiated = tls.connection().alpn_protocol().map(<[u8]>::to_vec);
-        metrics.handshake(tls.connection().handshake_kind() == Some(HandshakeKind::Resumed));
+        let negotiated = tls.alpn_protocol().map(<[u8]>::to_vec);
+        metrics.handshake(tls.handshake_kind() == Some(HandshakeKind::Resumed));
         let identity = peer_identity(&tls, &self.shared.config.cluster);
         match (negotiated.as_deref(), identity) {
             (Some(ALPN_TUNNEL), Ok(id))
