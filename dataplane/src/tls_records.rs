@@ -187,14 +187,9 @@ impl<D> Records<D> {
         self.tx_limit = records.max(1);
     }
 
-    /// Seal `plaintext` already placed at `buf[HEADER..HEADER + n]` as one record of inner type
-    /// `content_type`: writes the header, the type and the tag. Returns the record's length.
-    fn seal_at(
-        &mut self,
-        buf: &mut [u8],
-        n: usize,
-        content_type: u8,
-    ) -> Result<usize, RecordError> {
+    /// The front of `buf` as the record of `n` bytes of plaintext, its header written: (header,
+    /// the rest of the record).
+    fn record_at(buf: &mut [u8], n: usize) -> Result<([u8; HEADER], &mut [u8]), RecordError> {
         let len = n + 1 + TAG;
         let record = buf
             .get_mut(..HEADER + len)
@@ -205,6 +200,40 @@ impl<D> Records<D> {
         let header = [APPLICATION_DATA, 3, 3, hi, lo];
         let (head, body) = record.split_at_mut(HEADER);
         head.copy_from_slice(&header);
+        Ok((header, body))
+    }
+
+    /// Seal `plaintext` straight from where it is into a record of application data at the
+    /// front of `buf` (no copy first). Returns the record's length.
+    fn seal_from(&mut self, buf: &mut [u8], plaintext: &[u8]) -> Result<usize, RecordError> {
+        let n = plaintext.len();
+        let (header, body) = Self::record_at(buf, n)?;
+        let (ciphertext, type_and_tag) = body.split_at_mut(n);
+        let nonce = self.tx.next_nonce()?;
+        self.tx
+            .key
+            .seal_out_of_place_scatter(
+                nonce,
+                Aad::from(header),
+                plaintext,
+                ciphertext,
+                &[APPLICATION_DATA],
+                type_and_tag,
+            )
+            .map_err(|_| RecordError::Keys("seal failed"))?;
+        Ok(HEADER + n + 1 + TAG)
+    }
+
+    /// Seal `plaintext` already placed at `buf[HEADER..HEADER + n]` as one record of inner type
+    /// `content_type`: writes the header, the type and the tag. Returns the record's length.
+    fn seal_at(
+        &mut self,
+        buf: &mut [u8],
+        n: usize,
+        content_type: u8,
+    ) -> Result<usize, RecordError> {
+        let (header, body) = Self::record_at(buf, n)?;
+        let len = body.len();
         let (inner, tag_out) = body.split_at_mut(n + 1);
         if let Some(t) = inner.last_mut() {
             *t = content_type;
@@ -269,6 +298,10 @@ impl<D> Records<D> {
     /// Seal `bufs` in order as records into `dst`, taking at most `max` bytes of plaintext.
     /// Records are filled across the slices, up to [`MAX_PLAINTEXT`] each. Returns (plaintext
     /// taken, bytes written). A key that has sealed its share is replaced on the way.
+    ///
+    /// A record whose plaintext lies in one slice is sealed from there; one that spans slices
+    /// (small writes, or the seam between two of a tunnel's frames) is gathered into `dst` and
+    /// sealed in place.
     pub(crate) fn seal(
         &mut self,
         bufs: &[std::io::IoSlice<'_>],
@@ -286,7 +319,26 @@ impl<D> Records<D> {
             }
             let room = (dst.len() - written).saturating_sub(OVERHEAD);
             let want = MAX_PLAINTEXT.min(max - taken).min(room);
+            if want == 0 {
+                break;
+            }
             let out = dst.get_mut(written..).unwrap_or_default();
+            let whole_record = bufs.get(slice).and_then(|b| b.get(pos..)).filter(|src| {
+                src.len() >= want
+                    || (!src.is_empty() && bufs.iter().skip(slice + 1).all(|b| b.is_empty()))
+            });
+            if let Some(src) = whole_record {
+                let n = src.len().min(want);
+                written += self.seal_from(out, src.get(..n).unwrap_or_default())?;
+                taken += n;
+                if n == src.len() {
+                    slice += 1;
+                    pos = 0;
+                } else {
+                    pos += n;
+                }
+                continue;
+            }
             let mut n = 0;
             while n < want {
                 let Some(whole) = bufs.get(slice) else {
