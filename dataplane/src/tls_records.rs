@@ -312,7 +312,9 @@ impl<D> Records<D> {
         let (mut slice, mut pos) = (0, 0);
         loop {
             if self.tx.seq >= self.tx_limit {
-                if dst.len() - written < 5 + OVERHEAD {
+                // Room for the key update and a record after it, or the update waits: a call
+                // that took no plaintext must not have written anything.
+                if dst.len() - written < 5 + OVERHEAD + OVERHEAD + 1 {
                     break;
                 }
                 written += self.update_tx_key(dst.get_mut(written..).unwrap_or_default(), false)?;
