@@ -261,6 +261,11 @@ impl Tunnel {
         self.inner.borrow().conn.input_capacity()
     }
 
+    /// See [`crate::tunnel::Connection::input_allocations`].
+    pub fn input_allocations(&self) -> u64 {
+        self.inner.borrow().conn.input_allocations()
+    }
+
     /// Total payload bytes (received, sent) over this tunnel.
     pub fn bytes(&self) -> (u64, u64) {
         let i = self.inner.borrow();
@@ -344,6 +349,15 @@ impl Tunnel {
                             this.wake();
                             if let Err(e) = result {
                                 return e.to_string();
+                            }
+                            if this.open_streams() > 0 {
+                                // Let the streams' tasks take what this read delivered before
+                                // reading more: the frames' payloads point into the input
+                                // buffer, and once they are dropped the next read reuses it in
+                                // place (read again at once, it had to allocate a fresh buffer
+                                // and copy the partial frame over, faulting in new pages: a
+                                // third of the receiving agent's samples for one stream).
+                                tokio::task::yield_now().await;
                             }
                         }
                     }

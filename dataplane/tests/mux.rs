@@ -133,66 +133,79 @@ async fn pump_until(
     }
 }
 
+/// The proxy's side, frame by frame, opens a stream to the agent and sends `total` bytes; the
+/// agent's application reads them to the end and then closes its side, so the stream ends by the
+/// agent's own action while its tunnel waits for input. `idle` sees the agent's tunnel before the
+/// stream opens. Returns the agent's tunnel once the application is done.
+async fn stream_to_an_agent_app(
+    total: usize,
+    app_pipe: usize,
+    idle: impl FnOnce(&Tunnel),
+) -> Tunnel {
+    let (near, mut far) = tokio::io::duplex(1024 * 1024);
+    let (agent, mut events) = Tunnel::new(Side::Dialer, Config::default());
+    let a = agent.clone();
+    tokio::task::spawn_local(async move { a.run(near).await });
+    let app_done = std::rc::Rc::new(tokio::sync::Notify::new());
+    {
+        let (agent, app_done) = (agent.clone(), app_done.clone());
+        tokio::task::spawn_local(async move {
+            while let Some(ev) = events.recv().await {
+                if let TunnelEvent::Incoming { stream, .. } = ev {
+                    let handle = agent.accept(stream).unwrap();
+                    let (a, mut b) = tokio::io::duplex(app_pipe);
+                    let app_done = app_done.clone();
+                    let app = async move {
+                        let mut got = Vec::new();
+                        b.read_to_end(&mut got).await.unwrap();
+                        assert_eq!(got.len(), total);
+                        b.shutdown().await.unwrap();
+                    };
+                    tokio::join!(handle.splice(a, Bytes::new()), app);
+                    app_done.notify_one();
+                }
+            }
+        });
+    }
+    let mut proxy = Connection::new(Side::Listener, Config::default(), Instant::now());
+    pump_until(&mut proxy, &mut far, |e| matches!(e, Event::Ready)).await;
+    idle(&agent);
+    let id = proxy.open("sink", Bytes::new()).unwrap();
+    pump_until(&mut proxy, &mut far, |e| {
+        matches!(e, Event::Accepted { .. })
+    })
+    .await;
+    let data = vec![7u8; total];
+    let mut sent = 0;
+    while sent < data.len() {
+        sent += proxy.send(id, &data[sent..]).unwrap();
+        if sent < data.len() {
+            pump_until(&mut proxy, &mut far, |e| {
+                matches!(e, Event::Writable { .. })
+            })
+            .await;
+        }
+    }
+    proxy.finish(id).unwrap();
+    pump_until(&mut proxy, &mut far, |e| {
+        matches!(e, Event::Finished { .. })
+    })
+    .await;
+    app_done.notified().await;
+    agent
+}
+
 #[test]
 fn a_tunnel_reads_into_its_input_buffer_only_while_streams_are_open() {
     run_local(async {
-        let (near, mut far) = tokio::io::duplex(1024 * 1024);
-        let (agent, mut events) = Tunnel::new(Side::Dialer, Config::default());
-        let a = agent.clone();
-        tokio::task::spawn_local(async move { a.run(near).await });
-        // The agent's application reads its stream to the end, then closes its side: the
-        // stream ends by the agent's own action while its tunnel waits for input.
-        let app_done = std::rc::Rc::new(tokio::sync::Notify::new());
-        {
-            let (agent, app_done) = (agent.clone(), app_done.clone());
-            tokio::task::spawn_local(async move {
-                while let Some(ev) = events.recv().await {
-                    if let TunnelEvent::Incoming { stream, .. } = ev {
-                        let handle = agent.accept(stream).unwrap();
-                        let (a, mut b) = tokio::io::duplex(64 * 1024);
-                        let app_done = app_done.clone();
-                        let app = async move {
-                            let mut got = Vec::new();
-                            b.read_to_end(&mut got).await.unwrap();
-                            assert_eq!(got.len(), 300_000);
-                            b.shutdown().await.unwrap();
-                        };
-                        tokio::join!(handle.splice(a, Bytes::new()), app);
-                        app_done.notify_one();
-                    }
-                }
-            });
-        }
-        // The proxy's side, frame by frame.
-        let mut proxy = Connection::new(Side::Listener, Config::default(), Instant::now());
-        pump_until(&mut proxy, &mut far, |e| matches!(e, Event::Ready)).await;
-        assert_eq!(
-            agent.input_capacity(),
-            0,
-            "an idle tunnel holds no input buffer"
-        );
-        let id = proxy.open("sink", Bytes::new()).unwrap();
-        pump_until(&mut proxy, &mut far, |e| {
-            matches!(e, Event::Accepted { .. })
+        let agent = stream_to_an_agent_app(300_000, 64 * 1024, |agent| {
+            assert_eq!(
+                agent.input_capacity(),
+                0,
+                "an idle tunnel holds no input buffer"
+            );
         })
         .await;
-        let data = vec![7u8; 300_000];
-        let mut sent = 0;
-        while sent < data.len() {
-            sent += proxy.send(id, &data[sent..]).unwrap();
-            if sent < data.len() {
-                pump_until(&mut proxy, &mut far, |e| {
-                    matches!(e, Event::Writable { .. })
-                })
-                .await;
-            }
-        }
-        proxy.finish(id).unwrap();
-        pump_until(&mut proxy, &mut far, |e| {
-            matches!(e, Event::Finished { .. })
-        })
-        .await;
-        app_done.notified().await;
         // The agent's reader was waiting in a read into its input buffer when the stream
         // ended; nothing more arrives, yet the buffer is released.
         for _ in 0..100 {
@@ -206,6 +219,25 @@ fn a_tunnel_reads_into_its_input_buffer_only_while_streams_are_open() {
             agent.input_capacity(),
             0,
             "idle again: the input buffer is released"
+        );
+    });
+}
+
+/// While the stream's reader keeps up, the tunnel's reads reuse one input buffer: the payloads
+/// a read handed out are taken (and dropped) before the next read, which then finds the
+/// allocation free again rather than allocating a fresh one per read.
+#[test]
+fn a_busy_tunnel_reuses_its_input_buffer_while_the_reader_keeps_up() {
+    run_local(async {
+        let total = 16 * 1024 * 1024;
+        // (The application's pipe takes a whole read's payloads at once.)
+        let agent = stream_to_an_agent_app(total, 1024 * 1024, |_| {}).await;
+        let allocations = agent.input_allocations();
+        // ~256 reads of up to 64 KiB; the first read allocates, and a read that comes while a
+        // payload is still queued for the application may too.
+        assert!(
+            allocations <= 16,
+            "{allocations} fresh input buffers for {total} bytes"
         );
     });
 }

@@ -201,6 +201,8 @@ pub struct Connection {
     segments: VecDeque<Bytes>,
     segments_len: usize,
     inbuf: BytesMut,
+    /// Times [`Connection::input_buffer`] could not reuse the input buffer's allocation.
+    input_allocations: u64,
     events: VecDeque<Event>,
     last_rx: Instant,
     next_ping: Instant,
@@ -239,6 +241,7 @@ impl Connection {
             segments: VecDeque::new(),
             segments_len: 0,
             inbuf: BytesMut::new(),
+            input_allocations: 0,
             events: VecDeque::new(),
             last_rx: now,
             next_ping: now + config.ping_interval,
@@ -265,6 +268,12 @@ impl Connection {
     /// Bytes of input buffer the connection holds (allocated, used or not).
     pub fn input_capacity(&self) -> usize {
         self.inbuf.capacity()
+    }
+
+    /// How often the input buffer needed a fresh allocation for a read (payloads handed out
+    /// from it still alive, or none held): a reader that keeps up lets reads reuse it.
+    pub fn input_allocations(&self) -> u64 {
+        self.input_allocations
     }
 
     pub fn open_streams(&self) -> usize {
@@ -318,6 +327,9 @@ impl Connection {
     /// are open, when the buffer is kept between reads anyway; an idle tunnel should read into a
     /// shared buffer and call `handle_input`, so that it holds no buffer of its own.
     pub fn input_buffer(&mut self, room: usize) -> &mut BytesMut {
+        if !self.inbuf.try_reclaim(room) {
+            self.input_allocations += 1;
+        }
         self.inbuf.reserve(room);
         &mut self.inbuf
     }
