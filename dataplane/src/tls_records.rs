@@ -299,9 +299,11 @@ impl<D> Records<D> {
     /// Records are filled across the slices, up to [`MAX_PLAINTEXT`] each. Returns (plaintext
     /// taken, bytes written). A key that has sealed its share is replaced on the way.
     ///
-    /// A record whose plaintext lies in one slice is sealed from there; one that spans slices
-    /// (small writes, or the seam between two of a tunnel's frames) is gathered into `dst` and
-    /// sealed in place.
+    /// A record whose plaintext lies in one slice is sealed from there; small slices share a
+    /// record, gathered into `dst` and sealed in place. A slice large enough to fill a record
+    /// by itself starts a record of its own: the small end of the slice before it (a frame's
+    /// last bytes) goes out as a short record rather than having 16 KiB of the large one copied
+    /// behind it.
     pub(crate) fn seal(
         &mut self,
         bufs: &[std::io::IoSlice<'_>],
@@ -327,7 +329,12 @@ impl<D> Records<D> {
             let out = dst.get_mut(written..).unwrap_or_default();
             let whole_record = bufs.get(slice).and_then(|b| b.get(pos..)).filter(|src| {
                 src.len() >= want
-                    || (!src.is_empty() && bufs.iter().skip(slice + 1).all(|b| b.is_empty()))
+                    || (!src.is_empty()
+                        && bufs
+                            .iter()
+                            .skip(slice + 1)
+                            .find(|b| !b.is_empty())
+                            .is_none_or(|next| next.len() >= MAX_PLAINTEXT))
             });
             if let Some(src) = whole_record {
                 let n = src.len().min(want);
@@ -347,6 +354,10 @@ impl<D> Records<D> {
                     break;
                 };
                 let src = whole.get(pos..).unwrap_or_default();
+                if n > 0 && pos == 0 && src.len() >= MAX_PLAINTEXT {
+                    // A large slice starts a record of its own (sealed from where it is).
+                    break;
+                }
                 let k = src.len().min(want - n);
                 if let (Some(d), Some(s)) = (out.get_mut(HEADER + n..HEADER + n + k), src.get(..k))
                 {
@@ -679,10 +690,10 @@ mod tests {
         (0..n).map(|i| (i * 31 + seed + i / 253) as u8).collect()
     }
 
-    /// Writes of every size are filled into shared records of at most 16 KiB each, and open
+    /// Writes of every size become records of at most 16 KiB each, which open
     /// as the same bytes on the other side, in both directions; close_notify ends it.
     #[test]
-    fn writes_share_records_and_open_the_same_both_ways() {
+    fn writes_of_every_size_open_the_same_both_ways() {
         let (mut client, mut server) = pair();
         let bufs: Vec<Vec<u8>> = [9usize, 1, 70_000, 0, 3, 16 * 1024, 5, 40_000]
             .iter()
@@ -695,15 +706,6 @@ mod tests {
             let mut wire = seal_all(&mut client, &refs, dst_len);
             let lens = record_lengths(&wire);
             assert!(lens.iter().all(|&l| l <= MAX_PLAINTEXT + 1 + TAG));
-            if dst_len > MAX_PLAINTEXT {
-                // Small writes share records: every record but the last is full.
-                let full = MAX_PLAINTEXT + 1 + TAG;
-                assert!(
-                    lens[..lens.len() - 1].iter().all(|&l| l == full),
-                    "{lens:?}"
-                );
-                assert_eq!(lens.len(), all.len().div_ceil(MAX_PLAINTEXT));
-            }
             let mut replies = BytesMut::new();
             let (got, closed) = open_all(&mut server, &mut wire, &mut replies);
             assert!(got == all && !closed && replies.is_empty());
@@ -715,6 +717,26 @@ mod tests {
         client.push_alert(&mut close, None);
         let (got, closed) = open_all(&mut server, &mut close, &mut BytesMut::new());
         assert!(got.is_empty() && closed);
+    }
+
+    /// Small writes share records; a large write starts a record of its own, so the small end of
+    /// the write before it is a short record (sealed from where it is, like the large one's).
+    #[test]
+    fn small_writes_share_records_and_large_ones_start_their_own() {
+        let (mut client, mut server) = pair();
+        let small: Vec<Vec<u8>> = (0..100).map(|i| pattern(100, i)).collect();
+        let refs: Vec<&[u8]> = small.iter().map(Vec::as_slice).collect();
+        let mut wire = seal_all(&mut client, &refs, 64 * 1024 + 1024);
+        assert_eq!(record_lengths(&wire), [10_000 + 1 + TAG]);
+        let (got, _) = open_all(&mut server, &mut wire, &mut BytesMut::new());
+        assert!(got == small.concat());
+
+        let (tail, large) = (pattern(10, 1), pattern(40_000, 2));
+        let mut wire = seal_all(&mut client, &[&tail, &large], 64 * 1024 + 1024);
+        let plaintext: Vec<usize> = record_lengths(&wire).iter().map(|l| l - 1 - TAG).collect();
+        assert_eq!(plaintext, [10, 16_384, 16_384, 7_232]);
+        let (got, _) = open_all(&mut server, &mut wire, &mut BytesMut::new());
+        assert!(got == [tail, large].concat());
     }
 
     /// Keys are replaced before they seal their share, and a key update that asks for one back

@@ -292,6 +292,39 @@ fn process<C: TlsSide>(
     result
 }
 
+/// A full TLS 1.3 record on the wire: 16 KiB of plaintext, content type, tag and header. Bulk
+/// senders (rustls, our own records) send these.
+const FULL_RECORD: usize = 16 * 1024 + 1 + 16 + 5;
+
+/// How much to read for a reader with room for `room` bytes of plaintext, with `partial` (the
+/// start of a record) in hand. About as much as the reader can take, so little plaintext waits in
+/// the connection (and is copied twice), never less than one whole record; and when that allows
+/// whole records, just enough to end at a record's end if the peer's records are full ones: a
+/// bulk stream's reads then carry no partial record over from one read to the next (copied out of
+/// the thread's buffer and back in), and fill the reader (a 64 KiB reader got 48 KiB, three
+/// records and the start of a fourth, from a 64 KiB read).
+fn read_size(partial: &[u8], room: usize) -> usize {
+    let default = room.clamp(MAX_RECORD, READ_CHUNK);
+    // (bytes that complete the record in hand, its plaintext)
+    let (first, first_plaintext) = match *partial {
+        [] => (0, 0),
+        [_, _, _, hi, lo, ..] => {
+            let len = usize::from(u16::from_be_bytes([hi, lo]));
+            (
+                (5 + len).saturating_sub(partial.len()),
+                len.saturating_sub(17),
+            )
+        }
+        _ => (FULL_RECORD - partial.len(), 16 * 1024),
+    };
+    let records =
+        (room.saturating_sub(first_plaintext) / (16 * 1024)).min(READ_CHUNK / (16 * 1024));
+    match first + records * FULL_RECORD {
+        0 => default,
+        aligned => aligned,
+    }
+}
+
 /// Application data to the reader (as much as fits), the rest to `buf.plaintext`.
 fn deliver(buf: &mut Buffers, out: Option<&mut ReadBuf<'_>>, payload: &[u8]) {
     let direct = match out {
@@ -556,11 +589,12 @@ impl<C: TlsSide> TlsStream<C> {
                 if input.len() < used + READ_CHUNK {
                     input.resize(used + READ_CHUNK, 0);
                 }
-                // Read about as much as the reader can take, so little plaintext waits in the
-                // connection (and is copied twice); never less than one whole record.
-                let want = out
-                    .as_deref()
-                    .map_or(READ_CHUNK, |o| o.remaining().clamp(MAX_RECORD, READ_CHUNK));
+                let want = out.as_deref().map_or(READ_CHUNK, |o| {
+                    read_size(input.get(..used).unwrap_or_default(), o.remaining())
+                });
+                if input.len() < used + want {
+                    input.resize(used + want, 0);
+                }
                 let mut rb = ReadBuf::new(input.get_mut(used..used + want).unwrap_or_default());
                 match Pin::new(&mut *io).poll_read(cx, &mut rb) {
                     Poll::Ready(Ok(())) if rb.filled().is_empty() => {
@@ -1135,6 +1169,40 @@ pub(crate) mod tests {
         tokio::time::timeout(Duration::from_secs(20), f)
             .await
             .expect("timed out")
+    }
+
+    /// Reads end at a record's end when the peer's records are full ones, and never give the
+    /// reader more plaintext than it has room for; otherwise a whole record at least.
+    #[test]
+    fn reads_end_at_record_boundaries_within_the_readers_room() {
+        let full_header = |len: usize| -> Vec<u8> {
+            let mut h = vec![23, 3, 3];
+            h.extend_from_slice(&u16::try_from(len).unwrap().to_be_bytes());
+            h
+        };
+        // Nothing in hand: four whole records for a 64 KiB reader (its 64 KiB of plaintext).
+        assert_eq!(read_size(&[], 64 * 1024), 4 * FULL_RECORD);
+        assert_eq!(read_size(&[], 50_000), 3 * FULL_RECORD);
+        // A full record's first 1,000 bytes in hand: its rest and three more.
+        let mut partial = full_header(FULL_RECORD - 5);
+        partial.resize(1_000, 0);
+        assert_eq!(
+            read_size(&partial, 64 * 1024),
+            FULL_RECORD - 1_000 + 3 * FULL_RECORD
+        );
+        // Three bytes of a header: assumed full.
+        assert_eq!(
+            read_size(&[23, 3, 3], 64 * 1024),
+            FULL_RECORD - 3 + 3 * FULL_RECORD
+        );
+        // A short record in hand: its rest, then full ones within the room.
+        let mut short = full_header(117);
+        short.resize(50, 0);
+        assert_eq!(read_size(&short, 64 * 1024), 122 - 50 + 3 * FULL_RECORD);
+        // A reader with less room than a record: one whole record (the rest waits decrypted).
+        assert_eq!(read_size(&[], 100), MAX_RECORD);
+        // Never more than four records' worth beyond the one in hand, whatever the room.
+        assert_eq!(read_size(&[], 1 << 20), 4 * FULL_RECORD);
     }
 
     /// Data written right behind the handshake, in writes of every size, read back through a
