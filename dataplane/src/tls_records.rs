@@ -25,7 +25,8 @@ use rustls::{ConnectionTrafficSecrets, ExtractedSecrets, ProtocolVersion};
 pub(crate) const MAX_PLAINTEXT: usize = 16 * 1024;
 /// Most ciphertext in one record (RFC 8446 5.2: plaintext, content type, padding and tag).
 const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
-const HEADER: usize = 5;
+/// A record's header: content type, legacy version, length.
+pub(crate) const HEADER: usize = 5;
 const TAG: usize = 16;
 /// What a record adds to its plaintext: header, inner content type and tag.
 pub(crate) const OVERHEAD: usize = HEADER + 1 + TAG;

@@ -28,7 +28,7 @@ use rustls::{ClientConfig, ExtractedSecrets, HandshakeKind, ProtocolVersion, Ser
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::socket::Socket;
-use crate::tls_records::{Opened, Records, TicketSink};
+use crate::tls_records::{HEADER, MAX_PLAINTEXT, OVERHEAD, Opened, Records, TicketSink};
 
 /// Largest TLS record on the wire (16 KiB of payload plus header and AEAD overhead).
 const MAX_RECORD: usize = 16 * 1024 + 256 + 5;
@@ -218,14 +218,13 @@ fn process<C: TlsSide>(
     buf: &mut Buffers,
     input: &mut [u8],
     used: &mut usize,
-    out: Option<&mut ReadBuf<'_>>,
+    mut out: Option<&mut ReadBuf<'_>>,
 ) -> io::Result<Step> {
     let tls = match tls {
         Engine::Rustls(c) => &mut **c,
         Engine::Records(r) => return process_records(r, buf, input, used, out),
     };
     let mut step = Step::NeedInput;
-    let mut out = out;
     // Consumed bytes are skipped with `start` and removed once at the end (compacting after
     // every record would move the rest of a 64 KiB read again and again).
     let mut start = 0;
@@ -294,7 +293,7 @@ fn process<C: TlsSide>(
 
 /// A full TLS 1.3 record on the wire: 16 KiB of plaintext, content type, tag and header. Bulk
 /// senders (rustls, our own records) send these.
-const FULL_RECORD: usize = 16 * 1024 + 1 + 16 + 5;
+const FULL_RECORD: usize = MAX_PLAINTEXT + OVERHEAD;
 
 /// How much to read for a reader with room for `room` bytes of plaintext, with `partial` (the
 /// start of a record) in hand. About as much as the reader can take, so little plaintext waits in
@@ -311,14 +310,14 @@ fn read_size(partial: &[u8], room: usize) -> usize {
         [_, _, _, hi, lo, ..] => {
             let len = usize::from(u16::from_be_bytes([hi, lo]));
             (
-                (5 + len).saturating_sub(partial.len()),
-                len.saturating_sub(17),
+                (HEADER + len).saturating_sub(partial.len()),
+                len.saturating_sub(OVERHEAD - HEADER),
             )
         }
-        _ => (FULL_RECORD - partial.len(), 16 * 1024),
+        _ => (FULL_RECORD - partial.len(), MAX_PLAINTEXT),
     };
     let records =
-        (room.saturating_sub(first_plaintext) / (16 * 1024)).min(READ_CHUNK / (16 * 1024));
+        (room.saturating_sub(first_plaintext) / MAX_PLAINTEXT).min(READ_CHUNK / MAX_PLAINTEXT);
     match first + records * FULL_RECORD {
         0 => default,
         aligned => aligned,
