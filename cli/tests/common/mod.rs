@@ -440,6 +440,15 @@ pub fn token(data_dir: &Path, ty: &str) -> String {
 impl Fleet {
     /// `agents`: (node name, labels, extra args) for each agent process.
     pub fn start(cluster: &str, agents: &[(&str, &str, Vec<String>)]) -> Self {
+        Self::start_with(cluster, &[], agents)
+    }
+
+    /// [`Fleet::start`] with extra arguments for the proxy.
+    pub fn start_with(
+        cluster: &str,
+        proxy_args: &[&str],
+        agents: &[(&str, &str, Vec<String>)],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let d = |p: &str| dir.path().join(p).display().to_string();
         let auth = Daemon::start(
@@ -461,27 +470,26 @@ impl Fleet {
         let pin = auth.field("CA pin:");
         let proxy_token = token(&dir.path().join("auth"), "proxy");
         let node_token = token(&dir.path().join("auth"), "node");
-        let proxy = Daemon::start(
-            &[
-                "--roles".into(),
-                "proxy".into(),
-                "--auth".into(),
-                auth_addr.clone(),
-                "--token".into(),
-                proxy_token,
-                "--ca-pin".into(),
-                pin.clone(),
-                "--proxy-addr".into(),
-                "127.0.0.2:0".into(),
-                "--diag-addr".into(),
-                "127.0.0.2:0".into(),
-                "--data-dir".into(),
-                d("proxy"),
-                "--node-name".into(),
-                "proxy1".into(),
-            ],
-            dir.path().join("proxy.log"),
-        );
+        let mut args: Vec<String> = proxy_args.iter().map(|a| a.to_string()).collect();
+        args.extend([
+            "--roles".into(),
+            "proxy".into(),
+            "--auth".into(),
+            auth_addr.clone(),
+            "--token".into(),
+            proxy_token,
+            "--ca-pin".into(),
+            pin.clone(),
+            "--proxy-addr".into(),
+            "127.0.0.2:0".into(),
+            "--diag-addr".into(),
+            "127.0.0.2:0".into(),
+            "--data-dir".into(),
+            d("proxy"),
+            "--node-name".into(),
+            "proxy1".into(),
+        ]);
+        let proxy = Daemon::start(&args, dir.path().join("proxy.log"));
         let proxy_addr = proxy.field("Proxy:");
         let mut fleet = Fleet {
             auth,

@@ -29,6 +29,11 @@ pub struct BackendLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CoreLabel {
+    pub core: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     pub kind: &'static str,
 }
@@ -44,6 +49,10 @@ pub struct ProxyMetrics {
     pub dial_failures: Family<ReasonLabel, Counter>,
     pub refused: Family<AlpnLabel, Counter>,
     pub handovers: Counter,
+    /// Tunnels per worker (core): new tunnels go to the worker holding the fewest.
+    pub worker_tunnels: Family<CoreLabel, Gauge>,
+    /// New tunnels handed to another worker than the one that accepted them.
+    pub tunnel_moves: Counter,
     /// TLS handshakes completed, `full` or `resumed` (a session ticket from an earlier one).
     pub handshakes: Family<KindLabel, Counter>,
 }
@@ -84,10 +93,28 @@ impl ProxyMetrics {
             self.handovers.clone(),
         );
         r.register(
+            "worker_tunnels",
+            "Agent tunnels per worker (core); a new tunnel goes to the worker holding the fewest",
+            self.worker_tunnels.clone(),
+        );
+        r.register(
+            "tunnel_moves",
+            "New tunnels handed from the worker that accepted them to the one holding the fewest",
+            self.tunnel_moves.clone(),
+        );
+        r.register(
             "tls_handshakes",
             "TLS handshakes completed, by kind (full, resumed)",
             self.handshakes.clone(),
         );
+    }
+
+    pub fn worker_tunnels(&self, core: usize, delta: i64) {
+        self.worker_tunnels
+            .get_or_create(&CoreLabel {
+                core: core.to_string(),
+            })
+            .inc_by(delta);
     }
 
     pub fn handshake(&self, resumed: bool) {

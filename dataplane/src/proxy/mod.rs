@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -67,10 +67,60 @@ pub fn server_alpn() -> Vec<Vec<u8>> {
     vec![ALPN_TUNNEL.to_vec(), ALPN_SSH.to_vec(), ALPN_TCP.to_vec()]
 }
 
-/// A session on its way to the core that owns its tunnel.
-struct Handover {
-    parts: TlsParts,
-    session: SessionPlan,
+/// A connection on its way to another core, as movable parts.
+enum Handover {
+    /// A session, to the core that owns its tunnel.
+    Session { parts: TlsParts, plan: SessionPlan },
+    /// A new tunnel, to the core that holds the fewest (its place already counted there).
+    Tunnel {
+        parts: TlsParts,
+        remote: SocketAddr,
+        id: Identity,
+        place: TunnelPlace,
+    },
+}
+
+/// The core a new tunnel should live on: the one holding the fewest tunnels, unless this one
+/// holds no more than that (ties stay where they were accepted, so nothing moves needlessly).
+fn place_tunnel(counts: &[usize], here: usize) -> usize {
+    let fewest = counts
+        .iter()
+        .enumerate()
+        .min_by_key(|&(core, &n)| (n, core != here))
+        .map_or(here, |(core, _)| core);
+    match (counts.get(here), counts.get(fewest)) {
+        (Some(h), Some(f)) if h > f => fewest,
+        _ => here,
+    }
+}
+
+/// A tunnel's place on a core, counted from the moment it was chosen (so concurrent placements
+/// see each other) until the tunnel ends.
+struct TunnelPlace {
+    shared: Arc<Shared>,
+    core: usize,
+}
+
+impl TunnelPlace {
+    fn take(shared: &Arc<Shared>, core: usize) -> Self {
+        if let Some(n) = shared.tunnel_counts.get(core) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+        shared.metrics.worker_tunnels(core, 1);
+        Self {
+            shared: Arc::clone(shared),
+            core,
+        }
+    }
+}
+
+impl Drop for TunnelPlace {
+    fn drop(&mut self) {
+        if let Some(n) = self.shared.tunnel_counts.get(self.core) {
+            n.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.shared.metrics.worker_tunnels(self.core, -1);
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -88,6 +138,8 @@ struct Shared {
     config: ProxyConfig,
     routes: ArcSwap<RouteTable>,
     handovers: Vec<mpsc::UnboundedSender<Handover>>,
+    /// Tunnels per core (placed there, whether or not their task has started yet).
+    tunnel_counts: Vec<AtomicUsize>,
     next_tunnel: AtomicU64,
     metrics: Arc<ProxyMetrics>,
     inventory: mpsc::UnboundedSender<Inventory>,
@@ -165,6 +217,7 @@ impl Proxy {
             config,
             routes: ArcSwap::from_pointee(RouteTable::default()),
             handovers: senders,
+            tunnel_counts: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
             next_tunnel: AtomicU64::new(1),
             metrics,
             inventory: inv_tx,
@@ -503,13 +556,7 @@ impl Worker {
             (Some(ALPN_TUNNEL), Ok(id))
                 if id.kind == IdentityKind::Node && !id.roles.iter().any(|r| r == "@proxy") =>
             {
-                // A tunnel lives for days: it gets a task of its own sized for what it keeps
-                // (the handshake's state goes with this task), and its TLS state moves to the
-                // heap once instead of being copied into each enclosing future.
-                let w = self.clone();
-                tokio::task::spawn_local(
-                    async move { w.serve_tunnel(Box::new(tls), remote, id).await },
-                );
+                self.place_tunnel(tls, remote, id);
             }
             (Some(a @ (ALPN_SSH | ALPN_TCP)), Ok(id)) if id.kind == IdentityKind::User => {
                 Box::pin(self.serve_session(tls, remote, id, a == ALPN_SSH)).await
@@ -561,7 +608,9 @@ impl Worker {
                 return;
             }
         };
-        self.serve_tunnel(Box::new(stream), remote, id).await;
+        // (QUIC tunnels stay on the endpoint's core: a quinn connection cannot move.)
+        let place = TunnelPlace::take(&self.shared, self.core);
+        self.serve_tunnel(Box::new(stream), remote, id, place).await;
         conn.close(quinn::VarInt::from_u32(0), b"tunnel closed");
     }
 
@@ -578,8 +627,57 @@ impl Worker {
         let _ = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
     }
 
-    async fn serve_tunnel<T>(&self, tls: Box<T>, remote: SocketAddr, id: Identity)
-    where
+    /// A new tunnel lives on the core holding the fewest tunnels (`SO_REUSEPORT` spreads
+    /// connections by a hash of their addresses, which a few heavy agents can leave uneven); it is
+    /// handed over right after its handshake, the way sessions are.
+    fn place_tunnel(&self, tls: TlsStream, remote: SocketAddr, id: Identity) {
+        let shared = &self.shared;
+        let counts: Vec<usize> = shared
+            .tunnel_counts
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect();
+        let core = place_tunnel(&counts, self.core);
+        let place = TunnelPlace::take(shared, core);
+        if core == self.core {
+            // A tunnel lives for days: it gets a task of its own sized for what it keeps
+            // (the handshake's state goes with this task), and its TLS state moves to the
+            // heap once instead of being copied into each enclosing future.
+            let w = self.clone();
+            tokio::task::spawn_local(async move {
+                w.serve_tunnel(Box::new(tls), remote, id, place).await
+            });
+            return;
+        }
+        let parts = match tls.into_parts(Bytes::new()) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(%remote, error = %e, "proxy: cannot hand the tunnel over");
+                return;
+            }
+        };
+        let Some(tx) = shared.handovers.get(core) else {
+            return;
+        };
+        shared.metrics.tunnel_moves.inc();
+        let moved = Handover::Tunnel {
+            parts,
+            remote,
+            id,
+            place,
+        };
+        if tx.send(moved).is_err() {
+            tracing::warn!(%remote, core, "proxy: the tunnel's core is gone");
+        }
+    }
+
+    async fn serve_tunnel<T>(
+        &self,
+        tls: Box<T>,
+        remote: SocketAddr,
+        id: Identity,
+        _place: TunnelPlace,
+    ) where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
     {
         let shared = &self.shared;
@@ -767,13 +865,7 @@ impl Worker {
         match shared.handovers.get(entry.core) {
             Some(tx) => {
                 shared.metrics.handovers.inc();
-                if tx
-                    .send(Handover {
-                        parts,
-                        session: plan,
-                    })
-                    .is_err()
-                {
+                if tx.send(Handover::Session { parts, plan }).is_err() {
                     tracing::warn!(%remote, core = entry.core, "proxy: owner core is gone");
                 }
             }
@@ -785,11 +877,25 @@ impl Worker {
     }
 
     async fn serve_handover(&self, h: Handover) {
-        match TlsStream::from_parts(h.parts) {
-            Ok((tls, leftover)) => self.run_session(tls, leftover, h.session).await,
-            Err(e) => {
-                tracing::warn!(remote = %h.session.remote, error = %e, "proxy: cannot resume a handed-over session")
-            }
+        match h {
+            Handover::Session { parts, plan } => match TlsStream::from_parts(parts) {
+                Ok((tls, leftover)) => self.run_session(tls, leftover, plan).await,
+                Err(e) => {
+                    tracing::warn!(remote = %plan.remote, error = %e, "proxy: cannot resume a handed-over session")
+                }
+            },
+            Handover::Tunnel {
+                parts,
+                remote,
+                id,
+                place,
+            } => match TlsStream::from_parts(parts) {
+                // (Nothing was read from a tunnel before its hand-over: no leftover.)
+                Ok((tls, _)) => self.serve_tunnel(Box::new(tls), remote, id, place).await,
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "proxy: cannot resume a handed-over tunnel")
+                }
+            },
         }
     }
 
@@ -850,5 +956,30 @@ impl Worker {
             })
             .inc_by(stats.from_tunnel);
         tracing::debug!(remote = %plan.remote, user = %plan.user, node = %plan.node, to_agent = stats.to_tunnel, to_user = stats.from_tunnel, "proxy: session ended");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::place_tunnel;
+
+    #[test]
+    fn a_new_tunnel_goes_to_the_core_holding_the_fewest_and_ties_stay() {
+        assert_eq!(
+            place_tunnel(&[0, 0, 0, 0], 2),
+            2,
+            "a tie stays where it was accepted"
+        );
+        assert_eq!(place_tunnel(&[1, 0, 0, 0], 0), 1);
+        assert_eq!(place_tunnel(&[1, 1, 0, 1], 0), 2);
+        assert_eq!(place_tunnel(&[3, 1, 1, 2], 3), 1);
+        assert_eq!(
+            place_tunnel(&[1, 1, 2, 1], 1),
+            1,
+            "no fewer elsewhere: stays"
+        );
+        assert_eq!(place_tunnel(&[5], 0), 0);
+        // A core index out of range (cannot happen) keeps the tunnel where it is.
+        assert_eq!(place_tunnel(&[0, 0], 7), 7);
     }
 }
