@@ -343,8 +343,7 @@ async fn serve_worker(
             let w = w.clone();
             tokio::task::spawn_local(async move {
                 while let Some(h) = handovers.recv().await {
-                    let w = w.clone();
-                    tokio::task::spawn_local(async move { w.serve_handover(h).await });
+                    w.serve_handover(h);
                 }
             });
         }
@@ -876,10 +875,18 @@ impl Worker {
         }
     }
 
-    async fn serve_handover(&self, h: Handover) {
+    /// Resume a connection handed over from another core, in a task of its own: a tunnel's task
+    /// is sized for what a tunnel keeps (a task shared with the session path would be sized for
+    /// a session's larger future, for days).
+    fn serve_handover(&self, h: Handover) {
+        let w = self.clone();
         match h {
             Handover::Session { parts, plan } => match TlsStream::from_parts(parts) {
-                Ok((tls, leftover)) => self.run_session(tls, leftover, plan).await,
+                Ok((tls, leftover)) => {
+                    tokio::task::spawn_local(
+                        async move { w.run_session(tls, leftover, plan).await },
+                    );
+                }
                 Err(e) => {
                     tracing::warn!(remote = %plan.remote, error = %e, "proxy: cannot resume a handed-over session")
                 }
@@ -891,7 +898,11 @@ impl Worker {
                 place,
             } => match TlsStream::from_parts(parts) {
                 // (Nothing was read from a tunnel before its hand-over: no leftover.)
-                Ok((tls, _)) => self.serve_tunnel(Box::new(tls), remote, id, place).await,
+                Ok((tls, _)) => {
+                    tokio::task::spawn_local(async move {
+                        w.serve_tunnel(Box::new(tls), remote, id, place).await
+                    });
+                }
                 Err(e) => {
                     tracing::warn!(%remote, error = %e, "proxy: cannot resume a handed-over tunnel")
                 }
