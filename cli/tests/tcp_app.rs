@@ -94,13 +94,7 @@ fn tunnels_spread_over_the_proxys_workers() {
     let home = tempfile::tempdir().unwrap();
     f.user(home.path(), "alice", "access", &f.login, &[]);
     f.wait_for_nodes(home.path(), 8);
-    let diag = f
-        .proxy
-        .field("Diagnostics:")
-        .trim_start_matches("http://")
-        .trim_end_matches("/metrics")
-        .to_string();
-    let metrics = common::http_get(&diag, "/metrics").1;
+    let metrics = proxy_metrics(&f);
     assert!(metrics.contains("gatehouse_proxy_tunnels 8"), "{metrics}");
     for core in 0..4 {
         let line = format!("gatehouse_proxy_worker_tunnels{{core=\"{core}\"}} 2");
