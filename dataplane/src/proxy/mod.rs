@@ -639,13 +639,7 @@ impl Worker {
         let core = place_tunnel(&counts, self.core);
         let place = TunnelPlace::take(shared, core);
         if core == self.core {
-            // A tunnel lives for days: it gets a task of its own sized for what it keeps
-            // (the handshake's state goes with this task), and its TLS state moves to the
-            // heap once instead of being copied into each enclosing future.
-            let w = self.clone();
-            tokio::task::spawn_local(async move {
-                w.serve_tunnel(Box::new(tls), remote, id, place).await
-            });
+            self.spawn_tunnel(tls, remote, id, place);
             return;
         }
         let parts = match tls.into_parts(Bytes::new()) {
@@ -668,6 +662,16 @@ impl Worker {
         if tx.send(moved).is_err() {
             tracing::warn!(%remote, core, "proxy: the tunnel's core is gone");
         }
+    }
+
+    /// A tunnel lives for days: it gets a task of its own sized for what it keeps (the
+    /// handshake's or the handover's state stays with the task that had it), and its TLS state
+    /// moves to the heap once instead of being copied into each enclosing future.
+    fn spawn_tunnel(&self, tls: TlsStream, remote: SocketAddr, id: Identity, place: TunnelPlace) {
+        let w = self.clone();
+        tokio::task::spawn_local(
+            async move { w.serve_tunnel(Box::new(tls), remote, id, place).await },
+        );
     }
 
     async fn serve_tunnel<T>(
@@ -879,10 +883,10 @@ impl Worker {
     /// is sized for what a tunnel keeps (a task shared with the session path would be sized for
     /// a session's larger future, for days).
     fn serve_handover(&self, h: Handover) {
-        let w = self.clone();
         match h {
             Handover::Session { parts, plan } => match TlsStream::from_parts(parts) {
                 Ok((tls, leftover)) => {
+                    let w = self.clone();
                     tokio::task::spawn_local(
                         async move { w.run_session(tls, leftover, plan).await },
                     );
@@ -898,11 +902,7 @@ impl Worker {
                 place,
             } => match TlsStream::from_parts(parts) {
                 // (Nothing was read from a tunnel before its hand-over: no leftover.)
-                Ok((tls, _)) => {
-                    tokio::task::spawn_local(async move {
-                        w.serve_tunnel(Box::new(tls), remote, id, place).await
-                    });
-                }
+                Ok((tls, _)) => self.spawn_tunnel(tls, remote, id, place),
                 Err(e) => {
                     tracing::warn!(%remote, error = %e, "proxy: cannot resume a handed-over tunnel")
                 }
