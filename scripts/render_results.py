@@ -27,6 +27,8 @@ one = {m["path"]: m for m in (opt("throughput-1.json") or {"medians": []})["medi
 epoll = {"latency-20k": opt("latency-20k-epoll.json"), "latency-2k": opt("latency-2k-epoll.json"),
          "sessions": opt("sessions-epoll.json"), "tunnels": opt("tunnels-epoll.json")}
 tunq = opt("tunnels-quic.json")
+# Sessions on a one-worker proxy (one proxy core), per backend; absent in older runs.
+ses1 = {b: {skey(s): s for s in (opt(f) or [])} for b, f in (("io_uring", "sessions-1w.json"), ("epoll", "sessions-1w-epoll.json"))}
 crit = {}
 for line in open(os.path.join(src, "criterion.txt")):
     m = re.match(r"^(\S+)\s+time:\s+\[\S+ \S+ (\S+) (\S+) \S+ \S+\]", line)
@@ -38,6 +40,22 @@ for i, line in enumerate(lines):
     m = re.match(r"^\s+time:\s+\[\S+ \S+ (\S+) (\S+) \S+ \S+\]", line)
     if m and i > 0 and lines[i - 1].strip() and " " not in lines[i - 1].strip():
         crit[lines[i - 1].strip()] = f"{m.group(1)} {m.group(2)}"
+
+def one_core_sessions():
+    rows = [f"| {b} | {k.replace('proxy', 'proxy, one worker')} | {s['sessions_per_s']:.0f} | {s.get('resumed', 0)} of {s['sessions']} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {per_cpu(s)} |"
+            for b, m in ses1.items() for k, s in m.items() if k.startswith("proxy")]
+    if not rows:
+        return ""
+    return """
+**One proxy core** (`--workers 1`): the same scenario against a proxy with one worker thread,
+which serves every connection and owns every tunnel (no session changes core). The rows above use
+one worker per core (two here), each sharing its core with the generator, so each worker idles
+and wakes between sessions, and a session whose tunnel is on the other worker moves there after
+its handshake.
+
+| backend | path | sessions/s | resumed | p50 ms | p99 ms | per proxy CPU-second |
+|---|---|---|---|---|---|---|
+""" + "\n".join(rows) + "\n"
 
 def per_cpu(s):
     v = s.get('sessions_per_middle_cpu_s')
@@ -83,6 +101,8 @@ def backend_table():
     row("new sessions/s", ses.get("proxy", {}).get("sessions_per_s"), se.get("proxy", {}).get("sessions_per_s"), "{:.0f}")
     row("sessions per proxy CPU-second", ses.get("proxy", {}).get("sessions_per_middle_cpu_s"), se.get("proxy", {}).get("sessions_per_middle_cpu_s"), "{:.0f}")
     row("resumed sessions per proxy CPU-second", ses.get("proxy (resumed)", {}).get("sessions_per_middle_cpu_s"), se.get("proxy (resumed)", {}).get("sessions_per_middle_cpu_s"), "{:.0f}")
+    for k, name in (("proxy", "sessions per proxy CPU-second, one worker"), ("proxy (resumed)", "resumed sessions per proxy CPU-second, one worker")):
+        row(name, ses1["io_uring"].get(k, {}).get("sessions_per_middle_cpu_s"), ses1["epoll"].get(k, {}).get("sessions_per_middle_cpu_s"), "{:.0f}")
     for rate, key in (("20000", "latency-20k"), ("2000", "latency-2k")):
         row(f"p50 added at {rate}/s (µs)", added(lat[rate], "p50_us"), added(epoll[key], "p50_us"), "{}")
         row(f"p99 added at {rate}/s (µs)", added(lat[rate], "p99_us"), added(epoll[key], "p99_us"), "{}")
@@ -138,11 +158,13 @@ results = [
     *[{"scenario": "sessions", "baseline": ("gatehouse-proxy" if s["path"] == "proxy" else "direct") + ("-resumed" if s.get("resumption") else ""), "unit": "sessions/s", "value": s["sessions_per_s"]} for s in ses.values()],
     {"scenario": "sessions", "baseline": "gatehouse-proxy", "unit": "sessions per proxy CPU-second", "value": ses.get("proxy", {}).get("sessions_per_middle_cpu_s")},
     {"scenario": "sessions", "baseline": "gatehouse-proxy-resumed", "unit": "sessions per proxy CPU-second", "value": ses.get("proxy (resumed)", {}).get("sessions_per_middle_cpu_s")},
+    *[{"scenario": "sessions-one-worker", "baseline": f"gatehouse-proxy-{b}" + ("-resumed" if s.get("resumption") else ""), "unit": "sessions per proxy CPU-second", "value": s.get("sessions_per_middle_cpu_s")}
+      for b, m in ses1.items() for k, s in m.items() if k.startswith("proxy")],
     {"scenario": "logins", "baseline": "gatehouse-auth", "unit": "p99 ms", "value": logins["p99_ms"]},
 ]
 results = [{k: v for k, v in x.items() if k != "skipped" or v} for x in results]
 json.dump({"date": date, "commit": commit, "machine": machine, "results": results,
-           "raw": {"epoll": epoll, "ssh": ssh, "throughput": thr, "tunnels": tun, "logins": logins, "latency": lat, "sessions": ses, "criterion": crit}},
+           "raw": {"epoll": epoll, "ssh": ssh, "throughput": thr, "tunnels": tun, "logins": logins, "latency": lat, "sessions": ses, "sessions_one_worker": ses1, "criterion": crit}},
           open(json_path, "w"), indent=2)
 
 md = f"""# Benchmark results
@@ -165,7 +187,9 @@ real `sshd` on loopback with one `ssh -W sink` client per stream (aes128-gcm; th
 end to end inside the SSH channel, so sshd does one cipher pass per byte where the proxy does
 two); **rathole** is rathole 0.5 (`cargo install rathole`) with its TLS transport (visitor TCP in
 at the server, TLS data channel to its client, which connects to the sink: the server does one
-cipher pass per byte). CPU is the middle box's from `/proc/<pid>/stat`, all threads, plus its
+cipher pass per byte; its native-tls on this machine's OpenSSL 3.0 negotiates TLS 1.3 with
+AES-256-GCM, where `../shared/BENCHMARKS.md` lists TLS 1.2 ChaCha20 at 0.61–0.75 GB per server
+CPU-second). CPU is the middle box's from `/proc/<pid>/stat`, all threads, plus its
 child processes (sshd serves each connection in children) — for rathole the server's only.
 
 | path | GB/s | GB per middle-box CPU-second | proxy ÷ path (GB/s) | proxy ÷ path (per CPU-s) |
@@ -218,7 +242,7 @@ per connection in both cases.
 
 | path | sessions/s | resumed | p50 ms | p99 ms | per proxy CPU-second |
 |---|---|---|---|---|---|
-""" + "".join(f"| {p} | {s['sessions_per_s']:.0f} | {s.get('resumed', 0)} of {s['sessions']} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {per_cpu(s)} |\n" for p, s in ses.items()) + f"""
+""" + "".join(f"| {p} | {s['sessions_per_s']:.0f} | {s.get('resumed', 0)} of {s['sessions']} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {per_cpu(s)} |\n" for p, s in ses.items()) + one_core_sessions() + f"""
 ## I/O backends side by side: io_uring and epoll
 
 The same proxy binary, `--proxy-io-backend io_uring` (everything above) and `epoll`. Throughput:

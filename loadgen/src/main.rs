@@ -122,6 +122,10 @@ enum Scenario {
         duration: humantime::Duration,
         #[arg(long, default_value_t = 0)]
         workers: usize,
+        /// Which handshakes to measure: `full` (every session a new client), `resumed` (one
+        /// client resuming each session with its previous ticket), or both.
+        #[arg(long, value_delimiter = ',', default_value = "full,resumed")]
+        handshakes: Vec<Handshakes>,
     },
     /// Real SSH with the user's certificate (russh client): new sessions per second (TLS + SSH
     /// handshake, certificate auth, `exec true`, exit status) and one channel's bulk upload,
@@ -304,9 +308,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             concurrency,
             duration,
             workers,
+            handshakes,
         } => {
             if concurrency == 0 {
                 anyhow::bail!("--concurrency must be at least 1");
+            }
+            if handshakes.is_empty() {
+                anyhow::bail!("--handshakes needs full, resumed or both");
             }
             let (echo, _, _, ca) =
                 throughput::start_sink(&format!("{}:0", throughput::sink_ip()), true)?;
@@ -315,6 +323,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // Each session a new client (full handshakes), then one client for all sessions
             // (resumed handshakes, as `gsh proxy tcp` makes them).
             for resumption in [false, true] {
+                let kind = if resumption {
+                    Handshakes::Resumed
+                } else {
+                    Handshakes::Full
+                };
+                if !handshakes.contains(&kind) {
+                    continue;
+                }
                 for path in [throughput::Path::Direct, throughput::Path::Proxy] {
                     let target = echo_target(path, &fleet, echo);
                     let pid = (path == throughput::Path::Proxy).then(|| fleet.proxy.pid());
@@ -494,6 +510,13 @@ async fn proxy_fleet_with(
     // The first heartbeat puts the agents' apps in the route table.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     Ok((f, stats))
+}
+
+/// The handshakes `loadgen sessions` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Handshakes {
+    Full,
+    Resumed,
 }
 
 /// The middle box of one throughput path, started on first use and kept for its runs.
