@@ -202,3 +202,68 @@ fn throughput_json(paths: &str, streams: &str) -> serde_json::Value {
     assert_eq!(code, 0, "{stdout}\n{err}");
     json(&out)
 }
+
+/// `loadgen latency` paces its requests: every slot of the run is sent and answered on both
+/// paths (4 sessions at 2,000/s for 1 s: 2,001 slots, both ends included), and the proxy path
+/// reports its percentiles in order.
+#[test]
+fn latency_sends_every_slot_on_both_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("l.json");
+    let (code, stdout, err) = loadgen(&[
+        "--json",
+        out.to_str().unwrap(),
+        "latency",
+        "--sessions",
+        "4",
+        "--rate",
+        "2000",
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{err}");
+    let v = json(&out);
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{v}");
+    for r in rows {
+        assert_eq!(r["requests"].as_u64().unwrap(), 2001, "{r}");
+        let (p50, p99, max) = (
+            r["p50_us"].as_u64().unwrap(),
+            r["p99_us"].as_u64().unwrap(),
+            r["max_us"].as_u64().unwrap(),
+        );
+        assert!(0 < p50 && p50 <= p99 && p99 <= max, "{r}");
+    }
+}
+
+/// `loadgen sessions --handshakes resumed` measures only resumed handshakes, and they resume.
+#[test]
+fn sessions_measure_the_handshakes_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s.json");
+    let (code, stdout, err) = loadgen(&[
+        "--json",
+        out.to_str().unwrap(),
+        "sessions",
+        "--handshakes",
+        "resumed",
+        "--concurrency",
+        "2",
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{err}");
+    let v = json(&out);
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{v}");
+    for r in rows {
+        assert_eq!(r["resumption"], true, "{r}");
+        assert_eq!(r["errors"], 0, "{r}");
+        let (n, resumed) = (
+            r["sessions"].as_u64().unwrap(),
+            r["resumed"].as_u64().unwrap(),
+        );
+        // Every session after each worker's first resumes its predecessor's ticket.
+        assert!(n > 10 && resumed + 2 >= n, "{r}");
+    }
+}
