@@ -221,7 +221,7 @@ auto-tuning).
 ## Latency: 64-byte echo, 32 sessions (`loadgen latency --sessions 32 --rate R --duration 8s`)
 
 The requests' slots are evenly spaced over the sessions (at 20,000/s one every 50 µs) and fired by
-a pacer thread sleeping with 1 ns timer slack. (Runs before 2026-11-24 19:10 UTC paced with tokio's
+a pacer thread sleeping with 1 ns timer slack. (Runs before commit 2608273 paced with tokio's
 1 ms timers, which fired twenty requests together each millisecond at 20,000/s: their tails, about
 1.4 ms even direct, measured how fast a burst drained.) A request whose slot came while the
 previous one of its session was still outstanding is timed from its slot (coordinated omission

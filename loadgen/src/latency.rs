@@ -125,9 +125,11 @@ impl Schedule {
     }
 }
 
-/// Fires every slot of a [`Schedule`] at its time, from a thread of its own.
+/// Fires every slot of a [`Schedule`] at its time, from a thread of its own (stopped when the
+/// pacer is dropped, as when a session fails).
 struct Pacer {
     fire: Vec<Arc<tokio::sync::Notify>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -137,13 +139,17 @@ impl Pacer {
             .map(|_| Arc::new(tokio::sync::Notify::new()))
             .collect();
         let signals = fire.clone();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("latency-pacer".into())
             .spawn(move || {
                 precise_sleeps();
                 // Slots in time order: session 0's n-th is the earliest of round n.
                 for n in 0u32.. {
-                    if schedule.slot(0, n).is_none() {
+                    if schedule.slot(0, n).is_none()
+                        || stopped.load(std::sync::atomic::Ordering::Relaxed)
+                    {
                         break;
                     }
                     for (i, signal) in signals.iter().enumerate() {
@@ -161,13 +167,23 @@ impl Pacer {
             })?;
         Ok(Self {
             fire,
+            stop,
             thread: Some(thread),
         })
     }
 
+    /// Wait for the last slot to be fired.
     fn join(mut self) {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Pacer {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
