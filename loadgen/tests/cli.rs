@@ -97,23 +97,22 @@ fn json(path: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// `loadgen --json FILE ARGS...`, which must succeed: the JSON report it wrote.
+fn report(args: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report.json");
+    let mut all = vec!["--json", out.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (code, stdout, err) = loadgen(&all);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{err}");
+    json(&out)
+}
+
 /// The `ssh` scenario end to end, briefly: a spawned cluster and a real agent process, a real
 /// sshd beside it; sessions open without errors on both paths and bytes flow.
 #[test]
 fn ssh_scenario_runs_through_the_proxy_and_beside_openssh() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("ssh.json");
-    let (code, stdout, err) = loadgen(&[
-        "--json",
-        out.to_str().unwrap(),
-        "ssh",
-        "--duration",
-        "1s",
-        "--concurrency",
-        "2",
-    ]);
-    assert_eq!(code, 0, "{stdout}\n{err}");
-    let v = json(&out);
+    let v = report(&["ssh", "--duration", "1s", "--concurrency", "2"]);
     let rows = v.as_array().unwrap();
     assert_eq!(rows.len(), 2, "{v}");
     for row in rows {
@@ -184,11 +183,7 @@ fn throughput_through_quic_tunnels() {
 
 /// `loadgen throughput` over `paths` (one 1 s round of `streams` streams): its JSON report.
 fn throughput_json(paths: &str, streams: &str) -> serde_json::Value {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("t.json");
-    let (code, stdout, err) = loadgen(&[
-        "--json",
-        out.to_str().unwrap(),
+    report(&[
         "throughput",
         "--paths",
         paths,
@@ -198,9 +193,7 @@ fn throughput_json(paths: &str, streams: &str) -> serde_json::Value {
         streams,
         "--duration",
         "1s",
-    ]);
-    assert_eq!(code, 0, "{stdout}\n{err}");
-    json(&out)
+    ])
 }
 
 /// `loadgen latency` paces its requests: every slot of the run is sent and answered on both
@@ -208,11 +201,7 @@ fn throughput_json(paths: &str, streams: &str) -> serde_json::Value {
 /// reports its percentiles in order.
 #[test]
 fn latency_sends_every_slot_on_both_paths() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("l.json");
-    let (code, stdout, err) = loadgen(&[
-        "--json",
-        out.to_str().unwrap(),
+    let v = report(&[
         "latency",
         "--sessions",
         "4",
@@ -221,8 +210,6 @@ fn latency_sends_every_slot_on_both_paths() {
         "--duration",
         "1s",
     ]);
-    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{err}");
-    let v = json(&out);
     let rows = v.as_array().unwrap();
     assert_eq!(rows.len(), 2, "{v}");
     for r in rows {
@@ -239,11 +226,7 @@ fn latency_sends_every_slot_on_both_paths() {
 /// `loadgen sessions --handshakes resumed` measures only resumed handshakes, and they resume.
 #[test]
 fn sessions_measure_the_handshakes_asked_for() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("s.json");
-    let (code, stdout, err) = loadgen(&[
-        "--json",
-        out.to_str().unwrap(),
+    let v = report(&[
         "sessions",
         "--handshakes",
         "resumed",
@@ -252,8 +235,6 @@ fn sessions_measure_the_handshakes_asked_for() {
         "--duration",
         "1s",
     ]);
-    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{err}");
-    let v = json(&out);
     let rows = v.as_array().unwrap();
     assert_eq!(rows.len(), 2, "{v}");
     for r in rows {
