@@ -76,13 +76,22 @@ def one_table():
     if not one:
         return "Not run.\n"
     d1 = one.get("direct", {})
-    rows = ["| path | GB/s | GB per proxy CPU-second | ÷ direct |", "|---|---|---|---|",
-            f"| direct | {d1.get('median_gb_per_s', 0):.3f} | — | 1.00× |"]
-    for key, name in (("proxy", "gatehouse proxy"), ("proxy-epoll", "gatehouse proxy")):
+    p1 = one.get("proxy", {})
+    rows = ["| path | GB/s | GB per middle-box CPU-second | ÷ direct | proxy (io_uring) ÷ path (per CPU-s) |",
+            "|---|---|---|---|---|",
+            f"| direct | {d1.get('median_gb_per_s', 0):.3f} | — | 1.00× | — |"]
+    for key, name in (("naive", "naive relay"), ("openssh", "OpenSSH jump host"), ("rathole", "rathole (TLS transport)"),
+                      ("proxy", "**gatehouse proxy**"), ("proxy-epoll", "gatehouse proxy")):
         m = one.get(key)
-        if m:
-            rows.append(f"| {name} ({m.get('proxy_io_backend') or '?'}) | {m.get('median_gb_per_s', 0):.3f} | "
-                        f"{m.get('median_gb_per_middle_cpu_s') or 0:.2f} | {ratio(m.get('median_gb_per_s'), d1.get('median_gb_per_s'))} |")
+        if not m:
+            continue
+        if m.get("skipped"):
+            rows.append(f"| {name} | skipped: {m['skipped'].splitlines()[0]} | | | |")
+            continue
+        backend = f" ({m.get('proxy_io_backend') or '?'})" if key.startswith("proxy") else ""
+        rows.append(f"| {name}{backend} | {m.get('median_gb_per_s', 0):.3f} | "
+                    f"{m.get('median_gb_per_middle_cpu_s') or 0:.2f} | {ratio(m.get('median_gb_per_s'), d1.get('median_gb_per_s'))} | "
+                    f"{ratio(p1.get('median_gb_per_middle_cpu_s'), m.get('median_gb_per_middle_cpu_s'))} |")
     return "\n".join(rows) + "\n"
 
 def added(ls, key):
@@ -147,6 +156,8 @@ results = [
     {"scenario": "one-session", "baseline": "direct", "unit": "GB/s", "value": one.get("direct", {}).get("median_gb_per_s")},
     {"scenario": "one-session", "baseline": "gatehouse-proxy", "unit": "GB/s", "value": one.get("proxy", {}).get("median_gb_per_s")},
     {"scenario": "one-session", "baseline": "gatehouse-proxy-epoll", "unit": "GB/s", "value": one.get("proxy-epoll", {}).get("median_gb_per_s")},
+    *[{"scenario": "one-session", "baseline": b, "unit": "GB per middle-box CPU-second", "value": one.get(k, {}).get("median_gb_per_middle_cpu_s"), "skipped": one.get(k, {}).get("skipped")}
+      for k, b in (("naive", "naive-relay"), ("openssh", "openssh-jump-host"), ("rathole", "rathole"), ("proxy", "gatehouse-proxy"), ("proxy-epoll", "gatehouse-proxy-epoll")) if k in one],
     {"scenario": "tunnels", "baseline": "gatehouse-proxy", "unit": "tunnels held", "value": tun["tunnels_held"]},
     {"scenario": "tunnels", "baseline": "gatehouse-proxy", "unit": "KiB proxy RSS per idle tunnel", "value": tun["proxy_kib_per_tunnel"]},
     {"scenario": "tunnels", "baseline": "gatehouse-proxy", "unit": "tunnels connected per second", "value": tun["connects_per_second"]},
@@ -212,9 +223,9 @@ saturated are flagged in `results.json`.
 ## One session end to end: a single stream (`loadgen throughput --streams 1 --duration 5s --runs 3`)
 
 One TLS connection from one client, through the proxy and one tunnel to the simulated agent,
-beside one TLS connection straight to the sink; medians of 3 interleaved rounds. A single stream
-leans on flow control: the tunnel's stream window grows while the agent keeps up (receive-window
-auto-tuning).
+beside one TLS connection straight to the sink and one through each baseline (as above); medians
+of 3 interleaved rounds. A single stream leans on flow control: the tunnel's stream window grows
+while the agent keeps up (receive-window auto-tuning).
 
 """ + one_table() + f"""
 
