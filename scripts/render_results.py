@@ -27,6 +27,7 @@ one = {m["path"]: m for m in (opt("throughput-1.json") or {"medians": []})["medi
 epoll = {"latency-20k": opt("latency-20k-epoll.json"), "latency-2k": opt("latency-2k-epoll.json"),
          "sessions": opt("sessions-epoll.json"), "tunnels": opt("tunnels-epoll.json")}
 tunq = opt("tunnels-quic.json")
+zc = opt("send-zc.json") or []
 # Sessions on a one-worker proxy (one proxy core), per backend; absent in older runs.
 ses1 = {b: {skey(s): s for s in (opt(f) or [])} for b, f in (("io_uring", "sessions-1w.json"), ("epoll", "sessions-1w-epoll.json"))}
 crit = {}
@@ -56,6 +57,21 @@ its handshake.
 | backend | path | sessions/s | resumed | p50 ms | p99 ms | per proxy CPU-second |
 |---|---|---|---|---|---|---|
 """ + "\n".join(rows) + "\n"
+
+def zc_section():
+    if not zc:
+        return ""
+    rows = "".join(f"| `{m['op']}` | {m['gb_per_s']:.3f} | {m['gb_per_sender_cpu_s']:.2f} | {m['gb_per_cpu_s']:.2f} |\n" for m in zc)
+    return f"""
+**Zero-copy send** (`send-zc --rounds 3 --seconds 2 --chunk-kib 64`, `bench/src/bin/send_zc.rs`):
+one loopback TCP connection, {zc[0]['inflight']} sends of {zc[0]['chunk_kib']} KiB in flight
+through an io_uring, plain `SEND` against `SEND_ZC` in alternating rounds, a reader thread on
+the other end; medians of {zc[0]['rounds']}. On loopback the receiving socket's TCP work runs in
+the sender's context, so the sender's CPU includes it.
+
+| send | GB/s | GB per sender CPU-second | GB per CPU-second (sender + reader) |
+|---|---|---|---|
+""" + rows
 
 def per_cpu(s):
     v = s.get('sessions_per_middle_cpu_s')
@@ -263,7 +279,7 @@ The same proxy binary, `--proxy-io-backend io_uring` (everything above) and `epo
 both are paths of the same interleaved rounds above. Latency, sessions and tunnels: the epoll
 pass ran right after the io_uring pass in the same `scripts/bench` run.
 
-""" + backend_table() + f"""
+""" + backend_table() + "\n" + zc_section() + f"""
 
 ## SSH: real sessions (`loadgen ssh --concurrency 8 --duration 5s`)
 
