@@ -109,12 +109,13 @@ impl ProxyMetrics {
         );
     }
 
-    pub fn worker_tunnels(&self, core: usize, delta: i64) {
+    /// The gauge of `core`'s tunnels (one lookup, when the proxy starts).
+    pub fn worker_tunnels(&self, core: usize) -> Gauge {
         self.worker_tunnels
             .get_or_create(&CoreLabel {
                 core: core.to_string(),
             })
-            .inc_by(delta);
+            .clone()
     }
 
     pub fn handshake(&self, resumed: bool) {

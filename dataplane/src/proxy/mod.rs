@@ -19,12 +19,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use gatehouse_controlplane::identity::{Identity, IdentityKind};
+use prometheus_client::metrics::gauge::Gauge;
 use rustls::HandshakeKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -104,9 +105,8 @@ struct TunnelPlace {
 impl TunnelPlace {
     fn take(shared: &Arc<Shared>, core: usize) -> Self {
         if let Some(n) = shared.tunnel_counts.get(core) {
-            n.fetch_add(1, Ordering::Relaxed);
+            n.inc();
         }
-        shared.metrics.worker_tunnels(core, 1);
         Self {
             shared: Arc::clone(shared),
             core,
@@ -117,9 +117,8 @@ impl TunnelPlace {
 impl Drop for TunnelPlace {
     fn drop(&mut self) {
         if let Some(n) = self.shared.tunnel_counts.get(self.core) {
-            n.fetch_sub(1, Ordering::Relaxed);
+            n.dec();
         }
-        self.shared.metrics.worker_tunnels(self.core, -1);
     }
 }
 
@@ -138,8 +137,9 @@ struct Shared {
     config: ProxyConfig,
     routes: ArcSwap<RouteTable>,
     handovers: Vec<mpsc::UnboundedSender<Handover>>,
-    /// Tunnels per core (placed there, whether or not their task has started yet).
-    tunnel_counts: Vec<AtomicUsize>,
+    /// Tunnels per core (placed there, whether or not their task has started yet): the
+    /// `gatehouse_proxy_worker_tunnels` gauges, which placement reads.
+    tunnel_counts: Vec<Gauge>,
     next_tunnel: AtomicU64,
     metrics: Arc<ProxyMetrics>,
     inventory: mpsc::UnboundedSender<Inventory>,
@@ -217,7 +217,7 @@ impl Proxy {
             config,
             routes: ArcSwap::from_pointee(RouteTable::default()),
             handovers: senders,
-            tunnel_counts: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
+            tunnel_counts: (0..workers).map(|c| metrics.worker_tunnels(c)).collect(),
             next_tunnel: AtomicU64::new(1),
             metrics,
             inventory: inv_tx,
@@ -634,7 +634,7 @@ impl Worker {
         let counts: Vec<usize> = shared
             .tunnel_counts
             .iter()
-            .map(|n| n.load(Ordering::Relaxed))
+            .map(|n| usize::try_from(n.get()).unwrap_or(0))
             .collect();
         let core = place_tunnel(&counts, self.core);
         let place = TunnelPlace::take(shared, core);
