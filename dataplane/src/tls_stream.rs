@@ -585,9 +585,6 @@ impl<C: TlsSide> TlsStream<C> {
                     }
                     Step::NeedInput => {}
                 }
-                if input.len() < used + READ_CHUNK {
-                    input.resize(used + READ_CHUNK, 0);
-                }
                 let want = out.as_deref().map_or(READ_CHUNK, |o| {
                     read_size(input.get(..used).unwrap_or_default(), o.remaining())
                 });
