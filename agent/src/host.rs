@@ -56,7 +56,7 @@ impl NewKeys {
             ssh_key::Algorithm::Ed25519,
         )
         .map_err(|e| HostError::Keys(e.to_string()))?;
-        let tls = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        let tls = gatehouse_controlplane::ca::generate_leaf_key()
             .map_err(|e| HostError::Keys(e.to_string()))?;
         Ok(Self { ssh, tls })
     }

@@ -84,6 +84,10 @@ fn login_issues_certs_that_ssh_keygen_and_openssl_accept() {
     );
     assert!(text.contains("\"roles\":[\"access\",\"editor\"]"), "{text}");
     assert!(text.contains("TLS Web Client Authentication"), "{text}");
+    // The user's key is Ed25519 (cheaper for the Proxy to check on every session); the CA that
+    // signed it is ECDSA P-256.
+    assert!(text.contains("Public Key Algorithm: ED25519"), "{text}");
+    assert!(text.contains("ecdsa-with-SHA256"), "{text}");
 
     // Everything under the profile is 0600.
     for entry in std::fs::read_dir(home.path()).unwrap() {

@@ -152,7 +152,7 @@ async fn load_or_create_tls_ca(
 /// Issue (or re-issue) the admin identity for gctl into `<data-dir>/admin/`.
 pub fn issue_admin_identity(tls_ca: &TlsCa, cluster: &str, dir: &Path) -> anyhow::Result<()> {
     let now = time::OffsetDateTime::now_utc();
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let key = crate::ca::generate_leaf_key()?;
     let identity = Identity {
         kind: IdentityKind::Builtin,
         name: "admin".into(),

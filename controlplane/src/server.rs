@@ -693,7 +693,7 @@ impl Auth for AuthService {
         }
         let ssh_key = parse_ssh_public_key(&r.ssh_public_key)
             .map_err(|e| Status::invalid_argument(format!("ssh_public_key: {e}")))?;
-        rcgen::SubjectPublicKeyInfo::from_der(&r.tls_public_key)
+        crate::ca::check_tls_public_key(&r.tls_public_key)
             .map_err(|e| Status::invalid_argument(format!("tls_public_key: {e}")))?;
 
         let now_instant = Instant::now();
@@ -874,7 +874,7 @@ impl Auth for AuthService {
         }
         let ssh_key = parse_ssh_public_key(&r.ssh_public_key)
             .map_err(|e| Status::invalid_argument(format!("ssh_public_key: {e}")))?;
-        rcgen::SubjectPublicKeyInfo::from_der(&r.tls_public_key)
+        crate::ca::check_tls_public_key(&r.tls_public_key)
             .map_err(|e| Status::invalid_argument(format!("tls_public_key: {e}")))?;
         let hash = token_hash(&r.token);
         let now = now_secs();

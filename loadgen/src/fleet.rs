@@ -297,7 +297,7 @@ pub async fn login(
 ) -> anyhow::Result<UserCreds> {
     let ssh =
         ssh_key::PrivateKey::random(&mut ssh_key::rand_core::OsRng, ssh_key::Algorithm::Ed25519)?;
-    let tls = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let tls = gatehouse_controlplane::ca::generate_leaf_key()?;
     let endpoint = AuthEndpoint {
         addr: proxy.to_owned(),
         trust: Trust::Pin(pin.to_owned()),

@@ -57,7 +57,7 @@ pub async fn run(cfg: LoginsConfig) -> anyhow::Result<LoginsReport> {
     let ssh_key =
         ssh_key::PrivateKey::random(&mut ssh_key::rand_core::OsRng, ssh_key::Algorithm::Ed25519)?;
     let ssh_pub = ssh_key.public_key().to_openssh()?;
-    let tls_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let tls_key = gatehouse_controlplane::ca::generate_leaf_key()?;
     let tls_pub = rcgen::PublicKeyData::subject_public_key_info(&tls_key);
 
     let done = Arc::new(AtomicU64::new(0));

@@ -188,7 +188,7 @@ async fn login(
     };
 
     let ssh_key = ssh_key::PrivateKey::random(&mut rand_core_rng(), ssh_key::Algorithm::Ed25519)?;
-    let tls_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let tls_key = gatehouse_controlplane::ca::generate_leaf_key()?;
     let endpoint = AuthEndpoint {
         addr: auth.clone(),
         trust,
