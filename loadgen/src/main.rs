@@ -394,7 +394,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 let c = stats.connected.load(std::sync::atomic::Ordering::Relaxed);
                 let f = stats.failed.load(std::sync::atomic::Ordering::Relaxed);
-                println!("STATUS {c} {f}");
+                let t = stats
+                    .last_settled_us
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                println!("STATUS {c} {f} {t}");
             }
         }
     }

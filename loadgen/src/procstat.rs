@@ -82,3 +82,10 @@ pub fn tree_cpu_seconds(pid: u32) -> Option<f64> {
     }
     Some(total)
 }
+
+/// Microseconds since the Unix epoch: a clock every process on the machine shares.
+pub fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}

@@ -23,7 +23,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub struct AgentStats {
     pub connected: AtomicU64,
     pub failed: AtomicU64,
+    /// When a tunnel last came up or failed (µs since the Unix epoch): the end of the connect
+    /// phase, to the microsecond rather than to the status line that reported it.
+    pub last_settled_us: AtomicU64,
     pub sink_bytes: AtomicU64,
+}
+
+impl AgentStats {
+    fn settled_now(&self) {
+        self.last_settled_us
+            .fetch_max(crate::procstat::unix_micros(), Ordering::Relaxed);
+    }
 }
 
 /// Hold `count` tunnels (identity `i % ids.len()` for tunnel `i`) from `source_ip` until the
@@ -116,11 +126,13 @@ pub fn spawn(
                             Ok((io, _quic_conn)) => {
                                 drop(permit);
                                 stats.connected.fetch_add(1, Ordering::Relaxed);
+                                stats.settled_now();
                                 serve(io, &id, i, &stats).await;
                                 stats.connected.fetch_sub(1, Ordering::Relaxed);
                             }
                             Err(e) => {
                                 stats.failed.fetch_add(1, Ordering::Relaxed);
+                                stats.settled_now();
                                 if stats.failed.load(Ordering::Relaxed) < 5 {
                                     eprintln!("loadgen: simulated agent {i}: {e}");
                                 }

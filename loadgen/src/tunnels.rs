@@ -49,7 +49,7 @@ pub async fn run(fleet: &Fleet, cfg: &TunnelsConfig) -> anyhow::Result<TunnelsRe
 
     let per = cfg.count.div_ceil(cfg.procs.max(1));
     let mut children = Vec::new();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, u64, u64)>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, u64, u64, u64)>();
     let exe = std::env::current_exe()?;
     for p in 0..cfg.procs.max(1) {
         let n = per.min(cfg.count.saturating_sub(p * per));
@@ -78,8 +78,15 @@ pub async fn run(fleet: &Fleet, cfg: &TunnelsConfig) -> anyhow::Result<TunnelsRe
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 let mut it = line.split_whitespace();
-                if let (Some("STATUS"), Some(c), Some(f)) = (it.next(), it.next(), it.next()) {
-                    let _ = tx.send((p, c.parse().unwrap_or(0), f.parse().unwrap_or(0)));
+                if let (Some("STATUS"), Some(c), Some(f), Some(t)) =
+                    (it.next(), it.next(), it.next(), it.next())
+                {
+                    let _ = tx.send((
+                        p,
+                        c.parse().unwrap_or(0),
+                        f.parse().unwrap_or(0),
+                        t.parse().unwrap_or(0),
+                    ));
                 }
             }
         });
@@ -92,14 +99,18 @@ pub async fn run(fleet: &Fleet, cfg: &TunnelsConfig) -> anyhow::Result<TunnelsRe
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let started = Instant::now();
-    let mut state = vec![(0u64, 0u64); children.len()];
+    let started_us = procstat::unix_micros();
+    // (held, failed, when the last one settled) per generator process. The generators report
+    // every 500 ms; the connect phase ends when the last tunnel settled, which each generator
+    // stamps itself (one clock for all processes).
+    let mut state = vec![(0u64, 0u64, 0u64); children.len()];
     let deadline = started + Duration::from_secs(300);
     let mut connect_seconds = 0.0;
     loop {
         match tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
-            Ok(Some((p, c, f))) => {
+            Ok(Some((p, c, f, t))) => {
                 if let Some(s) = state.get_mut(p) {
-                    *s = (c, f);
+                    *s = (c, f, t);
                 }
             }
             Ok(None) => break,
@@ -109,7 +120,11 @@ pub async fn run(fleet: &Fleet, cfg: &TunnelsConfig) -> anyhow::Result<TunnelsRe
         bar.set_position(held);
         bar.set_message(format!("{failed} failed"));
         if held + failed >= cfg.count as u64 {
-            connect_seconds = started.elapsed().as_secs_f64();
+            let last_us = state.iter().map(|s| s.2).max().unwrap_or(0);
+            connect_seconds = match last_us.checked_sub(started_us) {
+                Some(us) if us > 0 => us as f64 / 1e6,
+                _ => started.elapsed().as_secs_f64(),
+            };
             break;
         }
         if Instant::now() > deadline {
