@@ -88,6 +88,13 @@ pub struct RouteTable {
     /// after a rename), and its newest tunnel decides.
     names: imbl::HashMap<Arc<str>, imbl::OrdSet<u64>>,
     apps: imbl::HashMap<Arc<str>, imbl::OrdSet<u64>>,
+    /// `key\0value` → the tunnels carrying that label: a selector starts from its rarest label.
+    labels: imbl::HashMap<Arc<str>, imbl::OrdSet<u64>>,
+}
+
+/// The `labels` index's key for one label.
+fn label_key(k: &str, v: &str) -> String {
+    format!("{k}\0{v}")
 }
 
 /// `index[key]` with `value` added.
@@ -162,6 +169,9 @@ impl RouteTable {
         for app in &entry.apps {
             index_add(&mut t.apps, app, entry.tunnel_id);
         }
+        for (k, v) in &entry.labels {
+            index_add(&mut t.labels, &label_key(k, v), entry.tunnel_id);
+        }
         t
     }
 
@@ -179,6 +189,9 @@ impl RouteTable {
         index_remove(&mut self.names, &old.name, &old.tunnel_id);
         for app in &old.apps {
             index_remove(&mut self.apps, app, &old.tunnel_id);
+        }
+        for (k, v) in &old.labels {
+            index_remove(&mut self.labels, &label_key(k, v), &old.tunnel_id);
         }
     }
 
@@ -227,11 +240,6 @@ impl RouteTable {
         if target.is_empty() || target.len() > 512 {
             return Err(RouteError::Invalid(target.to_owned()));
         }
-        let live = if target.contains('=') {
-            self.live()
-        } else {
-            Vec::new()
-        };
         let matches: Vec<&TunnelEntry> = if target.contains('=') {
             let mut selector = Vec::new();
             for pair in target.split(',') {
@@ -243,15 +251,25 @@ impl RouteTable {
                 }
                 selector.push((k.trim(), v.trim()));
             }
-            live.into_iter()
-                .filter(|e| {
-                    selector
-                        .iter()
-                        .all(|(k, v)| e.labels.get(*k).map(String::as_str) == Some(*v))
-                })
-                .collect()
+            // The tunnels of the selector's rarest label, from the index (a label nobody has:
+            // no match); each host's newest tunnel must carry every label.
+            let mut rarest: Option<&imbl::OrdSet<u64>> = None;
+            for (k, v) in &selector {
+                match self.labels.get(label_key(k, v).as_str()) {
+                    None => {
+                        rarest = None;
+                        break;
+                    }
+                    Some(set) if rarest.is_none_or(|r| set.len() < r.len()) => rarest = Some(set),
+                    Some(_) => {}
+                }
+            }
+            self.newest_of(rarest, |e| {
+                selector
+                    .iter()
+                    .all(|(k, v)| e.labels.get(*k).map(String::as_str) == Some(*v))
+            })
         } else {
-            drop(live);
             match self.newest(target) {
                 Some(e) => vec![e],
                 None => self.newest_of(self.names.get(target), |e| e.name == target),
@@ -475,7 +493,14 @@ mod tests {
                     .unwrap_or_else(|| format!("h-{}", next(40)));
                 let served: Vec<&str> = apps.iter().copied().filter(|_| next(2) == 0).collect();
                 let name = names[next(4) as usize];
-                t = t.with(entry(tunnel_id, &host, name, &[], &served));
+                let labels: Vec<(&str, &str)> = [("env", ["prod", "dev"]), ("role", ["web", "db"])]
+                    .into_iter()
+                    .filter_map(|(k, vs)| {
+                        let pick = next(6) as usize;
+                        vs.get(pick).map(|v| (k, *v))
+                    })
+                    .collect();
+                t = t.with(entry(tunnel_id, &host, name, &labels, &served));
             }
             let live = t.live();
             for app in apps {
@@ -491,6 +516,24 @@ mod tests {
                         assert_eq!(candidates.len(), many.len())
                     }
                     (got, want) => panic!("app {app}: {got:?}, a scan says {want:?}"),
+                }
+            }
+            for selector in ["env=prod", "role=db", "env=dev,role=web", "env=prod,role=x"] {
+                let scan = live
+                    .iter()
+                    .filter(|e| {
+                        selector.split(',').all(|kv| {
+                            kv.split_once('=')
+                                .is_some_and(|(k, v)| e.labels.get(k).is_some_and(|l| l == v))
+                        })
+                    })
+                    .count();
+                match (t.resolve_node(selector), scan) {
+                    (Ok(_), 1) | (Err(RouteError::Unknown { .. }), 0) => {}
+                    (Err(RouteError::Ambiguous { candidates, .. }), n) => {
+                        assert_eq!(candidates.len(), n)
+                    }
+                    (got, want) => panic!("selector {selector}: {got:?}, a scan finds {want}"),
                 }
             }
             for name in names {
