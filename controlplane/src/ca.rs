@@ -489,6 +489,21 @@ mod tests {
         assert_eq!(ca.public_line(), again.public_line());
     }
 
+    fn client_cert(
+        ca: &TlsCa,
+        key: &KeyPair,
+        id: &Identity,
+        now: time::OffsetDateTime,
+    ) -> rcgen::Certificate {
+        let spki = rcgen::PublicKeyData::subject_public_key_info(key);
+        ca.sign(&spki, id, TlsUsage::Client, &[], now).unwrap()
+    }
+
+    fn assert_issued_by(cert: &x509_parser::certificate::X509Certificate<'_>, ca: &TlsCa) {
+        let (_, ca_parsed) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
+        cert.verify_signature(Some(ca_parsed.public_key())).unwrap();
+    }
+
     #[test]
     fn tls_cert_carries_identity_and_chains_to_ca() {
         let now = time::OffsetDateTime::now_utc();
@@ -496,21 +511,10 @@ mod tests {
         let ca = TlsCa::from_pem(ca.cert_pem(), &ca.key_pem()).unwrap();
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let id = alice((now + time::Duration::hours(1)).unix_timestamp());
-        let cert = ca
-            .sign(
-                &rcgen::PublicKeyData::subject_public_key_info(&key),
-                &id,
-                TlsUsage::Client,
-                &[],
-                now,
-            )
-            .unwrap();
+        let cert = client_cert(&ca, &key, &id, now);
         assert_eq!(Identity::from_cert_der(cert.der()).unwrap(), id);
         let (_, parsed) = x509_parser::parse_x509_certificate(cert.der()).unwrap();
-        let (_, ca_parsed) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
-        parsed
-            .verify_signature(Some(ca_parsed.public_key()))
-            .unwrap();
+        assert_issued_by(&parsed, &ca);
         assert!(ca.pin().starts_with("sha256:") && ca.pin().len() == 7 + 64);
     }
 
@@ -521,24 +525,13 @@ mod tests {
         let key = generate_leaf_key().unwrap();
         assert_eq!(key.algorithm(), &rcgen::PKCS_ED25519);
         let id = alice((now + time::Duration::hours(1)).unix_timestamp());
-        let cert = ca
-            .sign(
-                &rcgen::PublicKeyData::subject_public_key_info(&key),
-                &id,
-                TlsUsage::Client,
-                &[],
-                now,
-            )
-            .unwrap();
+        let cert = client_cert(&ca, &key, &id, now);
         let (_, parsed) = x509_parser::parse_x509_certificate(cert.der()).unwrap();
         assert_eq!(
             parsed.public_key().algorithm.algorithm,
             x509_parser::oid_registry::OID_SIG_ED25519
         );
-        let (_, ca_parsed) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
-        parsed
-            .verify_signature(Some(ca_parsed.public_key()))
-            .unwrap();
+        assert_issued_by(&parsed, &ca);
         // The in-process Proxy's and the Auth server's own keys are leaf keys too.
         let (proxy, proxy_key) = ca
             .issue_with_new_key(&id, TlsUsage::ServerAndClient, &[], now)
