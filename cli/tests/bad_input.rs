@@ -87,10 +87,28 @@ fn wrong_password_looks_like_unknown_user_and_is_rate_limited() {
 }
 
 fn join(c: &Cluster, token: &str, host: &str) -> Result<proto::JoinResponse, tonic::Status> {
+    let tls_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    join_with_tls_key(
+        c,
+        token,
+        host,
+        rcgen::PublicKeyData::subject_public_key_info(&tls_key),
+    )
+}
+
+/// A DER SubjectPublicKeyInfo of an RSA-2048 key (`openssl genrsa 2048 | openssl rsa -pubout`):
+/// well formed, of a kind Auth does not certify.
+const RSA_SPKI_HEX: &str = "30820122300d06092a864886f70d01010105000382010f003082010a0282010100e73fee067bb9940dcc8bddd093577a8c465e56949fab53d43ea7b46f96a59dca3a9789e2c20c90cbd12ba30341c4df0677da0d602b70887e7727f647ba85e69b67d067e4ae5d3becc92dd27b078d344f405d9590fac38602e69c397836c9dace6dbd80f8bd235e78d44c2de9009373d13d046bf34915a03350ad1ac23eb13e9fe4897a159da3457630f72897c46c2ef57771add163336f15aef71e6b18c5e2b9cbea68099e9ffb9de4e603eb5a0c38a8151ab72476f9c3cccfc0715f35c3ec30560621b571ff65787ea55997df2fc61087a9a9cec7472e32cdd8a46fc1c67c25b11f7c9f0475f9031b47a708e58d361fe2fa0c04e8e05155de321871f758700f0203010001";
+
+fn join_with_tls_key(
+    c: &Cluster,
+    token: &str,
+    host: &str,
+    tls_public_key: Vec<u8>,
+) -> Result<proto::JoinResponse, tonic::Status> {
     let ssh_key =
         ssh_key::PrivateKey::random(&mut ssh_key::rand_core::OsRng, ssh_key::Algorithm::Ed25519)
             .unwrap();
-    let tls_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let endpoint = AuthEndpoint {
         addr: c.auth.clone(),
         trust: Trust::Pin(c.pin.clone()),
@@ -104,7 +122,7 @@ fn join(c: &Cluster, token: &str, host: &str) -> Result<proto::JoinResponse, ton
                 host_name: host.into(),
                 addresses: vec!["127.0.0.5".into()],
                 ssh_public_key: ssh_key.public_key().to_openssh().unwrap(),
-                tls_public_key: rcgen::PublicKeyData::subject_public_key_info(&tls_key),
+                tls_public_key,
                 bot_name: String::new(),
             })
             .await
@@ -130,6 +148,11 @@ fn new_token(c: &Cluster, args: &[&str]) -> String {
 fn join_tokens_expired_used_up_and_unknown_are_refused_without_writes() {
     let c = Cluster::start("bad-join");
     let single = new_token(&c, &["--uses", "1"]);
+    // An RSA key is refused before the token is looked at: the single use is still there.
+    let rsa =
+        join_with_tls_key(&c, &single, "node1", hex::decode(RSA_SPKI_HEX).unwrap()).unwrap_err();
+    assert_eq!(rsa.code(), tonic::Code::InvalidArgument, "{rsa:?}");
+    assert!(rsa.message().contains("Ed25519"), "{rsa:?}");
     let ok = join(&c, &single, "node1").unwrap();
     let creds = ok.credentials.unwrap();
     assert!(
