@@ -214,10 +214,11 @@ real `sshd` on loopback with one `ssh -W sink` client per stream (aes128-gcm; th
 end to end inside the SSH channel, so sshd does one cipher pass per byte where the proxy does
 two); **rathole** is rathole 0.5 (`cargo install rathole`) with its TLS transport (visitor TCP in
 at the server, TLS data channel to its client, which connects to the sink: the server does one
-cipher pass per byte; its native-tls on this machine's OpenSSL 3.0 negotiates TLS 1.3 with
-AES-256-GCM, where `../shared/BENCHMARKS.md` lists TLS 1.2 ChaCha20 at 0.61–0.75 GB per server
-CPU-second). CPU is the middle box's from `/proc/<pid>/stat`, all threads, plus its
-child processes (sshd serves each connection in children) — for rathole the server's only.
+cipher pass per byte; between its client and server native-tls negotiates TLS 1.2 with
+ECDHE-ECDSA-CHACHA20-POLY1305, as `../shared/BENCHMARKS.md` says, which lists 0.61–0.75 GB per
+server CPU-second for it where this machine measures more). CPU is the middle box's from
+`/proc/<pid>/stat`, all threads, plus its child processes (sshd serves each connection in
+children) — for rathole the server's only.
 
 | path | GB/s | GB per middle-box CPU-second | proxy ÷ path (GB/s) | proxy ÷ path (per CPU-s) |
 |---|---|---|---|---|
