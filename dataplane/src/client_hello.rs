@@ -173,6 +173,38 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        /// Whatever a client sends first, the peek answers (no panic); a hello is only reported
+        /// once its whole record is in.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..MAX_HELLO + 64)) {
+            if let Peek::Hello { .. } = peek(&bytes) {
+                let len = usize::from(u16::from_be_bytes([bytes[3], bytes[4]]));
+                proptest::prop_assert!(bytes.len() >= 5 + len);
+            }
+        }
+
+        /// Any ALPN list and server name a rustls client offers reads back exactly, and a byte
+        /// flipped anywhere in the hello still gets an answer, never a panic.
+        #[test]
+        fn reads_back_what_rustls_offers(
+            alpn in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 1..40), 1..6),
+            labels in proptest::collection::vec("[a-z][a-z0-9]{0,14}", 1..5),
+            flip in proptest::prelude::any::<proptest::sample::Index>(),
+            bit in 0u8..8,
+        ) {
+            let sni = labels.join(".");
+            let protocols: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
+            let mut hello = real_client_hello(&protocols, &sni);
+            proptest::prop_assert_eq!(peek(&hello), Peek::Hello { alpn: alpn.clone(), sni: Some(sni) });
+            let at = flip.index(hello.len());
+            hello[at] ^= 1 << bit;
+            let _ = peek(&hello);
+        }
+    }
+
     #[test]
     fn refuses_non_tls() {
         assert!(matches!(peek(b"GET / HTTP/1.1\r\n"), Peek::NotTls(_)));

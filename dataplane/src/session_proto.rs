@@ -74,6 +74,45 @@ pub fn decode<T: for<'de> Deserialize<'de>>(buf: &mut BytesMut) -> Result<Option
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        /// Arbitrary bytes from a client decode to a request, an error or a wait, never a panic,
+        /// and a wait never holds more than one message's worth.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..MAX_MESSAGE + 64)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(_)) = decode::<SessionRequest>(&mut buf) {}
+            proptest::prop_assert!(buf.len() <= 4 + MAX_MESSAGE + 64);
+        }
+
+        /// Requests sent back to back and read in pieces of any size decode to the same requests.
+        #[test]
+        fn requests_in_any_pieces(
+            reqs in proptest::collection::vec(("\\PC{0,60}", "\\PC{0,20}"), 1..6),
+            cuts in proptest::collection::vec(1usize..200, 1..40),
+        ) {
+            let sent: Vec<SessionRequest> = reqs
+                .into_iter()
+                .map(|(target, login)| SessionRequest { target, login })
+                .collect();
+            let wire: Vec<u8> = sent.iter().flat_map(|r| encode(r).to_vec()).collect();
+            let (mut buf, mut got, mut at) = (BytesMut::new(), Vec::new(), 0);
+            for cut in cuts.iter().cycle() {
+                if at >= wire.len() {
+                    break;
+                }
+                let end = (at + cut).min(wire.len());
+                buf.extend_from_slice(&wire[at..end]);
+                at = end;
+                while let Some(r) = decode::<SessionRequest>(&mut buf).unwrap() {
+                    got.push(r);
+                }
+            }
+            proptest::prop_assert_eq!(got, sent);
+        }
+    }
+
     #[test]
     fn roundtrip_partial_and_bad() {
         let req = SessionRequest {
