@@ -12,13 +12,17 @@ date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC
 
 logins = load("logins.json")
 thr = load("throughput.json")
-tun = load("tunnels.json")
-lat = {"20000": load("latency-20k.json"), "2000": load("latency-2k.json")}
+# latency, sessions and tunnels: every round and the medians over the rounds (loadgen --runs).
+tun_all = load("tunnels.json")
+tun = tun_all["median"]
+latsum = {"20000": load("latency-20k.json"), "2000": load("latency-2k.json")}
+lat = {rate: s["medians"] for rate, s in latsum.items()}
 icount = open(os.path.join(src, "icount.txt")).read().strip() if os.path.exists(os.path.join(src, "icount.txt")) else "not run"
 # Sessions: each path with full handshakes (a new client per session) and resumed ones (one
 # client for all sessions); keys "proxy", "proxy (resumed)", ...
 skey = lambda s: s["path"] + (" (resumed)" if s.get("resumption") else "")
-ses = {skey(s): s for s in load("sessions.json")}
+ses_all = load("sessions.json")
+ses = {skey(s): s for s in ses_all["medians"]}
 ssh = {s["path"]: s for s in load("ssh.json")}
 med = {m["path"]: m for m in thr["medians"]}
 opt = lambda name: load(name) if os.path.exists(os.path.join(src, name)) else None
@@ -26,10 +30,11 @@ opt = lambda name: load(name) if os.path.exists(os.path.join(src, name)) else No
 one = {m["path"]: m for m in (opt("throughput-1.json") or {"medians": []})["medians"]}
 epoll = {"latency-20k": opt("latency-20k-epoll.json"), "latency-2k": opt("latency-2k-epoll.json"),
          "sessions": opt("sessions-epoll.json"), "tunnels": opt("tunnels-epoll.json")}
-tunq = opt("tunnels-quic.json")
+tunq_all = opt("tunnels-quic.json")
+tunq = tunq_all["median"] if tunq_all else None
 zc = opt("send-zc.json") or []
 # Sessions on a one-worker proxy (one proxy core), per backend; absent in older runs.
-ses1 = {b: {skey(s): s for s in (opt(f) or [])} for b, f in (("io_uring", "sessions-1w.json"), ("epoll", "sessions-1w-epoll.json"))}
+ses1 = {b: {skey(s): s for s in (opt(f) or {"medians": []})["medians"]} for b, f in (("io_uring", "sessions-1w.json"), ("epoll", "sessions-1w-epoll.json"))}
 crit = {}
 for line in open(os.path.join(src, "criterion.txt")):
     m = re.match(r"^(\S+)\s+time:\s+\[\S+ \S+ (\S+) (\S+) \S+ \S+\]", line)
@@ -110,8 +115,12 @@ def one_table():
                     f"{ratio(p1.get('median_gb_per_middle_cpu_s'), m.get('median_gb_per_middle_cpu_s'))} |")
     return "\n".join(rows) + "\n"
 
-def added(ls, key):
-    return ls[1][key] - ls[0][key] if ls and len(ls) == 2 else None
+def added(summary, key):
+    """The median of the rounds' added latency (each round's proxy run minus its direct run)."""
+    return summary["added"][key] if summary else None
+
+def rounds_of(summary, key):
+    return ", ".join(f"{r['added'][key]:+d}" for r in summary["rounds"])
 
 def backend_table():
     rows = ["| measure | io_uring | epoll | io_uring ÷ epoll |", "|---|---|---|---|"]
@@ -122,16 +131,16 @@ def backend_table():
         rows.append(f"| {name} | {fa} | {fb} | {r} |")
     row("throughput GB/s (median of 3)", p.get("median_gb_per_s"), pe.get("median_gb_per_s"), "{:.3f}")
     row("throughput GB per proxy CPU-second", p.get("median_gb_per_middle_cpu_s"), pe.get("median_gb_per_middle_cpu_s"), "{:.2f}")
-    se = {skey(s): s for s in (epoll["sessions"] or [])}
+    se = {skey(s): s for s in (epoll["sessions"] or {"medians": []})["medians"]}
     row("new sessions/s", ses.get("proxy", {}).get("sessions_per_s"), se.get("proxy", {}).get("sessions_per_s"), "{:.0f}")
     row("sessions per proxy CPU-second", ses.get("proxy", {}).get("sessions_per_middle_cpu_s"), se.get("proxy", {}).get("sessions_per_middle_cpu_s"), "{:.0f}")
     row("resumed sessions per proxy CPU-second", ses.get("proxy (resumed)", {}).get("sessions_per_middle_cpu_s"), se.get("proxy (resumed)", {}).get("sessions_per_middle_cpu_s"), "{:.0f}")
     for k, name in (("proxy", "sessions per proxy CPU-second, one worker"), ("proxy (resumed)", "resumed sessions per proxy CPU-second, one worker")):
         row(name, ses1["io_uring"].get(k, {}).get("sessions_per_middle_cpu_s"), ses1["epoll"].get(k, {}).get("sessions_per_middle_cpu_s"), "{:.0f}")
     for rate, key in (("20000", "latency-20k"), ("2000", "latency-2k")):
-        row(f"p50 added at {rate}/s (µs)", added(lat[rate], "p50_us"), added(epoll[key], "p50_us"), "{}")
-        row(f"p99 added at {rate}/s (µs)", added(lat[rate], "p99_us"), added(epoll[key], "p99_us"), "{}")
-    te = epoll["tunnels"] or {}
+        row(f"p50 added at {rate}/s (µs)", added(latsum[rate], "p50_us"), added(epoll[key], "p50_us"), "{}")
+        row(f"p99 added at {rate}/s (µs)", added(latsum[rate], "p99_us"), added(epoll[key], "p99_us"), "{}")
+    te = (epoll["tunnels"] or {}).get("median", {})
     row("KiB proxy RSS per idle tunnel (15,000)", tun.get("proxy_kib_per_tunnel"), te.get("proxy_kib_per_tunnel"), "{:.1f}")
     row("tunnel connects/s", tun.get("connects_per_second"), te.get("connects_per_second"), "{:.0f}")
     return "\n".join(rows)
@@ -191,7 +200,7 @@ results = [
 ]
 results = [{k: v for k, v in x.items() if k != "skipped" or v} for x in results]
 json.dump({"date": date, "commit": commit, "machine": machine, "results": results,
-           "raw": {"epoll": epoll, "ssh": ssh, "throughput": thr, "tunnels": tun, "logins": logins, "latency": lat, "sessions": ses, "sessions_one_worker": ses1, "criterion": crit}},
+           "raw": {"epoll": epoll, "ssh": ssh, "throughput": thr, "tunnels": tun_all, "tunnels_quic": tunq_all, "logins": logins, "latency": latsum, "sessions": ses_all, "sessions_one_worker": ses1, "criterion": crit}},
           open(json_path, "w"), indent=2)
 
 md = f"""# Benchmark results
@@ -246,7 +255,7 @@ while the agent keeps up (receive-window auto-tuning).
 
 """ + one_table() + f"""
 
-## Latency: 64-byte echo, 32 sessions (`loadgen latency --sessions 32 --rate R --duration 8s`)
+## Latency: 64-byte echo, 32 sessions (`loadgen latency --sessions 32 --rate R --duration 6s --runs 3`)
 
 The requests' slots are evenly spaced over the sessions (at 20,000/s one every 50 µs) and fired by
 a pacer thread sleeping with 1 ns timer slack. (Runs before commit 2608273 paced with tokio's
@@ -255,21 +264,24 @@ a pacer thread sleeping with 1 ns timer slack. (Runs before commit 2608273 paced
 previous one of its session was still outstanding is timed from its slot (coordinated omission
 corrected); otherwise from when it was sent. The echo is a TLS server (direct) or a simulated
 agent behind the proxy, so the proxy path adds the proxy and one more hop through the agent.
-Generator, echo, agent and proxy share the 2 cores.
+Generator, echo, agent and proxy share the 2 cores. Three rounds per rate, each the direct path
+then the proxy path on the same cluster; each cell is the median over the rounds.
 
 | rate | path | p50 µs | p99 µs | p99.9 µs | max µs |
 |---|---|---|---|---|---|
 """ + "".join(f"| {rate}/s | {l['path']} | {l['p50_us']} | {l['p99_us']} | {l['p999_us']} | {l['max_us']} |\n" for rate, ls in lat.items() for l in ls) + """
-Added by the proxy (proxy − direct): """ + "; ".join(f"at {rate}/s p50 {ls[1]['p50_us'] - ls[0]['p50_us']} µs, p99 {ls[1]['p99_us'] - ls[0]['p99_us']} µs" for rate, ls in lat.items() if len(ls) == 2) + """.
+Added by the proxy, the median of the rounds' own differences (each round's proxy run minus the
+direct run just before it): """ + "; ".join(f"at {rate}/s p50 {added(sm, 'p50_us')} µs (rounds {rounds_of(sm, 'p50_us')}), p99 {added(sm, 'p99_us')} µs (rounds {rounds_of(sm, 'p99_us')})" for rate, sm in latsum.items()) + """.
 
-## Sessions: new session setup (`loadgen sessions --concurrency 8 --duration 5s`)
+## Sessions: new session setup (`loadgen sessions --concurrency 8 --duration 3s --runs 3`)
 
 TLS handshake + (proxy: session request, route, stream open through the tunnel) + one byte echoed.
 Full: every session is a new client (new TLS config), so every handshake is a full one (the
 proxy signs, verifies the client's signature, X25519). Resumed: one client opens all sessions
 (as one `gsh proxy tcp` does) and resumes with the ticket of its previous session (X25519 only;
 the proxy still checks the certificate's expiry on each). The proxy sends one stateless ticket
-per connection in both cases.
+per connection in both cases. Three rounds, each running every row once in turn: rates and
+latencies are medians over the rounds, session counts their sums.
 
 | path | sessions/s | resumed | p50 ms | p99 ms | per proxy CPU-second |
 |---|---|---|---|---|---|
@@ -297,7 +309,10 @@ or sshd with its per-connection children.
 OpenSSH's sshd forks and re-executes itself per connection (privilege separation), which
 dominates its session cost; the agent serves sessions in-process and forks only the command.
 
-## Tunnels: idle agents on one proxy (`loadgen tunnels --count 15000 --procs 2 --identities 16 --hold 10s`)
+## Tunnels: idle agents on one proxy (`loadgen tunnels --count 15000 --procs 2 --identities 16 --hold 5s --runs 3`)
+
+Three rounds per transport, each on a freshly started cluster; each cell is the median over the
+rounds (held: the fewest, failed: the most). KiB per idle tunnel by round: over TLS """ + ", ".join(f"{r['proxy_kib_per_tunnel']:.1f}" for r in tun_all["rounds"]) + (" (epoll " + ", ".join(f"{r['proxy_kib_per_tunnel']:.1f}" for r in epoll["tunnels"]["rounds"]) + ")" if epoll["tunnels"] else "") + ("; over QUIC " + ", ".join(f"{r['proxy_kib_per_tunnel']:.1f}" for r in tunq_all["rounds"]) if tunq_all else "") + f""".
 
 | tunnels held | failed | connect rate | proxy RSS before → after | per idle tunnel | proxy CPU while idle |
 |---|---|---|---|---|---|

@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::throughput::{Path, Target, client_stream, client_stream_with};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct LatencyReport {
     pub scenario: &'static str,
     pub path: Path,
@@ -102,6 +102,89 @@ pub async fn latency(
         p999_us: hist.value_at_quantile(0.999),
         max_us: hist.max(),
     })
+}
+
+/// What the proxy path adds to the direct one, in µs (negative when it measured faster).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Added {
+    pub p50_us: i64,
+    pub p99_us: i64,
+    pub p999_us: i64,
+}
+
+impl Added {
+    fn between(direct: &LatencyReport, proxy: &LatencyReport) -> Self {
+        let d = |p: u64, q: u64| {
+            i64::try_from(p).unwrap_or(i64::MAX) - i64::try_from(q).unwrap_or(i64::MAX)
+        };
+        Self {
+            p50_us: d(proxy.p50_us, direct.p50_us),
+            p99_us: d(proxy.p99_us, direct.p99_us),
+            p999_us: d(proxy.p999_us, direct.p999_us),
+        }
+    }
+}
+
+/// One round: the direct path, then the proxy path, back to back.
+#[derive(Debug, Serialize)]
+pub struct LatencyRound {
+    pub direct: LatencyReport,
+    pub proxy: LatencyReport,
+    pub added: Added,
+}
+
+/// Every round, each path's medians over the rounds, and the median of the rounds' added
+/// latencies (each round's proxy run against the direct run just before it, so drift between
+/// rounds cancels).
+#[derive(Debug, Serialize)]
+pub struct LatencySummary {
+    pub rounds: Vec<LatencyRound>,
+    /// Direct, then proxy: each field the median over the rounds.
+    pub medians: Vec<LatencyReport>,
+    pub added: Added,
+}
+
+impl LatencySummary {
+    pub fn new(pairs: Vec<(LatencyReport, LatencyReport)>) -> Self {
+        let rounds: Vec<LatencyRound> = pairs
+            .into_iter()
+            .map(|(direct, proxy)| LatencyRound {
+                added: Added::between(&direct, &proxy),
+                direct,
+                proxy,
+            })
+            .collect();
+        let med = |pick: fn(&LatencyRound) -> &LatencyReport| -> Option<LatencyReport> {
+            let first = rounds.first().map(pick)?;
+            let of = |f: fn(&LatencyReport) -> u64| {
+                crate::median_u64(rounds.iter().map(|r| f(pick(r))).collect())
+            };
+            Some(LatencyReport {
+                requests: of(|r| r.requests),
+                p50_us: of(|r| r.p50_us),
+                p99_us: of(|r| r.p99_us),
+                p999_us: of(|r| r.p999_us),
+                max_us: of(|r| r.max_us),
+                ..first.clone()
+            })
+        };
+        let medians = [med(|r| &r.direct), med(|r| &r.proxy)]
+            .into_iter()
+            .flatten()
+            .collect();
+        let added_of =
+            |f: fn(&Added) -> i64| crate::median_i64(rounds.iter().map(|r| f(&r.added)).collect());
+        let added = Added {
+            p50_us: added_of(|a| a.p50_us),
+            p99_us: added_of(|a| a.p99_us),
+            p999_us: added_of(|a| a.p999_us),
+        };
+        Self {
+            rounds,
+            medians,
+            added,
+        }
+    }
 }
 
 /// When each request of a latency run is due: session `i`'s `n`-th slot is at
@@ -198,7 +281,7 @@ fn precise_sleeps() {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct SessionsReport {
     pub scenario: &'static str,
     pub path: Path,
@@ -214,6 +297,56 @@ pub struct SessionsReport {
     pub resumption: bool,
     /// Sessions whose TLS handshake was a resumption.
     pub resumed: u64,
+}
+
+/// Every run of every round (in order), and per path and handshake kind the medians over the
+/// rounds of the rates and latencies, with the counts (sessions, errors, resumed) summed.
+#[derive(Debug, Serialize)]
+pub struct SessionsSummary {
+    pub rounds: usize,
+    pub runs: Vec<SessionsReport>,
+    pub medians: Vec<SessionsReport>,
+}
+
+impl SessionsSummary {
+    pub fn new(rounds: usize, runs: Vec<SessionsReport>) -> Self {
+        let mut medians: Vec<SessionsReport> = Vec::new();
+        for r in &runs {
+            if medians
+                .iter()
+                .any(|m| m.path == r.path && m.resumption == r.resumption)
+            {
+                continue;
+            }
+            let same: Vec<&SessionsReport> = runs
+                .iter()
+                .filter(|x| x.path == r.path && x.resumption == r.resumption)
+                .collect();
+            let of =
+                |f: fn(&SessionsReport) -> f64| crate::median(same.iter().map(|x| f(x)).collect());
+            let per_cpu: Vec<f64> = same
+                .iter()
+                .filter_map(|x| x.sessions_per_middle_cpu_s)
+                .collect();
+            let cpu: Vec<f64> = same.iter().filter_map(|x| x.middle_cpu_s).collect();
+            medians.push(SessionsReport {
+                sessions: same.iter().map(|x| x.sessions).sum(),
+                errors: same.iter().map(|x| x.errors).sum(),
+                resumed: same.iter().map(|x| x.resumed).sum(),
+                sessions_per_s: of(|x| x.sessions_per_s),
+                p50_ms: of(|x| x.p50_ms),
+                p99_ms: of(|x| x.p99_ms),
+                middle_cpu_s: (!cpu.is_empty()).then(|| crate::median(cpu)),
+                sessions_per_middle_cpu_s: (!per_cpu.is_empty()).then(|| crate::median(per_cpu)),
+                ..r.clone()
+            });
+        }
+        Self {
+            rounds,
+            runs,
+            medians,
+        }
+    }
 }
 
 /// One session: connect (TLS, and the session request on the proxy path), one byte echoed,

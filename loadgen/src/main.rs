@@ -79,6 +79,10 @@ enum Scenario {
         /// The agents' tunnel transport: tls or quic.
         #[arg(long, default_value = "tls")]
         transport: gatehouse_agent::dataplane::quic::TunnelTransport,
+        /// Rounds, each on a freshly started cluster. The report gives every round and the
+        /// medians.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
     },
     /// Bulk streams client -> middle -> sink over TLS, for each path (proxy, direct, naive
     /// relay): GB/s and GB per CPU-second of the middle box. Spawns its own cluster.
@@ -112,6 +116,10 @@ enum Scenario {
         duration: humantime::Duration,
         #[arg(long, default_value_t = 0)]
         workers: usize,
+        /// Rounds; each runs direct, then the proxy (so drift on a shared machine touches both
+        /// alike). The report gives every round and the medians.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
     },
     /// New sessions as fast as C workers can open them (TLS handshake, route, stream open, one
     /// byte echoed, close), proxy beside direct TLS: sessions/s, latency, per proxy CPU-second.
@@ -126,6 +134,13 @@ enum Scenario {
         /// client resuming each session with its previous ticket), or both.
         #[arg(long, value_delimiter = ',', default_value = "full,resumed")]
         handshakes: Vec<Handshakes>,
+        /// Rounds; each runs every path and handshake kind once, in turn. The report gives
+        /// every run and the medians.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Paths to measure: direct (TLS straight to the echo), proxy, or both.
+        #[arg(long, value_delimiter = ',', default_value = "direct,proxy")]
+        paths: Vec<SessionPath>,
     },
     /// Real SSH with the user's certificate (russh client): new sessions per second (TLS + SSH
     /// handshake, certificate auth, `exec true`, exit status) and one channel's bulk upload,
@@ -170,6 +185,17 @@ fn raise_nofile() {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The median of counts (the upper middle one of an even number).
+fn median_u64(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+fn median_i64(mut v: Vec<i64>) -> i64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
 fn main() {
@@ -241,12 +267,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             hold,
             workers,
             transport,
+            runs,
         } => {
-            if count == 0 || procs == 0 {
-                anyhow::bail!("--count and --procs must be at least 1");
+            if count == 0 || procs == 0 || runs == 0 {
+                anyhow::bail!("--count, --procs and --runs must be at least 1");
             }
-            let fleet = fleet::Fleet::spawn("127.0.0.2", workers).await?;
-            println!("proxy I/O backend: {}", fleet.io_backend);
             let cfg = tunnels::TunnelsConfig {
                 count,
                 procs,
@@ -254,9 +279,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 hold: hold.into(),
                 transport,
             };
-            let report = tunnels::run(&fleet, &cfg).await?;
-            tunnels::print(&report);
-            write_json(cli.json.as_deref(), &report)?;
+            let mut rounds = Vec::new();
+            for round in 1..=runs {
+                // A fresh cluster each round: the proxy's memory before the tunnels is its own.
+                let fleet = fleet::Fleet::spawn("127.0.0.2", workers).await?;
+                println!(
+                    "round {round}/{runs}: proxy I/O backend {}",
+                    fleet.io_backend
+                );
+                let report = tunnels::run(&fleet, &cfg).await?;
+                tunnels::print(&report);
+                rounds.push(report);
+            }
+            let summary = tunnels::TunnelsSummary::new(rounds)
+                .ok_or_else(|| anyhow::anyhow!("no rounds ran"))?;
+            if runs > 1 {
+                println!("median of {runs} rounds:");
+                tunnels::print(&summary.median);
+            }
+            write_json(cli.json.as_deref(), &summary)?;
             Ok(())
         }
         Scenario::Throughput {
@@ -271,37 +312,51 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rate,
             duration,
             workers,
+            runs,
         } => {
-            if sessions == 0 || rate <= 0.0 {
-                anyhow::bail!("--sessions and --rate must be positive");
+            if sessions == 0 || rate <= 0.0 || runs == 0 {
+                anyhow::bail!("--sessions, --rate and --runs must be positive");
             }
             let (echo, _, _, ca) =
                 throughput::start_sink(&format!("{}:0", throughput::sink_ip()), true)?;
             let (fleet, _stats) = proxy_fleet(workers, None).await?;
-            let mut reports = Vec::new();
-            for path in [throughput::Path::Direct, throughput::Path::Proxy] {
-                let target = echo_target(path, &fleet, echo);
-                let r = latency::latency(&target, &ca, sessions, rate, duration.into()).await?;
+            let print = |label: &str, r: &latency::LatencyReport| {
                 println!(
-                    "latency {:<6} {} req over {sessions} sessions at {rate:.0}/s: p50 {} µs  p99 {} µs  p99.9 {} µs  max {} µs",
-                    format!("{:?}", r.path).to_lowercase(),
-                    r.requests,
-                    r.p50_us,
-                    r.p99_us,
-                    r.p999_us,
-                    r.max_us
+                    "latency {label:<14} {} req over {sessions} sessions at {rate:.0}/s: p50 {} µs  p99 {} µs  p99.9 {} µs  max {} µs",
+                    r.requests, r.p50_us, r.p99_us, r.p999_us, r.max_us
                 );
-                reports.push(r);
+            };
+            let mut pairs = Vec::new();
+            for round in 1..=runs {
+                let one = async |path: throughput::Path| {
+                    let target = echo_target(path, &fleet, echo);
+                    let r = latency::latency(&target, &ca, sessions, rate, duration.into()).await?;
+                    print(&format!("{} {round}/{runs}", path.name()), &r);
+                    Ok::<_, anyhow::Error>(r)
+                };
+                let direct = one(throughput::Path::Direct).await?;
+                let proxy = one(throughput::Path::Proxy).await?;
+                pairs.push((direct, proxy));
             }
-            if let [d, p] = reports.as_slice() {
-                println!(
-                    "added by the proxy: p50 {} µs  p99 {} µs  p99.9 {} µs",
-                    p.p50_us.saturating_sub(d.p50_us),
-                    p.p99_us.saturating_sub(d.p99_us),
-                    p.p999_us.saturating_sub(d.p999_us)
-                );
+            let summary = latency::LatencySummary::new(pairs);
+            if runs > 1 {
+                for m in &summary.medians {
+                    print(&format!("{} median", m.path.name()), m);
+                }
             }
-            write_json(cli.json.as_deref(), &reports)?;
+            let a = summary.added;
+            println!(
+                "added by the proxy{}: p50 {} µs  p99 {} µs  p99.9 {} µs",
+                if runs > 1 {
+                    " (median of the rounds)"
+                } else {
+                    ""
+                },
+                a.p50_us,
+                a.p99_us,
+                a.p999_us
+            );
+            write_json(cli.json.as_deref(), &summary)?;
             Ok(())
         }
         Scenario::Sessions {
@@ -309,9 +364,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             duration,
             workers,
             handshakes,
+            runs,
+            paths,
         } => {
-            if concurrency == 0 {
-                anyhow::bail!("--concurrency must be at least 1");
+            if concurrency == 0 || runs == 0 || paths.is_empty() {
+                anyhow::bail!("--concurrency, --runs and --paths must be at least 1");
             }
             if handshakes.is_empty() {
                 anyhow::bail!("--handshakes needs full, resumed or both");
@@ -322,7 +379,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut reports = Vec::new();
             // Each session a new client (full handshakes), then one client for all sessions
             // (resumed handshakes, as `gsh proxy tcp` makes them).
-            for resumption in [false, true] {
+            for (round, resumption) in (1..=runs).flat_map(|n| [(n, false), (n, true)]) {
                 let kind = if resumption {
                     Handshakes::Resumed
                 } else {
@@ -332,6 +389,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     continue;
                 }
                 for path in [throughput::Path::Direct, throughput::Path::Proxy] {
+                    let wanted = match path {
+                        throughput::Path::Direct => SessionPath::Direct,
+                        _ => SessionPath::Proxy,
+                    };
+                    if !paths.contains(&wanted) {
+                        continue;
+                    }
                     let target = echo_target(path, &fleet, echo);
                     let pid = (path == throughput::Path::Proxy).then(|| fleet.proxy.pid());
                     let r = latency::sessions(
@@ -343,24 +407,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         resumption,
                     )
                     .await?;
-                    println!(
-                        "sessions {:<6} {:<7} {:.0}/s ({} ok, {} resumed, {} errors)  p50 {:.2} ms  p99 {:.2} ms{}",
-                        format!("{:?}", r.path).to_lowercase(),
-                        if resumption { "resumed" } else { "full" },
-                        r.sessions_per_s,
-                        r.sessions,
-                        r.resumed,
-                        r.errors,
-                        r.p50_ms,
-                        r.p99_ms,
-                        r.sessions_per_middle_cpu_s
-                            .map(|s| format!("  {s:.0} per proxy CPU-second"))
-                            .unwrap_or_default()
-                    );
+                    print_sessions(&format!("{round}/{runs}"), &r);
                     reports.push(r);
                 }
             }
-            write_json(cli.json.as_deref(), &reports)?;
+            let summary = latency::SessionsSummary::new(runs, reports);
+            if runs > 1 {
+                for m in &summary.medians {
+                    print_sessions("median", m);
+                }
+            }
+            write_json(cli.json.as_deref(), &summary)?;
             Ok(())
         }
         Scenario::Ssh {
@@ -520,6 +577,13 @@ async fn proxy_fleet_with(
 enum Handshakes {
     Full,
     Resumed,
+}
+
+/// The paths `loadgen sessions` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SessionPath {
+    Direct,
+    Proxy,
 }
 
 /// The middle box of one throughput path, started on first use and kept for its runs.
@@ -713,6 +777,23 @@ async fn throughput_cmd(
         json.as_deref(),
         &serde_json::json!({ "runs": all, "medians": summary }),
     )
+}
+
+fn print_sessions(label: &str, r: &latency::SessionsReport) {
+    println!(
+        "sessions {:<6} {:<7} {label:<6} {:.0}/s ({} ok, {} resumed, {} errors)  p50 {:.2} ms  p99 {:.2} ms{}",
+        r.path.name(),
+        if r.resumption { "resumed" } else { "full" },
+        r.sessions_per_s,
+        r.sessions,
+        r.resumed,
+        r.errors,
+        r.p50_ms,
+        r.p99_ms,
+        r.sessions_per_middle_cpu_s
+            .map(|s| format!("  {s:.0} per proxy CPU-second"))
+            .unwrap_or_default()
+    );
 }
 
 /// `--json FILE`: the report, pretty-printed.

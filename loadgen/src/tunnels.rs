@@ -21,7 +21,7 @@ pub struct TunnelsConfig {
     pub transport: gatehouse_agent::dataplane::quic::TunnelTransport,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct TunnelsReport {
     pub scenario: &'static str,
     /// The agents' tunnel transport (tls or quic).
@@ -36,6 +36,35 @@ pub struct TunnelsReport {
     pub proxy_kib_per_tunnel: f64,
     pub proxy_idle_cpu_percent: f64,
     pub generator_processes: usize,
+}
+
+/// Every round, and each measure's median over them (held and failed tunnels: the fewest held
+/// and the most failed, so a bad round shows).
+#[derive(Debug, Serialize)]
+pub struct TunnelsSummary {
+    pub rounds: Vec<TunnelsReport>,
+    pub median: TunnelsReport,
+}
+
+impl TunnelsSummary {
+    /// `None` without rounds.
+    pub fn new(rounds: Vec<TunnelsReport>) -> Option<Self> {
+        let f = |pick: fn(&TunnelsReport) -> f64| crate::median(rounds.iter().map(pick).collect());
+        let u =
+            |pick: fn(&TunnelsReport) -> u64| crate::median_u64(rounds.iter().map(pick).collect());
+        let median = TunnelsReport {
+            tunnels_held: rounds.iter().map(|r| r.tunnels_held).min()?,
+            failures: rounds.iter().map(|r| r.failures).max()?,
+            connect_seconds: f(|r| r.connect_seconds),
+            connects_per_second: f(|r| r.connects_per_second),
+            proxy_rss_before_kib: u(|r| r.proxy_rss_before_kib),
+            proxy_rss_after_kib: u(|r| r.proxy_rss_after_kib),
+            proxy_kib_per_tunnel: f(|r| r.proxy_kib_per_tunnel),
+            proxy_idle_cpu_percent: f(|r| r.proxy_idle_cpu_percent),
+            ..rounds.first()?.clone()
+        };
+        Some(Self { rounds, median })
+    }
 }
 
 pub async fn run(fleet: &Fleet, cfg: &TunnelsConfig) -> anyhow::Result<TunnelsReport> {

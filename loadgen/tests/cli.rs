@@ -43,7 +43,14 @@ fn help_lists_every_scenario_and_its_options() {
     );
     let (code, out, _) = loadgen(&["tunnels", "--help"]);
     assert_eq!(code, 0);
-    for opt in ["--count", "--procs", "--identities", "--hold", "--workers"] {
+    for opt in [
+        "--count",
+        "--procs",
+        "--identities",
+        "--hold",
+        "--workers",
+        "--runs",
+    ] {
         assert!(out.contains(opt), "tunnels --help lacks {opt}:\n{out}");
     }
     let (code, out, _) = loadgen(&["throughput", "--help"]);
@@ -196,9 +203,10 @@ fn throughput_json(paths: &str, streams: &str) -> serde_json::Value {
     ])
 }
 
-/// `loadgen latency` paces its requests: every slot of the run is sent and answered on both
-/// paths (4 sessions at 2,000/s for 1 s: 2,001 slots, both ends included), and the proxy path
-/// reports its percentiles in order.
+/// `loadgen latency` paces its requests: every slot of every round is sent and answered on both
+/// paths (4 sessions at 2,000/s for 1 s: 2,001 slots, both ends included), each run reports its
+/// percentiles in order, and the summary holds each path's medians and the median of the
+/// rounds' added latencies.
 #[test]
 fn latency_sends_every_slot_on_both_paths() {
     let v = report(&[
@@ -209,10 +217,12 @@ fn latency_sends_every_slot_on_both_paths() {
         "2000",
         "--duration",
         "1s",
+        "--runs",
+        "3",
     ]);
-    let rows = v.as_array().unwrap();
-    assert_eq!(rows.len(), 2, "{v}");
-    for r in rows {
+    let rounds = v["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 3, "{v}");
+    let ordered = |r: &serde_json::Value| {
         assert_eq!(r["requests"].as_u64().unwrap(), 2001, "{r}");
         let (p50, p99, max) = (
             r["p50_us"].as_u64().unwrap(),
@@ -220,7 +230,31 @@ fn latency_sends_every_slot_on_both_paths() {
             r["max_us"].as_u64().unwrap(),
         );
         assert!(0 < p50 && p50 <= p99 && p99 <= max, "{r}");
+    };
+    let mut added_p99 = Vec::new();
+    for r in rounds {
+        ordered(&r["direct"]);
+        ordered(&r["proxy"]);
+        let added = r["added"]["p99_us"].as_i64().unwrap();
+        let (d, p) = (
+            r["direct"]["p99_us"].as_i64().unwrap(),
+            r["proxy"]["p99_us"].as_i64().unwrap(),
+        );
+        assert_eq!(added, p - d, "{r}");
+        added_p99.push(added);
     }
+    added_p99.sort_unstable();
+    assert_eq!(v["added"]["p99_us"].as_i64().unwrap(), added_p99[1], "{v}");
+    let medians = v["medians"].as_array().unwrap();
+    assert_eq!(medians.len(), 2, "{v}");
+    assert_eq!(medians[0]["path"], "direct");
+    assert_eq!(medians[1]["path"], "proxy");
+    let mut p50s: Vec<u64> = rounds
+        .iter()
+        .map(|r| r["proxy"]["p50_us"].as_u64().unwrap())
+        .collect();
+    p50s.sort_unstable();
+    assert_eq!(medians[1]["p50_us"].as_u64().unwrap(), p50s[1], "{v}");
 }
 
 /// `loadgen sessions --handshakes resumed` measures only resumed handshakes, and they resume.
@@ -234,10 +268,24 @@ fn sessions_measure_the_handshakes_asked_for() {
         "2",
         "--duration",
         "1s",
+        "--runs",
+        "2",
     ]);
-    let rows = v.as_array().unwrap();
-    assert_eq!(rows.len(), 2, "{v}");
-    for r in rows {
+    // Two rounds of direct and proxy, and one median row per path, whose counts are the
+    // rounds' sums.
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 4, "{v}");
+    let medians = v["medians"].as_array().unwrap();
+    assert_eq!(medians.len(), 2, "{v}");
+    for m in medians {
+        let sum: u64 = runs
+            .iter()
+            .filter(|r| r["path"] == m["path"])
+            .map(|r| r["sessions"].as_u64().unwrap())
+            .sum();
+        assert_eq!(m["sessions"].as_u64().unwrap(), sum, "{v}");
+    }
+    for r in runs {
         assert_eq!(r["resumption"], true, "{r}");
         assert_eq!(r["errors"], 0, "{r}");
         let (n, resumed) = (
@@ -247,4 +295,38 @@ fn sessions_measure_the_handshakes_asked_for() {
         // Every session after each worker's first resumes its predecessor's ticket.
         assert!(n > 10 && resumed + 2 >= n, "{r}");
     }
+}
+
+/// `loadgen tunnels` holds every tunnel it asks for in each round (a fresh cluster per round),
+/// and the summary's median row is built from the rounds.
+#[test]
+fn tunnels_rounds_hold_every_tunnel() {
+    let v = report(&[
+        "tunnels",
+        "--count",
+        "40",
+        "--procs",
+        "2",
+        "--identities",
+        "2",
+        "--hold",
+        "1s",
+        "--runs",
+        "3",
+    ]);
+    let rounds = v["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 3, "{v}");
+    for r in rounds {
+        assert_eq!(r["tunnels_held"].as_u64().unwrap(), 40, "{r}");
+        assert_eq!(r["failures"].as_u64().unwrap(), 0, "{r}");
+    }
+    let mut rates: Vec<f64> = rounds
+        .iter()
+        .map(|r| r["connects_per_second"].as_f64().unwrap())
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    let m = &v["median"];
+    assert_eq!(m["connects_per_second"].as_f64().unwrap(), rates[1], "{v}");
+    assert_eq!(m["tunnels_held"].as_u64().unwrap(), 40, "{v}");
+    assert_eq!(m["transport"], "tls", "{v}");
 }
