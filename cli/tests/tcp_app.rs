@@ -1,4 +1,5 @@
-//! A TCP app behind an agent: 128 MiB through `gsh proxy tcp` and back, checksums matching.
+//! A TCP app behind an agent: 128 MiB through `gsh proxy tcp` and back, checksums matching; a
+//! client that stops reading stalls the app without growing the proxy's or the agent's memory.
 
 // Test code: a failing unwrap or panic is a failing test, which is the point.
 #![allow(
@@ -12,6 +13,8 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Fleet, bin};
@@ -71,6 +74,154 @@ fn hundred_mib_round_trip_through_gsh_proxy_tcp() {
         err.contains("no app named `nope`") && err.contains("echo@node1"),
         "{err}"
     );
+}
+
+/// A source on 127.0.0.9: each connection gets an endless stream in which the byte at offset `i`
+/// is `i % 251`, written until the peer goes away; `written` counts what the socket took.
+fn source_server(written: Arc<AtomicU64>) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.9:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let written = Arc::clone(&written);
+            std::thread::spawn(move || {
+                let block: Vec<u8> = (0..251 * 256).map(|i| (i % 251) as u8).collect();
+                while let Ok(n) = conn.write(&block) {
+                    if n == 0 {
+                        break;
+                    }
+                    written.fetch_add(n as u64, Ordering::Relaxed);
+                    // Continue the pattern where the socket cut the block off.
+                    let at = n % 251;
+                    if at != 0 {
+                        let tail: Vec<u8> = (at..251).map(|i| i as u8).collect();
+                        if conn.write_all(&tail).is_err() {
+                            break;
+                        }
+                        written.fetch_add(tail.len() as u64, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Read `n` bytes of the source's stream from `conn`, starting at `offset`, checking each.
+fn read_pattern(conn: &mut std::net::TcpStream, offset: &mut u64, n: u64) {
+    let mut buf = vec![0u8; 1 << 16];
+    let end = *offset + n;
+    while *offset < end {
+        let want = usize::try_from(end - *offset).unwrap().min(buf.len());
+        let got = conn.read(&mut buf[..want]).unwrap();
+        assert!(got > 0, "the stream ended at offset {offset}");
+        for (i, b) in buf[..got].iter().enumerate() {
+            let at = *offset + i as u64;
+            assert_eq!(u64::from(*b), at % 251, "byte at offset {at}");
+        }
+        *offset += got as u64;
+    }
+}
+
+/// A client that stops reading stalls the app behind the agent instead of filling memory: the
+/// app's writes stop (backpressure reaches it through `gsh`, the proxy, the tunnel's stream
+/// window and the agent), neither the proxy's nor the agent's memory grows with what the app
+/// tried to send, and when the client reads again every byte arrives, in order.
+#[test]
+fn a_client_that_stops_reading_stalls_the_app_without_growing_memory() {
+    let written = Arc::new(AtomicU64::new(0));
+    let source = source_server(Arc::clone(&written));
+    let f = Fleet::start(
+        "stall",
+        &[(
+            "node1",
+            "env=dev",
+            vec!["--app".into(), format!("source={source}")],
+        )],
+    );
+    let home = tempfile::tempdir().unwrap();
+    f.user(home.path(), "alice", "access", &f.login, &[]);
+    f.wait_for_nodes(home.path(), 1);
+    let (proxy, agent) = (f.proxy.child.id(), f.agents[0].child.id());
+    let (proxy0, agent0) = (rss_kib(proxy), rss_kib(agent));
+
+    let (fwd, local) = forward(home.path(), "source");
+    let _fwd = KillOnDrop(fwd);
+    let mut conn = std::net::TcpStream::connect(&local).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut offset = 0;
+    // The stream flows (and its windows grow) before the client stops reading.
+    read_pattern(&mut conn, &mut offset, 64 << 20);
+    let (proxy_flowing, agent_flowing) = (rss_kib(proxy), rss_kib(agent));
+
+    // Stalled: what the app has written stops growing once every buffer on the way is full.
+    // Kernel socket buffers (four connections on the way, auto-tuned) and the stream window hold
+    // what is in flight; a path without backpressure takes all the app writes (checked as it
+    // goes, so such a regression fails here rather than filling the machine's memory).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = (written.load(Ordering::Relaxed), Instant::now());
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = written.load(Ordering::Relaxed);
+        assert!(
+            now - offset < 256 << 20,
+            "the app kept writing to a client that reads nothing: {} MiB in flight",
+            (now - offset) >> 20
+        );
+        let grown = rss_kib(proxy).saturating_sub(proxy_flowing);
+        assert!(grown < 64 << 10, "the proxy grew by {grown} KiB");
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the app never stopped writing");
+    }
+    let in_flight = last.0 - offset;
+    let (proxy1, agent1) = (rss_kib(proxy), rss_kib(agent));
+    eprintln!(
+        "stalled with {} MiB in flight; RSS before the session, while it flowed, stalled: \
+         proxy {proxy0} / {proxy_flowing} / {proxy1} KiB, agent {agent0} / {agent_flowing} / {agent1} KiB",
+        in_flight >> 20,
+    );
+    // The stall itself adds at most a stream window's worth; the session as a whole, what a
+    // worker keeps for bulk transfers (its send buffers and the ring's receive buffers, faulted
+    // in as they are first used).
+    for (who, before, flowing, stalled) in [
+        ("proxy", proxy0, proxy_flowing, proxy1),
+        ("agent", agent0, agent_flowing, agent1),
+    ] {
+        assert!(
+            stalled.saturating_sub(flowing) < 8 << 10 && stalled.saturating_sub(before) < 24 << 10,
+            "{who} RSS grew from {before} (before) and {flowing} (flowing) to {stalled} KiB \
+             with a stalled stream"
+        );
+    }
+
+    // Reading again: everything the app wrote arrives, in order, and more after it.
+    read_pattern(&mut conn, &mut offset, in_flight + (16 << 20));
+}
+
+/// A child process killed when the test ends, pass or fail.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// New tunnels go to the proxy worker holding the fewest, whatever worker the kernel's
