@@ -1,5 +1,6 @@
 //! A TCP app behind an agent: 128 MiB through `gsh proxy tcp` and back, checksums matching; a
-//! client that stops reading stalls the app without growing the proxy's or the agent's memory.
+//! client that stops reading stalls the app, and an app that stops reading stalls the client,
+//! without growing the proxy's or the agent's memory.
 
 // Test code: a failing unwrap or panic is a failing test, which is the point.
 #![allow(
@@ -14,7 +15,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Fleet, bin};
@@ -212,6 +213,131 @@ fn a_client_that_stops_reading_stalls_the_app_without_growing_memory() {
 
     // Reading again: everything the app wrote arrives, in order, and more after it.
     read_pattern(&mut conn, &mut offset, in_flight + (16 << 20));
+}
+
+/// A slow app on 127.0.0.9: each connection is left unread until `go` is set, then read to the
+/// end, each byte checked against the pattern (`i % 251` at offset `i`); `received` counts the
+/// bytes that matched.
+fn slow_app(go: Arc<AtomicBool>, received: Arc<AtomicU64>) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.9:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let (go, received) = (Arc::clone(&go), Arc::clone(&received));
+            std::thread::spawn(move || {
+                while !go.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let mut buf = vec![0u8; 1 << 16];
+                let mut at = 0u64;
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    for b in &buf[..n] {
+                        if u64::from(*b) != at % 251 {
+                            return;
+                        }
+                        at += 1;
+                    }
+                    received.store(at, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The other way round: an app that stops reading stalls the client. Its writes stop once the
+/// buffers on the way are full (the agent stops reading the tunnel's stream when the app's socket
+/// is full, the window stops the proxy, the proxy stops reading the client), neither the proxy's
+/// nor the agent's memory grows with what the client tried to send, and when the app reads again
+/// every byte arrives, in order.
+#[test]
+fn an_app_that_stops_reading_stalls_the_client_without_growing_memory() {
+    let (go, received) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let app = slow_app(Arc::clone(&go), Arc::clone(&received));
+    let f = Fleet::start(
+        "slowapp",
+        &[(
+            "node1",
+            "env=dev",
+            vec!["--app".into(), format!("slow={app}")],
+        )],
+    );
+    let home = tempfile::tempdir().unwrap();
+    f.user(home.path(), "alice", "access", &f.login, &[]);
+    f.wait_for_nodes(home.path(), 1);
+    let (proxy, agent) = (f.proxy.child.id(), f.agents[0].child.id());
+    let (proxy0, agent0) = (rss_kib(proxy), rss_kib(agent));
+
+    let (fwd, local) = forward(home.path(), "slow");
+    let _fwd = KillOnDrop(fwd);
+    let conn = std::net::TcpStream::connect(&local).unwrap();
+    let sent = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (mut conn, sent) = (conn.try_clone().unwrap(), Arc::clone(&sent));
+        std::thread::spawn(move || {
+            let block: Vec<u8> = (0..251 * 256).map(|i| (i % 251) as u8).collect();
+            // 256 MiB in all: far more than the buffers on the way hold.
+            for _ in 0..(256 << 20) / block.len() {
+                conn.write_all(&block).unwrap();
+                sent.fetch_add(block.len() as u64, Ordering::Relaxed);
+            }
+            conn.shutdown(std::net::Shutdown::Write).unwrap();
+            sent.load(Ordering::Relaxed)
+        })
+    };
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = (sent.load(Ordering::Relaxed), Instant::now());
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = sent.load(Ordering::Relaxed);
+        assert!(
+            now < 192 << 20,
+            "the client kept writing to an app that reads nothing: {} MiB",
+            now >> 20
+        );
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the client never stopped writing"
+        );
+    }
+    let (proxy1, agent1) = (rss_kib(proxy), rss_kib(agent));
+    eprintln!(
+        "stalled with {} MiB written; RSS before the session and stalled: proxy {proxy0} / \
+         {proxy1} KiB, agent {agent0} / {agent1} KiB",
+        last.0 >> 20,
+    );
+    for (who, before, stalled) in [("proxy", proxy0, proxy1), ("agent", agent0, agent1)] {
+        assert!(
+            stalled.saturating_sub(before) < 24 << 10,
+            "{who} RSS grew from {before} to {stalled} KiB with a stalled stream"
+        );
+    }
+
+    // The app reads again: everything the client sent (256 MiB) arrives, in order.
+    go.store(true, Ordering::Relaxed);
+    let total = writer.join().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while received.load(Ordering::Relaxed) < total {
+        assert!(
+            Instant::now() < deadline,
+            "the app got {} of {total} bytes (in order)",
+            received.load(Ordering::Relaxed)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A child process killed when the test ends, pass or fail.
