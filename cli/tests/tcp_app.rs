@@ -1,6 +1,6 @@
 //! A TCP app behind an agent: 128 MiB through `gsh proxy tcp` and back, checksums matching; a
 //! client that stops reading stalls the app, and an app that stops reading stalls the client,
-//! without growing the proxy's or the agent's memory.
+//! over TLS and QUIC tunnels, without growing the proxy's or the agent's memory.
 
 // Test code: a failing unwrap or panic is a failing test, which is the point.
 #![allow(
@@ -141,16 +141,24 @@ fn read_pattern(conn: &mut std::net::TcpStream, offset: &mut u64, n: u64) {
 /// tried to send, and when the client reads again every byte arrives, in order.
 #[test]
 fn a_client_that_stops_reading_stalls_the_app_without_growing_memory() {
+    client_stall("stall", &[], 8 << 10);
+}
+
+/// The same over a QUIC tunnel: quinn's flow control carries the backpressure, and what the
+/// proxy may hold for the stalled stream is quinn's receive window (8 MiB per stream).
+#[test]
+fn a_client_that_stops_reading_stalls_the_app_over_quic() {
+    client_stall("stallquic", &["--tunnel-transport", "quic"], 16 << 10);
+}
+
+/// A client stall with the agent started with `agent_args`; `stall_kib` bounds what the stall
+/// itself may add to the proxy's and the agent's RSS.
+fn client_stall(cluster: &str, agent_args: &[&str], stall_kib: u64) {
     let written = Arc::new(AtomicU64::new(0));
     let source = source_server(Arc::clone(&written));
-    let f = Fleet::start(
-        "stall",
-        &[(
-            "node1",
-            "env=dev",
-            vec!["--app".into(), format!("source={source}")],
-        )],
-    );
+    let mut args = vec!["--app".to_string(), format!("source={source}")];
+    args.extend(agent_args.iter().map(|a| a.to_string()));
+    let f = Fleet::start(cluster, &[("node1", "env=dev", args)]);
     let home = tempfile::tempdir().unwrap();
     f.user(home.path(), "alice", "access", &f.login, &[]);
     f.wait_for_nodes(home.path(), 1);
@@ -197,15 +205,16 @@ fn a_client_that_stops_reading_stalls_the_app_without_growing_memory() {
          proxy {proxy0} / {proxy_flowing} / {proxy1} KiB, agent {agent0} / {agent_flowing} / {agent1} KiB",
         in_flight >> 20,
     );
-    // The stall itself adds at most a stream window's worth; the session as a whole, what a
-    // worker keeps for bulk transfers (its send buffers and the ring's receive buffers, faulted
-    // in as they are first used).
+    // The stall itself adds at most a stream window's worth; the session as a whole, that and
+    // what a worker keeps for bulk transfers (its send buffers and the ring's receive buffers,
+    // faulted in as they are first used).
     for (who, before, flowing, stalled) in [
         ("proxy", proxy0, proxy_flowing, proxy1),
         ("agent", agent0, agent_flowing, agent1),
     ] {
         assert!(
-            stalled.saturating_sub(flowing) < 8 << 10 && stalled.saturating_sub(before) < 24 << 10,
+            stalled.saturating_sub(flowing) < stall_kib
+                && stalled.saturating_sub(before) < stall_kib + (16 << 10),
             "{who} RSS grew from {before} (before) and {flowing} (flowing) to {stalled} KiB \
              with a stalled stream"
         );
@@ -256,19 +265,25 @@ fn slow_app(go: Arc<AtomicBool>, received: Arc<AtomicU64>) -> std::net::SocketAd
 /// every byte arrives, in order.
 #[test]
 fn an_app_that_stops_reading_stalls_the_client_without_growing_memory() {
+    app_stall("slowapp", &[]);
+}
+
+/// The same over a QUIC tunnel: the agent's quinn receive window stops the proxy's sends.
+#[test]
+fn an_app_that_stops_reading_stalls_the_client_over_quic() {
+    app_stall("slowappquic", &["--tunnel-transport", "quic"]);
+}
+
+/// An app stall with the agent started with `agent_args`.
+fn app_stall(cluster: &str, agent_args: &[&str]) {
     let (go, received) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicU64::new(0)),
     );
     let app = slow_app(Arc::clone(&go), Arc::clone(&received));
-    let f = Fleet::start(
-        "slowapp",
-        &[(
-            "node1",
-            "env=dev",
-            vec!["--app".into(), format!("slow={app}")],
-        )],
-    );
+    let mut args = vec!["--app".to_string(), format!("slow={app}")];
+    args.extend(agent_args.iter().map(|a| a.to_string()));
+    let f = Fleet::start(cluster, &[("node1", "env=dev", args)]);
     let home = tempfile::tempdir().unwrap();
     f.user(home.path(), "alice", "access", &f.login, &[]);
     f.wait_for_nodes(home.path(), 1);
