@@ -151,17 +151,50 @@ fn a_client_that_stops_reading_stalls_the_app_over_quic() {
     client_stall("stallquic", &["--tunnel-transport", "quic"], 16 << 10);
 }
 
-/// A client stall with the agent started with `agent_args`; `stall_kib` bounds what the stall
-/// itself may add to the proxy's and the agent's RSS.
-fn client_stall(cluster: &str, agent_args: &[&str], stall_kib: u64) {
-    let written = Arc::new(AtomicU64::new(0));
-    let source = source_server(Arc::clone(&written));
-    let mut args = vec!["--app".to_string(), format!("source={source}")];
+/// A cluster whose one agent (started with `agent_args`) serves `addr` as the app `app`, and a
+/// user's home logged in to it.
+fn app_fleet(
+    cluster: &str,
+    app: &str,
+    addr: std::net::SocketAddr,
+    agent_args: &[&str],
+) -> (Fleet, tempfile::TempDir) {
+    let mut args = vec!["--app".to_string(), format!("{app}={addr}")];
     args.extend(agent_args.iter().map(|a| a.to_string()));
     let f = Fleet::start(cluster, &[("node1", "env=dev", args)]);
     let home = tempfile::tempdir().unwrap();
     f.user(home.path(), "alice", "access", &f.login, &[]);
     f.wait_for_nodes(home.path(), 1);
+    (f, home)
+}
+
+/// Poll `count` until it has not grown for 3 s (at most 60 s), calling `check` with each value
+/// (it fails the test early if the count or a process's memory runs away). Returns the count.
+fn wait_until_stalled(count: &AtomicU64, mut check: impl FnMut(u64)) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = (count.load(Ordering::Relaxed), Instant::now());
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = count.load(Ordering::Relaxed);
+        check(now);
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(3) {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the writer never stopped: {now} bytes"
+        );
+    }
+}
+
+/// A client stall with the agent started with `agent_args`; `stall_kib` bounds what the stall
+/// itself may add to the proxy's and the agent's RSS.
+fn client_stall(cluster: &str, agent_args: &[&str], stall_kib: u64) {
+    let written = Arc::new(AtomicU64::new(0));
+    let source = source_server(Arc::clone(&written));
+    let (f, home) = app_fleet(cluster, "source", source, agent_args);
     let (proxy, agent) = (f.proxy.child.id(), f.agents[0].child.id());
     let (proxy0, agent0) = (rss_kib(proxy), rss_kib(agent));
 
@@ -179,11 +212,7 @@ fn client_stall(cluster: &str, agent_args: &[&str], stall_kib: u64) {
     // Kernel socket buffers (four connections on the way, auto-tuned) and the stream window hold
     // what is in flight; a path without backpressure takes all the app writes (checked as it
     // goes, so such a regression fails here rather than filling the machine's memory).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = (written.load(Ordering::Relaxed), Instant::now());
-    loop {
-        std::thread::sleep(Duration::from_millis(250));
-        let now = written.load(Ordering::Relaxed);
+    let stalled_at = wait_until_stalled(&written, |now| {
         assert!(
             now - offset < 256 << 20,
             "the app kept writing to a client that reads nothing: {} MiB in flight",
@@ -191,14 +220,8 @@ fn client_stall(cluster: &str, agent_args: &[&str], stall_kib: u64) {
         );
         let grown = rss_kib(proxy).saturating_sub(proxy_flowing);
         assert!(grown < 64 << 10, "the proxy grew by {grown} KiB");
-        if now != last.0 {
-            last = (now, Instant::now());
-        } else if last.1.elapsed() > Duration::from_secs(3) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the app never stopped writing");
-    }
-    let in_flight = last.0 - offset;
+    });
+    let in_flight = stalled_at - offset;
     let (proxy1, agent1) = (rss_kib(proxy), rss_kib(agent));
     eprintln!(
         "stalled with {} MiB in flight; RSS before the session, while it flowed, stalled: \
@@ -281,12 +304,7 @@ fn app_stall(cluster: &str, agent_args: &[&str]) {
         Arc::new(AtomicU64::new(0)),
     );
     let app = slow_app(Arc::clone(&go), Arc::clone(&received));
-    let mut args = vec!["--app".to_string(), format!("slow={app}")];
-    args.extend(agent_args.iter().map(|a| a.to_string()));
-    let f = Fleet::start(cluster, &[("node1", "env=dev", args)]);
-    let home = tempfile::tempdir().unwrap();
-    f.user(home.path(), "alice", "access", &f.login, &[]);
-    f.wait_for_nodes(home.path(), 1);
+    let (f, home) = app_fleet(cluster, "slow", app, agent_args);
     let (proxy, agent) = (f.proxy.child.id(), f.agents[0].child.id());
     let (proxy0, agent0) = (rss_kib(proxy), rss_kib(agent));
 
@@ -308,31 +326,20 @@ fn app_stall(cluster: &str, agent_args: &[&str]) {
         })
     };
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = (sent.load(Ordering::Relaxed), Instant::now());
-    loop {
-        std::thread::sleep(Duration::from_millis(250));
-        let now = sent.load(Ordering::Relaxed);
+    let stalled_at = wait_until_stalled(&sent, |now| {
         assert!(
             now < 192 << 20,
             "the client kept writing to an app that reads nothing: {} MiB",
             now >> 20
         );
-        if now != last.0 {
-            last = (now, Instant::now());
-        } else if last.1.elapsed() > Duration::from_secs(3) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the client never stopped writing"
-        );
-    }
+        let grown = rss_kib(proxy).saturating_sub(proxy0);
+        assert!(grown < 64 << 10, "the proxy grew by {grown} KiB");
+    });
     let (proxy1, agent1) = (rss_kib(proxy), rss_kib(agent));
     eprintln!(
         "stalled with {} MiB written; RSS before the session and stalled: proxy {proxy0} / \
          {proxy1} KiB, agent {agent0} / {agent1} KiB",
-        last.0 >> 20,
+        stalled_at >> 20,
     );
     for (who, before, stalled) in [("proxy", proxy0, proxy1), ("agent", agent0, agent1)] {
         assert!(
