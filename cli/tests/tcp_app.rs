@@ -489,11 +489,14 @@ fn sessions_resume_but_not_past_the_certificate() {
     let logged_in = Instant::now();
     f.user(home.path(), "bob", "access", &f.login, &["--ttl", "8s"]);
     let (mut fwd, local) = forward(home.path(), "echo");
+    // What came back for `msg`. A refused session may have closed the connection (with a reset)
+    // before the message is written or the write side shut, so those errors are not failures:
+    // the bytes that came back are the answer.
     let echoed = |msg: &[u8]| -> Vec<u8> {
         let mut c = std::net::TcpStream::connect(&local).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        c.write_all(msg).unwrap();
-        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let _ = c.write_all(msg);
+        let _ = c.shutdown(std::net::Shutdown::Write);
         let mut back = Vec::new();
         let _ = c.read_to_end(&mut back);
         back
