@@ -88,20 +88,14 @@ fn source_server(written: Arc<AtomicU64>) -> std::net::SocketAddr {
             let written = Arc::clone(&written);
             std::thread::spawn(move || {
                 let block: Vec<u8> = (0..251 * 256).map(|i| (i % 251) as u8).collect();
-                while let Ok(n) = conn.write(&block) {
+                // `block[at..]` starts where the pattern stands after what was written.
+                let mut at = 0;
+                while let Ok(n) = conn.write(&block[at..]) {
                     if n == 0 {
                         break;
                     }
                     written.fetch_add(n as u64, Ordering::Relaxed);
-                    // Continue the pattern where the socket cut the block off.
-                    let at = n % 251;
-                    if at != 0 {
-                        let tail: Vec<u8> = (at..251).map(|i| i as u8).collect();
-                        if conn.write_all(&tail).is_err() {
-                            break;
-                        }
-                        written.fetch_add(tail.len() as u64, Ordering::Relaxed);
-                    }
+                    at = (at + n) % 251;
                 }
             });
         }

@@ -157,7 +157,7 @@ impl LatencySummary {
         let med = |pick: fn(&LatencyRound) -> &LatencyReport| -> Option<LatencyReport> {
             let first = rounds.first().map(pick)?;
             let of = |f: fn(&LatencyReport) -> u64| {
-                crate::median_u64(rounds.iter().map(|r| f(pick(r))).collect())
+                crate::median_int(rounds.iter().map(|r| f(pick(r))).collect())
             };
             Some(LatencyReport {
                 requests: of(|r| r.requests),
@@ -173,7 +173,7 @@ impl LatencySummary {
             .flatten()
             .collect();
         let added_of =
-            |f: fn(&Added) -> i64| crate::median_i64(rounds.iter().map(|r| f(&r.added)).collect());
+            |f: fn(&Added) -> i64| crate::median_int(rounds.iter().map(|r| f(&r.added)).collect());
         let added = Added {
             p50_us: added_of(|a| a.p50_us),
             p99_us: added_of(|a| a.p99_us),

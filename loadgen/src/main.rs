@@ -187,15 +187,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// The median of counts (the upper middle one of an even number).
-fn median_u64(mut v: Vec<u64>) -> u64 {
+/// The median of integers (the upper middle one of an even number; 0 of none).
+fn median_int<T: Ord + Copy + Default>(mut v: Vec<T>) -> T {
     v.sort_unstable();
-    v.get(v.len() / 2).copied().unwrap_or(0)
-}
-
-fn median_i64(mut v: Vec<i64>) -> i64 {
-    v.sort_unstable();
-    v.get(v.len() / 2).copied().unwrap_or(0)
+    v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
 fn main() {

@@ -51,7 +51,7 @@ impl TunnelsSummary {
     pub fn new(rounds: Vec<TunnelsReport>) -> Option<Self> {
         let f = |pick: fn(&TunnelsReport) -> f64| crate::median(rounds.iter().map(pick).collect());
         let u =
-            |pick: fn(&TunnelsReport) -> u64| crate::median_u64(rounds.iter().map(pick).collect());
+            |pick: fn(&TunnelsReport) -> u64| crate::median_int(rounds.iter().map(pick).collect());
         let median = TunnelsReport {
             tunnels_held: rounds.iter().map(|r| r.tunnels_held).min()?,
             failures: rounds.iter().map(|r| r.failures).max()?,
