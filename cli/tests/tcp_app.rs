@@ -398,6 +398,183 @@ fn tunnels_spread_over_the_proxys_workers() {
     }
 }
 
+/// A NAT between agents and the proxy (127.0.0.60): TCP relayed as is; each client's UDP
+/// leaves from a port of its own, and after [`Nat::rebind`] from a new port once the client
+/// sends again (as a NAT does when a mapping has expired), the old one answering until then.
+struct Nat {
+    addr: std::net::SocketAddr,
+    target: Arc<std::sync::OnceLock<std::net::SocketAddr>>,
+    generation: Arc<AtomicU64>,
+    /// Datagrams from the target that came back through a port opened after a rebind.
+    answered_after_rebind: Arc<AtomicU64>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Nat {
+    fn start() -> Self {
+        let tcp = std::net::TcpListener::bind("127.0.0.60:0").unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let udp = std::net::UdpSocket::bind(addr).unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        udp.set_nonblocking(true).unwrap();
+        let target: Arc<std::sync::OnceLock<std::net::SocketAddr>> = Arc::default();
+        let generation = Arc::new(AtomicU64::new(0));
+        let answered = Arc::new(AtomicU64::new(0));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (t, g, a) = (target.clone(), generation.clone(), answered.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                tokio::select! {
+                    _ = Self::run(tcp, udp, t, g, a) => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        Self {
+            addr,
+            target,
+            generation,
+            answered_after_rebind: answered,
+            _stop: stop,
+        }
+    }
+
+    /// Forward to `proxy`; returns the address to dial instead.
+    fn forward_to(&self, proxy: &str) -> String {
+        self.target.set(proxy.parse().unwrap()).unwrap();
+        self.addr.to_string()
+    }
+
+    fn rebind(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    async fn run(
+        tcp: std::net::TcpListener,
+        udp: std::net::UdpSocket,
+        target: Arc<std::sync::OnceLock<std::net::SocketAddr>>,
+        generation: Arc<AtomicU64>,
+        answered: Arc<AtomicU64>,
+    ) {
+        let tcp = tokio::net::TcpListener::from_std(tcp).unwrap();
+        let udp = Arc::new(tokio::net::UdpSocket::from_std(udp).unwrap());
+        let t = target.clone();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = tcp.accept().await {
+                let Some(&to) = t.get() else { continue };
+                tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut up).await;
+                    }
+                });
+            }
+        });
+        // client address -> (generation, the port it leaves from, its return task)
+        type Mapping = (u64, Arc<tokio::net::UdpSocket>, tokio::task::JoinHandle<()>);
+        let mut mappings: std::collections::HashMap<std::net::SocketAddr, Mapping> =
+            Default::default();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let Ok((n, from)) = udp.recv_from(&mut buf).await else {
+                continue;
+            };
+            let Some(&to) = target.get() else { continue };
+            let now = generation.load(Ordering::SeqCst);
+            let fresh = !matches!(mappings.get(&from), Some((g, _, _)) if *g == now);
+            if fresh {
+                let out = Arc::new(tokio::net::UdpSocket::bind("127.0.0.60:0").await.unwrap());
+                let (back, out2, answered) = (udp.clone(), out.clone(), answered.clone());
+                let task = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok((n, _)) = out2.recv_from(&mut buf).await {
+                        if now > 0 {
+                            answered.fetch_add(1, Ordering::SeqCst);
+                        }
+                        let _ = back.send_to(&buf[..n], from).await;
+                    }
+                });
+                if let Some((_, _, old)) = mappings.insert(from, (now, out, task)) {
+                    old.abort();
+                }
+            }
+            if let Some((_, out, _)) = mappings.get(&from) {
+                let _ = out.send_to(&buf[..n], to).await;
+            }
+        }
+    }
+}
+
+/// QUIC tunnels are served by every proxy worker, each endpoint on a socket of its own, and a
+/// tunnel keeps its worker when the agent's address changes: eight agents behind a NAT reach a
+/// four-worker proxy, land on more than one worker (the kernel picks by their first connection
+/// ID), carry sessions, then the NAT gives every agent a new port; sessions still reach every
+/// app and no agent reconnected. Without the kernel steering datagrams by connection ID, a
+/// datagram from a new address lands on a worker picked by the new address, which does not
+/// know the connection (three times in four here, for each of the eight).
+#[test]
+fn quic_tunnels_spread_over_the_workers_and_survive_a_new_address() {
+    let echo = echo_server();
+    let apps: Vec<(String, Vec<String>)> = (1..=8)
+        .map(|i| {
+            let app = vec![
+                "--app".to_string(),
+                format!("echo{i}={echo}"),
+                "--tunnel-transport".into(),
+                "quic".into(),
+            ];
+            (format!("node{i}"), app)
+        })
+        .collect();
+    let agents: Vec<(&str, &str, Vec<String>)> = apps
+        .iter()
+        .map(|(name, app)| (name.as_str(), "env=dev", app.clone()))
+        .collect();
+    let nat = Nat::start();
+    let f = Fleet::start_via("quicnat", &["--proxy-workers", "4"], &agents, |proxy| {
+        nat.forward_to(proxy)
+    });
+    let home = tempfile::tempdir().unwrap();
+    f.user(home.path(), "alice", "access", &f.login, &[]);
+    f.wait_for_nodes(home.path(), 8);
+    let metrics = proxy_metrics(&f);
+    assert!(metrics.contains("gatehouse_proxy_tunnels 8"), "{metrics}");
+    let busy = (0..4)
+        .filter(|core| {
+            let zero = format!("gatehouse_proxy_worker_tunnels{{core=\"{core}\"}} 0\n");
+            let line = format!("gatehouse_proxy_worker_tunnels{{core=\"{core}\"}} ");
+            metrics.contains(&line) && !metrics.contains(&zero)
+        })
+        .count();
+    // (All eight on one worker: one run in 4^7.)
+    assert!(busy >= 2, "QUIC tunnels on {busy} worker(s):\n{metrics}");
+    for i in 1..=8 {
+        round_trip_app(home.path(), &format!("echo{i}"), 1 << 20);
+    }
+    nat.rebind();
+    for i in 1..=8 {
+        round_trip_app(home.path(), &format!("echo{i}"), 1 << 20);
+    }
+    assert!(
+        nat.answered_after_rebind.load(Ordering::SeqCst) > 0,
+        "the proxy never answered through the new ports"
+    );
+    for (i, agent) in f.agents.iter().enumerate() {
+        let log = agent.log();
+        assert_eq!(
+            log.matches("agent: tunnel up").count(),
+            1,
+            "node{} reconnected:\n{log}",
+            i + 1
+        );
+    }
+    let metrics = proxy_metrics(&f);
+    assert!(metrics.contains("gatehouse_proxy_tunnels 8"), "{metrics}");
+}
+
 /// The same app behind an agent whose tunnel runs over QUIC: bytes both ways, checksums
 /// matching; the proxy lists the node like any other.
 #[test]

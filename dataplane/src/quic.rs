@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rand::RngCore;
+
 use crate::session_proto::{ALPN_TUNNEL, PROXY_SERVER_NAME};
 
 /// A tunnel's byte stream over QUIC.
@@ -76,6 +78,126 @@ pub fn server_config(tls: &rustls::ServerConfig) -> Result<quinn::ServerConfig, 
     Ok(cfg)
 }
 
+/// Length of the connection IDs the proxy issues (quinn's default).
+const CID_LEN: usize = 8;
+
+/// QUIC endpoints a proxy runs, at most: one per worker, each named by one byte of its
+/// connection IDs.
+pub const MAX_ENDPOINTS: usize = 256;
+
+/// The proxy's connection IDs: random but for their first byte, which names the worker whose
+/// endpoint holds the connection. The kernel's steering program ([`bind_endpoints`]) reads it,
+/// so every packet of a connection reaches that worker from whatever address it comes: a tunnel
+/// survives NAT rebinding and roaming although each worker has a socket of its own. (The byte
+/// is the same in every ID of a connection, which tells an on-path observer one of
+/// `MAX_ENDPOINTS` values across a migration; the rest is fresh randomness per ID.)
+#[derive(Debug, Clone, Copy)]
+struct WorkerCids {
+    worker: u8,
+}
+
+impl quinn::ConnectionIdGenerator for WorkerCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut id = [0u8; CID_LEN];
+        rand::thread_rng().fill_bytes(&mut id);
+        id[0] = self.worker;
+        quinn::ConnectionId::new(&id)
+    }
+
+    fn cid_len(&self) -> usize {
+        CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// Endpoint settings for worker `worker` (index into the sockets of [`bind_endpoints`]).
+pub fn endpoint_config(worker: usize) -> quinn::EndpointConfig {
+    let worker = u8::try_from(worker % MAX_ENDPOINTS).unwrap_or_default();
+    let mut cfg = quinn::EndpointConfig::default();
+    cfg.cid_generator(move || Box::new(WorkerCids { worker }));
+    cfg
+}
+
+/// Bind `n` UDP sockets (at most [`MAX_ENDPOINTS`]) to `addr`, one per worker, in one
+/// `SO_REUSEPORT` group whose steering program sends each datagram to the socket its
+/// destination connection ID names (see [`WorkerCids`]): the first byte of the ID, modulo `n`.
+/// A client's first Initial carries an ID of its own choosing, so it lands on a worker picked by
+/// that ID's first byte, whose endpoint then issues IDs naming itself; datagrams too short to
+/// hold an ID go to the first socket. `addr`'s port 0 picks one port for all.
+pub fn bind_endpoints(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::UdpSocket>> {
+    let n = n.clamp(1, MAX_ENDPOINTS);
+    let mut addr = addr;
+    let mut sockets = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        s.set_reuse_port(true)?;
+        s.bind(&addr.into())?;
+        if let Some(a) = s.local_addr()?.as_socket() {
+            addr = a;
+        }
+        if sockets.is_empty() && n > 1 {
+            // The group's program, attached before the others join: a datagram never meets
+            // the kernel's default (hash of the addresses) spread.
+            steer_by_connection_id(&s, n)?;
+        }
+        sockets.push(std::net::UdpSocket::from(s));
+    }
+    Ok(sockets)
+}
+
+/// Attach the classic BPF program that picks a socket of the reuseport group by connection ID.
+/// The kernel runs it on the UDP payload; its result indexes the group's sockets in bind order.
+#[allow(unsafe_code)]
+fn steer_by_connection_id(socket: &socket2::Socket, n: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let n = u32::try_from(n).map_err(std::io::Error::other)?;
+    let ins = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
+        code: u16::try_from(code).unwrap_or_default(),
+        jt,
+        jf,
+        k,
+    };
+    let mut program = [
+        // A = payload[0]: the header form (long headers set the top bit).
+        ins(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS, 0, 0, 0),
+        ins(libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K, 0, 2, 0x80),
+        // Long header: flags, version (4), DCID length, then the DCID at offset 6.
+        ins(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS, 0, 0, 6),
+        ins(libc::BPF_JMP | libc::BPF_JA, 0, 0, 1),
+        // Short header: flags, then the DCID at offset 1.
+        ins(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS, 0, 0, 1),
+        ins(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, 0, 0, n),
+        ins(libc::BPF_RET | libc::BPF_A, 0, 0, 0),
+    ];
+    let prog = libc::sock_fprog {
+        len: u16::try_from(program.len()).unwrap_or_default(),
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: `prog` points at `program`, which outlives the call; the kernel copies the
+    // program during `setsockopt` and checks it. The option length is `prog`'s size.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            std::ptr::from_ref(&prog).cast(),
+            libc::socklen_t::try_from(std::mem::size_of::<libc::sock_fprog>()).unwrap_or(0),
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// An agent's QUIC client config, from its TLS client config (its node certificate).
 pub fn client_config(tls: &rustls::ClientConfig) -> Result<quinn::ClientConfig, String> {
     let mut tls = tls.clone();
@@ -131,4 +253,72 @@ pub fn peer(
         })
         .and_then(|chain| chain.into_iter().next());
     (alpn, cert)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+
+    /// Which of `sockets` receives a datagram (each waits at most a second).
+    fn receiver(sockets: &[UdpSocket]) -> Option<usize> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        let mut buf = [0u8; 64];
+        while std::time::Instant::now() < deadline {
+            for (i, s) in sockets.iter().enumerate() {
+                if s.recv_from(&mut buf).is_ok() {
+                    return Some(i);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        None
+    }
+
+    #[test]
+    fn datagrams_reach_the_worker_their_connection_id_names() {
+        let sockets = bind_endpoints("127.0.0.1:0".parse().unwrap(), 4).unwrap();
+        let addr = sockets[0].local_addr().unwrap();
+        for s in &sockets {
+            assert_eq!(s.local_addr().unwrap(), addr, "one port for all");
+            s.set_nonblocking(true).unwrap();
+        }
+        // One client address for every datagram: the kernel's own hash would send them all to
+        // the same socket.
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for (cid_first, worker) in [(0u8, 0), (1, 1), (2, 2), (3, 3), (6, 2), (255, 3)] {
+            let mut cid = [0xAAu8; CID_LEN];
+            cid[0] = cid_first;
+            let mut short = vec![0x40];
+            short.extend_from_slice(&cid);
+            short.extend_from_slice(&[0; 20]);
+            client.send_to(&short, addr).unwrap();
+            assert_eq!(
+                receiver(&sockets),
+                Some(worker),
+                "short header, ID {cid_first}"
+            );
+            let mut long = vec![0xC0, 0, 0, 0, 1, CID_LEN as u8];
+            long.extend_from_slice(&cid);
+            long.extend_from_slice(&[0; 40]);
+            client.send_to(&long, addr).unwrap();
+            assert_eq!(
+                receiver(&sockets),
+                Some(worker),
+                "long header, ID {cid_first}"
+            );
+        }
+        // Too short to hold an ID: the first socket.
+        client.send_to(&[0x40], addr).unwrap();
+        assert_eq!(receiver(&sockets), Some(0));
+    }
+
+    #[test]
+    fn connection_ids_name_their_worker() {
+        let mut g = WorkerCids { worker: 3 };
+        let a = quinn::ConnectionIdGenerator::generate_cid(&mut g);
+        let b = quinn::ConnectionIdGenerator::generate_cid(&mut g);
+        assert_eq!((a.len(), a[0], b[0]), (CID_LEN, 3, 3));
+        assert_ne!(a, b);
+    }
 }

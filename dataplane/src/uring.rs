@@ -22,8 +22,9 @@
 //! leaves them to the driver, which cancels them and frees their buffers when the kernel says
 //! they are done.
 //!
-//! This is the only module with `unsafe` in the data plane: pushing entries that carry raw
-//! pointers, and the shared ring of provided buffers. Each block says why it is sound.
+//! This module holds the data plane's `unsafe`: pushing entries that carry raw pointers, and
+//! the shared ring of provided buffers (the one other block is a `setsockopt` in
+//! [`crate::quic`]). Each block says why it is sound.
 #![allow(unsafe_code)]
 
 use std::alloc::Layout;

@@ -449,6 +449,17 @@ impl Fleet {
         proxy_args: &[&str],
         agents: &[(&str, &str, Vec<String>)],
     ) -> Self {
+        Self::start_via(cluster, proxy_args, agents, |proxy| proxy.to_string())
+    }
+
+    /// [`Fleet::start_with`], the agents dialling the address `via` returns for the proxy's
+    /// (a relay in between, say).
+    pub fn start_via(
+        cluster: &str,
+        proxy_args: &[&str],
+        agents: &[(&str, &str, Vec<String>)],
+        via: impl FnOnce(&str) -> String,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let d = |p: &str| dir.path().join(p).display().to_string();
         let auth = Daemon::start(
@@ -491,6 +502,7 @@ impl Fleet {
         ]);
         let proxy = Daemon::start(&args, dir.path().join("proxy.log"));
         let proxy_addr = proxy.field("Proxy:");
+        let agents_dial = via(&proxy_addr);
         let mut fleet = Fleet {
             auth,
             proxy,
@@ -508,7 +520,7 @@ impl Fleet {
                 "--roles".into(),
                 "agent".into(),
                 "--proxy".into(),
-                fleet.proxy_addr.clone(),
+                agents_dial.clone(),
                 "--token".into(),
                 node_token.clone(),
                 "--ca-pin".into(),

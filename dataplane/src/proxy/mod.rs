@@ -188,21 +188,26 @@ impl Proxy {
             addr = l.local_addr()?;
             listeners.push(l);
         }
-        // QUIC tunnels: one endpoint, on the first worker (its tunnels live there).
-        let mut quic = if config.quic {
+        // QUIC tunnels: an endpoint on every worker, each with a socket of its own in one
+        // reuseport group that steers datagrams by connection ID (a tunnel lives on the worker
+        // whose endpoint accepted it; a quinn connection cannot move).
+        let mut quic: Vec<QuicListener> = if config.quic {
             let server = crate::quic::server_config(&config.tls).map_err(std::io::Error::other)?;
-            match std::net::UdpSocket::bind(addr) {
-                Ok(udp) => {
-                    tracing::info!(%addr, "proxy: QUIC tunnels on UDP");
-                    Some((udp, server))
+            match crate::quic::bind_endpoints(addr, workers) {
+                Ok(sockets) => {
+                    tracing::info!(%addr, endpoints = sockets.len(), "proxy: QUIC tunnels on UDP");
+                    sockets
+                        .into_iter()
+                        .map(|udp| Some((udp, server.clone())))
+                        .collect()
                 }
                 Err(e) => {
                     tracing::warn!(%addr, error = %e, "proxy: cannot bind UDP; QUIC tunnels are off");
-                    None
+                    Vec::new()
                 }
             }
         } else {
-            None
+            Vec::new()
         };
         let (inv_tx, inv_rx) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -226,7 +231,7 @@ impl Proxy {
         let mut threads = Vec::with_capacity(workers);
         for (core, (listener, rx)) in listeners.into_iter().zip(receivers).enumerate() {
             let shared = Arc::clone(&shared);
-            let quic = quic.take();
+            let quic = quic.get_mut(core).and_then(Option::take);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("proxy-{core}"))
@@ -349,7 +354,7 @@ async fn serve_worker(
         }
         let quic_endpoint = match quic {
             Some((udp, server)) => match quinn::Endpoint::new(
-                quinn::EndpointConfig::default(),
+                crate::quic::endpoint_config(core),
                 Some(server),
                 udp,
                 Arc::new(quinn::TokioRuntime),
