@@ -9,12 +9,12 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Instant;
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use crate::tunnel::{
-    Config, ConnError, Connection, Event, HEADER_LEN, Side, StreamError, StreamId, code,
+    Config, ConnError, Connection, Event, Framed, HEADER_LEN, Side, StreamError, StreamId, code,
 };
 
 /// What a tunnel tells its owner (besides stream data, which goes to the streams).
@@ -175,6 +175,63 @@ const WRITE_BATCH_BYTES: usize = 256 * 1024;
 /// that used less than an eighth.
 const SPLICE_READ: usize = 64 * 1024;
 const SPLICE_READ_MIN: usize = 4 * 1024;
+
+/// A bulk read's buffer: header room and the largest splice read.
+const BULK_BUF: usize = HEADER_LEN + SPLICE_READ;
+/// Bulk read buffers kept per thread for reuse.
+const BULK_POOL_MAX: usize = 16;
+
+thread_local! {
+    static BULK_POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A splice's read buffer: room for a frame header, then the read. It is initialized memory
+/// (zeroed once, when allocated), so a reader writes into it as it is: the TLS stream decrypts
+/// records straight into it, with no copy after the cipher and no zeroing before it. The frame
+/// made in it is a view of it ([`Connection::send_framed`]); a bulk-sized buffer goes back to
+/// its thread's pool when the last view is dropped (a fresh 64 KiB buffer per read faulted its
+/// pages in anew each time the allocator had given them back: 14 % of the proxy's samples for
+/// one stream).
+struct ReadBuffer(Vec<u8>);
+
+impl ReadBuffer {
+    fn take(len: usize) -> Self {
+        let pooled = if len == BULK_BUF {
+            BULK_POOL.with(|p| p.borrow_mut().pop())
+        } else {
+            None
+        };
+        Self(pooled.unwrap_or_else(|| vec![0u8; len]))
+    }
+}
+
+impl AsRef<[u8]> for ReadBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsMut<[u8]> for ReadBuffer {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
+
+impl Drop for ReadBuffer {
+    fn drop(&mut self) {
+        if self.0.len() == BULK_BUF {
+            let buf = std::mem::take(&mut self.0);
+            // (Not during the thread's teardown, and never re-entered: best effort.)
+            let _ = BULK_POOL.try_with(|p| {
+                if let Ok(mut p) = p.try_borrow_mut()
+                    && p.len() < BULK_POOL_MAX
+                {
+                    p.push(buf);
+                }
+            });
+        }
+    }
+}
 
 /// Size of each thread's shared read buffer (a read takes at most this much at once).
 const READ_BUF: usize = 64 * 1024;
@@ -660,11 +717,14 @@ impl StreamHandle {
         let (mut rd, mut wr) = tokio::io::split(io);
         let mut stats = SpliceStats::default();
         // Reads land behind room for a frame header, so the bytes read become a data frame in
-        // place (`send_framed`): the payload is not copied again on its way to the tunnel.
-        let mut framed = bytes::BytesMut::new();
+        // place (`send_framed`): the payload is not copied again on its way to the tunnel. A
+        // read the tunnel has not taken yet waits here (buffer, payload length).
+        let mut framed: Option<(ReadBuffer, usize)> = None;
         // Bytes for the tunnel that have no room in front (`leftover`, or the rest of a read
         // that credit cut short): these go through `send`, which copies them into frames.
         let mut pending: Bytes = leftover;
+        // A read buffer taken but not read into (the wait was woken for the other direction).
+        let mut spare: Option<ReadBuffer> = None;
         let mut read_size = SPLICE_READ_MIN;
         let mut read_done = false;
         let mut write_done = false;
@@ -686,23 +746,18 @@ impl StreamHandle {
                         pending.clear();
                     }
                 }
-            } else if framed.len() > HEADER_LEN {
-                let r = tunnel.inner.borrow_mut().conn.send_framed(id, &mut framed);
+            } else if let Some((buf, len)) = framed.take() {
+                let r = tunnel.inner.borrow_mut().conn.send_framed(id, buf, len);
                 match r {
-                    Ok(0) => {}
-                    Ok(n) => {
+                    Ok(Framed::Blocked(buf)) => framed = Some((buf, len)),
+                    Ok(Framed::Sent { n, rest }) => {
                         stats.to_tunnel += n as u64;
                         tunnel.inner.borrow_mut().bytes_out += n as u64;
-                        if !framed.is_empty() {
-                            // Credit took part of it: the rest has no header room.
-                            pending = framed.split().freeze();
-                        }
+                        // Credit took part of it: the rest has no header room.
+                        pending = rest;
                         tunnel.wake();
                     }
-                    Err(_) => {
-                        read_done = true;
-                        framed.clear();
-                    }
+                    Err(_) => read_done = true,
                 }
             }
             // Take the next chunk for `io`, and learn whether the stream ended.
@@ -741,41 +796,38 @@ impl StreamHandle {
             if read_done && write_done {
                 break;
             }
-            let can_read = !read_done && pending.is_empty() && framed.len() <= HEADER_LEN;
+            let can_read = !read_done && pending.is_empty() && framed.is_none();
+            if !can_read {
+                self.notify.notified().await;
+                continue;
+            }
             // One frame's payload per read, behind its header's room; the buffer is sized by
             // what the last reads brought, so a quiet (interactive) session waits on a small one.
             let limit = read_size.min(tunnel.inner.borrow().conn.max_payload());
-            if can_read && framed.is_empty() {
-                if limit >= SPLICE_READ {
-                    // A bulk stream reads into the same allocation again once the tunnel has
-                    // written the frames made in it (`reserve` takes it back when no frame
-                    // holds it any more). A fresh 64 KiB buffer per read faulted its pages in
-                    // anew each time the allocator had given them back: 14 % of the proxy's
-                    // samples for one stream.
-                    framed.reserve(HEADER_LEN + limit);
-                } else {
-                    // A quiet stream holds no large buffer.
-                    framed = bytes::BytesMut::with_capacity(HEADER_LEN + limit);
+            let mut buf = match spare.take() {
+                Some(b) if b.0.len() == HEADER_LEN + limit => b,
+                _ => ReadBuffer::take(HEADER_LEN + limit),
+            };
+            let r = tokio::select! {
+                r = rd.read(buf.0.get_mut(HEADER_LEN..).unwrap_or_default()) => Some(r),
+                _ = self.notify.notified() => None,
+            };
+            match r {
+                Some(Ok(n)) if n > 0 => {
+                    framed = Some((buf, n));
+                    if n >= limit {
+                        read_size = (read_size * 2).min(SPLICE_READ);
+                    } else if n < read_size / 8 {
+                        read_size = (read_size / 2).max(SPLICE_READ_MIN);
+                    }
                 }
-                framed.put_bytes(0, HEADER_LEN);
-            }
-            let mut room = (&mut framed).limit(limit);
-            tokio::select! {
-                r = rd.read_buf(&mut room), if can_read => match r {
-                    Ok(0) | Err(_) => {
-                        read_done = true;
-                        let _ = tunnel.inner.borrow_mut().conn.finish(id);
-                        tunnel.wake();
-                    }
-                    Ok(n) => {
-                        if n >= limit {
-                            read_size = (read_size * 2).min(SPLICE_READ);
-                        } else if n < read_size / 8 {
-                            read_size = (read_size / 2).max(SPLICE_READ_MIN);
-                        }
-                    }
-                },
-                _ = self.notify.notified() => {}
+                Some(_) => {
+                    read_done = true;
+                    let _ = tunnel.inner.borrow_mut().conn.finish(id);
+                    tunnel.wake();
+                }
+                // Woken for the other direction: the buffer waits for the next read.
+                None => spare = Some(buf),
             }
         }
         let mut inner = tunnel.inner.borrow_mut();

@@ -27,7 +27,7 @@ pub(crate) const MAX_PLAINTEXT: usize = 16 * 1024;
 const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
 /// A record's header: content type, legacy version, length.
 pub(crate) const HEADER: usize = 5;
-const TAG: usize = 16;
+pub(crate) const TAG: usize = 16;
 /// What a record adds to its plaintext: header, inner content type and tag.
 pub(crate) const OVERHEAD: usize = HEADER + 1 + TAG;
 
@@ -390,18 +390,11 @@ impl<D> Records<D> {
         let _ = self.push_message(out, ALERT, &message);
     }
 
-    /// Open the record at the front of `input` if it is all there. Returns its length on the wire
-    /// (0 while incomplete) and what it held; a key update the peer asks for is answered into
-    /// `replies`.
-    pub(crate) fn open<'a>(
-        &mut self,
-        input: &'a mut [u8],
-        replies: &mut BytesMut,
-    ) -> Result<(usize, Opened<'a>), RecordError> {
+    /// The header and wire length of the record at the front of `input`, once it is all there.
+    fn whole_record(input: &[u8]) -> Result<Option<([u8; HEADER], usize)>, RecordError> {
         let Some(&[content_type, major, minor, hi, lo]) = input.get(..HEADER) else {
-            return Ok((0, Opened::Control));
+            return Ok(None);
         };
-        let header = [content_type, major, minor, hi, lo];
         // (RFC 8446 5.1: the legacy version bytes are ignored.)
         if content_type != APPLICATION_DATA {
             return Err(RecordError::Unexpected(match content_type {
@@ -415,13 +408,29 @@ impl<D> Records<D> {
         if len > MAX_CIPHERTEXT {
             return Err(RecordError::Overflow);
         }
-        let total = HEADER + len;
-        let Some(body) = input.get_mut(HEADER..total) else {
-            return Ok((0, Opened::Control));
-        };
+        if input.len() < HEADER + len {
+            return Ok(None);
+        }
         if len < TAG + 1 {
             return Err(RecordError::BadRecordMac);
         }
+        Ok(Some(([content_type, major, minor, hi, lo], HEADER + len)))
+    }
+
+    /// Open the record at the front of `input` if it is all there. Returns its length on the wire
+    /// (0 while incomplete) and what it held; a key update the peer asks for is answered into
+    /// `replies`.
+    pub(crate) fn open<'a>(
+        &mut self,
+        input: &'a mut [u8],
+        replies: &mut BytesMut,
+    ) -> Result<(usize, Opened<'a>), RecordError> {
+        let Some((header, total)) = Self::whole_record(input)? else {
+            return Ok((0, Opened::Control));
+        };
+        let body = input
+            .get_mut(HEADER..total)
+            .ok_or(RecordError::BadRecordMac)?;
         let nonce = self.rx.next_nonce()?;
         let plain = self
             .rx
@@ -429,6 +438,43 @@ impl<D> Records<D> {
             .open_in_place(nonce, Aad::from(header), body)
             .map_err(|_| RecordError::BadRecordMac)?;
         let plain: &'a [u8] = plain;
+        Ok((total, self.inner(plain, replies)?))
+    }
+
+    /// [`Self::open`] into `out` instead of in place, when the record is all there and `out` has
+    /// room for what it may hold (its length less header and tag): the application data lands
+    /// where the reader wants it, with no copy after the cipher's pass. `Ok(None)` otherwise
+    /// (nothing taken). After an error `out` may hold unauthenticated bytes: it is the reader's
+    /// unfilled room, which the caller does not hand on.
+    pub(crate) fn open_to<'o>(
+        &mut self,
+        input: &[u8],
+        out: &'o mut [u8],
+        replies: &mut BytesMut,
+    ) -> Result<Option<(usize, Opened<'o>)>, RecordError> {
+        let Some((header, total)) = Self::whole_record(input)? else {
+            return Ok(None);
+        };
+        let body = input.get(HEADER..total).ok_or(RecordError::BadRecordMac)?;
+        let (ciphertext, tag) = body.split_at(body.len() - TAG);
+        let Some(dst) = out.get_mut(..ciphertext.len()) else {
+            return Ok(None);
+        };
+        let nonce = self.rx.next_nonce()?;
+        self.rx
+            .key
+            .open_separate_gather(nonce, Aad::from(header), ciphertext, tag, dst)
+            .map_err(|_| RecordError::BadRecordMac)?;
+        let plain: &'o [u8] = dst;
+        Ok(Some((total, self.inner(plain, replies)?)))
+    }
+
+    /// What an opened record's plaintext (content, type, padding) holds.
+    fn inner<'p>(
+        &mut self,
+        plain: &'p [u8],
+        replies: &mut BytesMut,
+    ) -> Result<Opened<'p>, RecordError> {
         // The inner content type is the last byte that is not padding.
         let Some(end) = plain.iter().rposition(|&b| b != 0) else {
             return Err(RecordError::Unexpected("a record without a content type"));
@@ -443,7 +489,7 @@ impl<D> Records<D> {
                 "a handshake message cut by another record",
             ));
         }
-        let opened = match inner_type {
+        Ok(match inner_type {
             APPLICATION_DATA => Opened::Data(content),
             ALERT => match *content {
                 [_, CLOSE_NOTIFY] => Opened::Closed,
@@ -459,8 +505,7 @@ impl<D> Records<D> {
                 Opened::Control
             }
             _ => return Err(RecordError::Unexpected("a record of unknown inner type")),
-        };
-        Ok((total, opened))
+        })
     }
 
     /// Handle the post-handshake messages in `content` (after what an earlier record started).
@@ -770,6 +815,47 @@ mod tests {
             open_all(&mut client, &mut back, &mut replies).0,
             b"and back"
         );
+    }
+
+    /// Records opened into the reader's buffer (`open_to`) read as records opened in place do,
+    /// key updates included; a buffer without room for the record, or a record not all there,
+    /// takes nothing (the next open still has its key and sequence number); a broken record is
+    /// the same error.
+    #[test]
+    fn records_open_into_the_readers_buffer_alike() {
+        let (mut client, mut server) = pair();
+        client.set_key_update_interval(3);
+        let data = pattern(200_000, 9);
+        let wire = seal_all(&mut client, &[&data], 64 * 1024 + 1024);
+        let mut replies = BytesMut::new();
+        let mut out = vec![0u8; MAX_PLAINTEXT + 1];
+        let (mut at, mut got, mut records) = (0, Vec::new(), 0);
+        while at < wire.len() {
+            let len = usize::from(u16::from_be_bytes([wire[at + 3], wire[at + 4]]));
+            let mut short = vec![0u8; len - TAG - 1];
+            let r = server.open_to(&wire[at..], &mut short, &mut replies);
+            assert!(matches!(r, Ok(None)), "one byte short: {r:?}");
+            let r = server.open_to(&wire[at..at + HEADER + len - 1], &mut out, &mut replies);
+            assert!(matches!(r, Ok(None)), "incomplete: {r:?}");
+            let (n, opened) = server
+                .open_to(&wire[at..], &mut out, &mut replies)
+                .unwrap()
+                .unwrap();
+            assert_eq!(n, HEADER + len);
+            match opened {
+                Opened::Data(d) => got.extend_from_slice(d),
+                Opened::Control => {}
+                Opened::Closed => panic!("close_notify"),
+            }
+            at += n;
+            records += 1;
+        }
+        assert_eq!(records, 13 + 4, "data records and key updates");
+        assert!(got == data && replies.is_empty());
+        let mut bad = seal_all(&mut client, &[b"hello"], 1024);
+        bad[7] ^= 1;
+        let err = server.open_to(&bad, &mut out, &mut replies).unwrap_err();
+        assert_eq!(err.alert(), Some(20), "{err}");
     }
 
     /// Our records against rustls' own record layer: data both ways across a key update from

@@ -28,7 +28,7 @@ use rustls::{ClientConfig, ExtractedSecrets, HandshakeKind, ProtocolVersion, Ser
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::socket::Socket;
-use crate::tls_records::{HEADER, MAX_PLAINTEXT, OVERHEAD, Opened, Records, TicketSink};
+use crate::tls_records::{HEADER, MAX_PLAINTEXT, OVERHEAD, Opened, Records, TAG, TicketSink};
 
 /// Largest TLS record on the wire (16 KiB of payload plus header and AEAD overhead).
 const MAX_RECORD: usize = 16 * 1024 + 256 + 5;
@@ -338,7 +338,19 @@ fn deliver(buf: &mut Buffers, out: Option<&mut ReadBuf<'_>>, payload: &[u8]) {
         .extend_from_slice(payload.get(direct..).unwrap_or_default());
 }
 
-/// [`process`] on our own record layer: records are opened in place in `input`.
+/// What one record brought.
+enum Got {
+    /// Application data, delivered.
+    Data,
+    /// Nothing for the reader (an empty record, a key update, a ticket).
+    Nothing,
+    /// close_notify.
+    Closed,
+}
+
+/// [`process`] on our own record layer: a record the reader has room for is decrypted straight
+/// into the reader's buffer (when nothing decrypted earlier waits before it), others are opened
+/// in place in `input` and their data copied out.
 fn process_records<D>(
     records: &mut Records<D>,
     buf: &mut Buffers,
@@ -350,17 +362,40 @@ fn process_records<D>(
     let mut start = 0;
     let result = loop {
         let rest = input.get_mut(start..*used).unwrap_or_default();
-        match records.open(rest, &mut buf.outgoing) {
-            Ok((0, _)) => break Ok(step),
-            Ok((n, opened)) => {
-                start += n;
-                match opened {
-                    Opened::Data(payload) if !payload.is_empty() => {
-                        deliver(buf, out.as_deref_mut(), payload);
-                        step = Step::Delivered;
+        let room = record_room(rest);
+        let opened = match out.as_deref_mut() {
+            Some(o) if buf.plaintext.is_empty() && room.is_some_and(|r| o.remaining() >= r) => {
+                let dst = o.initialize_unfilled_to(room.unwrap_or_default());
+                match records.open_to(rest, dst, &mut buf.outgoing) {
+                    Ok(Some((n, Opened::Data(payload)))) => {
+                        let len = payload.len();
+                        o.advance(len);
+                        Ok((n, if len > 0 { Got::Data } else { Got::Nothing }))
                     }
-                    Opened::Data(_) | Opened::Control => {}
-                    Opened::Closed => break Ok(Step::PeerClosed),
+                    Ok(Some((n, Opened::Control))) => Ok((n, Got::Nothing)),
+                    Ok(Some((n, Opened::Closed))) => Ok((n, Got::Closed)),
+                    Ok(None) => Ok((0, Got::Nothing)),
+                    Err(e) => Err(e),
+                }
+            }
+            _ => match records.open(rest, &mut buf.outgoing) {
+                Ok((n, Opened::Data(payload))) if !payload.is_empty() => {
+                    deliver(buf, out.as_deref_mut(), payload);
+                    Ok((n, Got::Data))
+                }
+                Ok((n, Opened::Data(_) | Opened::Control)) => Ok((n, Got::Nothing)),
+                Ok((n, Opened::Closed)) => Ok((n, Got::Closed)),
+                Err(e) => Err(e),
+            },
+        };
+        match opened {
+            Ok((0, _)) => break Ok(step),
+            Ok((n, got)) => {
+                start += n;
+                match got {
+                    Got::Data => step = Step::Delivered,
+                    Got::Nothing => {}
+                    Got::Closed => break Ok(Step::PeerClosed),
                 }
             }
             Err(e) => {
@@ -377,6 +412,16 @@ fn process_records<D>(
         *used -= start;
     }
     result
+}
+
+/// Room a reader needs to take the whole record at the front of `input` straight from the
+/// cipher (its ciphertext less the tag), once the record is all there.
+fn record_room(input: &[u8]) -> Option<usize> {
+    let &[_, _, _, hi, lo] = input.get(..HEADER)? else {
+        return None;
+    };
+    let len = usize::from(u16::from_be_bytes([hi, lo]));
+    (input.len() >= HEADER + len).then(|| len.saturating_sub(TAG))
 }
 
 /// After an error, move the alert rustls queued into `outgoing` (best effort). `input` is the

@@ -185,6 +185,15 @@ struct Stream {
     blocked: bool,
 }
 
+/// What [`Connection::send_framed`] did with a lent buffer.
+#[derive(Debug)]
+pub enum Framed<T> {
+    /// `n` payload bytes went out in a frame; `rest` is the payload it left (empty when none).
+    Sent { n: usize, rest: Bytes },
+    /// No credit: the buffer, untouched.
+    Blocked(T),
+}
+
 #[derive(Debug)]
 pub struct Connection {
     side: Side,
@@ -742,25 +751,32 @@ impl Connection {
         self.peer_max_frame as usize
     }
 
-    /// [`send`](Self::send) without copying: `buf` holds [`HEADER_LEN`] bytes of room and then
-    /// the payload. As much of the payload as credit, buffer and frame size allow becomes one
-    /// data frame in place: the header is written into the room and the frame split off `buf`
-    /// and queued as it is. Returns the payload bytes taken; a rest stays in `buf` (without
-    /// room: send it with `send`). Nothing is taken if `buf` has no payload.
-    pub fn send_framed(
+    /// [`send`](Self::send) without copying: up to one frame of `stream`'s data made in place in
+    /// a buffer the caller lends: `buf[..HEADER_LEN]` is room for the header,
+    /// `buf[HEADER_LEN..HEADER_LEN + len]` the payload. The frame queued is a view of the buffer (the payload is not copied), and so is
+    /// the payload that credit or the peer's frame size left (`rest`, to go through
+    /// [`Self::send`]); the buffer is released when the last view is. With no credit at all the
+    /// buffer comes back untouched.
+    pub fn send_framed<T>(
         &mut self,
         stream: StreamId,
-        buf: &mut BytesMut,
-    ) -> Result<usize, StreamError> {
-        let payload = buf.len().saturating_sub(HEADER_LEN);
+        mut buf: T,
+        len: usize,
+    ) -> Result<Framed<T>, StreamError>
+    where
+        T: AsRef<[u8]> + AsMut<[u8]> + Send + 'static,
+    {
+        let payload = len.min(buf.as_ref().len().saturating_sub(HEADER_LEN));
         let n = self.take_credit(stream, payload, self.peer_max_frame as usize)?;
         if n == 0 {
-            return Ok(0);
+            return Ok(Framed::Blocked(buf));
         }
-        if let Some(header) = buf.get_mut(..HEADER_LEN) {
+        if let Some(header) = buf.as_mut().get_mut(..HEADER_LEN) {
             Frame::write_data_header(stream, n, header);
         }
-        let frame = buf.split_to(HEADER_LEN + n).freeze();
+        let whole = Bytes::from_owner(buf);
+        let frame = whole.slice(..HEADER_LEN + n);
+        let rest = whole.slice(HEADER_LEN + n..HEADER_LEN + payload);
         if !self.out.is_empty() {
             // What was queued before this frame goes before it.
             let earlier = self.out.split().freeze();
@@ -769,7 +785,7 @@ impl Connection {
         }
         self.segments_len += frame.len();
         self.segments.push_back(frame);
-        Ok(n)
+        Ok(Framed::Sent { n, rest })
     }
 
     /// Bytes queued for the transport.

@@ -7,5 +7,5 @@ pub mod frame;
 #[cfg(test)]
 mod tests;
 
-pub use conn::{Config, ConnError, Connection, Event, Side, StreamError, code};
+pub use conn::{Config, ConnError, Connection, Event, Framed, Side, StreamError, code};
 pub use frame::{Frame, FrameError, HEADER_LEN, StreamId};

@@ -3,10 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 
-use super::conn::{Config, ConnError, Connection, Event, Side, StreamError, code};
-use super::frame::HEADER_LEN;
+use super::conn::{Config, ConnError, Connection, Event, Framed, Side, StreamError, code};
+use super::frame::{HEADER_LEN, StreamId};
 
 struct Pair {
     agent: Connection,
@@ -556,11 +556,19 @@ fn heartbeats_are_delivered() {
 }
 
 /// `payload` behind room for a frame header, as `send_framed` takes it.
-fn with_room(payload: &[u8]) -> BytesMut {
-    let mut b = BytesMut::with_capacity(HEADER_LEN + payload.len());
-    b.put_bytes(0, HEADER_LEN);
-    b.put_slice(payload);
+fn with_room(payload: &[u8]) -> Vec<u8> {
+    let mut b = vec![0; HEADER_LEN];
+    b.extend_from_slice(payload);
     b
+}
+
+/// `send_framed` of all of `buf`'s payload: (bytes taken, the rest).
+fn framed_send(c: &mut Connection, id: StreamId, buf: Vec<u8>) -> (usize, Bytes) {
+    let len = buf.len() - HEADER_LEN;
+    match c.send_framed(id, buf, len).unwrap() {
+        Framed::Sent { n, rest } => (n, rest),
+        Framed::Blocked(_) => (0, Bytes::new()),
+    }
 }
 
 /// Everything `c` has queued for the transport, in order.
@@ -580,19 +588,13 @@ fn framed_sends_put_the_same_bytes_on_the_wire_in_the_same_order() {
     copied.proxy.send_heartbeat(Bytes::from_static(b"inv"));
     framed.proxy.send_heartbeat(Bytes::from_static(b"inv"));
     assert_eq!(copied.proxy.send(a, &payload).unwrap(), payload.len());
-    let mut buf = with_room(&payload);
-    assert_eq!(
-        framed.proxy.send_framed(b, &mut buf).unwrap(),
-        payload.len()
-    );
-    assert!(buf.is_empty());
+    let (n, rest) = framed_send(&mut framed.proxy, b, with_room(&payload));
+    assert_eq!(n, payload.len());
+    assert!(rest.is_empty());
     copied.proxy.send_heartbeat(Bytes::from_static(b"inv2"));
     framed.proxy.send_heartbeat(Bytes::from_static(b"inv2"));
     copied.proxy.send(a, b"tail").unwrap();
-    framed
-        .proxy
-        .send_framed(b, &mut with_room(b"tail"))
-        .unwrap();
+    framed_send(&mut framed.proxy, b, with_room(b"tail"));
     let wire = drain(&mut framed.proxy);
     assert_eq!(
         drain(&mut copied.proxy),
@@ -625,25 +627,20 @@ fn a_framed_send_takes_what_credit_and_frame_size_allow_and_leaves_the_rest() {
     let mut p = Pair::new(config);
     let id = p.open("app");
     let payload: Vec<u8> = (0..100 * 1024u32).map(|i| (i % 251) as u8).collect();
-    let mut buf = with_room(&payload);
     // One frame at most per call.
-    assert_eq!(p.proxy.send_framed(id, &mut buf).unwrap(), max_frame);
-    assert_eq!(
-        &buf[..],
-        &payload[max_frame..],
-        "the rest stays, without room"
-    );
+    let (n, rest) = framed_send(&mut p.proxy, id, with_room(&payload));
+    assert_eq!(n, max_frame);
+    assert_eq!(&rest[..], &payload[max_frame..], "the rest comes back");
     // Credit left: 48 KiB - one frame; the rest goes through `send`.
-    let n = p.proxy.send(id, &buf).unwrap();
+    let n = p.proxy.send(id, &rest).unwrap();
     assert_eq!(n, 48 * 1024 - max_frame);
-    assert_eq!(p.proxy.send(id, &buf[n..]).unwrap(), 0, "window exhausted");
-    let mut more = with_room(&payload);
-    assert_eq!(p.proxy.send_framed(id, &mut more).unwrap(), 0);
-    assert_eq!(
-        more.len(),
-        HEADER_LEN + payload.len(),
-        "nothing taken: untouched"
-    );
+    assert_eq!(p.proxy.send(id, &rest[n..]).unwrap(), 0, "window exhausted");
+    match p.proxy.send_framed(id, with_room(&payload), payload.len()) {
+        Ok(Framed::Blocked(more)) => {
+            assert_eq!(more, with_room(&payload), "nothing taken: untouched")
+        }
+        other => panic!("{other:?}"),
+    }
     p.drive();
     assert_eq!(
         data_of(&Pair::events(&mut p.agent)),
@@ -662,8 +659,7 @@ fn framed_sends_stop_at_the_buffer_cap_when_the_transport_never_drains() {
     let id = p.open("app");
     let mut total = 0;
     for _ in 0..100 {
-        let mut buf = with_room(&[1u8; 32 * 1024]);
-        total += p.proxy.send_framed(id, &mut buf).unwrap();
+        total += framed_send(&mut p.proxy, id, with_room(&[1u8; 32 * 1024])).0;
     }
     assert!(
         total <= 256 * 1024 && total > 200 * 1024,
