@@ -28,6 +28,9 @@ med = {m["path"]: m for m in thr["medians"]}
 opt = lambda name: load(name) if os.path.exists(os.path.join(src, name)) else None
 # One session: a single stream (throughput --streams 1), absent in older runs.
 one = {m["path"]: m for m in (opt("throughput-1.json") or {"medians": []})["medians"]}
+# Downloads: a source behind each path sends to the client (throughput --direction download).
+down_all = opt("throughput-down.json")
+down = {m["path"]: m for m in (down_all or {"medians": []})["medians"]}
 epoll = {"latency-20k": opt("latency-20k-epoll.json"), "latency-2k": opt("latency-2k-epoll.json"),
          "sessions": opt("sessions-epoll.json"), "tunnels": opt("tunnels-epoll.json")}
 tunq_all = opt("tunnels-quic.json")
@@ -93,7 +96,7 @@ def baseline_row(name, m):
             f"{ratio(pm.get('median_gb_per_s'), m.get('median_gb_per_s'))} | "
             f"{ratio(pm.get('median_gb_per_middle_cpu_s'), m.get('median_gb_per_middle_cpu_s'))} |")
 
-def one_table():
+def one_table(one=one):
     if not one:
         return "Not run.\n"
     d1 = one.get("direct", {})
@@ -183,6 +186,9 @@ results = [
     {"scenario": "one-session", "baseline": "gatehouse-proxy-epoll", "unit": "GB/s", "value": one.get("proxy-epoll", {}).get("median_gb_per_s")},
     *[{"scenario": "one-session", "baseline": b, "unit": "GB per middle-box CPU-second", "value": one.get(k, {}).get("median_gb_per_middle_cpu_s"), "skipped": one.get(k, {}).get("skipped")}
       for k, b in (("naive", "naive-relay"), ("openssh", "openssh-jump-host"), ("rathole", "rathole"), ("proxy", "gatehouse-proxy"), ("proxy-epoll", "gatehouse-proxy-epoll")) if k in one],
+    *[{"scenario": "download", "baseline": b, "unit": u, "value": down.get(k, {}).get(f), "skipped": down.get(k, {}).get("skipped")}
+      for k, b in (("direct", "direct"), ("naive", "naive-relay"), ("openssh", "openssh-jump-host"), ("rathole", "rathole"), ("proxy", "gatehouse-proxy"), ("proxy-epoll", "gatehouse-proxy-epoll")) if k in down
+      for u, f in (("GB/s", "median_gb_per_s"), ("GB per middle-box CPU-second", "median_gb_per_middle_cpu_s")) if k != "direct" or f == "median_gb_per_s"],
     {"scenario": "tunnels", "baseline": "gatehouse-proxy", "unit": "tunnels held", "value": tun["tunnels_held"]},
     {"scenario": "tunnels", "baseline": "gatehouse-proxy", "unit": "KiB proxy RSS per idle tunnel", "value": tun["proxy_kib_per_tunnel"]},
     {"scenario": "tunnels", "baseline": "gatehouse-proxy", "unit": "tunnels connected per second", "value": tun["connects_per_second"]},
@@ -200,7 +206,7 @@ results = [
 ]
 results = [{k: v for k, v in x.items() if k != "skipped" or v} for x in results]
 json.dump({"date": date, "commit": commit, "machine": machine, "results": results,
-           "raw": {"epoll": epoll, "ssh": ssh, "throughput": thr, "tunnels": tun_all, "tunnels_quic": tunq_all, "logins": logins, "latency": latsum, "sessions": ses_all, "sessions_one_worker": ses1, "criterion": crit}},
+           "raw": {"epoll": epoll, "ssh": ssh, "throughput": thr, "download": down_all, "tunnels": tun_all, "tunnels_quic": tunq_all, "logins": logins, "latency": latsum, "sessions": ses_all, "sessions_one_worker": ses1, "criterion": crit}},
           open(json_path, "w"), indent=2)
 
 md = f"""# Benchmark results
@@ -241,7 +247,9 @@ children) — for rathole the server's only.
 
 **QUIC tunnels**: the same proxy with the simulated agents' tunnels over QUIC (quinn, one
 bidirectional stream per tunnel) instead of TCP + TLS; users still reach the proxy over TLS, so the
-proxy decrypts TLS and encrypts QUIC packets. QUIC endpoints run on one worker.
+proxy decrypts TLS and encrypts QUIC packets. Every proxy worker runs a QUIC endpoint (the kernel
+steers datagrams to a connection's worker by connection ID); this scenario has one agent, so one
+tunnel and one worker carry the streams.
 
 The generator (clients, sink and simulated agents) runs on the same 2 cores; runs where it was
 saturated are flagged in `results.json`.
@@ -254,6 +262,15 @@ of 3 interleaved rounds. A single stream leans on flow control: the tunnel's str
 while the agent keeps up (receive-window auto-tuning).
 
 """ + one_table() + f"""
+
+## Download: source → middle → client, 4 TLS streams (`loadgen throughput --direction download --streams 4 --duration 5s --runs 3`)
+
+The other way: each client sends one byte and then only reads, and a source behind each path
+sends as fast as the client reads (for the proxy, an app of the simulated agent: at the proxy
+tunnel TLS in, TLS out; for the baselines the TLS sink turned source). Medians of 3 interleaved
+rounds; the ratios in the last column are the proxy's download figure over each path's.
+
+""" + one_table(down) + f"""
 
 ## Latency: 64-byte echo, 32 sessions (`loadgen latency --sessions 32 --rate R --duration 6s --runs 3`)
 

@@ -103,6 +103,10 @@ enum Scenario {
         /// Proxy worker threads (0 = one per core).
         #[arg(long, default_value_t = 0)]
         workers: usize,
+        /// Which way the bytes flow: `upload` (client to sink: at the proxy TLS in, tunnel out)
+        /// or `download` (a source to the client: tunnel in, TLS out).
+        #[arg(long, value_enum, default_value_t = throughput::Direction::Upload)]
+        direction: throughput::Direction,
     },
     /// Fixed-rate 64-byte request/response over K sessions through an echo, proxy beside direct:
     /// p50/p99/p99.9/max, coordinated-omission corrected, and the latency the proxy adds.
@@ -301,7 +305,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             runs,
             paths,
             workers,
-        } => throughput_cmd(streams, duration.into(), runs, &paths, workers, cli.json).await,
+            direction,
+        } => {
+            throughput_cmd(
+                streams,
+                duration.into(),
+                runs,
+                &paths,
+                workers,
+                direction,
+                cli.json,
+            )
+            .await
+        }
         Scenario::Latency {
             sessions,
             rate,
@@ -634,6 +650,7 @@ async fn throughput_cmd(
     runs: usize,
     paths: &[throughput::Path],
     workers: usize,
+    direction: throughput::Direction,
     json: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     use throughput::{Path, Target};
@@ -738,7 +755,7 @@ async fn throughput_cmd(
     // paths alike instead of whichever ran last.
     for _ in 0..runs {
         for (_path, _middle, target, pid) in &active {
-            let r = throughput::run(target, &ca, streams, duration, *pid).await?;
+            let r = throughput::run(target, &ca, streams, duration, direction, *pid).await?;
             throughput::print(&r);
             all.push(r);
         }
@@ -758,7 +775,7 @@ async fn throughput_cmd(
         let io_backend = backends.iter().find(|(p, _)| *p == path).map(|(_, b)| b);
         summary.push(serde_json::json!({
             "scenario": "throughput", "path": path, "streams": streams, "runs": runs,
-            "proxy_io_backend": io_backend,
+            "direction": direction, "proxy_io_backend": io_backend,
             "median_gb_per_s": median(runs_of().map(|r| r.gb_per_s).collect()),
             "median_gb_per_middle_cpu_s": if per_cpu.is_empty() { None } else { Some(median(per_cpu)) },
         }));

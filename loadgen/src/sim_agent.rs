@@ -186,7 +186,7 @@ async fn serve(tls: Box<dyn TunnelIo>, id: &HostIdentity, i: usize, stats: &Arc<
         name: id.host_name.clone(),
         labels: [("sim".to_string(), (i % 100).to_string())].into(),
         addresses: vec![],
-        services: vec!["tcp:sink".into(), "tcp:echo".into()],
+        services: vec!["tcp:sink".into(), "tcp:echo".into(), "tcp:source".into()],
     };
     let inv = Bytes::from(serde_json::to_vec(&inv).unwrap_or_default());
     let heartbeat = {
@@ -206,12 +206,12 @@ async fn serve(tls: Box<dyn TunnelIo>, id: &HostIdentity, i: usize, stats: &Arc<
                     continue;
                 };
                 let Ok(handle) = (match target.as_str() {
-                    "tcp:sink" | "tcp:echo" => t.accept(stream),
+                    "tcp:sink" | "tcp:echo" | "tcp:source" => t.accept(stream),
                     _ => {
                         t.reject(
                             stream,
                             code::NOT_FOUND,
-                            "simulated agents serve tcp:sink and tcp:echo",
+                            "simulated agents serve tcp:sink, tcp:echo and tcp:source",
                         );
                         continue;
                     }
@@ -220,9 +220,14 @@ async fn serve(tls: Box<dyn TunnelIo>, id: &HostIdentity, i: usize, stats: &Arc<
                 };
                 let stats = Arc::clone(&stats);
                 let echo = target == "tcp:echo";
+                let source = target == "tcp:source";
                 tokio::task::spawn_local(async move {
                     let (near, mut far) = tokio::io::duplex(256 * 1024);
                     let app = async move {
+                        if source {
+                            crate::throughput::source(far).await;
+                            return;
+                        }
                         let mut buf = vec![0u8; 64 * 1024];
                         loop {
                             match far.read(&mut buf).await {

@@ -1,5 +1,6 @@
 //! `throughput`: M concurrent bulk streams, client → (proxy → agent | naive relay | nothing) →
-//! sink, for a fixed time. Reports GB/s and GB per CPU-second of the middle box (from /proc).
+//! sink, for a fixed time (or, `--direction download`, source → … → client). Reports GB/s and
+//! GB per CPU-second of the middle box (from /proc).
 //! Every path is TLS from the client: `direct` is one TLS hop to the sink, `naive` terminates and
 //! re-encrypts (tokio + tokio-rustls), `proxy` is Gatehouse (TLS in, tunnel TLS out).
 
@@ -53,6 +54,20 @@ impl Path {
         }
     }
 }
+
+/// Which way the bytes flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Direction {
+    /// Client → sink: at the proxy, TLS in, tunnel out.
+    #[default]
+    Upload,
+    /// Source → client: at the proxy, tunnel in, TLS out.
+    Download,
+}
+
+/// The first byte of a download: the TLS sink becomes a source for that connection.
+pub const DOWNLOAD: u8 = b'D';
 
 /// Where a client's streams go and how they get there.
 #[derive(Clone)]
@@ -114,6 +129,7 @@ impl AsyncWrite for ChildPipe {
 pub struct ThroughputReport {
     pub scenario: &'static str,
     pub path: Path,
+    pub direction: Direction,
     pub streams: usize,
     pub duration_s: f64,
     pub bytes: u64,
@@ -126,7 +142,9 @@ pub struct ThroughputReport {
 
 const CHUNK: usize = 64 * 1024;
 
-/// A TLS sink: accepts connections and discards what arrives (or echoes it, with `echo`).
+/// A TLS sink: accepts connections and discards what arrives (or echoes it, with `echo`); a
+/// connection whose first byte is [`DOWNLOAD`] gets bytes instead, as fast as it reads them,
+/// until it closes.
 pub fn start_sink(bind: &str, echo: bool) -> anyhow::Result<(SocketAddr, String, String, String)> {
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
@@ -174,8 +192,13 @@ pub fn start_sink(bind: &str, echo: bool) -> anyhow::Result<(SocketAddr, String,
                         let _ = tcp.set_nodelay(true);
                         if let Ok(mut tls) = acceptor.accept(tcp).await {
                             let mut buf = vec![0u8; CHUNK];
+                            let mut first = true;
                             while let Ok(n) = tls.read(&mut buf).await {
                                 if n == 0 {
+                                    break;
+                                }
+                                if std::mem::take(&mut first) && buf.first() == Some(&DOWNLOAD) {
+                                    source(tls).await;
                                     break;
                                 }
                                 if echo
@@ -193,6 +216,24 @@ pub fn start_sink(bind: &str, echo: bool) -> anyhow::Result<(SocketAddr, String,
             });
         })?;
     Ok((addr, cert_pem, key_pem, ca_pem))
+}
+
+/// Write to `io` until it fails (the reader went away), discarding what it sends.
+pub async fn source<S: AsyncRead + AsyncWrite + Unpin>(io: S) {
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let drain = async move {
+        let mut buf = vec![0u8; 4096];
+        while matches!(rd.read(&mut buf).await, Ok(n) if n > 0) {}
+    };
+    let fill = async move {
+        let chunk = vec![0xA5u8; CHUNK];
+        while wr.write_all(&chunk).await.is_ok() {}
+    };
+    // Done when writing fails; the drain alone may outlive the reader.
+    tokio::select! {
+        () = fill => {}
+        () = async { drain.await; std::future::pending::<()>().await } => {}
+    }
 }
 
 pub async fn client_stream(
@@ -297,16 +338,24 @@ pub async fn run(
     sink_ca: &str,
     streams: usize,
     duration: Duration,
+    direction: Direction,
     middle_pid: Option<u32>,
 ) -> anyhow::Result<ThroughputReport> {
     let path = target.path;
+    let app = match direction {
+        Direction::Upload => "sink",
+        Direction::Download => "source",
+    };
     let mut conns = Vec::with_capacity(streams);
     for i in 0..streams {
-        conns.push(
-            client_stream(target, sink_ca, i, "sink")
-                .await
-                .with_context(|| format!("opening {} stream {i}", path.name()))?,
-        );
+        let mut tls = client_stream(target, sink_ca, i, app)
+            .await
+            .with_context(|| format!("opening {} stream {i}", path.name()))?;
+        if direction == Direction::Download {
+            tls.write_all(&[DOWNLOAD]).await?;
+            tls.flush().await?;
+        }
+        conns.push(tls);
     }
     let total = Arc::new(AtomicU64::new(0));
     let cpu0 = middle_pid.and_then(procstat::tree_cpu_seconds);
@@ -324,13 +373,18 @@ pub async fn run(
     for mut tls in conns {
         let total = Arc::clone(&total);
         tasks.push(tokio::spawn(async move {
-            let chunk = vec![0x5Au8; CHUNK];
+            let mut chunk = vec![0x5Au8; CHUNK];
             let mut last = Instant::now();
             while last < deadline {
-                if tls.write_all(&chunk).await.is_err() {
-                    break;
-                }
-                total.fetch_add(CHUNK as u64, Ordering::Relaxed);
+                let n = match direction {
+                    Direction::Upload => tls.write_all(&chunk).await.map(|()| CHUNK),
+                    Direction::Download => match tls.read(&mut chunk).await {
+                        Ok(0) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+                        r => r,
+                    },
+                };
+                let Ok(n) = n else { break };
+                total.fetch_add(n as u64, Ordering::Relaxed);
                 last = Instant::now();
             }
             let _ = tokio::time::timeout(Duration::from_secs(2), tls.shutdown()).await;
@@ -355,6 +409,7 @@ pub async fn run(
     Ok(ThroughputReport {
         scenario: "throughput",
         path,
+        direction,
         streams,
         duration_s: elapsed,
         bytes,
@@ -377,9 +432,13 @@ pub fn print(r: &ThroughputReport) {
         .map(|g| format!("{g:.2} GB per middle-box CPU-second"))
         .unwrap_or_else(|| "n/a".into());
     println!(
-        "throughput {:<11} streams {:>3}  {:>6.3} GB/s  {per_cpu}  (generator {:.1} CPU-s{})",
+        "throughput {:<11} streams {:>3}{}  {:>6.3} GB/s  {per_cpu}  (generator {:.1} CPU-s{})",
         r.path.name(),
         r.streams,
+        match r.direction {
+            Direction::Upload => "",
+            Direction::Download => " download",
+        },
         r.gb_per_s,
         r.generator_cpu_s,
         if r.generator_saturated {

@@ -188,6 +188,38 @@ fn throughput_through_quic_tunnels() {
     );
 }
 
+/// `--direction download`: a source behind each path sends, the client reads; direct and through
+/// the proxy, bytes arrive and the proxy's CPU is measured; each run and median says which way.
+#[test]
+fn throughput_downloads_through_the_proxy_and_direct() {
+    let v = report(&[
+        "throughput",
+        "--direction",
+        "download",
+        "--paths",
+        "direct,proxy",
+        "--runs",
+        "1",
+        "--streams",
+        "2",
+        "--duration",
+        "1s",
+    ]);
+    for r in v["runs"].as_array().unwrap() {
+        assert_eq!(r["direction"], "download", "{r}");
+        // At least a few MB in a second, on any path (a stalled source sends nothing).
+        assert!(r["bytes"].as_u64().unwrap() > 4 << 20, "{r}");
+    }
+    let medians = v["medians"].as_array().unwrap();
+    assert_eq!(medians.len(), 2, "{v}");
+    let proxy = medians.iter().find(|m| m["path"] == "proxy").unwrap();
+    assert_eq!(proxy["direction"], "download", "{v}");
+    assert!(
+        proxy["median_gb_per_middle_cpu_s"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
+}
+
 /// `loadgen throughput` over `paths` (one 1 s round of `streams` streams): its JSON report.
 fn throughput_json(paths: &str, streams: &str) -> serde_json::Value {
     report(&[
