@@ -753,10 +753,10 @@ impl Connection {
 
     /// [`send`](Self::send) without copying: up to one frame of `stream`'s data made in place in
     /// a buffer the caller lends: `buf[..HEADER_LEN]` is room for the header,
-    /// `buf[HEADER_LEN..HEADER_LEN + len]` the payload. The frame queued is a view of the buffer (the payload is not copied), and so is
-    /// the payload that credit or the peer's frame size left (`rest`, to go through
-    /// [`Self::send`]); the buffer is released when the last view is. With no credit at all the
-    /// buffer comes back untouched.
+    /// `buf[HEADER_LEN..HEADER_LEN + len]` the payload. The frame queued is a view of the
+    /// buffer (the payload is not copied), and so is the payload that credit or the peer's
+    /// frame size left (`rest`, to go through [`Self::send`]); the buffer is released when the
+    /// last view is. With no credit at all the buffer comes back untouched.
     pub fn send_framed<T>(
         &mut self,
         stream: StreamId,
