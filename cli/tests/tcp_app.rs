@@ -38,6 +38,27 @@ fn echo_server() -> std::net::SocketAddr {
     addr
 }
 
+/// `n` agents, `node1` … `nodeN`, each serving one echo server as its app `echo1` … `echoN`,
+/// with `extra` arguments: (node name, agent arguments).
+fn echo_agents(n: usize, extra: &[&str]) -> Vec<(String, Vec<String>)> {
+    let echo = echo_server();
+    (1..=n)
+        .map(|i| {
+            let mut args = vec!["--app".to_string(), format!("echo{i}={echo}")];
+            args.extend(extra.iter().map(|a| a.to_string()));
+            (format!("node{i}"), args)
+        })
+        .collect()
+}
+
+/// [`echo_agents`] as [`Fleet::start_with`] takes them (labels `env=dev`).
+fn agent_args(agents: &[(String, Vec<String>)]) -> Vec<(&str, &str, Vec<String>)> {
+    agents
+        .iter()
+        .map(|(name, args)| (name.as_str(), "env=dev", args.clone()))
+        .collect()
+}
+
 /// A cluster with one node, `node1` (`env=dev`), serving an echo server as the app `echo`.
 fn echo_fleet(name: &str) -> Fleet {
     let echo = echo_server();
@@ -372,18 +393,8 @@ impl Drop for KillOnDrop {
 /// the app behind each of them (tunnels handed to another worker serve like any other).
 #[test]
 fn tunnels_spread_over_the_proxys_workers() {
-    let echo = echo_server();
-    let apps: Vec<(String, Vec<String>)> = (1..=8)
-        .map(|i| {
-            let app = vec!["--app".to_string(), format!("echo{i}={echo}")];
-            (format!("node{i}"), app)
-        })
-        .collect();
-    let agents: Vec<(&str, &str, Vec<String>)> = apps
-        .iter()
-        .map(|(name, app)| (name.as_str(), "env=dev", app.clone()))
-        .collect();
-    let f = Fleet::start_with("spread", &["--proxy-workers", "4"], &agents);
+    let apps = echo_agents(8, &[]);
+    let f = Fleet::start_with("spread", &["--proxy-workers", "4"], &agent_args(&apps));
     let home = tempfile::tempdir().unwrap();
     f.user(home.path(), "alice", "access", &f.login, &[]);
     f.wait_for_nodes(home.path(), 8);
@@ -517,26 +528,14 @@ impl Nat {
 /// know the connection (three times in four here, for each of the eight).
 #[test]
 fn quic_tunnels_spread_over_the_workers_and_survive_a_new_address() {
-    let echo = echo_server();
-    let apps: Vec<(String, Vec<String>)> = (1..=8)
-        .map(|i| {
-            let app = vec![
-                "--app".to_string(),
-                format!("echo{i}={echo}"),
-                "--tunnel-transport".into(),
-                "quic".into(),
-            ];
-            (format!("node{i}"), app)
-        })
-        .collect();
-    let agents: Vec<(&str, &str, Vec<String>)> = apps
-        .iter()
-        .map(|(name, app)| (name.as_str(), "env=dev", app.clone()))
-        .collect();
+    let apps = echo_agents(8, &["--tunnel-transport", "quic"]);
     let nat = Nat::start();
-    let f = Fleet::start_via("quicnat", &["--proxy-workers", "4"], &agents, |proxy| {
-        nat.forward_to(proxy)
-    });
+    let f = Fleet::start_via(
+        "quicnat",
+        &["--proxy-workers", "4"],
+        &agent_args(&apps),
+        |proxy| nat.forward_to(proxy),
+    );
     let home = tempfile::tempdir().unwrap();
     f.user(home.path(), "alice", "access", &f.login, &[]);
     f.wait_for_nodes(home.path(), 8);
