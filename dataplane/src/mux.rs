@@ -714,7 +714,10 @@ impl StreamHandle {
     /// Copy bytes both ways between this stream and `io` until both directions finish (or a
     /// reset). `leftover` is plaintext already read from `io` that belongs to the stream.
     pub async fn splice<IO: AsyncRead + AsyncWrite>(self, io: IO, leftover: Bytes) -> SpliceStats {
-        let (mut rd, mut wr) = tokio::io::split(io);
+        // Reads and writes take turns in this one loop (a read waiting when the other direction
+        // wakes it is dropped, never left half-done), so `io` needs no split (whose lock every
+        // poll would take).
+        let mut io = std::pin::pin!(io);
         let mut stats = SpliceStats::default();
         // Reads land behind room for a frame header, so the bytes read become a data frame in
         // place (`send_framed`): the payload is not copied again on its way to the tunnel. A
@@ -773,7 +776,7 @@ impl StreamHandle {
                 break;
             }
             if let Some(chunk) = chunk {
-                if write_flush(&mut wr, &chunk).await.is_err() {
+                if write_flush(&mut io, &chunk).await.is_err() {
                     tunnel.inner.borrow_mut().conn.reset(id, code::CANCELLED);
                     tunnel.wake();
                     stats.reset = true;
@@ -789,8 +792,8 @@ impl StreamHandle {
                 continue;
             }
             if fin && !write_done {
-                let _ = wr.flush().await;
-                let _ = wr.shutdown().await;
+                let _ = io.flush().await;
+                let _ = io.shutdown().await;
                 write_done = true;
             }
             if read_done && write_done {
@@ -809,7 +812,7 @@ impl StreamHandle {
                 _ => ReadBuffer::take(HEADER_LEN + limit),
             };
             let r = tokio::select! {
-                r = rd.read(buf.0.get_mut(HEADER_LEN..).unwrap_or_default()) => Some(r),
+                r = io.read(buf.0.get_mut(HEADER_LEN..).unwrap_or_default()) => Some(r),
                 _ = self.notify.notified() => None,
             };
             match r {
