@@ -31,6 +31,10 @@ one = {m["path"]: m for m in (opt("throughput-1.json") or {"medians": []})["medi
 # Downloads: a source behind each path sends to the client (throughput --direction download).
 down_all = opt("throughput-down.json")
 down = {m["path"]: m for m in (down_all or {"medians": []})["medians"]}
+# The host's default TCP congestion control during the run, and the same paths with it on cubic.
+host_cc = open(os.path.join(src, "host-cc.txt")).read().strip() if os.path.exists(os.path.join(src, "host-cc.txt")) else "?"
+hcc_all = opt("throughput-host-cubic.json")
+hcc = {m["path"]: m for m in (hcc_all or {"medians": []})["medians"]}
 epoll = {"latency-20k": opt("latency-20k-epoll.json"), "latency-2k": opt("latency-2k-epoll.json"),
          "sessions": opt("sessions-epoll.json"), "tunnels": opt("tunnels-epoll.json")}
 tunq_all = opt("tunnels-quic.json")
@@ -105,7 +109,8 @@ def one_table(one=one):
             "|---|---|---|---|---|",
             f"| direct | {d1.get('median_gb_per_s', 0):.3f} | — | 1.00× | — |"]
     for key, name in (("naive", "naive relay"), ("openssh", "OpenSSH jump host"), ("rathole", "rathole (TLS transport)"),
-                      ("proxy", "**gatehouse proxy**"), ("proxy-epoll", "gatehouse proxy")):
+                      ("proxy", "**gatehouse proxy**"), ("proxy-epoll", "gatehouse proxy"),
+                      ("proxy-cubic", "gatehouse proxy, `--proxy-tcp-congestion cubic`")):
         m = one.get(key)
         if not m:
             continue
@@ -117,6 +122,20 @@ def one_table(one=one):
                     f"{m.get('median_gb_per_middle_cpu_s') or 0:.2f} | {ratio(m.get('median_gb_per_s'), d1.get('median_gb_per_s'))} | "
                     f"{ratio(p1.get('median_gb_per_middle_cpu_s'), m.get('median_gb_per_middle_cpu_s'))} |")
     return "\n".join(rows) + "\n"
+
+def host_cubic_section():
+    if not hcc:
+        return ""
+    return f"""
+## The host on cubic: 4 TLS streams, every process's congestion control switched from {host_cc} to cubic (`loadgen throughput --streams 4 --duration 5s --runs 3`)
+
+Not a verdict: the same machine with its default changed (`sysctl net.ipv4.tcp_congestion_control=cubic`,
+restored after), for every path alike: generator, baselines and proxy. {host_cc} paces each
+sender with a high-resolution timer, and on loopback a receiver's ACK often runs the sender's
+transmit in the receiver's context, so part of a client's or agent's pacing lands on the middle
+box's CPU. Medians of 3 interleaved rounds.
+
+""" + one_table(hcc)
 
 def added(summary, key):
     """The median of the rounds' added latency (each round's proxy run minus its direct run)."""
@@ -158,6 +177,7 @@ def ssh_row(m):
 
 p, n, d = med.get("proxy", {}), med.get("naive", {}), med.get("direct", {})
 pe = med.get("proxy-epoll", {})
+pc = med.get("proxy-cubic", {})
 pq = med.get("proxy-quic", {})
 o, r = med.get("openssh", {}), med.get("rathole", {})
 sg, so = ssh.get("gatehouse", {}), ssh.get("openssh", {})
@@ -181,13 +201,18 @@ results = [
     {"scenario": "throughput", "baseline": "gatehouse-proxy-quic-tunnels", "unit": "GB/s", "value": pq.get("median_gb_per_s")},
     {"scenario": "throughput", "baseline": "gatehouse-proxy-quic-tunnels", "unit": "GB per proxy CPU-second", "value": pq.get("median_gb_per_middle_cpu_s")},
     {"scenario": "throughput", "baseline": "gatehouse-proxy-epoll", "unit": "GB per proxy CPU-second", "value": pe.get("median_gb_per_middle_cpu_s")},
+    {"scenario": "throughput", "baseline": "gatehouse-proxy-cubic", "unit": "GB/s", "value": pc.get("median_gb_per_s")},
+    {"scenario": "throughput", "baseline": "gatehouse-proxy-cubic", "unit": "GB per proxy CPU-second", "value": pc.get("median_gb_per_middle_cpu_s")},
+    *[{"scenario": "throughput-host-cubic", "baseline": b, "unit": u, "value": hcc.get(k, {}).get(f), "skipped": hcc.get(k, {}).get("skipped")}
+      for k, b in (("direct", "direct"), ("naive", "naive-relay"), ("rathole", "rathole"), ("proxy", "gatehouse-proxy")) if k in hcc
+      for u, f in (("GB/s", "median_gb_per_s"), ("GB per middle-box CPU-second", "median_gb_per_middle_cpu_s")) if k != "direct" or f == "median_gb_per_s"],
     {"scenario": "one-session", "baseline": "direct", "unit": "GB/s", "value": one.get("direct", {}).get("median_gb_per_s")},
     {"scenario": "one-session", "baseline": "gatehouse-proxy", "unit": "GB/s", "value": one.get("proxy", {}).get("median_gb_per_s")},
     {"scenario": "one-session", "baseline": "gatehouse-proxy-epoll", "unit": "GB/s", "value": one.get("proxy-epoll", {}).get("median_gb_per_s")},
     *[{"scenario": "one-session", "baseline": b, "unit": "GB per middle-box CPU-second", "value": one.get(k, {}).get("median_gb_per_middle_cpu_s"), "skipped": one.get(k, {}).get("skipped")}
       for k, b in (("naive", "naive-relay"), ("openssh", "openssh-jump-host"), ("rathole", "rathole"), ("proxy", "gatehouse-proxy"), ("proxy-epoll", "gatehouse-proxy-epoll")) if k in one],
     *[{"scenario": "download", "baseline": b, "unit": u, "value": down.get(k, {}).get(f), "skipped": down.get(k, {}).get("skipped")}
-      for k, b in (("direct", "direct"), ("naive", "naive-relay"), ("openssh", "openssh-jump-host"), ("rathole", "rathole"), ("proxy", "gatehouse-proxy"), ("proxy-epoll", "gatehouse-proxy-epoll")) if k in down
+      for k, b in (("direct", "direct"), ("naive", "naive-relay"), ("openssh", "openssh-jump-host"), ("rathole", "rathole"), ("proxy", "gatehouse-proxy"), ("proxy-epoll", "gatehouse-proxy-epoll"), ("proxy-cubic", "gatehouse-proxy-cubic")) if k in down
       for u, f in (("GB/s", "median_gb_per_s"), ("GB per middle-box CPU-second", "median_gb_per_middle_cpu_s")) if k != "direct" or f == "median_gb_per_s"],
     {"scenario": "tunnels", "baseline": "gatehouse-proxy", "unit": "tunnels held", "value": tun["tunnels_held"]},
     {"scenario": "tunnels", "baseline": "gatehouse-proxy", "unit": "KiB proxy RSS per idle tunnel", "value": tun["proxy_kib_per_tunnel"]},
@@ -206,7 +231,7 @@ results = [
 ]
 results = [{k: v for k, v in x.items() if k != "skipped" or v} for x in results]
 json.dump({"date": date, "commit": commit, "machine": machine, "results": results,
-           "raw": {"epoll": epoll, "ssh": ssh, "throughput": thr, "download": down_all, "tunnels": tun_all, "tunnels_quic": tunq_all, "logins": logins, "latency": latsum, "sessions": ses_all, "sessions_one_worker": ses1, "criterion": crit}},
+           "raw": {"epoll": epoll, "ssh": ssh, "throughput": thr, "download": down_all, "throughput_host_cubic": hcc_all, "tunnels": tun_all, "tunnels_quic": tunq_all, "logins": logins, "latency": latsum, "sessions": ses_all, "sessions_one_worker": ses1, "criterion": crit}},
           open(json_path, "w"), indent=2)
 
 md = f"""# Benchmark results
@@ -217,6 +242,7 @@ Generated by `scripts/bench` — do not edit by hand.
 - Commit: `{commit}` (the tree the binaries were built from)
 - Machine: {machine} (shared and noisy: see `../shared/BENCHMARKS.md`; compare ratios, not absolutes)
 - Build: `cargo build --release --bins`; every number below comes from that build.
+- TCP congestion control: {host_cc} (the host's default, for every process unless a row says otherwise)
 
 ## Throughput: client → middle → sink, 4 TLS streams (`loadgen throughput --streams 4 --duration 5s --runs 3`)
 
@@ -244,12 +270,18 @@ children) — for rathole the server's only.
 | **gatehouse proxy** ({p.get('proxy_io_backend') or '?'}) | {p.get('median_gb_per_s', 0):.3f} | {p.get('median_gb_per_middle_cpu_s') or 0:.2f} | 1.00× | 1.00× |
 | gatehouse proxy, agent tunnels over QUIC ({pq.get('proxy_io_backend') or '?'}) | {pq.get('median_gb_per_s', 0):.3f} | {pq.get('median_gb_per_middle_cpu_s') or 0:.2f} | {ratio(p.get('median_gb_per_s'), pq.get('median_gb_per_s'))} | {ratio(p.get('median_gb_per_middle_cpu_s'), pq.get('median_gb_per_middle_cpu_s'))} |
 | gatehouse proxy ({pe.get('proxy_io_backend') or 'epoll'}) | {pe.get('median_gb_per_s', 0):.3f} | {pe.get('median_gb_per_middle_cpu_s') or 0:.2f} | {ratio(p.get('median_gb_per_s'), pe.get('median_gb_per_s'))} | {ratio(p.get('median_gb_per_middle_cpu_s'), pe.get('median_gb_per_middle_cpu_s'))} |
+| gatehouse proxy, `--proxy-tcp-congestion cubic` ({pc.get('proxy_io_backend') or '?'}) | {pc.get('median_gb_per_s', 0):.3f} | {pc.get('median_gb_per_middle_cpu_s') or 0:.2f} | {ratio(p.get('median_gb_per_s'), pc.get('median_gb_per_s'))} | {ratio(p.get('median_gb_per_middle_cpu_s'), pc.get('median_gb_per_middle_cpu_s'))} |
 
 **QUIC tunnels**: the same proxy with the simulated agents' tunnels over QUIC (quinn, one
 bidirectional stream per tunnel) instead of TCP + TLS; users still reach the proxy over TLS, so the
 proxy decrypts TLS and encrypts QUIC packets. Every proxy worker runs a QUIC endpoint (the kernel
 steers datagrams to a connection's worker by connection ID); this scenario has one agent, so one
 tunnel and one worker carry the streams.
+
+**Congestion control**: every row above runs on the host's default ({host_cc}), except the
+`--proxy-tcp-congestion cubic` row, where the proxy's own connections (the users' and the tunnel)
+run cubic and everything else, the generator included, keeps {host_cc}. The verdicts use the
+default rows; "The host on cubic" below shows what pacing costs every path.
 
 The generator (clients, sink and simulated agents) runs on the same 2 cores; runs where it was
 saturated are flagged in `results.json`.
@@ -270,7 +302,7 @@ sends as fast as the client reads (for the proxy, an app of the simulated agent:
 tunnel TLS in, TLS out; for the baselines the TLS sink turned source). Medians of 3 interleaved
 rounds; the ratios in the last column are the proxy's download figure over each path's.
 
-""" + one_table(down) + f"""
+""" + one_table(down) + host_cubic_section() + f"""
 
 ## Latency: 64-byte echo, 32 sessions (`loadgen latency --sessions 32 --rate R --duration 6s --runs 3`)
 

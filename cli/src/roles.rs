@@ -108,6 +108,7 @@ pub fn start_proxy(
     workers: usize,
     io_backend: IoBackend,
     quic: bool,
+    tcp_congestion: Option<String>,
     auth_addr: &str,
     cert_pem: &str,
     key_pem: &str,
@@ -140,6 +141,7 @@ pub fn start_proxy(
         tunnel: Default::default(),
         io_backend,
         quic,
+        tcp_congestion,
     };
     let (proxy, inventories) =
         Proxy::start(config, metrics).with_context(|| format!("starting the proxy on {listen}"))?;

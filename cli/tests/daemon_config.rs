@@ -1,5 +1,6 @@
 //! `gatehouse start --config FILE`: the TOML config is honoured (data dir, cluster name, listen
-//! addresses, JSON logs) and a bad config or role is a clear error, not a panic.
+//! addresses, JSON logs) and a bad config or role is a clear error, not a panic; proxy socket
+//! options asked for reach the kernel.
 
 // Test code: a failing unwrap or panic is a failing test, which is the point.
 #![allow(
@@ -15,7 +16,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{bin, run};
+use common::{Fleet, bin, run};
 
 #[test]
 fn config_file_sets_data_dir_name_addresses_and_json_logs() {
@@ -99,5 +100,81 @@ fn bad_config_and_unknown_role_are_clear_errors() {
     assert!(
         !dir.path().join("d").exists(),
         "a refused start must not create state"
+    );
+}
+
+/// `--proxy-tcp-congestion`: the proxy's side of each connection on its public port (here, an
+/// agent's tunnel) runs the algorithm asked for, as the kernel reports it (`ss -ti`), while the
+/// agent's side keeps the host's default; an unknown algorithm stops the start with a clear error.
+#[test]
+fn proxy_connections_run_the_congestion_control_asked_for() {
+    let fleet = Fleet::start_with(
+        "cc",
+        &["--proxy-tcp-congestion", "reno"],
+        &[("node1", "env=dev", vec![])],
+    );
+    let port = fleet.proxy_addr.rsplit(':').next().unwrap().to_string();
+    let ss = |filter: String| {
+        let out = Command::new("ss")
+            .args(["-tinH", "state", "established", &filter])
+            .output()
+            .expect("run ss (iproute2)");
+        assert!(out.status.success(), "ss failed: {out:?}");
+        // `ss -ti` prints each socket's details on an indented line under its addresses.
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with([' ', '\t']))
+            .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let proxy_side = loop {
+        let socks = ss(format!("( sport = :{port} )"));
+        if !socks.is_empty() || std::time::Instant::now() > deadline {
+            break socks;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!proxy_side.is_empty(), "no connection accepted on :{port}");
+    for words in &proxy_side {
+        assert!(words.iter().any(|w| w == "reno"), "proxy side: {words:?}");
+    }
+    let default = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .unwrap()
+        .trim()
+        .to_string();
+    if default != "reno" {
+        let agent_side = ss(format!("( dport = :{port} )"));
+        assert!(!agent_side.is_empty(), "no agent connection to :{port}");
+        for words in &agent_side {
+            assert!(
+                words.iter().any(|w| *w == default),
+                "agent side, host default {default}: {words:?}"
+            );
+        }
+    }
+    drop(fleet);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(bin("gatehouse"));
+    cmd.args([
+        "start",
+        "--auth-addr",
+        "127.0.0.1:0",
+        "--proxy-addr",
+        "127.0.0.1:0",
+        "--diag-addr",
+        "127.0.0.1:0",
+        "--proxy-tcp-congestion",
+        "carrier-pigeon",
+        "--data-dir",
+    ])
+    .arg(dir.path().join("d"));
+    let out = run(cmd, None).failed();
+    assert!(
+        out.stderr
+            .contains("TCP congestion control \"carrier-pigeon\""),
+        "{}",
+        out.stderr
     );
 }

@@ -141,15 +141,16 @@ pub struct Fleet {
 
 impl Fleet {
     pub async fn spawn(proxy_ip: &str, workers: usize) -> anyhow::Result<Self> {
-        Self::spawn_with(proxy_ip, workers, None).await
+        Self::spawn_with(proxy_ip, workers, &[]).await
     }
 
-    /// `io_backend`: the proxy's `--proxy-io-backend` (None: its default, or
+    /// `proxy_args`: more `gatehouse start` options for the proxy, e.g.
+    /// `["--proxy-io-backend", "epoll"]` (without one, its default, or
     /// GATEHOUSE_PROXY_IO_BACKEND from the environment).
     pub async fn spawn_with(
         proxy_ip: &str,
         workers: usize,
-        io_backend: Option<&str>,
+        proxy_args: &[&str],
     ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let auth_data = dir.path().join("auth");
@@ -195,9 +196,7 @@ impl Fleet {
             "--data-dir",
             &data_dir,
         ];
-        if let Some(b) = io_backend {
-            args.extend(["--proxy-io-backend", b]);
-        }
+        args.extend_from_slice(proxy_args);
         let proxy = start_daemon(&args, &dir.path().join("proxy.log"))?;
         let io_backend = proxy.field("Proxy I/O:")?;
         let proxy_addr = proxy.field("Proxy:")?;

@@ -330,7 +330,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let (echo, _, _, ca) =
                 throughput::start_sink(&format!("{}:0", throughput::sink_ip()), true)?;
-            let (fleet, _stats) = proxy_fleet(workers, None).await?;
+            let (fleet, _stats) = proxy_fleet(workers, &[]).await?;
             let print = |label: &str, r: &latency::LatencyReport| {
                 println!(
                     "latency {label:<14} {} req over {sessions} sessions at {rate:.0}/s: p50 {} µs  p99 {} µs  p99.9 {} µs  max {} µs",
@@ -386,7 +386,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let (echo, _, _, ca) =
                 throughput::start_sink(&format!("{}:0", throughput::sink_ip()), true)?;
-            let (fleet, _stats) = proxy_fleet(workers, None).await?;
+            let (fleet, _stats) = proxy_fleet(workers, &[]).await?;
             let mut reports = Vec::new();
             // Each session a new client (full handshakes), then one client for all sessions
             // (resumed handshakes, as `gsh proxy tcp` makes them).
@@ -542,11 +542,11 @@ fn echo_target(
 /// A spawned Auth + Proxy with two simulated agents (sim-0, sim-1) serving sink and echo.
 async fn proxy_fleet(
     workers: usize,
-    io_backend: Option<&str>,
+    proxy_args: &[&str],
 ) -> anyhow::Result<(fleet::Fleet, std::sync::Arc<sim_agent::AgentStats>)> {
     proxy_fleet_with(
         workers,
-        io_backend,
+        proxy_args,
         gatehouse_agent::dataplane::quic::TunnelTransport::Tls,
     )
     .await
@@ -555,11 +555,11 @@ async fn proxy_fleet(
 /// `proxy_fleet` with the simulated agents' tunnels over `transport`.
 async fn proxy_fleet_with(
     workers: usize,
-    io_backend: Option<&str>,
+    proxy_args: &[&str],
     transport: gatehouse_agent::dataplane::quic::TunnelTransport,
 ) -> anyhow::Result<(fleet::Fleet, std::sync::Arc<sim_agent::AgentStats>)> {
     use std::sync::atomic::Ordering;
-    let f = fleet::Fleet::spawn_with("127.0.0.2", workers, io_backend).await?;
+    let f = fleet::Fleet::spawn_with("127.0.0.2", workers, proxy_args).await?;
     println!("proxy I/O backend: {}", f.io_backend);
     let ids = f.join_agents(2).await?;
     let stats = std::sync::Arc::new(sim_agent::AgentStats::default());
@@ -671,15 +671,18 @@ async fn throughput_cmd(
                 Path::Direct => Ok(Middle::None),
                 Path::Naive => start_relay(sink, dir.path(), [&cert, &key, &ca])
                     .map(|(g, a)| Middle::Relay(g, a)),
-                Path::Proxy => proxy_fleet(workers, None)
+                Path::Proxy => proxy_fleet(workers, &[])
                     .await
                     .map(|f| Middle::Fleet(Box::new(f))),
-                Path::ProxyEpoll => proxy_fleet(workers, Some("epoll"))
+                Path::ProxyEpoll => proxy_fleet(workers, &["--proxy-io-backend", "epoll"])
+                    .await
+                    .map(|f| Middle::Fleet(Box::new(f))),
+                Path::ProxyCubic => proxy_fleet(workers, &["--proxy-tcp-congestion", "cubic"])
                     .await
                     .map(|f| Middle::Fleet(Box::new(f))),
                 Path::ProxyQuic => proxy_fleet_with(
                     workers,
-                    None,
+                    &[],
                     gatehouse_agent::dataplane::quic::TunnelTransport::Quic,
                 )
                 .await

@@ -29,6 +29,9 @@ pub enum Path {
     Proxy,
     /// The same Proxy forced onto its epoll backend.
     ProxyEpoll,
+    /// The same Proxy with `--proxy-tcp-congestion cubic` (its public port's connections on
+    /// cubic whatever the host's default; everything else keeps the host's).
+    ProxyCubic,
     /// The Proxy with the simulated agents' tunnels over QUIC instead of TLS.
     ProxyQuic,
     /// One TLS connection straight to the sink: the ceiling.
@@ -46,6 +49,7 @@ impl Path {
         match self {
             Path::Proxy => "proxy",
             Path::ProxyEpoll => "proxy-epoll",
+            Path::ProxyCubic => "proxy-cubic",
             Path::ProxyQuic => "proxy-quic",
             Path::Direct => "direct",
             Path::Naive => "naive",
@@ -251,7 +255,7 @@ pub async fn client_stream(
 /// every handshake a full one.
 pub fn client_config(target: &Target, sink_ca: &str) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     Ok(match target.path {
-        Path::Proxy | Path::ProxyEpoll | Path::ProxyQuic => {
+        Path::Proxy | Path::ProxyEpoll | Path::ProxyCubic | Path::ProxyQuic => {
             let user = target.user.as_ref().context("proxy path needs a user")?;
             client_config_with_alpn(
                 &Trust::CaPem(user.ca.clone()),
@@ -273,7 +277,7 @@ pub async fn client_stream_with(
     app: &str,
 ) -> anyhow::Result<ClientTls> {
     match target.path {
-        Path::Proxy | Path::ProxyEpoll | Path::ProxyQuic => {
+        Path::Proxy | Path::ProxyEpoll | Path::ProxyCubic | Path::ProxyQuic => {
             let tcp = tokio::net::TcpStream::connect(&target.addr).await?;
             tcp.set_nodelay(true)?;
             let io: Box<dyn Io> = Box::new(tcp);

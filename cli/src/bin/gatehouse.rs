@@ -58,6 +58,10 @@ struct StartArgs {
     /// Proxy I/O backend: auto (io_uring when the kernel allows it), io_uring or epoll.
     #[arg(long, env = "GATEHOUSE_PROXY_IO_BACKEND")]
     proxy_io_backend: Option<gatehouse_agent::dataplane::socket::IoBackend>,
+    /// Proxy: TCP congestion control for the public port's connections, e.g. cubic or bbr.
+    /// Default: the host's (net.ipv4.tcp_congestion_control).
+    #[arg(long, env = "GATEHOUSE_PROXY_TCP_CONGESTION")]
+    proxy_tcp_congestion: Option<String>,
     /// For a proxy without a local Auth: the Auth API address.
     #[arg(long)]
     auth: Option<String>,
@@ -113,6 +117,9 @@ struct ProxySection {
     io_backend: gatehouse_agent::dataplane::socket::IoBackend,
     /// Accept agent tunnels over QUIC (UDP, same address and port).
     quic: bool,
+    /// TCP congestion control for the public port's connections (users' and agents' alike),
+    /// e.g. `cubic`; unset keeps the host's default.
+    tcp_congestion: Option<String>,
     /// Auth API address when Auth does not run in this process.
     auth_addr: Option<String>,
     /// Extra names/IPs for the proxy certificate.
@@ -126,6 +133,7 @@ impl Default for ProxySection {
             workers: 0,
             io_backend: Default::default(),
             quic: true,
+            tcp_congestion: None,
             auth_addr: None,
             public_addrs: vec![],
         }
@@ -294,6 +302,9 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     if let Some(v) = args.proxy_io_backend {
         config.proxy.io_backend = v;
     }
+    if let Some(v) = args.proxy_tcp_congestion {
+        config.proxy.tcp_congestion = Some(v);
+    }
     if let Some(v) = args.auth {
         config.proxy.auth_addr = Some(v);
     }
@@ -410,6 +421,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             config.proxy.workers,
             config.proxy.io_backend,
             config.proxy.quic,
+            config.proxy.tcp_congestion.clone(),
             &auth_addr,
             &cert,
             &key,

@@ -61,6 +61,13 @@ pub struct ProxyConfig {
     pub io_backend: IoBackend,
     /// Accept agent tunnels over QUIC on UDP at the same address and port.
     pub quic: bool,
+    /// TCP congestion control for the public port's connections (users' sessions and agents'
+    /// tunnels alike), e.g. `cubic`; `None` keeps the host's default
+    /// (`net.ipv4.tcp_congestion_control`). Set on the listening sockets, which accepted
+    /// connections inherit. Like HAProxy's `cc` bind option: BBR's pacing suits lossy long paths,
+    /// but it arms a timer whenever a sender gets ahead of its pacing rate, and a tunnel carries
+    /// all of an agent's sessions as one TCP flow (see ARCHITECTURE, "Congestion control").
+    pub tcp_congestion: Option<String>,
 }
 
 /// The ALPN protocols the Proxy terminates.
@@ -183,8 +190,11 @@ impl Proxy {
         };
         let mut listeners = Vec::with_capacity(workers);
         let mut addr = config.listen;
+        if let Some(cc) = &config.tcp_congestion {
+            tracing::info!(congestion_control = %cc, "proxy: TCP congestion control on the public port");
+        }
         for _ in 0..workers {
-            let l = bind_reuseport(addr)?;
+            let l = bind_reuseport(addr, config.tcp_congestion.as_deref())?;
             addr = l.local_addr()?;
             listeners.push(l);
         }
@@ -263,7 +273,12 @@ impl Proxy {
     }
 }
 
-fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// A listening socket in the public port's `SO_REUSEPORT` group, with `congestion` control (which
+/// the connections it accepts inherit) when one is asked for.
+fn bind_reuseport(
+    addr: SocketAddr,
+    congestion: Option<&str>,
+) -> std::io::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -272,6 +287,18 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     socket.set_reuse_address(true)?;
     #[cfg(unix)]
     socket.set_reuse_port(true)?;
+    if let Some(cc) = congestion {
+        socket.set_tcp_congestion(cc.as_bytes()).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "TCP congestion control {cc:?}: {e} (available: \
+                     /proc/sys/net/ipv4/tcp_available_congestion_control; without privilege, \
+                     only net.ipv4.tcp_allowed_congestion_control)"
+                ),
+            )
+        })?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
@@ -977,7 +1004,29 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
-    use super::place_tunnel;
+    use super::{bind_reuseport, place_tunnel};
+
+    /// The proxy sets congestion control on its listening sockets only: what it relies on is
+    /// that every connection they accept comes out with it (whatever the host's default is).
+    #[test]
+    fn accepted_connections_inherit_the_listeners_congestion_control() {
+        // reno is built into every kernel and always allowed without privilege.
+        let listener = match bind_reuseport("127.0.0.1:0".parse().unwrap(), Some("reno")) {
+            Ok(l) => l,
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => return, // not Linux
+            Err(e) => panic!("bind with reno: {e}"),
+        };
+        listener.set_nonblocking(false).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let cc = socket2::SockRef::from(&accepted).tcp_congestion().unwrap();
+        assert_eq!(String::from_utf8_lossy(&cc).trim_end_matches('\0'), "reno");
+
+        let err = bind_reuseport("127.0.0.1:0".parse().unwrap(), Some("no-such-cc"))
+            .expect_err("an unknown algorithm fails the bind");
+        assert!(err.to_string().contains("no-such-cc"), "{err}");
+    }
 
     #[test]
     fn a_new_tunnel_goes_to_the_core_holding_the_fewest_and_ties_stay() {
