@@ -148,7 +148,7 @@ fn proxy_connections_run_the_congestion_control_asked_for() {
         assert!(!agent_side.is_empty(), "no agent connection to :{port}");
         for words in &agent_side {
             assert!(
-                words.iter().any(|w| *w == default),
+                words.contains(&default),
                 "agent side, host default {default}: {words:?}"
             );
         }
