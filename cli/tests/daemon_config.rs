@@ -103,57 +103,71 @@ fn bad_config_and_unknown_role_are_clear_errors() {
     );
 }
 
-/// `--proxy-tcp-congestion`: the proxy's side of each connection on its public port (here, an
-/// agent's tunnel) runs the algorithm asked for, as the kernel reports it (`ss -ti`), while the
-/// agent's side keeps the host's default; an unknown algorithm stops the start with a clear error.
-#[test]
-fn proxy_connections_run_the_congestion_control_asked_for() {
+/// `ss -tinH state established FILTER`: the details of each matching socket, as words (`ss -ti`
+/// prints them on an indented line under the socket's addresses).
+fn established(filter: &str) -> Vec<Vec<String>> {
+    let out = Command::new("ss")
+        .args(["-tinH", "state", "established", filter])
+        .output()
+        .expect("run ss (iproute2)");
+    assert!(out.status.success(), "ss failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with([' ', '\t']))
+        .map(|l| l.split_whitespace().map(str::to_owned).collect())
+        .collect()
+}
+
+/// A proxy started with `--proxy-tcp-congestion <cc>` and one agent: the congestion control of
+/// the proxy's side of the agent's tunnel, and of the agent's side, as the kernel reports them.
+fn tunnel_congestion(cc: &str) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
     let fleet = Fleet::start_with(
         "cc",
-        &["--proxy-tcp-congestion", "reno"],
+        &["--proxy-tcp-congestion", cc],
         &[("node1", "env=dev", vec![])],
     );
     let port = fleet.proxy_addr.rsplit(':').next().unwrap().to_string();
-    let ss = |filter: String| {
-        let out = Command::new("ss")
-            .args(["-tinH", "state", "established", &filter])
-            .output()
-            .expect("run ss (iproute2)");
-        assert!(out.status.success(), "ss failed: {out:?}");
-        // `ss -ti` prints each socket's details on an indented line under its addresses.
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.starts_with([' ', '\t']))
-            .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
-            .collect::<Vec<_>>()
-    };
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let proxy_side = loop {
-        let socks = ss(format!("( sport = :{port} )"));
-        if !socks.is_empty() || std::time::Instant::now() > deadline {
-            break socks;
+    loop {
+        let proxy_side = established(&format!("( sport = :{port} )"));
+        let agent_side = established(&format!("( dport = :{port} )"));
+        if !proxy_side.is_empty() && !agent_side.is_empty() {
+            return (proxy_side, agent_side);
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no tunnel on :{port}:\n{}",
+            fleet.proxy.log()
+        );
         std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(!proxy_side.is_empty(), "no connection accepted on :{port}");
-    for words in &proxy_side {
-        assert!(words.iter().any(|w| w == "reno"), "proxy side: {words:?}");
     }
+}
+
+/// `--proxy-tcp-congestion`: the proxy's side of each connection on its public port (here, an
+/// agent's tunnel) runs the algorithm asked for, as the kernel reports it (`ss -ti`), while the
+/// agent's side keeps the host's default; an empty name is the host's default; an unknown
+/// algorithm stops the start with a clear error.
+#[test]
+fn proxy_connections_run_the_congestion_control_asked_for() {
     let default = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
         .unwrap()
         .trim()
         .to_string();
-    if default != "reno" {
-        let agent_side = ss(format!("( dport = :{port} )"));
-        assert!(!agent_side.is_empty(), "no agent connection to :{port}");
-        for words in &agent_side {
-            assert!(
-                words.contains(&default),
-                "agent side, host default {default}: {words:?}"
-            );
-        }
-    }
-    drop(fleet);
+    let has = |socks: &[Vec<String>], cc: &str| socks.iter().all(|w| w.iter().any(|w| w == cc));
+
+    // reno is built into every kernel and always allowed.
+    let (proxy_side, agent_side) = tunnel_congestion("reno");
+    assert!(has(&proxy_side, "reno"), "proxy side: {proxy_side:?}");
+    assert!(
+        has(&agent_side, &default),
+        "agent side, host default {default}: {agent_side:?}"
+    );
+
+    let (proxy_side, _) = tunnel_congestion("");
+    assert!(
+        has(&proxy_side, &default),
+        "proxy side, host default {default}: {proxy_side:?}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(bin("gatehouse"));

@@ -58,6 +58,7 @@ fn help_lists_every_scenario_and_its_options() {
     for path in [
         "proxy",
         "proxy-epoll",
+        "proxy-cubic",
         "proxy-quic",
         "direct",
         "naive",

@@ -421,7 +421,12 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             config.proxy.workers,
             config.proxy.io_backend,
             config.proxy.quic,
-            config.proxy.tcp_congestion.clone(),
+            // An empty name (`tcp_congestion = ""`, an empty environment variable) means unset.
+            config
+                .proxy
+                .tcp_congestion
+                .clone()
+                .filter(|cc| !cc.is_empty()),
             &auth_addr,
             &cert,
             &key,

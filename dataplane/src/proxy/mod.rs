@@ -64,9 +64,9 @@ pub struct ProxyConfig {
     /// TCP congestion control for the public port's connections (users' sessions and agents'
     /// tunnels alike), e.g. `cubic`; `None` keeps the host's default
     /// (`net.ipv4.tcp_congestion_control`). Set on the listening sockets, which accepted
-    /// connections inherit. Like HAProxy's `cc` bind option: BBR's pacing suits lossy long paths,
-    /// but it arms a timer whenever a sender gets ahead of its pacing rate, and a tunnel carries
-    /// all of an agent's sessions as one TCP flow (see ARCHITECTURE, "Congestion control").
+    /// connections inherit. Like HAProxy's `cc` bind option: BBR's pacing suits long, lossy
+    /// paths, but its timers cost CPU for every byte sent, which shows on fast local ones (see
+    /// ARCHITECTURE, "Congestion control").
     pub tcp_congestion: Option<String>,
 }
 
