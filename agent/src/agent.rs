@@ -27,6 +27,9 @@ pub struct AgentOptions {
     pub ssh: bool,
     /// How the tunnel reaches the proxy: TLS over TCP (default) or QUIC.
     pub transport: gatehouse_dataplane::quic::TunnelTransport,
+    /// TCP congestion control for a TLS tunnel's connection (the agent sends a download's bytes
+    /// on it), e.g. `cubic`; `None` keeps the host's default. (QUIC: quinn's own.)
+    pub tcp_congestion: Option<String>,
 }
 
 #[derive(Debug)]
@@ -49,6 +52,9 @@ pub enum AgentError {
 
 /// Start the agent's services on the current (multi-threaded) tokio runtime.
 pub async fn start(opts: AgentOptions, identity: HostIdentity) -> Result<RunningAgent, AgentError> {
+    if let Some(cc) = &opts.tcp_congestion {
+        gatehouse_dataplane::socket::check_tcp_congestion(cc)?;
+    }
     let identity = Arc::new(identity);
     let spool = Spool::open(&opts.data_dir.join("spool"))?;
     let auth = Arc::new(AuthLink::new(identity.auth_endpoint(&opts.proxy_addr)));
@@ -87,6 +93,7 @@ pub async fn start(opts: AgentOptions, identity: HostIdentity) -> Result<Running
         heartbeat_interval: Duration::from_secs(10),
         tunnel: Default::default(),
         transport: opts.transport,
+        tcp_congestion: opts.tcp_congestion.clone(),
     };
     let status = crate::runner::spawn(config, identity, ssh, tokio::runtime::Handle::current())?;
     Ok(RunningAgent { status, spool })

@@ -52,6 +52,8 @@ pub struct TunnelClientConfig {
     pub tunnel: tunnel::Config,
     /// TLS over TCP, or QUIC.
     pub transport: TunnelTransport,
+    /// TCP congestion control for the tunnel's connection; `None`: the host's default.
+    pub tcp_congestion: Option<String>,
 }
 
 /// What the agent reports about its tunnel (for /readyz and /metrics, `gatehouse_agent_*`).
@@ -163,9 +165,13 @@ async fn run(
     loop {
         let started = Instant::now();
         let connected = match &quic {
-            None => dial(&client, &config.proxy_addr)
-                .await
-                .map(|s| (Box::new(s) as Box<dyn TunnelIo>, None)),
+            None => dial(
+                &client,
+                &config.proxy_addr,
+                config.tcp_congestion.as_deref(),
+            )
+            .await
+            .map(|s| (Box::new(s) as Box<dyn TunnelIo>, None)),
             Some((cfg, endpoint)) => tokio::time::timeout(
                 Duration::from_secs(10),
                 gatehouse_dataplane::quic::dial(endpoint, cfg.clone(), &config.proxy_addr),
@@ -208,6 +214,7 @@ async fn run(
 async fn dial(
     client: &Arc<rustls::ClientConfig>,
     addr: &str,
+    congestion: Option<&str>,
 ) -> std::io::Result<TlsStream<UnbufferedClientConnection>> {
     let tcp = tokio::time::timeout(
         Duration::from_secs(10),
@@ -216,6 +223,9 @@ async fn dial(
     .await
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     tcp.set_nodelay(true)?;
+    if let Some(cc) = congestion {
+        gatehouse_dataplane::socket::set_tcp_congestion(&tcp, cc)?;
+    }
     let name = rustls::pki_types::ServerName::try_from(PROXY_SERVER_NAME)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     tokio::time::timeout(

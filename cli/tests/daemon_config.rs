@@ -118,13 +118,15 @@ fn established(filter: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// A proxy started with `--proxy-tcp-congestion <cc>` and one agent: the congestion control of
-/// the proxy's side of the agent's tunnel, and of the agent's side, as the kernel reports them.
-fn tunnel_congestion(cc: &str) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
+/// A proxy started with `--proxy-tcp-congestion <proxy_cc>` and one agent with `agent_args`: the
+/// congestion control of the proxy's side of the agent's tunnel, and of the agent's side, as the
+/// kernel reports them.
+fn tunnel_congestion(proxy_cc: &str, agent_args: &[&str]) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
+    let agent_args = agent_args.iter().map(|a| a.to_string()).collect();
     let fleet = Fleet::start_with(
         "cc",
-        &["--proxy-tcp-congestion", cc],
-        &[("node1", "env=dev", vec![])],
+        &["--proxy-tcp-congestion", proxy_cc],
+        &[("node1", "env=dev", agent_args)],
     );
     let port = fleet.proxy_addr.rsplit(':').next().unwrap().to_string();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -145,10 +147,11 @@ fn tunnel_congestion(cc: &str) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
 
 /// `--proxy-tcp-congestion`: the proxy's side of each connection on its public port (here, an
 /// agent's tunnel) runs the algorithm asked for, as the kernel reports it (`ss -ti`), while the
-/// agent's side keeps the host's default; an empty name is the host's default; an unknown
-/// algorithm stops the start with a clear error.
+/// agent's side keeps the host's default; an empty name is the host's default;
+/// `--agent-tcp-congestion` does the same for the agent's side; an unknown algorithm stops
+/// either start with a clear error.
 #[test]
-fn proxy_connections_run_the_congestion_control_asked_for() {
+fn tunnels_run_the_congestion_control_asked_for() {
     let default = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
         .unwrap()
         .trim()
@@ -156,39 +159,42 @@ fn proxy_connections_run_the_congestion_control_asked_for() {
     let has = |socks: &[Vec<String>], cc: &str| socks.iter().all(|w| w.iter().any(|w| w == cc));
 
     // reno is built into every kernel and always allowed.
-    let (proxy_side, agent_side) = tunnel_congestion("reno");
+    let (proxy_side, agent_side) = tunnel_congestion("reno", &[]);
     assert!(has(&proxy_side, "reno"), "proxy side: {proxy_side:?}");
     assert!(
         has(&agent_side, &default),
         "agent side, host default {default}: {agent_side:?}"
     );
 
-    let (proxy_side, _) = tunnel_congestion("");
+    let (proxy_side, agent_side) = tunnel_congestion("", &["--agent-tcp-congestion", "reno"]);
     assert!(
         has(&proxy_side, &default),
         "proxy side, host default {default}: {proxy_side:?}"
     );
+    assert!(has(&agent_side, "reno"), "agent side: {agent_side:?}");
 
-    let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(bin("gatehouse"));
-    cmd.args([
-        "start",
-        "--auth-addr",
-        "127.0.0.1:0",
-        "--proxy-addr",
-        "127.0.0.1:0",
-        "--diag-addr",
-        "127.0.0.1:0",
-        "--proxy-tcp-congestion",
-        "carrier-pigeon",
-        "--data-dir",
-    ])
-    .arg(dir.path().join("d"));
-    let out = run(cmd, None).failed();
-    assert!(
-        out.stderr
-            .contains("TCP congestion control \"carrier-pigeon\""),
-        "{}",
-        out.stderr
-    );
+    for option in ["--proxy-tcp-congestion", "--agent-tcp-congestion"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(bin("gatehouse"));
+        cmd.args([
+            "start",
+            "--auth-addr",
+            "127.0.0.1:0",
+            "--proxy-addr",
+            "127.0.0.1:0",
+            "--diag-addr",
+            "127.0.0.1:0",
+            option,
+            "carrier-pigeon",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("d"));
+        let out = run(cmd, None).failed();
+        assert!(
+            out.stderr
+                .contains("TCP congestion control \"carrier-pigeon\""),
+            "{option}: {}",
+            out.stderr
+        );
+    }
 }

@@ -54,6 +54,30 @@ impl std::fmt::Display for IoBackend {
     }
 }
 
+/// Set a TCP socket's congestion control to `cc` (`TCP_CONGESTION`), e.g. `cubic`; the error
+/// names the algorithm and where the host lists the ones it has and allows.
+pub fn set_tcp_congestion<S: std::os::fd::AsFd>(socket: &S, cc: &str) -> io::Result<()> {
+    socket2::SockRef::from(socket)
+        .set_tcp_congestion(cc.as_bytes())
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "TCP congestion control {cc:?}: {e} (available: \
+                     /proc/sys/net/ipv4/tcp_available_congestion_control; without privilege, \
+                     only net.ipv4.tcp_allowed_congestion_control)"
+                ),
+            )
+        })
+}
+
+/// Whether `cc` can be set on this host's TCP sockets (a throwaway socket tries it), for
+/// refusing a bad configuration at start rather than on every connection.
+pub fn check_tcp_congestion(cc: &str) -> io::Result<()> {
+    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    set_tcp_congestion(&probe, cc)
+}
+
 /// Decide the backend for `wanted`: `Ok((backend, why))`, or an error when io_uring was
 /// demanded and is not available.
 pub fn choose(wanted: IoBackend) -> Result<(IoBackend, String), String> {

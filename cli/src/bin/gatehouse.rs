@@ -83,6 +83,10 @@ struct StartArgs {
     /// Agent: how the tunnel reaches the proxy, tls (TCP) or quic (UDP).
     #[arg(long)]
     tunnel_transport: Option<gatehouse_agent::dataplane::quic::TunnelTransport>,
+    /// Agent: TCP congestion control for the tunnel's connection, e.g. cubic or bbr.
+    /// Default: the host's (net.ipv4.tcp_congestion_control).
+    #[arg(long, env = "GATEHOUSE_AGENT_TCP_CONGESTION")]
+    agent_tcp_congestion: Option<String>,
     /// Agent: a TCP app, NAME=HOST:PORT (repeatable).
     #[arg(long = "app")]
     apps: Vec<String>,
@@ -153,6 +157,9 @@ struct AgentSection {
     ssh: Option<bool>,
     /// The tunnel's transport: `tls` (TCP, default) or `quic` (UDP, same proxy address).
     transport: gatehouse_agent::dataplane::quic::TunnelTransport,
+    /// TCP congestion control for the tunnel's connection, e.g. `cubic`; unset keeps the
+    /// host's default.
+    tcp_congestion: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -314,6 +321,9 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     if let Some(v) = args.tunnel_transport {
         config.agent.transport = v;
     }
+    if let Some(v) = args.agent_tcp_congestion {
+        config.agent.tcp_congestion = Some(v);
+    }
     if let Some(v) = args.token {
         config.join.token = Some(v);
     }
@@ -465,6 +475,11 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             addresses,
             ssh: config.agent.ssh.unwrap_or(true),
             transport: config.agent.transport,
+            tcp_congestion: config
+                .agent
+                .tcp_congestion
+                .clone()
+                .filter(|cc| !cc.is_empty()),
         };
         agent = Some(gatehouse_agent::agent::start(opts, identity).await?);
     }

@@ -288,16 +288,7 @@ fn bind_reuseport(
     #[cfg(unix)]
     socket.set_reuse_port(true)?;
     if let Some(cc) = congestion {
-        socket.set_tcp_congestion(cc.as_bytes()).map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!(
-                    "TCP congestion control {cc:?}: {e} (available: \
-                     /proc/sys/net/ipv4/tcp_available_congestion_control; without privilege, \
-                     only net.ipv4.tcp_allowed_congestion_control)"
-                ),
-            )
-        })?;
+        socket::set_tcp_congestion(&socket, cc)?;
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
