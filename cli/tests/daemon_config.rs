@@ -120,8 +120,11 @@ fn established(filter: &str) -> Vec<Vec<String>> {
 
 /// A proxy started with `--proxy-tcp-congestion <proxy_cc>` and one agent with `agent_args`: the
 /// congestion control of the proxy's side of the agent's tunnel, and of the agent's side, as the
-/// kernel reports them.
-fn tunnel_congestion(proxy_cc: &str, agent_args: &[&str]) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
+/// kernel reports them, and the proxy's metrics.
+fn tunnel_congestion(
+    proxy_cc: &str,
+    agent_args: &[&str],
+) -> (Vec<Vec<String>>, Vec<Vec<String>>, String) {
     let agent_args = agent_args.iter().map(|a| a.to_string()).collect();
     let fleet = Fleet::start_with(
         "cc",
@@ -134,7 +137,7 @@ fn tunnel_congestion(proxy_cc: &str, agent_args: &[&str]) -> (Vec<Vec<String>>, 
         let proxy_side = established(&format!("( sport = :{port} )"));
         let agent_side = established(&format!("( dport = :{port} )"));
         if !proxy_side.is_empty() && !agent_side.is_empty() {
-            return (proxy_side, agent_side);
+            return (proxy_side, agent_side, fleet.proxy_metrics());
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -148,7 +151,8 @@ fn tunnel_congestion(proxy_cc: &str, agent_args: &[&str]) -> (Vec<Vec<String>>, 
 /// `--proxy-tcp-congestion`: the proxy's side of each connection on its public port (here, an
 /// agent's tunnel) runs the algorithm asked for, as the kernel reports it (`ss -ti`), while the
 /// agent's side keeps the host's default; an empty name is the host's default;
-/// `--agent-tcp-congestion` does the same for the agent's side; an unknown algorithm stops
+/// `--agent-tcp-congestion` does the same for the agent's side; `/metrics` says which one the
+/// proxy's port runs; an unknown algorithm stops
 /// either start with a clear error.
 #[test]
 fn tunnels_run_the_congestion_control_asked_for() {
@@ -159,18 +163,22 @@ fn tunnels_run_the_congestion_control_asked_for() {
     let has = |socks: &[Vec<String>], cc: &str| socks.iter().all(|w| w.iter().any(|w| w == cc));
 
     // reno is built into every kernel and always allowed.
-    let (proxy_side, agent_side) = tunnel_congestion("reno", &[]);
+    let metric = |cc: &str| format!("gatehouse_proxy_tcp_congestion{{algorithm=\"{cc}\"}} 1");
+    let (proxy_side, agent_side, metrics) = tunnel_congestion("reno", &[]);
     assert!(has(&proxy_side, "reno"), "proxy side: {proxy_side:?}");
+    assert!(metrics.contains(&metric("reno")), "{metrics}");
     assert!(
         has(&agent_side, &default),
         "agent side, host default {default}: {agent_side:?}"
     );
 
-    let (proxy_side, agent_side) = tunnel_congestion("", &["--agent-tcp-congestion", "reno"]);
+    let (proxy_side, agent_side, metrics) =
+        tunnel_congestion("", &["--agent-tcp-congestion", "reno"]);
     assert!(
         has(&proxy_side, &default),
         "proxy side, host default {default}: {proxy_side:?}"
     );
+    assert!(metrics.contains(&metric(&default)), "{metrics}");
     assert!(has(&agent_side, "reno"), "agent side: {agent_side:?}");
 
     for option in ["--proxy-tcp-congestion", "--agent-tcp-congestion"] {

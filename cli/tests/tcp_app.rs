@@ -718,13 +718,7 @@ fn handshakes(metrics: &str, kind: &str) -> u64 {
 
 /// The proxy's Prometheus metrics, as text.
 fn proxy_metrics(f: &Fleet) -> String {
-    let diag = f
-        .proxy
-        .field("Diagnostics:")
-        .trim_start_matches("http://")
-        .trim_end_matches("/metrics")
-        .to_string();
-    common::http_get(&diag, "/metrics").1
+    f.proxy_metrics()
 }
 
 /// `size` pseudo-random bytes through `gsh proxy tcp echo` and back, checksums compared.

@@ -71,6 +71,14 @@ pub fn set_tcp_congestion<S: std::os::fd::AsFd>(socket: &S, cc: &str) -> io::Res
         })
 }
 
+/// A TCP socket's congestion control (`TCP_CONGESTION`), e.g. `bbr`.
+pub fn tcp_congestion<S: std::os::fd::AsFd>(socket: &S) -> io::Result<String> {
+    let name = socket2::SockRef::from(socket).tcp_congestion()?;
+    Ok(String::from_utf8_lossy(&name)
+        .trim_end_matches('\0')
+        .to_owned())
+}
+
 /// Whether `cc` can be set on this host's TCP sockets (a throwaway socket tries it), for
 /// refusing a bad configuration at start rather than on every connection.
 pub fn check_tcp_congestion(cc: &str) -> io::Result<()> {

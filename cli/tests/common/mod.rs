@@ -541,6 +541,17 @@ impl Fleet {
         fleet
     }
 
+    /// The proxy's Prometheus metrics, as text.
+    pub fn proxy_metrics(&self) -> String {
+        let diag = self
+            .proxy
+            .field("Diagnostics:")
+            .trim_start_matches("http://")
+            .trim_end_matches("/metrics")
+            .to_string();
+        http_get(&diag, "/metrics").1
+    }
+
     pub fn auth_data(&self) -> PathBuf {
         self.dir.path().join("auth")
     }

@@ -29,6 +29,11 @@ pub struct BackendLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlgorithmLabel {
+    pub algorithm: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CoreLabel {
     pub core: String,
 }
@@ -42,6 +47,8 @@ pub struct KindLabel {
 pub struct ProxyMetrics {
     /// 1 for the I/O backend the workers run on (`io_uring` or `epoll`).
     pub io_backend: Family<BackendLabel, Gauge>,
+    /// 1 for the TCP congestion control the public port's connections run (`cubic`, `bbr`, …).
+    pub tcp_congestion: Family<AlgorithmLabel, Gauge>,
     pub tunnels: Gauge,
     pub streams: Gauge,
     pub sessions: Counter,
@@ -65,6 +72,11 @@ impl ProxyMetrics {
             "io_backend",
             "The data plane's I/O backend (1 for the one in use)",
             self.io_backend.clone(),
+        );
+        r.register(
+            "tcp_congestion",
+            "TCP congestion control of the public port's connections (1 for the one in use)",
+            self.tcp_congestion.clone(),
         );
         r.register(
             "streams",
@@ -134,6 +146,14 @@ impl ProxyMetrics {
                 })
                 .set(i64::from(b == backend));
         }
+    }
+
+    pub fn set_tcp_congestion(&self, algorithm: &str) {
+        self.tcp_congestion
+            .get_or_create(&AlgorithmLabel {
+                algorithm: algorithm.to_owned(),
+            })
+            .set(1);
     }
 
     pub fn refuse(&self, alpn: &str, reason: &str) {

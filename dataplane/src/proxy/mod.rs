@@ -190,13 +190,24 @@ impl Proxy {
         };
         let mut listeners = Vec::with_capacity(workers);
         let mut addr = config.listen;
-        if let Some(cc) = &config.tcp_congestion {
-            tracing::info!(congestion_control = %cc, "proxy: TCP congestion control on the public port");
-        }
         for _ in 0..workers {
             let l = bind_reuseport(addr, config.tcp_congestion.as_deref())?;
             addr = l.local_addr()?;
             listeners.push(l);
+        }
+        // What the accepted connections will run, as the kernel reports it (the host's default
+        // unless one was configured).
+        if let Some(cc) = listeners
+            .first()
+            .and_then(|l| socket::tcp_congestion(l).ok())
+        {
+            let source = if config.tcp_congestion.is_some() {
+                "configured"
+            } else {
+                "host default"
+            };
+            tracing::info!(congestion_control = %cc, %source, "proxy: TCP congestion control on the public port");
+            metrics.set_tcp_congestion(&cc);
         }
         // QUIC tunnels: an endpoint on every worker, each with a socket of its own in one
         // reuseport group that steers datagrams by connection ID (a tunnel lives on the worker
@@ -995,7 +1006,7 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
-    use super::{bind_reuseport, place_tunnel};
+    use super::{bind_reuseport, place_tunnel, socket};
 
     /// The proxy sets congestion control on its listening sockets only: what it relies on is
     /// that every connection they accept comes out with it (whatever the host's default is).
@@ -1011,8 +1022,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let _client = std::net::TcpStream::connect(addr).unwrap();
         let (accepted, _) = listener.accept().unwrap();
-        let cc = socket2::SockRef::from(&accepted).tcp_congestion().unwrap();
-        assert_eq!(String::from_utf8_lossy(&cc).trim_end_matches('\0'), "reno");
+        assert_eq!(socket::tcp_congestion(&accepted).unwrap(), "reno");
 
         let err = bind_reuseport("127.0.0.1:0".parse().unwrap(), Some("no-such-cc"))
             .expect_err("an unknown algorithm fails the bind");
