@@ -1,5 +1,6 @@
-//! Proxy metrics (`gatehouse_proxy_*`): tunnels, open streams, bytes forwarded, dial failures
-//! by reason, connections refused by ALPN and reason, TLS handshakes by kind.
+//! Proxy metrics (`gatehouse_proxy_*`): the I/O backend and TCP congestion control in use,
+//! tunnels, open streams, bytes forwarded, dial failures by reason, connections refused by ALPN
+//! and reason, TLS handshakes by kind.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
