@@ -398,7 +398,7 @@ fn tunnels_spread_over_the_proxys_workers() {
     let home = tempfile::tempdir().unwrap();
     f.user(home.path(), "alice", "access", &f.login, &[]);
     f.wait_for_nodes(home.path(), 8);
-    let metrics = proxy_metrics(&f);
+    let metrics = f.proxy_metrics();
     assert!(metrics.contains("gatehouse_proxy_tunnels 8"), "{metrics}");
     for core in 0..4 {
         let line = format!("gatehouse_proxy_worker_tunnels{{core=\"{core}\"}} 2");
@@ -539,7 +539,7 @@ fn quic_tunnels_spread_over_the_workers_and_survive_a_new_address() {
     let home = tempfile::tempdir().unwrap();
     f.user(home.path(), "alice", "access", &f.login, &[]);
     f.wait_for_nodes(home.path(), 8);
-    let metrics = proxy_metrics(&f);
+    let metrics = f.proxy_metrics();
     assert!(metrics.contains("gatehouse_proxy_tunnels 8"), "{metrics}");
     let busy = (0..4)
         .filter(|core| {
@@ -570,7 +570,7 @@ fn quic_tunnels_spread_over_the_workers_and_survive_a_new_address() {
             i + 1
         );
     }
-    let metrics = proxy_metrics(&f);
+    let metrics = f.proxy_metrics();
     assert!(metrics.contains("gatehouse_proxy_tunnels 8"), "{metrics}");
 }
 
@@ -634,7 +634,7 @@ fn round_trip_through_a_quic_tunnel() {
     // The stream fails (quinn reports the peer's close as "connection lost"); the metric below
     // says why.
     refused.expect_err("a non-node certificate got a QUIC tunnel");
-    let metrics = proxy_metrics(&f);
+    let metrics = f.proxy_metrics();
     assert!(
         metrics.contains(
             r#"gatehouse_proxy_connections_refused_total{alpn="quic",reason="identity"} 1"#
@@ -679,7 +679,7 @@ fn sessions_resume_but_not_past_the_certificate() {
         logged_in.elapsed() < ttl,
         "the sessions above took longer than the certificate lives; the test cannot tell"
     );
-    let metrics = proxy_metrics(&f);
+    let metrics = f.proxy_metrics();
     // alice's `gsh ls` went to Auth, not through the proxy's session port; bob's three
     // sessions: one full handshake, then resumptions.
     assert!(handshakes(&metrics, "resumed") >= 2, "{metrics}");
@@ -693,7 +693,7 @@ fn sessions_resume_but_not_past_the_certificate() {
         b"",
         "a session outlived its certificate"
     );
-    let metrics = proxy_metrics(&f);
+    let metrics = f.proxy_metrics();
     let _ = fwd.kill();
     let _ = fwd.wait();
     assert!(
@@ -714,11 +714,6 @@ fn handshakes(metrics: &str, kind: &str) -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix(&name))
         .map_or(0, |v| v.trim().parse().unwrap())
-}
-
-/// The proxy's Prometheus metrics, as text.
-fn proxy_metrics(f: &Fleet) -> String {
-    f.proxy_metrics()
 }
 
 /// `size` pseudo-random bytes through `gsh proxy tcp echo` and back, checksums compared.
