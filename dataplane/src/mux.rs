@@ -346,10 +346,16 @@ impl Tunnel {
             // While streams are open the connection keeps its input buffer anyway: read
             // straight into it, so received frames are not copied once more. tokio's `read_buf`
             // keeps no state between polls, so a fresh one per poll is the same read.
-            let inbuf = inner.conn.input_buffer(READ_BUF);
-            match std::pin::pin!(tokio::io::AsyncReadExt::read_buf(rd, inbuf)).poll(cx) {
-                Poll::Ready(Ok(0)) => Ok(false),
-                Poll::Ready(Ok(_)) => inner.conn.process_input(Instant::now()).map(|()| true),
+            // The room is initialized memory, so TLS decrypts records into it without zeroing
+            // it first.
+            let mut rb = tokio::io::ReadBuf::new(inner.conn.input_buffer(READ_BUF));
+            match std::pin::Pin::new(&mut *rd).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => Ok(false),
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    inner.conn.input_filled(n);
+                    inner.conn.process_input(Instant::now()).map(|()| true)
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(format!("read failed: {e}"))),
                 // Reader and writer run in one task, and whatever ends a stream wakes the
                 // writer: this read is polled again then and takes the branch below, which

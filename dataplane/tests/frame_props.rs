@@ -13,7 +13,7 @@
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use gatehouse_dataplane::tunnel::{Config, Connection, Frame, Side};
+use gatehouse_dataplane::tunnel::{Config, Connection, Frame, Input, Side};
 use proptest::prelude::*;
 
 fn arb_frame() -> impl Strategy<Value = Frame> {
@@ -83,6 +83,58 @@ proptest! {
             }
         }
         prop_assert_eq!(got, frames);
+    }
+
+    /// The tunnel's input buffer (what a connection decodes from) against the same: reads of
+    /// any sizes written into the room it lends, with payloads kept alive across reads or
+    /// dropped at once (the buffer is reused in place only when none is alive), and arbitrary
+    /// bytes never panic it.
+    #[test]
+    fn the_input_buffer_decodes_the_same_frames_under_any_reads(
+        frames in proptest::collection::vec(arb_frame(), 1..20),
+        reads in proptest::collection::vec((1usize..700, any::<bool>()), 1..40),
+        junk in proptest::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let mut wire = BytesMut::new();
+        for f in &frames {
+            f.encode(&mut wire);
+        }
+        wire.extend_from_slice(&junk);
+        let mut input = Input::default();
+        let mut got = vec![];
+        let mut kept = vec![];
+        let mut at = 0;
+        let mut turn = 0;
+        'reading: while at < wire.len() {
+            let (size, keep) = reads[turn % reads.len()];
+            turn += 1;
+            let room = input.room(size);
+            prop_assert!(room.len() >= size);
+            let n = size.min(wire.len() - at);
+            room[..n].copy_from_slice(&wire[at..at + n]);
+            input.filled(n);
+            at += n;
+            loop {
+                match input.decode(65_536) {
+                    Ok(Some(f)) if got.len() < frames.len() => {
+                        if keep {
+                            kept.push(f.clone());
+                        }
+                        got.push(f);
+                    }
+                    Ok(Some(_)) | Err(_) => break 'reading,
+                    Ok(None) => break,
+                }
+            }
+        }
+        prop_assert_eq!(&got[..], &frames[..got.len()]);
+        if junk.is_empty() {
+            prop_assert_eq!(got.len(), frames.len());
+        }
+        // Payloads kept across later reads still hold their bytes.
+        for f in &kept {
+            prop_assert!(frames.contains(f));
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::frame::{Frame, FrameError, HEADER_LEN, StreamId, VERSION};
+use super::input::Input;
 
 /// Error codes carried by `OpenErr`, `Reset` and `GoAway`.
 pub mod code {
@@ -209,9 +210,7 @@ pub struct Connection {
     /// they go out before `out`, which holds what was queued after them.
     segments: VecDeque<Bytes>,
     segments_len: usize,
-    inbuf: BytesMut,
-    /// Times [`Connection::input_buffer`] could not reuse the input buffer's allocation.
-    input_allocations: u64,
+    inbuf: Input,
     events: VecDeque<Event>,
     last_rx: Instant,
     next_ping: Instant,
@@ -249,8 +248,7 @@ impl Connection {
             out,
             segments: VecDeque::new(),
             segments_len: 0,
-            inbuf: BytesMut::new(),
-            input_allocations: 0,
+            inbuf: Input::default(),
             events: VecDeque::new(),
             last_rx: now,
             next_ping: now + config.ping_interval,
@@ -279,10 +277,10 @@ impl Connection {
         self.inbuf.capacity()
     }
 
-    /// How often the input buffer needed a fresh allocation for a read (payloads handed out
-    /// from it still alive, or none held): a reader that keeps up lets reads reuse it.
+    /// How often the input buffer needed a fresh allocation (see [`Input::allocations`]): a
+    /// reader that keeps up lets reads reuse it.
     pub fn input_allocations(&self) -> u64 {
-        self.input_allocations
+        self.inbuf.allocations()
     }
 
     pub fn open_streams(&self) -> usize {
@@ -326,32 +324,34 @@ impl Connection {
         if let Some(e) = &self.closed {
             return Err(e.clone());
         }
-        self.inbuf.extend_from_slice(data);
+        self.inbuf.extend(data);
         self.process_input(now)
     }
 
-    /// The connection's input buffer with room for at least `room` more bytes, for a transport
-    /// that reads straight into it (then calls [`Connection::process_input`]) instead of handing
-    /// over a copy with [`Connection::handle_input`]. Only append to it. Worth it while streams
-    /// are open, when the buffer is kept between reads anyway; an idle tunnel should read into a
-    /// shared buffer and call `handle_input`, so that it holds no buffer of its own.
-    pub fn input_buffer(&mut self, room: usize) -> &mut BytesMut {
-        if !self.inbuf.try_reclaim(room) {
-            self.input_allocations += 1;
-        }
-        self.inbuf.reserve(room);
-        &mut self.inbuf
+    /// Room for at least `room` more bytes in the connection's input buffer, initialized, for a
+    /// transport that reads straight into it (then calls [`Connection::input_filled`] and
+    /// [`Connection::process_input`]) instead of handing over a copy with
+    /// [`Connection::handle_input`]. Worth it while streams are open, when the buffer is kept
+    /// between reads anyway; an idle tunnel should read into a shared buffer and call
+    /// `handle_input`, so that it holds no buffer of its own.
+    pub fn input_buffer(&mut self, room: usize) -> &mut [u8] {
+        self.inbuf.room(room)
     }
 
-    /// Decode and handle the frames complete in the input buffer (after the transport appended
-    /// to [`Connection::input_buffer`]).
+    /// The transport wrote `n` bytes at the front of [`Connection::input_buffer`].
+    pub fn input_filled(&mut self, n: usize) {
+        self.inbuf.filled(n);
+    }
+
+    /// Decode and handle the frames complete in the input buffer (after the transport wrote
+    /// into [`Connection::input_buffer`]).
     pub fn process_input(&mut self, now: Instant) -> Result<(), ConnError> {
         if let Some(e) = &self.closed {
             return Err(e.clone());
         }
         self.last_rx = now;
         loop {
-            let frame = match Frame::decode(&mut self.inbuf, self.config.max_frame) {
+            let frame = match self.inbuf.decode(self.config.max_frame) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => return Err(self.fail(e.into())),
@@ -372,9 +372,8 @@ impl Connection {
     /// unless a burst made it large. Called after input is processed, and by a transport whose
     /// read into [`Connection::input_buffer`] was waiting when the last stream ended.
     pub fn release_idle_input(&mut self) {
-        if self.inbuf.is_empty() && (self.streams.is_empty() || self.inbuf.capacity() > 256 * 1024)
-        {
-            self.inbuf = BytesMut::new();
+        if self.streams.is_empty() || self.inbuf.capacity() > 256 * 1024 {
+            self.inbuf.release();
         }
     }
 

@@ -112,6 +112,15 @@ pub enum FrameError {
     WrongStream(&'static str, StreamId, &'static str),
 }
 
+/// A frame's header, checked by [`Frame::decode_header`]: what its payload will be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    ty: u8,
+    stream: StreamId,
+    /// The payload's length.
+    pub len: usize,
+}
+
 impl Frame {
     pub fn name(&self) -> &'static str {
         match self {
@@ -256,10 +265,24 @@ impl Frame {
     /// Decode one frame from the front of `buf`, if a whole one is there. Consumes exactly the
     /// frame's bytes; payloads are split off `buf` without copying.
     pub fn decode(buf: &mut BytesMut, max_frame: u32) -> Result<Option<Frame>, FrameError> {
-        let Some(header) = buf.get(..HEADER_LEN) else {
+        let Some(header) = Self::decode_header(buf, max_frame)? else {
             return Ok(None);
         };
-        let mut h = header;
+        if buf.len() < HEADER_LEN + header.len {
+            buf.reserve(HEADER_LEN + header.len - buf.len());
+            return Ok(None);
+        }
+        buf.advance(HEADER_LEN);
+        let payload = buf.split_to(header.len).freeze();
+        Self::from_parts(header, payload).map(Some)
+    }
+
+    /// Check the header at the front of `buf`, if all of it is there: a known type, no flags,
+    /// a length within `max_frame` (and [`MAX_FRAME_LIMIT`]).
+    pub fn decode_header(buf: &[u8], max_frame: u32) -> Result<Option<Header>, FrameError> {
+        let Some(mut h) = buf.get(..HEADER_LEN) else {
+            return Ok(None);
+        };
         let ty = h.get_u8();
         let flags = h.get_u8();
         let stream = h.get_u32();
@@ -274,12 +297,17 @@ impl Frame {
         if len > max {
             return Err(FrameError::TooLarge { len, max });
         }
-        if buf.len() < HEADER_LEN + len as usize {
-            buf.reserve(HEADER_LEN + len as usize - buf.len());
-            return Ok(None);
-        }
-        buf.advance(HEADER_LEN);
-        let mut p = buf.split_to(len as usize).freeze();
+        Ok(Some(Header {
+            ty,
+            stream,
+            len: len as usize,
+        }))
+    }
+
+    /// The frame a checked header and its whole payload make.
+    pub fn from_parts(header: Header, payload: Bytes) -> Result<Frame, FrameError> {
+        let Header { ty, stream, .. } = header;
+        let mut p = payload;
         let conn_level = |name: &'static str| {
             if stream == 0 {
                 Ok(())
@@ -402,7 +430,7 @@ impl Frame {
                 }
             }
         };
-        Ok(Some(frame))
+        Ok(frame)
     }
 }
 

@@ -3,9 +3,11 @@
 
 pub mod conn;
 pub mod frame;
+pub mod input;
 
 #[cfg(test)]
 mod tests;
 
 pub use conn::{Config, ConnError, Connection, Event, Framed, Side, StreamError, code};
-pub use frame::{Frame, FrameError, HEADER_LEN, StreamId};
+pub use frame::{Frame, FrameError, HEADER_LEN, Header, StreamId};
+pub use input::Input;
