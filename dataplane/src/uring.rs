@@ -77,7 +77,7 @@ pub fn current() -> Option<Rc<Driver>> {
 
 /// Whether io_uring can serve the Proxy on this machine; the error says why not (for logs).
 pub fn probe() -> Result<(), String> {
-    let ring = IoUring::new(8).map_err(|e| format!("io_uring_setup: {e}"))?;
+    let ring = new_ring(8).map_err(|e| format!("io_uring_setup: {e}"))?;
     let mut probe = io_uring::Probe::new();
     ring.submitter()
         .register_probe(&mut probe)
@@ -102,6 +102,20 @@ pub fn probe() -> Result<(), String> {
     .map_err(|e| format!("provided buffer rings (Linux 5.19+): {e}"))?;
     let _ = ring.submitter().unregister_buf_ring(7);
     Ok(())
+}
+
+/// A ring as the workers set it up (the probe too, so a kernel that refuses the setup falls back
+/// to epoll): a completion ring eight times the submission ring, and cooperative task running.
+/// Without `COOP_TASKRUN`, a completion for a worker that is running (say, encrypting) is posted
+/// by interrupting it with an IPI, an exit to the host on these VMs, only for the CQE to wait
+/// until the worker's tasks yield anyway; with it the kernel posts the completion at the worker's
+/// next system call (a `send`, the reaper's or the park hook's enter, `epoll_wait`), and a
+/// sleeping worker is still woken at once. Linux 5.19+, like the provided-buffer rings.
+fn new_ring(entries: u32) -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_cqsize(entries * 8)
+        .setup_coop_taskrun()
+        .build(entries)
 }
 
 /// Bytes on their way to a socket: a buffer from the thread's pool, written into directly
@@ -419,9 +433,7 @@ impl std::fmt::Debug for Driver {
 impl Driver {
     /// Create this thread's ring and install it; spawn its tasks on the current `LocalSet`.
     pub fn install() -> io::Result<Rc<Self>> {
-        let ring = IoUring::builder()
-            .setup_cqsize(RING_ENTRIES * 8)
-            .build(RING_ENTRIES)?;
+        let ring = new_ring(RING_ENTRIES)?;
         let bufs = BufRing::new(BUF_COUNT, BUF_SIZE, HEADROOM)?;
         // SAFETY: the buffer ring outlives its registration: the driver drops the io_uring
         // (which releases it) before `bufs` (field order), and leaks it if it cannot drain.
