@@ -864,7 +864,12 @@ impl UringStream {
     /// readiness itself).
     pub fn new(socket: std::net::TcpStream, driver: Rc<Driver>) -> io::Result<Self> {
         socket.set_nonblocking(false)?;
-        Ok(Self {
+        Ok(Self::blocking(socket, driver))
+    }
+
+    /// `new` for a socket known to be in blocking mode already (one the ring accepted).
+    fn blocking(socket: std::net::TcpStream, driver: Rc<Driver>) -> Self {
+        Self {
             fd: OwnedFd::from(socket),
             driver,
             recv: None,
@@ -876,7 +881,7 @@ impl UringStream {
             write_error: None,
             // A new connection usually has its first bytes waiting (a ClientHello, a request).
             nonempty: true,
-        })
+        }
     }
 
     fn sock(&self) -> socket2::SockRef<'_> {
@@ -1380,7 +1385,8 @@ impl UringListener {
             }
             // SAFETY: a successful accept's result is a new descriptor that nobody else owns.
             let socket = unsafe { std::net::TcpStream::from_raw_fd(c.result) };
-            let stream = UringStream::new(socket, Rc::clone(&self.driver))?;
+            // Accepted without SOCK_NONBLOCK: blocking already, no ioctl needed.
+            let stream = UringStream::blocking(socket, Rc::clone(&self.driver));
             let peer = match stream.peer_addr() {
                 Ok(p) => p,
                 // Reset before we looked: next.

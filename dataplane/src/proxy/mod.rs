@@ -301,6 +301,9 @@ fn bind_reuseport(
     if let Some(cc) = congestion {
         socket::set_tcp_congestion(&socket, cc)?;
     }
+    // Accepted connections inherit both (Linux copies the listener's TCP options into each
+    // one): no setsockopt per connection.
+    socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
@@ -547,7 +550,7 @@ fn peer_identity(tls: &TlsStream, cluster: &str) -> Result<Identity, &'static st
 
 impl Worker {
     async fn serve_connection(&self, mut tcp: Socket, remote: SocketAddr) {
-        let _ = tcp.set_nodelay(true);
+        // (TCP_NODELAY comes from the listener: see `bind_reuseport`.)
         let metrics = &self.shared.metrics;
         let alpn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, peek_alpn(&mut tcp)).await {
             Ok(Ok(alpn)) => alpn,
@@ -1008,10 +1011,11 @@ impl Worker {
 mod tests {
     use super::{bind_reuseport, place_tunnel, socket};
 
-    /// The proxy sets congestion control on its listening sockets only: what it relies on is
-    /// that every connection they accept comes out with it (whatever the host's default is).
+    /// The proxy sets congestion control and TCP_NODELAY on its listening sockets only: what it
+    /// relies on is that every connection they accept comes out with them (whatever the host's
+    /// default is).
     #[test]
-    fn accepted_connections_inherit_the_listeners_congestion_control() {
+    fn accepted_connections_inherit_the_listeners_options() {
         // reno is built into every kernel and always allowed without privilege.
         let listener = match bind_reuseport("127.0.0.1:0".parse().unwrap(), Some("reno")) {
             Ok(l) => l,
@@ -1023,6 +1027,7 @@ mod tests {
         let _client = std::net::TcpStream::connect(addr).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         assert_eq!(socket::tcp_congestion(&accepted).unwrap(), "reno");
+        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY inherited");
 
         let err = bind_reuseport("127.0.0.1:0".parse().unwrap(), Some("no-such-cc"))
             .expect_err("an unknown algorithm fails the bind");
