@@ -344,10 +344,9 @@ impl Tunnel {
         let mut inner = self.inner.borrow_mut();
         let read = if inner.conn.open_streams() > 0 {
             // While streams are open the connection keeps its input buffer anyway: read
-            // straight into it, so received frames are not copied once more. tokio's `read_buf`
-            // keeps no state between polls, so a fresh one per poll is the same read.
-            // The room is initialized memory, so TLS decrypts records into it without zeroing
-            // it first.
+            // straight into it, so received frames are not copied once more. The room lent is
+            // initialized memory, so TLS decrypts records into it without zeroing it first. (A
+            // `ReadBuf` keeps nothing between polls: a fresh one per poll is the same read.)
             let mut rb = tokio::io::ReadBuf::new(inner.conn.input_buffer(READ_BUF));
             match std::pin::Pin::new(&mut *rd).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) if rb.filled().is_empty() => Ok(false),
