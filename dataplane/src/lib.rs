@@ -3,6 +3,7 @@
 
 pub mod client_hello;
 pub mod mux;
+mod pool;
 pub mod proxy;
 pub mod quic;
 pub mod session_proto;

@@ -13,6 +13,7 @@ use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
+use crate::pool;
 use crate::tunnel::{
     Config, ConnError, Connection, Event, Framed, HEADER_LEN, Side, StreamError, StreamId, code,
 };
@@ -196,12 +197,11 @@ struct ReadBuffer(Vec<u8>);
 
 impl ReadBuffer {
     fn take(len: usize) -> Self {
-        let pooled = if len == BULK_BUF {
-            BULK_POOL.with(|p| p.borrow_mut().pop())
+        if len == BULK_BUF {
+            Self(pool::take(&BULK_POOL, BULK_BUF))
         } else {
-            None
-        };
-        Self(pooled.unwrap_or_else(|| vec![0u8; len]))
+            Self(vec![0u8; len])
+        }
     }
 }
 
@@ -220,15 +220,7 @@ impl AsMut<[u8]> for ReadBuffer {
 impl Drop for ReadBuffer {
     fn drop(&mut self) {
         if self.0.len() == BULK_BUF {
-            let buf = std::mem::take(&mut self.0);
-            // (Not during the thread's teardown, and never re-entered: best effort.)
-            let _ = BULK_POOL.try_with(|p| {
-                if let Ok(mut p) = p.try_borrow_mut()
-                    && p.len() < BULK_POOL_MAX
-                {
-                    p.push(buf);
-                }
-            });
+            pool::give(&BULK_POOL, BULK_POOL_MAX, std::mem::take(&mut self.0));
         }
     }
 }

@@ -43,6 +43,8 @@ use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
+use crate::pool;
+
 /// Submission ring size (the completion ring is eight times this: completions of a burst of
 /// connections can outnumber the submissions of one batch).
 const RING_ENTRIES: u32 = 2048;
@@ -129,9 +131,7 @@ pub struct SendBuf {
 
 impl SendBuf {
     fn from_pool() -> Self {
-        let data = SEND_POOL
-            .with(|p| p.borrow_mut().pop())
-            .unwrap_or_else(|| vec![0u8; SEND_BUF]);
+        let data = pool::take(&SEND_POOL, SEND_BUF);
         Self {
             data,
             start: 0,
@@ -176,13 +176,7 @@ impl SendBuf {
 impl Drop for SendBuf {
     fn drop(&mut self) {
         if self.data.len() == SEND_BUF {
-            let data = std::mem::take(&mut self.data);
-            let _ = SEND_POOL.try_with(|p| {
-                let mut p = p.borrow_mut();
-                if p.len() < SEND_POOL_MAX {
-                    p.push(data);
-                }
-            });
+            pool::give(&SEND_POOL, SEND_POOL_MAX, std::mem::take(&mut self.data));
         }
     }
 }

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::frame::{Frame, FrameError, HEADER_LEN};
+use crate::pool;
 
 /// The size of a busy tunnel's input buffer: a 64 KiB read behind a partial frame of up to
 /// 64 KiB. Buffers of this size are pooled.
@@ -41,29 +42,18 @@ impl Block {
     /// when it is the bulk size.
     fn take(size: usize) -> Self {
         let size = size.max(64).next_power_of_two();
-        let pooled = if size == BULK {
-            POOL.try_with(|p| p.try_borrow_mut().ok().and_then(|mut p| p.pop()))
-                .ok()
-                .flatten()
+        if size == BULK {
+            Self(pool::take(&POOL, BULK))
         } else {
-            None
-        };
-        Self(pooled.unwrap_or_else(|| vec![0u8; size]))
+            Self(vec![0u8; size])
+        }
     }
 }
 
 impl Drop for Block {
     fn drop(&mut self) {
         if self.0.len() == BULK {
-            let buf = std::mem::take(&mut self.0);
-            // (Not during the thread's teardown, and never re-entered: best effort.)
-            let _ = POOL.try_with(|p| {
-                if let Ok(mut p) = p.try_borrow_mut()
-                    && p.len() < POOL_MAX
-                {
-                    p.push(buf);
-                }
-            });
+            pool::give(&POOL, POOL_MAX, std::mem::take(&mut self.0));
         }
     }
 }
