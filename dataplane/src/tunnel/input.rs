@@ -215,23 +215,14 @@ impl Input {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
-    use bytes::BytesMut;
-
     use super::*;
+    use crate::tunnel::tests::encode as wire;
 
     fn data(stream: u32, len: usize, fill: u8) -> Frame {
         Frame::Data {
             stream,
             data: Bytes::from(vec![fill; len]),
         }
-    }
-
-    fn wire(frames: &[Frame]) -> Vec<u8> {
-        let mut out = BytesMut::new();
-        for f in frames {
-            f.encode(&mut out);
-        }
-        out.to_vec()
     }
 
     #[test]

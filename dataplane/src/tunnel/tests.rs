@@ -306,7 +306,8 @@ fn window_grants_sample_the_round_trip_under_load() {
     );
 }
 
-fn encode(frames: &[super::frame::Frame]) -> Vec<u8> {
+/// The wire bytes of `frames`, in order.
+pub(super) fn encode(frames: &[super::frame::Frame]) -> Vec<u8> {
     let mut b = BytesMut::new();
     for f in frames {
         f.encode(&mut b);
