@@ -152,8 +152,7 @@ fn tunnel_congestion(
 /// agent's tunnel) runs the algorithm asked for, as the kernel reports it (`ss -ti`), while the
 /// agent's side keeps the host's default; an empty name is the host's default;
 /// `--agent-tcp-congestion` does the same for the agent's side; `/metrics` says which one the
-/// proxy's port runs; an unknown algorithm stops
-/// either start with a clear error.
+/// proxy's port runs; an unknown algorithm stops either start with a clear error.
 #[test]
 fn tunnels_run_the_congestion_control_asked_for() {
     let default = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")

@@ -275,6 +275,12 @@ fn host_name() -> String {
         .unwrap_or_else(|| "node".into())
 }
 
+/// A configured congestion-control name; an empty one (`tcp_congestion = ""`, an empty
+/// environment variable) means unset: the host's default.
+fn congestion_control(name: &Option<String>) -> Option<String> {
+    name.clone().filter(|cc| !cc.is_empty())
+}
+
 async fn start(args: StartArgs) -> anyhow::Result<()> {
     let mut config = match &args.config {
         Some(path) => {
@@ -431,12 +437,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             config.proxy.workers,
             config.proxy.io_backend,
             config.proxy.quic,
-            // An empty name (`tcp_congestion = ""`, an empty environment variable) means unset.
-            config
-                .proxy
-                .tcp_congestion
-                .clone()
-                .filter(|cc| !cc.is_empty()),
+            congestion_control(&config.proxy.tcp_congestion),
             &auth_addr,
             &cert,
             &key,
@@ -475,11 +476,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             addresses,
             ssh: config.agent.ssh.unwrap_or(true),
             transport: config.agent.transport,
-            tcp_congestion: config
-                .agent
-                .tcp_congestion
-                .clone()
-                .filter(|cc| !cc.is_empty()),
+            tcp_congestion: congestion_control(&config.agent.tcp_congestion),
         };
         agent = Some(gatehouse_agent::agent::start(opts, identity).await?);
     }
