@@ -182,6 +182,50 @@ fn send_garbage(addr: &str, config: Arc<rustls::ClientConfig>, garbage: &[u8]) -
     }
 }
 
+/// A socket that sends what it is given in pieces of at most `piece` bytes, each its own
+/// segment (`TCP_NODELAY` and a pause between them), the way a large ClientHello arrives over
+/// a real link.
+struct InPieces {
+    tcp: std::net::TcpStream,
+    piece: usize,
+}
+
+impl Read for InPieces {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for InPieces {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.piece);
+        self.tcp.write_all(&buf[..n])?;
+        std::thread::sleep(Duration::from_millis(30));
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+/// A TLS handshake through the proxy, with the ClientHello sent in pieces: the name the server
+/// presented, once the handshake is done.
+fn handshake_in_pieces(addr: &str, config: Arc<rustls::ClientConfig>, server: &str) -> bool {
+    let name = rustls::pki_types::ServerName::try_from(server.to_owned()).unwrap();
+    let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_nodelay(true).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut io = InPieces { tcp, piece: 64 };
+    while conn.is_handshaking() {
+        if conn.complete_io(&mut io).is_err() {
+            return false;
+        }
+    }
+    true
+}
+
 #[test]
 fn garbage_on_every_alpn_closes_only_that_connection() {
     let f = Fleet::start("garbage", &[("node1", "env=dev", vec![])]);
@@ -263,9 +307,27 @@ fn garbage_on_every_alpn_closes_only_that_connection() {
     // Garbage to Auth through the pass-through.
     send_garbage(
         &f.proxy_addr,
-        tls_client(b"gatehouse-auth", user, &ca),
+        tls_client(b"gatehouse-auth", user.clone(), &ca),
         b"PRI * garbage\r\n\r\n",
     );
+    // A ClientHello that arrives in 64-byte pieces is read as they come, and every byte of it
+    // reaches the server that the ALPN picks: the proxy's TLS or, passed through, Auth's.
+    for (alpn, server) in [
+        (
+            &b"gatehouse-ssh"[..],
+            gatehouse_controlplane::identity::PROXY_SERVER_NAME,
+        ),
+        (
+            &b"gatehouse-auth"[..],
+            gatehouse_controlplane::identity::AUTH_SERVER_NAME,
+        ),
+    ] {
+        assert!(
+            handshake_in_pieces(&f.proxy_addr, tls_client(alpn, user.clone(), &ca), server),
+            "handshake for {} with a split ClientHello",
+            String::from_utf8_lossy(alpn)
+        );
+    }
 
     let out = long.join().unwrap();
     assert_eq!(out.status, 0, "{}", out.stderr);

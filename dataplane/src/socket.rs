@@ -163,14 +163,6 @@ impl Socket {
             Self::Uring(s) => s.set_nodelay(on),
         }
     }
-
-    /// Bytes at the front of the stream, left there.
-    pub async fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Self::Epoll(s) => s.peek(buf).await,
-            Self::Uring(s) => s.peek(buf).await,
-        }
-    }
 }
 
 impl AsyncRead for Socket {

@@ -171,8 +171,8 @@ pub struct TlsStream<C: TlsSide = UnbufferedServerConnection> {
     /// A fatal TLS error (kept to answer every later call the same way).
     failed: Option<String>,
     sent_close_notify: bool,
-    /// `buf.incoming` may hold complete records (moved here from another core) that must be
-    /// processed before waiting for more.
+    /// `buf.incoming` may hold complete records (moved here from another core, or read before
+    /// the handshake to route the connection) that must be processed before waiting for more.
     stored_unprocessed: bool,
 }
 
@@ -450,10 +450,23 @@ fn queue_alert<C: TlsSide>(tls: &mut C, buf: &mut Buffers, input: &mut [u8]) {
 
 impl TlsStream {
     /// Run the server handshake on `io`.
-    pub async fn accept(io: impl Into<Socket>, config: Arc<ServerConfig>) -> io::Result<Self> {
+    pub fn accept(
+        io: impl Into<Socket>,
+        config: Arc<ServerConfig>,
+    ) -> impl Future<Output = io::Result<Self>> {
+        Self::accept_received(io, config, Vec::new())
+    }
+
+    /// Run the server handshake on `io`, whose first bytes (`received`: the ClientHello the
+    /// caller read to route the connection) were already taken from the socket.
+    pub async fn accept_received(
+        io: impl Into<Socket>,
+        config: Arc<ServerConfig>,
+        received: Vec<u8>,
+    ) -> io::Result<Self> {
         let take_over = config.enable_secret_extraction;
         let tls = UnbufferedServerConnection::new(config).map_err(tls_error)?;
-        Self::handshake(io.into(), tls, take_over).await
+        Self::handshake(io.into(), tls, take_over, received).await
     }
 }
 
@@ -466,22 +479,27 @@ impl TlsStream<UnbufferedClientConnection> {
     ) -> io::Result<Self> {
         let take_over = config.enable_secret_extraction;
         let tls = UnbufferedClientConnection::new(config, name).map_err(tls_error)?;
-        Self::handshake(io.into(), tls, take_over).await
+        Self::handshake(io.into(), tls, take_over, Vec::new()).await
     }
 }
 
 impl<C: TlsSide> TlsStream<C> {
-    async fn handshake(io: Socket, tls: C, take_over: bool) -> io::Result<Self> {
+    /// Handshake on `io`; `received` is what was already read from it (processed first).
+    async fn handshake(io: Socket, tls: C, take_over: bool, received: Vec<u8>) -> io::Result<Self> {
+        let stored_unprocessed = !received.is_empty();
         let mut s = Self {
             io,
             tls: Engine::Rustls(Box::new(tls)),
             handshake: Handshake::default(),
             take_over,
-            buf: Buffers::default(),
+            buf: Buffers {
+                incoming: received,
+                ..Buffers::default()
+            },
             read_eof: false,
             failed: None,
             sent_close_notify: false,
-            stored_unprocessed: false,
+            stored_unprocessed,
         };
         std::future::poll_fn(|cx| s.poll_handshake(cx)).await?;
         s.take_over_records()

@@ -825,9 +825,8 @@ impl AsRawFd for RingFd {
 pub struct UringStream {
     fd: OwnedFd,
     driver: Rc<Driver>,
-    /// The receive (or peek) in flight.
+    /// The receive in flight.
     recv: Option<usize>,
-    recv_is_peek: bool,
     /// Received bytes the reader could not take yet.
     pending: BytesMut,
     eof: bool,
@@ -867,7 +866,6 @@ impl UringStream {
             fd: OwnedFd::from(socket),
             driver,
             recv: None,
-            recv_is_peek: false,
             pending: BytesMut::new(),
             eof: false,
             send: None,
@@ -919,13 +917,11 @@ impl UringStream {
         Some(t.c)
     }
 
-    fn start_recv(&mut self, len: usize, flags: i32) {
+    fn start_recv(&mut self, len: usize) {
         let len = len.clamp(1, BUF_SIZE) as u32;
         let fd = self.fd.as_raw_fd();
-        self.recv_is_peek = flags & libc::MSG_PEEK != 0;
         self.recv = Some(self.driver.start(Kind::Recv, None, |_| {
             opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), len)
-                .flags(flags)
                 .buf_group(BGID)
                 .build()
                 .flags(squeue::Flags::BUFFER_SELECT)
@@ -933,7 +929,7 @@ impl UringStream {
     }
 
     /// Copy a receive's bytes to `dst` (what does not fit to `pending`); recycle its buffer.
-    fn deliver(&mut self, c: Completion, dst: &mut [u8], keep_rest: bool) -> io::Result<usize> {
+    fn deliver(&mut self, c: Completion, dst: &mut [u8]) -> io::Result<usize> {
         let bid = cqueue::buffer_select(c.flags);
         if c.result < 0 {
             if let Some(bid) = bid {
@@ -950,7 +946,7 @@ impl UringStream {
         if let (Some(d), Some(s)) = (dst.get_mut(..n), data.get(..n)) {
             d.copy_from_slice(s);
         }
-        if keep_rest && let Some(rest) = data.get(n..) {
+        if let Some(rest) = data.get(n..) {
             self.pending.extend_from_slice(rest);
         }
         self.driver.bufs.recycle(bid);
@@ -979,26 +975,19 @@ impl UringStream {
             return Poll::Ready(Ok(None));
         }
         loop {
-            let was_peek = self.recv_is_peek;
             let Some(c) = self.poll_recv_done(cx) else {
                 if self.recv.is_none() {
-                    self.start_recv(len, 0);
+                    self.start_recv(len);
                     continue;
                 }
                 return Poll::Pending;
             };
             let bid = cqueue::buffer_select(c.flags);
-            if was_peek || c.result == -libc::ENOBUFS {
-                if let Some(bid) = bid {
-                    self.driver.bufs.recycle(bid);
-                }
-                self.start_recv(len, 0);
-                if !was_peek {
-                    // Every provided buffer is out: they come back within the tick.
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
-                continue;
+            if c.result == -libc::ENOBUFS {
+                // Every provided buffer is out: they come back within the tick.
+                self.start_recv(len);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
             }
             if c.result < 0 {
                 if let Some(bid) = bid {
@@ -1036,14 +1025,14 @@ impl UringStream {
     }
 
     /// A non-blocking `recv` into `dst`: `None` when the socket is empty (the hint is cleared).
-    fn recv_now(&mut self, dst: &mut [u8], flags: i32) -> Option<io::Result<usize>> {
+    fn recv_now(&mut self, dst: &mut [u8]) -> Option<io::Result<usize>> {
         // SAFETY: `dst` is a valid, writable buffer of `dst.len()` bytes for the call.
         let n = unsafe {
             libc::recv(
                 self.fd.as_raw_fd(),
                 dst.as_mut_ptr().cast(),
                 dst.len(),
-                libc::MSG_DONTWAIT | flags,
+                libc::MSG_DONTWAIT,
             )
         };
         if n < 0 {
@@ -1058,45 +1047,6 @@ impl UringStream {
         // A full buffer suggests more behind it; a short one that the socket is drained.
         self.nonempty = n == dst.len() && n > 0;
         Some(Ok(n))
-    }
-
-    /// Like `recv(MSG_PEEK)`: bytes at the front of the stream, left in place.
-    pub async fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.recv.is_some() && !self.recv_is_peek {
-            return Err(io::Error::other("peek while a read is in flight"));
-        }
-        std::future::poll_fn(|cx| {
-            if self.data_waiting() {
-                match self.recv_now(buf, libc::MSG_PEEK) {
-                    Some(Ok(n)) => {
-                        // The bytes are still there for the first read.
-                        self.nonempty = n > 0;
-                        return Poll::Ready(Ok(n));
-                    }
-                    Some(Err(e)) => return Poll::Ready(Err(e)),
-                    None => {}
-                }
-            }
-            if let Some(c) = self.poll_recv_done(cx) {
-                if c.result == -libc::ENOBUFS {
-                    self.start_recv(buf.len(), libc::MSG_PEEK);
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
-                if c.result == 0 {
-                    return Poll::Ready(Ok(0));
-                }
-                self.nonempty = c.result > 0;
-                return Poll::Ready(self.deliver(c, buf, false));
-            }
-            if self.recv.is_none() {
-                self.start_recv(buf.len(), libc::MSG_PEEK);
-                // Registers the waker on the new op.
-                let _ = self.poll_recv_done(cx);
-            }
-            Poll::Pending
-        })
-        .await
     }
 
     /// Move the send along: take its completion, send the rest or what was queued meanwhile.
@@ -1224,7 +1174,7 @@ impl AsyncRead for UringStream {
         // Bulk transfer: the socket had more than the last receive took, so read it directly
         // (one syscall, no ring round trip); an empty socket goes back to waiting on the ring.
         if this.data_waiting() {
-            match this.recv_now(rb.initialize_unfilled(), 0) {
+            match this.recv_now(rb.initialize_unfilled()) {
                 Some(Ok(n)) => {
                     if n == 0 {
                         this.eof = true;
@@ -1237,21 +1187,15 @@ impl AsyncRead for UringStream {
             }
         }
         loop {
-            let was_peek = this.recv_is_peek;
             if let Some(c) = this.poll_recv_done(cx) {
-                if was_peek {
-                    // A peek left behind (its caller gave up): its bytes are still queued.
-                    let _ = this.deliver(c, &mut [], false);
-                    continue;
-                }
                 if c.result == -libc::ENOBUFS {
                     // Every provided buffer is out: ask again (they come back within the tick).
-                    this.start_recv(rb.remaining(), 0);
+                    this.start_recv(rb.remaining());
                     cx.waker().wake_by_ref();
                     return Poll::Pending;
                 }
                 let dst = rb.initialize_unfilled();
-                let n = this.deliver(c, dst, true)?;
+                let n = this.deliver(c, dst)?;
                 if n == 0 {
                     this.eof = true;
                 }
@@ -1261,7 +1205,7 @@ impl AsyncRead for UringStream {
             if this.recv.is_some() {
                 return Poll::Pending;
             }
-            this.start_recv(rb.remaining(), 0);
+            this.start_recv(rb.remaining());
         }
     }
 }

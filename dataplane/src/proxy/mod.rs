@@ -1,7 +1,7 @@
 //! The Proxy: one public TLS port on every core (SO_REUSEPORT), routed by ALPN.
 //!
-//! - `gatehouse-auth`: passed through to Auth byte for byte (decided by peeking at the
-//!   ClientHello, before any TLS termination), so the client's certificate authenticates to Auth.
+//! - `gatehouse-auth`: passed through to Auth byte for byte (decided by the ClientHello's ALPN,
+//!   before any TLS termination), so the client's certificate authenticates to Auth.
 //! - `gatehouse-tunnel`: an agent (node certificate) holds its reverse tunnel here.
 //! - `gatehouse-ssh` / `gatehouse-tcp`: a user (user certificate) asks for a target; the session is
 //!   moved to the core that owns the target's tunnel (socket and TLS state over a channel), opened
@@ -436,26 +436,30 @@ async fn serve_worker(
     }
 }
 
-/// Read the ClientHello's ALPN without consuming anything from the socket.
-async fn peek_alpn(tcp: &mut Socket) -> Result<Vec<Vec<u8>>, &'static str> {
-    let mut buf = vec![0u8; client_hello::MAX_HELLO];
-    let mut last = 0;
+/// Room for a first read: a ClientHello with a post-quantum key share is about 1.8 KiB.
+const HELLO_READ: usize = 2048;
+
+/// Read the ClientHello, and its ALPN: the bytes read go on to the TLS handshake or to Auth,
+/// whichever the ALPN picks. A hello split across segments is read as its parts arrive.
+async fn read_hello(tcp: &mut Socket) -> Result<(Vec<u8>, Vec<Vec<u8>>), &'static str> {
+    use bytes::BufMut as _;
+    let mut buf = Vec::with_capacity(HELLO_READ);
     loop {
-        let n = tcp.peek(&mut buf).await.map_err(|_| "read failed")?;
+        let room = client_hello::MAX_HELLO.saturating_sub(buf.len());
+        let n = tcp
+            .read_buf(&mut (&mut buf).limit(room))
+            .await
+            .map_err(|_| "read failed")?;
         if n == 0 {
             return Err("closed before sending a ClientHello");
         }
-        match client_hello::peek(buf.get(..n).unwrap_or_default()) {
-            Peek::Hello { alpn, .. } => return Ok(alpn),
+        match client_hello::peek(&buf) {
+            Peek::Hello { alpn, .. } => return Ok((buf, alpn)),
             Peek::NotTls(why) => return Err(why),
-            Peek::NeedMore if n >= client_hello::MAX_HELLO => return Err("ClientHello too large"),
-            Peek::NeedMore => {
-                if n == last {
-                    // Nothing new yet: wait a little for the rest of the hello.
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                last = n;
+            Peek::NeedMore if buf.len() >= client_hello::MAX_HELLO => {
+                return Err("ClientHello too large");
             }
+            Peek::NeedMore => {}
         }
     }
 }
@@ -552,8 +556,10 @@ impl Worker {
     async fn serve_connection(&self, mut tcp: Socket, remote: SocketAddr) {
         // (TCP_NODELAY comes from the listener: see `bind_reuseport`.)
         let metrics = &self.shared.metrics;
-        let alpn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, peek_alpn(&mut tcp)).await {
-            Ok(Ok(alpn)) => alpn,
+        let (hello, alpn) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_hello(&mut tcp))
+            .await
+        {
+            Ok(Ok(read)) => read,
             Ok(Err(why)) => {
                 tracing::info!(%remote, reason = why, "proxy: closing connection: not a TLS client");
                 metrics.refuse("none", "not_tls");
@@ -565,12 +571,12 @@ impl Worker {
             }
         };
         if alpn.iter().any(|a| a == ALPN_AUTH) {
-            self.pass_to_auth(tcp, remote).await;
+            self.pass_to_auth(tcp, remote, &hello).await;
             return;
         }
         let tls = match tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            TlsStream::accept(tcp, Arc::clone(&self.shared.config.tls)),
+            TlsStream::accept_received(tcp, Arc::clone(&self.shared.config.tls), hello),
         )
         .await
         {
@@ -650,7 +656,8 @@ impl Worker {
         conn.close(quinn::VarInt::from_u32(0), b"tunnel closed");
     }
 
-    async fn pass_to_auth(&self, mut tcp: Socket, remote: SocketAddr) {
+    /// Splice the connection to Auth, starting with the bytes already read from it (`hello`).
+    async fn pass_to_auth(&self, mut tcp: Socket, remote: SocketAddr, hello: &[u8]) {
         let mut upstream = match TcpStream::connect(&self.shared.config.auth_addr).await {
             Ok(s) => s,
             Err(e) => {
@@ -660,6 +667,9 @@ impl Worker {
             }
         };
         let _ = upstream.set_nodelay(true);
+        if upstream.write_all(hello).await.is_err() {
+            return;
+        }
         let _ = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
     }
 
