@@ -41,7 +41,7 @@ use crate::tls_stream::{TlsParts, TlsStream};
 use crate::tunnel::{self, Side, code};
 use crate::uring::UringListener;
 pub use metrics::ProxyMetrics;
-pub use router::{Inventory, RouteError, RouteTable, TunnelEntry};
+pub use router::{Inventory, RouteChange, RouteError, RouteTable, TunnelEntry};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -316,6 +316,16 @@ struct Worker {
     core: usize,
     shared: Arc<Shared>,
     tunnels: Rc<RefCell<HashMap<u64, Tunnel>>>,
+    /// Route table changes this worker made in its current tick, not yet published.
+    route_changes: Rc<RefCell<RouteChanges>>,
+}
+
+/// Route table changes waiting to be published together, and the inventories that go to Auth
+/// once they are (Auth lists a node only after this proxy can route to it).
+#[derive(Default)]
+struct RouteChanges {
+    changes: Vec<RouteChange>,
+    inventories: Vec<Inventory>,
 }
 
 /// A worker's listening socket on its backend.
@@ -375,6 +385,7 @@ async fn serve_worker(
             core,
             shared: Arc::clone(&shared),
             tunnels: Rc::default(),
+            route_changes: Rc::default(),
         };
         {
             let w = w.clone();
@@ -721,6 +732,48 @@ impl Worker {
         );
     }
 
+    /// Queue a route table change, and an agent's inventory for Auth. The changes a worker
+    /// makes in one tick are published together, by a task the first of them spawns: when
+    /// thousands of agents connect at once (a proxy restart), the table's shared nodes are
+    /// copied once per batch, not once per tunnel. An inventory with nothing queued ahead of it
+    /// goes to Auth at once.
+    fn change_routes(&self, change: Option<RouteChange>, inventory: Option<Inventory>) {
+        let mut q = self.route_changes.borrow_mut();
+        let idle = q.changes.is_empty() && q.inventories.is_empty();
+        if idle && change.is_none() {
+            if let Some(inv) = inventory {
+                let _ = self.shared.inventory.send(inv);
+            }
+            return;
+        }
+        q.changes.extend(change);
+        q.inventories.extend(inventory);
+        if idle {
+            let w = self.clone();
+            tokio::task::spawn_local(async move { w.publish_routes() });
+        }
+    }
+
+    /// Publish the queued route changes in one table update, then pass on the inventories.
+    fn publish_routes(&self) {
+        let RouteChanges {
+            changes,
+            inventories,
+        } = std::mem::take(&mut *self.route_changes.borrow_mut());
+        if !changes.is_empty() {
+            self.shared.routes.rcu(|t| {
+                let mut t = RouteTable::clone(t);
+                for c in &changes {
+                    t.apply(c);
+                }
+                t
+            });
+        }
+        for inv in inventories {
+            let _ = self.shared.inventory.send(inv);
+        }
+    }
+
     async fn serve_tunnel<T>(
         &self,
         tls: Box<T>,
@@ -737,20 +790,20 @@ impl Worker {
         let (host_id, host_name) = host_of(id);
         let (tunnel, mut events) = Tunnel::new(Side::Listener, shared.config.tunnel.clone());
         self.tunnels.borrow_mut().insert(tunnel_id, tunnel.clone());
-        let entry = TunnelEntry {
+        let mut entry = Arc::new(TunnelEntry {
             tunnel_id,
             core: self.core,
             host_id: host_id.clone(),
             name: host_name,
             labels: Default::default(),
             apps: vec![],
-        };
-        shared.routes.rcu(move |t| t.with(entry.clone()));
+        });
+        self.change_routes(Some(RouteChange::Upsert(Arc::clone(&entry))), None);
         shared.metrics.tunnels.inc();
         tracing::info!(%remote, %host_id, core = self.core, "proxy: tunnel up");
         // The tunnel's events are handled in the same task as its I/O (one task per tunnel).
         let inventory = {
-            let (shared, tunnel, host_id) = (Arc::clone(shared), tunnel.clone(), host_id.clone());
+            let (w, tunnel, host_id) = (self.clone(), tunnel.clone(), host_id.clone());
             async move {
                 while let Some(ev) = events.recv().await {
                     match ev {
@@ -764,21 +817,19 @@ impl Worker {
                                         .iter()
                                         .filter_map(|s| s.strip_prefix("tcp:").map(str::to_owned))
                                         .collect();
-                                    let current = shared.routes.load().get(tunnel_id).cloned();
-                                    if let Some(cur) = current
-                                        && (cur.name != inv.name
-                                            || cur.labels != inv.labels
-                                            || cur.apps != apps)
-                                    {
-                                        let updated = TunnelEntry {
-                                            name: inv.name.clone(),
-                                            labels: inv.labels.clone(),
-                                            apps,
-                                            ..cur
-                                        };
-                                        shared.routes.rcu(|t| t.with(updated.clone()));
-                                    }
-                                    let _ = shared.inventory.send(inv);
+                                    let change = (entry.name != inv.name
+                                        || entry.labels != inv.labels
+                                        || entry.apps != apps)
+                                        .then(|| {
+                                            entry = Arc::new(TunnelEntry {
+                                                name: inv.name.clone(),
+                                                labels: inv.labels.clone(),
+                                                apps,
+                                                ..(*entry).clone()
+                                            });
+                                            RouteChange::Upsert(Arc::clone(&entry))
+                                        });
+                                    w.change_routes(change, Some(inv));
                                 }
                                 Err(e) => {
                                     tracing::warn!(host_id = %host_id, error = %e, "proxy: malformed heartbeat ignored")
@@ -806,7 +857,7 @@ impl Worker {
             () = inventory => String::new(),
         };
         self.tunnels.borrow_mut().remove(&tunnel_id);
-        shared.routes.rcu(|t| t.without(tunnel_id));
+        self.change_routes(Some(RouteChange::Remove(tunnel_id)), None);
         shared.metrics.tunnels.dec();
         tracing::info!(%remote, %host_id, %reason, "proxy: tunnel closed");
     }
