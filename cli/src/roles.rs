@@ -157,7 +157,7 @@ pub fn start_proxy(
 
 /// Batch agents' heartbeats to Auth: the latest inventory per host, every 5 s, in one call.
 async fn report_inventories(
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Inventory>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<Inventory>>,
     endpoint: AuthEndpoint,
 ) {
     let mut pending: HashMap<String, Inventory> = HashMap::new();
@@ -165,8 +165,12 @@ async fn report_inventories(
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
-            inv = rx.recv() => match inv {
-                Some(inv) => { pending.insert(inv.host_id.clone(), inv); }
+            batch = rx.recv() => match batch {
+                Some(batch) => {
+                    for inv in batch {
+                        pending.insert(inv.host_id.clone(), inv);
+                    }
+                }
                 None => return,
             },
             _ = tick.tick() => {

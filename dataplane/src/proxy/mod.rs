@@ -149,7 +149,7 @@ struct Shared {
     tunnel_counts: Vec<Gauge>,
     next_tunnel: AtomicU64,
     metrics: Arc<ProxyMetrics>,
-    inventory: mpsc::UnboundedSender<Inventory>,
+    inventory: mpsc::UnboundedSender<Vec<Inventory>>,
     stop: watch::Receiver<bool>,
 }
 
@@ -173,11 +173,11 @@ impl std::fmt::Debug for Proxy {
 
 impl Proxy {
     /// Bind one listener per worker on the same address (SO_REUSEPORT) and start the workers.
-    /// Agents' inventories arrive on the returned channel (for batching to Auth).
+    /// Agents' inventories arrive on the returned channel, in batches (for batching to Auth).
     pub fn start(
         config: ProxyConfig,
         metrics: Arc<ProxyMetrics>,
-    ) -> std::io::Result<(Self, mpsc::UnboundedReceiver<Inventory>)> {
+    ) -> std::io::Result<(Self, mpsc::UnboundedReceiver<Vec<Inventory>>)> {
         let (io_backend, why) = socket::choose(config.io_backend).map_err(std::io::Error::other)?;
         tracing::info!(backend = %io_backend, reason = %why, "proxy: data plane I/O backend");
         metrics.set_io_backend(io_backend);
@@ -742,7 +742,7 @@ impl Worker {
         let idle = q.changes.is_empty() && q.inventories.is_empty();
         if idle && change.is_none() {
             if let Some(inv) = inventory {
-                let _ = self.shared.inventory.send(inv);
+                let _ = self.shared.inventory.send(vec![inv]);
             }
             return;
         }
@@ -769,8 +769,9 @@ impl Worker {
                 t
             });
         }
-        for inv in inventories {
-            let _ = self.shared.inventory.send(inv);
+        if !inventories.is_empty() {
+            // One message (one wake-up of the Auth batcher) per batch.
+            let _ = self.shared.inventory.send(inventories);
         }
     }
 
