@@ -138,6 +138,16 @@ pub fn bind_endpoints(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::ne
             Some(socket2::Protocol::UDP),
         )?;
         s.set_reuse_port(true)?;
+        if !size_buffers(&s) && sockets.is_empty() {
+            tracing::warn!(
+                receive = s.recv_buffer_size().unwrap_or(0) / 2,
+                send = s.send_buffer_size().unwrap_or(0) / 2,
+                wanted = UDP_BUFFER,
+                "QUIC: the UDP sockets' buffers are smaller than wanted (raise \
+                 net.core.rmem_max and net.core.wmem_max, or grant CAP_NET_ADMIN); bursts of \
+                 new connections may be dropped"
+            );
+        }
         s.bind(&addr.into())?;
         if let Some(a) = s.local_addr()?.as_socket() {
             addr = a;
@@ -150,6 +160,54 @@ pub fn bind_endpoints(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::ne
         sockets.push(std::net::UdpSocket::from(s));
     }
     Ok(sockets)
+}
+
+/// Receive and send buffer each QUIC socket asks for. The kernel's default (net.core.rmem_default,
+/// 208 KiB here: about 90 full-size datagrams) overflows when thousands of agents dial at once
+/// (a proxy restart), and every Initial dropped costs its agent a retransmission timeout of a
+/// second; a socket serving many connections needs room for their bursts. quic-go asks 7 MiB.
+pub const UDP_BUFFER: usize = 8 << 20;
+
+/// Ask for [`UDP_BUFFER`] both ways. `SO_RCVBUF`/`SO_SNDBUF` are capped at
+/// net.core.{r,w}mem_max; with `CAP_NET_ADMIN` the `FORCE` variants are not. Whether the socket
+/// got that much.
+fn size_buffers(socket: &socket2::Socket) -> bool {
+    // (The kernel reports twice what was set: its bookkeeping overhead.)
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER);
+    if socket.recv_buffer_size().unwrap_or(0) < UDP_BUFFER {
+        let _ = force_buffer(socket, libc::SO_RCVBUFFORCE);
+    }
+    let _ = socket.set_send_buffer_size(UDP_BUFFER);
+    if socket.send_buffer_size().unwrap_or(0) < UDP_BUFFER {
+        let _ = force_buffer(socket, libc::SO_SNDBUFFORCE);
+    }
+    let (recv, send) = (
+        socket.recv_buffer_size().unwrap_or(0),
+        socket.send_buffer_size().unwrap_or(0),
+    );
+    recv >= UDP_BUFFER && send >= UDP_BUFFER
+}
+
+/// `SO_RCVBUFFORCE` or `SO_SNDBUFFORCE` to [`UDP_BUFFER`].
+#[allow(unsafe_code)]
+fn force_buffer(socket: &socket2::Socket, option: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let size = libc::c_int::try_from(UDP_BUFFER).map_err(std::io::Error::other)?;
+    // SAFETY: the option value is a `c_int` that lives across the call, and its length is given.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            std::ptr::from_ref(&size).cast(),
+            libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(0),
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Attach the classic BPF program that picks a socket of the reuseport group by connection ID.
@@ -209,9 +267,24 @@ pub fn client_config(tls: &rustls::ClientConfig) -> Result<quinn::ClientConfig, 
     Ok(cfg)
 }
 
-/// A client endpoint bound to `local` (port 0 for any).
+/// A client endpoint bound to `local` (port 0 for any), its socket's buffers sized as the
+/// proxy's are (one endpoint may carry many tunnels: loadgen's simulated agents share one per
+/// thread).
 pub fn client_endpoint(local: SocketAddr) -> std::io::Result<quinn::Endpoint> {
-    quinn::Endpoint::client(local)
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(local),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // (An agent's one connection needs no more than the default: no warning when refused.)
+    let _ = size_buffers(&s);
+    s.bind(&local.into())?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        std::net::UdpSocket::from(s),
+        Arc::new(quinn::TokioRuntime),
+    )
 }
 
 /// Dial the proxy at `addr` and open the tunnel's stream. The connection must be kept (dropping
@@ -273,6 +346,52 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         None
+    }
+
+    /// The proxy's sockets, and a client endpoint's, get [`UDP_BUFFER`] each way, or as much
+    /// as net.core.{r,w}mem_max allows a process without `CAP_NET_ADMIN`.
+    #[test]
+    fn udp_sockets_ask_for_room_for_bursts() {
+        let limit = |name: &str| {
+            std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0)
+        };
+        let (rmax, wmax) = (limit("rmem_max"), limit("wmem_max"));
+        for s in bind_endpoints("127.0.0.1:0".parse().unwrap(), 2).unwrap() {
+            let s = socket2::SockRef::from(&s);
+            assert!(s.recv_buffer_size().unwrap() >= UDP_BUFFER.min(rmax));
+            assert!(s.send_buffer_size().unwrap() >= UDP_BUFFER.min(wmax));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let e = client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+            assert!(e.local_addr().unwrap().port() != 0);
+        });
+        // (quinn keeps the client's socket to itself; the same `size_buffers` sized it.)
+        if has_net_admin() {
+            // With CAP_NET_ADMIN (CI runs as root) the FORCE variants pass the limits.
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+            assert!(
+                size_buffers(&s),
+                "CAP_NET_ADMIN gets the whole buffer whatever the limits"
+            );
+        }
+    }
+
+    /// Whether this process has `CAP_NET_ADMIN` (bit 12 of `CapEff` in `/proc/self/status`).
+    fn has_net_admin() -> bool {
+        std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .is_some_and(|caps| caps & (1 << 12) != 0)
+        })
     }
 
     #[test]
