@@ -191,16 +191,32 @@ fn size_buffers(socket: &socket2::Socket) -> bool {
 /// `SO_RCVBUFFORCE` or `SO_SNDBUFFORCE` to [`UDP_BUFFER`].
 #[allow(unsafe_code)]
 fn force_buffer(socket: &socket2::Socket, option: libc::c_int) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     let size = libc::c_int::try_from(UDP_BUFFER).map_err(std::io::Error::other)?;
-    // SAFETY: the option value is a `c_int` that lives across the call, and its length is given.
+    // SAFETY: the value is a plain `c_int`, all the option reads.
+    unsafe { set_socket_option(socket, option, &size) }
+}
+
+/// `setsockopt(SOL_SOCKET, option, value)`, the option's length being `value`'s size.
+///
+/// # Safety
+///
+/// Whatever `value` refers to (the program behind a `sock_fprog`) must be valid for the call.
+#[allow(unsafe_code)]
+unsafe fn set_socket_option<T>(
+    socket: &socket2::Socket,
+    option: libc::c_int,
+    value: &T,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `value` is a live reference of `size_of::<T>()` bytes for the call; the caller
+    // vouches for what it points to.
     let r = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
             option,
-            std::ptr::from_ref(&size).cast(),
-            libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(0),
+            std::ptr::from_ref(value).cast(),
+            libc::socklen_t::try_from(std::mem::size_of::<T>()).unwrap_or(0),
         )
     };
     if r == 0 {
@@ -214,7 +230,6 @@ fn force_buffer(socket: &socket2::Socket, option: libc::c_int) -> std::io::Resul
 /// The kernel runs it on the UDP payload; its result indexes the group's sockets in bind order.
 #[allow(unsafe_code)]
 fn steer_by_connection_id(socket: &socket2::Socket, n: usize) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     let n = u32::try_from(n).map_err(std::io::Error::other)?;
     let ins = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
         code: u16::try_from(code).unwrap_or_default(),
@@ -239,21 +254,8 @@ fn steer_by_connection_id(socket: &socket2::Socket, n: usize) -> std::io::Result
         filter: program.as_mut_ptr(),
     };
     // SAFETY: `prog` points at `program`, which outlives the call; the kernel copies the
-    // program during `setsockopt` and checks it. The option length is `prog`'s size.
-    let r = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            std::ptr::from_ref(&prog).cast(),
-            libc::socklen_t::try_from(std::mem::size_of::<libc::sock_fprog>()).unwrap_or(0),
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    // program during `setsockopt` and checks it.
+    unsafe { set_socket_option(socket, libc::SO_ATTACH_REUSEPORT_CBPF, &prog) }
 }
 
 /// An agent's QUIC client config, from its TLS client config (its node certificate).
