@@ -173,19 +173,20 @@ pub const UDP_BUFFER: usize = 8 << 20;
 /// got that much.
 fn size_buffers(socket: &socket2::Socket) -> bool {
     // (The kernel reports twice what was set: its bookkeeping overhead.)
+    type Size = fn(&socket2::Socket) -> std::io::Result<usize>;
     let _ = socket.set_recv_buffer_size(UDP_BUFFER);
-    if socket.recv_buffer_size().unwrap_or(0) < UDP_BUFFER {
-        let _ = force_buffer(socket, libc::SO_RCVBUFFORCE);
-    }
     let _ = socket.set_send_buffer_size(UDP_BUFFER);
-    if socket.send_buffer_size().unwrap_or(0) < UDP_BUFFER {
-        let _ = force_buffer(socket, libc::SO_SNDBUFFORCE);
-    }
-    let (recv, send) = (
-        socket.recv_buffer_size().unwrap_or(0),
-        socket.send_buffer_size().unwrap_or(0),
-    );
-    recv >= UDP_BUFFER && send >= UDP_BUFFER
+    let ways: [(Size, libc::c_int); 2] = [
+        (socket2::Socket::recv_buffer_size, libc::SO_RCVBUFFORCE),
+        (socket2::Socket::send_buffer_size, libc::SO_SNDBUFFORCE),
+    ];
+    let [recv, send] = ways.map(|(size, force)| {
+        if size(socket).unwrap_or(0) < UDP_BUFFER {
+            let _ = force_buffer(socket, force);
+        }
+        size(socket).unwrap_or(0) >= UDP_BUFFER
+    });
+    recv && send
 }
 
 /// `SO_RCVBUFFORCE` or `SO_SNDBUFFORCE` to [`UDP_BUFFER`].
