@@ -792,6 +792,11 @@ impl Connection {
         self.out.len() + self.segments_len
     }
 
+    #[cfg(test)]
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.buffered()
+    }
+
     /// The application consumed `n` received bytes of `stream`: return credit to the peer in
     /// batches of half a window, so that a busy stream costs one window frame per half window.
     ///

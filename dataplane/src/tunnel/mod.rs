@@ -6,6 +6,8 @@ pub mod frame;
 pub mod input;
 
 #[cfg(test)]
+mod model_tests;
+#[cfg(test)]
 mod tests;
 
 pub use conn::{Config, ConnError, Connection, Event, Framed, Side, StreamError, code};
