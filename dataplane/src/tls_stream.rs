@@ -1309,6 +1309,90 @@ pub(crate) mod tests {
         assert_eq!(timeout(server).await.unwrap(), data.len());
     }
 
+    /// TLS records cut at arbitrary points: a relay between a tokio-rustls client and our
+    /// server passes the client's bytes on in random pieces with pauses between them, so
+    /// records, and record headers, arrive split across receives anywhere (on io_uring, the
+    /// first part of a split record is copied in front of the next receive's buffer). The server
+    /// reads with random read sizes and echoes; every byte comes back in order. Several seeds
+    /// per backend, each printed when it runs.
+    async fn records_cut_anywhere_read_back_whole_on() {
+        use rand::{Rng, SeedableRng};
+        for seed in 0..6u64 {
+            eprintln!("records_cut_anywhere: seed {seed}");
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let ca = Ca::new("test CA");
+            let s = setup(&ca, &ca).await;
+            let server_addr = s.listener.local_addr().unwrap();
+            let config = Arc::clone(&s.server);
+            let reads: Vec<usize> = (0..64).map(|_| rng.gen_range(1..70_000)).collect();
+            let server = {
+                let listener =
+                    tokio::net::TcpListener::from_std(s.listener.into_std().unwrap()).unwrap();
+                tokio::task::spawn_local(async move {
+                    let mut tls = accept_one(&listener, config).await;
+                    let mut buf = vec![0u8; 70_000];
+                    let mut total = 0;
+                    for size in reads.iter().cycle() {
+                        let n = tls.read(&mut buf[..*size]).await.unwrap();
+                        if n == 0 {
+                            break;
+                        }
+                        total += n;
+                        tls.write_all(&buf[..n]).await.unwrap();
+                    }
+                    tls.shutdown().await.unwrap();
+                    total
+                })
+            };
+            let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let relay_addr = relay.local_addr().unwrap();
+            let pieces: Vec<(usize, bool)> = (0..97)
+                .map(|_| (rng.gen_range(1..20_000), rng.gen_bool(0.3)))
+                .collect();
+            let relay = tokio::task::spawn_local(async move {
+                let (client, _) = relay.accept().await.unwrap();
+                let upstream = tokio::net::TcpStream::connect(server_addr).await.unwrap();
+                upstream.set_nodelay(true).unwrap();
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = upstream.into_split();
+                let up = async move {
+                    let mut buf = vec![0u8; 20_000];
+                    for (size, pause) in pieces.iter().cycle() {
+                        let n = from_client.read(&mut buf[..*size]).await.unwrap();
+                        if n == 0 {
+                            break;
+                        }
+                        // Each piece its own segment: the server sees these cuts.
+                        to_server.write_all(&buf[..n]).await.unwrap();
+                        if *pause {
+                            tokio::time::sleep(Duration::from_micros(200)).await;
+                        } else {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    to_server.shutdown().await.unwrap();
+                };
+                let down = async move {
+                    tokio::io::copy(&mut from_server, &mut to_client)
+                        .await
+                        .unwrap();
+                    to_client.shutdown().await.unwrap();
+                };
+                tokio::join!(up, down);
+            });
+            let tcp = tokio::net::TcpStream::connect(relay_addr).await.unwrap();
+            let mut c = tokio_rustls::TlsConnector::from(Arc::clone(&s.client))
+                .connect(rustls::pki_types::ServerName::try_from(NAME).unwrap(), tcp)
+                .await
+                .unwrap();
+            let data = pattern(rng.gen_range(1..600_000));
+            let back = timeout(send_and_read_back(&mut c, &data, seed % 2 == 1)).await;
+            assert!(back == data, "seed {seed}: echoed bytes differ");
+            assert_eq!(timeout(server).await.unwrap(), data.len(), "seed {seed}");
+            timeout(relay).await.unwrap();
+        }
+    }
+
     /// Echo what arrives, read `chunk` bytes at most at a time, until EOF; then close. Returns
     /// the bytes echoed.
     async fn echo_until_eof<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, chunk: usize) -> usize {
@@ -1719,6 +1803,11 @@ pub(crate) mod tests {
     #[test]
     fn echo_with_tiny_reads_and_clean_close() {
         crate::socket::on_each_backend(echo_with_tiny_reads_and_clean_close_on);
+    }
+
+    #[test]
+    fn records_cut_anywhere_read_back_whole() {
+        crate::socket::on_each_backend(records_cut_anywhere_read_back_whole_on);
     }
 
     #[test]
