@@ -1330,18 +1330,7 @@ pub(crate) mod tests {
                     tokio::net::TcpListener::from_std(s.listener.into_std().unwrap()).unwrap();
                 tokio::task::spawn_local(async move {
                     let mut tls = accept_one(&listener, config).await;
-                    let mut buf = vec![0u8; 70_000];
-                    let mut total = 0;
-                    for size in reads.iter().cycle() {
-                        let n = tls.read(&mut buf[..*size]).await.unwrap();
-                        if n == 0 {
-                            break;
-                        }
-                        total += n;
-                        tls.write_all(&buf[..n]).await.unwrap();
-                    }
-                    tls.shutdown().await.unwrap();
-                    total
+                    echo_in_reads_until_eof(&mut tls, reads.iter().copied().cycle()).await
                 })
             };
             let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1396,9 +1385,18 @@ pub(crate) mod tests {
     /// Echo what arrives, read `chunk` bytes at most at a time, until EOF; then close. Returns
     /// the bytes echoed.
     async fn echo_until_eof<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, chunk: usize) -> usize {
-        let mut buf = vec![0u8; chunk];
+        echo_in_reads_until_eof(s, std::iter::repeat(chunk)).await
+    }
+
+    /// [`echo_until_eof`] with each read taking at most the next of `sizes` bytes.
+    async fn echo_in_reads_until_eof<S: AsyncRead + AsyncWrite + Unpin>(
+        s: &mut S,
+        sizes: impl Iterator<Item = usize>,
+    ) -> usize {
+        let mut buf = Vec::new();
         let mut total = 0;
-        loop {
+        for size in sizes {
+            buf.resize(size, 0);
             let n = s.read(&mut buf).await.unwrap();
             if n == 0 {
                 break;

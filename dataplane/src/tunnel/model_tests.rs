@@ -138,8 +138,6 @@ struct End {
     wire: VecDeque<u8>,
     /// The peer said it goes away (or this side did): open nothing new.
     draining: bool,
-    /// Decides whether an incoming stream is accepted.
-    accept_bits: u64,
     /// How much the transport takes before it pushes back (a socket's buffer).
     room: usize,
     /// Actions since the transport last took everything the connection had queued.
@@ -149,6 +147,8 @@ struct End {
 struct Model {
     ends: [End; 2],
     now: Instant,
+    /// Decides whether an incoming stream is accepted (bit `stream % 64`).
+    accept_bits: u64,
     /// Bytes each side's application handed over per stream, kept after the stream is gone.
     sent_total: HashMap<(usize, StreamId), u64>,
     /// Streams that ended by a reset or a refusal: what arrived is only a prefix.
@@ -172,7 +172,6 @@ impl Model {
             streams: BTreeMap::new(),
             wire: VecDeque::new(),
             draining: false,
-            accept_bits,
             room: rooms[side],
             backlogged: 0,
         };
@@ -180,6 +179,7 @@ impl Model {
         let mut m = Model {
             ends: [end(0, a), end(1, b)],
             now,
+            accept_bits,
             sent_total: HashMap::new(),
             cut: Default::default(),
         };
@@ -408,7 +408,7 @@ impl Model {
                 Event::Incoming { stream, target, .. } => {
                     prop_assert_eq!(target, "app");
                     prop_assert!(!end.streams.contains_key(&stream));
-                    if (end.accept_bits >> (stream % 64)) & 1 == 1 {
+                    if (self.accept_bits >> (stream % 64)) & 1 == 1 {
                         match end.conn.accept(stream) {
                             Ok(()) => {
                                 end.streams.insert(stream, StreamModel::default());
