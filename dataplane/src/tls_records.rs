@@ -475,14 +475,15 @@ impl<D> Records<D> {
         plain: &'p [u8],
         replies: &mut BytesMut,
     ) -> Result<Opened<'p>, RecordError> {
+        // RFC 8446 5.4: content, type and padding within 2^14 + 1 bytes (as rustls checks).
+        if plain.len() > MAX_PLAINTEXT + 1 {
+            return Err(RecordError::Overflow);
+        }
         // The inner content type is the last byte that is not padding.
         let Some(end) = plain.iter().rposition(|&b| b != 0) else {
             return Err(RecordError::Unexpected("a record without a content type"));
         };
         let (content, inner_type) = plain.split_at(end);
-        if content.len() > MAX_PLAINTEXT {
-            return Err(RecordError::Overflow);
-        }
         let inner_type = inner_type.first().copied().unwrap_or_default();
         if inner_type != HANDSHAKE && !self.handshake.is_empty() {
             return Err(RecordError::Unexpected(
@@ -1223,7 +1224,7 @@ mod tests {
             wire
         }
         type Make = fn(&mut Records<ClientConnectionData>) -> Vec<u8>;
-        let cases: [(&str, Make, Option<u8>); 8] = [
+        let cases: [(&str, Make, Option<u8>); 9] = [
             (
                 "flipped bit",
                 |r| {
@@ -1249,6 +1250,16 @@ mod tests {
                 Some(10),
             ),
             ("no content type", |r| sealed(r, 0, &[0, 0, 0]), Some(10)),
+            (
+                // 16 KiB of data, its type and one byte of padding: one byte too many.
+                "padded past the limit",
+                |r| {
+                    let mut inner = vec![1u8; MAX_PLAINTEXT];
+                    inner.push(APPLICATION_DATA);
+                    sealed(r, 0, &inner)
+                },
+                Some(22),
+            ),
             ("peer's fatal alert", |r| sealed(r, ALERT, &[2, 40]), None),
             (
                 "bad key update",
