@@ -263,6 +263,31 @@ impl<D> Records<D> {
         self.seal_at(dst, message.len(), content_type)
     }
 
+    /// One record of inner type `content_type` holding `content`, then `padding` zeros,
+    /// verbatim: records of any shape a peer could send, for the tests and fuzzing.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn seal_padded(
+        &mut self,
+        content_type: u8,
+        content: &[u8],
+        padding: usize,
+    ) -> Result<Vec<u8>, RecordError> {
+        let mut message = content.to_vec();
+        let last = if padding == 0 {
+            content_type
+        } else {
+            // The type goes inside the message and the record's own type byte is the last
+            // zero of the padding.
+            message.push(content_type);
+            message.resize(message.len() + padding - 1, 0);
+            0
+        };
+        let mut wire = vec![0u8; message.len() + OVERHEAD];
+        let n = self.seal_message(&mut wire, last, &message)?;
+        wire.truncate(n);
+        Ok(wire)
+    }
+
     /// Append a record holding `message` to `out`.
     fn push_message(
         &mut self,
@@ -844,19 +869,8 @@ pub mod fuzzing {
             padding: usize,
             out: &mut Vec<u8>,
         ) -> Result<(), RecordError> {
-            // The record layer puts the type last: with padding, the type goes into the
-            // message and a zero type ends it.
-            let mut message = content.to_vec();
-            let last = if padding == 0 {
-                inner_type
-            } else {
-                message.push(inner_type);
-                message.resize(message.len() + padding - 1, 0);
-                0
-            };
-            let mut dst = vec![0u8; message.len() + OVERHEAD];
-            let n = with_end!(self, end, |r| r.seal_message(&mut dst, last, &message))?;
-            out.extend_from_slice(dst.get(..n).unwrap_or_default());
+            let record = with_end!(self, end, |r| r.seal_padded(inner_type, content, padding))?;
+            out.extend_from_slice(&record);
             Ok(())
         }
 
@@ -1218,10 +1232,7 @@ mod tests {
     #[test]
     fn bad_records_are_errors_with_the_right_alert() {
         fn sealed(r: &mut Records<ClientConnectionData>, content_type: u8, body: &[u8]) -> Vec<u8> {
-            let mut wire = vec![0u8; body.len() + OVERHEAD];
-            let n = r.seal_message(&mut wire, content_type, body).unwrap();
-            wire.truncate(n);
-            wire
+            r.seal_padded(content_type, body, 0).unwrap()
         }
         type Make = fn(&mut Records<ClientConnectionData>) -> Vec<u8>;
         let cases: [(&str, Make, Option<u8>); 9] = [
@@ -1369,25 +1380,13 @@ mod tests {
         ]
     }
 
-    /// One record of inner type `content_type` holding `content`, then `pad` zeros.
     fn seal_padded(
         r: &mut Records<ClientConnectionData>,
         content_type: u8,
         content: &[u8],
         pad: usize,
     ) -> Vec<u8> {
-        let mut inner = content.to_vec();
-        if pad > 0 {
-            // The type goes inside the message and the record's own type byte is the last
-            // zero of the padding.
-            inner.push(content_type);
-            inner.resize(inner.len() + pad - 1, 0);
-        }
-        let mut wire = vec![0u8; inner.len() + OVERHEAD];
-        let ty = if pad > 0 { 0 } else { content_type };
-        let n = r.seal_message(&mut wire, ty, &inner).unwrap();
-        wire.truncate(n);
-        wire
+        r.seal_padded(content_type, content, pad).unwrap()
     }
 
     /// The server opens what of `input` is complete, in place or into a reader's buffer by
