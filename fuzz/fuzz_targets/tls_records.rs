@@ -187,7 +187,7 @@ fuzz_target!(|data: &[u8]| {
                     continue;
                 }
                 match inner_type {
-                    // (RFC 8446 5.2: content, type and padding within 2^14 + 1 bytes.)
+                    // (RFC 8446 5.4: content, type and padding within 2^14 + 1 bytes.)
                     23 if content.len() + padding <= MAX_PLAINTEXT => {
                         d.sent.extend_from_slice(&content)
                     }
