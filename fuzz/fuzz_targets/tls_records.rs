@@ -125,6 +125,12 @@ impl Direction {
     }
 }
 
+/// Direction `from` and the other one, whose wire carries the answers back.
+fn both(dirs: &mut [Direction; 2], from: usize) -> (&mut Direction, &mut Direction) {
+    let [a, b] = dirs;
+    if from == 0 { (a, b) } else { (b, a) }
+}
+
 /// Deterministic filler, so the script spends its bytes on shape, not content.
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
     (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
@@ -225,12 +231,7 @@ fuzz_target!(|data: &[u8]| {
             }
             6 => {
                 let (n, room) = (s.u16() * 2, usize::from(s.byte()) * 80);
-                let (a, b) = dirs.split_at_mut(1);
-                let (there, back) = if from == 0 {
-                    (&mut a[0], &mut b[0])
-                } else {
-                    (&mut b[0], &mut a[0])
-                };
+                let (there, back) = both(&mut dirs, from);
                 failed = !there.deliver(&mut pair, n, room, &mut back.wire);
             }
             _ => pair.set_key_update_interval(from_end, u64::from(s.byte() % 16)),
@@ -241,12 +242,7 @@ fuzz_target!(|data: &[u8]| {
     let room = usize::from(s.byte()) * 80;
     while !failed && dirs.iter().any(|d| !d.wire.is_empty() && !d.closed) {
         for from in 0..2 {
-            let (a, b) = dirs.split_at_mut(1);
-            let (there, back) = if from == 0 {
-                (&mut a[0], &mut b[0])
-            } else {
-                (&mut b[0], &mut a[0])
-            };
+            let (there, back) = both(&mut dirs, from);
             if !there.closed && !there.deliver(&mut pair, piece, room, &mut back.wire) {
                 failed = true;
                 break;
