@@ -37,6 +37,10 @@ hcc_all = opt("throughput-host-cubic.json")
 hcc = {m["path"]: m for m in (hcc_all or {"medians": []})["medians"]}
 epoll = {"latency-20k": opt("latency-20k-epoll.json"), "latency-2k": opt("latency-2k-epoll.json"),
          "sessions": opt("sessions-epoll.json"), "tunnels": opt("tunnels-epoll.json")}
+# The agents' tunnel transports over an emulated lossy link (loadgen link), on the host's
+# default and with the host on cubic (TLS only); absent where the run had no TUN device.
+link_all = opt("link.json")
+link_cubic = opt("link-host-cubic.json")
 tunq_all = opt("tunnels-quic.json")
 tunq = tunq_all["median"] if tunq_all else None
 zc = opt("send-zc.json") or []
@@ -137,6 +141,47 @@ box's CPU. Medians of 3 interleaved rounds.
 
 """ + one_table(hcc)
 
+def link_section():
+    if not link_all:
+        return ""
+    imp = link_all["impairment"]
+    delay_ms = imp["delay"]["secs"] * 1000 + imp["delay"]["nanos"] / 1e6
+    queue_ms = imp["queue"]["secs"] * 1000 + imp["queue"]["nanos"] / 1e6
+    rate = f"{imp['rate_bps'] / 1e6:.0f} Mbit/s" if imp["rate_bps"] else "no rate limit"
+    rows = []
+    def row(m, label):
+        return (f"| {m['loss_pct']:g} % | {label} | {m['download_mbit_per_s']:.1f} | {m['p50_us'] / 1000:.1f} | "
+                f"{m['p99_us'] / 1000:.1f} | {m['p999_us'] / 1000:.1f} | {m['max_us'] / 1000:.1f} |")
+    losses = sorted({m["loss_pct"] for m in link_all["medians"]})
+    for loss in losses:
+        for m in link_all["medians"]:
+            if m["loss_pct"] == loss:
+                label = f"TLS over TCP ({host_cc})" if m["transport"] == "tls" else "QUIC (quinn's cubic)"
+                rows.append(row(m, label))
+        for m in (link_cubic or {"medians": []})["medians"]:
+            if m["loss_pct"] == loss and m["transport"] == "tls":
+                rows.append(row(m, "TLS over TCP (the host on cubic)"))
+    n = len(link_all["runs"]) // max(1, len(link_all["medians"]))
+    return f"""
+
+## Agent tunnels over a lossy link: QUIC beside TLS (`loadgen link --loss {','.join(f'{l:g}' for l in losses)} --duration 5s --runs {n}`)
+
+The simulated agents reach the proxy over an emulated wide-area link instead of loopback: a TUN
+device with the impairment in user space (this kernel has no `netem`; `loadgen/src/link.rs`),
+each direction {delay_ms:g} ms one way ({2 * delay_ms:g} ms round trip), {rate} with a drop-tail
+queue of {queue_ms:g} ms, and random loss of each packet at the rate in the first column. Users
+still reach the proxy on the same host. Per loss rate and transport: one session downloading
+from the agent through its tunnel for 5 s (the rate the client read), then
+{link_all['sessions']} sessions sending 64-byte requests at {link_all['rate_per_s']:g}/s in all
+through the same tunnel to the agent's echo for 5 s (coordinated omission corrected, as below).
+Medians of {n} rounds, each measuring every row in turn; one proxy per transport, both behind
+the same link. The TLS tunnel's congestion control is the kernel's (the row says which); quinn
+runs its own, cubic by default.
+
+| loss | tunnel | download Mbit/s | p50 ms | p99 ms | p99.9 ms | max ms |
+|---|---|---|---|---|---|---|
+""" + "\n".join(rows) + "\n"
+
 def added(summary, key):
     """The median of the rounds' added latency (each round's proxy run minus its direct run)."""
     return summary["added"][key] if summary else None
@@ -228,10 +273,14 @@ results = [
     *[{"scenario": "sessions-one-worker", "baseline": f"gatehouse-proxy-{b}" + ("-resumed" if s.get("resumption") else ""), "unit": "sessions per proxy CPU-second", "value": s.get("sessions_per_middle_cpu_s")}
       for b, m in ses1.items() for k, s in m.items() if k.startswith("proxy")],
     {"scenario": "logins", "baseline": "gatehouse-auth", "unit": "p99 ms", "value": logins["p99_ms"]},
+    *[{"scenario": f"lossy-link-{m['loss_pct']:g}pct", "baseline": f"gatehouse-proxy-{m['transport']}-tunnels" + (f"-{host_cc}" if m["transport"] == "tls" else ""), "unit": u, "value": m[f]}
+      for m in (link_all or {"medians": []})["medians"] for u, f in (("download Mbit/s", "download_mbit_per_s"), ("p99 µs", "p99_us"))],
+    *[{"scenario": f"lossy-link-{m['loss_pct']:g}pct", "baseline": "gatehouse-proxy-tls-tunnels-host-cubic", "unit": u, "value": m[f]}
+      for m in (link_cubic or {"medians": []})["medians"] for u, f in (("download Mbit/s", "download_mbit_per_s"), ("p99 µs", "p99_us"))],
 ]
 results = [{k: v for k, v in x.items() if k != "skipped" or v} for x in results]
 json.dump({"date": date, "commit": commit, "machine": machine, "results": results,
-           "raw": {"epoll": epoll, "ssh": ssh, "throughput": thr, "download": down_all, "throughput_host_cubic": hcc_all, "tunnels": tun_all, "tunnels_quic": tunq_all, "logins": logins, "latency": latsum, "sessions": ses_all, "sessions_one_worker": ses1, "criterion": crit}},
+           "raw": {"epoll": epoll, "ssh": ssh, "throughput": thr, "download": down_all, "throughput_host_cubic": hcc_all, "tunnels": tun_all, "tunnels_quic": tunq_all, "link": link_all, "link_host_cubic": link_cubic, "logins": logins, "latency": latsum, "sessions": ses_all, "sessions_one_worker": ses1, "criterion": crit}},
           open(json_path, "w"), indent=2)
 
 md = f"""# Benchmark results
@@ -302,7 +351,7 @@ sends as fast as the client reads (for the proxy, an app of the simulated agent:
 tunnel TLS in, TLS out; for the baselines the TLS sink turned source). Medians of 3 interleaved
 rounds; the ratios in the last column are the proxy's download figure over each path's.
 
-""" + one_table(down) + host_cubic_section() + f"""
+""" + one_table(down) + host_cubic_section() + link_section() + f"""
 
 ## Latency: 64-byte echo, 32 sessions (`loadgen latency --sessions 32 --rate R --duration 6s --runs 3`)
 

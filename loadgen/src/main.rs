@@ -1,9 +1,10 @@
-//! `loadgen`: Gatehouse's bundled load generator. Scenarios: `logins` (Auth), `tunnels` and
-//! `throughput` (the Proxy, with the direct and naive-relay baselines). `latency`, `sessions` and
-//! `ssh` are still to come.
+//! `loadgen`: Gatehouse's bundled load generator. Scenarios: `logins` (Auth); `tunnels`,
+//! `throughput`, `latency`, `sessions` and `ssh` (the Proxy, with their baselines); `link` (the
+//! agents' tunnel transports over an emulated lossy link).
 
 mod fleet;
 mod latency;
+mod link;
 mod logins;
 mod openssh;
 mod procstat;
@@ -157,6 +158,45 @@ enum Scenario {
         /// How long each measurement lasts (bulk: at most 5 s).
         #[arg(long, default_value = "5s")]
         duration: humantime::Duration,
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+    },
+    /// The agents' tunnel transports (TLS over TCP, QUIC) over an emulated wide-area link with
+    /// delay, a rate and random loss (a TUN device; needs root): per loss rate and transport,
+    /// one download's throughput through a tunnel, then request/response latency through it.
+    /// Spawns its own cluster, one Proxy per transport, both behind the same link.
+    Link {
+        /// One-way delay each direction (the round trip is twice this).
+        #[arg(long, default_value = "20ms")]
+        delay: humantime::Duration,
+        /// Packet loss rates to measure, in percent, each direction.
+        #[arg(long, value_delimiter = ',', default_value = "0,0.5,2")]
+        loss: Vec<f64>,
+        /// The link's rate each direction, Mbit/s (0: unlimited).
+        #[arg(long, default_value_t = 100.0)]
+        rate_mbit: f64,
+        /// The longest a packet queues for the rate before the link drops it.
+        #[arg(long, default_value = "40ms")]
+        queue: humantime::Duration,
+        /// Tunnel transports to measure.
+        #[arg(long, value_delimiter = ',', default_value = "tls,quic")]
+        transports: Vec<gatehouse_agent::dataplane::quic::TunnelTransport>,
+        /// Download streams for the throughput part.
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
+        /// Sessions for the latency part. Each has one request outstanding at a time, so a
+        /// session's share of the rate must leave room for the round trip.
+        #[arg(long, default_value_t = 64)]
+        sessions: usize,
+        /// Requests per second over all sessions, for the latency part.
+        #[arg(long, default_value_t = 400.0)]
+        rate: f64,
+        /// How long each part lasts.
+        #[arg(long, default_value = "10s")]
+        duration: humantime::Duration,
+        /// Rounds; each measures every loss rate and transport once, in turn.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
         #[arg(long, default_value_t = 0)]
         workers: usize,
     },
@@ -441,6 +481,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             ssh_cmd(concurrency, duration.into(), workers, cli.json).await
         }
+        Scenario::Link {
+            delay,
+            loss,
+            rate_mbit,
+            queue,
+            transports,
+            streams,
+            sessions,
+            rate,
+            duration,
+            runs,
+            workers,
+        } => {
+            if loss.is_empty() || transports.is_empty() || runs == 0 || streams == 0 {
+                anyhow::bail!("--loss, --transports, --runs and --streams need at least one");
+            }
+            if sessions == 0 || rate <= 0.0 || rate_mbit < 0.0 {
+                anyhow::bail!("--sessions and --rate must be positive, --rate-mbit not negative");
+            }
+            if let Some(bad) = loss.iter().find(|l| !(0.0..100.0).contains(*l)) {
+                anyhow::bail!("--loss {bad}: a percentage from 0 up to (not including) 100");
+            }
+            let cfg = LinkRun {
+                imp: link::Impairment {
+                    delay: delay.into(),
+                    loss: 0.0,
+                    rate_bps: (rate_mbit * 1e6) as u64,
+                    queue: queue.into(),
+                },
+                losses: loss,
+                transports,
+                streams,
+                sessions,
+                rate,
+                duration: duration.into(),
+                runs,
+                workers,
+            };
+            link_cmd(&cfg, cli.json).await
+        }
         Scenario::WorkerAgents {
             identities,
             count,
@@ -558,16 +638,39 @@ async fn proxy_fleet_with(
     proxy_args: &[&str],
     transport: gatehouse_agent::dataplane::quic::TunnelTransport,
 ) -> anyhow::Result<(fleet::Fleet, std::sync::Arc<sim_agent::AgentStats>)> {
+    proxy_fleet_at(workers, proxy_args, transport, None).await
+}
+
+/// `proxy_fleet_with`, the agents reaching the proxy over `link` if there is one (the proxy
+/// listens on the link's local address, the agents dial its far end), else on loopback.
+async fn proxy_fleet_at(
+    workers: usize,
+    proxy_args: &[&str],
+    transport: gatehouse_agent::dataplane::quic::TunnelTransport,
+    link: Option<&link::Link>,
+) -> anyhow::Result<(fleet::Fleet, std::sync::Arc<sim_agent::AgentStats>)> {
     use std::sync::atomic::Ordering;
-    let f = fleet::Fleet::spawn_with("127.0.0.2", workers, proxy_args).await?;
+    let proxy_ip = link.map_or_else(|| "127.0.0.2".to_string(), |l| l.local.to_string());
+    let f = fleet::Fleet::spawn_with(&proxy_ip, workers, proxy_args).await?;
     println!("proxy I/O backend: {}", f.io_backend);
     let ids = f.join_agents(2).await?;
     let stats = std::sync::Arc::new(sim_agent::AgentStats::default());
+    let proxy: std::net::SocketAddr = f.proxy_addr.parse()?;
+    let (dial, source) = match link {
+        None => (proxy, throughput::sink_ip().parse()?),
+        Some(l) => {
+            l.add_server_port(proxy.port());
+            (
+                std::net::SocketAddr::new(l.peer.into(), proxy.port()),
+                l.local.into(),
+            )
+        }
+    };
     sim_agent::spawn(
         ids,
         2,
-        f.proxy_addr.parse()?,
-        throughput::sink_ip().parse()?,
+        dial,
+        source,
         std::sync::Arc::clone(&stats),
         transport,
     )?;
@@ -792,6 +895,159 @@ async fn throughput_cmd(
         json.as_deref(),
         &serde_json::json!({ "runs": all, "medians": summary }),
     )
+}
+
+/// `loadgen link`'s settings.
+struct LinkRun {
+    /// The link's impairment but for the loss, which `losses` sets in turn.
+    imp: link::Impairment,
+    /// In percent.
+    losses: Vec<f64>,
+    transports: Vec<gatehouse_agent::dataplane::quic::TunnelTransport>,
+    streams: usize,
+    sessions: usize,
+    rate: f64,
+    duration: std::time::Duration,
+    runs: usize,
+    workers: usize,
+}
+
+/// One loss rate and transport of one round of `loadgen link`.
+#[derive(Debug, serde::Serialize)]
+struct LinkMeasure {
+    round: usize,
+    loss_pct: f64,
+    transport: gatehouse_agent::dataplane::quic::TunnelTransport,
+    /// The download through the tunnel: agent → link → proxy → client.
+    download_mbit_per_s: f64,
+    download_link: link::LinkStats,
+    latency: latency::LatencyReport,
+    latency_link: link::LinkStats,
+}
+
+async fn link_cmd(cfg: &LinkRun, json: Option<PathBuf>) -> anyhow::Result<()> {
+    use gatehouse_agent::dataplane::quic::TunnelTransport;
+    let link = link::Link::start(cfg.imp)?;
+    println!(
+        "link {}: agents at {} reach proxies at {} via {}; one-way delay {:?}, {}, queue {:?}",
+        link.name,
+        link.local,
+        link.local,
+        link.peer,
+        cfg.imp.delay,
+        if cfg.imp.rate_bps > 0 {
+            format!("{:.0} Mbit/s", cfg.imp.rate_bps as f64 / 1e6)
+        } else {
+            "no rate limit".into()
+        },
+        cfg.imp.queue
+    );
+    let mut fleets = Vec::new();
+    for &t in &cfg.transports {
+        let fleet = proxy_fleet_at(cfg.workers, &[], t, Some(&link)).await?;
+        fleets.push((t, fleet));
+    }
+    let mut all: Vec<LinkMeasure> = Vec::new();
+    for round in 1..=cfg.runs {
+        for &loss in &cfg.losses {
+            link.set_impairment(link::Impairment {
+                loss: loss / 100.0,
+                ..cfg.imp
+            });
+            for (transport, (fleet, _)) in &fleets {
+                let target = throughput::Target {
+                    path: match transport {
+                        TunnelTransport::Tls => throughput::Path::Proxy,
+                        TunnelTransport::Quic => throughput::Path::ProxyQuic,
+                    },
+                    addr: fleet.proxy_addr.clone(),
+                    user: Some(fleet.user.clone()),
+                    jump: None,
+                };
+                let s0 = link.stats();
+                let bulk = throughput::run(
+                    &target,
+                    "",
+                    cfg.streams,
+                    cfg.duration,
+                    throughput::Direction::Download,
+                    None,
+                )
+                .await?;
+                // What the download left in the link's queues drains before the next part.
+                tokio::time::sleep(cfg.imp.queue + cfg.imp.delay * 2).await;
+                let s1 = link.stats();
+                let lat =
+                    latency::latency(&target, "", cfg.sessions, cfg.rate, cfg.duration).await?;
+                let s2 = link.stats();
+                let m = LinkMeasure {
+                    round,
+                    loss_pct: loss,
+                    transport: *transport,
+                    download_mbit_per_s: bulk.gb_per_s * 8000.0,
+                    download_link: s1.since(&s0),
+                    latency: lat,
+                    latency_link: s2.since(&s1),
+                };
+                print_link(&m);
+                all.push(m);
+            }
+        }
+    }
+    drop(fleets);
+    println!("medians of {} round(s):", cfg.runs);
+    let mut medians = Vec::new();
+    for &loss in &cfg.losses {
+        for &t in &cfg.transports {
+            let of = || {
+                all.iter()
+                    .filter(move |m| m.loss_pct == loss && m.transport == t)
+            };
+            let row = serde_json::json!({
+                "loss_pct": loss,
+                "transport": t,
+                "download_mbit_per_s": median(of().map(|m| m.download_mbit_per_s).collect()),
+                "p50_us": median_int(of().map(|m| m.latency.p50_us).collect()),
+                "p99_us": median_int(of().map(|m| m.latency.p99_us).collect()),
+                "p999_us": median_int(of().map(|m| m.latency.p999_us).collect()),
+                "max_us": median_int(of().map(|m| m.latency.max_us).collect()),
+            });
+            println!("  {row}");
+            medians.push(row);
+        }
+    }
+    write_json(
+        json.as_deref(),
+        &serde_json::json!({
+            "scenario": "link",
+            "impairment": cfg.imp,
+            "streams": cfg.streams,
+            "sessions": cfg.sessions,
+            "rate_per_s": cfg.rate,
+            "runs": all,
+            "medians": medians,
+        }),
+    )
+}
+
+fn print_link(m: &LinkMeasure) {
+    let share = |d: &link::DirStats| 100.0 * d.lost as f64 / d.packets.max(1) as f64;
+    let ms = |us: u64| us as f64 / 1000.0;
+    println!(
+        "link round {} loss {:>4}% {:<4}  download {:>7.1} Mbit/s (up {} packets, {:.2} % lost, {} dropped at the queue)  latency p50 {:.1} ms  p99 {:.1} ms  p99.9 {:.1} ms  max {:.1} ms ({} requests)",
+        m.round,
+        m.loss_pct,
+        m.transport,
+        m.download_mbit_per_s,
+        m.download_link.up.packets,
+        share(&m.download_link.up),
+        m.download_link.up.dropped,
+        ms(m.latency.p50_us),
+        ms(m.latency.p99_us),
+        ms(m.latency.p999_us),
+        ms(m.latency.max_us),
+        m.latency.requests,
+    );
 }
 
 fn print_sessions(label: &str, r: &latency::SessionsReport) {
