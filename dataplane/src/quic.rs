@@ -1,9 +1,14 @@
 //! QUIC as an agent transport (quinn): the same tunnel protocol, byte for byte, over one
-//! bidirectional QUIC stream, for agents on lossy links. The proxy listens for it on UDP at its
-//! public port; certificates, ALPN (`gatehouse-tunnel`) and the identity checks are the TLS
-//! listener's. QUIC brings its own loss recovery and congestion control per connection, so a
-//! lost packet stalls only until its retransmission instead of behind TCP's head-of-line, and a
-//! changing client address (NAT rebinding, roaming) keeps the tunnel.
+//! bidirectional QUIC stream. The proxy listens for it on UDP at its public port; certificates,
+//! ALPN (`gatehouse-tunnel`) and the identity checks are the TLS listener's. What QUIC adds is
+//! the connection's independence from the client's address: a changing agent address (NAT
+//! rebinding, roaming) keeps the tunnel, and agents that only have UDP out can connect.
+//!
+//! It does not add loss tolerance. The tunnel is one ordered stream, so a lost packet holds back
+//! every session in it until the retransmission arrives, as over TCP; and quinn's congestion
+//! control (cubic) halves its window on random loss as TCP's cubic does. Over an emulated lossy
+//! link (`loadgen link`) QUIC tunnels moved what TLS tunnels on cubic did, and far less than TLS
+//! tunnels on BBR (ARCHITECTURE.md, "QUIC on a lossy link").
 
 use std::net::SocketAddr;
 use std::sync::Arc;
