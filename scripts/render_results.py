@@ -174,9 +174,11 @@ still reach the proxy on the same host. Per loss rate and transport: one session
 from the agent through its tunnel for 5 s (the rate the client read), then
 {link_all['sessions']} sessions sending 64-byte requests at {link_all['rate_per_s']:g}/s in all
 through the same tunnel to the agent's echo for 5 s (coordinated omission corrected, as below).
-Medians of {n} rounds, each measuring every row in turn; one proxy per transport, both behind
-the same link. The TLS tunnel's congestion control is the kernel's (the row says which); quinn
-runs its own, cubic by default.
+One proxy per transport, both behind the same link, their tunnels kept through the run: the loss
+rates go in rising order, each after a 5 s download through every tunnel that is not measured
+(a congestion controller carries its state from one loss rate to the next), then {n} rounds
+that interleave the transports; medians of the rounds. The TLS tunnel's congestion control is
+the kernel's (the row says which); quinn runs its own, cubic by default.
 
 | loss | tunnel | download Mbit/s | p50 ms | p99 ms | p99.9 ms | max ms |
 |---|---|---|---|---|---|---|

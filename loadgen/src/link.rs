@@ -2,8 +2,8 @@
 //! the agents' tunnel transports (TLS over TCP, QUIC) where packets are late and get lost. This
 //! kernel has no `netem`, so the link is a TUN device with the impairment in user space.
 //!
-//! The device holds two addresses' worth of a subnet: `local` (10.201.0.1, the device's own)
-//! and `peer` (10.201.0.2, routed into the device). The Proxy listens on `local`; an agent bound
+//! The device holds two addresses' worth of a subnet: `local` (10.201.0.1 for `loadgen link`,
+//! the device's own) and `peer` (10.201.0.2, routed into the device). The Proxy listens on `local`; an agent bound
 //! to `local` dials the Proxy at `peer`. Every IPv4 packet the kernel routes into the device is
 //! turned around: its source and destination addresses swap (which changes neither the IP nor
 //! the TCP/UDP checksum, since both sum the two addresses), so `local:a → peer:b` comes back as
@@ -251,11 +251,11 @@ impl std::fmt::Debug for Link {
 const MTU: usize = 1500;
 
 impl Link {
-    /// Create the device (needs root, or CAP_NET_ADMIN, and `/dev/net/tun`) and start moving
-    /// packets through `imp`.
-    pub fn start(imp: Impairment) -> anyhow::Result<Self> {
-        let local = Ipv4Addr::new(10, 201, 0, 1);
-        let peer = Ipv4Addr::new(10, 201, 0, 2);
+    /// Create the device (needs root, or CAP_NET_ADMIN, and `/dev/net/tun`) on 10.201.`net`.0/24
+    /// and start moving packets through `imp`.
+    pub fn start(imp: Impairment, net: u8) -> anyhow::Result<Self> {
+        let local = Ipv4Addr::new(10, 201, net, 1);
+        let peer = Ipv4Addr::new(10, 201, net, 2);
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -541,6 +541,54 @@ mod tests {
             assert!(e.pop_due(due).is_some());
         }
         assert_eq!(e.next_due(), None);
+    }
+
+    /// The device end to end, through the kernel: a TCP connection to `peer` reaches a listener
+    /// on `local` from `peer`, and its handshake and echo take the link's round trip.
+    #[test]
+    fn a_tcp_connection_crosses_the_real_device_with_its_delay() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: a TUN device needs root (scripts/test runs as root)");
+            return;
+        }
+        let delay = Duration::from_millis(15);
+        // Its own subnet, so a `loadgen link` running meanwhile (10.201.0.0/24) is not in the way.
+        let link = Link::start(imp(15, 0.0, 0, 0), 77).unwrap();
+        let listener = std::net::TcpListener::bind((link.local, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        link.add_server_port(port);
+        let server = std::thread::spawn(move || {
+            let (mut s, from) = listener.accept().unwrap();
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b).unwrap();
+            s.write_all(&b).unwrap();
+            from
+        });
+        let t0 = Instant::now();
+        let mut c = std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from((link.peer, port)),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let connected = t0.elapsed();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(c.local_addr().unwrap().ip(), link.local);
+        let t1 = Instant::now();
+        c.write_all(b"ping").unwrap();
+        let mut b = [0u8; 4];
+        c.read_exact(&mut b).unwrap();
+        let echoed = t1.elapsed();
+        assert_eq!(&b, b"ping");
+        let from = server.join().unwrap();
+        assert_eq!(from.ip(), link.peer, "the listener sees the far end");
+        assert!(connected >= delay * 2, "handshake in {connected:?}");
+        assert!(echoed >= delay * 2, "echo in {echoed:?}");
+        assert!(echoed < Duration::from_secs(2), "echo in {echoed:?}");
+        let stats = link.stats();
+        assert!(
+            stats.up.packets >= 3 && stats.down.packets >= 2,
+            "{stats:?}"
+        );
     }
 
     #[test]

@@ -194,7 +194,11 @@ enum Scenario {
         /// How long each part lasts.
         #[arg(long, default_value = "10s")]
         duration: humantime::Duration,
-        /// Rounds; each measures every loss rate and transport once, in turn.
+        /// Before the rounds of each loss rate, a download through every tunnel for this long,
+        /// not measured, so each congestion controller settles to the new loss rate.
+        #[arg(long, default_value = "5s")]
+        settle: humantime::Duration,
+        /// Rounds per loss rate; each measures every transport once, in turn.
         #[arg(long, default_value_t = 1)]
         runs: usize,
         #[arg(long, default_value_t = 0)]
@@ -491,6 +495,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             sessions,
             rate,
             duration,
+            settle,
             runs,
             workers,
         } => {
@@ -516,6 +521,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 sessions,
                 rate,
                 duration: duration.into(),
+                settle: settle.into(),
                 runs,
                 workers,
             };
@@ -908,6 +914,8 @@ struct LinkRun {
     sessions: usize,
     rate: f64,
     duration: std::time::Duration,
+    /// The download before each loss rate's rounds, not measured.
+    settle: std::time::Duration,
     runs: usize,
     workers: usize,
 }
@@ -927,7 +935,7 @@ struct LinkMeasure {
 
 async fn link_cmd(cfg: &LinkRun, json: Option<PathBuf>) -> anyhow::Result<()> {
     use gatehouse_agent::dataplane::quic::TunnelTransport;
-    let link = link::Link::start(cfg.imp)?;
+    let link = link::Link::start(cfg.imp, 0)?;
     println!(
         "link {}: agents at {} reach proxies at {} via {}; one-way delay {:?}, {}, queue {:?}",
         link.name,
@@ -947,23 +955,46 @@ async fn link_cmd(cfg: &LinkRun, json: Option<PathBuf>) -> anyhow::Result<()> {
         let fleet = proxy_fleet_at(cfg.workers, &[], t, Some(&link)).await?;
         fleets.push((t, fleet));
     }
+    let target = |transport: &TunnelTransport, fleet: &fleet::Fleet| throughput::Target {
+        path: match transport {
+            TunnelTransport::Tls => throughput::Path::Proxy,
+            TunnelTransport::Quic => throughput::Path::ProxyQuic,
+        },
+        addr: fleet.proxy_addr.clone(),
+        user: Some(fleet.user.clone()),
+        jump: None,
+    };
+    // The tunnels live through the whole run, and a congestion controller carries its state from
+    // one loss rate to the next (cubic takes many seconds to regrow a window that 2 % loss cut).
+    // So the loss rates go in rising order, each after a download that lets every tunnel settle
+    // to it; the rounds of one loss rate then interleave the transports.
+    let mut losses = cfg.losses.clone();
+    losses.sort_by(f64::total_cmp);
+    losses.dedup();
     let mut all: Vec<LinkMeasure> = Vec::new();
-    for round in 1..=cfg.runs {
-        for &loss in &cfg.losses {
-            link.set_impairment(link::Impairment {
-                loss: loss / 100.0,
-                ..cfg.imp
-            });
+    for &loss in &losses {
+        link.set_impairment(link::Impairment {
+            loss: loss / 100.0,
+            ..cfg.imp
+        });
+        for (transport, (fleet, _)) in &fleets {
+            let settle = throughput::run(
+                &target(transport, fleet),
+                "",
+                cfg.streams,
+                cfg.settle,
+                throughput::Direction::Download,
+                None,
+            )
+            .await?;
+            println!(
+                "link settling at {loss}% loss: {transport} {:.1} Mbit/s",
+                settle.gb_per_s * 8000.0
+            );
+        }
+        for round in 1..=cfg.runs {
             for (transport, (fleet, _)) in &fleets {
-                let target = throughput::Target {
-                    path: match transport {
-                        TunnelTransport::Tls => throughput::Path::Proxy,
-                        TunnelTransport::Quic => throughput::Path::ProxyQuic,
-                    },
-                    addr: fleet.proxy_addr.clone(),
-                    user: Some(fleet.user.clone()),
-                    jump: None,
-                };
+                let target = target(transport, fleet);
                 let s0 = link.stats();
                 let bulk = throughput::run(
                     &target,
@@ -997,7 +1028,7 @@ async fn link_cmd(cfg: &LinkRun, json: Option<PathBuf>) -> anyhow::Result<()> {
     drop(fleets);
     println!("medians of {} round(s):", cfg.runs);
     let mut medians = Vec::new();
-    for &loss in &cfg.losses {
+    for &loss in &losses {
         for &t in &cfg.transports {
             let of = || {
                 all.iter()
