@@ -968,6 +968,10 @@ async fn link_cmd(cfg: &LinkRun, json: Option<PathBuf>) -> anyhow::Result<()> {
     // one loss rate to the next (cubic takes many seconds to regrow a window that 2 % loss cut).
     // So the loss rates go in rising order, each after a download that lets every tunnel settle
     // to it; the rounds of one loss rate then interleave the transports.
+    let download = async |target: &throughput::Target, how_long| {
+        let d = throughput::Direction::Download;
+        throughput::run(target, "", cfg.streams, how_long, d, None).await
+    };
     let mut losses = cfg.losses.clone();
     losses.sort_by(f64::total_cmp);
     losses.dedup();
@@ -978,15 +982,7 @@ async fn link_cmd(cfg: &LinkRun, json: Option<PathBuf>) -> anyhow::Result<()> {
             ..cfg.imp
         });
         for (transport, (fleet, _)) in &fleets {
-            let settle = throughput::run(
-                &target(transport, fleet),
-                "",
-                cfg.streams,
-                cfg.settle,
-                throughput::Direction::Download,
-                None,
-            )
-            .await?;
+            let settle = download(&target(transport, fleet), cfg.settle).await?;
             println!(
                 "link settling at {loss}% loss: {transport} {:.1} Mbit/s",
                 settle.gb_per_s * 8000.0
@@ -996,15 +992,7 @@ async fn link_cmd(cfg: &LinkRun, json: Option<PathBuf>) -> anyhow::Result<()> {
             for (transport, (fleet, _)) in &fleets {
                 let target = target(transport, fleet);
                 let s0 = link.stats();
-                let bulk = throughput::run(
-                    &target,
-                    "",
-                    cfg.streams,
-                    cfg.duration,
-                    throughput::Direction::Download,
-                    None,
-                )
-                .await?;
+                let bulk = download(&target, cfg.duration).await?;
                 // What the download left in the link's queues drains before the next part.
                 tokio::time::sleep(cfg.imp.queue + cfg.imp.delay * 2).await;
                 let s1 = link.stats();
