@@ -6,7 +6,7 @@
 //!
 //! It does not add loss tolerance. The tunnel is one ordered stream, so a lost packet holds back
 //! every session in it until the retransmission arrives, as over TCP; and quinn's congestion
-//! control (cubic) halves its window on random loss as TCP's cubic does. Over an emulated lossy
+//! control (cubic) cuts its window at every random loss, as TCP's cubic does. Over an emulated lossy
 //! link (`loadgen link`) QUIC tunnels moved what TLS tunnels on cubic did, and far less than TLS
 //! tunnels on BBR (ARCHITECTURE.md, "QUIC on a lossy link").
 
