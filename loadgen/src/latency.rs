@@ -34,19 +34,23 @@ pub struct LatencyReport {
     pub max_us: u64,
 }
 
+/// `one_agent`: behind the proxy, every session to the first simulated agent (the one a
+/// download's first stream goes to), instead of alternating between the two.
 pub async fn latency(
     target: &Target,
     ca: &str,
     sessions: usize,
     rate: f64,
     duration: Duration,
+    one_agent: bool,
 ) -> anyhow::Result<LatencyReport> {
     let path = target.path;
     let per_session = rate / sessions as f64;
     let interval = Duration::from_secs_f64(1.0 / per_session.max(1e-3));
     let mut streams = Vec::with_capacity(sessions);
     for i in 0..sessions {
-        streams.push(client_stream(target, ca, i, "echo").await?);
+        let index = if one_agent { 0 } else { i };
+        streams.push(client_stream(target, ca, index, "echo").await?);
     }
     let start = Instant::now() + Duration::from_millis(200);
     let schedule = Schedule {

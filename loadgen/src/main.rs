@@ -201,6 +201,9 @@ enum Scenario {
         /// Rounds per loss rate; each measures every transport once, in turn.
         #[arg(long, default_value_t = 1)]
         runs: usize,
+        /// Then measure the requests again while a download runs through the same tunnel.
+        #[arg(long)]
+        loaded: bool,
         #[arg(long, default_value_t = 0)]
         workers: usize,
     },
@@ -385,7 +388,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for round in 1..=runs {
                 let one = async |path: throughput::Path| {
                     let target = echo_target(path, &fleet, echo);
-                    let r = latency::latency(&target, &ca, sessions, rate, duration.into()).await?;
+                    let r = latency::latency(&target, &ca, sessions, rate, duration.into(), false)
+                        .await?;
                     print(&format!("{} {round}/{runs}", path.name()), &r);
                     Ok::<_, anyhow::Error>(r)
                 };
@@ -497,6 +501,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             duration,
             settle,
             runs,
+            loaded,
             workers,
         } => {
             if loss.is_empty() || transports.is_empty() || runs == 0 || streams == 0 {
@@ -522,6 +527,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 rate,
                 duration: duration.into(),
                 settle: settle.into(),
+                loaded,
                 runs,
                 workers,
             };
@@ -916,6 +922,8 @@ struct LinkRun {
     duration: std::time::Duration,
     /// The download before each loss rate's rounds, not measured.
     settle: std::time::Duration,
+    /// Also measure the requests while a download shares their tunnel.
+    loaded: bool,
     runs: usize,
     workers: usize,
 }
@@ -931,6 +939,15 @@ struct LinkMeasure {
     download_link: link::LinkStats,
     latency: latency::LatencyReport,
     latency_link: link::LinkStats,
+    /// With `--loaded`: the requests again while a download shares their tunnel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loaded: Option<LoadedMeasure>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct LoadedMeasure {
+    download_mbit_per_s: f64,
+    latency: latency::LatencyReport,
 }
 
 async fn link_cmd(cfg: &LinkRun, json: Option<PathBuf>) -> anyhow::Result<()> {
@@ -996,9 +1013,36 @@ async fn link_cmd(cfg: &LinkRun, json: Option<PathBuf>) -> anyhow::Result<()> {
                 // What the download left in the link's queues drains before the next part.
                 tokio::time::sleep(cfg.imp.queue + cfg.imp.delay * 2).await;
                 let s1 = link.stats();
-                let lat =
-                    latency::latency(&target, "", cfg.sessions, cfg.rate, cfg.duration).await?;
+                let lat = latency::latency(&target, "", cfg.sessions, cfg.rate, cfg.duration, true)
+                    .await?;
                 let s2 = link.stats();
+                // The same requests while a download shares their tunnel: what an interactive
+                // session feels while a transfer runs through the same agent.
+                let loaded = if cfg.loaded {
+                    tokio::time::sleep(cfg.imp.queue + cfg.imp.delay * 2).await;
+                    let (bulk, lat) = tokio::join!(
+                        download(&target, cfg.duration + std::time::Duration::from_secs(1)),
+                        async {
+                            // The download first fills the path.
+                            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                            latency::latency(
+                                &target,
+                                "",
+                                cfg.sessions,
+                                cfg.rate,
+                                cfg.duration,
+                                true,
+                            )
+                            .await
+                        }
+                    );
+                    Some(LoadedMeasure {
+                        download_mbit_per_s: bulk?.gb_per_s * 8000.0,
+                        latency: lat?,
+                    })
+                } else {
+                    None
+                };
                 let m = LinkMeasure {
                     round,
                     loss_pct: loss,
@@ -1007,6 +1051,7 @@ async fn link_cmd(cfg: &LinkRun, json: Option<PathBuf>) -> anyhow::Result<()> {
                     download_link: s1.since(&s0),
                     latency: lat,
                     latency_link: s2.since(&s1),
+                    loaded,
                 };
                 print_link(&m);
                 all.push(m);
@@ -1031,6 +1076,28 @@ async fn link_cmd(cfg: &LinkRun, json: Option<PathBuf>) -> anyhow::Result<()> {
                 "p999_us": median_int(of().map(|m| m.latency.p999_us).collect()),
                 "max_us": median_int(of().map(|m| m.latency.max_us).collect()),
             });
+            let loaded: Vec<&LoadedMeasure> = of().filter_map(|m| m.loaded.as_ref()).collect();
+            let row = if loaded.is_empty() {
+                row
+            } else {
+                let med = |f: fn(&LoadedMeasure) -> u64| {
+                    median_int(loaded.iter().map(|l| f(l)).collect())
+                };
+                let mut row = row;
+                if let Some(o) = row.as_object_mut() {
+                    o.insert(
+                        "loaded".into(),
+                        serde_json::json!({
+                            "download_mbit_per_s": median(loaded.iter().map(|l| l.download_mbit_per_s).collect()),
+                            "p50_us": med(|l| l.latency.p50_us),
+                            "p99_us": med(|l| l.latency.p99_us),
+                            "p999_us": med(|l| l.latency.p999_us),
+                            "max_us": med(|l| l.latency.max_us),
+                        }),
+                    );
+                }
+                row
+            };
             println!("  {row}");
             medians.push(row);
         }
@@ -1067,6 +1134,19 @@ fn print_link(m: &LinkMeasure) {
         ms(m.latency.max_us),
         m.latency.requests,
     );
+    if let Some(l) = &m.loaded {
+        println!(
+            "link round {} loss {:>4}% {:<4}  with a download beside ({:.1} Mbit/s): latency p50 {:.1} ms  p99 {:.1} ms  p99.9 {:.1} ms  max {:.1} ms",
+            m.round,
+            m.loss_pct,
+            m.transport,
+            l.download_mbit_per_s,
+            ms(l.latency.p50_us),
+            ms(l.latency.p99_us),
+            ms(l.latency.p999_us),
+            ms(l.latency.max_us),
+        );
+    }
 }
 
 fn print_sessions(label: &str, r: &latency::SessionsReport) {
