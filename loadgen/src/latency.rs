@@ -278,7 +278,7 @@ impl Drop for Pacer {
 /// This thread's sleeps end on time: Linux lets a normal thread's timers fire up to 50 µs late
 /// (timer slack) to batch wake-ups, which is as long as the gap between slots at 20,000/s.
 #[allow(unsafe_code)]
-fn precise_sleeps() {
+pub(crate) fn precise_sleeps() {
     // SAFETY: prctl(PR_SET_TIMERSLACK) takes a plain integer and touches only this thread.
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);

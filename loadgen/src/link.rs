@@ -330,7 +330,8 @@ impl Drop for Link {
 
 /// The link's thread: read what the kernel routes into the device, write back what is due.
 fn drive(mut tun: std::fs::File, shared: &Mutex<Emulator>, stop: &AtomicBool) {
-    sys::precise_sleeps();
+    // Packets leave on time: the default timer slack would hold each up to 50 µs.
+    crate::latency::precise_sleeps();
     let mut buf = vec![0u8; 65536];
     while !stop.load(Ordering::Relaxed) {
         let next = shared.lock().ok().and_then(|e| e.next_due());
@@ -434,14 +435,6 @@ mod sys {
             }
         }
         Ok(())
-    }
-
-    /// This thread's timers fire on time (the default slack lets them run 50 µs late).
-    pub fn precise_sleeps() {
-        // SAFETY: prctl(PR_SET_TIMERSLACK) takes a plain integer and touches only this thread.
-        unsafe {
-            libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
-        }
     }
 }
 

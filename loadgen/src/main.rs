@@ -989,6 +989,10 @@ async fn link_cmd(cfg: &LinkRun, json: Option<PathBuf>) -> anyhow::Result<()> {
         let d = throughput::Direction::Download;
         throughput::run(target, "", cfg.streams, how_long, d, None).await
     };
+    let requests = async |target: &throughput::Target| {
+        latency::latency(target, "", cfg.sessions, cfg.rate, cfg.duration, true).await
+    };
+    let drain = cfg.imp.queue + cfg.imp.delay * 2;
     let mut losses = cfg.losses.clone();
     losses.sort_by(f64::total_cmp);
     losses.dedup();
@@ -1011,29 +1015,20 @@ async fn link_cmd(cfg: &LinkRun, json: Option<PathBuf>) -> anyhow::Result<()> {
                 let s0 = link.stats();
                 let bulk = download(&target, cfg.duration).await?;
                 // What the download left in the link's queues drains before the next part.
-                tokio::time::sleep(cfg.imp.queue + cfg.imp.delay * 2).await;
+                tokio::time::sleep(drain).await;
                 let s1 = link.stats();
-                let lat = latency::latency(&target, "", cfg.sessions, cfg.rate, cfg.duration, true)
-                    .await?;
+                let lat = requests(&target).await?;
                 let s2 = link.stats();
                 // The same requests while a download shares their tunnel: what an interactive
                 // session feels while a transfer runs through the same agent.
                 let loaded = if cfg.loaded {
-                    tokio::time::sleep(cfg.imp.queue + cfg.imp.delay * 2).await;
+                    tokio::time::sleep(drain).await;
                     let (bulk, lat) = tokio::join!(
                         download(&target, cfg.duration + std::time::Duration::from_secs(1)),
                         async {
                             // The download first fills the path.
                             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                            latency::latency(
-                                &target,
-                                "",
-                                cfg.sessions,
-                                cfg.rate,
-                                cfg.duration,
-                                true,
-                            )
-                            .await
+                            requests(&target).await
                         }
                     );
                     Some(LoadedMeasure {
