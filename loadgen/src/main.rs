@@ -992,7 +992,22 @@ async fn link_cmd(cfg: &LinkRun, json: Option<PathBuf>) -> anyhow::Result<()> {
     let requests = async |target: &throughput::Target| {
         latency::latency(target, "", cfg.sessions, cfg.rate, cfg.duration, true).await
     };
-    let drain = cfg.imp.queue + cfg.imp.delay * 2;
+    // Between parts the link goes quiet: a download's tail (its last window in flight, what the
+    // agent's socket still held) would otherwise meet the next part's first requests. Quiet is
+    // fewer than 4 packets in 100 ms, both ways (heartbeats and keep-alives); at most 5 s.
+    let quiet = async || {
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut before = link.stats();
+        while std::time::Instant::now() < give_up {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let now = link.stats();
+            let d = now.since(&before);
+            if d.up.packets + d.down.packets < 4 {
+                break;
+            }
+            before = now;
+        }
+    };
     let mut losses = cfg.losses.clone();
     losses.sort_by(f64::total_cmp);
     losses.dedup();
@@ -1014,15 +1029,14 @@ async fn link_cmd(cfg: &LinkRun, json: Option<PathBuf>) -> anyhow::Result<()> {
                 let target = target(transport, fleet);
                 let s0 = link.stats();
                 let bulk = download(&target, cfg.duration).await?;
-                // What the download left in the link's queues drains before the next part.
-                tokio::time::sleep(drain).await;
+                quiet().await;
                 let s1 = link.stats();
                 let lat = requests(&target).await?;
                 let s2 = link.stats();
                 // The same requests while a download shares their tunnel: what an interactive
                 // session feels while a transfer runs through the same agent.
                 let loaded = if cfg.loaded {
-                    tokio::time::sleep(drain).await;
+                    quiet().await;
                     let (bulk, lat) = tokio::join!(
                         download(&target, cfg.duration + std::time::Duration::from_secs(1)),
                         async {
