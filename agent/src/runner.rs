@@ -186,12 +186,27 @@ async fn run(
             .map(|(conn, s)| (Box::new(s) as Box<dyn TunnelIo>, Some(conn))),
         };
         match connected {
-            Ok((stream, _quic_conn)) => {
+            Ok((stream, quic_conn)) => {
                 status.connected.set(1);
                 status.connects.inc();
                 tracing::info!(proxy = %config.proxy_addr, transport = %config.transport, "agent: tunnel up");
-                let reason =
-                    serve_tunnel(stream, &config, &identity, ssh.clone(), &sessions, &status).await;
+                // Sessions on QUIC streams of their own, where the proxy agreed to it. (The
+                // connection is kept until the tunnel ends either way.)
+                let native = quic_conn
+                    .as_ref()
+                    .filter(|c| gatehouse_dataplane::quic::session_streams(c))
+                    .cloned();
+                let reason = serve_tunnel(
+                    stream,
+                    native,
+                    &config,
+                    &identity,
+                    ssh.clone(),
+                    &sessions,
+                    &status,
+                )
+                .await;
+                drop(quic_conn);
                 status.connected.set(0);
                 tracing::warn!(proxy = %config.proxy_addr, %reason, "agent: tunnel down; reconnecting");
                 // A tunnel that held for a while starts the backoff over.
@@ -257,6 +272,7 @@ fn inventory(config: &TunnelClientConfig, identity: &HostIdentity, ssh: bool) ->
 
 async fn serve_tunnel<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + 'static>(
     io: T,
+    quic_sessions: Option<quinn::Connection>,
     config: &TunnelClientConfig,
     identity: &HostIdentity,
     ssh: Option<Arc<dyn SshService>>,
@@ -264,6 +280,9 @@ async fn serve_tunnel<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + 'static>
     status: &Arc<TunnelStatus>,
 ) -> String {
     let (tunnel, mut events) = Tunnel::new(Side::Dialer, config.tunnel.clone());
+    if let Some(conn) = quic_sessions {
+        tunnel.attach_quic(conn);
+    }
     let heartbeat = {
         let (tunnel, inv, every) = (
             tunnel.clone(),

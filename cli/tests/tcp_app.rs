@@ -597,6 +597,12 @@ fn round_trip_through_a_quic_tunnel() {
     f.wait_for_nodes(home.path(), 1);
     let ls = f.gsh(home.path(), &["ls"], None).ok().stdout;
     assert!(ls.contains("tcp:echo"), "{ls}");
+    // Both ends offer sessions on QUIC streams of their own, and agree on it.
+    let metrics = f.proxy_metrics();
+    assert!(
+        metrics.contains("gatehouse_proxy_quic_stream_tunnels 1"),
+        "{metrics}"
+    );
     round_trip(home.path(), 16 * 1024 * 1024);
 
     // A certificate of this cluster that is not a node's (the admin's) may not hold a tunnel

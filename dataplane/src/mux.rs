@@ -14,6 +14,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use crate::pool;
+
+mod native;
 use crate::tunnel::{
     Config, ConnError, Connection, Event, Framed, HEADER_LEN, Side, StreamError, StreamId, code,
 };
@@ -53,6 +55,12 @@ struct Inner {
     events: EventSender,
     bytes_in: u64,
     bytes_out: u64,
+    /// Sessions on QUIC streams of their own ([`Tunnel::attach_quic`]): the connection, the
+    /// streams the peer opened that wait for an answer, the next id, how many are open.
+    quic: Option<quinn::Connection>,
+    native: HashMap<StreamId, (quinn::SendStream, quinn::RecvStream)>,
+    next_native: StreamId,
+    native_open: usize,
 }
 
 /// Events of one tunnel, for its owner. Unlike a tokio mpsc channel (which allocates a block of
@@ -288,6 +296,10 @@ impl Tunnel {
             events: tx,
             bytes_in: 0,
             bytes_out: 0,
+            quic: None,
+            native: HashMap::new(),
+            next_native: native::NATIVE_ID_BASE,
+            native_open: 0,
         };
         (
             Self {
@@ -302,7 +314,8 @@ impl Tunnel {
     }
 
     pub fn open_streams(&self) -> usize {
-        self.inner.borrow().slots.len()
+        let inner = self.inner.borrow();
+        inner.slots.len() + inner.native_open
     }
 
     /// Bytes of input buffer the tunnel holds: none while it has no streams and waits.
@@ -500,6 +513,7 @@ impl Tunnel {
             reason
         };
         self.close(&reason);
+        self.close_native(&reason);
         reason
     }
 
@@ -562,6 +576,10 @@ impl Tunnel {
     /// Open a stream to `target` and wait for the peer's answer.
     pub async fn open(&self, target: &str, metadata: Bytes) -> Result<StreamHandle, OpenError> {
         self.ready().await?;
+        let quic = self.inner.borrow().quic.clone();
+        if let Some(conn) = quic {
+            return self.open_native(conn, target, metadata).await;
+        }
         let (id, notify) = {
             let mut inner = self.inner.borrow_mut();
             if let Some(reason) = &inner.closed {
@@ -596,6 +614,7 @@ impl Tunnel {
             tunnel: self.clone(),
             id,
             notify,
+            native: None,
         })
     }
 }
@@ -661,6 +680,8 @@ pub struct StreamHandle {
     tunnel: Tunnel,
     id: StreamId,
     notify: Rc<Notify>,
+    /// A session on a QUIC stream of its own instead of a stream inside the tunnel.
+    native: Option<Box<native::Native>>,
 }
 
 impl std::fmt::Debug for StreamHandle {
@@ -674,6 +695,9 @@ impl std::fmt::Debug for StreamHandle {
 impl Tunnel {
     /// Accept a stream the peer opened (from [`TunnelEvent::Incoming`]).
     pub fn accept(&self, stream: StreamId) -> Result<StreamHandle, StreamError> {
+        if let Some(handle) = self.accept_native(stream) {
+            return Ok(handle);
+        }
         let notify = {
             let mut inner = self.inner.borrow_mut();
             let notify = inner
@@ -689,11 +713,15 @@ impl Tunnel {
             tunnel: self.clone(),
             id: stream,
             notify,
+            native: None,
         })
     }
 
     /// Refuse a stream the peer opened, with a reason the other side will see.
     pub fn reject(&self, stream: StreamId, code: u16, message: &str) {
+        if self.reject_native(stream, code, message) {
+            return;
+        }
         {
             let mut inner = self.inner.borrow_mut();
             inner.slots.remove(&stream);
@@ -710,7 +738,14 @@ impl StreamHandle {
 
     /// Copy bytes both ways between this stream and `io` until both directions finish (or a
     /// reset). `leftover` is plaintext already read from `io` that belongs to the stream.
-    pub async fn splice<IO: AsyncRead + AsyncWrite>(self, io: IO, leftover: Bytes) -> SpliceStats {
+    pub async fn splice<IO: AsyncRead + AsyncWrite>(
+        mut self,
+        io: IO,
+        leftover: Bytes,
+    ) -> SpliceStats {
+        if let Some(native) = self.native.as_mut() {
+            return native::splice(native, io, leftover).await;
+        }
         // Reads and writes take turns in this one loop (a read waiting when the other direction
         // wakes it is dropped, never left half-done), so `io` needs no split (whose lock every
         // poll would take).

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use rand::RngCore;
 
-use crate::session_proto::{ALPN_TUNNEL, PROXY_SERVER_NAME};
+use crate::session_proto::{ALPN_TUNNEL, ALPN_TUNNEL_STREAMS, PROXY_SERVER_NAME};
 
 /// A tunnel's byte stream over QUIC.
 pub type QuicStream = tokio::io::Join<quinn::RecvStream, quinn::SendStream>;
@@ -54,6 +54,10 @@ impl std::fmt::Display for TunnelTransport {
     }
 }
 
+/// Sessions a tunnel may have open at once on streams of their own, as inside the tunnel
+/// (`tunnel::Config::max_streams`); the first stream is the tunnel's own.
+const MAX_SESSIONS: u32 = 4096;
+
 /// Transport settings for long-lived tunnels carrying bulk sessions: windows large enough for
 /// a few MB in flight, keep-alives so idle tunnels survive NAT timeouts.
 fn transport() -> Arc<quinn::TransportConfig> {
@@ -61,7 +65,7 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.stream_receive_window(quinn::VarInt::from_u32(8 * 1024 * 1024))
         .receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024))
         .send_window(16 * 1024 * 1024)
-        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(4))
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_SESSIONS + 1))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
         .keep_alive_interval(Some(Duration::from_secs(15)));
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(60)) {
@@ -74,7 +78,7 @@ fn transport() -> Arc<quinn::TransportConfig> {
 /// verification), offering only the tunnel protocol.
 pub fn server_config(tls: &rustls::ServerConfig) -> Result<quinn::ServerConfig, String> {
     let mut tls = tls.clone();
-    tls.alpn_protocols = vec![ALPN_TUNNEL.to_vec()];
+    tls.alpn_protocols = vec![ALPN_TUNNEL_STREAMS.to_vec(), ALPN_TUNNEL.to_vec()];
     tls.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))
         .map_err(|e| format!("QUIC needs TLS 1.3 with AES-128-GCM: {e}"))?;
@@ -267,7 +271,7 @@ fn steer_by_connection_id(socket: &socket2::Socket, n: usize) -> std::io::Result
 /// An agent's QUIC client config, from its TLS client config (its node certificate).
 pub fn client_config(tls: &rustls::ClientConfig) -> Result<quinn::ClientConfig, String> {
     let mut tls = tls.clone();
-    tls.alpn_protocols = vec![ALPN_TUNNEL.to_vec()];
+    tls.alpn_protocols = vec![ALPN_TUNNEL_STREAMS.to_vec(), ALPN_TUNNEL.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
         .map_err(|e| format!("QUIC needs TLS 1.3 with AES-128-GCM: {e}"))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
@@ -313,6 +317,12 @@ pub async fn dial(
         .map_err(std::io::Error::other)?;
     let (send, recv) = conn.open_bi().await.map_err(std::io::Error::other)?;
     Ok((conn, tokio::io::join(recv, send)))
+}
+
+/// Whether `conn` negotiated sessions on QUIC streams of their own ([`ALPN_TUNNEL_STREAMS`]):
+/// then both ends call [`crate::mux::Tunnel::attach_quic`].
+pub fn session_streams(conn: &quinn::Connection) -> bool {
+    peer(conn).0.as_deref() == Some(ALPN_TUNNEL_STREAMS)
 }
 
 /// The negotiated ALPN protocol and the client's certificate chain of an accepted connection.

@@ -6,6 +6,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 pub const ALPN_TUNNEL: &[u8] = b"gatehouse-tunnel";
+/// The tunnel over QUIC with each session on a QUIC stream of its own (`mux::native`); offered
+/// first on QUIC, beside [`ALPN_TUNNEL`] (every session inside the tunnel's one stream).
+pub const ALPN_TUNNEL_STREAMS: &[u8] = b"gatehouse-tunnel-streams";
 pub const ALPN_SSH: &[u8] = b"gatehouse-ssh";
 pub const ALPN_TCP: &[u8] = b"gatehouse-tcp";
 pub use gatehouse_controlplane::identity::{ALPN_AUTH, PROXY_SERVER_NAME};

@@ -123,11 +123,18 @@ pub fn spawn(
                             }
                         };
                         match dialed {
-                            Ok((io, _quic_conn)) => {
+                            Ok((io, quic_conn)) => {
                                 drop(permit);
                                 stats.connected.fetch_add(1, Ordering::Relaxed);
                                 stats.settled_now();
-                                serve(io, &id, i, &stats).await;
+                                let native = quic_conn
+                                    .as_ref()
+                                    .filter(|c| {
+                                        gatehouse_agent::dataplane::quic::session_streams(c)
+                                    })
+                                    .cloned();
+                                serve(io, native, &id, i, &stats).await;
+                                drop(quic_conn);
                                 stats.connected.fetch_sub(1, Ordering::Relaxed);
                             }
                             Err(e) => {
@@ -179,8 +186,17 @@ async fn dial(
 trait TunnelIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> TunnelIo for T {}
 
-async fn serve(tls: Box<dyn TunnelIo>, id: &HostIdentity, i: usize, stats: &Arc<AgentStats>) {
+async fn serve(
+    tls: Box<dyn TunnelIo>,
+    quic_sessions: Option<quinn::Connection>,
+    id: &HostIdentity,
+    i: usize,
+    stats: &Arc<AgentStats>,
+) {
     let (tunnel, mut events) = Tunnel::new(Side::Dialer, Config::default());
+    if let Some(conn) = quic_sessions {
+        tunnel.attach_quic(conn);
+    }
     let inv = Inventory {
         host_id: id.host_id.clone(),
         name: id.host_name.clone(),

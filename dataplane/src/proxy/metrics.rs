@@ -51,6 +51,8 @@ pub struct ProxyMetrics {
     /// 1 for the TCP congestion control the public port's connections run (`cubic`, `bbr`, …).
     pub tcp_congestion: Family<AlgorithmLabel, Gauge>,
     pub tunnels: Gauge,
+    /// Of `tunnels`, those over QUIC whose sessions run on QUIC streams of their own.
+    pub quic_stream_tunnels: Gauge,
     pub streams: Gauge,
     pub sessions: Counter,
     pub bytes: Family<DirectionLabel, Counter>,
@@ -69,6 +71,11 @@ impl ProxyMetrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("gatehouse_proxy");
         r.register("tunnels", "Agent tunnels connected", self.tunnels.clone());
+        r.register(
+            "quic_stream_tunnels",
+            "Agent tunnels over QUIC whose sessions run on QUIC streams of their own",
+            self.quic_stream_tunnels.clone(),
+        );
         r.register(
             "io_backend",
             "The data plane's I/O backend (1 for the one in use)",

@@ -34,7 +34,8 @@ use tokio::sync::{mpsc, watch};
 use crate::client_hello::{self, Peek};
 use crate::mux::{OpenError, Tunnel, TunnelEvent};
 use crate::session_proto::{
-    self, ALPN_AUTH, ALPN_SSH, ALPN_TCP, ALPN_TUNNEL, SessionRequest, SessionResponse,
+    self, ALPN_AUTH, ALPN_SSH, ALPN_TCP, ALPN_TUNNEL, ALPN_TUNNEL_STREAMS, SessionRequest,
+    SessionResponse,
 };
 use crate::socket::{self, IoBackend, Socket};
 use crate::tls_stream::{TlsParts, TlsStream};
@@ -622,7 +623,8 @@ impl Worker {
     }
 
     /// An agent tunnel over QUIC: the same identity rules as over TLS, then the tunnel protocol
-    /// on the first bidirectional stream the agent opens.
+    /// on the first bidirectional stream the agent opens, and each session on a stream of its
+    /// own where the agent offered that (`ALPN_TUNNEL_STREAMS`).
     async fn serve_quic(&self, incoming: quinn::Incoming) {
         let remote = incoming.remote_address();
         let metrics = &self.shared.metrics;
@@ -641,7 +643,7 @@ impl Worker {
         let (alpn, cert) = crate::quic::peer(&conn);
         let id = identity_of(cert.as_deref(), &self.shared.config.cluster);
         let id = match (alpn.as_deref(), id) {
-            (Some(ALPN_TUNNEL), Ok(id))
+            (Some(ALPN_TUNNEL | ALPN_TUNNEL_STREAMS), Ok(id))
                 if id.kind == IdentityKind::Node && !id.roles.iter().any(|r| r == "@proxy") =>
             {
                 id
@@ -663,7 +665,10 @@ impl Worker {
         };
         // (QUIC tunnels stay on the endpoint's core: a quinn connection cannot move.)
         let place = TunnelPlace::take(&self.shared, self.core);
-        self.serve_tunnel(Box::new(stream), remote, id, place).await;
+        // Sessions on QUIC streams of their own where the agent offered it.
+        let sessions = (alpn.as_deref() == Some(ALPN_TUNNEL_STREAMS)).then(|| conn.clone());
+        self.serve_tunnel(Box::new(stream), remote, id, place, sessions)
+            .await;
         conn.close(quinn::VarInt::from_u32(0), b"tunnel closed");
     }
 
@@ -727,9 +732,9 @@ impl Worker {
     /// moves to the heap once instead of being copied into each enclosing future.
     fn spawn_tunnel(&self, tls: TlsStream, remote: SocketAddr, id: Identity, place: TunnelPlace) {
         let w = self.clone();
-        tokio::task::spawn_local(
-            async move { w.serve_tunnel(Box::new(tls), remote, id, place).await },
-        );
+        tokio::task::spawn_local(async move {
+            w.serve_tunnel(Box::new(tls), remote, id, place, None).await
+        });
     }
 
     /// Queue a route table change, and an agent's inventory for Auth. The changes a worker
@@ -781,6 +786,7 @@ impl Worker {
         remote: SocketAddr,
         id: Identity,
         _place: TunnelPlace,
+        quic_sessions: Option<quinn::Connection>,
     ) where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
     {
@@ -790,6 +796,11 @@ impl Worker {
         // (the rest is freed here, not when the tunnel ends).
         let (host_id, host_name) = host_of(id);
         let (tunnel, mut events) = Tunnel::new(Side::Listener, shared.config.tunnel.clone());
+        let native = quic_sessions.is_some();
+        if let Some(conn) = quic_sessions {
+            tunnel.attach_quic(conn);
+            shared.metrics.quic_stream_tunnels.inc();
+        }
         self.tunnels.borrow_mut().insert(tunnel_id, tunnel.clone());
         let mut entry = Arc::new(TunnelEntry {
             tunnel_id,
@@ -860,6 +871,9 @@ impl Worker {
         self.tunnels.borrow_mut().remove(&tunnel_id);
         self.change_routes(Some(RouteChange::Remove(tunnel_id)), None);
         shared.metrics.tunnels.dec();
+        if native {
+            shared.metrics.quic_stream_tunnels.dec();
+        }
         tracing::info!(%remote, %host_id, %reason, "proxy: tunnel closed");
     }
 
