@@ -182,7 +182,10 @@ One proxy per transport, both behind the same link, their tunnels kept through t
 rates go in rising order, each after a 5 s download through every tunnel that is not measured
 (a congestion controller carries its state from one loss rate to the next), then {n} rounds
 that interleave the transports; medians of the rounds. The TLS tunnel's congestion control is
-the kernel's (the row says which); quinn runs its own, cubic by default.
+the kernel's (the row says which); quinn runs its own, cubic by default. Over TLS every session
+is a stream inside the tunnel's one TCP connection, so a lost packet holds back all of them until
+its retransmission; over QUIC each session is a QUIC stream of its own, and a loss holds back
+only the sessions whose data the packet carried.
 
 | loss | tunnel | download Mbit/s | p50 ms | p99 ms | p99.9 ms | max ms | with a download beside |
 |---|---|---|---|---|---|---|---|
@@ -329,8 +332,9 @@ children) — for rathole the server's only.
 | gatehouse proxy ({pe.get('proxy_io_backend') or 'epoll'}) | {pe.get('median_gb_per_s', 0):.3f} | {pe.get('median_gb_per_middle_cpu_s') or 0:.2f} | {ratio(p.get('median_gb_per_s'), pe.get('median_gb_per_s'))} | {ratio(p.get('median_gb_per_middle_cpu_s'), pe.get('median_gb_per_middle_cpu_s'))} |
 | gatehouse proxy, `--proxy-tcp-congestion cubic` ({pc.get('proxy_io_backend') or '?'}) | {pc.get('median_gb_per_s', 0):.3f} | {pc.get('median_gb_per_middle_cpu_s') or 0:.2f} | {ratio(p.get('median_gb_per_s'), pc.get('median_gb_per_s'))} | {ratio(p.get('median_gb_per_middle_cpu_s'), pc.get('median_gb_per_middle_cpu_s'))} |
 
-**QUIC tunnels**: the same proxy with the simulated agents' tunnels over QUIC (quinn, one
-bidirectional stream per tunnel) instead of TCP + TLS; users still reach the proxy over TLS, so the
+**QUIC tunnels**: the same proxy with the simulated agents' tunnels over QUIC (quinn; the
+tunnel's frames on one bidirectional stream, each session on a QUIC stream of its own) instead
+of TCP + TLS; users still reach the proxy over TLS, so the
 proxy decrypts TLS and encrypts QUIC packets. Every proxy worker runs a QUIC endpoint (the kernel
 steers datagrams to a connection's worker by connection ID); this scenario has one agent, so one
 tunnel and one worker carry the streams.

@@ -55,17 +55,20 @@ impl std::fmt::Display for TunnelTransport {
 }
 
 /// Sessions a tunnel may have open at once on streams of their own, as inside the tunnel
-/// (`tunnel::Config::max_streams`); the first stream is the tunnel's own.
+/// (`tunnel::Config::max_streams`).
 const MAX_SESSIONS: u32 = 4096;
 
 /// Transport settings for long-lived tunnels carrying bulk sessions: windows large enough for
 /// a few MB in flight, keep-alives so idle tunnels survive NAT timeouts.
-fn transport() -> Arc<quinn::TransportConfig> {
+/// `peer_streams`: the bidirectional streams the peer may open at once. The proxy opens the
+/// sessions; an agent opens only the tunnel's own stream, so the proxy allows it that one and
+/// no more (an agent cannot make the proxy hold half-sent session streams).
+fn transport(peer_streams: u32) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.stream_receive_window(quinn::VarInt::from_u32(8 * 1024 * 1024))
         .receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024))
         .send_window(16 * 1024 * 1024)
-        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_SESSIONS + 1))
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(peer_streams))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
         .keep_alive_interval(Some(Duration::from_secs(15)));
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(60)) {
@@ -83,7 +86,7 @@ pub fn server_config(tls: &rustls::ServerConfig) -> Result<quinn::ServerConfig, 
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))
         .map_err(|e| format!("QUIC needs TLS 1.3 with AES-128-GCM: {e}"))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(transport());
+    cfg.transport_config(transport(1));
     Ok(cfg)
 }
 
@@ -275,7 +278,7 @@ pub fn client_config(tls: &rustls::ClientConfig) -> Result<quinn::ClientConfig, 
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
         .map_err(|e| format!("QUIC needs TLS 1.3 with AES-128-GCM: {e}"))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport());
+    cfg.transport_config(transport(MAX_SESSIONS));
     Ok(cfg)
 }
 

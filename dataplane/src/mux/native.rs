@@ -21,7 +21,9 @@ use crate::tunnel::{Frame, FrameError, HEADER_LEN, StreamError, StreamId, code};
 /// count up from 1 by twos and would take 2^30 opens to get here).
 pub(super) const NATIVE_ID_BASE: StreamId = 0x8000_0000;
 
-/// The largest `Open` frame accepted: a target of up to 1 KiB and its metadata.
+/// The largest `Open` frame accepted: a target of up to 1 KiB and its metadata (who, from
+/// where, with which roles), as inside the tunnel. Only agents accept session streams: the
+/// proxy lets an agent open none but the tunnel's own (`quic::transport`).
 const MAX_OPEN_FRAME: u32 = 64 * 1024;
 /// The largest answer accepted (`OpenErr` with its message).
 const MAX_ANSWER_FRAME: u32 = 8 * 1024;
@@ -398,7 +400,16 @@ mod tests {
     /// A proxy's and an agent's tunnel over one QUIC connection on loopback, each attached to
     /// it where they negotiated sessions on streams of their own. `alpns`: what the agent
     /// offers (the proxy offers both).
-    async fn pair(alpns: &[&[u8]]) -> (Tunnel, Events, Tunnel, Events, quinn::Connection) {
+    async fn pair(
+        alpns: &[&[u8]],
+    ) -> (
+        Tunnel,
+        Events,
+        Tunnel,
+        Events,
+        quinn::Connection,
+        quinn::Connection,
+    ) {
         let ca = Ca::new("test ca");
         let (cert, key) = ca.leaf(PROXY_SERVER_NAME);
         let server_tls = server_config_with_alpn(&ca.pem, &cert, &key, &[ALPN_TUNNEL]).unwrap();
@@ -451,7 +462,7 @@ mod tests {
         }
         // The endpoints live as long as their connections need them.
         std::mem::forget((proxy, endpoint));
-        (tunnel, events, agent, agent_events, proxy_conn)
+        (tunnel, events, agent, agent_events, proxy_conn, agent_conn)
     }
 
     /// The agent's side: `echo` is accepted and echoed, anything else refused.
@@ -525,7 +536,7 @@ mod tests {
     #[test]
     fn sessions_run_on_quic_streams_of_their_own() {
         run(async {
-            let (tunnel, _events, agent, agent_events, conn) =
+            let (tunnel, _events, agent, agent_events, conn, _) =
                 pair(&[crate::session_proto::ALPN_TUNNEL_STREAMS, ALPN_TUNNEL]).await;
             assert!(tunnel.has_native_streams() && agent.has_native_streams());
             serve_agent(agent, agent_events);
@@ -559,7 +570,7 @@ mod tests {
     #[test]
     fn an_agent_offering_one_stream_gets_sessions_inside_the_tunnel() {
         run(async {
-            let (tunnel, _events, agent, agent_events, _conn) = pair(&[ALPN_TUNNEL]).await;
+            let (tunnel, _events, agent, agent_events, _conn, _) = pair(&[ALPN_TUNNEL]).await;
             assert!(!tunnel.has_native_streams() && !agent.has_native_streams());
             serve_agent(agent, agent_events);
             let ids = futures_join(&tunnel).await;
@@ -572,9 +583,16 @@ mod tests {
     #[test]
     fn a_bad_session_stream_is_reset_and_the_tunnel_carries_on() {
         run(async {
-            let (tunnel, _events, agent, agent_events, conn) =
+            let (tunnel, _events, agent, agent_events, conn, agent_conn) =
                 pair(&[crate::session_proto::ALPN_TUNNEL_STREAMS, ALPN_TUNNEL]).await;
             serve_agent(agent, agent_events);
+            // An agent may open no stream but the tunnel's own: the proxy holds none of its
+            // making (a second open waits for credit that does not come).
+            let second = tokio::time::timeout(Duration::from_millis(300), agent_conn.open_bi());
+            assert!(
+                second.await.is_err(),
+                "the proxy let an agent open a second stream"
+            );
             let (mut send, mut recv) = conn.open_bi().await.unwrap();
             send.write_all(b"not a frame at all, just bytes")
                 .await
