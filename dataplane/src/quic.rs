@@ -1,14 +1,18 @@
-//! QUIC as an agent transport (quinn): the same tunnel protocol, byte for byte, over one
-//! bidirectional QUIC stream. The proxy listens for it on UDP at its public port; certificates,
-//! ALPN (`gatehouse-tunnel`) and the identity checks are the TLS listener's. What QUIC adds is
-//! the connection's independence from the client's address: a changing agent address (NAT
-//! rebinding, roaming) keeps the tunnel, and agents that only have UDP out can connect.
+//! QUIC as an agent transport (quinn): the same tunnel protocol over QUIC. The proxy listens for
+//! it on UDP at its public port; certificates, ALPN and the identity checks are the TLS
+//! listener's. The tunnel's own frames (hello, pings, heartbeats, go-away) run on the first
+//! bidirectional stream the agent opens; with `gatehouse-tunnel-streams`, which both ends offer
+//! first, each session is a QUIC stream of its own that the proxy opens (`mux::native`), and an
+//! agent that offers only `gatehouse-tunnel` gets every session inside that first stream.
 //!
-//! It does not add loss tolerance. The tunnel is one ordered stream, so a lost packet holds back
-//! every session in it until the retransmission arrives, as over TCP; and quinn's congestion
-//! control (cubic) cuts its window at every random loss, as TCP's cubic does. Over an emulated lossy
-//! link (`loadgen link`) QUIC tunnels moved what TLS tunnels on cubic did, and far less than TLS
-//! tunnels on BBR (ARCHITECTURE.md, "QUIC on a lossy link").
+//! What QUIC adds: the connection's independence from the client's address (a changing agent
+//! address, NAT rebinding or roaming, keeps the tunnel); a way in for agents that only have UDP
+//! out; and, with sessions on streams of their own, a lost packet holds back only the sessions
+//! whose data it carried, where over TCP it holds back every session in the tunnel. It does not
+//! move more bytes over loss: quinn's congestion control (cubic) cuts its window at every random
+//! loss, as TCP's cubic does. Over an emulated lossy link (`loadgen link`) QUIC tunnels moved
+//! what TLS tunnels on cubic did, and far less than TLS tunnels on BBR (ARCHITECTURE.md, "QUIC on
+//! a lossy link" and "Each session on a QUIC stream of its own").
 
 use std::net::SocketAddr;
 use std::sync::Arc;
