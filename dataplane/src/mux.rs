@@ -61,6 +61,8 @@ struct Inner {
     native: HashMap<StreamId, (quinn::SendStream, quinn::RecvStream)>,
     next_native: StreamId,
     native_open: usize,
+    /// Session streams the peer may open at once (raised as they open).
+    native_allowance: u32,
 }
 
 /// Events of one tunnel, for its owner. Unlike a tokio mpsc channel (which allocates a block of
@@ -300,6 +302,7 @@ impl Tunnel {
             native: HashMap::new(),
             next_native: native::NATIVE_ID_BASE,
             native_open: 0,
+            native_allowance: crate::quic::FIRST_SESSIONS,
         };
         (
             Self {

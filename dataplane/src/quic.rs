@@ -60,7 +60,11 @@ impl std::fmt::Display for TunnelTransport {
 
 /// Sessions a tunnel may have open at once on streams of their own, as inside the tunnel
 /// (`tunnel::Config::max_streams`).
-const MAX_SESSIONS: u32 = 4096;
+pub const MAX_SESSIONS: u32 = 4096;
+/// What an agent allows the proxy at first. quinn keeps state for every stream the peer may
+/// open from the start, so the agent raises the allowance as sessions open
+/// (`mux::native`), doubling up to [`MAX_SESSIONS`].
+pub const FIRST_SESSIONS: u32 = 64;
 
 /// Transport settings for long-lived tunnels carrying bulk sessions: windows large enough for
 /// a few MB in flight, keep-alives so idle tunnels survive NAT timeouts.
@@ -282,7 +286,7 @@ pub fn client_config(tls: &rustls::ClientConfig) -> Result<quinn::ClientConfig, 
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
         .map_err(|e| format!("QUIC needs TLS 1.3 with AES-128-GCM: {e}"))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport(MAX_SESSIONS));
+    cfg.transport_config(transport(FIRST_SESSIONS));
     Ok(cfg)
 }
 

@@ -157,6 +157,16 @@ impl Tunnel {
         let id = self.next_native_id();
         let mut inner = self.inner.borrow_mut();
         inner.native.insert(id, (send, recv));
+        // Room for twice the sessions open: the allowance doubles when half of it is in use.
+        let in_use = inner.native.len() + inner.native_open;
+        if in_use * 2 >= inner.native_allowance as usize
+            && inner.native_allowance < crate::quic::MAX_SESSIONS
+            && let Some(conn) = &inner.quic
+        {
+            let more = (inner.native_allowance * 2).min(crate::quic::MAX_SESSIONS);
+            conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(more));
+            inner.native_allowance = more;
+        }
         inner.events.send(TunnelEvent::Incoming {
             stream: id,
             target,
@@ -564,6 +574,24 @@ mod tests {
             round_trip(tunnel, 0),
         );
         vec![a, b, c]
+    }
+
+    /// The agent allows the proxy 64 session streams at first and raises that as they open:
+    /// 200 held open at once all get through.
+    #[test]
+    fn the_agent_raises_the_session_allowance_as_sessions_open() {
+        run(async {
+            let (tunnel, _events, agent, agent_events, _conn, _) =
+                pair(&[crate::session_proto::ALPN_TUNNEL_STREAMS, ALPN_TUNNEL]).await;
+            serve_agent(agent, agent_events);
+            let mut held = Vec::new();
+            for _ in 0..200 {
+                held.push(tunnel.open("echo", Bytes::new()).await.unwrap());
+            }
+            assert_eq!(tunnel.open_streams(), 200);
+            drop(held);
+            round_trip(&tunnel, 1000).await;
+        });
     }
 
     /// An agent that offers only the one-stream protocol gets its sessions inside the tunnel.
