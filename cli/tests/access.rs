@@ -46,6 +46,17 @@ fn openssh_through_the_proxy_exec_exit_code_and_interactive_pty() {
         f.proxy.log()
     );
     assert_eq!(out.stdout, "hi\n");
+    // A command that answers while it reads: `cat` echoes 8 MiB back while the client still
+    // sends, so the agent's and the proxy's splices must read while they write.
+    let input: String = (0..128 * 1024).map(|i| format!("line {i:057}\n")).collect();
+    let out = openssh(&config, &[], &dest, &["cat"], Some(&input));
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(
+        out.stdout == input,
+        "cat echoed {} of {} bytes",
+        out.stdout.len(),
+        input.len()
+    );
     // The cluster-suffixed name works too, with no host-key prompt (BatchMode would fail).
     let out = openssh(
         &config,

@@ -10,7 +10,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use bytes::{Buf, Bytes};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use crate::pool;
@@ -137,13 +137,6 @@ impl Events {
             self.notify.notified().await;
         }
     }
-}
-
-/// Write all of `bytes` and flush: TLS writers may hold what the socket did not take until the
-/// next write or flush, and the next write may be a long time coming.
-async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
-    w.write_all(bytes).await?;
-    w.flush().await
 }
 
 /// Write every buffer of `batch` in order (vectored where the writer supports it), then flush;
@@ -749,9 +742,12 @@ impl StreamHandle {
         if let Some(native) = self.native.as_mut() {
             return native::splice(native, io, leftover).await;
         }
-        // Reads and writes take turns in this one loop (a read waiting when the other direction
-        // wakes it is dropped, never left half-done), so `io` needs no split (whose lock every
-        // poll would take).
+        // One loop serves both directions on the one `io` (no split, whose lock every poll
+        // would take): each turn it waits for whichever comes first of the write to `io` making
+        // progress, a read from `io`, and the tunnel's signal. A write to `io` never holds up
+        // reads from it: an application that answers while it reads (an echo, a shell running
+        // `cat`) stops reading when its replies are not read, and a splice that only read once
+        // its write was done would then wait on it for ever.
         let mut io = std::pin::pin!(io);
         let mut stats = SpliceStats::default();
         // Reads land behind room for a frame header, so the bytes read become a data frame in
@@ -761,8 +757,14 @@ impl StreamHandle {
         // Bytes for the tunnel that have no room in front (`leftover`, or the rest of a read
         // that credit cut short): these go through `send`, which copies them into frames.
         let mut pending: Bytes = leftover;
-        // A read buffer taken but not read into (the wait was woken for the other direction).
+        // A read buffer taken but not read into (the wait ended for something else).
         let mut spare: Option<ReadBuffer> = None;
+        // What the tunnel delivered that `io` has not taken yet, whether `io` owes a flush for
+        // what it took (a TLS writer may hold records until then), and whether the stream's end
+        // is to be passed on (shutdown).
+        let mut out = Bytes::new();
+        let mut flush_owed = false;
+        let mut shutdown_owed = false;
         let mut read_size = SPLICE_READ_MIN;
         let mut read_done = false;
         let mut write_done = false;
@@ -798,74 +800,114 @@ impl StreamHandle {
                     Err(_) => read_done = true,
                 }
             }
-            // Take the next chunk for `io`, and learn whether the stream ended.
-            let (chunk, fin, reset) = {
-                let mut inner = tunnel.inner.borrow_mut();
-                match inner.slots.get_mut(&id) {
-                    Some(s) => (s.inbox.pop_front(), s.fin && s.inbox.is_empty(), s.reset),
-                    None => (None, true, Some(code::CANCELLED)),
-                }
-            };
-            if reset.is_some() && chunk.is_none() {
-                stats.reset = reset != Some(code::NO_ERROR);
-                break;
-            }
-            if let Some(chunk) = chunk {
-                if write_flush(&mut io, &chunk).await.is_err() {
-                    tunnel.inner.borrow_mut().conn.reset(id, code::CANCELLED);
-                    tunnel.wake();
-                    stats.reset = true;
+            if out.is_empty() && !flush_owed && !shutdown_owed {
+                // Take the next chunk for `io`, and learn whether the stream ended.
+                let (chunk, fin, reset) = {
+                    let mut inner = tunnel.inner.borrow_mut();
+                    match inner.slots.get_mut(&id) {
+                        Some(s) => (s.inbox.pop_front(), s.fin && s.inbox.is_empty(), s.reset),
+                        None => (None, true, Some(code::CANCELLED)),
+                    }
+                };
+                if reset.is_some() && chunk.is_none() {
+                    stats.reset = reset != Some(code::NO_ERROR);
                     break;
                 }
-                stats.from_tunnel += chunk.len() as u64;
-                tunnel
-                    .inner
-                    .borrow_mut()
-                    .conn
-                    .consumed(id, chunk.len(), Instant::now());
-                tunnel.wake();
-                continue;
-            }
-            if fin && !write_done {
-                let _ = io.flush().await;
-                let _ = io.shutdown().await;
-                write_done = true;
+                if let Some(chunk) = chunk {
+                    out = chunk;
+                } else if fin && !write_done {
+                    shutdown_owed = true;
+                }
             }
             if read_done && write_done {
                 break;
             }
             let can_read = !read_done && pending.is_empty() && framed.is_none();
-            if !can_read {
-                self.notify.notified().await;
-                continue;
-            }
             // One frame's payload per read, behind its header's room; the buffer is sized by
             // what the last reads brought, so a quiet (interactive) session waits on a small one.
             let limit = read_size.min(tunnel.inner.borrow().conn.max_payload());
-            let mut buf = match spare.take() {
+            let mut buf = can_read.then(|| match spare.take() {
                 Some(b) if b.0.len() == HEADER_LEN + limit => b,
                 _ => ReadBuffer::take(HEADER_LEN + limit),
-            };
-            let r = tokio::select! {
-                r = io.read(buf.0.get_mut(HEADER_LEN..).unwrap_or_default()) => Some(r),
-                _ = self.notify.notified() => None,
-            };
-            match r {
-                Some(Ok(n)) if n > 0 => {
-                    framed = Some((buf, n));
+            });
+            let notified = self.notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            let turn = std::future::poll_fn(|cx| {
+                use std::task::Poll;
+                if !out.is_empty() {
+                    match io.as_mut().poll_write(cx, &out) {
+                        Poll::Ready(Ok(n)) if n > 0 => return Poll::Ready(Turn::Wrote(n)),
+                        Poll::Ready(_) => return Poll::Ready(Turn::WriteFailed),
+                        Poll::Pending => {}
+                    }
+                } else if flush_owed {
+                    match io.as_mut().poll_flush(cx) {
+                        Poll::Ready(Ok(())) => return Poll::Ready(Turn::Flushed),
+                        Poll::Ready(Err(_)) => return Poll::Ready(Turn::WriteFailed),
+                        Poll::Pending => {}
+                    }
+                } else if shutdown_owed {
+                    // (A shutdown flushes first.) Its error changes nothing: the stream is done.
+                    if io.as_mut().poll_shutdown(cx).is_ready() {
+                        return Poll::Ready(Turn::ShutDown);
+                    }
+                }
+                if let Some(b) = buf.as_mut() {
+                    let mut rb =
+                        tokio::io::ReadBuf::new(b.0.get_mut(HEADER_LEN..).unwrap_or_default());
+                    if let Poll::Ready(r) = io.as_mut().poll_read(cx, &mut rb) {
+                        return Poll::Ready(Turn::Read(r.map(|()| rb.filled().len())));
+                    }
+                }
+                // The tunnel brought data, credit, an end or a reset. (While a write to `io`
+                // is under way, new data waits in the inbox.)
+                if notified.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Turn::Signalled);
+                }
+                Poll::Pending
+            })
+            .await;
+            match turn {
+                Turn::Wrote(n) => {
+                    let _ = out.split_to(n);
+                    flush_owed = out.is_empty();
+                    stats.from_tunnel += n as u64;
+                    tunnel
+                        .inner
+                        .borrow_mut()
+                        .conn
+                        .consumed(id, n, Instant::now());
+                    tunnel.wake();
+                }
+                Turn::Flushed => flush_owed = false,
+                Turn::ShutDown => {
+                    shutdown_owed = false;
+                    write_done = true;
+                }
+                Turn::WriteFailed => {
+                    tunnel.inner.borrow_mut().conn.reset(id, code::CANCELLED);
+                    tunnel.wake();
+                    stats.reset = true;
+                    break;
+                }
+                Turn::Read(Ok(n)) if n > 0 => {
+                    framed = buf.take().map(|b| (b, n));
                     if n >= limit {
                         read_size = (read_size * 2).min(SPLICE_READ);
                     } else if n < read_size / 8 {
                         read_size = (read_size / 2).max(SPLICE_READ_MIN);
                     }
                 }
-                Some(_) => {
+                Turn::Read(_) => {
                     read_done = true;
                     let _ = tunnel.inner.borrow_mut().conn.finish(id);
                     tunnel.wake();
                 }
-                // Woken for the other direction: the buffer waits for the next read.
-                None => spare = Some(buf),
+                Turn::Signalled => {}
+            }
+            // A buffer not read into waits for the next read.
+            if let Some(b) = buf {
+                spare = Some(b);
             }
         }
         let mut inner = tunnel.inner.borrow_mut();
@@ -877,6 +919,22 @@ impl StreamHandle {
         tunnel.wake();
         stats
     }
+}
+
+/// What ended one turn of a splice's wait.
+enum Turn {
+    /// `io` took this many bytes of what the tunnel delivered.
+    Wrote(usize),
+    /// `io` flushed what it took.
+    Flushed,
+    /// `io` was shut down for writing (the stream's end passed on).
+    ShutDown,
+    /// `io` refused the write or the flush.
+    WriteFailed,
+    /// A read from `io`: its length (0 at the end) or its error.
+    Read(std::io::Result<usize>),
+    /// The stream's signal: the tunnel delivered, granted credit, or ended the stream.
+    Signalled,
 }
 
 impl Drop for StreamHandle {

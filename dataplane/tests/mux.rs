@@ -111,6 +111,61 @@ fn ten_mib_round_trip_with_half_close_and_small_windows() {
     });
 }
 
+/// An application that answers while it reads (an echo, a shell running `cat`) stops reading
+/// while its answers are not read. The splice must read them while its own write to the
+/// application waits, or both wait for ever: here the pipe to the application holds 1 KiB
+/// each way, so any chunk larger than that fills both.
+#[test]
+fn an_application_that_answers_while_it_reads_is_read_while_written_to() {
+    run_local(async {
+        let (t1, t2) = tokio::io::duplex(64 * 1024);
+        let (proxy, _proxy_events) = Tunnel::new(Side::Listener, Config::default());
+        let (agent, mut agent_events) = Tunnel::new(Side::Dialer, Config::default());
+        {
+            let p = proxy.clone();
+            tokio::task::spawn_local(async move { p.run(t1).await });
+            let a = agent.clone();
+            tokio::task::spawn_local(async move { a.run(t2).await });
+        }
+        tokio::task::spawn_local(async move {
+            while let Some(ev) = agent_events.recv().await {
+                if let TunnelEvent::Incoming { stream, .. } = ev {
+                    let handle = agent.accept(stream).unwrap();
+                    let (near, far) = tokio::io::duplex(1024);
+                    tokio::task::spawn_local(handle.splice(near, Bytes::new()));
+                    tokio::task::spawn_local(async move {
+                        // Reads, then writes what it read before reading again.
+                        let (mut r, mut w) = tokio::io::split(far);
+                        tokio::io::copy(&mut r, &mut w).await.unwrap();
+                        w.shutdown().await.unwrap();
+                    });
+                }
+            }
+        });
+        let stream = proxy.open("echo", Bytes::new()).await.unwrap();
+        let (user, user_end) = tokio::io::duplex(64 * 1024);
+        let splice = tokio::task::spawn_local(stream.splice(user, Bytes::new()));
+        let payload: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let (mut r, mut w) = tokio::io::split(user_end);
+        let writer = async {
+            w.write_all(&payload).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let mut got = Vec::new();
+        let ((), read) = tokio::join!(writer, r.read_to_end(&mut got));
+        read.unwrap();
+        assert!(
+            got == payload,
+            "{} of {} bytes echoed",
+            got.len(),
+            payload.len()
+        );
+        let stats = splice.await.unwrap();
+        assert_eq!((stats.to_tunnel, stats.from_tunnel), (1 << 20, 1 << 20));
+        assert!(!stats.reset);
+    });
+}
+
 /// Drive a sans-IO `Connection` over `io` until `until` accepts one of its events.
 async fn pump_until(
     conn: &mut Connection,

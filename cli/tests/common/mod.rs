@@ -53,18 +53,6 @@ pub fn run(mut cmd: Command, stdin: Option<&str>) -> Output {
     let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
-    if let Some(input) = stdin {
-        let mut s = child.stdin.take().unwrap();
-        // A command that fails before reading its input (e.g. a refused login) closes the
-        // pipe first: its exit status and output say what happened, not this write.
-        if let Err(e) = s.write_all(input.as_bytes()) {
-            assert_eq!(
-                e.kind(),
-                std::io::ErrorKind::BrokenPipe,
-                "writing stdin: {e}"
-            );
-        }
-    }
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
     let t_out = std::thread::spawn(move || {
@@ -76,6 +64,23 @@ pub fn run(mut cmd: Command, stdin: Option<&str>) -> Output {
         let mut s = String::new();
         let _ = err.read_to_string(&mut s);
         s
+    });
+    // Written while the output is read: a command that echoes its input (`cat`) blocks on a
+    // full stdout pipe until someone reads it.
+    let t_in = stdin.map(|input| {
+        let mut s = child.stdin.take().unwrap();
+        let input = input.to_owned();
+        std::thread::spawn(move || {
+            // A command that fails before reading its input (e.g. a refused login) closes the
+            // pipe first: its exit status and output say what happened, not this write.
+            if let Err(e) = s.write_all(input.as_bytes()) {
+                assert_eq!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe,
+                    "writing stdin: {e}"
+                );
+            }
+        })
     });
     let deadline = Instant::now() + CMD_TIMEOUT;
     let status = loop {
@@ -89,6 +94,9 @@ pub fn run(mut cmd: Command, stdin: Option<&str>) -> Output {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    if let Some(t) = t_in {
+        t.join().unwrap();
+    }
     Output {
         status: status.code().unwrap_or(-1),
         stdout: t_out.join().unwrap(),
