@@ -30,8 +30,9 @@ fn run_local<F: std::future::Future>(f: F) -> F::Output {
     })
 }
 
-/// An "agent" that echoes every stream back, and rejects target "nope".
-fn spawn_echo_agent(agent: Tunnel, mut events: gatehouse_dataplane::mux::Events) {
+/// An "agent" that echoes every stream back, and rejects target "nope". The echo reads, then
+/// writes what it read before reading again, through a pipe of `app_pipe` bytes each way.
+fn spawn_echo_agent(agent: Tunnel, mut events: gatehouse_dataplane::mux::Events, app_pipe: usize) {
     tokio::task::spawn_local(async move {
         while let Some(ev) = events.recv().await {
             if let TunnelEvent::Incoming { stream, target, .. } = ev {
@@ -41,7 +42,7 @@ fn spawn_echo_agent(agent: Tunnel, mut events: gatehouse_dataplane::mux::Events)
                 }
                 let handle = agent.accept(stream).unwrap();
                 tokio::task::spawn_local(async move {
-                    let (a, mut b) = tokio::io::duplex(64 * 1024);
+                    let (a, mut b) = tokio::io::duplex(app_pipe);
                     let echo = async move {
                         let mut buf = vec![0u8; 8192];
                         loop {
@@ -60,6 +61,33 @@ fn spawn_echo_agent(agent: Tunnel, mut events: gatehouse_dataplane::mux::Events)
     });
 }
 
+/// A proxy's tunnel and an echo agent's ([`spawn_echo_agent`]) over an in-memory pipe of
+/// `pipe` bytes each way, each driven by a task of its own.
+struct EchoPair {
+    proxy: Tunnel,
+    /// Kept for as long as the pair is (nothing reads the proxy's events in these tests).
+    _proxy_events: gatehouse_dataplane::mux::Events,
+    proxy_run: tokio::task::JoinHandle<String>,
+    agent_run: tokio::task::JoinHandle<String>,
+}
+
+fn echo_pair(config: Config, pipe: usize, app_pipe: usize) -> EchoPair {
+    let (t1, t2) = tokio::io::duplex(pipe);
+    let (proxy, proxy_events) = Tunnel::new(Side::Listener, config.clone());
+    let (agent, agent_events) = Tunnel::new(Side::Dialer, config);
+    let p = proxy.clone();
+    let proxy_run = tokio::task::spawn_local(async move { p.run(t1).await });
+    let a = agent.clone();
+    let agent_run = tokio::task::spawn_local(async move { a.run(t2).await });
+    spawn_echo_agent(agent, agent_events, app_pipe);
+    EchoPair {
+        proxy,
+        _proxy_events: proxy_events,
+        proxy_run,
+        agent_run,
+    }
+}
+
 #[test]
 fn ten_mib_round_trip_with_half_close_and_small_windows() {
     run_local(async {
@@ -68,16 +96,8 @@ fn ten_mib_round_trip_with_half_close_and_small_windows() {
             max_frame: 8 * 1024,
             ..Config::default()
         };
-        let (t1, t2) = tokio::io::duplex(16 * 1024);
-        let (proxy, _proxy_events) = Tunnel::new(Side::Listener, config.clone());
-        let (agent, agent_events) = Tunnel::new(Side::Dialer, config);
-        {
-            let p = proxy.clone();
-            tokio::task::spawn_local(async move { p.run(t1).await });
-            let a = agent.clone();
-            tokio::task::spawn_local(async move { a.run(t2).await });
-        }
-        spawn_echo_agent(agent, agent_events);
+        let pair = echo_pair(config, 16 * 1024, 64 * 1024);
+        let proxy = &pair.proxy;
 
         let stream = proxy.open("echo", Bytes::from_static(b"{}")).await.unwrap();
         let (user, mut user_end) = tokio::io::duplex(64 * 1024);
@@ -118,30 +138,8 @@ fn ten_mib_round_trip_with_half_close_and_small_windows() {
 #[test]
 fn an_application_that_answers_while_it_reads_is_read_while_written_to() {
     run_local(async {
-        let (t1, t2) = tokio::io::duplex(64 * 1024);
-        let (proxy, _proxy_events) = Tunnel::new(Side::Listener, Config::default());
-        let (agent, mut agent_events) = Tunnel::new(Side::Dialer, Config::default());
-        {
-            let p = proxy.clone();
-            tokio::task::spawn_local(async move { p.run(t1).await });
-            let a = agent.clone();
-            tokio::task::spawn_local(async move { a.run(t2).await });
-        }
-        tokio::task::spawn_local(async move {
-            while let Some(ev) = agent_events.recv().await {
-                if let TunnelEvent::Incoming { stream, .. } = ev {
-                    let handle = agent.accept(stream).unwrap();
-                    let (near, far) = tokio::io::duplex(1024);
-                    tokio::task::spawn_local(handle.splice(near, Bytes::new()));
-                    tokio::task::spawn_local(async move {
-                        // Reads, then writes what it read before reading again.
-                        let (mut r, mut w) = tokio::io::split(far);
-                        tokio::io::copy(&mut r, &mut w).await.unwrap();
-                        w.shutdown().await.unwrap();
-                    });
-                }
-            }
-        });
+        let pair = echo_pair(Config::default(), 64 * 1024, 1024);
+        let proxy = &pair.proxy;
         let stream = proxy.open("echo", Bytes::new()).await.unwrap();
         let (user, user_end) = tokio::io::duplex(64 * 1024);
         let splice = tokio::task::spawn_local(stream.splice(user, Bytes::new()));
@@ -300,14 +298,8 @@ fn a_busy_tunnel_reuses_its_input_buffer_while_the_reader_keeps_up() {
 #[test]
 fn rejection_reason_reaches_the_opener_and_other_streams_continue() {
     run_local(async {
-        let (t1, t2) = tokio::io::duplex(64 * 1024);
-        let (proxy, _pe) = Tunnel::new(Side::Listener, Config::default());
-        let (agent, ae) = Tunnel::new(Side::Dialer, Config::default());
-        let p = proxy.clone();
-        tokio::task::spawn_local(async move { p.run(t1).await });
-        let a = agent.clone();
-        tokio::task::spawn_local(async move { a.run(t2).await });
-        spawn_echo_agent(agent, ae);
+        let pair = echo_pair(Config::default(), 64 * 1024, 64 * 1024);
+        let proxy = &pair.proxy;
         let err = proxy.open("nope", Bytes::new()).await.unwrap_err();
         assert_eq!(
             err,
@@ -329,14 +321,12 @@ fn rejection_reason_reaches_the_opener_and_other_streams_continue() {
 #[test]
 fn a_dead_tunnel_ends_its_streams_and_refuses_new_ones() {
     run_local(async {
-        let (t1, t2) = tokio::io::duplex(64 * 1024);
-        let (proxy, _pe) = Tunnel::new(Side::Listener, Config::default());
-        let (agent, ae) = Tunnel::new(Side::Dialer, Config::default());
-        let p = proxy.clone();
-        let proxy_run = tokio::task::spawn_local(async move { p.run(t1).await });
-        let a = agent.clone();
-        let agent_run = tokio::task::spawn_local(async move { a.run(t2).await });
-        spawn_echo_agent(agent, ae);
+        let EchoPair {
+            proxy,
+            proxy_run,
+            agent_run,
+            _proxy_events,
+        } = echo_pair(Config::default(), 64 * 1024, 64 * 1024);
         let s = proxy.open("echo", Bytes::new()).await.unwrap();
         let (user, mut end) = tokio::io::duplex(1024);
         let splice = tokio::task::spawn_local(s.splice(user, Bytes::new()));
