@@ -1,10 +1,9 @@
-//! Agent services: join (host identity), the reverse tunnel to the Proxy with heartbeats and
-//! jittered reconnects, the SSH node service, TCP apps, and the audit spool.
-pub use gatehouse_dataplane as dataplane;
+//! Agent services: the reverse tunnel to the Proxy with heartbeats and jittered reconnects
+//! (`runner`), the SSH node service (`ssh`), TCP apps, and the audit spool (`spool`); `role`
+//! starts them all as a daemon role.
 
-pub mod agent;
 pub mod backoff;
-pub mod host;
+pub mod role;
 pub mod runner;
 pub mod spool;
 pub mod ssh;

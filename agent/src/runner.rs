@@ -10,17 +10,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use gatehouse_controlplane::identity::PROXY_SERVER_NAME;
 use gatehouse_controlplane::tls::{Trust, client_config_with_alpn};
+use gatehouse_dataplane::io::quic::TunnelTransport;
 use gatehouse_dataplane::mux::{Tunnel, TunnelEvent};
 use gatehouse_dataplane::proxy::Inventory;
-use gatehouse_dataplane::quic::TunnelTransport;
-use gatehouse_dataplane::session_proto::{ALPN_TUNNEL, PROXY_SERVER_NAME};
-use gatehouse_dataplane::tls_stream::TlsStream;
-use gatehouse_dataplane::tunnel::{self, Side, code};
+use gatehouse_dataplane::tls::TlsStream;
+use gatehouse_proto::alpn::TUNNEL as ALPN_TUNNEL;
+use gatehouse_proto::tunnel::{self, Side, code};
 use rand::Rng;
 use rustls::client::UnbufferedClientConnection;
 
-use crate::host::HostIdentity;
+use gatehouse_controlplane::host::HostIdentity;
 
 /// Serves one SSH connection over a byte stream (the SSH node service implements it).
 pub trait SshService: Send + Sync + 'static {
@@ -95,16 +96,17 @@ impl TunnelStatus {
     }
 }
 
-/// Start the tunnel client on its own thread. It runs until the process ends.
+/// Start the tunnel client on its own thread; it runs until [`TunnelThread::stop`].
 pub fn spawn(
     config: TunnelClientConfig,
     identity: Arc<HostIdentity>,
     ssh: Option<Arc<dyn SshService>>,
     sessions: tokio::runtime::Handle,
-) -> std::io::Result<Arc<TunnelStatus>> {
+) -> std::io::Result<(Arc<TunnelStatus>, TunnelThread)> {
     let status = Arc::new(TunnelStatus::default());
     let st = Arc::clone(&status);
-    std::thread::Builder::new()
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let thread = std::thread::Builder::new()
         .name("agent-tunnel".into())
         .spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread()
@@ -118,9 +120,37 @@ pub fn spawn(
                 }
             };
             let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, run(config, identity, ssh, sessions, st));
+            local.block_on(&rt, async move {
+                tokio::select! {
+                    () = run(config, identity, ssh, sessions, st) => {}
+                    _ = stopped.changed() => {}
+                }
+            });
         })?;
-    Ok(status)
+    Ok((
+        status,
+        TunnelThread {
+            stop,
+            thread: Some(thread),
+        },
+    ))
+}
+
+/// The tunnel's thread, stopped (its tunnel closed) by [`TunnelThread::stop`].
+#[derive(Debug)]
+pub struct TunnelThread {
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TunnelThread {
+    /// Close the tunnel and join its thread.
+    pub fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 async fn run(
@@ -144,10 +174,10 @@ async fn run(
     let quic = match config.transport {
         TunnelTransport::Tls => None,
         TunnelTransport::Quic => {
-            let cfg = gatehouse_dataplane::quic::client_config(&client);
-            let endpoint = gatehouse_dataplane::quic::client_endpoint(std::net::SocketAddr::from(
-                ([0, 0, 0, 0], 0),
-            ));
+            let cfg = gatehouse_dataplane::io::quic::client_config(&client);
+            let endpoint = gatehouse_dataplane::io::quic::client_endpoint(
+                std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+            );
             match (cfg, endpoint) {
                 (Ok(cfg), Ok(endpoint)) => Some((cfg, endpoint)),
                 (Err(e), _) => {
@@ -174,7 +204,7 @@ async fn run(
             .map(|s| (Box::new(s) as Box<dyn TunnelIo>, None)),
             Some((cfg, endpoint)) => tokio::time::timeout(
                 Duration::from_secs(10),
-                gatehouse_dataplane::quic::dial(endpoint, cfg.clone(), &config.proxy_addr),
+                gatehouse_dataplane::io::quic::dial(endpoint, cfg.clone(), &config.proxy_addr),
             )
             .await
             .unwrap_or_else(|_| {
@@ -194,7 +224,7 @@ async fn run(
                 // connection is kept until the tunnel ends either way.)
                 let native = quic_conn
                     .as_ref()
-                    .filter(|c| gatehouse_dataplane::quic::session_streams(c))
+                    .filter(|c| gatehouse_dataplane::io::quic::session_streams(c))
                     .cloned();
                 let reason = serve_tunnel(
                     stream,
@@ -239,7 +269,7 @@ async fn dial(
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     tcp.set_nodelay(true)?;
     if let Some(cc) = congestion {
-        gatehouse_dataplane::socket::set_tcp_congestion(&tcp, cc)?;
+        gatehouse_dataplane::io::set_tcp_congestion(&tcp, cc)?;
     }
     let name = rustls::pki_types::ServerName::try_from(PROXY_SERVER_NAME)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;

@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use gatehouse_controlplane::rbac::RoleSet;
 use gatehouse_controlplane::resources::{Resource, parse_document};
-use gatehouse_dataplane::tunnel::{Config, Connection, Event, Frame, Side};
+use gatehouse_proto::tunnel::{Config, Connection, Event, Frame, Side};
 
 fn codec(c: &mut Criterion) {
     let mut g = c.benchmark_group("frame");

@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use bytes::{Bytes, BytesMut};
-use gatehouse_agent::dataplane::session_proto::{
-    self, ALPN_SSH, ALPN_TCP, PROXY_SERVER_NAME, SessionRequest, SessionResponse,
-};
+use gatehouse_controlplane::identity::PROXY_SERVER_NAME;
 use gatehouse_controlplane::proto;
 use gatehouse_controlplane::tls::{Trust, client_config_with_alpn};
+use gatehouse_proto::alpn::{SSH as ALPN_SSH, TCP as ALPN_TCP};
+use gatehouse_proto::session::{self as session_proto, SessionRequest, SessionResponse};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{

@@ -106,7 +106,7 @@ impl Profile {
 
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
         let text = toml::to_string(self)?;
-        gatehouse_controlplane::daemon::write_private(&dir.join("profile.toml"), text.as_bytes())?;
+        gatehouse_controlplane::files::write_private(&dir.join("profile.toml"), text.as_bytes())?;
         Ok(())
     }
 }
@@ -192,4 +192,3 @@ pub fn read_stdin_line() -> anyhow::Result<String> {
     Ok(line.trim_end_matches(['\n', '\r']).to_owned())
 }
 pub mod access;
-pub mod roles;

@@ -14,7 +14,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Fleet, openssh};
+use common::{Fleet, cert_expiry, openssh, sleep_past};
 
 fn two_nodes(cluster: &str) -> Fleet {
     Fleet::start(
@@ -206,7 +206,8 @@ fn refusals_carry_a_reason_and_a_session_rejected_event() {
     let dave = tempfile::tempdir().unwrap();
     f.user(dave.path(), "dave", "brief", &f.login, &[]);
     let config = f.ssh_config(dave.path());
-    std::thread::sleep(Duration::from_secs(3));
+    // Past the certificate's own end (the X.509 and SSH certificates end together).
+    sleep_past(cert_expiry(&dave.path().join("tls.crt")));
     // The proxy already refuses the expired X.509 certificate; present a fresh X.509 from
     // another login so that the expired SSH certificate reaches the agent itself.
     let fresh = tempfile::tempdir().unwrap();

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, run};
+use common::{Cluster, cert_expiry, run, sleep_past};
 
 const SSHD: &str = "/usr/sbin/sshd";
 
@@ -176,7 +176,7 @@ fn real_sshd_accepts_the_cert_and_refuses_other_logins_and_expired_certs() {
     let fresh = ssh(bob_home.path(), sshd.port, &me, "echo fresh");
     // (The 3 s cert may or may not still be valid here on a slow machine; only expiry matters.)
     let _ = fresh;
-    std::thread::sleep(Duration::from_secs(4));
+    sleep_past(cert_expiry(&bob_home.path().join("tls.crt")));
     let status = c.gsh(bob_home.path(), &["status"], None).failed().stdout;
     assert!(status.contains("EXPIRED"), "{status}");
     let out = ssh(bob_home.path(), sshd.port, &me, "echo late").failed();

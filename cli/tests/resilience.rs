@@ -286,7 +286,7 @@ fn garbage_on_every_alpn_closes_only_that_connection() {
         b"\x42garbage frames\x00\x00\x00\x00\x00",
     );
     let mut wire = bytes::BytesMut::new();
-    gatehouse_agent::dataplane::tunnel::Frame::Hello {
+    gatehouse_proto::tunnel::Frame::Hello {
         version: 1,
         initial_window: 65536,
         max_frame: 16384,

@@ -13,10 +13,11 @@ pub mod proto {
 }
 pub mod audit;
 pub mod client;
-pub mod daemon;
-pub mod diag;
+pub mod files;
+pub mod host;
 pub mod password;
 pub mod ratelimit;
+pub mod role;
 pub mod server;
 pub mod storage;
 pub mod tls;

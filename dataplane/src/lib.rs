@@ -1,16 +1,22 @@
-//! The Proxy data plane: the tunnel protocol (sans-IO, both ends), and from here on the per-core
-//! Proxy that routes user sessions to agents' tunnels.
+//! The Proxy data plane, in layers that depend downward only:
+//!
+//! ```text
+//! proxy   the Proxy: workers, admission (pure), tunnels, sessions, route table, metrics
+//!   │
+//! mux     the tunnel driver around gatehouse_proto's state machine; splices; QUIC streams
+//!   │
+//! tls     rustls handshake, our own TLS 1.3 record layer, the stream, hand-over between cores
+//!   │
+//! io      sockets on io_uring or epoll, socket options, QUIC endpoints
+//! ```
+//!
+//! Below them all, the wire protocols themselves (tunnel frames and state machine, session
+//! request, ClientHello reader) are sans-IO in the `gatehouse-proto` crate. [`role`] starts the
+//! Proxy as a daemon role. Agents use [`mux`], [`tls::TlsStream`] and [`io::quic`] for their end
+//! of the tunnel.
 
-pub mod client_hello;
+pub mod io;
 pub mod mux;
-mod pool;
 pub mod proxy;
-pub mod quic;
-pub mod session_proto;
-pub mod socket;
-pub mod tls_records;
-pub mod tls_stream;
-pub mod tunnel;
-pub mod uring;
-
-pub use gatehouse_controlplane as controlplane;
+pub mod role;
+pub mod tls;

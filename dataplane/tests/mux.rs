@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use gatehouse_dataplane::mux::{OpenError, Tunnel, TunnelEvent};
-use gatehouse_dataplane::tunnel::{Config, Connection, Event, Side, code};
+use gatehouse_proto::tunnel::{Config, Connection, Event, Side, code};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn run_local<F: std::future::Future>(f: F) -> F::Output {

@@ -3,7 +3,7 @@
 //! already gives the answer the whole gives.
 #![no_main]
 
-use gatehouse_dataplane::client_hello::{Peek, peek};
+use gatehouse_proto::client_hello::{Peek, peek};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -4,7 +4,7 @@
 #![no_main]
 
 use bytes::BytesMut;
-use gatehouse_dataplane::tunnel::{Frame, Input};
+use gatehouse_proto::tunnel::{Frame, Input};
 use libfuzzer_sys::fuzz_target;
 
 const MAX_FRAME: u32 = 65_536;

@@ -3,9 +3,7 @@
 #![no_main]
 
 use bytes::BytesMut;
-use gatehouse_dataplane::session_proto::{
-    MAX_MESSAGE, SessionRequest, SessionResponse, decode, encode,
-};
+use gatehouse_proto::session::{MAX_MESSAGE, SessionRequest, SessionResponse, decode, encode};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

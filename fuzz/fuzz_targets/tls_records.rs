@@ -12,7 +12,7 @@
 #![no_main]
 
 use bytes::BytesMut;
-use gatehouse_dataplane::tls_records::fuzzing::{End, MAX_PLAINTEXT, Pair, Read};
+use gatehouse_dataplane::tls::testing::fuzzing::{End, MAX_PLAINTEXT, Pair, Read};
 use libfuzzer_sys::fuzz_target;
 
 /// The script, read front to back; zeros once it runs out.

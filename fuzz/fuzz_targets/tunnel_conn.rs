@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use gatehouse_dataplane::tunnel::{Config, Connection, Event, Frame, Side};
+use gatehouse_proto::tunnel::{Config, Connection, Event, Frame, Side};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -8,8 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use gatehouse_agent::host::HostIdentity;
 use gatehouse_controlplane::client::{AuthEndpoint, error_chain};
+use gatehouse_controlplane::host::HostIdentity;
 use gatehouse_controlplane::proto;
 use gatehouse_controlplane::tls::Trust;
 

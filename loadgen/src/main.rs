@@ -79,7 +79,7 @@ enum Scenario {
         workers: usize,
         /// The agents' tunnel transport: tls or quic.
         #[arg(long, default_value = "tls")]
-        transport: gatehouse_agent::dataplane::quic::TunnelTransport,
+        transport: gatehouse_dataplane::io::quic::TunnelTransport,
         /// Rounds, each on a freshly started cluster. The report gives every round and the
         /// medians.
         #[arg(long, default_value_t = 1)]
@@ -180,7 +180,7 @@ enum Scenario {
         queue: humantime::Duration,
         /// Tunnel transports to measure.
         #[arg(long, value_delimiter = ',', default_value = "tls,quic")]
-        transports: Vec<gatehouse_agent::dataplane::quic::TunnelTransport>,
+        transports: Vec<gatehouse_dataplane::io::quic::TunnelTransport>,
         /// Download streams for the throughput part.
         #[arg(long, default_value_t = 1)]
         streams: usize,
@@ -219,7 +219,7 @@ enum Scenario {
         #[arg(long)]
         source_ip: std::net::IpAddr,
         #[arg(long, default_value = "tls")]
-        transport: gatehouse_agent::dataplane::quic::TunnelTransport,
+        transport: gatehouse_dataplane::io::quic::TunnelTransport,
     },
 }
 
@@ -639,7 +639,7 @@ async fn proxy_fleet(
     proxy_fleet_with(
         workers,
         proxy_args,
-        gatehouse_agent::dataplane::quic::TunnelTransport::Tls,
+        gatehouse_dataplane::io::quic::TunnelTransport::Tls,
     )
     .await
 }
@@ -648,7 +648,7 @@ async fn proxy_fleet(
 async fn proxy_fleet_with(
     workers: usize,
     proxy_args: &[&str],
-    transport: gatehouse_agent::dataplane::quic::TunnelTransport,
+    transport: gatehouse_dataplane::io::quic::TunnelTransport,
 ) -> anyhow::Result<(fleet::Fleet, std::sync::Arc<sim_agent::AgentStats>)> {
     proxy_fleet_at(workers, proxy_args, transport, None).await
 }
@@ -658,7 +658,7 @@ async fn proxy_fleet_with(
 async fn proxy_fleet_at(
     workers: usize,
     proxy_args: &[&str],
-    transport: gatehouse_agent::dataplane::quic::TunnelTransport,
+    transport: gatehouse_dataplane::io::quic::TunnelTransport,
     link: Option<&link::Link>,
 ) -> anyhow::Result<(fleet::Fleet, std::sync::Arc<sim_agent::AgentStats>)> {
     use std::sync::atomic::Ordering;
@@ -798,7 +798,7 @@ async fn throughput_cmd(
                 Path::ProxyQuic => proxy_fleet_with(
                     workers,
                     &[],
-                    gatehouse_agent::dataplane::quic::TunnelTransport::Quic,
+                    gatehouse_dataplane::io::quic::TunnelTransport::Quic,
                 )
                 .await
                 .map(|f| Middle::Fleet(Box::new(f))),
@@ -915,7 +915,7 @@ struct LinkRun {
     imp: link::Impairment,
     /// In percent.
     losses: Vec<f64>,
-    transports: Vec<gatehouse_agent::dataplane::quic::TunnelTransport>,
+    transports: Vec<gatehouse_dataplane::io::quic::TunnelTransport>,
     streams: usize,
     sessions: usize,
     rate: f64,
@@ -933,7 +933,7 @@ struct LinkRun {
 struct LinkMeasure {
     round: usize,
     loss_pct: f64,
-    transport: gatehouse_agent::dataplane::quic::TunnelTransport,
+    transport: gatehouse_dataplane::io::quic::TunnelTransport,
     /// The download through the tunnel: agent → link → proxy → client.
     download_mbit_per_s: f64,
     download_link: link::LinkStats,
@@ -951,7 +951,7 @@ struct LoadedMeasure {
 }
 
 async fn link_cmd(cfg: &LinkRun, json: Option<PathBuf>) -> anyhow::Result<()> {
-    use gatehouse_agent::dataplane::quic::TunnelTransport;
+    use gatehouse_dataplane::io::quic::TunnelTransport;
     let link = link::Link::start(cfg.imp, 0)?;
     println!(
         "link {}: agents at {} reach proxies at {} via {}; one-way delay {:?}, {}, queue {:?}",

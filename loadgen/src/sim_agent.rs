@@ -8,14 +8,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use gatehouse_agent::dataplane::mux::{Tunnel, TunnelEvent};
-use gatehouse_agent::dataplane::proxy::Inventory;
-use gatehouse_agent::dataplane::quic::TunnelTransport;
-use gatehouse_agent::dataplane::session_proto::{ALPN_TUNNEL, PROXY_SERVER_NAME};
-use gatehouse_agent::dataplane::tls_stream::TlsStream;
-use gatehouse_agent::dataplane::tunnel::{Config, Side, code};
-use gatehouse_agent::host::HostIdentity;
+use gatehouse_controlplane::host::HostIdentity;
+use gatehouse_controlplane::identity::PROXY_SERVER_NAME;
 use gatehouse_controlplane::tls::{Trust, client_config_with_alpn};
+use gatehouse_dataplane::io::quic::TunnelTransport;
+use gatehouse_dataplane::mux::{Tunnel, TunnelEvent};
+use gatehouse_dataplane::proxy::Inventory;
+use gatehouse_dataplane::tls::TlsStream;
+use gatehouse_proto::alpn::TUNNEL as ALPN_TUNNEL;
+use gatehouse_proto::tunnel::{Config, Side, code};
 use rustls::client::UnbufferedClientConnection;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -75,7 +76,7 @@ pub fn spawn(
                 let quic = match transport {
                     TunnelTransport::Tls => None,
                     TunnelTransport::Quic => {
-                        match gatehouse_agent::dataplane::quic::client_endpoint(SocketAddr::new(
+                        match gatehouse_dataplane::io::quic::client_endpoint(SocketAddr::new(
                             source_ip, 0,
                         )) {
                             Ok(e) => Some(e),
@@ -110,8 +111,8 @@ pub fn spawn(
                                 .await
                                 .map(|t| (Box::new(t) as Box<dyn TunnelIo>, None)),
                             Some(endpoint) => {
-                                match gatehouse_agent::dataplane::quic::client_config(&cfg) {
-                                    Ok(qcfg) => gatehouse_agent::dataplane::quic::dial(
+                                match gatehouse_dataplane::io::quic::client_config(&cfg) {
+                                    Ok(qcfg) => gatehouse_dataplane::io::quic::dial(
                                         endpoint,
                                         qcfg,
                                         &proxy.to_string(),
@@ -129,9 +130,7 @@ pub fn spawn(
                                 stats.settled_now();
                                 let native = quic_conn
                                     .as_ref()
-                                    .filter(|c| {
-                                        gatehouse_agent::dataplane::quic::session_streams(c)
-                                    })
+                                    .filter(|c| gatehouse_dataplane::io::quic::session_streams(c))
                                     .cloned();
                                 serve(io, native, &id, i, &stats).await;
                                 drop(quic_conn);

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use gatehouse_agent::dataplane::session_proto::{
-    self, ALPN_SSH, PROXY_SERVER_NAME, SessionRequest, SessionResponse,
-};
+use gatehouse_controlplane::identity::PROXY_SERVER_NAME;
 use gatehouse_controlplane::tls::{Trust, client_config_with_alpn};
+use gatehouse_proto::alpn::SSH as ALPN_SSH;
+use gatehouse_proto::session::{self as session_proto, SessionRequest, SessionResponse};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::BytesMut;
-use gatehouse_agent::dataplane::session_proto::{
-    self, ALPN_TCP, PROXY_SERVER_NAME, SessionRequest, SessionResponse,
-};
+use gatehouse_controlplane::identity::PROXY_SERVER_NAME;
 use gatehouse_controlplane::tls::{Trust, client_config_with_alpn};
+use gatehouse_proto::alpn::TCP as ALPN_TCP;
+use gatehouse_proto::session::{self as session_proto, SessionRequest, SessionResponse};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 

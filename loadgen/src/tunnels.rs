@@ -18,7 +18,7 @@ pub struct TunnelsConfig {
     pub procs: usize,
     pub identities: usize,
     pub hold: Duration,
-    pub transport: gatehouse_agent::dataplane::quic::TunnelTransport,
+    pub transport: gatehouse_dataplane::io::quic::TunnelTransport,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -7,7 +7,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use gatehouse_dataplane::tunnel::{Config, Connection, Event, Frame, Side};
+use gatehouse_proto::tunnel::{Config, Connection, Event, Frame, Side};
 
 fn codec() -> usize {
     let frame = Frame::Data {

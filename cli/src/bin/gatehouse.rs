@@ -1,5 +1,8 @@
-//! `gatehouse`: the daemon. `gatehouse start` runs the Auth role on the embedded defaults
-//! (SQLite and files in `./gatehouse-data`, Auth API on 127.0.0.1:3025) or from a TOML config.
+//! `gatehouse`: the daemon. `gatehouse start` runs any mix of the Auth, Proxy and agent roles on
+//! the embedded defaults (SQLite and files in `./gatehouse-data`, loopback addresses) or from a
+//! TOML config. This file parses flags and config; each role is started by its own crate
+//! (`gatehouse_controlplane::role`, `gatehouse_dataplane::role`, `gatehouse_agent::role`) and
+//! stopped through the handle it returns.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,9 +10,15 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use gatehouse_agent::role::{AgentHandle, AgentRoleConfig};
 use gatehouse_cli::{RunAddresses, init_logging};
-use gatehouse_controlplane::daemon::{self, AuthConfig};
-use gatehouse_controlplane::diag::{self, Readiness};
+use gatehouse_controlplane::files::{create_private_dir, write_private};
+use gatehouse_controlplane::host::JoinParams;
+use gatehouse_controlplane::role::{AuthConfig, AuthHandle};
+use gatehouse_dataplane::io::{IoBackend, TunnelTransport};
+use gatehouse_dataplane::role::{ProxyHandle, ProxyRoleConfig};
+use gatehouse_diag::Readiness;
+use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
 #[derive(Parser, Debug)]
@@ -57,7 +66,7 @@ struct StartArgs {
     proxy_workers: Option<usize>,
     /// Proxy I/O backend: auto (io_uring when the kernel allows it), io_uring or epoll.
     #[arg(long, env = "GATEHOUSE_PROXY_IO_BACKEND")]
-    proxy_io_backend: Option<gatehouse_agent::dataplane::socket::IoBackend>,
+    proxy_io_backend: Option<IoBackend>,
     /// Proxy: TCP congestion control for the public port's connections, e.g. cubic or bbr.
     /// Default: the host's (net.ipv4.tcp_congestion_control).
     #[arg(long, env = "GATEHOUSE_PROXY_TCP_CONGESTION")]
@@ -82,7 +91,7 @@ struct StartArgs {
     labels: Option<Vec<String>>,
     /// Agent: how the tunnel reaches the proxy, tls (TCP) or quic (UDP).
     #[arg(long)]
-    tunnel_transport: Option<gatehouse_agent::dataplane::quic::TunnelTransport>,
+    tunnel_transport: Option<TunnelTransport>,
     /// Agent: TCP congestion control for the tunnel's connection, e.g. cubic or bbr.
     /// Default: the host's (net.ipv4.tcp_congestion_control).
     #[arg(long, env = "GATEHOUSE_AGENT_TCP_CONGESTION")]
@@ -118,7 +127,7 @@ struct ProxySection {
     listen: SocketAddr,
     workers: usize,
     /// `auto` (io_uring when the kernel allows it, else epoll), `io_uring` or `epoll`.
-    io_backend: gatehouse_agent::dataplane::socket::IoBackend,
+    io_backend: IoBackend,
     /// Accept agent tunnels over QUIC (UDP, same address and port).
     quic: bool,
     /// TCP congestion control for the public port's connections (users' and agents' alike),
@@ -156,7 +165,7 @@ struct AgentSection {
     /// Serve SSH (default true).
     ssh: Option<bool>,
     /// The tunnel's transport: `tls` (TCP, default) or `quic` (UDP, same proxy address).
-    transport: gatehouse_agent::dataplane::quic::TunnelTransport,
+    transport: TunnelTransport,
     /// TCP congestion control for the tunnel's connection, e.g. `cubic`; unset keeps the
     /// host's default.
     tcp_congestion: Option<String>,
@@ -382,69 +391,55 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         .data_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from("gatehouse-data"));
-    gatehouse_controlplane::daemon::create_private_dir(&data_dir)
+    create_private_dir(&data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
     let node_name = config.agent.node_name.clone().unwrap_or_else(host_name);
-    let join = gatehouse_cli::roles::JoinParams {
+    let join = JoinParams {
         token: config.join.token.clone(),
         ca_pin: config.join.ca_pin.clone(),
     };
 
-    let mut registry = diag::Registry::default();
-    let prepared = if has("auth") {
-        Some(
-            daemon::prepare(
+    let mut registry = Registry::default();
+    let mut auth: Option<AuthHandle> = None;
+    if has("auth") {
+        auth = Some(
+            gatehouse_controlplane::role::start(
                 &data_dir,
                 config.cluster_name.as_deref(),
                 &config.auth,
                 &mut registry,
             )
             .await?,
-        )
-    } else {
-        None
-    };
-    let local_auth = prepared.as_ref().map(|p| p.service().clone());
-    let auth_addr = match &prepared {
-        Some(p) => p.info.listen.to_string(),
+        );
+    }
+    let local_auth = auth.as_ref().map(|a| a.service().clone());
+    let auth_addr = match &auth {
+        Some(a) => a.info.listen.to_string(),
         None => config.proxy.auth_addr.clone().unwrap_or_default(),
     };
-
-    let mut proxy = None;
-    let mut cluster = prepared
+    let mut cluster = auth
         .as_ref()
-        .map(|p| p.info.cluster.clone())
+        .map(|a| a.info.cluster.clone())
         .unwrap_or_default();
+
+    let mut proxy: Option<ProxyHandle> = None;
     if has("proxy") {
-        let mut sans = config.proxy.public_addrs.clone();
-        if !config.proxy.listen.ip().is_unspecified() {
-            sans.push(config.proxy.listen.ip().to_string());
-        }
-        let (cert, key, ca, name) = gatehouse_cli::roles::proxy_identity(
-            &data_dir,
-            local_auth.as_ref(),
-            &auth_addr,
-            &join,
-            &node_name,
-            &sans,
-        )
-        .await?;
-        cluster = name;
-        let metrics = Arc::new(gatehouse_agent::dataplane::proxy::ProxyMetrics::default());
-        metrics.register(&mut registry);
-        proxy = Some(gatehouse_cli::roles::start_proxy(
-            config.proxy.listen,
-            config.proxy.workers,
-            config.proxy.io_backend,
-            config.proxy.quic,
-            congestion_control(&config.proxy.tcp_congestion),
-            &auth_addr,
-            &cert,
-            &key,
-            &ca,
-            &cluster,
-            metrics,
-        )?);
+        let role = ProxyRoleConfig {
+            data_dir: data_dir.clone(),
+            listen: config.proxy.listen,
+            workers: config.proxy.workers,
+            io_backend: config.proxy.io_backend,
+            quic: config.proxy.quic,
+            tcp_congestion: congestion_control(&config.proxy.tcp_congestion),
+            auth_addr: auth_addr.clone(),
+            host_name: node_name.clone(),
+            public_addrs: config.proxy.public_addrs.clone(),
+            join: join.clone(),
+        };
+        let started =
+            gatehouse_dataplane::role::start(role, local_auth.as_ref(), &mut registry).await?;
+        cluster = started.cluster.clone();
+        proxy = Some(started);
     }
     let proxy_addr = proxy
         .as_ref()
@@ -452,33 +447,25 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         .or_else(|| config.agent.proxy.clone())
         .unwrap_or_default();
 
-    let mut agent = None;
+    let mut agent: Option<AgentHandle> = None;
     if has("agent") {
-        let addresses = vec![];
-        let identity = gatehouse_cli::roles::agent_identity(
-            &data_dir,
-            local_auth.as_ref(),
-            &proxy_addr,
-            &join,
-            &node_name,
-            &addresses,
-        )
-        .await?;
-        if cluster.is_empty() {
-            cluster = identity.cluster.clone();
-        }
-        let opts = gatehouse_agent::agent::AgentOptions {
+        let role = AgentRoleConfig {
             data_dir: data_dir.join("agent"),
             proxy_addr: proxy_addr.clone(),
-            node_name: identity.host_name.clone(),
+            node_name: node_name.clone(),
             labels: config.agent.labels.clone(),
             apps: config.agent.apps.clone(),
-            addresses,
+            addresses: vec![],
             ssh: config.agent.ssh.unwrap_or(true),
             transport: config.agent.transport,
             tcp_congestion: congestion_control(&config.agent.tcp_congestion),
+            join,
         };
-        agent = Some(gatehouse_agent::agent::start(opts, identity).await?);
+        let started = gatehouse_agent::role::start(role, local_auth.as_ref()).await?;
+        if cluster.is_empty() {
+            cluster = started.cluster.clone();
+        }
+        agent = Some(started);
     }
 
     let ready = Readiness::default();
@@ -494,18 +481,18 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         }));
     }
     let (diag_addr, diag_server) =
-        diag::bind(config.diag.listen, Arc::new(registry), ready.clone())
+        gatehouse_diag::bind(config.diag.listen, Arc::new(registry), ready.clone())
             .await
             .with_context(|| format!("binding diagnostics on {}", config.diag.listen))?;
     let diag_task = tokio::spawn(diag_server);
 
     let run = RunAddresses {
-        auth: prepared.as_ref().map(|p| p.info.listen.to_string()),
+        auth: auth.as_ref().map(|a| a.info.listen.to_string()),
         diag: Some(diag_addr.to_string()),
         proxy: proxy.as_ref().map(|p| p.addr.to_string()),
     };
-    daemon::create_private_dir(&data_dir.join("run"))?;
-    daemon::write_private(
+    create_private_dir(&data_dir.join("run"))?;
+    write_private(
         &RunAddresses::path(&data_dir),
         serde_json::to_string_pretty(&run)?.as_bytes(),
     )?;
@@ -524,7 +511,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         "Gatehouse cluster \"{cluster}\" is running (roles: {}).\n\n",
         roles.join(", ")
     );
-    if let Some(p) = &prepared {
+    if let Some(p) = &auth {
         if p.info.first_start {
             banner = format!(
                 "Gatehouse cluster \"{cluster}\" is running (roles: {}) (new cluster: CAs created).\n\n",
@@ -538,7 +525,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     }
     if let Some(p) = &proxy {
         banner.push_str(&format!("  Proxy:        {}\n", p.addr));
-        banner.push_str(&format!("  Proxy I/O:    {}\n", p.proxy.io_backend));
+        banner.push_str(&format!("  Proxy I/O:    {}\n", p.io_backend));
     }
     if agent.is_some() {
         banner.push_str(&format!(
@@ -549,7 +536,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         "  Diagnostics:  http://{diag_addr}/metrics\n  Data dir:     {}\n",
         data_dir.display()
     ));
-    if let (Some(p), Some(px)) = (&prepared, &proxy) {
+    if let (Some(p), Some(px)) = (&auth, &proxy) {
         banner.push_str(&format!(
             "\nNext, in another terminal:\n  gctl{hint} users add alice --roles access,editor --logins {me}\n  gsh login --proxy {} --user alice --ca-pin {}\n",
             px.addr, p.info.ca_pin
@@ -557,7 +544,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         if agent.is_some() {
             banner.push_str(&format!("  gsh ssh {me}@{node_name} echo hello\n"));
         }
-    } else if let Some(p) = &prepared {
+    } else if let Some(p) = &auth {
         banner.push_str(&format!(
             "\nNext, in another terminal:\n  gctl{hint} users add alice --roles access,editor --logins {me}\n  gsh login --auth {} --user alice --ca-pin {}\n",
             p.info.listen, p.info.ca_pin
@@ -565,19 +552,30 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     }
     println!("{banner}");
     ready.set(true);
-    let result = match prepared {
-        Some(p) => daemon::serve(p, shutdown_signal()).await,
+    // Until a signal, or until the Auth API fails on its own.
+    let failed = match auth.as_mut() {
+        Some(a) => tokio::select! {
+            () = shutdown_signal() => None,
+            r = a.failed() => Some(r),
+        },
         None => {
             shutdown_signal().await;
-            Ok(())
+            None
         }
     };
     ready.set(false);
     if let Some(p) = proxy {
-        p.proxy.shutdown();
+        p.shutdown();
     }
-    drop(agent);
+    if let Some(a) = agent {
+        a.shutdown();
+    }
+    let result = match (failed, auth) {
+        (Some(r), _) => r,
+        (None, Some(a)) => a.shutdown().await,
+        (None, None) => Ok(()),
+    };
     diag_task.abort();
     tracing::info!("gatehouse stopped");
-    result
+    Ok(result?)
 }

@@ -11,7 +11,7 @@ use gatehouse_cli::{
 };
 use gatehouse_controlplane::ca::{NO_LOGIN_PRINTCIPAL, spki_pin, ssh_ext};
 use gatehouse_controlplane::client::AuthEndpoint;
-use gatehouse_controlplane::daemon::{create_private_dir, write_private};
+use gatehouse_controlplane::files::{create_private_dir, write_private};
 use gatehouse_controlplane::proto;
 use gatehouse_controlplane::tls::{Trust, certs_from_pem};
 

@@ -660,3 +660,19 @@ pub fn openssh(
         .args(command);
     run(cmd, stdin)
 }
+
+/// When the certificate in `path` (PEM) expires: the identity's end, which is its `notAfter`.
+pub fn cert_expiry(path: &std::path::Path) -> std::time::SystemTime {
+    let pem = std::fs::read_to_string(path).unwrap();
+    let certs = gatehouse_controlplane::tls::certs_from_pem(&pem).unwrap();
+    let id = gatehouse_controlplane::identity::Identity::from_cert_der(certs[0].as_ref()).unwrap();
+    std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(id.expires).unwrap())
+}
+
+/// Sleep until a second past `t` on the wall clock (whole seconds are what expiry compares).
+pub fn sleep_past(t: std::time::SystemTime) {
+    let until = t + Duration::from_secs(1);
+    while let Ok(left) = until.duration_since(std::time::SystemTime::now()) {
+        std::thread::sleep(left);
+    }
+}

@@ -1,5 +1,5 @@
 //! Sessions as QUIC streams of their own. Over a QUIC tunnel that negotiated
-//! [`crate::session_proto::ALPN_TUNNEL_STREAMS`], the tunnel protocol's first bidirectional
+//! [`gatehouse_proto::alpn::TUNNEL_STREAMS`], the tunnel protocol's first bidirectional
 //! stream still carries the connection-level frames (hello, pings, heartbeats, go-away), but each
 //! session opens a QUIC stream of its own instead of a stream inside the tunnel. A lost packet
 //! then holds back only the sessions whose data it carried, not every session behind it in one
@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{OpenError, SpliceStats, StreamHandle, Tunnel, TunnelEvent};
-use crate::tunnel::{Frame, FrameError, HEADER_LEN, StreamError, StreamId, code};
+use gatehouse_proto::tunnel::{Frame, FrameError, HEADER_LEN, StreamError, StreamId, code};
 
 /// Ids the tunnel's API gives sessions on their own QUIC streams (streams inside the tunnel
 /// count up from 1 by twos and would take 2^30 opens to get here).
@@ -160,10 +160,10 @@ impl Tunnel {
         // Room for twice the sessions open: the allowance doubles when half of it is in use.
         let in_use = inner.native.len() + inner.native_open;
         if in_use * 2 >= inner.native_allowance as usize
-            && inner.native_allowance < crate::quic::MAX_SESSIONS
+            && inner.native_allowance < crate::io::quic::MAX_SESSIONS
             && let Some(conn) = &inner.quic
         {
-            let more = (inner.native_allowance * 2).min(crate::quic::MAX_SESSIONS);
+            let more = (inner.native_allowance * 2).min(crate::io::quic::MAX_SESSIONS);
             conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(more));
             inner.native_allowance = more;
         }
@@ -399,9 +399,11 @@ mod tests {
 
     use super::*;
     use crate::mux::Events;
-    use crate::session_proto::{ALPN_TUNNEL, PROXY_SERVER_NAME};
-    use crate::tls_stream::tests::Ca;
-    use crate::tunnel::{Config, Side};
+    use gatehouse_controlplane::identity::PROXY_SERVER_NAME;
+    use gatehouse_proto::alpn::{TUNNEL as ALPN_TUNNEL, TUNNEL_STREAMS as ALPN_TUNNEL_STREAMS};
+    use gatehouse_proto::tunnel::{Config, Side};
+
+    use crate::tls::testing::Ca;
 
     fn pattern(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
@@ -423,7 +425,7 @@ mod tests {
         let ca = Ca::new("test ca");
         let (cert, key) = ca.leaf(PROXY_SERVER_NAME);
         let server_tls = server_config_with_alpn(&ca.pem, &cert, &key, &[ALPN_TUNNEL]).unwrap();
-        let server = crate::quic::server_config(&server_tls).unwrap();
+        let server = crate::io::quic::server_config(&server_tls).unwrap();
         let proxy = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = proxy.local_addr().unwrap();
         let (ccert, ckey) = ca.leaf("agent");
@@ -434,7 +436,7 @@ mod tests {
         )
         .unwrap())
         .clone();
-        let client = crate::quic::client_config(&tls).unwrap();
+        let client = crate::io::quic::client_config(&tls).unwrap();
         let client = if alpns.len() == 2 {
             client
         } else {
@@ -442,17 +444,17 @@ mod tests {
             let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
             quinn::ClientConfig::new(Arc::new(crypto))
         };
-        let endpoint = crate::quic::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
+        let endpoint = crate::io::quic::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
         // The proxy's side accepts while the agent dials (the handshake needs both).
         let accepting = {
             let proxy = proxy.clone();
             tokio::task::spawn_local(async move { proxy.accept().await.unwrap().await.unwrap() })
         };
-        let (agent_conn, agent_io) = crate::quic::dial(&endpoint, client, &addr.to_string())
+        let (agent_conn, agent_io) = crate::io::quic::dial(&endpoint, client, &addr.to_string())
             .await
             .unwrap();
         let (agent, agent_events) = Tunnel::new(Side::Dialer, Config::default());
-        if crate::quic::session_streams(&agent_conn) {
+        if crate::io::quic::session_streams(&agent_conn) {
             agent.attach_quic(agent_conn.clone());
         }
         {
@@ -462,7 +464,7 @@ mod tests {
         let proxy_conn = accepting.await.unwrap();
         let (send, recv) = proxy_conn.accept_bi().await.unwrap();
         let (tunnel, events) = Tunnel::new(Side::Listener, Config::default());
-        if crate::quic::session_streams(&proxy_conn) {
+        if crate::io::quic::session_streams(&proxy_conn) {
             tunnel.attach_quic(proxy_conn.clone());
         }
         {
@@ -547,7 +549,7 @@ mod tests {
     fn sessions_run_on_quic_streams_of_their_own() {
         run(async {
             let (tunnel, _events, agent, agent_events, conn, _) =
-                pair(&[crate::session_proto::ALPN_TUNNEL_STREAMS, ALPN_TUNNEL]).await;
+                pair(&[ALPN_TUNNEL_STREAMS, ALPN_TUNNEL]).await;
             assert!(tunnel.has_native_streams() && agent.has_native_streams());
             serve_agent(agent, agent_events);
             let ids = futures_join(&tunnel).await;
@@ -582,7 +584,7 @@ mod tests {
     fn the_agent_raises_the_session_allowance_as_sessions_open() {
         run(async {
             let (tunnel, _events, agent, agent_events, _conn, _) =
-                pair(&[crate::session_proto::ALPN_TUNNEL_STREAMS, ALPN_TUNNEL]).await;
+                pair(&[ALPN_TUNNEL_STREAMS, ALPN_TUNNEL]).await;
             serve_agent(agent, agent_events);
             let mut held = Vec::new();
             for _ in 0..200 {
@@ -612,7 +614,7 @@ mod tests {
     fn a_bad_session_stream_is_reset_and_the_tunnel_carries_on() {
         run(async {
             let (tunnel, _events, agent, agent_events, conn, agent_conn) =
-                pair(&[crate::session_proto::ALPN_TUNNEL_STREAMS, ALPN_TUNNEL]).await;
+                pair(&[ALPN_TUNNEL_STREAMS, ALPN_TUNNEL]).await;
             serve_agent(agent, agent_events);
             // An agent may open no stream but the tunnel's own: the proxy holds none of its
             // making (a second open waits for credit that does not come).

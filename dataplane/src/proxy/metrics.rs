@@ -143,11 +143,8 @@ impl ProxyMetrics {
         self.handshakes.get_or_create(&KindLabel { kind }).inc();
     }
 
-    pub fn set_io_backend(&self, backend: crate::socket::IoBackend) {
-        for b in [
-            crate::socket::IoBackend::IoUring,
-            crate::socket::IoBackend::Epoll,
-        ] {
+    pub fn set_io_backend(&self, backend: crate::io::IoBackend) {
+        for b in [crate::io::IoBackend::IoUring, crate::io::IoBackend::Epoll] {
             self.io_backend
                 .get_or_create(&BackendLabel {
                     backend: b.as_str(),

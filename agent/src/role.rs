@@ -1,0 +1,385 @@
+//! The agent role as a daemon runs it: [`start`] gets the host identity (kept in
+//! `<data-dir>/agent/`; issued in-process when Auth runs beside it, else joined once with a
+//! `node` token through the proxy), opens the audit spool and its sender, the role source the
+//! SSH service authorizes with, and the reverse tunnel. The returned [`AgentHandle`] stops it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gatehouse_controlplane::client::{AuthEndpoint, Client};
+use gatehouse_controlplane::host::{HostError, HostIdentity, JoinParams, NewKeys};
+use gatehouse_controlplane::proto;
+use gatehouse_controlplane::resources::{Resource, Role};
+use gatehouse_controlplane::server::AuthService;
+use gatehouse_dataplane::io::quic::TunnelTransport;
+
+use crate::runner::{SshService, StreamMeta, TunnelClientConfig, TunnelStatus, TunnelThread};
+use crate::spool::Spool;
+use crate::ssh::{AuditSink, BoxFuture, ConnMeta, RoleSource, SshNode, SshNodeConfig};
+
+/// What the agent role is started with.
+#[derive(Debug, Clone)]
+pub struct AgentRoleConfig {
+    /// The agent's own directory (`<data-dir>/agent/`): identity and audit spool.
+    pub data_dir: PathBuf,
+    /// The proxy to dial (and to reach Auth through).
+    pub proxy_addr: String,
+    pub node_name: String,
+    pub labels: BTreeMap<String, String>,
+    pub apps: BTreeMap<String, String>,
+    pub addresses: Vec<String>,
+    /// Serve SSH (false: TCP apps only).
+    pub ssh: bool,
+    /// How the tunnel reaches the proxy: TLS over TCP (default) or QUIC.
+    pub transport: TunnelTransport,
+    /// TCP congestion control for a TLS tunnel's connection (the agent sends a download's bytes
+    /// on it), e.g. `cubic`; `None` keeps the host's default. (QUIC: quinn's own.)
+    pub tcp_congestion: Option<String>,
+    /// For an agent without a local Auth.
+    pub join: JoinParams,
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct AgentHandle {
+    pub status: Arc<TunnelStatus>,
+    pub spool: Arc<Spool>,
+    /// The node's name as its certificate says.
+    pub node_name: String,
+    pub cluster: String,
+    tunnel: TunnelThread,
+    deliver: tokio::task::JoinHandle<()>,
+}
+
+impl AgentHandle {
+    /// Close the tunnel and stop sending audit events (what is not sent stays in the spool).
+    pub fn shutdown(self) {
+        self.tunnel.stop();
+        self.deliver.abort();
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("spool: {0}")]
+    Spool(#[from] crate::spool::SpoolError),
+    #[error("identity: {0}")]
+    Identity(String),
+    #[error("{0}")]
+    Host(#[from] HostError),
+    #[error("ssh: {0}")]
+    Ssh(#[from] crate::ssh::SshError),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The agent's host identity: kept in `<data-dir>/agent/`; issued in-process when Auth runs
+/// here, else joined with a `node` token through the proxy.
+async fn identity(
+    config: &AgentRoleConfig,
+    local_auth: Option<&AuthService>,
+) -> Result<HostIdentity, AgentError> {
+    if let Some(id) = HostIdentity::load(&config.data_dir)? {
+        return Ok(id);
+    }
+    gatehouse_controlplane::resources::validate_name(&config.node_name)
+        .map_err(|m| AgentError::Identity(format!("node name: {m}")))?;
+    let id = match local_auth {
+        Some(service) => {
+            let keys = NewKeys::generate()?;
+            let req = keys.join_request("", &config.node_name, &config.addresses)?;
+            let ssh_pub = ssh_key::PublicKey::from_openssh(&req.ssh_public_key)
+                .map_err(|e| AgentError::Identity(e.to_string()))?;
+            let resp = service
+                .issue_local_host(&req, &ssh_pub)
+                .await
+                .map_err(|s| {
+                    AgentError::Identity(format!(
+                        "issuing the local agent's identity: {}",
+                        s.message()
+                    ))
+                })?;
+            keys.into_identity(&config.node_name, resp)?
+        }
+        None => {
+            let token = config.join.token.as_deref().ok_or_else(|| {
+                AgentError::Identity(
+                    "an agent joins with --token (a `node` token) and --ca-pin".into(),
+                )
+            })?;
+            let pin = config.join.ca_pin.as_deref().ok_or_else(|| {
+                AgentError::Identity("pass --ca-pin (printed by the Auth server at start)".into())
+            })?;
+            HostIdentity::join(
+                &config.proxy_addr,
+                pin,
+                token,
+                &config.node_name,
+                &config.addresses,
+            )
+            .await
+            .map_err(|e| {
+                AgentError::Identity(format!("joining the cluster through the proxy: {e}"))
+            })?
+        }
+    };
+    id.save(&config.data_dir)?;
+    Ok(id)
+}
+
+/// Start the agent's services on the current (multi-threaded) tokio runtime.
+pub async fn start(
+    config: AgentRoleConfig,
+    local_auth: Option<&AuthService>,
+) -> Result<AgentHandle, AgentError> {
+    if let Some(cc) = &config.tcp_congestion {
+        gatehouse_dataplane::io::check_tcp_congestion(cc)?;
+    }
+    let identity = Arc::new(identity(&config, local_auth).await?);
+    // The certificate names the node: a renamed host keeps its identity's name.
+    let node_name = identity.host_name.clone();
+    let spool = Spool::open(&config.data_dir.join("spool"))?;
+    let auth = Arc::new(AuthLink::new(identity.auth_endpoint(&config.proxy_addr)));
+    let deliver = tokio::spawn(deliver(Arc::clone(&spool), Arc::clone(&auth)));
+
+    let ssh: Option<Arc<dyn SshService>> = if config.ssh {
+        let cfg = SshNodeConfig {
+            host_key: ssh_key::PrivateKey::from_openssh(&identity.ssh_key)
+                .map_err(|e| AgentError::Identity(e.to_string()))?,
+            host_cert: ssh_key::Certificate::from_openssh(&identity.ssh_cert)
+                .map_err(|e| AgentError::Identity(e.to_string()))?,
+            user_ca_keys: identity
+                .ssh_user_ca
+                .iter()
+                .filter_map(|l| ssh_key::PublicKey::from_openssh(l).ok())
+                .collect(),
+            cluster: identity.cluster.clone(),
+            node_name: node_name.clone(),
+            labels: config.labels.clone(),
+        };
+        let roles = Arc::new(CachedRoles {
+            auth: Arc::clone(&auth),
+            cache: Mutex::new(HashMap::new()),
+        });
+        let node = SshNode::new(cfg, roles, Arc::new(SpoolSink(Arc::clone(&spool))))?;
+        Some(Arc::new(SshAdapter(Arc::new(node))))
+    } else {
+        None
+    };
+    let tunnel_config = TunnelClientConfig {
+        proxy_addr: config.proxy_addr.clone(),
+        node_name: node_name.clone(),
+        labels: config.labels.clone(),
+        apps: config.apps.clone(),
+        addresses: config.addresses.clone(),
+        heartbeat_interval: Duration::from_secs(10),
+        tunnel: Default::default(),
+        transport: config.transport,
+        tcp_congestion: config.tcp_congestion.clone(),
+    };
+    let cluster = identity.cluster.clone();
+    let (status, tunnel) = crate::runner::spawn(
+        tunnel_config,
+        identity,
+        ssh,
+        tokio::runtime::Handle::current(),
+    )?;
+    Ok(AgentHandle {
+        status,
+        spool,
+        node_name,
+        cluster,
+        tunnel,
+        deliver,
+    })
+}
+
+/// A lazily (re)connected Auth client, reached through the Proxy's pass-through.
+struct AuthLink {
+    endpoint: AuthEndpoint,
+    client: tokio::sync::Mutex<Option<Client>>,
+}
+
+impl AuthLink {
+    fn new(endpoint: AuthEndpoint) -> Self {
+        Self {
+            endpoint,
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn client(&self) -> Result<Client, String> {
+        let mut guard = self.client.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = self
+            .endpoint
+            .connect()
+            .await
+            .map_err(|e| gatehouse_controlplane::client::error_chain(&e))?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn forget(&self) {
+        *self.client.lock().await = None;
+    }
+}
+
+/// Deliver spooled events to Auth in batches; on failure wait and retry (the events stay on disk).
+async fn deliver(spool: Arc<Spool>, auth: Arc<AuthLink>) {
+    let mut failures: u32 = 0;
+    loop {
+        let (batch, next) = match spool.pending() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "spool: cannot read");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            spool.wait(Duration::from_secs(5)).await;
+            continue;
+        }
+        let events: Vec<proto::AuditEvent> = batch
+            .iter()
+            .map(|e| proto::AuditEvent {
+                event_id: e.event_id.clone(),
+                r#type: e.event_type.clone(),
+                time_nanos: e.time_nanos,
+                actor: e.actor.clone(),
+                source_addr: e.source_addr.clone(),
+                data_json: e.data.to_string(),
+                id: 0,
+                cluster: String::new(),
+            })
+            .collect();
+        let sent = match auth.client().await {
+            Ok(mut c) => c
+                .emit_events(proto::EmitEventsRequest { events })
+                .await
+                .map_err(|s| s.to_string()),
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok(_) => {
+                failures = 0;
+                if let Err(e) = spool.delivered(next) {
+                    tracing::error!(error = %e, "spool: cannot record delivery (events may be sent twice; Auth deduplicates)");
+                }
+            }
+            Err(e) => {
+                auth.forget().await;
+                failures = failures.saturating_add(1);
+                let wait = Duration::from_millis(500)
+                    .saturating_mul(1 << failures.min(6))
+                    .min(Duration::from_secs(15));
+                tracing::warn!(error = %e, pending = batch.len(), retry_in = ?wait, "spool: Auth unreachable; events stay on disk");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+struct SpoolSink(Arc<Spool>);
+
+impl AuditSink for SpoolSink {
+    fn emit(&self, event_type: &str, actor: &str, data: serde_json::Value) {
+        let source = data
+            .get("source_addr")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        if let Err(e) = self.0.emit(event_type, actor, &source, data) {
+            tracing::error!(error = %e, event_type, "audit: cannot spool an event");
+        }
+    }
+}
+
+/// Roles from Auth, cached for 30 s; a stale copy is used while Auth is unreachable.
+struct CachedRoles {
+    auth: Arc<AuthLink>,
+    cache: Mutex<HashMap<String, (Role, Instant)>>,
+}
+
+const ROLE_TTL: Duration = Duration::from_secs(30);
+
+impl RoleSource for CachedRoles {
+    fn roles<'a>(&'a self, names: &'a [String]) -> BoxFuture<'a, Result<Vec<Role>, String>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(names.len());
+            for name in names {
+                let cached = self.cache.lock().ok().and_then(|c| c.get(name).cloned());
+                if let Some((role, at)) = &cached
+                    && at.elapsed() < ROLE_TTL
+                {
+                    out.push(role.clone());
+                    continue;
+                }
+                let fetched = match self.auth.client().await {
+                    Ok(mut c) => c
+                        .get_resource(proto::GetResourceRequest {
+                            kind: "role".into(),
+                            name: name.clone(),
+                        })
+                        .await
+                        .map(|r| r.into_inner().json)
+                        .map_err(|s| (s.code(), s.message().to_owned())),
+                    Err(e) => Err((tonic::Code::Unavailable, e)),
+                };
+                match fetched {
+                    Ok(json) => match gatehouse_controlplane::resources::parse_document(&json) {
+                        Ok(Resource::Role(role)) => {
+                            if let Ok(mut c) = self.cache.lock() {
+                                c.insert(name.clone(), (role.clone(), Instant::now()));
+                            }
+                            out.push(role);
+                        }
+                        _ => return Err(format!("role `{name}` from Auth is malformed")),
+                    },
+                    // A role deleted since the certificate was issued grants nothing.
+                    Err((tonic::Code::NotFound, _)) => {
+                        if let Ok(mut c) = self.cache.lock() {
+                            c.remove(name);
+                        }
+                    }
+                    Err((_, e)) => {
+                        self.auth.forget().await;
+                        match cached {
+                            Some((role, _)) => out.push(role),
+                            None => {
+                                return Err(format!("cannot fetch role `{name}` from Auth: {e}"));
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+struct SshAdapter(Arc<SshNode>);
+
+impl SshService for SshAdapter {
+    fn serve(
+        &self,
+        io: tokio::io::DuplexStream,
+        meta: StreamMeta,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let node = Arc::clone(&self.0);
+        Box::pin(async move {
+            let conn = ConnMeta {
+                source_addr: meta.source_addr.clone(),
+                proxy_user: meta.user,
+            };
+            if let Err(e) = node.serve(io, conn).await {
+                tracing::info!(source = %meta.source_addr, error = %e, "ssh: connection ended with an error");
+            }
+        })
+    }
+}

@@ -1,0 +1,483 @@
+//! The Auth role as a daemon runs it: [`start`] opens storage, creates the CAs on first start
+//! (reuses them after), issues the server's and the admin's certificates and serves the gRPC
+//! API over mutual TLS; the returned [`AuthHandle`] stops it gracefully. (Diagnostics are the
+//! daemon's, in `gatehouse-diag`.)
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+
+use crate::ca::{CaKind, SshCa, TlsCa, TlsUsage};
+use crate::files::{create_private_dir, write_identity_dir};
+use crate::identity::{Identity, IdentityKind};
+use crate::proto::auth_server::AuthServer;
+use crate::server::{AuthService, AuthState, PeerInfo};
+use crate::storage::{Store, StoreError};
+
+/// Validity of the admin identity in the data dir; re-issued at every start and every day.
+const ADMIN_IDENTITY_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+const SERVER_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `[auth]` in the daemon's TOML config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub listen: SocketAddr,
+    /// Extra names/IPs for the Auth server certificate.
+    pub public_addrs: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 3025)),
+            public_addrs: vec![],
+        }
+    }
+}
+
+/// Why the Auth role could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthRoleError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the database: {0}")]
+    Storage(#[from] StoreError),
+    #[error("{what}: {message}")]
+    Setup { what: String, message: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("auth api server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AuthRoleError {
+    let what = what.into();
+    move |source| AuthRoleError::Io { what, source }
+}
+
+fn setup<E: std::fmt::Display>(what: impl Into<String>) -> impl FnOnce(E) -> AuthRoleError {
+    let what = what.into();
+    move |e| AuthRoleError::Setup {
+        what,
+        message: e.to_string(),
+    }
+}
+
+/// The running Auth service's facts for the caller (the CLI prints them).
+#[derive(Debug, Clone)]
+pub struct AuthInfo {
+    pub cluster: String,
+    pub ca_pin: String,
+    pub listen: SocketAddr,
+    pub admin_dir: PathBuf,
+    pub first_start: bool,
+}
+
+/// Everything needed to serve: built by [`prepare`], run by [`serve`].
+struct PreparedAuth {
+    info: AuthInfo,
+    service: AuthService,
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for PreparedAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedAuth")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn load_or_create_ssh_ca(
+    store: &Store,
+    kind: CaKind,
+    now: i64,
+) -> Result<SshCa, AuthRoleError> {
+    let what = format!("the {} CA", kind.as_str());
+    if let Some((_, private)) = store.get_ca(kind.as_str()).await? {
+        return SshCa::from_openssh(&private).map_err(setup(what));
+    }
+    let ca = SshCa::generate().map_err(setup(what.clone()))?;
+    let private = ca.private_openssh().map_err(setup(what.clone()))?;
+    let (_, private) = store
+        .init_ca(kind.as_str(), &ca.public_line(), &private, now)
+        .await?;
+    SshCa::from_openssh(&private).map_err(setup(what))
+}
+
+async fn load_or_create_tls_ca(
+    store: &Store,
+    cluster: &str,
+    now: time::OffsetDateTime,
+) -> Result<TlsCa, AuthRoleError> {
+    if let Some((public, private)) = store.get_ca(CaKind::Tls.as_str()).await? {
+        return TlsCa::from_pem(&public, &private).map_err(setup("the TLS CA"));
+    }
+    let ca = TlsCa::generate(cluster, now).map_err(setup("the TLS CA"))?;
+    let (public, private) = store
+        .init_ca(
+            CaKind::Tls.as_str(),
+            ca.cert_pem(),
+            &ca.key_pem(),
+            now.unix_timestamp(),
+        )
+        .await?;
+    TlsCa::from_pem(&public, &private).map_err(setup("the TLS CA"))
+}
+
+/// Issue (or re-issue) the admin identity for gctl into `<data-dir>/admin/`.
+pub fn issue_admin_identity(
+    tls_ca: &TlsCa,
+    cluster: &str,
+    dir: &Path,
+) -> Result<(), AuthRoleError> {
+    let now = time::OffsetDateTime::now_utc();
+    let key = crate::ca::generate_leaf_key().map_err(setup("the admin identity's key"))?;
+    let identity = Identity {
+        kind: IdentityKind::Builtin,
+        name: "admin".into(),
+        roles: vec!["@admin".into()],
+        logins: vec![],
+        traits: Default::default(),
+        cluster: cluster.into(),
+        route_to_cluster: cluster.into(),
+        expires: (now + ADMIN_IDENTITY_TTL).unix_timestamp(),
+    };
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+    let cert = tls_ca
+        .sign(&spki, &identity, TlsUsage::Client, &[], now)
+        .map_err(setup("the admin identity"))?;
+    write_identity_dir(dir, &cert.pem(), &key.serialize_pem(), tls_ca.cert_pem()).map_err(io(
+        format!("writing the admin identity to {}", dir.display()),
+    ))
+}
+
+/// Open storage and CAs, create presets on first start, bind the listener.
+async fn prepare(
+    data_dir: &Path,
+    cluster_name: Option<&str>,
+    config: &AuthConfig,
+    registry: &mut Registry,
+) -> Result<PreparedAuth, AuthRoleError> {
+    create_private_dir(data_dir)
+        .map_err(io(format!("creating data dir {}", data_dir.display())))?;
+    let store = Store::open(&data_dir.join("gatehouse.db")).await?;
+    let now = time::OffsetDateTime::now_utc();
+    let default_name = cluster_name
+        .map(str::to_owned)
+        .unwrap_or_else(default_cluster_name);
+    crate::resources::validate_name(&default_name)
+        .map_err(|m| AuthRoleError::Config(format!("cluster name: {m}")))?;
+    let first_start = store.get_meta("cluster_name").await?.is_none();
+    let cluster = store.init_meta("cluster_name", &default_name).await?;
+    if let Some(wanted) = cluster_name.filter(|w| *w != cluster) {
+        return Err(AuthRoleError::Config(format!(
+            "this data dir belongs to cluster `{cluster}`, not `{wanted}`; the cluster name cannot change"
+        )));
+    }
+    let user_ca = load_or_create_ssh_ca(&store, CaKind::SshUser, now.unix_timestamp()).await?;
+    let host_ca = load_or_create_ssh_ca(&store, CaKind::SshHost, now.unix_timestamp()).await?;
+    let tls_ca = load_or_create_tls_ca(&store, &cluster, now).await?;
+    if first_start {
+        for role in crate::resources::preset_roles() {
+            // create_only: never overwrite an edited preset.
+            let _ = store.upsert_role(&role, true, now.unix_timestamp()).await;
+        }
+    }
+
+    let mut sans = config.public_addrs.clone();
+    if !config.listen.ip().is_unspecified() {
+        sans.push(config.listen.ip().to_string());
+    }
+    let (server_cert, server_key) = tls_ca
+        .issue_server_cert(&cluster, &sans, SERVER_CERT_TTL, now)
+        .map_err(setup("the Auth server certificate"))?;
+    let chain = format!("{}{}", server_cert.pem(), tls_ca.cert_pem());
+    let tls = crate::tls::server_config(tls_ca.cert_pem(), &chain, &server_key.serialize_pem())
+        .map_err(setup("the Auth API's TLS config"))?;
+
+    let admin_dir = data_dir.join("admin");
+    issue_admin_identity(&tls_ca, &cluster, &admin_dir)?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(io(format!("binding the Auth API on {}", config.listen)))?;
+    let listen = listener
+        .local_addr()
+        .map_err(io("the Auth API's address"))?;
+    let ca_pin = tls_ca.pin();
+    let state = Arc::new(
+        AuthState::new(cluster.clone(), store, user_ca, host_ca, tls_ca)
+            .map_err(setup("the password hasher"))?,
+    );
+    state.metrics.register(registry);
+    Ok(PreparedAuth {
+        info: AuthInfo {
+            cluster,
+            ca_pin,
+            listen,
+            admin_dir,
+            first_start,
+        },
+        service: AuthService::new(state),
+        listener,
+        tls,
+    })
+}
+
+fn default_cluster_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| crate::resources::validate_name(s).is_ok())
+        .unwrap_or_else(|| "gatehouse".into())
+}
+
+/// One accepted, handshaken Auth API connection with its verified peer.
+struct AuthConn {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: PeerInfo,
+}
+
+impl Connected for AuthConn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for AuthConn {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AuthConn {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Handshake one connection; a failure closes only that connection, with a logged reason.
+async fn handshake(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    cluster: Arc<str>,
+) -> Option<AuthConn> {
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(%remote, error = %e, "auth api: TLS handshake failed; connection closed");
+            return None;
+        }
+        Err(_) => {
+            tracing::info!(%remote, "auth api: TLS handshake timed out; connection closed");
+            return None;
+        }
+    };
+    let identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        None => None,
+        Some(cert) => match Identity::from_cert_der(cert) {
+            Ok(id) if id.cluster == *cluster => Some(Arc::new(id)),
+            Ok(id) => {
+                tracing::info!(%remote, cluster = %id.cluster, "auth api: certificate from another cluster; connection closed");
+                return None;
+            }
+            Err(e) => {
+                tracing::info!(%remote, error = %e, "auth api: client certificate without a valid identity; connection closed");
+                return None;
+            }
+        },
+    };
+    Some(AuthConn {
+        inner: tls,
+        peer: PeerInfo {
+            remote: Some(remote),
+            identity,
+        },
+    })
+}
+
+/// Serve until `shutdown` resolves. Renews the admin identity daily.
+async fn serve(
+    prepared: PreparedAuth,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), AuthRoleError> {
+    let PreparedAuth {
+        info,
+        service,
+        listener,
+        tls,
+    } = prepared;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<AuthConn, std::io::Error>>(256);
+    let cluster: Arc<str> = Arc::from(info.cluster.as_str());
+    let accept_loop = tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((tcp, remote)) => {
+                    let (acceptor, tx, cluster) = (acceptor.clone(), tx.clone(), cluster.clone());
+                    tokio::spawn(async move {
+                        if let Some(conn) = handshake(acceptor, tcp, remote, cluster).await {
+                            let _ = tx.send(Ok(conn)).await;
+                        }
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "auth api: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    let state = Arc::clone(service.state());
+    let admin_dir = info.admin_dir.clone();
+    let renew = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(24 * 3600));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = issue_admin_identity(&state.tls_ca, &state.cluster, &admin_dir) {
+                tracing::error!(error = %e, "renewing the admin identity failed");
+            }
+        }
+    });
+    let reaper_state = Arc::clone(service.state());
+    let reaper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(600));
+        loop {
+            tick.tick().await;
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            if let Err(e) = reaper_state.store.reap_tokens(now, 24 * 3600).await {
+                tracing::warn!(error = %e, "reaping expired tokens failed");
+            }
+        }
+    });
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(AuthServer::new(service.clone()).max_decoding_message_size(16 * 1024 * 1024))
+        .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown)
+        .await;
+    accept_loop.abort();
+    renew.abort();
+    reaper.abort();
+    service.state().store.close().await;
+    Ok(result?)
+}
+
+/// Start the Auth role: storage, CAs, certificates, and the API served in a task of its own
+/// until [`AuthHandle::shutdown`].
+pub async fn start(
+    data_dir: &Path,
+    cluster_name: Option<&str>,
+    config: &AuthConfig,
+    registry: &mut Registry,
+) -> Result<AuthHandle, AuthRoleError> {
+    let prepared = prepare(data_dir, cluster_name, config, registry).await?;
+    let info = prepared.info.clone();
+    let service = prepared.service.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(serve(prepared, async move {
+        let _ = stopped.await;
+    }));
+    Ok(AuthHandle {
+        info,
+        service,
+        stop: Some(stop),
+        task: Some(task),
+    })
+}
+
+/// A running Auth role.
+#[derive(Debug)]
+pub struct AuthHandle {
+    pub info: AuthInfo,
+    service: AuthService,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), AuthRoleError>>>,
+}
+
+impl AuthHandle {
+    /// The service, for roles that run in the same process (they issue their own certificates).
+    pub fn service(&self) -> &AuthService {
+        &self.service
+    }
+
+    /// Resolves only if the API server stops by itself (it failed).
+    pub async fn failed(&mut self) -> Result<(), AuthRoleError> {
+        match self.task.as_mut() {
+            Some(task) => {
+                let r = join(task).await;
+                self.task = None;
+                r
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stop accepting, let calls in flight finish, close storage.
+    pub async fn shutdown(mut self) -> Result<(), AuthRoleError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => join(task).await,
+            None => Ok(()),
+        }
+    }
+}
+
+async fn join(
+    task: impl Future<Output = Result<Result<(), AuthRoleError>, tokio::task::JoinError>>,
+) -> Result<(), AuthRoleError> {
+    task.await
+        .map_err(|e| AuthRoleError::Config(format!("the Auth task: {e}")))?
+}

@@ -1,0 +1,519 @@
+//! The Auth gRPC service. Every RPC goes through one path ([`call`]): authenticate the caller
+//! from its verified X.509 identity, check the RPC's access rule, run the handler, store what it
+//! asks the audit log to keep. Handlers live by resource:
+//!
+//! - `login`: ping, login, who-am-i, password change (what a person does for themselves);
+//! - `join`: hosts (agents, proxies) joining with a token, and their host certificates;
+//! - `users`, `documents` (roles and users as TOML/JSON resources), `tokens`, `authorities`,
+//!   `events` (the audit log), `nodes` (inventory from heartbeats).
+
+mod authorities;
+pub(crate) mod call;
+mod documents;
+mod events;
+mod join;
+mod login;
+mod nodes;
+#[cfg(test)]
+mod tests;
+mod tokens;
+mod users;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tonic::{Request, Response, Status};
+
+use crate::audit;
+use crate::ca::{SshCa, TlsCa};
+use crate::identity::Identity;
+use crate::password;
+use crate::proto;
+use crate::proto::auth_server::Auth;
+use crate::ratelimit::LoginLimiter;
+use crate::storage::{Store, StoreError, StoredEvent};
+use call::{Access, Audit, Call, Caller, Done, Event, Failure, Rpc};
+
+pub const HOST_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(30 * 60);
+
+/// The verified peer of one connection, attached to every request on it.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub remote: Option<SocketAddr>,
+    pub identity: Option<Arc<Identity>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ResultLabel {
+    pub(crate) result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct KindLabel {
+    pub(crate) kind: &'static str,
+}
+
+/// Auth metrics, registered under `gatehouse_auth_*`.
+#[derive(Debug, Default)]
+pub struct AuthMetrics {
+    pub(crate) logins: Family<ResultLabel, Counter>,
+    pub(crate) joins: Family<ResultLabel, Counter>,
+    pub(crate) certs_issued: Family<KindLabel, Counter>,
+    pub(crate) audit_events: Counter,
+    pub(crate) audit_duplicates: Counter,
+}
+
+impl AuthMetrics {
+    pub fn register(self: &Arc<Self>, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("gatehouse_auth");
+        r.register(
+            "logins",
+            "Login attempts by result (success, failure, rate_limited)",
+            self.logins.clone(),
+        );
+        r.register("joins", "Join attempts by result", self.joins.clone());
+        r.register(
+            "certs_issued",
+            "Certificates issued by kind",
+            self.certs_issued.clone(),
+        );
+        r.register(
+            "audit_events",
+            "Audit events durably stored",
+            self.audit_events.clone(),
+        );
+        r.register(
+            "audit_duplicates",
+            "Audit events ignored as duplicates of stored ones",
+            self.audit_duplicates.clone(),
+        );
+    }
+}
+
+pub struct AuthState {
+    pub cluster: String,
+    pub store: Store,
+    pub user_ca: SshCa,
+    pub host_ca: SshCa,
+    pub tls_ca: TlsCa,
+    pub metrics: Arc<AuthMetrics>,
+    pub(crate) limiter: Mutex<LoginLimiter>,
+    /// One argon2 thread per core: bounds the CPU and memory password guessing can take.
+    pub(crate) hasher: password::HasherPool,
+    /// Verified against when the user does not exist, so both cases cost the same.
+    pub(crate) dummy_hash: String,
+}
+
+impl std::fmt::Debug for AuthState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthState")
+            .field("cluster", &self.cluster)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuthState {
+    pub fn new(
+        cluster: String,
+        store: Store,
+        user_ca: SshCa,
+        host_ca: SshCa,
+        tls_ca: TlsCa,
+    ) -> Result<Self, password::PasswordError> {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        Ok(Self {
+            cluster,
+            store,
+            user_ca,
+            host_ca,
+            tls_ca,
+            metrics: Arc::default(),
+            limiter: Mutex::new(LoginLimiter::default()),
+            hasher: password::HasherPool::new(cpus)
+                .map_err(|e| password::PasswordError::Hash(e.to_string()))?,
+            dummy_hash: password::hash(&password::generate())?,
+        })
+    }
+}
+
+/// The tonic service.
+#[derive(Debug, Clone)]
+pub struct AuthService {
+    state: Arc<AuthState>,
+}
+
+pub(crate) fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn internal(e: impl std::fmt::Display) -> Status {
+    tracing::error!(error = %e, "internal error");
+    Status::internal("internal error; see the Auth server log")
+}
+
+pub(crate) fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
+        StoreError::NotFound { .. } => Status::not_found(e.to_string()),
+        other => internal(other),
+    }
+}
+
+pub(crate) fn ttl_from(seconds: u64, default: Duration) -> Duration {
+    if seconds == 0 {
+        default
+    } else {
+        Duration::from_secs(seconds)
+    }
+}
+
+impl AuthState {
+    /// Store `events` from `addr` in one transaction: all durable, or none.
+    pub(crate) async fn record(&self, addr: &str, events: Vec<Event>) -> Result<(), Status> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let now = now_nanos();
+        let batch: Vec<StoredEvent> = events
+            .into_iter()
+            .map(|e| audit::event(e.event_type, &e.actor, addr, &self.cluster, now, e.data))
+            .collect();
+        self.store
+            .append_events(&batch)
+            .await
+            .map_err(store_status)?;
+        self.metrics.audit_events.inc_by(batch.len() as u64);
+        Ok(())
+    }
+
+    pub(crate) async fn hash_password(&self, password: String) -> Result<String, Status> {
+        self.hasher.hash(password).await.map_err(internal)
+    }
+
+    /// Whether `password` matches `hash`; without a hash (no such user) a dummy one is verified,
+    /// so both cases cost the same.
+    pub(crate) async fn verify_password(
+        &self,
+        password: String,
+        hash: Option<String>,
+    ) -> Result<bool, Status> {
+        let (hash, real) = match hash {
+            Some(h) => (h, true),
+            None => (self.dummy_hash.clone(), false),
+        };
+        let ok = self.hasher.verify(password, hash).await.map_err(internal)?;
+        Ok(ok && real)
+    }
+
+    /// A certificate pair with the cluster's CAs, as a client stores it.
+    pub(crate) fn credentials(
+        &self,
+        ssh_cert: String,
+        tls_cert: String,
+        expires: i64,
+    ) -> proto::Credentials {
+        proto::Credentials {
+            ssh_cert,
+            tls_cert,
+            tls_ca: self.tls_ca.cert_pem().to_owned(),
+            ssh_host_ca: vec![self.host_ca.public_line()],
+            ssh_user_ca: vec![self.user_ca.public_line()],
+            cluster_name: self.cluster.clone(),
+            expires,
+        }
+    }
+
+    /// Check that a user's roles exist.
+    pub(crate) async fn check_roles_exist(&self, roles: &[String]) -> Result<(), Status> {
+        for (i, r) in roles.iter().enumerate() {
+            if self
+                .store
+                .get_role(r)
+                .await
+                .map_err(store_status)?
+                .is_none()
+            {
+                return Err(Status::invalid_argument(format!(
+                    "spec.roles[{i}]: role `{r}` does not exist"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The caller of a connection with this verified peer, with its roles.
+    async fn authenticate(&self, peer: &PeerInfo) -> Result<Option<Caller>, Status> {
+        let Some(identity) = peer.identity.clone() else {
+            return Ok(None);
+        };
+        if identity.cluster != self.cluster {
+            return Err(Status::unauthenticated(format!(
+                "certificate was issued by cluster `{}`, not `{}`",
+                identity.cluster, self.cluster
+            )));
+        }
+        let roles = call::roles_of(self, &identity).await?;
+        Ok(Some(Caller { identity, roles }))
+    }
+}
+
+impl AuthService {
+    pub fn new(state: Arc<AuthState>) -> Self {
+        Self { state }
+    }
+
+    pub fn state(&self) -> &Arc<AuthState> {
+        &self.state
+    }
+
+    /// The one path: authenticate, authorize by `rpc`'s rule, act, audit.
+    async fn handle<Req, Resp, F, Fut>(
+        &self,
+        rpc: Rpc,
+        req: Request<Req>,
+        act: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        F: FnOnce(Call, Req) -> Fut,
+        Fut: Future<Output = Result<Done<Resp>, Failure>>,
+    {
+        let peer = req
+            .extensions()
+            .get::<PeerInfo>()
+            .cloned()
+            .unwrap_or(PeerInfo {
+                remote: None,
+                identity: None,
+            });
+        let addr = peer.remote.map(|a| a.ip().to_string()).unwrap_or_default();
+        let access = rpc.access();
+        let caller = match access {
+            // A public call ignores whatever certificate came with it.
+            Access::Public => None,
+            _ => Some(
+                self.state
+                    .authenticate(&peer)
+                    .await?
+                    .ok_or_else(call::not_authenticated)?,
+            ),
+        };
+        let authorized = Arc::new(AtomicBool::new(false));
+        match (access, &caller) {
+            (Access::Public | Access::Authenticated, _) => {
+                authorized.store(true, Ordering::Release)
+            }
+            (Access::Rule(kind, verb), Some(c)) => {
+                call::check(c, kind, verb)?;
+                authorized.store(true, Ordering::Release);
+            }
+            // Checked by the handler (`Call::authorize`), before it acts.
+            (Access::PerRequest, _) | (Access::Rule(..), None) => {}
+        }
+        let state = Arc::clone(&self.state);
+        let call = Call::new(
+            Arc::clone(&state),
+            addr.clone(),
+            caller,
+            Arc::clone(&authorized),
+        );
+        match act(call, req.into_inner()).await {
+            Ok(Done { response, audit }) => {
+                if !authorized.load(Ordering::Acquire) {
+                    // Fail closed: a handler that acted without checking its rule is a bug.
+                    return Err(internal(format!(
+                        "{} answered without an authorization check",
+                        rpc.name()
+                    )));
+                }
+                match audit {
+                    Audit::Events(events) => state.record(&addr, events).await?,
+                    Audit::Nothing(why) => {
+                        tracing::trace!(rpc = rpc.name(), why, "auth api: nothing to audit")
+                    }
+                }
+                Ok(Response::new(response))
+            }
+            Err(Failure { status, event }) => {
+                if let Some(event) = event {
+                    state.record(&addr, vec![event]).await?;
+                }
+                Err(status)
+            }
+        }
+    }
+
+    /// Issue host credentials for a host that runs in this process (a local agent), audited as a
+    /// join would be.
+    pub async fn issue_local_host(
+        &self,
+        r: &proto::JoinRequest,
+        ssh_key: &ssh_key::PublicKey,
+    ) -> Result<proto::JoinResponse, Status> {
+        let done = join::issue_host(&self.state, r, ssh_key, false, "in-process").await?;
+        if let Audit::Events(events) = done.audit {
+            self.state.record("127.0.0.1", events).await?;
+        }
+        Ok(done.response)
+    }
+}
+
+/// Each RPC: its entry in [`Rpc`] and its handler, through [`AuthService::handle`].
+#[tonic::async_trait]
+impl Auth for AuthService {
+    async fn ping(
+        &self,
+        req: Request<proto::PingRequest>,
+    ) -> Result<Response<proto::PingResponse>, Status> {
+        self.handle(Rpc::Ping, req, login::ping).await
+    }
+
+    async fn login(
+        &self,
+        req: Request<proto::LoginRequest>,
+    ) -> Result<Response<proto::LoginResponse>, Status> {
+        self.handle(Rpc::Login, req, login::login).await
+    }
+
+    async fn join(
+        &self,
+        req: Request<proto::JoinRequest>,
+    ) -> Result<Response<proto::JoinResponse>, Status> {
+        self.handle(Rpc::Join, req, join::join).await
+    }
+
+    async fn who_am_i(
+        &self,
+        req: Request<proto::WhoAmIRequest>,
+    ) -> Result<Response<proto::WhoAmIResponse>, Status> {
+        self.handle(Rpc::WhoAmI, req, login::who_am_i).await
+    }
+
+    async fn change_password(
+        &self,
+        req: Request<proto::ChangePasswordRequest>,
+    ) -> Result<Response<proto::ChangePasswordResponse>, Status> {
+        self.handle(Rpc::ChangePassword, req, login::change_password)
+            .await
+    }
+
+    async fn create_user(
+        &self,
+        req: Request<proto::CreateUserRequest>,
+    ) -> Result<Response<proto::CreateUserResponse>, Status> {
+        self.handle(Rpc::CreateUser, req, users::create).await
+    }
+
+    async fn reset_password(
+        &self,
+        req: Request<proto::ResetPasswordRequest>,
+    ) -> Result<Response<proto::ResetPasswordResponse>, Status> {
+        self.handle(Rpc::ResetPassword, req, users::reset_password)
+            .await
+    }
+
+    async fn upsert_resource(
+        &self,
+        req: Request<proto::UpsertResourceRequest>,
+    ) -> Result<Response<proto::UpsertResourceResponse>, Status> {
+        self.handle(Rpc::UpsertResource, req, documents::upsert)
+            .await
+    }
+
+    async fn get_resource(
+        &self,
+        req: Request<proto::GetResourceRequest>,
+    ) -> Result<Response<proto::GetResourceResponse>, Status> {
+        self.handle(Rpc::GetResource, req, documents::get).await
+    }
+
+    async fn list_resources(
+        &self,
+        req: Request<proto::ListResourcesRequest>,
+    ) -> Result<Response<proto::ListResourcesResponse>, Status> {
+        self.handle(Rpc::ListResources, req, documents::list).await
+    }
+
+    async fn delete_resource(
+        &self,
+        req: Request<proto::DeleteResourceRequest>,
+    ) -> Result<Response<proto::DeleteResourceResponse>, Status> {
+        self.handle(Rpc::DeleteResource, req, documents::delete)
+            .await
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<proto::CreateTokenRequest>,
+    ) -> Result<Response<proto::CreateTokenResponse>, Status> {
+        self.handle(Rpc::CreateToken, req, tokens::create).await
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<proto::ListTokensRequest>,
+    ) -> Result<Response<proto::ListTokensResponse>, Status> {
+        self.handle(Rpc::ListTokens, req, tokens::list).await
+    }
+
+    async fn delete_token(
+        &self,
+        req: Request<proto::DeleteTokenRequest>,
+    ) -> Result<Response<proto::DeleteTokenResponse>, Status> {
+        self.handle(Rpc::DeleteToken, req, tokens::delete).await
+    }
+
+    async fn export_authorities(
+        &self,
+        req: Request<proto::ExportAuthoritiesRequest>,
+    ) -> Result<Response<proto::ExportAuthoritiesResponse>, Status> {
+        self.handle(Rpc::ExportAuthorities, req, authorities::export)
+            .await
+    }
+
+    async fn emit_events(
+        &self,
+        req: Request<proto::EmitEventsRequest>,
+    ) -> Result<Response<proto::EmitEventsResponse>, Status> {
+        self.handle(Rpc::EmitEvents, req, events::emit).await
+    }
+
+    async fn search_events(
+        &self,
+        req: Request<proto::SearchEventsRequest>,
+    ) -> Result<Response<proto::SearchEventsResponse>, Status> {
+        self.handle(Rpc::SearchEvents, req, events::search).await
+    }
+
+    async fn upsert_nodes(
+        &self,
+        req: Request<proto::UpsertNodesRequest>,
+    ) -> Result<Response<proto::UpsertNodesResponse>, Status> {
+        self.handle(Rpc::UpsertNodes, req, nodes::upsert).await
+    }
+
+    async fn list_nodes(
+        &self,
+        req: Request<proto::ListNodesRequest>,
+    ) -> Result<Response<proto::ListNodesResponse>, Status> {
+        self.handle(Rpc::ListNodes, req, nodes::list).await
+    }
+}

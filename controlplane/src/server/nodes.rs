@@ -1,0 +1,111 @@
+//! The node inventory: heartbeats upserted in batches (by proxies for their agents, or by an
+//! agent for itself only), listed while they are fresh.
+
+use std::time::Duration;
+
+use tonic::Status;
+
+use super::call::{Audit, Call, Done, Failure};
+use super::{internal, now_secs, store_status, ttl_from};
+use crate::identity::IdentityKind;
+use crate::proto;
+use crate::resources;
+
+/// A node's heartbeat as stored.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct NodeRecord {
+    host_id: String,
+    name: String,
+    #[serde(default)]
+    labels: std::collections::HashMap<String, String>,
+    #[serde(default)]
+    addresses: Vec<String>,
+    #[serde(default)]
+    services: Vec<String>,
+    last_seen: i64,
+    expires: i64,
+}
+
+impl From<proto::Node> for NodeRecord {
+    fn from(n: proto::Node) -> Self {
+        Self {
+            host_id: n.host_id,
+            name: n.name,
+            labels: n.labels,
+            addresses: n.addresses,
+            services: n.services,
+            last_seen: n.last_seen,
+            expires: n.expires,
+        }
+    }
+}
+
+impl From<NodeRecord> for proto::Node {
+    fn from(n: NodeRecord) -> Self {
+        Self {
+            host_id: n.host_id,
+            name: n.name,
+            labels: n.labels,
+            addresses: n.addresses,
+            services: n.services,
+            last_seen: n.last_seen,
+            expires: n.expires,
+        }
+    }
+}
+
+pub(super) async fn upsert(
+    call: Call,
+    r: proto::UpsertNodesRequest,
+) -> Result<Done<proto::UpsertNodesResponse>, Failure> {
+    let caller = call.caller()?;
+    let ttl = ttl_from(r.ttl_seconds, Duration::from_secs(600)).min(Duration::from_secs(3600));
+    let now = now_secs();
+    let mut rows = Vec::with_capacity(r.nodes.len());
+    for mut n in r.nodes {
+        // An agent may only speak for itself.
+        if caller.identity.kind == IdentityKind::Node
+            && !caller.identity.roles.iter().any(|r| r == "@proxy")
+            && n.host_id != caller.identity.name
+        {
+            return Err(Status::permission_denied(format!(
+                "node `{}` cannot upsert node `{}`",
+                caller.identity.name, n.host_id
+            ))
+            .into());
+        }
+        resources::validate_name(&n.name)
+            .map_err(|m| Status::invalid_argument(format!("node name: {m}")))?;
+        n.last_seen = now;
+        n.expires = now + ttl.as_secs() as i64;
+        let spec = serde_json::to_string(&NodeRecord::from(n.clone())).map_err(internal)?;
+        rows.push((n.host_id.clone(), spec));
+    }
+    call.state
+        .store
+        .upsert_nodes(&rows, now + ttl.as_secs() as i64)
+        .await
+        .map_err(store_status)?;
+    Ok(Done::audited(
+        proto::UpsertNodesResponse {},
+        Audit::Nothing("heartbeats are inventory, not actions"),
+    ))
+}
+
+pub(super) async fn list(
+    call: Call,
+    _r: proto::ListNodesRequest,
+) -> Result<Done<proto::ListNodesResponse>, Failure> {
+    let rows = call
+        .state
+        .store
+        .list_nodes(now_secs())
+        .await
+        .map_err(store_status)?;
+    let nodes = rows
+        .iter()
+        .filter_map(|s| serde_json::from_str::<NodeRecord>(s).ok())
+        .map(proto::Node::from)
+        .collect();
+    Ok(Done::read(proto::ListNodesResponse { nodes }))
+}

@@ -1,0 +1,323 @@
+//! Who may do what on the Proxy's one port: pure functions of what a connection offered and who
+//! its certificate says it is. The I/O code (`worker`, `tunnels`) reads the ClientHello, runs
+//! the handshake and then does what these decide; nothing here touches a socket or a clock.
+//!
+//! - Before TLS: a ClientHello offering `gatehouse-auth` is passed through to Auth byte for
+//!   byte ([`front_door`]), so the client's certificate authenticates to Auth itself.
+//! - After TLS: [`admit`] maps the negotiated ALPN and the peer's identity to a tunnel, a session
+//!   or a refusal. An agent (a node certificate, not a proxy's) may hold a tunnel; a user may open
+//!   SSH and TCP sessions; every other pairing is refused, named in the log and the metric.
+//! - The identity is this cluster's and unexpired ([`verify`]), checked on every connection: a
+//!   resumed TLS session presents its first handshake's certificate without a new verification,
+//!   so resumption must never outlive the certificate.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use gatehouse_controlplane::identity::{ALPN_AUTH, Identity, IdentityKind};
+use gatehouse_proto::alpn;
+
+/// What to do with a new connection before any TLS is terminated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FrontDoor {
+    /// Splice it to Auth as it is (it offered `gatehouse-auth`).
+    PassToAuth,
+    /// Terminate TLS here.
+    Terminate,
+}
+
+/// Route by the ALPN protocols a ClientHello offered.
+pub(crate) fn front_door(offered: &[Vec<u8>]) -> FrontDoor {
+    if offered.iter().any(|a| a == ALPN_AUTH) {
+        FrontDoor::PassToAuth
+    } else {
+        FrontDoor::Terminate
+    }
+}
+
+/// How the connection reached the Proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transport {
+    /// TCP and TLS on the public port.
+    Tls,
+    /// QUIC on the public port's UDP side (agents' tunnels only).
+    Quic,
+}
+
+/// A user's session kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SessionKind {
+    Ssh,
+    Tcp,
+}
+
+impl SessionKind {
+    /// The ALPN name, for logs and metric labels.
+    pub(crate) fn alpn(self) -> &'static str {
+        match self {
+            Self::Ssh => "gatehouse-ssh",
+            Self::Tcp => "gatehouse-tcp",
+        }
+    }
+}
+
+/// Why a certificate gives no usable identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unverified {
+    NoCertificate,
+    NoIdentity,
+    OtherCluster,
+    Expired,
+}
+
+impl Unverified {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::NoCertificate => "no client certificate",
+            Self::NoIdentity => "no identity in the certificate",
+            Self::OtherCluster => "a certificate of another cluster",
+            Self::Expired => "certificate expired",
+        }
+    }
+}
+
+/// What [`admit`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// An agent's reverse tunnel; over QUIC with `gatehouse-tunnel-streams`, each session on a
+    /// QUIC stream of its own.
+    Tunnel { session_streams: bool },
+    /// A user's session.
+    Session(SessionKind),
+    /// Refused; `reason` is the metric's label (`expired` or `identity`).
+    Refuse { reason: &'static str },
+}
+
+/// Whether an identity is an agent's (a node certificate that is not a proxy's).
+fn is_agent(id: &Identity) -> bool {
+    id.kind == IdentityKind::Node && !id.roles.iter().any(|r| r == "@proxy")
+}
+
+/// Decide a handshaken connection from the ALPN it negotiated and its peer's identity.
+pub(crate) fn admit(
+    transport: Transport,
+    alpn: Option<&[u8]>,
+    peer: &Result<Identity, Unverified>,
+) -> Admission {
+    let refuse = || Admission::Refuse {
+        reason: match peer {
+            Err(Unverified::Expired) => "expired",
+            _ => "identity",
+        },
+    };
+    let Ok(id) = peer else {
+        return refuse();
+    };
+    match (transport, alpn) {
+        (Transport::Tls, Some(alpn::TUNNEL)) | (Transport::Quic, Some(alpn::TUNNEL))
+            if is_agent(id) =>
+        {
+            Admission::Tunnel {
+                session_streams: false,
+            }
+        }
+        (Transport::Quic, Some(alpn::TUNNEL_STREAMS)) if is_agent(id) => Admission::Tunnel {
+            session_streams: true,
+        },
+        (Transport::Tls, Some(alpn::SSH)) if id.kind == IdentityKind::User => {
+            Admission::Session(SessionKind::Ssh)
+        }
+        (Transport::Tls, Some(alpn::TCP)) if id.kind == IdentityKind::User => {
+            Admission::Session(SessionKind::Tcp)
+        }
+        _ => refuse(),
+    }
+}
+
+/// An identity is usable if this cluster issued it and it has not expired at `now` (Unix
+/// seconds).
+pub(crate) fn verify(id: Identity, cluster: &str, now: i64) -> Result<Identity, Unverified> {
+    if id.cluster != cluster {
+        return Err(Unverified::OtherCluster);
+    }
+    if id.expires <= now {
+        return Err(Unverified::Expired);
+    }
+    Ok(id)
+}
+
+/// The ALPN as text, for logs and metric labels.
+pub(crate) fn alpn_name(alpn: Option<&[u8]>) -> String {
+    alpn.map(|a| String::from_utf8_lossy(a).into_owned())
+        .unwrap_or_else(|| "none".into())
+}
+
+/// Who a refused peer was, for the log line.
+pub(crate) fn who(id: &Result<Identity, Unverified>) -> String {
+    match id {
+        Ok(i) => format!("{:?} `{}`", i.kind, i.name),
+        Err(why) => why.as_str().to_owned(),
+    }
+}
+
+/// Certificates' identities already parsed by this worker, by certificate (DER). A client
+/// opens many sessions with one certificate, and parsing X.509 plus the identity's JSON was
+/// ~3 % of the proxy's CPU per new session. Only the parse is remembered: cluster and expiry are
+/// checked on every connection ([`verify`]).
+const PARSED_IDENTITIES: usize = 1024;
+
+thread_local! {
+    static IDENTITIES: RefCell<HashMap<Box<[u8]>, Identity>> =
+        RefCell::new(HashMap::new());
+}
+
+/// The identity in a peer's certificate (DER), parsed once per worker.
+pub(crate) fn parsed_identity(cert: Option<&[u8]>) -> Result<Identity, Unverified> {
+    let cert = cert.ok_or(Unverified::NoCertificate)?;
+    if let Some(id) = IDENTITIES.with_borrow(|m| m.get(cert).cloned()) {
+        return Ok(id);
+    }
+    let id = Identity::from_cert_der(cert).map_err(|_| Unverified::NoIdentity)?;
+    IDENTITIES.with_borrow_mut(|m| {
+        // Bounded: past the limit start over (the busy certificates come straight back).
+        if m.len() >= PARSED_IDENTITIES {
+            *m = HashMap::new();
+        }
+        m.insert(cert.into(), id.clone());
+    });
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn identity(kind: IdentityKind, roles: &[&str]) -> Identity {
+        Identity {
+            kind,
+            name: "someone".into(),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            logins: vec![],
+            traits: BTreeMap::new(),
+            cluster: "c1".into(),
+            route_to_cluster: "c1".into(),
+            expires: NOW + 3600,
+        }
+    }
+
+    /// The whole admission table: every ALPN the port may negotiate (and none, and a stranger's),
+    /// on both transports, against every kind of peer. Anything not listed as allowed is refused.
+    #[test]
+    fn admission_table_alpn_by_identity_kind() {
+        use Admission::{Refuse, Session, Tunnel};
+        use Transport::{Quic, Tls};
+        let agent = Ok(identity(IdentityKind::Node, &["@node"]));
+        let proxy = Ok(identity(IdentityKind::Node, &["@proxy"]));
+        let user = Ok(identity(IdentityKind::User, &["access"]));
+        let bot = Ok(identity(IdentityKind::Bot, &["ci"]));
+        let admin = Ok(identity(IdentityKind::Builtin, &["@admin"]));
+        let expired = Err(Unverified::Expired);
+        let none = Err(Unverified::NoCertificate);
+        let foreign = Err(Unverified::OtherCluster);
+        let garbled = Err(Unverified::NoIdentity);
+        let peers: [(&str, &Result<Identity, Unverified>); 9] = [
+            ("agent", &agent),
+            ("proxy", &proxy),
+            ("user", &user),
+            ("bot", &bot),
+            ("admin", &admin),
+            ("expired", &expired),
+            ("none", &none),
+            ("foreign", &foreign),
+            ("garbled", &garbled),
+        ];
+        let alpns: [Option<&[u8]>; 7] = [
+            Some(alpn::TUNNEL),
+            Some(alpn::TUNNEL_STREAMS),
+            Some(alpn::SSH),
+            Some(alpn::TCP),
+            Some(ALPN_AUTH),
+            Some(b"h2"),
+            None,
+        ];
+        let identity_refusal = Refuse { reason: "identity" };
+        let expected = |t: Transport, a: Option<&[u8]>, who: &str| -> Admission {
+            if who == "expired" {
+                return Refuse { reason: "expired" };
+            }
+            match (t, a, who) {
+                (Tls | Quic, Some(alpn::TUNNEL), "agent") => Tunnel {
+                    session_streams: false,
+                },
+                (Quic, Some(alpn::TUNNEL_STREAMS), "agent") => Tunnel {
+                    session_streams: true,
+                },
+                (Tls, Some(alpn::SSH), "user") => Session(SessionKind::Ssh),
+                (Tls, Some(alpn::TCP), "user") => Session(SessionKind::Tcp),
+                _ => identity_refusal,
+            }
+        };
+        let mut allowed = 0;
+        for t in [Tls, Quic] {
+            for a in alpns {
+                for (who, peer) in peers {
+                    let got = admit(t, a, peer);
+                    assert_eq!(got, expected(t, a, who), "{t:?} × {} × {who}", alpn_name(a));
+                    if !matches!(got, Refuse { .. }) {
+                        allowed += 1;
+                    }
+                }
+            }
+        }
+        // Exactly the five pairings above are allowed, out of 2 × 7 × 9.
+        assert_eq!(allowed, 5);
+    }
+
+    #[test]
+    fn the_auth_alpn_passes_through_before_tls_and_nothing_else_does() {
+        assert_eq!(front_door(&[ALPN_AUTH.to_vec()]), FrontDoor::PassToAuth);
+        assert_eq!(
+            front_door(&[b"h2".to_vec(), ALPN_AUTH.to_vec()]),
+            FrontDoor::PassToAuth
+        );
+        for other in [
+            alpn::TUNNEL,
+            alpn::SSH,
+            alpn::TCP,
+            b"h2",
+            b"gatehouse-auth2",
+        ] {
+            assert_eq!(front_door(&[other.to_vec()]), FrontDoor::Terminate);
+        }
+        assert_eq!(front_door(&[]), FrontDoor::Terminate);
+    }
+
+    #[test]
+    fn identities_of_another_cluster_or_past_expiry_are_unverified() {
+        let id = identity(IdentityKind::User, &[]);
+        assert!(verify(id.clone(), "c1", NOW).is_ok());
+        assert_eq!(
+            verify(id.clone(), "c2", NOW).err(),
+            Some(Unverified::OtherCluster)
+        );
+        assert_eq!(
+            verify(id.clone(), "c1", id.expires).err(),
+            Some(Unverified::Expired),
+            "expired at the second it expires"
+        );
+        assert!(verify(id.clone(), "c1", id.expires - 1).is_ok());
+    }
+
+    #[test]
+    fn a_certificate_without_an_identity_is_refused_not_a_panic() {
+        assert_eq!(parsed_identity(None).err(), Some(Unverified::NoCertificate));
+        assert_eq!(
+            parsed_identity(Some(b"not DER")).err(),
+            Some(Unverified::NoIdentity)
+        );
+    }
+}

@@ -1,0 +1,264 @@
+//! The Proxy role as a daemon runs it: [`start`] gets the proxy's identity (issued in-process
+//! when Auth runs beside it, else joined once with a `proxy` token and kept in
+//! `<data-dir>/proxy/`), builds its TLS config, starts the workers and the task that batches
+//! agents' heartbeats to Auth. The returned [`ProxyHandle`] stops it gracefully.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gatehouse_controlplane::ca::TlsUsage;
+use gatehouse_controlplane::client::{AuthEndpoint, Client};
+use gatehouse_controlplane::host::{HostIdentity, JoinParams};
+use gatehouse_controlplane::identity::{Identity, IdentityKind, PROXY_SERVER_NAME};
+use gatehouse_controlplane::proto;
+use gatehouse_controlplane::server::AuthService;
+use gatehouse_controlplane::tls::{Trust, server_config_with_alpn};
+use prometheus_client::registry::Registry;
+
+use crate::io::IoBackend;
+use crate::proxy::{Inventory, Proxy, ProxyConfig, ProxyMetrics, server_alpn};
+
+/// What the Proxy role is started with.
+#[derive(Debug, Clone)]
+pub struct ProxyRoleConfig {
+    /// Where a joined proxy keeps its identity (`<data_dir>/proxy/`).
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Worker threads (cores); 0 means one per available core.
+    pub workers: usize,
+    pub io_backend: IoBackend,
+    /// Accept agents' tunnels over QUIC too.
+    pub quic: bool,
+    /// TCP congestion control for the public port; `None` keeps the host's.
+    pub tcp_congestion: Option<String>,
+    /// The Auth API (joins, heartbeats, and `gatehouse-auth` pass-through go there).
+    pub auth_addr: String,
+    /// This host's name, and extra names and addresses for the proxy's certificate.
+    pub host_name: String,
+    pub public_addrs: Vec<String>,
+    /// For a proxy without a local Auth.
+    pub join: JoinParams,
+}
+
+/// Why the Proxy role could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyRoleError {
+    #[error("{0}")]
+    Config(String),
+    #[error("the proxy's identity: {0}")]
+    Identity(String),
+    #[error("joining the cluster as a proxy: {0}")]
+    Join(#[from] gatehouse_controlplane::host::HostError),
+    #[error("starting the proxy on {listen}: {source}")]
+    Start {
+        listen: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running Proxy role.
+#[derive(Debug)]
+pub struct ProxyHandle {
+    /// The bound public address.
+    pub addr: SocketAddr,
+    /// The I/O backend the workers run on.
+    pub io_backend: IoBackend,
+    /// The cluster this proxy belongs to.
+    pub cluster: String,
+    proxy: Proxy,
+    reporter: tokio::task::JoinHandle<()>,
+}
+
+impl ProxyHandle {
+    /// Stop accepting, send agents a go-away, join the workers; heartbeats stop with them.
+    pub fn shutdown(self) {
+        self.proxy.shutdown();
+        self.reporter.abort();
+    }
+}
+
+/// The proxy's TLS identity: (certificate, key, CA, cluster).
+struct ProxyIdentity {
+    cert: String,
+    key: String,
+    ca: String,
+    cluster: String,
+}
+
+/// Start the Proxy role on the current (multi-threaded) runtime; its metrics go to `registry`.
+pub async fn start(
+    config: ProxyRoleConfig,
+    local_auth: Option<&AuthService>,
+    registry: &mut Registry,
+) -> Result<ProxyHandle, ProxyRoleError> {
+    let mut sans = config.public_addrs.clone();
+    if !config.listen.ip().is_unspecified() {
+        sans.push(config.listen.ip().to_string());
+    }
+    let id = identity(&config, local_auth, &sans).await?;
+    let alpn = server_alpn();
+    let alpn_refs: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
+    let chain = format!("{}{}", id.cert, id.ca);
+    let mut tls = (*server_config_with_alpn(&id.ca, &chain, &id.key, &alpn_refs)
+        .map_err(|e| ProxyRoleError::Identity(e.to_string()))?)
+    .clone();
+    // One TLS 1.3 session ticket per connection, stateless (sealed with keys rustls rotates
+    // every 6 hours; nothing is stored per session). A client that opens many sessions
+    // (`gsh proxy tcp`, a reconnecting agent) resumes and skips the certificate signatures,
+    // which are most of a full handshake's cost. The proxy checks the identity's expiry on every
+    // connection, resumed or not, so a ticket never outlives its certificate; tickets die with
+    // the process, and a resumption on another proxy falls back to a full handshake.
+    tls.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
+        .map_err(|e| ProxyRoleError::Identity(format!("session ticket keys: {e}")))?;
+    tls.send_tls13_tickets = 1;
+    let metrics = Arc::new(ProxyMetrics::default());
+    metrics.register(registry);
+    let proxy_config = ProxyConfig {
+        listen: config.listen,
+        workers: config.workers,
+        auth_addr: config.auth_addr.clone(),
+        tls: Arc::new(tls),
+        cluster: id.cluster.clone(),
+        tunnel: Default::default(),
+        io_backend: config.io_backend,
+        quic: config.quic,
+        tcp_congestion: config.tcp_congestion.clone(),
+    };
+    let (proxy, inventories) =
+        Proxy::start(proxy_config, metrics).map_err(|source| ProxyRoleError::Start {
+            listen: config.listen,
+            source,
+        })?;
+    let endpoint = AuthEndpoint {
+        addr: config.auth_addr.clone(),
+        trust: Trust::CaPem(id.ca.clone()),
+        identity: Some((id.cert.clone(), id.key.clone())),
+    };
+    let reporter = tokio::spawn(report_inventories(inventories, endpoint));
+    Ok(ProxyHandle {
+        addr: proxy.local_addr,
+        io_backend: proxy.io_backend,
+        cluster: id.cluster,
+        proxy,
+        reporter,
+    })
+}
+
+/// Issued in-process when Auth runs here, else joined with a `proxy` token and kept.
+async fn identity(
+    config: &ProxyRoleConfig,
+    local_auth: Option<&AuthService>,
+    sans: &[String],
+) -> Result<ProxyIdentity, ProxyRoleError> {
+    if let Some(service) = local_auth {
+        let state = service.state();
+        let now = time::OffsetDateTime::now_utc();
+        let identity = Identity {
+            kind: IdentityKind::Node,
+            name: format!("proxy-{}", config.host_name),
+            roles: vec!["@proxy".into()],
+            logins: vec![],
+            traits: BTreeMap::from([("host_name".to_string(), vec![config.host_name.clone()])]),
+            cluster: state.cluster.clone(),
+            route_to_cluster: state.cluster.clone(),
+            expires: (now + time::Duration::days(365)).unix_timestamp(),
+        };
+        let mut all_sans = vec![
+            PROXY_SERVER_NAME.to_string(),
+            "localhost".into(),
+            "127.0.0.1".into(),
+        ];
+        all_sans.extend(sans.iter().cloned());
+        all_sans.sort();
+        all_sans.dedup();
+        let (cert, key) = state
+            .tls_ca
+            .issue_with_new_key(&identity, TlsUsage::ServerAndClient, &all_sans, now)
+            .map_err(|e| ProxyRoleError::Identity(e.to_string()))?;
+        return Ok(ProxyIdentity {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+            ca: state.tls_ca.cert_pem().to_owned(),
+            cluster: state.cluster.clone(),
+        });
+    }
+    let dir = config.data_dir.join("proxy");
+    let id = match HostIdentity::load(&dir)? {
+        Some(id) => id,
+        None => {
+            let token = config.join.token.as_deref().ok_or_else(|| {
+                ProxyRoleError::Config(
+                    "a proxy without a local Auth joins with --token (a `proxy` token) and --ca-pin"
+                        .into(),
+                )
+            })?;
+            let pin = config.join.ca_pin.as_deref().ok_or_else(|| {
+                ProxyRoleError::Config("pass --ca-pin (printed by the Auth server at start)".into())
+            })?;
+            let id =
+                HostIdentity::join(&config.auth_addr, pin, token, &config.host_name, sans).await?;
+            id.save(&dir)?;
+            id
+        }
+    };
+    Ok(ProxyIdentity {
+        cert: id.tls_cert,
+        key: id.tls_key,
+        ca: id.ca_pem,
+        cluster: id.cluster,
+    })
+}
+
+/// Batch agents' heartbeats to Auth: the latest inventory per host, every 5 s, in one call.
+async fn report_inventories(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<Inventory>>,
+    endpoint: AuthEndpoint,
+) {
+    let mut pending: HashMap<String, Inventory> = HashMap::new();
+    let mut client: Option<Client> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            batch = rx.recv() => match batch {
+                Some(batch) => {
+                    for inv in batch {
+                        pending.insert(inv.host_id.clone(), inv);
+                    }
+                }
+                None => return,
+            },
+            _ = tick.tick() => {
+                if pending.is_empty() {
+                    continue;
+                }
+                if client.is_none() {
+                    client = endpoint.connect().await.ok();
+                }
+                let Some(c) = client.as_mut() else { continue };
+                let nodes = pending
+                    .values()
+                    .map(|i| proto::Node {
+                        host_id: i.host_id.clone(),
+                        name: i.name.clone(),
+                        labels: i.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                        addresses: i.addresses.clone(),
+                        services: i.services.clone(),
+                        last_seen: 0,
+                        expires: 0,
+                    })
+                    .collect();
+                match c.upsert_nodes(proto::UpsertNodesRequest { nodes, ttl_seconds: 60 }).await {
+                    Ok(_) => pending.clear(),
+                    Err(e) => {
+                        tracing::warn!(error = %e.message(), "proxy: cannot report heartbeats to Auth; will retry");
+                        client = None;
+                    }
+                }
+            }
+        }
+    }
+}
