@@ -49,12 +49,12 @@ pub(super) struct Op {
     kind: Kind,
     /// Tells a reused slot from the op that had it before.
     generation: u64,
-    waker: Option<Waker>,
-    first: Option<Completion>,
+    pub(super) waker: Option<Waker>,
+    pub(super) first: Option<Completion>,
     /// Further completions of a multishot operation not yet taken.
     more: VecDeque<Completion>,
     /// The kernel will post no more completions for this operation.
-    finished: bool,
+    pub(super) finished: bool,
     /// Its owner is gone: completions only release what they hold.
     abandoned: bool,
     /// A send's bytes, owned here until the kernel is done with them.
@@ -102,7 +102,7 @@ impl Slots {
         self.ops.len() - 1
     }
 
-    fn get_mut(&mut self, i: usize) -> Option<&mut Op> {
+    pub(super) fn get_mut(&mut self, i: usize) -> Option<&mut Op> {
         self.ops.get_mut(i).and_then(Option::as_mut)
     }
 

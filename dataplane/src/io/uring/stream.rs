@@ -28,9 +28,9 @@ pub struct UringStream {
     pending: BytesMut,
     eof: bool,
     /// The send in flight (its bytes live in its op slot).
-    send: Option<usize>,
+    pub(super) send: Option<usize>,
     /// Bytes written while a send is in flight.
-    queued: Option<SendBuf>,
+    pub(super) queued: Option<SendBuf>,
     write_error: Option<io::ErrorKind>,
     /// The last receive said more data was waiting in the socket (`IORING_CQE_F_SOCK_NONEMPTY`):
     /// the next read takes it with a plain non-blocking `recv` instead of a ring round trip.
