@@ -10,7 +10,7 @@ use gatehouse_controlplane::identity::PROXY_SERVER_NAME;
 use gatehouse_controlplane::proto;
 use gatehouse_controlplane::tls::{Trust, client_config_with_alpn};
 use gatehouse_proto::alpn::{SSH as ALPN_SSH, TCP as ALPN_TCP};
-use gatehouse_proto::session::{self as session_proto, SessionRequest, SessionResponse};
+use gatehouse_proto::session::{self, SessionRequest, SessionResponse};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
@@ -86,11 +86,11 @@ async fn open_session(
     request: &SessionRequest,
 ) -> anyhow::Result<(ProxyStream, SessionResponse, Bytes)> {
     let mut tls = dial_proxy(dir, profile, alpn).await?;
-    tls.write_all(&session_proto::encode(request)).await?;
+    tls.write_all(&session::encode(request)).await?;
     tls.flush().await?;
     let mut buf = BytesMut::with_capacity(4096);
     loop {
-        if let Some(resp) = session_proto::decode::<SessionResponse>(&mut buf)? {
+        if let Some(resp) = session::decode::<SessionResponse>(&mut buf)? {
             return Ok((tls, resp, buf.freeze()));
         }
         if tls.read_buf(&mut buf).await? == 0 {

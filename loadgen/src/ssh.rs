@@ -13,7 +13,7 @@ use anyhow::Context;
 use gatehouse_controlplane::identity::PROXY_SERVER_NAME;
 use gatehouse_controlplane::tls::{Trust, client_config_with_alpn};
 use gatehouse_proto::alpn::SSH as ALPN_SSH;
-use gatehouse_proto::session::{self as session_proto, SessionRequest, SessionResponse};
+use gatehouse_proto::session::{self, SessionRequest, SessionResponse};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -117,16 +117,16 @@ async fn connect(
                 target: target.node.clone(),
                 login: target.login.clone(),
             };
-            tls.write_all(&session_proto::encode(&req)).await?;
+            tls.write_all(&session::encode(&req)).await?;
             // Read exactly the answer (length-prefixed) so the SSH bytes after it stay unread.
             let len = tls.read_u32().await? as usize;
-            anyhow::ensure!(len <= session_proto::MAX_MESSAGE, "proxy answer too large");
+            anyhow::ensure!(len <= session::MAX_MESSAGE, "proxy answer too large");
             let mut buf = bytes::BytesMut::with_capacity(4 + len);
             buf.extend_from_slice(&(len as u32).to_be_bytes());
             buf.resize(4 + len, 0);
             tls.read_exact(buf.get_mut(4..).context("buffer")?).await?;
-            let resp = session_proto::decode::<SessionResponse>(&mut buf)?
-                .context("incomplete proxy answer")?;
+            let resp =
+                session::decode::<SessionResponse>(&mut buf)?.context("incomplete proxy answer")?;
             anyhow::ensure!(resp.ok, "proxy refused the session: {}", resp.error);
             russh::client::connect_stream(config, tls, AnyHost).await?
         }

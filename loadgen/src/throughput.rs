@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use gatehouse_controlplane::identity::PROXY_SERVER_NAME;
 use gatehouse_controlplane::tls::{Trust, client_config_with_alpn};
 use gatehouse_proto::alpn::TCP as ALPN_TCP;
-use gatehouse_proto::session::{self as session_proto, SessionRequest, SessionResponse};
+use gatehouse_proto::session::{self, SessionRequest, SessionResponse};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -291,10 +291,10 @@ pub async fn client_stream_with(
                 target: format!("{app}@sim-{}", stream_idx % 2),
                 login: String::new(),
             };
-            tls.write_all(&session_proto::encode(&req)).await?;
+            tls.write_all(&session::encode(&req)).await?;
             let mut buf = BytesMut::new();
             loop {
-                if let Some(resp) = session_proto::decode::<SessionResponse>(&mut buf)? {
+                if let Some(resp) = session::decode::<SessionResponse>(&mut buf)? {
                     anyhow::ensure!(resp.ok, "proxy refused the session: {}", resp.error);
                     break;
                 }

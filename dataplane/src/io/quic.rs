@@ -11,8 +11,9 @@
 //! whose data it carried, where over TCP it holds back every session in the tunnel. It does not
 //! move more bytes over loss: quinn's congestion control (cubic) cuts its window at every random
 //! loss, as TCP's cubic does. Over an emulated lossy link (`loadgen link`) QUIC tunnels moved
-//! what TLS tunnels on cubic did, and far less than TLS tunnels on BBR (ARCHITECTURE.md, "QUIC on
-//! a lossy link" and "Each session on a QUIC stream of its own").
+//! what TLS tunnels on cubic did, and far less than TLS tunnels on BBR (decision 0007;
+//! `docs/measurements.md`, "QUIC on a lossy link" and "Each session on a QUIC stream of its
+//! own").
 
 use std::net::SocketAddr;
 use std::sync::Arc;

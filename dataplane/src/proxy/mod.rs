@@ -57,7 +57,7 @@ pub struct ProxyConfig {
     /// (`net.ipv4.tcp_congestion_control`). Set on the listening sockets, which accepted
     /// connections inherit. Like HAProxy's `cc` bind option: BBR's pacing suits long, lossy
     /// paths, but its timers cost CPU for every byte sent, which shows on fast local ones (see
-    /// ARCHITECTURE, "Congestion control").
+    /// docs/decisions/0008).
     pub tcp_congestion: Option<String>,
 }
 
