@@ -1,0 +1,224 @@
+//! `loadgen`'s command line: every scenario and its options (clap). `main.rs` runs them.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::throughput;
+
+#[derive(Parser, Debug)]
+#[command(name = "loadgen", version, about = "Gatehouse load generator")]
+pub(crate) struct Cli {
+    /// Write the report as JSON to this file too.
+    #[arg(long, global = true)]
+    pub(crate) json: Option<PathBuf>,
+    #[command(subcommand)]
+    pub(crate) scenario: Scenario,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Scenario {
+    /// Password logins per second against Auth: each login verifies an argon2id hash, signs an
+    /// SSH and an X.509 certificate and stores two audit events durably.
+    Logins {
+        /// Start a throwaway cluster (gatehouse and gctl next to this binary) and a user.
+        #[arg(long, conflicts_with_all = ["auth", "ca_pin", "user"])]
+        spawn: bool,
+        /// Auth API address of a running cluster.
+        #[arg(long, required_unless_present = "spawn")]
+        auth: Option<String>,
+        /// The cluster's CA pin.
+        #[arg(long, required_unless_present = "spawn")]
+        ca_pin: Option<String>,
+        #[arg(long, required_unless_present = "spawn")]
+        user: Option<String>,
+        /// The user's password (or set LOADGEN_PASSWORD).
+        #[arg(long, env = "LOADGEN_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+        /// PID of the Auth process, to report its CPU use (known with --spawn).
+        #[arg(long)]
+        auth_pid: Option<u32>,
+        /// Concurrent clients, each with its own connection.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// How long to run.
+        #[arg(long, default_value = "10s")]
+        duration: humantime::Duration,
+    },
+    /// Simulated agents hold idle tunnels (real TLS, real joined certificates, heartbeats):
+    /// connect rate, Proxy memory per tunnel and Proxy CPU while idle. Spawns its own cluster.
+    Tunnels {
+        /// Tunnels to hold.
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        /// Generator processes (each from its own 127.0.0.x address; ≤ 10k tunnels each).
+        #[arg(long, default_value_t = 2)]
+        procs: usize,
+        /// Joined identities the simulated agents share (each joins with a real token).
+        #[arg(long, default_value_t = 16)]
+        identities: usize,
+        /// How long to hold the tunnels idle while measuring CPU.
+        #[arg(long, default_value = "10s")]
+        hold: humantime::Duration,
+        /// Proxy worker threads (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+        /// The agents' tunnel transport: tls or quic.
+        #[arg(long, default_value = "tls")]
+        transport: gatehouse_dataplane::io::quic::TunnelTransport,
+        /// Rounds, each on a freshly started cluster. The report gives every round and the
+        /// medians.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+    },
+    /// Bulk streams client -> middle -> sink over TLS, for each path (proxy, direct, naive
+    /// relay): GB/s and GB per CPU-second of the middle box. Spawns its own cluster.
+    Throughput {
+        /// Concurrent streams.
+        #[arg(long, default_value_t = 4)]
+        streams: usize,
+        /// How long each run lasts.
+        #[arg(long, default_value = "5s")]
+        duration: humantime::Duration,
+        /// Rounds; each round runs every path once, in turn (so drift on a shared machine
+        /// touches all paths alike). The report gives each path's median.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Paths to measure.
+        #[arg(long, value_delimiter = ',', default_value = "direct,naive,proxy")]
+        paths: Vec<throughput::Path>,
+        /// Proxy worker threads (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+        /// Which way the bytes flow: `upload` (client to sink: at the proxy TLS in, tunnel out)
+        /// or `download` (a source to the client: tunnel in, TLS out).
+        #[arg(long, value_enum, default_value_t = throughput::Direction::Upload)]
+        direction: throughput::Direction,
+    },
+    /// Fixed-rate 64-byte request/response over K sessions through an echo, proxy beside direct:
+    /// p50/p99/p99.9/max, coordinated-omission corrected, and the latency the proxy adds.
+    Latency {
+        #[arg(long, default_value_t = 32)]
+        sessions: usize,
+        /// Total requests per second over all sessions.
+        #[arg(long, default_value_t = 20000.0)]
+        rate: f64,
+        #[arg(long, default_value = "10s")]
+        duration: humantime::Duration,
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+        /// Rounds; each runs direct, then the proxy (so drift on a shared machine touches both
+        /// alike). The report gives every round and the medians.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// New sessions as fast as C workers can open them (TLS handshake, route, stream open, one
+    /// byte echoed, close), proxy beside direct TLS: sessions/s, latency, per proxy CPU-second.
+    Sessions {
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        #[arg(long, default_value = "5s")]
+        duration: humantime::Duration,
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+        /// Which handshakes to measure: `full` (every session a new client), `resumed` (one
+        /// client resuming each session with its previous ticket), or both.
+        #[arg(long, value_delimiter = ',', default_value = "full,resumed")]
+        handshakes: Vec<Handshakes>,
+        /// Rounds; each runs every path and handshake kind once, in turn. The report gives
+        /// every run and the medians.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Paths to measure: direct (TLS straight to the echo), proxy, or both.
+        #[arg(long, value_delimiter = ',', default_value = "direct,proxy")]
+        paths: Vec<SessionPath>,
+    },
+    /// Real SSH with the user's certificate (russh client): new sessions per second (TLS + SSH
+    /// handshake, certificate auth, `exec true`, exit status) and one channel's bulk upload,
+    /// through the Proxy to a real agent process beside the same client straight to a loopback
+    /// OpenSSH sshd that trusts the cluster's user CA. Logs in as the user running loadgen.
+    Ssh {
+        /// Workers opening sessions back to back.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// How long each measurement lasts (bulk: at most 5 s).
+        #[arg(long, default_value = "5s")]
+        duration: humantime::Duration,
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+    },
+    /// The agents' tunnel transports (TLS over TCP, QUIC) over an emulated wide-area link with
+    /// delay, a rate and random loss (a TUN device; needs root): per loss rate and transport,
+    /// one download's throughput through a tunnel, then request/response latency through it.
+    /// Spawns its own cluster, one Proxy per transport, both behind the same link.
+    Link {
+        /// One-way delay each direction (the round trip is twice this).
+        #[arg(long, default_value = "20ms")]
+        delay: humantime::Duration,
+        /// Packet loss rates to measure, in percent, each direction.
+        #[arg(long, value_delimiter = ',', default_value = "0,0.5,2")]
+        loss: Vec<f64>,
+        /// The link's rate each direction, Mbit/s (0: unlimited).
+        #[arg(long, default_value_t = 100.0)]
+        rate_mbit: f64,
+        /// The longest a packet queues for the rate before the link drops it.
+        #[arg(long, default_value = "40ms")]
+        queue: humantime::Duration,
+        /// Tunnel transports to measure.
+        #[arg(long, value_delimiter = ',', default_value = "tls,quic")]
+        transports: Vec<gatehouse_dataplane::io::quic::TunnelTransport>,
+        /// Download streams for the throughput part.
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
+        /// Sessions for the latency part. Each has one request outstanding at a time, so a
+        /// session's share of the rate must leave room for the round trip.
+        #[arg(long, default_value_t = 64)]
+        sessions: usize,
+        /// Requests per second over all sessions, for the latency part.
+        #[arg(long, default_value_t = 400.0)]
+        rate: f64,
+        /// How long each part lasts.
+        #[arg(long, default_value = "10s")]
+        duration: humantime::Duration,
+        /// Before the rounds of each loss rate, a download through every tunnel for this long,
+        /// not measured, so each congestion controller settles to the new loss rate.
+        #[arg(long, default_value = "5s")]
+        settle: humantime::Duration,
+        /// Rounds per loss rate; each measures every transport once, in turn.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+        /// Then measure the requests again while a download runs through the same tunnel.
+        #[arg(long)]
+        loaded: bool,
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+    },
+    /// (internal) a generator worker process holding simulated agents' tunnels.
+    #[command(hide = true)]
+    WorkerAgents {
+        #[arg(long)]
+        identities: PathBuf,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        proxy: std::net::SocketAddr,
+        #[arg(long)]
+        source_ip: std::net::IpAddr,
+        #[arg(long, default_value = "tls")]
+        transport: gatehouse_dataplane::io::quic::TunnelTransport,
+    },
+}
+
+/// The handshakes `loadgen sessions` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Handshakes {
+    Full,
+    Resumed,
+}
+
+/// The paths `loadgen sessions` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum SessionPath {
+    Direct,
+    Proxy,
+}
