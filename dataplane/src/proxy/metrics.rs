@@ -170,6 +170,15 @@ impl ProxyMetrics {
             .inc();
     }
 
+    /// A session's bytes, each way.
+    pub(crate) fn session_bytes(&self, to_agent: u64, to_user: u64) {
+        for (direction, n) in [("to_agent", to_agent), ("to_user", to_user)] {
+            self.bytes
+                .get_or_create(&DirectionLabel { direction })
+                .inc_by(n);
+        }
+    }
+
     pub fn dial_failure(&self, reason: &str) {
         self.dial_failures
             .get_or_create(&ReasonLabel {

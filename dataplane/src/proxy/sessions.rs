@@ -10,7 +10,6 @@ use gatehouse_proto::session::{self, SessionRequest, SessionResponse};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::admission::SessionKind;
-use super::metrics;
 use super::router::{RouteError, RouteTable, TunnelEntry};
 use super::worker::{HANDSHAKE_TIMEOUT, Handover, Worker};
 use crate::mux::OpenError;
@@ -207,18 +206,7 @@ impl Worker {
         shared.metrics.streams.dec();
         shared
             .metrics
-            .bytes
-            .get_or_create(&metrics::DirectionLabel {
-                direction: "to_agent",
-            })
-            .inc_by(stats.to_tunnel);
-        shared
-            .metrics
-            .bytes
-            .get_or_create(&metrics::DirectionLabel {
-                direction: "to_user",
-            })
-            .inc_by(stats.from_tunnel);
+            .session_bytes(stats.to_tunnel, stats.from_tunnel);
         tracing::debug!(remote = %plan.remote, user = %plan.user, node = %plan.node, to_agent = stats.to_tunnel, to_user = stats.from_tunnel, "proxy: session ended");
     }
 }

@@ -186,18 +186,8 @@ fn a_receive_with_no_buffer_left_waits_and_loses_nothing() {
         let mut saw_no_buffer = false;
         for round in 0..50u8 {
             // Both receives wait in the kernel, then both connections get data at once.
-            let waker = futures_noop_waker();
-            let mut cx = std::task::Context::from_waker(&waker);
-            let mut buf = [0u8; 64];
-            for s in [&mut a, &mut b] {
-                let mut rb = tokio::io::ReadBuf::new(&mut buf);
-                assert!(
-                    std::pin::Pin::new(s)
-                        .poll_read(&mut cx, &mut rb)
-                        .is_pending(),
-                    "nothing sent yet"
-                );
-            }
+            start_receive(&mut a);
+            start_receive(&mut b);
             driver.submit();
             pa.write_all(&[round; 100]).unwrap();
             pb.write_all(&[round.wrapping_add(100); 100]).unwrap();
@@ -266,15 +256,7 @@ fn dropping_a_connection_cancels_its_receive_and_keeps_the_buffer() {
     on_ring(size, |driver| async move {
         for _ in 0..20 {
             let (mut ours, mut peer) = pair(&driver);
-            let waker = futures_noop_waker();
-            let mut cx = std::task::Context::from_waker(&waker);
-            let mut buf = [0u8; 64];
-            let mut rb = tokio::io::ReadBuf::new(&mut buf);
-            assert!(
-                std::pin::Pin::new(&mut ours)
-                    .poll_read(&mut cx, &mut rb)
-                    .is_pending()
-            );
+            start_receive(&mut ours);
             driver.submit();
             assert_eq!(driver.ops.borrow().live, 1);
             drop(ours);
@@ -306,8 +288,7 @@ fn a_send_in_flight_at_drop_lingers_then_is_cancelled() {
             .unwrap();
         // Write until a send waits in the ring for room the peer never makes.
         let data = pattern(64 * 1024);
-        let waker = futures_noop_waker();
-        let mut cx = std::task::Context::from_waker(&waker);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         let mut rounds = 0;
         loop {
             while let std::task::Poll::Ready(r) =
@@ -344,7 +325,16 @@ fn a_send_in_flight_at_drop_lingers_then_is_cancelled() {
     });
 }
 
-/// A waker that does nothing: the tests poll by hand.
-fn futures_noop_waker() -> std::task::Waker {
-    std::task::Waker::noop().clone()
+/// Poll a read once, by hand, on a connection with nothing to read: its receive is now in the
+/// ring (queued for the next submit).
+fn start_receive(s: &mut UringStream) {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut buf = [0u8; 64];
+    let mut rb = tokio::io::ReadBuf::new(&mut buf);
+    assert!(
+        std::pin::Pin::new(s)
+            .poll_read(&mut cx, &mut rb)
+            .is_pending(),
+        "nothing was sent yet"
+    );
 }
