@@ -50,9 +50,12 @@ fn proxy_restart_and_auth_outage() {
         "proxy1".into(),
     ];
     f.proxy.kill_hard();
-    let restarted = Instant::now();
     f.proxy = Daemon::start(&proxy_args, f.dir.path().join("proxy2.log"));
-    // Both agents reconnect within 10 s: new sessions to each work.
+    // Measured from when the new proxy listens (its start on a loaded machine is not the
+    // agents' reconnect). Their backoff is capped at 8 s; 30 s without a tunnel is a failure to
+    // reconnect, not slowness.
+    let restarted = Instant::now();
+    // Both agents reconnect: new sessions to each work.
     for node in ["node1", "node2"] {
         loop {
             let out = openssh(
@@ -66,8 +69,8 @@ fn proxy_restart_and_auth_outage() {
                 break;
             }
             assert!(
-                restarted.elapsed() < Duration::from_secs(10),
-                "{node} not reachable 10 s after the proxy restart: {}",
+                restarted.elapsed() < Duration::from_secs(30),
+                "{node} not reachable 30 s after the proxy restarted: {}",
                 out.stderr
             );
             std::thread::sleep(Duration::from_millis(200));

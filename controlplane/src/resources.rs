@@ -331,7 +331,7 @@ fn validate_login(login: &str) -> Result<(), String> {
     {
         return Err("must not contain whitespace, control characters or ','".into());
     }
-    crate::rbac::parse_template(login)
+    crate::template::parse_template(login)
         .map(|_| ())
         .map_err(|e| e.to_string())
 }

@@ -10,8 +10,8 @@
 )]
 
 use gatehouse_controlplane::identity::Identity;
-use gatehouse_controlplane::rbac::{expand, parse_template};
 use gatehouse_controlplane::resources::{parse_document, parse_value};
+use gatehouse_controlplane::template::{expand, parse_template};
 use proptest::prelude::*;
 
 proptest! {

@@ -12,8 +12,8 @@
 //! one worker, so the data path takes no locks. The route table is shared and copy-on-write.
 
 mod admission;
-pub mod metrics;
-pub mod router;
+mod metrics;
+mod router;
 mod sessions;
 mod tunnels;
 mod worker;

@@ -150,14 +150,6 @@ fn label(e: &TunnelEntry) -> String {
 }
 
 impl RouteTable {
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     fn newest(&self, host_id: &str) -> Option<&TunnelEntry> {
         self.hosts
             .get(host_id)
@@ -166,6 +158,7 @@ impl RouteTable {
     }
 
     /// A copy with `entry` added or replaced (by tunnel id).
+    #[cfg(test)]
     pub fn with(&self, entry: TunnelEntry) -> Self {
         let mut t = self.clone();
         t.apply(&RouteChange::Upsert(Arc::new(entry)));
@@ -173,6 +166,7 @@ impl RouteTable {
     }
 
     /// A copy without the tunnel `tunnel_id`.
+    #[cfg(test)]
     pub fn without(&self, tunnel_id: u64) -> Self {
         let mut t = self.clone();
         t.apply(&RouteChange::Remove(tunnel_id));

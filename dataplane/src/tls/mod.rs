@@ -15,7 +15,7 @@ mod handover;
 mod incoming;
 pub(crate) mod records;
 mod side;
-pub mod stream;
+mod stream;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod testing;
 mod write;
