@@ -1,6 +1,6 @@
 //! `gatehouse start --config FILE`: the TOML config is honoured (data dir, cluster name, listen
 //! addresses, JSON logs) and a bad config or role is a clear error, not a panic; proxy socket
-//! options asked for reach the kernel.
+//! options asked for reach the kernel; SIGTERM stops every role cleanly.
 
 // Test code: a failing unwrap or panic is a failing test, which is the point.
 #![allow(
@@ -204,4 +204,76 @@ fn tunnels_run_the_congestion_control_asked_for() {
             out.stderr
         );
     }
+}
+
+/// SIGTERM stops every role through its handle: the agent's tunnel first (it does not try to
+/// reconnect), then the proxy, then Auth; the process exits 0 and says so.
+#[test]
+fn sigterm_stops_every_role_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(bin("gatehouse"))
+        .args([
+            "start",
+            "--auth-addr",
+            "127.0.0.1:0",
+            "--proxy-addr",
+            "127.0.0.1:0",
+            "--diag-addr",
+            "127.0.0.1:0",
+            "--node-name",
+            "stopper",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Up: the agent's tunnel reached the proxy.
+    let mut logs = Vec::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) {
+        let up = line.contains("proxy: tunnel up");
+        logs.push(line);
+        if up {
+            break;
+        }
+    }
+    assert!(
+        logs.iter().any(|l| l.contains("proxy: tunnel up")),
+        "{logs:#?}"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running 30 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The rest of the log, to its end (the reader thread ends at EOF).
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(10)) {
+        logs.push(line);
+    }
+    assert!(status.success(), "{status:?}\n{logs:#?}");
+    assert!(
+        logs.iter().any(|l| l.contains("gatehouse stopped")),
+        "{logs:#?}"
+    );
+    assert!(
+        !logs.iter().any(|l| l.contains("reconnecting")),
+        "the agent tried to reconnect while stopping: {logs:#?}"
+    );
 }

@@ -564,11 +564,13 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         }
     };
     ready.set(false);
-    if let Some(p) = proxy {
-        p.shutdown();
-    }
+    // In the reverse order of start: the agent's tunnel first (so it does not try to reconnect
+    // to a proxy that is leaving), then the proxy (a go-away to its other agents), then Auth.
     if let Some(a) = agent {
         a.shutdown();
+    }
+    if let Some(p) = proxy {
+        p.shutdown();
     }
     let result = match (failed, auth) {
         (Some(r), _) => r,
