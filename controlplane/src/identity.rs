@@ -3,7 +3,7 @@
 //! X.509: subject CN = the identity's name, O = the cluster name, and one non-critical extension
 //! ([`IDENTITY_OID`]) whose value is a DER `UTF8String` holding the JSON of [`Identity`]. The
 //! extension is authoritative; CN/O are for humans and tools such as `openssl x509 -text`.
-//! OpenSSH: see [`crate::ca::ssh`] for the extensions that carry roles, traits and route.
+//! OpenSSH: see [`crate::ca::ssh_ext`] for the extensions that carry roles, traits and route.
 
 use std::collections::BTreeMap;
 

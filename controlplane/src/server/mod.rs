@@ -1,4 +1,4 @@
-//! The Auth gRPC service. Every RPC goes through one path ([`call`]): authenticate the caller
+//! The Auth gRPC service. Every RPC goes through one path (`call`): authenticate the caller
 //! from its verified X.509 identity, check the RPC's access rule, run the handler, store what it
 //! asks the audit log to keep. Handlers live by resource:
 //!
@@ -376,7 +376,7 @@ impl AuthService {
     }
 }
 
-/// Each RPC: its entry in [`Rpc`] and its handler, through [`AuthService::handle`].
+/// Each RPC: its entry in `call::Rpc` and its handler, through `AuthService::handle`.
 #[tonic::async_trait]
 impl Auth for AuthService {
     async fn ping(

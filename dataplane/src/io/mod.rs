@@ -2,10 +2,10 @@
 //! endpoints. Above it, TLS, tunnels and splices see `AsyncRead + AsyncWrite` values and know
 //! nothing of the backend (but for the io_uring fast paths `tls` takes where it can).
 //!
-//! - [`backend`]: choosing io_uring or epoll, and a worker thread's runtime.
-//! - [`socket`]: one connection type and one listener type over both backends.
-//! - [`uring`]: the io_uring driver (the data plane's `unsafe` lives there).
-//! - [`options`]: TCP congestion control and the public port's `SO_REUSEPORT` listeners.
+//! - `backend`: choosing io_uring or epoll, and a worker thread's runtime.
+//! - `socket`: one connection type and one listener type over both backends.
+//! - `uring`: the io_uring driver (the data plane's `unsafe` lives there).
+//! - `options`: TCP congestion control and the public port's `SO_REUSEPORT` listeners.
 //! - [`quic`]: quinn endpoints for agents' QUIC tunnels, steered to workers by connection ID.
 
 pub(crate) mod backend;

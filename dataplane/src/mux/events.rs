@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 /// What a tunnel tells its owner (besides stream data, which goes to the streams).
 #[derive(Debug)]
 pub enum TunnelEvent {
-    /// The peer opened a stream: answer with [`Tunnel::accept`] or [`Tunnel::reject`].
+    /// The peer opened a stream: answer with [`super::Tunnel::accept`] or [`super::Tunnel::reject`].
     Incoming {
         stream: StreamId,
         target: String,

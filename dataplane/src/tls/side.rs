@@ -26,7 +26,7 @@ pub trait TlsSide:
         &'c mut self,
         incoming: &'i mut [u8],
     ) -> UnbufferedStatus<'c, 'i, Self::Data>;
-    /// Hand the records over after the handshake (see [`super::records`]).
+    /// Hand the records over after the handshake (see `tls::records`).
     fn into_kernel(self)
     -> Result<(ExtractedSecrets, KernelConnection<Self::Data>), rustls::Error>;
     /// What becomes of a session ticket the peer sends after the handshake.

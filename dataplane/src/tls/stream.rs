@@ -34,7 +34,7 @@ thread_local! {
     static INCOMING: RefCell<Vec<u8>> = RefCell::new(vec![0u8; READ_CHUNK + MAX_RECORD]);
 }
 
-/// A TLS connection over a [`Socket`]: the server side by default, `TlsStream<UnbufferedClientConnection>`
+/// A TLS connection over a worker's socket (epoll or io_uring): the server side by default, `TlsStream<UnbufferedClientConnection>`
 /// for a client.
 pub struct TlsStream<C: TlsSide = UnbufferedServerConnection> {
     pub(super) io: Socket,
@@ -149,7 +149,7 @@ impl<C: TlsSide> TlsStream<C> {
         Ok(self)
     }
 
-    /// Whether rustls handed the records over to [`super::records`].
+    /// Whether rustls handed the records over to our own record layer (`tls::records`).
     pub fn own_records(&self) -> bool {
         matches!(self.tls, Engine::Records(_))
     }
