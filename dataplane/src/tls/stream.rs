@@ -394,5 +394,4 @@ impl<C: TlsSide> AsyncRead for TlsStream<C> {
 }
 
 #[cfg(test)]
-#[path = "stream_tests.rs"]
 mod tests;
