@@ -313,32 +313,7 @@ pub async fn ssh(dir: &Path, target: &str, command: &[String], tty: bool) -> any
         node
     };
     let mut cmd = std::process::Command::new("ssh");
-    cmd.args([
-        "-F",
-        "/dev/null",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "StrictHostKeyChecking=yes",
-        "-o",
-        "IdentitiesOnly=yes",
-        "-o",
-        "LogLevel=ERROR",
-    ])
-    .arg("-o")
-    .arg(format!("ProxyCommand={}", proxy_command(dir)))
-    .arg("-o")
-    .arg(format!(
-        "UserKnownHostsFile={}",
-        dir.join("known_hosts").display()
-    ))
-    .arg("-o")
-    .arg(format!("IdentityFile={}", dir.join(SSH_KEY_FILE).display()))
-    .arg("-o")
-    .arg(format!(
-        "CertificateFile={}",
-        dir.join(SSH_CERT_FILE).display()
-    ));
+    cmd.args(openssh_options(dir));
     if tty {
         cmd.arg("-t");
     }
@@ -346,11 +321,47 @@ pub async fn ssh(dir: &Path, target: &str, command: &[String], tty: bool) -> any
     if !command.is_empty() {
         cmd.arg("--").args(command);
     }
-    // The terminal belongs to ssh now; wait for it without holding the runtime's thread hostage.
+    run_openssh(cmd, "ssh").await
+}
+
+/// The OpenSSH client options that reach the cluster's nodes through the proxy with the
+/// profile's certificate, whatever the user's own ssh config says.
+fn openssh_options(dir: &Path) -> Vec<std::ffi::OsString> {
+    let opt = |o: String| ["-o".into(), o.into()];
+    let mut args: Vec<std::ffi::OsString> = vec!["-F".into(), "/dev/null".into()];
+    for o in [
+        "BatchMode=yes".to_string(),
+        "StrictHostKeyChecking=yes".to_string(),
+        "IdentitiesOnly=yes".to_string(),
+        "LogLevel=ERROR".to_string(),
+        format!("ProxyCommand={}", proxy_command(dir)),
+        format!("UserKnownHostsFile={}", dir.join("known_hosts").display()),
+        format!("IdentityFile={}", dir.join(SSH_KEY_FILE).display()),
+        format!("CertificateFile={}", dir.join(SSH_CERT_FILE).display()),
+    ] {
+        args.extend(opt(o));
+    }
+    args
+}
+
+/// Run an OpenSSH client program to its end, passing its exit code on.
+async fn run_openssh(mut cmd: std::process::Command, what: &'static str) -> anyhow::Result<i32> {
+    // The terminal belongs to the client now; wait for it off the runtime's thread.
     let status = tokio::task::spawn_blocking(move || cmd.status())
         .await?
-        .context("running the OpenSSH client `ssh` (is it installed?)")?;
+        .with_context(|| format!("running the OpenSSH client `{what}` (is it installed?)"))?;
     Ok(status.code().unwrap_or(255))
+}
+
+/// `gsh scp [scp options] SOURCE… TARGET`: OpenSSH's `scp` through the proxy, with the same
+/// arguments as `scp` itself (`[login@]node:path` for remote files; SFTP by default, `-O` for the
+/// legacy protocol).
+pub async fn scp(dir: &Path, args: &[String]) -> anyhow::Result<i32> {
+    let profile = Profile::load(dir)?;
+    proxy_of(&profile)?;
+    let mut cmd = std::process::Command::new("scp");
+    cmd.args(openssh_options(dir)).args(args);
+    run_openssh(cmd, "scp").await
 }
 
 /// `gsh config`: an OpenSSH config block for the cluster.

@@ -331,13 +331,22 @@ impl russh::server::Handler for ConnHandler {
         self.start(channel, Program::Exec(data.to_vec()), session)
     }
 
+    /// `sftp` (what OpenSSH 9's `scp` and `sftp` ask for) runs the node's own `sftp-server` as
+    /// the login user, as sshd does: the kernel applies the user's permissions and umask to every
+    /// file operation, and no file is touched by a root process (decision 0015).
     async fn subsystem_request(
         &mut self,
         channel: ChannelId,
-        _name: &str,
+        name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        session.channel_failure(channel)
+        match process::subsystem(name) {
+            Ok(program) => self.start(channel, program, session),
+            Err(why) => {
+                tracing::warn!(source_addr = %self.source_addr, "ssh: subsystem refused: {why}");
+                session.channel_failure(channel)
+            }
+        }
     }
 
     async fn x11_request(

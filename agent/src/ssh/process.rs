@@ -14,6 +14,8 @@ pub(crate) struct LoginUser {
     pub shell: PathBuf,
     /// The agent is root and the login is another account: drop privileges in the child.
     pub switch: bool,
+    /// The file-creation mask the session starts with (see [`login_umask`]).
+    pub umask: u32,
 }
 
 /// Look `login` up in the system user database and check the agent can start processes as it.
@@ -35,6 +37,15 @@ pub(crate) fn resolve_login(login: &str) -> Result<LoginUser, String> {
              own user, not as `{login}`"
         ));
     };
+    let group = nix::unistd::Group::from_gid(user.gid).ok().flatten();
+    let login_defs = std::fs::read_to_string("/etc/login.defs").unwrap_or_default();
+    let umask = login_umask(
+        &login_defs,
+        &user.name,
+        user.uid.as_raw(),
+        user.gid.as_raw(),
+        group.as_ref().map(|g| g.name.as_str()),
+    );
     Ok(LoginUser {
         name: user.name,
         uid: user.uid.as_raw(),
@@ -42,7 +53,39 @@ pub(crate) fn resolve_login(login: &str) -> Result<LoginUser, String> {
         home: user.dir,
         shell: user.shell,
         switch,
+        umask,
     })
+}
+
+/// The umask a login gets, as `login(1)` and `pam_umask` give it: `UMASK` from
+/// `/etc/login.defs` (022 when absent or malformed), and with `USERGROUPS_ENAB yes` the group
+/// bits made the same as the owner's for a user with a private group (not root, uid equal to gid,
+/// the primary group named after the user): 022 becomes 002.
+pub(crate) fn login_umask(
+    login_defs: &str,
+    name: &str,
+    uid: u32,
+    gid: u32,
+    group_name: Option<&str>,
+) -> u32 {
+    let setting = |key: &str| {
+        login_defs.lines().find_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some(key))
+                .then(|| words.next())
+                .flatten()
+                .map(str::to_owned)
+        })
+    };
+    let mut umask = setting("UMASK")
+        .and_then(|v| u32::from_str_radix(v.trim_start_matches("0o"), 8).ok())
+        .filter(|m| *m <= 0o777)
+        .unwrap_or(0o022);
+    let usergroups = setting("USERGROUPS_ENAB").is_some_and(|v| v.eq_ignore_ascii_case("yes"));
+    if usergroups && uid != 0 && uid == gid && group_name == Some(name) {
+        umask = (umask & !0o070) | ((umask & 0o700) >> 3);
+    }
+    umask
 }
 
 /// At most this many client-supplied environment variables per session.
@@ -100,6 +143,37 @@ pub(crate) enum Program {
     Shell,
     /// `<shell> -c <command>`.
     Exec(Vec<u8>),
+    /// A subsystem's server program, run directly (no shell): `sftp` is the node's own
+    /// `sftp-server`.
+    Subsystem { name: String, path: PathBuf },
+}
+
+/// Where OpenSSH's packages put `sftp-server` (Debian and Ubuntu, Fedora and RHEL, Arch, Alpine).
+const SFTP_SERVERS: &[&str] = &[
+    "/usr/lib/openssh/sftp-server",
+    "/usr/libexec/openssh/sftp-server",
+    "/usr/lib/ssh/sftp-server",
+    "/usr/libexec/sftp-server",
+];
+
+/// The program that serves subsystem `name` on this node, or why there is none.
+pub(crate) fn subsystem(name: &str) -> Result<Program, String> {
+    match name {
+        "sftp" => find_binary(SFTP_SERVERS)
+            .map(|path| Program::Subsystem {
+                name: "sftp".into(),
+                path,
+            })
+            .ok_or_else(|| {
+                "this node has no sftp-server (install OpenSSH's sftp server, e.g. the \
+                 openssh-sftp-server package)"
+                    .to_string()
+            }),
+        other => Err(format!(
+            "unknown subsystem `{}`",
+            other.chars().take(64).collect::<String>()
+        )),
+    }
 }
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -163,7 +237,8 @@ pub(crate) fn build_command(
     program: &Program,
     env: &[(String, String)],
 ) -> Result<tokio::process::Command, String> {
-    let shell = shell_of(user);
+    // The program and its arguments: the user's shell, or a subsystem's server.
+    let mut program_path = shell_of(user);
     let mut shell_args: Vec<OsString> = Vec::new();
     match program {
         Program::Shell => shell_args.push("-l".into()),
@@ -174,6 +249,7 @@ pub(crate) fn build_command(
             shell_args.push("-c".into());
             shell_args.push(OsStr::from_bytes(command).to_os_string());
         }
+        Program::Subsystem { path, .. } => program_path = path.clone(),
     }
     let home = if user.home.is_dir() {
         user.home.clone()
@@ -199,7 +275,7 @@ pub(crate) fn build_command(
             for (k, v) in env {
                 cmd.arg(format!("{k}={v}"));
             }
-            cmd.arg(&shell).args(&shell_args);
+            cmd.arg(&program_path).args(&shell_args);
             cmd.env_clear();
             cmd
         }
@@ -210,7 +286,7 @@ pub(crate) fn build_command(
                     "ssh: setpriv not found: the session gets uid and gid but no supplementary groups"
                 );
             }
-            let mut cmd = tokio::process::Command::new(&shell);
+            let mut cmd = tokio::process::Command::new(&program_path);
             cmd.args(&shell_args);
             cmd.env_clear();
             cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
@@ -221,7 +297,23 @@ pub(crate) fn build_command(
         }
     };
     cmd.current_dir(home).kill_on_drop(true);
+    set_umask(&mut cmd, user.umask);
     Ok(cmd)
+}
+
+/// Start the child with `umask` (the agent's own is not the login's).
+#[allow(unsafe_code)]
+fn set_umask(cmd: &mut tokio::process::Command, umask: u32) {
+    let mode = nix::sys::stat::Mode::from_bits_truncate(umask as nix::libc::mode_t);
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: it makes one `umask(2)` system call (no allocation,
+    // no lock) and touches no state shared with the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::stat::umask(mode);
+            Ok(())
+        });
+    }
 }
 
 #[cfg(test)]
@@ -258,6 +350,7 @@ mod tests {
             home: "/home/alice".into(),
             shell: "/bin/bash".into(),
             switch: true,
+            umask: 0o022,
         };
         let env = session_env(
             &user,
@@ -285,6 +378,7 @@ mod tests {
             home: "/".into(),
             shell: "".into(),
             switch: false,
+            umask: 0o022,
         };
         assert_eq!(shell_of(&user), PathBuf::from("/bin/sh"));
         user.shell = "/bin/a=b".into();
@@ -302,8 +396,57 @@ mod tests {
             home: "/".into(),
             shell: "/bin/sh".into(),
             switch: false,
+            umask: 0o022,
         };
         assert!(build_command(&user, &Program::Exec(b"echo \0".to_vec()), &[]).is_err());
         assert!(build_command(&user, &Program::Exec(b"echo hi".to_vec()), &[]).is_ok());
+    }
+
+    #[test]
+    fn umask_from_login_defs_with_user_private_groups() {
+        let debian = "# comment\nUMASK\t\t022\nUSERGROUPS_ENAB yes\n";
+        assert_eq!(
+            login_umask(debian, "alice", 1000, 1000, Some("alice")),
+            0o002
+        );
+        // Not a private group: the plain value.
+        assert_eq!(
+            login_umask(debian, "alice", 1000, 100, Some("users")),
+            0o022
+        );
+        assert_eq!(
+            login_umask(debian, "alice", 1000, 1000, Some("staff")),
+            0o022
+        );
+        // Root never gets the group bits relaxed.
+        assert_eq!(login_umask(debian, "root", 0, 0, Some("root")), 0o022);
+        assert_eq!(
+            login_umask("UMASK 077\nUSERGROUPS_ENAB no\n", "a", 5, 5, Some("a")),
+            0o077
+        );
+        assert_eq!(
+            login_umask("UMASK 077\nUSERGROUPS_ENAB yes\n", "a", 5, 5, Some("a")),
+            0o007
+        );
+        // Absent or malformed: 022.
+        assert_eq!(login_umask("", "a", 5, 5, Some("a")), 0o022);
+        assert_eq!(login_umask("UMASK 9x9\n", "a", 5, 6, None), 0o022);
+    }
+
+    #[test]
+    fn subsystems() {
+        assert!(matches!(
+            subsystem("no-such-thing"),
+            Err(e) if e.contains("unknown subsystem")
+        ));
+        match subsystem("sftp") {
+            Ok(Program::Subsystem { name, path }) => {
+                assert_eq!(name, "sftp");
+                assert!(path.is_file());
+            }
+            Ok(other) => panic!("{other:?}"),
+            // A node without OpenSSH's sftp server says what to install.
+            Err(e) => assert!(e.contains("sftp-server"), "{e}"),
+        }
     }
 }

@@ -247,6 +247,20 @@ fn audit_start(node: &SshNode, info: &SessionInfo, program: &Program, tty: bool)
             "tty": tty,
         }),
     );
+    if let Program::Subsystem { name, .. } = program {
+        node.audit.emit(
+            "subsystem",
+            &info.key_id,
+            serde_json::json!({
+                "user": info.key_id,
+                "login": info.login,
+                "node": node.config.node_name,
+                "source_addr": info.source_addr,
+                "session_id": info.session_id,
+                "subsystem": name,
+            }),
+        );
+    }
     if let Program::Exec(command) = program {
         node.audit.emit(
             "exec",

@@ -77,6 +77,13 @@ enum Command {
         #[arg(short = 't')]
         tty: bool,
     },
+    /// Copy files to and from nodes with OpenSSH's `scp`, through the Proxy: the same arguments
+    /// as `scp` (`[login@]node:path` for remote files), no ssh config needed.
+    Scp {
+        /// scp's options and files, as for `scp` itself.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
+    },
     /// Proxy helpers.
     #[command(subcommand)]
     Proxy(ProxyCmd),
@@ -122,6 +129,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tty,
         } => {
             let code = gatehouse_cli::access::ssh(&dir, &target, &command, tty).await?;
+            std::process::exit(code);
+        }
+        Command::Scp { args } => {
+            let code = gatehouse_cli::access::scp(&dir, &args).await?;
             std::process::exit(code);
         }
         Command::Proxy(ProxyCmd::Ssh { spec }) => {
