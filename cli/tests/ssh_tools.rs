@@ -66,7 +66,7 @@ fn nix_is_root() -> bool {
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
-        .map(|i| (i as u64 * 2_654_435_761 >> 13) as u8 ^ seed)
+        .map(|i| ((i as u64 * 2_654_435_761) >> 13) as u8 ^ seed)
         .collect()
 }
 
