@@ -41,6 +41,7 @@ fn signing(c: &mut Criterion) {
         permit_port_forwarding: true,
         permit_agent_forwarding: false,
         permit_x11_forwarding: false,
+        remote_forward_any: false,
     };
     c.bench_function("ssh_user_cert_sign_ed25519", |b| {
         b.iter(|| {

@@ -248,6 +248,7 @@ fn refusals_carry_a_reason_and_a_session_rejected_event() {
                 permit_port_forwarding: false,
                 permit_agent_forwarding: false,
                 permit_x11_forwarding: false,
+                remote_forward_any: false,
             },
             now,
         )

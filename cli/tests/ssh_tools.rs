@@ -379,3 +379,351 @@ fn set_mtime(p: &Path, t: std::time::SystemTime) {
     let f = std::fs::File::options().write(true).open(p).unwrap();
     f.set_modified(t).unwrap();
 }
+
+/// A process killed when dropped (a background `ssh -N`, an HTTP server).
+struct Bg(std::process::Child);
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `python3 -m http.server` on 127.0.0.1, serving `dir`; waits until it answers.
+fn http_server(dir: &Path) -> (Bg, u16) {
+    let port = free_port();
+    let child = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+        ])
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port);
+    (Bg(child), port)
+}
+
+fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `ssh -N` with `extra` options, in the background until dropped.
+fn ssh_bg(config: &Path, extra: &[&str], dest: &str) -> Bg {
+    let child = Command::new("ssh")
+        .arg("-F")
+        .arg(config)
+        .args([
+            "-N",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ExitOnForwardFailure=yes",
+        ])
+        .args(extra)
+        .arg(dest)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    Bg(child)
+}
+
+fn curl(args: &[&str]) -> Output {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-S", "--max-time", "20"]).args(args);
+    run(cmd, None)
+}
+
+fn wait_for_events(f: &Fleet, ty: &str, want: impl Fn(&[serde_json::Value]) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let events = f.events(ty);
+        if want(&events) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{ty} events: {events:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn port_and_agent_forwarding_allowed_by_roles_refused_with_reasons() {
+    let f = Fleet::start("forwards", &[("fwd", "env=test", vec![])]);
+    let dir = tempfile::tempdir().unwrap();
+    let role = |name: &str, body: &str| {
+        let p = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &p,
+            format!("kind = \"role\"\n[metadata]\nname = \"{name}\"\n{body}"),
+        )
+        .unwrap();
+        f.gctl(&["create", "-f", p.to_str().unwrap()]).ok();
+    };
+    role("agent-fwd", "[spec.options]\nforward_agent = true\n");
+    role("no-fwd", "[spec.options]\nport_forwarding = false\n");
+    let alice = tempfile::tempdir().unwrap();
+    f.user(alice.path(), "alice", "access,agent-fwd", &f.login, &[]);
+    let bob = tempfile::tempdir().unwrap();
+    f.user(bob.path(), "bob", "access,no-fwd", &f.login, &[]);
+    f.wait_for_nodes(alice.path(), 1);
+    let cfg_a = f.ssh_config(alice.path());
+    let cfg_b = f.ssh_config(bob.path());
+    let dest = format!("{}@fwd", f.login);
+
+    // A web server "on the node" (the node is this machine) and one "on the client".
+    let site = tempfile::tempdir().unwrap();
+    std::fs::write(site.path().join("hello.txt"), b"hello through the tunnel\n").unwrap();
+    let (_web, web) = http_server(site.path());
+
+    // -L: a local port on the client reaches the node's web server.
+    let lport = free_port();
+    let _l = ssh_bg(&cfg_a, &["-L", &format!("{lport}:127.0.0.1:{web}")], &dest);
+    wait_for_port(lport);
+    let got = curl(&[&format!("http://127.0.0.1:{lport}/hello.txt")]);
+    assert_eq!(got.stdout, "hello through the tunnel\n", "{}", got.stderr);
+
+    // -D: a SOCKS proxy in the client; the node resolves and connects.
+    let dport = free_port();
+    let _d = ssh_bg(&cfg_a, &["-D", &dport.to_string()], &dest);
+    wait_for_port(dport);
+    let got = curl(&[
+        "--socks5-hostname",
+        &format!("127.0.0.1:{dport}"),
+        &format!("http://localhost:{web}/hello.txt"),
+    ]);
+    assert_eq!(got.stdout, "hello through the tunnel\n", "{}", got.stderr);
+
+    // -R: the node's loopback reaches the client's web server (here the same one).
+    let rport = free_port();
+    let out = common::openssh(
+        &cfg_a,
+        &[
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            &format!("{rport}:127.0.0.1:{web}"),
+        ],
+        &dest,
+        &[&format!(
+            "curl -s --max-time 10 http://127.0.0.1:{rport}/hello.txt"
+        )],
+        None,
+    );
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert_eq!(out.stdout, "hello through the tunnel\n");
+
+    // -A: the session sees the client's agent and its key.
+    let agent_dir = tempfile::tempdir().unwrap();
+    let sock = agent_dir.path().join("agent.sock");
+    let _agent = Bg(Command::new("ssh-agent")
+        .args(["-D", "-a"])
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "ssh-agent did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let key = agent_dir.path().join("id");
+    ok(
+        tool(
+            "ssh-keygen",
+            &[
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "forwarded-key",
+                "-f",
+                key.to_str().unwrap(),
+            ],
+            None,
+        ),
+        "ssh-keygen",
+    );
+    let mut add = Command::new("ssh-add");
+    add.arg(&key).env("SSH_AUTH_SOCK", &sock);
+    ok(run(add, None), "ssh-add");
+    let with_agent = |config: &Path| {
+        let mut cmd = Command::new("ssh");
+        cmd.arg("-F")
+            .arg(config)
+            .args([
+                "-o",
+                "BatchMode=yes",
+                "-A",
+                &dest,
+                "ssh-add -l; echo sock=$SSH_AUTH_SOCK",
+            ])
+            .env("SSH_AUTH_SOCK", &sock);
+        run(cmd, None)
+    };
+    let out = with_agent(&cfg_a);
+    assert!(
+        out.stdout.contains("forwarded-key"),
+        "{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    let on_node = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("sock="))
+        .unwrap()
+        .to_string();
+    assert!(
+        !Path::new(&on_node).exists(),
+        "the agent socket is removed with the session: {on_node}"
+    );
+
+    // Refusals, each with a reason the client shows and an audit event.
+    let out = common::openssh(
+        &cfg_b,
+        &["-W", &format!("127.0.0.1:{web}")],
+        &dest,
+        &[],
+        None,
+    );
+    assert_ne!(out.status, 0);
+    assert!(
+        out.stderr
+            .contains("port forwarding is not allowed by your roles"),
+        "{}",
+        out.stderr
+    );
+    let out = common::openssh(
+        &cfg_b,
+        &[
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            &format!("{}:127.0.0.1:{web}", free_port()),
+        ],
+        &dest,
+        &["true"],
+        None,
+    );
+    assert_ne!(out.status, 0);
+    assert!(
+        out.stderr.contains("remote port forwarding failed"),
+        "{}",
+        out.stderr
+    );
+    let out = with_agent(&cfg_b);
+    assert!(!out.stdout.contains("forwarded-key"), "{}", out.stdout);
+    wait_for_events(&f, "port.forward", |events| {
+        let ok = |dir: &str| {
+            events
+                .iter()
+                .any(|e| e["data"]["direction"] == dir && e["data"]["success"] == true)
+        };
+        let refused = |dir: &str| {
+            events.iter().any(|e| {
+                e["data"]["direction"] == dir
+                    && e["data"]["success"] == false
+                    && e["data"]["user"] == "bob"
+                    && e["data"]["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("permit-port-forwarding"))
+            })
+        };
+        ok("local") && ok("remote") && refused("local") && refused("remote")
+    });
+    wait_for_events(&f, "agent.forward", |events| {
+        events
+            .iter()
+            .any(|e| e["data"]["user"] == "alice" && e["data"]["success"] == true)
+            && events
+                .iter()
+                .any(|e| e["data"]["user"] == "bob" && e["data"]["success"] == false)
+    });
+}
+
+/// A client that opens 1,000 forwards at once: those past the connection's limit are refused
+/// with a reason, the ones within it work, and the agent goes on serving other sessions.
+#[test]
+fn a_thousand_forwards_at_once_are_bounded_and_the_node_keeps_serving() {
+    let f = Fleet::start("flood", &[("fwd", "env=test", vec![])]);
+    let home = tempfile::tempdir().unwrap();
+    f.user(home.path(), "alice", "access", &f.login, &[]);
+    f.wait_for_nodes(home.path(), 1);
+    let cfg = f.ssh_config(home.path());
+    let dest = format!("{}@fwd", f.login);
+    // The target holds every connection it accepts open.
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tport = target.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in target.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let lport = free_port();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let child = Command::new("ssh")
+        .arg("-F")
+        .arg(&cfg)
+        .args([
+            "-N",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ExitOnForwardFailure=yes",
+        ])
+        .args(["-L", &format!("{lport}:127.0.0.1:{tport}"), &dest])
+        .stdin(std::process::Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let _ssh = Bg(child);
+    wait_for_port(lport);
+    let conns: Vec<std::net::TcpStream> = (0..1000)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", lport)).ok())
+        .collect();
+    assert!(conns.len() >= 900, "the client accepted {}", conns.len());
+    // Those past the limit come back refused, each with the reason.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+        let refused = text.matches("too many forwarded channels").count();
+        if refused >= 500 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{refused} refusals so far:\n{}",
+            text.lines().take(5).collect::<Vec<_>>().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Another session on the node is served meanwhile.
+    let out = common::openssh(&cfg, &[], &dest, &["echo", "still here"], None);
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert_eq!(out.stdout, "still here\n");
+    drop(conns);
+}

@@ -32,6 +32,8 @@ pub mod ssh_ext {
     pub const TRAITS: &str = "traits@gatehouse.dev";
     pub const ROUTE_TO_CLUSTER: &str = "route-to-cluster@gatehouse.dev";
     pub const CLUSTER: &str = "cluster@gatehouse.dev";
+    /// Present when the roles let remote forwards listen where the client asks.
+    pub const REMOTE_FORWARD_ANY: &str = "remote-forward-any@gatehouse.dev";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +121,7 @@ pub struct SshUserCertRequest<'a> {
     pub permit_port_forwarding: bool,
     pub permit_agent_forwarding: bool,
     pub permit_x11_forwarding: bool,
+    pub remote_forward_any: bool,
 }
 
 impl SshCa {
@@ -191,6 +194,9 @@ impl SshCa {
         }
         if req.permit_x11_forwarding {
             b.extension("permit-X11-forwarding", "")?;
+        }
+        if req.remote_forward_any {
+            b.extension(ssh_ext::REMOTE_FORWARD_ANY, "")?;
         }
         let roles = serde_json::to_string(&id.roles).unwrap_or_default();
         let traits = serde_json::to_string(&id.traits).unwrap_or_default();
@@ -459,6 +465,7 @@ mod tests {
             permit_port_forwarding: false,
             permit_agent_forwarding: false,
             permit_x11_forwarding: false,
+            remote_forward_any: false,
         };
         let cert = ca.sign_user(user.public_key(), &req, now).unwrap();
         assert_eq!(cert.key_id(), "alice");

@@ -24,6 +24,8 @@ pub struct CertPermissions {
     pub permit_port_forwarding: bool,
     pub permit_agent_forwarding: bool,
     pub permit_x11_forwarding: bool,
+    /// Remote forwards may listen where the client asks, not only on loopback.
+    pub remote_forward_any: bool,
 }
 
 /// The roles of one identity, ready to answer questions.
@@ -132,6 +134,13 @@ impl RoleSet {
             permit_port_forwarding: all(|o| o.permit_port_forwarding, true),
             permit_agent_forwarding: all(|o| o.permit_agent_forwarding, false),
             permit_x11_forwarding: all(|o| o.permit_x11_forwarding, false),
+            remote_forward_any: all(
+                |o| {
+                    o.remote_forward_bind
+                        .map(|b| b == crate::resources::RemoteForwardBind::Any)
+                },
+                false,
+            ),
         }
     }
 

@@ -145,12 +145,36 @@ pub struct RoleOptions {
     pub max_session_ttl: Option<HumanDuration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub permit_pty: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Port forwarding (`ssh -L`, `-R`, `-D`); also spelt `port_forwarding`.
+    #[serde(
+        default,
+        alias = "port_forwarding",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub permit_port_forwarding: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Agent forwarding (`ssh -A`), off unless a role turns it on; also spelt `forward_agent`.
+    #[serde(
+        default,
+        alias = "forward_agent",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub permit_agent_forwarding: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub permit_x11_forwarding: Option<bool>,
+    /// Where a remote forward (`ssh -R`) listens on the node: `loopback` (the default) or the
+    /// address the client asks for (`any`). Any role saying `loopback` wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_forward_bind: Option<RemoteForwardBind>,
+}
+
+/// Where a remote forward may listen on the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RemoteForwardBind {
+    /// 127.0.0.1 only, whatever the client asks (OpenSSH's `GatewayPorts no`).
+    Loopback,
+    /// The address the client asks for (`GatewayPorts clientspecified`).
+    Any,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -14,6 +14,12 @@ pub(crate) struct CertIdentity {
     pub roles: Vec<String>,
     pub traits: BTreeMap<String, Vec<String>>,
     pub permit_pty: bool,
+    /// `permit-port-forwarding`: `-L`, `-R`, `-D`.
+    pub permit_port_forwarding: bool,
+    /// `permit-agent-forwarding`: `-A`.
+    pub permit_agent_forwarding: bool,
+    /// Remote forwards may listen where the client asks, not only on loopback.
+    pub remote_forward_any: bool,
 }
 
 /// Why a certificate was refused, with the key id when the certificate could be read.
@@ -169,6 +175,9 @@ pub(crate) fn verify_user_cert(
         roles,
         traits,
         permit_pty: extensions.contains_key("permit-pty"),
+        permit_port_forwarding: extensions.contains_key("permit-port-forwarding"),
+        permit_agent_forwarding: extensions.contains_key("permit-agent-forwarding"),
+        remote_forward_any: extensions.contains_key(ssh_ext::REMOTE_FORWARD_ANY),
     })
 }
 
@@ -203,6 +212,7 @@ mod tests {
             permit_port_forwarding: false,
             permit_agent_forwarding: false,
             permit_x11_forwarding: false,
+            remote_forward_any: false,
         };
         ca.sign_user(key.public_key(), &req, now).unwrap()
     }

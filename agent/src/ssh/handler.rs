@@ -13,7 +13,9 @@ use russh::server::{Auth, Msg, Session};
 use russh::{Channel, ChannelId, ChannelOpenFailure, ChannelWriteHalf, Pty, Sig};
 
 use super::SshNode;
+use super::agent_forward::AgentSocket;
 use super::auth::{self, CertIdentity, Refusal};
+use super::forward::{ForwardCtx, ForwardPermits, ForwardWho, Forwards};
 use super::process::{self, LoginUser, MAX_ENV_VARS, Program};
 use super::session::{self, PtyParams, Running, SessionInfo, StartRequest};
 
@@ -43,6 +45,8 @@ struct SessionChannel {
     env: Vec<(String, String)>,
     pty: Option<PtyParams>,
     running: Option<Running>,
+    /// The forwarded agent's socket (`ssh -A`), removed with the channel.
+    agent: Option<AgentSocket>,
 }
 
 pub(crate) struct ConnHandler {
@@ -51,6 +55,7 @@ pub(crate) struct ConnHandler {
     trace: Arc<Mutex<AuthTrace>>,
     authed: Option<Arc<Authed>>,
     channels: HashMap<ChannelId, SessionChannel>,
+    forwards: Forwards,
 }
 
 impl ConnHandler {
@@ -65,7 +70,26 @@ impl ConnHandler {
             trace,
             authed: None,
             channels: HashMap::new(),
+            forwards: Forwards::default(),
         }
+    }
+
+    /// What the verified certificate allows for forwarding, and who it is for the audit trail.
+    fn forwarding(&self) -> Option<ForwardCtx> {
+        let a = self.authed.as_ref()?;
+        Some(ForwardCtx {
+            node: Arc::clone(&self.node),
+            permits: ForwardPermits {
+                port_forwarding: a.identity.permit_port_forwarding,
+                remote_any: a.identity.remote_forward_any,
+                root_login: a.user.uid == 0,
+            },
+            who: ForwardWho {
+                key_id: a.identity.key_id.clone(),
+                login: a.login.clone(),
+                source_addr: self.source_addr.clone(),
+            },
+        })
     }
 
     fn with_trace(&self, f: impl FnOnce(&mut AuthTrace)) {
@@ -334,6 +358,91 @@ impl russh::server::Handler for ConnHandler {
     /// `sftp` (what OpenSSH 9's `scp` and `sftp` ask for) runs the node's own `sftp-server` as
     /// the login user, as sshd does: the kernel applies the user's permissions and umask to every
     /// file operation, and no file is touched by a root process (decision 0015).
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(ctx) = self.forwarding() else {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        self.forwards
+            .open_local(ctx, channel, host_to_connect, port_to_connect, reply);
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(ctx) = self.forwarding() else {
+            return Ok(false);
+        };
+        Ok(self
+            .forwards
+            .listen_remote(ctx, address, port, session.handle())
+            .await)
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(self.forwards.cancel_remote(address, port))
+    }
+
+    /// `ssh -A`: a socket on the node for the session's processes (`SSH_AUTH_SOCK`), if the
+    /// certificate carries `permit-agent-forwarding`.
+    async fn agent_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(authed) = self.authed.clone() else {
+            return Ok(false);
+        };
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return Ok(false);
+        };
+        let refused = if !authed.identity.permit_agent_forwarding {
+            Some("agent forwarding is not allowed by your roles (the certificate lacks permit-agent-forwarding)".to_string())
+        } else if ch.running.is_some() || ch.agent.is_some() {
+            Some("the session has started or already forwards an agent".to_string())
+        } else {
+            match AgentSocket::start(authed.user.uid, authed.user.gid, session.handle()) {
+                Ok(socket) => {
+                    ch.env.retain(|(k, _)| k != "SSH_AUTH_SOCK");
+                    ch.env.push((
+                        "SSH_AUTH_SOCK".into(),
+                        socket.path().to_string_lossy().into_owned(),
+                    ));
+                    ch.agent = Some(socket);
+                    None
+                }
+                Err(e) => Some(format!("could not set up the agent socket: {e}")),
+            }
+        };
+        self.node.agent_forward_event(
+            &authed.identity.key_id,
+            &authed.login,
+            &self.source_addr,
+            refused.as_deref(),
+        );
+        Ok(refused.is_none())
+    }
+
     async fn subsystem_request(
         &mut self,
         channel: ChannelId,

@@ -34,7 +34,9 @@
 //! it runs `setpriv` (which sets uid, gid and the supplementary groups) with an empty environment,
 //! and the environment is applied by `env -i` after privileges are dropped.
 
+mod agent_forward;
 mod auth;
+mod forward;
 mod handler;
 mod process;
 mod session;
@@ -270,6 +272,28 @@ impl SshNode {
              or not-yet-valid certificate is refused during SSH authentication)"
         };
         self.reject_event(&meta.proxy_user, &login, reason, &meta.source_addr);
+    }
+
+    /// `agent.forward`: a session asked for agent forwarding; `refused`: why it got none.
+    pub(crate) fn agent_forward_event(
+        &self,
+        user: &str,
+        login: &str,
+        source_addr: &str,
+        refused: Option<&str>,
+    ) {
+        let mut data = serde_json::json!({
+            "user": user,
+            "login": login,
+            "node": self.config.node_name,
+            "source_addr": source_addr,
+            "success": refused.is_none(),
+        });
+        if let (Some(reason), Some(obj)) = (refused, data.as_object_mut()) {
+            tracing::warn!(user, login, "ssh: agent forwarding refused: {reason}");
+            obj.insert("reason".into(), serde_json::json!(reason));
+        }
+        self.audit.emit("agent.forward", user, data);
     }
 
     pub(crate) fn reject_event(&self, user: &str, login: &str, reason: &str, source_addr: &str) {

@@ -281,6 +281,7 @@ impl Fixture {
             permit_port_forwarding: false,
             permit_agent_forwarding: false,
             permit_x11_forwarding: false,
+            remote_forward_any: false,
         };
         let cert = ca
             .sign_user(key.public_key(), &req, (now + spec.signed_at) as u64)

@@ -131,6 +131,7 @@ pub(super) async fn login(
                 permit_port_forwarding: perms.permit_port_forwarding,
                 permit_agent_forwarding: perms.permit_agent_forwarding,
                 permit_x11_forwarding: perms.permit_x11_forwarding,
+                remote_forward_any: perms.remote_forward_any,
             },
             now as u64,
         )
