@@ -445,3 +445,120 @@ async fn window_change_and_signal_from_a_russh_client() {
         .await;
     assert!(end["duration_ms"].as_u64().unwrap() < 30_000);
 }
+
+/// What `ssh -Q WHAT` says this OpenSSH client supports.
+fn client_supports(what: &str) -> Vec<String> {
+    let out = std::process::Command::new("ssh")
+        .args(["-Q", what])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The algorithm lists the server offered, as the real client logs them at `-vv`.
+fn offered(stderr: &str, what: &str) -> Vec<String> {
+    let server_part = stderr
+        .split("peer server KEXINIT proposal")
+        .nth(1)
+        .expect("no server proposal in the client's log");
+    server_part
+        .lines()
+        .find_map(|l| l.split_once(&format!("debug2: {what}: ")).map(|(_, v)| v))
+        .unwrap_or_else(|| panic!("no `{what}` in the server's proposal"))
+        .split(',')
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The node offers a hardened set, checked from the real OpenSSH client's side: exactly these
+/// lists (post-quantum hybrid and curve25519 key exchange with strict kex, AEAD ciphers,
+/// encrypt-then-MAC MACs, no compression), each cipher and MAC one this client can use (as
+/// `ssh -Q` says), each offered cipher working, and older choices refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_a_hardened_algorithm_set() {
+    let f = Fixture::start().await;
+    let cert = f.cert(&CertSpec::for_login(&f.login));
+    let out = f
+        .ssh(
+            &cert,
+            &f.login,
+            &["-vv", "-o", "LogLevel=DEBUG2"],
+            "true",
+            None,
+        )
+        .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let kex = offered(&out.stderr, "KEX algorithms");
+    assert_eq!(
+        kex,
+        [
+            "mlkem768x25519-sha256",
+            "curve25519-sha256",
+            "curve25519-sha256@libssh.org",
+            "ext-info-s",
+            "kex-strict-s-v00@openssh.com",
+        ]
+    );
+    let ciphers = [
+        "aes128-gcm@openssh.com",
+        "aes256-gcm@openssh.com",
+        "chacha20-poly1305@openssh.com",
+    ];
+    let macs = [
+        "hmac-sha2-256-etm@openssh.com",
+        "hmac-sha2-512-etm@openssh.com",
+    ];
+    for dir in ["ctos", "stoc"] {
+        assert_eq!(offered(&out.stderr, &format!("ciphers {dir}")), ciphers);
+        assert_eq!(offered(&out.stderr, &format!("MACs {dir}")), macs);
+        assert_eq!(
+            offered(&out.stderr, &format!("compression {dir}")),
+            ["none"]
+        );
+    }
+    // Every cipher and MAC offered is one a real OpenSSH client has; the key exchange this
+    // client and the node agree on is one of the client's.
+    let (client_ciphers, client_macs, client_kex) = (
+        client_supports("cipher"),
+        client_supports("mac"),
+        client_supports("kex"),
+    );
+    for c in ciphers {
+        assert!(client_ciphers.iter().any(|x| x == c), "{c}");
+    }
+    for m in macs {
+        assert!(client_macs.iter().any(|x| x == m), "{m}");
+    }
+    assert!(
+        kex.iter().any(|k| client_kex.contains(k)),
+        "no key exchange in common with this client"
+    );
+    // Each cipher works when the client insists on it.
+    for c in ciphers {
+        let out = f.ssh(&cert, &f.login, &["-c", c], "echo ok", None).await;
+        assert_eq!(out.stdout, "ok\n", "{c}: {}", out.stderr);
+    }
+    // Older choices are refused in the handshake.
+    // Older choices are refused in the handshake.
+    for (opt, value) in [
+        ("Ciphers", "aes128-ctr"),
+        ("Ciphers", "aes256-cbc"),
+        ("KexAlgorithms", "diffie-hellman-group14-sha256"),
+        ("KexAlgorithms", "ecdh-sha2-nistp256"),
+    ] {
+        let option = format!("{opt}={value}");
+        let out = f
+            .ssh(&cert, &f.login, &["-o", &option], "echo ok", None)
+            .await;
+        assert_ne!(out.code, Some(0), "{option} was accepted");
+        assert_eq!(out.stdout, "", "{option} ran a command");
+    }
+    // A client that asks for compression gets none, and still connects.
+    let out = f
+        .ssh(&cert, &f.login, &["-o", "Compression=yes"], "echo ok", None)
+        .await;
+    assert_eq!(out.stdout, "ok\n", "{}", out.stderr);
+}

@@ -727,3 +727,42 @@ fn a_thousand_forwards_at_once_are_bounded_and_the_node_keeps_serving() {
     assert_eq!(out.stdout, "still here\n");
     drop(conns);
 }
+
+/// New SSH sessions from one address are throttled at the proxy: a burst passes, the rest are
+/// refused with the reason before they reach the agent, and other addresses are not affected.
+#[test]
+fn new_ssh_sessions_per_address_are_throttled_at_the_proxy() {
+    let f = Fleet::start_with(
+        "throttle",
+        &["--proxy-ssh-session-rate", "1/2"],
+        &[("node", "env=test", vec![])],
+    );
+    let home = tempfile::tempdir().unwrap();
+    f.user(home.path(), "alice", "access", &f.login, &[]);
+    f.wait_for_nodes(home.path(), 1);
+    let cfg = f.ssh_config(home.path());
+    let dest = format!("{}@node", f.login);
+    let started: Vec<_> = (0..10)
+        .map(|_| {
+            let (cfg, dest) = (cfg.clone(), dest.clone());
+            std::thread::spawn(move || common::openssh(&cfg, &[], &dest, &["echo", "in"], None))
+        })
+        .collect();
+    let outs: Vec<Output> = started.into_iter().map(|t| t.join().unwrap()).collect();
+    let passed = outs.iter().filter(|o| o.stdout == "in\n").count();
+    let refused: Vec<&Output> = outs
+        .iter()
+        .filter(|o| {
+            o.stderr
+                .contains("too many new SSH sessions from 127.0.0.1")
+        })
+        .collect();
+    assert!((2..=5).contains(&passed), "{passed} passed");
+    assert_eq!(passed + refused.len(), 10, "{outs:?}");
+    let metrics = f.proxy_metrics();
+    assert!(metrics.contains(r#"reason="rate_limited""#), "{metrics}");
+    // After a pause the address may start sessions again.
+    std::thread::sleep(Duration::from_secs(2));
+    let out = common::openssh(&cfg, &[], &dest, &["echo", "again"], None);
+    assert_eq!(out.stdout, "again\n", "{}", out.stderr);
+}

@@ -41,6 +41,8 @@ pub struct ProxyRoleConfig {
     pub public_addrs: Vec<String>,
     /// For a proxy without a local Auth.
     pub join: JoinParams,
+    /// New SSH sessions per source address.
+    pub ssh_session_rate: crate::proxy::SessionRate,
 }
 
 /// Why the Proxy role could not start.
@@ -127,6 +129,7 @@ pub async fn start(
         io_backend: config.io_backend,
         quic: config.quic,
         tcp_congestion: config.tcp_congestion.clone(),
+        ssh_session_rate: config.ssh_session_rate,
     };
     let (proxy, inventories) =
         Proxy::start(proxy_config, metrics).map_err(|source| ProxyRoleError::Start {

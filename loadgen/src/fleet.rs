@@ -195,6 +195,10 @@ impl Fleet {
             "bench-proxy",
             "--data-dir",
             &data_dir,
+            // The generator opens sessions from one address as fast as it can: measure the
+            // proxy, not its per-address throttle.
+            "--proxy-ssh-session-rate",
+            "0",
         ];
         args.extend_from_slice(proxy_args);
         let proxy = start_daemon(&args, &dir.path().join("proxy.log"))?;

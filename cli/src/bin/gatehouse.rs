@@ -16,6 +16,7 @@ use gatehouse_controlplane::files::{create_private_dir, write_private};
 use gatehouse_controlplane::host::JoinParams;
 use gatehouse_controlplane::role::{AuthConfig, AuthHandle};
 use gatehouse_dataplane::io::{IoBackend, TunnelTransport};
+use gatehouse_dataplane::proxy::SessionRate;
 use gatehouse_dataplane::role::{ProxyHandle, ProxyRoleConfig};
 use gatehouse_diag::Readiness;
 use prometheus_client::registry::Registry;
@@ -71,6 +72,10 @@ struct StartArgs {
     /// Default: the host's (net.ipv4.tcp_congestion_control).
     #[arg(long, env = "GATEHOUSE_PROXY_TCP_CONGESTION")]
     proxy_tcp_congestion: Option<String>,
+    /// Proxy: new SSH sessions one source address may start, PER_SECOND[/BURST] (0: no limit).
+    /// Default 16/64.
+    #[arg(long, value_parser = parse_session_rate)]
+    proxy_ssh_session_rate: Option<SessionRate>,
     /// For a proxy without a local Auth: the Auth API address.
     #[arg(long)]
     auth: Option<String>,
@@ -137,6 +142,8 @@ struct ProxySection {
     auth_addr: Option<String>,
     /// Extra names/IPs for the proxy certificate.
     public_addrs: Vec<String>,
+    /// New SSH sessions per source address: `{ per_second = 16, burst = 64 }`; 0 turns it off.
+    ssh_session_rate: SessionRate,
 }
 
 impl Default for ProxySection {
@@ -149,6 +156,7 @@ impl Default for ProxySection {
             tcp_congestion: None,
             auth_addr: None,
             public_addrs: vec![],
+            ssh_session_rate: SessionRate::default(),
         }
     }
 }
@@ -276,6 +284,26 @@ fn parse_kv(
     Ok(out)
 }
 
+/// `PER_SECOND[/BURST]`, e.g. `16/64`; the burst defaults to four seconds' worth.
+fn parse_session_rate(s: &str) -> Result<SessionRate, String> {
+    let (rate, burst) = match s.split_once('/') {
+        Some((r, b)) => (r, Some(b)),
+        None => (s, None),
+    };
+    let per_second: u32 = rate
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}`: expected PER_SECOND[/BURST], e.g. 16/64"))?;
+    let burst = match burst {
+        Some(b) => b
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}`: the burst must be a whole number"))?,
+        None => per_second.saturating_mul(4),
+    };
+    Ok(SessionRate { per_second, burst })
+}
+
 fn host_name() -> String {
     std::fs::read_to_string("/etc/hostname")
         .ok()
@@ -326,6 +354,9 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.proxy_tcp_congestion {
         config.proxy.tcp_congestion = Some(v);
+    }
+    if let Some(v) = args.proxy_ssh_session_rate {
+        config.proxy.ssh_session_rate = v;
     }
     if let Some(v) = args.auth {
         config.proxy.auth_addr = Some(v);
@@ -435,6 +466,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             host_name: node_name.clone(),
             public_addrs: config.proxy.public_addrs.clone(),
             join: join.clone(),
+            ssh_session_rate: config.proxy.ssh_session_rate,
         };
         let started =
             gatehouse_dataplane::role::start(role, local_auth.as_ref(), &mut registry).await?;

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 pub const CMD_TIMEOUT: Duration = Duration::from_secs(60);
 
+#[derive(Debug)]
 pub struct Output {
     pub status: i32,
     pub stdout: String,

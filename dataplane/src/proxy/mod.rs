@@ -15,6 +15,7 @@ mod admission;
 mod metrics;
 mod router;
 mod sessions;
+mod throttle;
 mod tunnels;
 mod worker;
 
@@ -34,6 +35,7 @@ use crate::io::options::{bind_reuseport, tcp_congestion};
 pub use metrics::ProxyMetrics;
 pub use router::Inventory;
 use router::RouteTable;
+pub use throttle::SessionRate;
 use worker::{Handover, QuicListener};
 
 #[derive(Debug, Clone)]
@@ -59,6 +61,8 @@ pub struct ProxyConfig {
     /// paths, but its timers cost CPU for every byte sent, which shows on fast local ones (see
     /// docs/decisions/0008).
     pub tcp_congestion: Option<String>,
+    /// New SSH sessions per source address (a token bucket; `per_second = 0` turns it off).
+    pub ssh_session_rate: SessionRate,
 }
 
 /// The ALPN protocols the Proxy terminates.
@@ -82,6 +86,8 @@ struct Shared {
     metrics: Arc<ProxyMetrics>,
     inventory: mpsc::UnboundedSender<Vec<Inventory>>,
     stop: watch::Receiver<bool>,
+    /// New SSH sessions per source address, shared by the workers (taken once per session).
+    throttle: std::sync::Mutex<throttle::Throttle>,
 }
 
 /// A running Proxy.
@@ -169,6 +175,7 @@ impl Proxy {
             receivers.push(rx);
         }
         let shared = Arc::new(Shared {
+            throttle: std::sync::Mutex::new(throttle::Throttle::new(config.ssh_session_rate)),
             config,
             routes: ArcSwap::from_pointee(RouteTable::default()),
             handovers: senders,

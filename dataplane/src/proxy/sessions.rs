@@ -3,6 +3,7 @@
 //! answer the client and splice. The answer is built here and nowhere else.
 
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use gatehouse_controlplane::identity::Identity;
@@ -118,6 +119,26 @@ impl Worker {
                 return;
             }
         };
+        let throttled = (kind == SessionKind::Ssh)
+            .then(|| {
+                let mut t = shared
+                    .throttle
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                t.admit(remote.ip(), Instant::now()).err()
+            })
+            .flatten();
+        if let Some(wait) = throttled {
+            shared.metrics.refuse(alpn, "rate_limited");
+            tracing::info!(%remote, user = %id.name, "proxy: SSH session refused: too many new sessions from this address");
+            let error = format!(
+                "too many new SSH sessions from {}; try again in {} ms",
+                remote.ip(),
+                wait.as_millis().max(1)
+            );
+            answer(&mut tls, &response(Some(error), vec![], "", "")).await;
+            return;
+        }
         let resolved = resolve(&shared.routes.load(), kind, &request.target);
         let (entry, stream_target) = match resolved {
             Ok(r) => r,
