@@ -368,10 +368,17 @@ pub async fn scp(dir: &Path, args: &[String]) -> anyhow::Result<i32> {
 pub async fn config(dir: &Path) -> anyhow::Result<()> {
     let profile = Profile::load(dir)?;
     proxy_of(&profile)?;
-    let mut names: Vec<String> = nodes(dir, &profile)
-        .await
-        .map(|ns| ns.into_iter().map(|n| n.name).collect())
-        .unwrap_or_default();
+    // Without the node list the block still covers `*.<cluster>`; say why the names are missing.
+    let mut names: Vec<String> = match nodes(dir, &profile).await {
+        Ok(ns) => ns.into_iter().map(|n| n.name).collect(),
+        Err(e) => {
+            eprintln!(
+                "gsh config: could not list nodes ({e:#}); only *.{} is covered",
+                profile.cluster
+            );
+            Vec::new()
+        }
+    };
     names.sort();
     names.dedup();
     let mut hosts = vec![format!("*.{}", profile.cluster)];

@@ -135,8 +135,9 @@ pub(crate) enum Scenario {
     },
     /// Real SSH with the user's certificate (russh client): new sessions per second (TLS + SSH
     /// handshake, certificate auth, `exec true`, exit status) and one channel's bulk upload,
-    /// through the Proxy to a real agent process beside the same client straight to a loopback
-    /// OpenSSH sshd that trusts the cluster's user CA. Logs in as the user running loadgen.
+    /// through the Proxy to a real agent process, through a jump sshd to a target sshd (as
+    /// `ssh -J`), and straight to that sshd (both trust the cluster's user CA); then OpenSSH's
+    /// `scp` of one file to /dev/null on each path. Logs in as the user running loadgen.
     Ssh {
         /// Workers opening sessions back to back.
         #[arg(long, default_value_t = 8)]
@@ -146,6 +147,22 @@ pub(crate) enum Scenario {
         duration: humantime::Duration,
         #[arg(long, default_value_t = 0)]
         workers: usize,
+        /// Rounds, each measuring every path in turn; the report gives every run and the medians.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+        /// The size of the file OpenSSH's scp copies on each path, MiB.
+        #[arg(long, default_value_t = 1024)]
+        scp_mib: u64,
+        /// Paths to measure.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "gatehouse,proxyjump,openssh"
+        )]
+        paths: Vec<crate::ssh::SshPath>,
+        /// Measurements on each path.
+        #[arg(long, value_delimiter = ',', default_value = "sessions,bulk,scp")]
+        parts: Vec<crate::ssh::Part>,
     },
     /// The agents' tunnel transports (TLS over TCP, QUIC) over an emulated wide-area link with
     /// delay, a rate and random loss (a TUN device; needs root): per loss rate and transport,

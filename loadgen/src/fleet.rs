@@ -114,7 +114,7 @@ fn new_token(data: &Path, ty: &str) -> anyhow::Result<String> {
 }
 
 /// A user's credentials for the Proxy's session ALPNs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct UserCreds {
     pub cert: String,
     pub key: String,
@@ -123,6 +123,18 @@ pub struct UserCreds {
     pub ssh_key: String,
     pub ssh_cert: String,
     pub ssh_user_ca: Vec<String>,
+    /// The user's name and password (for `gsh login` in the real-client measurements).
+    pub name: String,
+    pub password: String,
+}
+
+/// Names only: keys and the password stay out of debug output.
+impl std::fmt::Debug for UserCreds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserCreds")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -328,6 +340,8 @@ pub async fn login(
         ssh_key: ssh.to_openssh(ssh_key::LineEnding::LF)?.to_string(),
         ssh_cert: creds.ssh_cert,
         ssh_user_ca: creds.ssh_user_ca,
+        name: user.to_owned(),
+        password: password.to_owned(),
     })
 }
 

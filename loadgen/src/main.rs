@@ -12,9 +12,11 @@ mod openssh;
 mod procstat;
 mod progress;
 mod rathole;
+mod scp;
 mod sim_agent;
 mod spawn;
 mod ssh;
+mod ssh_cmd;
 mod throughput;
 mod tunnels;
 
@@ -24,6 +26,7 @@ use clap::Parser;
 
 use cli::{Cli, Handshakes, Scenario, SessionPath};
 use link_cmd::{LinkRun, link_cmd};
+use ssh_cmd::{SshRun, ssh_cmd};
 
 /// Raise the soft open-files limit to the hard one: thousands of tunnels need thousands of fds.
 fn raise_nofile() {
@@ -285,11 +288,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             concurrency,
             duration,
             workers,
+            runs,
+            scp_mib,
+            paths,
+            parts,
         } => {
-            if concurrency == 0 {
-                anyhow::bail!("--concurrency must be at least 1");
+            if concurrency == 0 || runs == 0 || scp_mib == 0 {
+                anyhow::bail!("--concurrency, --runs and --scp-mib must be at least 1");
             }
-            ssh_cmd(concurrency, duration.into(), workers, cli.json).await
+            let cfg = SshRun {
+                concurrency,
+                duration: duration.into(),
+                workers,
+                runs,
+                scp_bytes: scp_mib << 20,
+                paths,
+                parts,
+            };
+            ssh_cmd(&cfg, cli.json).await
         }
         Scenario::Link {
             delay,
@@ -363,55 +379,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
-}
-
-async fn ssh_cmd(
-    concurrency: usize,
-    duration: std::time::Duration,
-    workers: usize,
-    json: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    let login = openssh::current_login()?;
-    let fleet = fleet::Fleet::spawn("127.0.0.2", workers).await?;
-    let user = fleet.user("sshbench", &login).await?;
-    let agent = fleet.start_agent("bench-node", "127.0.0.6")?;
-    let mut reports = Vec::new();
-    let gatehouse = ssh::SshTarget {
-        path: ssh::SshPath::Gatehouse,
-        addr: fleet.proxy_addr.clone(),
-        node: "bench-node".into(),
-        login: login.clone(),
-        user: user.clone(),
-    };
-    ssh::wait_ready(&gatehouse, std::time::Duration::from_secs(30)).await?;
-    let r = ssh::run(
-        &gatehouse,
-        concurrency,
-        duration,
-        &[fleet.proxy.pid(), agent.pid()],
-    )
-    .await?;
-    ssh::print(&r);
-    reports.push(serde_json::to_value(&r)?);
-    drop(agent);
-    match openssh::Sshd::start("127.0.0.4", Some(&user.ssh_user_ca.join("\n"))) {
-        Ok(sshd) => {
-            let direct = ssh::SshTarget {
-                path: ssh::SshPath::Openssh,
-                addr: sshd.addr.to_string(),
-                ..gatehouse
-            };
-            ssh::wait_ready(&direct, std::time::Duration::from_secs(10)).await?;
-            let r = ssh::run(&direct, concurrency, duration, &[sshd.pid()]).await?;
-            ssh::print(&r);
-            reports.push(serde_json::to_value(&r)?);
-        }
-        Err(e) => {
-            println!("ssh openssh   skipped: {e:#}");
-            reports.push(serde_json::json!({"scenario": "ssh", "path": "openssh", "skipped": format!("{e:#}")}));
-        }
-    }
-    write_json(json.as_deref(), &reports)
 }
 
 /// The echo through the Proxy (the simulated agents' `tcp:echo`) or directly.

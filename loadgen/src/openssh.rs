@@ -70,6 +70,14 @@ impl Sshd {
             }
             None => String::new(),
         };
+        // The node's own sftp-server, as a stock sshd and the Gatehouse agent run it.
+        let sftp = [
+            "/usr/lib/openssh/sftp-server",
+            "/usr/libexec/openssh/sftp-server",
+        ]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("internal-sftp");
         let mut last_err = String::new();
         for _ in 0..5 {
             let port = std::net::TcpListener::bind((ip, 0))?.local_addr()?.port();
@@ -78,7 +86,7 @@ impl Sshd {
                  AuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\n\
                  KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin yes\n\
                  UsePAM no\nStrictModes no\nAllowTcpForwarding yes\nCiphers {CIPHER}\n\
-                 MaxStartups 1000:30:2000\nMaxSessions 1000\nLogLevel ERROR\n",
+                 MaxStartups 1000:30:2000\nMaxSessions 1000\nLogLevel ERROR\nSubsystem sftp {sftp}\n",
                 hk = host_key.display(),
                 d = dir.path().display()
             );

@@ -35,3 +35,20 @@ impl Drop for Timed {
         self.bar.finish_and_clear();
     }
 }
+
+/// A spinner for a measurement of unknown length, cleared on drop.
+pub struct Spinner(indicatif::ProgressBar);
+
+/// Show `label` with a spinner.
+pub fn spinner(label: &str) -> Spinner {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_message(label.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    Spinner(bar)
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
+}

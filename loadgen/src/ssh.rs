@@ -2,6 +2,9 @@
 //! starts a real process) beside the same client talking straight to a real OpenSSH `sshd` that
 //! trusts the cluster's user CA. The client is russh with the user's certificate from login.
 //!
+//! The third path is the bastion Gatehouse replaces: the same client through a jump `sshd`
+//! (`direct-tcpip`, as `ssh -J` does) to a target `sshd`, both on loopback.
+//!
 //! Two measurements per path: new sessions per second (TCP + TLS + SSH handshake + certificate
 //! auth + `exec true` + exit status + close, by C concurrent workers) with setup latency, and one
 //! channel's bulk throughput (`cat > /dev/null`).
@@ -21,31 +24,37 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::fleet::UserCreds;
 use crate::procstat;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum SshPath {
     /// Through the Proxy to a Gatehouse agent.
     Gatehouse,
     /// Straight to OpenSSH sshd on loopback.
     Openssh,
+    /// Through a jump sshd (`direct-tcpip`) to a target sshd, as `ssh -J` does.
+    Proxyjump,
 }
 
 /// Where the SSH client goes.
 #[derive(Clone)]
 pub struct SshTarget {
     pub path: SshPath,
-    /// The Proxy (Gatehouse) or sshd (OpenSSH).
+    /// The Proxy (Gatehouse) or the target sshd (OpenSSH, ProxyJump).
     pub addr: String,
+    /// The jump sshd (ProxyJump).
+    pub jump: Option<String>,
     /// The node name the Proxy routes to.
     pub node: String,
     pub login: String,
     pub user: UserCreds,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct SshReport {
     pub scenario: &'static str,
     pub path: SshPath,
+    /// Which round (from 0); in a median, the number of rounds.
+    pub round: usize,
     pub concurrency: usize,
     pub sessions: u64,
     pub errors: u64,
@@ -88,7 +97,34 @@ fn client_config() -> Arc<russh::client::Config> {
     Arc::new(config)
 }
 
-type Session = russh::client::Handle<AnyHost>;
+type Handle = russh::client::Handle<AnyHost>;
+
+/// One authenticated connection to the target (and, through a jump host, the jump connection
+/// that carries it, kept open as long as it).
+struct Session {
+    target: Handle,
+    _jump: Option<Handle>,
+}
+
+impl std::ops::Deref for Session {
+    type Target = Handle;
+    fn deref(&self) -> &Handle {
+        &self.target
+    }
+}
+
+async fn authenticate(
+    session: &mut Handle,
+    login: &str,
+    key: &Arc<russh::keys::PrivateKey>,
+    cert: &russh::keys::Certificate,
+) -> anyhow::Result<()> {
+    let auth = session
+        .authenticate_openssh_cert(login.to_owned(), Arc::clone(key), cert.clone())
+        .await?;
+    anyhow::ensure!(auth.success(), "certificate authentication refused");
+    Ok(())
+}
 
 /// Connect and authenticate one SSH connection.
 async fn connect(
@@ -97,10 +133,38 @@ async fn connect(
     key: Arc<russh::keys::PrivateKey>,
     cert: russh::keys::Certificate,
 ) -> anyhow::Result<Session> {
+    if target.path == SshPath::Proxyjump {
+        let jump_addr = target
+            .jump
+            .as_deref()
+            .context("ProxyJump without a jump host")?;
+        let tcp = tokio::net::TcpStream::connect(jump_addr).await?;
+        tcp.set_nodelay(true)?;
+        let mut jump = russh::client::connect_stream(Arc::clone(&config), tcp, AnyHost).await?;
+        authenticate(&mut jump, &target.login, &key, &cert).await?;
+        let dest: std::net::SocketAddr = target.addr.parse()?;
+        let channel = jump
+            .channel_open_direct_tcpip(
+                dest.ip().to_string(),
+                u32::from(dest.port()),
+                "127.0.0.1",
+                0,
+            )
+            .await?;
+        let mut session =
+            russh::client::connect_stream(config, channel.into_stream(), AnyHost).await?;
+        authenticate(&mut session, &target.login, &key, &cert).await?;
+        return Ok(Session {
+            target: session,
+            _jump: Some(jump),
+        });
+    }
     let tcp = tokio::net::TcpStream::connect(&target.addr).await?;
     tcp.set_nodelay(true)?;
     let mut session = match target.path {
-        SshPath::Openssh => russh::client::connect_stream(config, tcp, AnyHost).await?,
+        SshPath::Openssh | SshPath::Proxyjump => {
+            russh::client::connect_stream(config, tcp, AnyHost).await?
+        }
         SshPath::Gatehouse => {
             let tls_cfg = client_config_with_alpn(
                 &Trust::CaPem(target.user.ca.clone()),
@@ -131,11 +195,11 @@ async fn connect(
             russh::client::connect_stream(config, tls, AnyHost).await?
         }
     };
-    let auth = session
-        .authenticate_openssh_cert(target.login.clone(), key, cert)
-        .await?;
-    anyhow::ensure!(auth.success(), "certificate authentication refused");
-    Ok(session)
+    authenticate(&mut session, &target.login, &key, &cert).await?;
+    Ok(Session {
+        target: session,
+        _jump: None,
+    })
 }
 
 /// Run `command` on a new channel and wait for its exit status.
@@ -188,6 +252,33 @@ pub async fn wait_ready(target: &SshTarget, timeout: Duration) -> anyhow::Result
     }
 }
 
+/// The measurements `loadgen ssh` makes on each path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// New sessions per second (russh client).
+    Sessions,
+    /// One channel's upload into `cat > /dev/null` (russh client).
+    Bulk,
+    /// OpenSSH's `scp` of one file to /dev/null.
+    Scp,
+}
+
+/// Which measurements `run` makes.
+#[derive(Debug, Clone, Copy)]
+pub struct Parts {
+    pub sessions: bool,
+    pub bulk: bool,
+}
+
+/// The server side's CPU seconds so far: `pids` with their process trees.
+fn server_cpu(pids: &[u32]) -> Option<f64> {
+    pids.iter().map(|p| procstat::tree_cpu_seconds(*p)).sum()
+}
+
+fn delta(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    Some(b? - a?)
+}
+
 /// Sessions per second and bulk throughput on one path; `server_pids` are the processes whose
 /// CPU (with their children) counts as the server side.
 pub async fn run(
@@ -195,20 +286,48 @@ pub async fn run(
     concurrency: usize,
     duration: Duration,
     server_pids: &[u32],
+    parts: Parts,
 ) -> anyhow::Result<SshReport> {
+    let gen0 = procstat::self_cpu_seconds().unwrap_or(0.0);
+    let mut report = SshReport {
+        scenario: "ssh",
+        path: target.path,
+        round: 0,
+        concurrency,
+        sessions: 0,
+        errors: 0,
+        first_error: None,
+        sessions_per_s: 0.0,
+        p50_ms: 0.0,
+        p99_ms: 0.0,
+        server_cpu_s: None,
+        sessions_per_server_cpu_s: None,
+        bulk_gb_per_s: 0.0,
+        bulk_gb_per_server_cpu_s: None,
+        generator_cpu_s: 0.0,
+    };
+    if parts.sessions {
+        sessions(target, concurrency, duration, server_pids, &mut report).await?;
+    }
+    if parts.bulk {
+        bulk(target, duration, server_pids, &mut report).await?;
+    }
+    report.generator_cpu_s = procstat::self_cpu_seconds().unwrap_or(0.0) - gen0;
+    Ok(report)
+}
+
+/// New sessions back to back from `concurrency` workers for `duration`.
+async fn sessions(
+    target: &SshTarget,
+    concurrency: usize,
+    duration: Duration,
+    server_pids: &[u32],
+    report: &mut SshReport,
+) -> anyhow::Result<()> {
     let (key, cert) = keys(&target.user)?;
     let config = client_config();
-    let server_cpu = || -> Option<f64> {
-        server_pids
-            .iter()
-            .map(|p| procstat::tree_cpu_seconds(*p))
-            .sum()
-    };
-    let gen0 = procstat::self_cpu_seconds().unwrap_or(0.0);
-
-    // New sessions.
     let bar = crate::progress::timed(&format!("ssh sessions {:?}", target.path), duration);
-    let cpu0 = server_cpu();
+    let cpu0 = server_cpu(server_pids);
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = Vec::new();
@@ -252,87 +371,86 @@ pub async fn run(
         }));
     }
     let mut hist = Histogram::<u64>::new(3).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (mut errors, mut first_error) = (0, None);
     for t in tasks {
         let (h, e, f) = t.await??;
         hist.add(h).map_err(|e| anyhow::anyhow!("{e}"))?;
-        errors += e;
-        if first_error.is_none() {
-            first_error = f;
+        report.errors += e;
+        if report.first_error.is_none() {
+            report.first_error = f;
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
     drop(bar);
-    let cpu = match (cpu0, server_cpu()) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
+    let cpu = delta(cpu0, server_cpu(server_pids));
+    report.sessions = hist.len();
+    report.sessions_per_s = hist.len() as f64 / elapsed;
+    report.p50_ms = hist.value_at_quantile(0.5) as f64 / 1000.0;
+    report.p99_ms = hist.value_at_quantile(0.99) as f64 / 1000.0;
+    report.server_cpu_s = cpu;
+    report.sessions_per_server_cpu_s = cpu.filter(|c| *c > 0.0).map(|c| hist.len() as f64 / c);
+    Ok(())
+}
 
-    // Bulk: one channel into `cat > /dev/null` for the same duration.
-    let session = connect(target, Arc::clone(&config), Arc::clone(&key), cert.clone()).await?;
+/// One channel's upload into `cat > /dev/null` for `duration`.
+async fn bulk(
+    target: &SshTarget,
+    duration: Duration,
+    server_pids: &[u32],
+    report: &mut SshReport,
+) -> anyhow::Result<()> {
+    let (key, cert) = keys(&target.user)?;
+    let session = connect(target, client_config(), key, cert).await?;
     let ch = session.channel_open_session().await?;
     ch.exec(true, "cat > /dev/null").await?;
     let chunk = vec![0x5Au8; 32 * 1024];
-    let _bar = crate::progress::timed(
-        &format!("ssh bulk {:?}", target.path),
-        duration.min(Duration::from_secs(5)),
-    );
-    let bulk_cpu0 = server_cpu();
-    let bulk_start = Instant::now();
-    let bulk_deadline = bulk_start + duration.min(Duration::from_secs(5));
+    let _bar = crate::progress::timed(&format!("ssh bulk {:?}", target.path), duration);
+    let cpu0 = server_cpu(server_pids);
+    let start = Instant::now();
+    let deadline = start + duration;
     let mut sent = 0u64;
     let writer = ch.make_writer();
     tokio::pin!(writer);
-    while Instant::now() < bulk_deadline {
+    while Instant::now() < deadline {
         writer.write_all(&chunk).await?;
         sent += chunk.len() as u64;
     }
-    let bulk_s = bulk_start.elapsed().as_secs_f64();
-    let bulk_cpu = match (bulk_cpu0, server_cpu()) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = delta(cpu0, server_cpu(server_pids));
     let _ = writer.shutdown().await;
     let _ = session
         .disconnect(russh::Disconnect::ByApplication, "", "en")
         .await;
     let gb = sent as f64 / 1e9;
-
-    Ok(SshReport {
-        scenario: "ssh",
-        path: target.path,
-        concurrency,
-        sessions: hist.len(),
-        errors,
-        first_error,
-        sessions_per_s: hist.len() as f64 / elapsed,
-        p50_ms: hist.value_at_quantile(0.5) as f64 / 1000.0,
-        p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
-        server_cpu_s: cpu,
-        sessions_per_server_cpu_s: cpu.filter(|c| *c > 0.0).map(|c| hist.len() as f64 / c),
-        bulk_gb_per_s: gb / bulk_s,
-        bulk_gb_per_server_cpu_s: bulk_cpu.filter(|c| *c > 0.0).map(|c| gb / c),
-        generator_cpu_s: procstat::self_cpu_seconds().unwrap_or(0.0) - gen0,
-    })
+    report.bulk_gb_per_s = gb / secs;
+    report.bulk_gb_per_server_cpu_s = cpu.filter(|c| *c > 0.0).map(|c| gb / c);
+    Ok(())
 }
 
 pub fn print(r: &SshReport) {
-    println!(
-        "ssh {:<9} {:.0} sessions/s ({} ok, {} errors)  p50 {:.2} ms  p99 {:.2} ms{}  bulk {:.3} GB/s{}",
-        format!("{:?}", r.path).to_lowercase(),
-        r.sessions_per_s,
-        r.sessions,
-        r.errors,
-        r.p50_ms,
-        r.p99_ms,
-        r.sessions_per_server_cpu_s
-            .map(|s| format!("  {s:.0} per server CPU-second"))
-            .unwrap_or_default(),
-        r.bulk_gb_per_s,
-        r.bulk_gb_per_server_cpu_s
-            .map(|g| format!(" ({g:.2} GB per server CPU-second)"))
-            .unwrap_or_default(),
-    );
+    let mut line = format!("ssh {:<9}", format!("{:?}", r.path).to_lowercase());
+    if r.sessions + r.errors > 0 {
+        line.push_str(&format!(
+            " {:.0} sessions/s ({} ok, {} errors)  p50 {:.2} ms  p99 {:.2} ms{}",
+            r.sessions_per_s,
+            r.sessions,
+            r.errors,
+            r.p50_ms,
+            r.p99_ms,
+            r.sessions_per_server_cpu_s
+                .map(|s| format!("  {s:.0} per server CPU-second"))
+                .unwrap_or_default(),
+        ));
+    }
+    if r.bulk_gb_per_s > 0.0 {
+        line.push_str(&format!(
+            "  bulk {:.3} GB/s{}",
+            r.bulk_gb_per_s,
+            r.bulk_gb_per_server_cpu_s
+                .map(|g| format!(" ({g:.2} GB per server CPU-second)"))
+                .unwrap_or_default(),
+        ));
+    }
+    println!("{line}");
     if let Some(e) = &r.first_error {
         println!("    first error: {e}");
     }
