@@ -12,6 +12,7 @@ use nix::unistd::Pid;
 use russh::server::Msg;
 use russh::{ChannelId, ChannelWriteHalf, Sig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::unix::pipe;
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::SshNode;
@@ -65,6 +66,10 @@ pub(crate) struct SessionInfo {
 /// A started session. Dropping it (channel closed, connection gone) hangs the session up.
 pub(crate) struct Running {
     input: Option<mpsc::UnboundedSender<Input>>,
+    /// The child's stdin pipe (not with a PTY), written straight from the client's data while
+    /// nothing is queued: no copy, no hand-off to the pump. The pump holds it too, for what
+    /// had to be queued; the child sees EOF once both let go.
+    stdin: Option<Arc<pipe::Sender>>,
     budget: Arc<InputBudget>,
     pgid: Option<Pid>,
     exited: Arc<AtomicBool>,
@@ -76,15 +81,33 @@ pub(crate) struct Running {
 }
 
 impl Running {
-    /// Queue client data for the child's input.
+    /// Hand client data to the child's input: straight into its stdin pipe as far as the pipe
+    /// takes it while nothing is queued (only this task queues, so order holds), and the rest
+    /// queued for the pump.
     pub async fn send_data(&self, data: &[u8]) {
         self.bytes_in
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         let Some(tx) = &self.input else {
             return;
         };
-        self.budget.queued.fetch_add(data.len(), Ordering::AcqRel);
-        if tx.send(Input::Data(Bytes::copy_from_slice(data))).is_err() {
+        let mut rest = data;
+        if let Some(stdin) = &self.stdin
+            && self.budget.queued.load(Ordering::Acquire) == 0
+        {
+            while !rest.is_empty() {
+                match stdin.try_write(rest) {
+                    Ok(n) => rest = rest.get(n..).unwrap_or_default(),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    // The child closed its input: what it will not read is dropped, as before.
+                    Err(_) => return,
+                }
+            }
+            if rest.is_empty() {
+                return;
+            }
+        }
+        self.budget.queued.fetch_add(rest.len(), Ordering::AcqRel);
+        if tx.send(Input::Data(Bytes::copy_from_slice(rest))).is_err() {
             return;
         }
         while self.budget.queued.load(Ordering::Acquire) > MAX_QUEUED_INPUT && !tx.is_closed() {
@@ -98,6 +121,7 @@ impl Running {
     pub fn eof(&mut self) {
         if !self.has_pty {
             self.input = None;
+            self.stdin = None;
         }
     }
 
@@ -142,7 +166,7 @@ pub(crate) struct StartRequest<'a> {
 
 enum ChildIo {
     Pipes {
-        stdin: Option<tokio::process::ChildStdin>,
+        stdin: Option<Arc<pipe::Sender>>,
         stdout: Option<tokio::process::ChildStdout>,
         stderr: Option<tokio::process::ChildStderr>,
     },
@@ -161,8 +185,17 @@ pub(crate) fn start(req: StartRequest<'_>) -> Result<Running, String> {
                 .stderr(Stdio::piped())
                 .process_group(0);
             let mut child = cmd.spawn().map_err(|e| format!("could not start: {e}"))?;
+            let stdin = match child.stdin.take() {
+                Some(stdin) => Some(Arc::new(
+                    stdin
+                        .into_owned_fd()
+                        .and_then(pipe::Sender::from_owned_fd)
+                        .map_err(|e| format!("could not set up the process's input: {e}"))?,
+                )),
+                None => None,
+            };
             let io = ChildIo::Pipes {
-                stdin: child.stdin.take(),
+                stdin: stdin.clone(),
                 stdout: child.stdout.take(),
                 stderr: child.stderr.take(),
             };
@@ -210,11 +243,16 @@ pub(crate) fn start(req: StartRequest<'_>) -> Result<Running, String> {
         started: tokio::time::Instant::now(),
     };
     let budget_for_pump = budget.clone();
+    let stdin = match &io {
+        ChildIo::Pipes { stdin, .. } => stdin.clone(),
+        ChildIo::Pty(_) => None,
+    };
     tokio::spawn(async move {
         pump.run(&mut child, io, input_rx, budget_for_pump).await;
     });
     Ok(Running {
         input: Some(input_tx),
+        stdin,
         budget,
         pgid,
         exited,
@@ -325,14 +363,27 @@ where
     }
 }
 
+/// Write all of `data` to a pipe shared with the session's handler.
+async fn write_all_shared(stdin: &pipe::Sender, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        stdin.writable().await?;
+        match stdin.try_write(data) {
+            Ok(n) => data = data.get(n..).unwrap_or_default(),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 async fn copy_in_pipe(
-    mut stdin: tokio::process::ChildStdin,
+    stdin: Arc<pipe::Sender>,
     mut rx: mpsc::UnboundedReceiver<Input>,
     budget: Arc<InputBudget>,
 ) {
     while let Some(msg) = rx.recv().await {
         if let Input::Data(data) = msg {
-            let ok = stdin.write_all(&data).await.is_ok();
+            let ok = write_all_shared(&stdin, &data).await.is_ok();
             budget.queued.fetch_sub(data.len(), Ordering::AcqRel);
             budget.drained.notify_waiters();
             if !ok {
