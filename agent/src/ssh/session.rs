@@ -186,12 +186,15 @@ pub(crate) fn start(req: StartRequest<'_>) -> Result<Running, String> {
                 .process_group(0);
             let mut child = cmd.spawn().map_err(|e| format!("could not start: {e}"))?;
             let stdin = match child.stdin.take() {
-                Some(stdin) => Some(Arc::new(
-                    stdin
+                Some(stdin) => {
+                    let fd = stdin
                         .into_owned_fd()
-                        .and_then(pipe::Sender::from_owned_fd)
-                        .map_err(|e| format!("could not set up the process's input: {e}"))?,
-                )),
+                        .map_err(|e| format!("could not set up the process's input: {e}"))?;
+                    widen_pipe(&fd);
+                    Some(Arc::new(pipe::Sender::from_owned_fd(fd).map_err(|e| {
+                        format!("could not set up the process's input: {e}")
+                    })?))
+                }
                 None => None,
             };
             let io = ChildIo::Pipes {
@@ -360,6 +363,18 @@ where
         {
             open = false;
         }
+    }
+}
+
+/// The child's stdin pipe holds this much: a bulk upload then wakes the reader once per many
+/// packets instead of once per 32 KiB packet, and the reader takes bigger reads.
+const STDIN_PIPE_SIZE: i32 = 1 << 20;
+
+/// Enlarge a pipe to [`STDIN_PIPE_SIZE`]; where the system's limits refuse (an unprivileged
+/// agent past `fs.pipe-user-pages-soft`), it keeps the default size.
+fn widen_pipe(fd: &std::os::fd::OwnedFd) {
+    if let Err(e) = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(STDIN_PIPE_SIZE)) {
+        tracing::debug!("ssh: the session's input pipe keeps its default size: {e}");
     }
 }
 
