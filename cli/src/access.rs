@@ -120,12 +120,14 @@ where
     output.write_all(&leftover).await?;
     output.flush().await?;
     let up = async {
-        let r = tokio::io::copy(&mut input, &mut wr).await;
+        // Large reads become large writes: TLS records of full size, few syscalls.
+        let mut input = tokio::io::BufReader::with_capacity(256 * 1024, &mut input);
+        let r = tokio::io::copy_buf(&mut input, &mut wr).await;
         let _ = wr.shutdown().await;
         r
     };
     let down = async {
-        let mut buf = vec![0u8; 32 * 1024];
+        let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = rd.read(&mut buf).await?;
             if n == 0 {
@@ -163,7 +165,13 @@ pub async fn proxy_ssh(dir: &Path, spec: &str) -> anyhow::Result<()> {
     if !resp.ok {
         return Err(refusal(&resp));
     }
-    bridge(tls, leftover, tokio::io::stdin(), tokio::io::stdout()).await
+    bridge(
+        tls,
+        leftover,
+        crate::stdio::stdin(),
+        crate::stdio::stdout()?,
+    )
+    .await
 }
 
 /// `gsh proxy tcp APP --listen ADDR`: forward local connections to an app behind the Proxy.
