@@ -532,6 +532,30 @@ fn port_and_agent_forwarding_allowed_by_roles_refused_with_reasons() {
     assert_eq!(out.status, 0, "{}", out.stderr);
     assert_eq!(out.stdout, "hello through the tunnel\n");
 
+    // -R asking for every address: the role says loopback (the default), so the listener is on
+    // 127.0.0.1 only, whatever the client asked (as sshd's `GatewayPorts no`).
+    let rport = free_port();
+    let out = common::openssh(
+        &cfg_a,
+        &[
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            &format!("0.0.0.0:{rport}:127.0.0.1:{web}"),
+        ],
+        &dest,
+        &[&format!(
+            "curl -s --max-time 10 http://127.0.0.1:{rport}/hello.txt; \
+             curl -s --max-time 10 http://127.0.0.2:{rport}/hello.txt || echo not-on-127.0.0.2"
+        )],
+        None,
+    );
+    assert_eq!(
+        out.stdout, "hello through the tunnel\nnot-on-127.0.0.2\n",
+        "{}",
+        out.stderr
+    );
+
     // -A: the session sees the client's agent and its key.
     let agent_dir = tempfile::tempdir().unwrap();
     let sock = agent_dir.path().join("agent.sock");

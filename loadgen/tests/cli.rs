@@ -117,20 +117,38 @@ fn report(args: &[&str]) -> serde_json::Value {
 }
 
 /// The `ssh` scenario end to end, briefly: a spawned cluster and a real agent process, a real
-/// sshd beside it; sessions open without errors on both paths and bytes flow.
+/// sshd, and through a jump sshd to that sshd (ProxyJump); sessions open without errors on
+/// every path and bytes flow; then OpenSSH's scp copies a file on each path.
 #[test]
-fn ssh_scenario_runs_through_the_proxy_and_beside_openssh() {
-    let v = report(&["ssh", "--duration", "1s", "--concurrency", "2"]);
-    let rows = v.as_array().unwrap();
-    assert_eq!(rows.len(), 2, "{v}");
+fn ssh_scenario_runs_through_the_proxy_beside_proxyjump_and_openssh() {
+    let v = report(&[
+        "ssh",
+        "--duration",
+        "1s",
+        "--concurrency",
+        "2",
+        "--scp-mib",
+        "16",
+    ]);
+    assert_eq!(v["rounds"], 1, "{v}");
+    assert_eq!(v["skipped"].as_array().map(Vec::len), Some(0), "{v}");
+    let rows = v["medians"].as_array().unwrap();
+    let paths: Vec<&str> = rows.iter().map(|r| r["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["gatehouse", "proxyjump", "openssh"], "{v}");
     for row in rows {
         assert!(row["sessions"].as_u64().unwrap() > 0, "{row}");
         assert_eq!(row["errors"], 0, "{row}");
         assert!(row["bulk_gb_per_s"].as_f64().unwrap() > 0.0, "{row}");
         assert!(row["server_cpu_s"].as_f64().unwrap() > 0.0, "{row}");
     }
-    assert_eq!(rows[0]["path"], "gatehouse");
-    assert_eq!(rows[1]["path"], "openssh");
+    let scp = v["scp_medians"].as_array().unwrap();
+    let paths: Vec<&str> = scp.iter().map(|r| r["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["gatehouse", "proxyjump", "openssh"], "{v}");
+    for row in scp {
+        assert_eq!(row["bytes"], 16 << 20, "{row}");
+        assert!(row["gb_per_s"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["server_cpu_s"].as_f64().unwrap() > 0.0, "{row}");
+    }
 }
 
 /// The OpenSSH jump host baseline moves bytes and is charged its sshd children's CPU; rathole
