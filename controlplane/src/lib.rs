@@ -18,6 +18,7 @@ pub mod files;
 pub mod host;
 pub mod password;
 pub mod ratelimit;
+pub mod recordings;
 pub mod role;
 pub mod server;
 pub mod storage;

@@ -54,12 +54,28 @@ fn labels_match(
 }
 
 fn rule_matches(cond: &RoleConditions, kind: ResourceKind, verb: Verb) -> bool {
-    cond.rules.iter().any(|r| {
+    matching_rules(cond, kind, verb).next().is_some()
+}
+
+fn matching_rules(
+    cond: &RoleConditions,
+    kind: ResourceKind,
+    verb: Verb,
+) -> impl Iterator<Item = &crate::resources::Rule> {
+    cond.rules.iter().filter(move |r| {
         r.resources
             .iter()
             .any(|k| *k == ResourceKind::Any || *k == kind)
             && r.verbs.iter().any(|v| *v == Verb::Any || *v == verb)
     })
+}
+
+/// How much of a kind an allowed verb reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    /// Only what the caller owns (a rule with `own = true`).
+    Own,
 }
 
 impl RoleSet {
@@ -91,6 +107,17 @@ impl RoleSet {
             return Ok(());
         }
         Err(AccessDenied(format!("no role allows {verb} on {kind}")))
+    }
+
+    /// Like [`RoleSet::check_access`], and how far the allowing rules reach: every resource
+    /// of the kind, or only the caller's own (when every allowing rule says `own`).
+    pub fn scope(&self, kind: ResourceKind, verb: Verb) -> Result<Scope, AccessDenied> {
+        self.check_access(kind, verb)?;
+        let all = self
+            .roles
+            .iter()
+            .any(|r| matching_rules(&r.spec.allow, kind, verb).any(|rule| !rule.own));
+        Ok(if all { Scope::All } else { Scope::Own })
     }
 
     /// The logins the roles allow (templates expanded), less any a role denies. Sorted.

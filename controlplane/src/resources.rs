@@ -18,6 +18,8 @@ pub enum ResourceKind {
     Node,
     Event,
     CertAuthority,
+    /// Session recordings (and live sessions to join).
+    Session,
     #[serde(rename = "*")]
     Any,
 }
@@ -34,6 +36,7 @@ impl ResourceKind {
             ResourceKind::Node => "node",
             ResourceKind::Event => "event",
             ResourceKind::CertAuthority => "cert_authority",
+            ResourceKind::Session => "session",
             ResourceKind::Any => "*",
         }
     }
@@ -123,6 +126,10 @@ impl OneOrMany {
 pub struct Rule {
     pub resources: Vec<ResourceKind>,
     pub verbs: Vec<Verb>,
+    /// In an allow rule: only what the caller owns (sessions they took part in). A deny rule
+    /// denies everything it names whatever this says.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub own: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -395,6 +402,12 @@ fn validate(resource: &Resource) -> Result<(), ResourceError> {
                             "must not be empty",
                         ));
                     }
+                    if rule.own && rule.resources.iter().any(|k| *k != ResourceKind::Session) {
+                        return Err(ResourceError::field(
+                            format!("spec.{side}.rules[{i}].own"),
+                            "only sessions have owners: use it with resources = [\"session\"]",
+                        ));
+                    }
                 }
             }
             Ok(())
@@ -467,6 +480,12 @@ pub fn preset_roles() -> Vec<Role> {
     let rule = |resources: &[ResourceKind], verbs: &[Verb]| Rule {
         resources: resources.to_vec(),
         verbs: verbs.to_vec(),
+        own: false,
+    };
+    let own = |resources: &[ResourceKind], verbs: &[Verb]| Rule {
+        resources: resources.to_vec(),
+        verbs: verbs.to_vec(),
+        own: true,
     };
     use ResourceKind as K;
     use Verb as V;
@@ -479,7 +498,10 @@ pub fn preset_roles() -> Vec<Role> {
                 allow: RoleConditions {
                     logins: vec!["{{internal.logins}}".into()],
                     node_labels: [("*".to_string(), OneOrMany::One("*".into()))].into(),
-                    rules: vec![rule(&[K::Node, K::CertAuthority], &[V::List, V::Read])],
+                    rules: vec![
+                        rule(&[K::Node, K::CertAuthority], &[V::List, V::Read]),
+                        own(&[K::Session], &[V::List, V::Read]),
+                    ],
                 },
                 deny: RoleConditions::default(),
             },
@@ -502,13 +524,13 @@ pub fn preset_roles() -> Vec<Role> {
         ),
         all(
             "auditor",
-            "Read the audit log",
+            "Read the audit log and every session recording",
             RoleSpec {
                 options: RoleOptions::default(),
                 allow: RoleConditions {
                     logins: vec![],
                     node_labels: BTreeMap::new(),
-                    rules: vec![rule(&[K::Event], &[V::List, V::Read])],
+                    rules: vec![rule(&[K::Event, K::Session], &[V::List, V::Read])],
                 },
                 deny: RoleConditions::default(),
             },

@@ -34,6 +34,8 @@ pub struct AuthConfig {
     pub listen: SocketAddr,
     /// Extra names/IPs for the Auth server certificate.
     pub public_addrs: Vec<String>,
+    /// Session recordings: how agents record, and where Auth keeps them.
+    pub recording: crate::recordings::RecordingConfig,
 }
 
 impl Default for AuthConfig {
@@ -41,6 +43,7 @@ impl Default for AuthConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 3025)),
             public_addrs: vec![],
+            recording: Default::default(),
         }
     }
 }
@@ -221,9 +224,17 @@ async fn prepare(
         .local_addr()
         .map_err(io("the Auth API's address"))?;
     let ca_pin = tls_ca.pin();
+    let recordings = crate::recordings::RecordingStore::open(data_dir, &config.recording)
+        .map_err(setup("session recordings storage"))?;
+    tracing::info!(
+        storage = recordings.describe(),
+        mode = config.recording.mode.as_str(),
+        "auth: session recordings"
+    );
     let state = Arc::new(
         AuthState::new(cluster.clone(), store, user_ca, host_ca, tls_ca)
-            .map_err(setup("the password hasher"))?,
+            .map_err(setup("the password hasher"))?
+            .with_recordings(config.recording.clone(), recordings),
     );
     state.metrics.register(registry);
     Ok(PreparedAuth {

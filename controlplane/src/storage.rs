@@ -13,6 +13,9 @@ use sqlx::sqlite::{
 
 use crate::resources::{Role, User};
 
+mod recordings;
+pub use recordings::{RecordingFilter, RecordingRow};
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {

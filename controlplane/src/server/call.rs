@@ -56,11 +56,15 @@ pub(crate) enum Rpc {
     SearchEvents,
     UpsertNodes,
     ListNodes,
+    GetClusterSettings,
+    UploadRecording,
+    ListRecordings,
+    ReadRecording,
 }
 
 impl Rpc {
     #[cfg(test)]
-    pub(crate) const ALL: [Rpc; 19] = [
+    pub(crate) const ALL: [Rpc; 23] = [
         Rpc::Ping,
         Rpc::Login,
         Rpc::Join,
@@ -80,6 +84,10 @@ impl Rpc {
         Rpc::SearchEvents,
         Rpc::UpsertNodes,
         Rpc::ListNodes,
+        Rpc::GetClusterSettings,
+        Rpc::UploadRecording,
+        Rpc::ListRecordings,
+        Rpc::ReadRecording,
     ];
 
     /// The access rule: the one table of who may call what.
@@ -88,7 +96,7 @@ impl Rpc {
         use ResourceKind as K;
         match self {
             Rpc::Ping | Rpc::Login | Rpc::Join => Public,
-            Rpc::WhoAmI | Rpc::ChangePassword => Authenticated,
+            Rpc::WhoAmI | Rpc::ChangePassword | Rpc::GetClusterSettings => Authenticated,
             Rpc::CreateUser => Rule(K::User, Verb::Create),
             Rpc::ResetPassword => Rule(K::User, Verb::Update),
             Rpc::UpsertResource | Rpc::GetResource | Rpc::ListResources | Rpc::DeleteResource => {
@@ -102,6 +110,10 @@ impl Rpc {
             Rpc::SearchEvents => Rule(K::Event, Verb::List),
             Rpc::UpsertNodes => Rule(K::Node, Verb::Update),
             Rpc::ListNodes => Rule(K::Node, Verb::List),
+            Rpc::UploadRecording => Rule(K::Session, Verb::Create),
+            // Narrowed to the caller's own sessions by the handler when the rules say `own`.
+            Rpc::ListRecordings => Rule(K::Session, Verb::List),
+            Rpc::ReadRecording => Rule(K::Session, Verb::Read),
         }
     }
 
@@ -127,6 +139,10 @@ impl Rpc {
             Rpc::SearchEvents => "SearchEvents",
             Rpc::UpsertNodes => "UpsertNodes",
             Rpc::ListNodes => "ListNodes",
+            Rpc::GetClusterSettings => "GetClusterSettings",
+            Rpc::UploadRecording => "UploadRecording",
+            Rpc::ListRecordings => "ListRecordings",
+            Rpc::ReadRecording => "ReadRecording",
         }
     }
 }
@@ -331,7 +347,11 @@ fn builtin_role(name: &str, rules: Vec<Rule>) -> Role {
 }
 
 fn rule(resources: Vec<ResourceKind>, verbs: Vec<Verb>) -> Rule {
-    Rule { resources, verbs }
+    Rule {
+        resources,
+        verbs,
+        own: false,
+    }
 }
 
 /// Built-in role for the admin identity written to the data dir for `gctl`.
@@ -365,6 +385,9 @@ fn node_role() -> Role {
             rule(vec![ResourceKind::Node], vec![Verb::Create, Verb::Update]),
             rule(vec![ResourceKind::Event], vec![Verb::Create]),
             rule(vec![ResourceKind::CertAuthority], vec![Verb::Read]),
+            // Agents upload the recordings of the sessions they serve (their own only: the
+            // handler checks the recording names the calling host).
+            rule(vec![ResourceKind::Session], vec![Verb::Create]),
             // Agents evaluate node access locally from the roles in user certificates.
             rule(vec![ResourceKind::Role], vec![Verb::Read, Verb::List]),
         ],

@@ -5,7 +5,8 @@
 //! - `login`: ping, login, who-am-i, password change (what a person does for themselves);
 //! - `join`: hosts (agents, proxies) joining with a token, and their host certificates;
 //! - `users`, `documents` (roles and users as TOML/JSON resources), `tokens`, `authorities`,
-//!   `events` (the audit log), `nodes` (inventory from heartbeats).
+//!   `events` (the audit log), `nodes` (inventory from heartbeats), `recordings` (session
+//!   recordings and the cluster's recording settings).
 
 mod authorities;
 pub(crate) mod call;
@@ -14,6 +15,7 @@ mod events;
 mod join;
 mod login;
 mod nodes;
+mod recordings;
 #[cfg(test)]
 mod tests;
 mod tokens;
@@ -109,6 +111,12 @@ pub struct AuthState {
     pub(crate) hasher: password::HasherPool,
     /// Verified against when the user does not exist, so both cases cost the same.
     pub(crate) dummy_hash: String,
+    /// How agents record sessions (`[auth.recording]`).
+    pub recording_config: crate::recordings::RecordingConfig,
+    /// Where recordings are kept (none: this Auth refuses uploads).
+    pub recording_store: Option<crate::recordings::RecordingStore>,
+    /// One upload at a time per recording.
+    upload_locks: Mutex<std::collections::HashMap<String, recordings::RecordingLock>>,
 }
 
 impl std::fmt::Debug for AuthState {
@@ -141,7 +149,30 @@ impl AuthState {
             hasher: password::HasherPool::new(cpus)
                 .map_err(|e| password::PasswordError::Hash(e.to_string()))?,
             dummy_hash: password::hash(&password::generate())?,
+            recording_config: Default::default(),
+            recording_store: None,
+            upload_locks: Mutex::default(),
         })
+    }
+
+    /// Keep session recordings in `store`, recorded as `config` says.
+    pub fn with_recordings(
+        mut self,
+        config: crate::recordings::RecordingConfig,
+        store: crate::recordings::RecordingStore,
+    ) -> Self {
+        self.recording_config = config;
+        self.recording_store = Some(store);
+        self
+    }
+
+    /// The lock of one recording's uploads (entries of idle recordings are dropped).
+    pub(crate) fn recording_lock(&self, id: &str) -> recordings::RecordingLock {
+        let Ok(mut locks) = self.upload_locks.lock() else {
+            return Arc::default();
+        };
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        Arc::clone(locks.entry(id.to_owned()).or_default())
     }
 }
 
@@ -515,5 +546,36 @@ impl Auth for AuthService {
         req: Request<proto::ListNodesRequest>,
     ) -> Result<Response<proto::ListNodesResponse>, Status> {
         self.handle(Rpc::ListNodes, req, nodes::list).await
+    }
+
+    async fn get_cluster_settings(
+        &self,
+        req: Request<proto::GetClusterSettingsRequest>,
+    ) -> Result<Response<proto::GetClusterSettingsResponse>, Status> {
+        self.handle(Rpc::GetClusterSettings, req, recordings::settings)
+            .await
+    }
+
+    async fn upload_recording(
+        &self,
+        req: Request<proto::UploadRecordingRequest>,
+    ) -> Result<Response<proto::UploadRecordingResponse>, Status> {
+        self.handle(Rpc::UploadRecording, req, recordings::upload)
+            .await
+    }
+
+    async fn list_recordings(
+        &self,
+        req: Request<proto::ListRecordingsRequest>,
+    ) -> Result<Response<proto::ListRecordingsResponse>, Status> {
+        self.handle(Rpc::ListRecordings, req, recordings::list)
+            .await
+    }
+
+    async fn read_recording(
+        &self,
+        req: Request<proto::ReadRecordingRequest>,
+    ) -> Result<Response<proto::ReadRecordingResponse>, Status> {
+        self.handle(Rpc::ReadRecording, req, recordings::read).await
     }
 }

@@ -1,0 +1,277 @@
+//! Where Auth keeps session recordings: chunks of a recording still arriving are appended (and
+//! synced) to a staging file under the data dir; a finished recording, once verified, becomes one
+//! object in the configured store — files under the data dir by default, or an S3-compatible
+//! bucket (`object_store`, multipart above 8 MiB) — and its staging file is removed.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use object_store::ObjectStore;
+use object_store::path::Path as ObjectPath;
+use serde::{Deserialize, Serialize};
+
+/// `[auth.recording]` in the daemon's config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordingConfig {
+    /// `node`: agents record every SSH session; `off`: nothing is recorded.
+    pub mode: RecordingMode,
+    /// What an agent does with a session whose recording cannot be written.
+    pub on_failure: OnFailure,
+    /// `file` (under the data dir) or `s3://bucket/prefix`.
+    pub storage: String,
+    /// For S3-compatible stores other than AWS (e.g. `http://127.0.0.1:9000`).
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+}
+
+impl Default for RecordingConfig {
+    fn default() -> Self {
+        Self {
+            mode: RecordingMode::Node,
+            on_failure: OnFailure::Continue,
+            storage: "file".into(),
+            endpoint: None,
+            region: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordingMode {
+    Node,
+    Off,
+}
+
+impl RecordingMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordingMode::Node => "node",
+            RecordingMode::Off => "off",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// The session goes on unrecorded from there (audited).
+    Continue,
+    /// The session is not started, or is ended with a message saying why.
+    Refuse,
+}
+
+impl OnFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::Continue => "continue",
+            OnFailure::Refuse => "refuse",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordingStoreError {
+    #[error("recordings storage `{0}`: use `file` or `s3://bucket/prefix`")]
+    BadUrl(String),
+    #[error("object store: {0}")]
+    Object(#[from] object_store::Error),
+    #[error("staging: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Objects larger than this go up in parts.
+const MULTIPART_THRESHOLD: u64 = 8 * 1024 * 1024;
+const PART_SIZE: usize = 8 * 1024 * 1024;
+
+pub struct RecordingStore {
+    staging: PathBuf,
+    objects: Arc<dyn ObjectStore>,
+    prefix: ObjectPath,
+    describe: String,
+}
+
+impl std::fmt::Debug for RecordingStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe)
+    }
+}
+
+impl RecordingStore {
+    /// Open the store `config` names; staging files live in `<data_dir>/recordings/staging`.
+    pub fn open(data_dir: &Path, config: &RecordingConfig) -> Result<Self, RecordingStoreError> {
+        let root = data_dir.join("recordings");
+        let staging = root.join("staging");
+        crate::files::create_private_dir(&staging)?;
+        if config.storage == "file" || config.storage.is_empty() {
+            let objects = root.join("objects");
+            crate::files::create_private_dir(&objects)?;
+            let store = object_store::local::LocalFileSystem::new_with_prefix(&objects)?;
+            return Ok(Self {
+                staging,
+                objects: Arc::new(store),
+                prefix: ObjectPath::from(""),
+                describe: format!("files under {}", objects.display()),
+            });
+        }
+        let Some(rest) = config.storage.strip_prefix("s3://") else {
+            return Err(RecordingStoreError::BadUrl(config.storage.clone()));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(RecordingStoreError::BadUrl(config.storage.clone()));
+        }
+        // Credentials from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, …).
+        let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        if let Some(endpoint) = &config.endpoint {
+            b = b
+                .with_endpoint(endpoint)
+                .with_allow_http(endpoint.starts_with("http://"))
+                .with_virtual_hosted_style_request(false);
+        }
+        if let Some(region) = &config.region {
+            b = b.with_region(region);
+        }
+        Ok(Self {
+            staging,
+            objects: Arc::new(b.build()?),
+            prefix: ObjectPath::from(prefix.trim_matches('/')),
+            describe: format!("s3://{bucket}/{prefix}"),
+        })
+    }
+
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    fn staging_path(&self, id: &str) -> PathBuf {
+        self.staging.join(format!("{id}.rec"))
+    }
+
+    fn object_path(&self, id: &str) -> ObjectPath {
+        self.prefix.child(format!("{id}.rec"))
+    }
+
+    /// Append whole chunks at `offset` of a recording still arriving, durably. A staging file
+    /// longer than `offset` (a crash after the write, before the index moved) is cut back first.
+    pub async fn append(&self, id: &str, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        let path = self.staging_path(id);
+        let data = data.to_vec();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut opts = std::fs::OpenOptions::new();
+            opts.create(true).write(true).truncate(false);
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            let mut f = opts.open(&path)?;
+            if f.metadata()?.len() != offset {
+                f.set_len(offset)?;
+            }
+            f.seek(SeekFrom::Start(offset))?;
+            f.write_all(&data)?;
+            f.sync_data()
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    /// Read `range` of a recording: from its staging file while it arrives, else its object.
+    pub async fn read(
+        &self,
+        id: &str,
+        live: bool,
+        range: Range<u64>,
+    ) -> Result<Vec<u8>, RecordingStoreError> {
+        if live {
+            let path = self.staging_path(id);
+            return Ok(
+                tokio::task::spawn_blocking(move || read_range(&path, range))
+                    .await
+                    .map_err(std::io::Error::other)??,
+            );
+        }
+        let bytes = self.objects.get_range(&self.object_path(id), range).await?;
+        Ok(bytes.to_vec())
+    }
+
+    /// The whole staging file, read in pieces through `f` (verification before it is kept).
+    pub async fn scan_staging(
+        &self,
+        id: &str,
+    ) -> Result<gatehouse_recording::Scan, RecordingStoreError> {
+        let path = self.staging_path(id);
+        Ok(tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            use std::io::Read;
+            let mut f = std::fs::File::open(&path)?;
+            let mut reader = gatehouse_recording::Reader::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut error = None;
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                reader.push(buf.get(..n).unwrap_or_default());
+                loop {
+                    match reader.next_chunk() {
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(e) => {
+                            error = Some(e);
+                            break;
+                        }
+                    }
+                }
+                if error.is_some() {
+                    break;
+                }
+            }
+            if error.is_none() {
+                error = reader.finish().err();
+            }
+            Ok(gatehouse_recording::Scan { reader, error })
+        })
+        .await
+        .map_err(std::io::Error::other)??)
+    }
+
+    /// Keep a finished, verified recording: its staging file becomes an object (in parts when
+    /// large), then the staging file goes.
+    pub async fn keep(&self, id: &str) -> Result<u64, RecordingStoreError> {
+        let path = self.staging_path(id);
+        let len = tokio::fs::metadata(&path).await?.len();
+        let object = self.object_path(id);
+        if len <= MULTIPART_THRESHOLD {
+            let bytes = tokio::fs::read(&path).await?;
+            self.objects.put(&object, bytes.into()).await?;
+        } else {
+            use tokio::io::AsyncReadExt;
+            let upload = self.objects.put_multipart(&object).await?;
+            let mut w = object_store::WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+            let mut f = tokio::fs::File::open(&path).await?;
+            let mut buf = vec![0u8; PART_SIZE];
+            loop {
+                let n = f.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                w.wait_for_capacity(2).await?;
+                w.write(buf.get(..n).unwrap_or_default());
+            }
+            w.finish().await?;
+        }
+        tokio::fs::remove_file(&path).await?;
+        Ok(len)
+    }
+}
+
+fn read_range(path: &Path, range: Range<u64>) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    f.seek(SeekFrom::Start(range.start))?;
+    let mut out = Vec::new();
+    f.take(range.end.saturating_sub(range.start))
+        .read_to_end(&mut out)?;
+    Ok(out)
+}
