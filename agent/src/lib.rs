@@ -1,8 +1,9 @@
 //! Agent services: the reverse tunnel to the Proxy with heartbeats and jittered reconnects
-//! (`runner`), the SSH node service (`ssh`), TCP apps, and the audit spool (`spool`); `role`
-//! starts them all as a daemon role.
+//! (`runner`), the SSH node service (`ssh`), TCP apps, the audit spool (`spool`) and session
+//! recordings (`recording`); `role` starts them all as a daemon role.
 
 pub mod backoff;
+pub mod recording;
 pub mod role;
 pub mod runner;
 pub mod spool;

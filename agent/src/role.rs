@@ -15,6 +15,7 @@ use gatehouse_controlplane::resources::{Resource, Role};
 use gatehouse_controlplane::server::AuthService;
 use gatehouse_dataplane::io::quic::TunnelTransport;
 
+use crate::recording::Recordings;
 use crate::runner::{SshService, StreamMeta, TunnelClientConfig, TunnelStatus, TunnelThread};
 use crate::spool::Spool;
 use crate::ssh::{AuditSink, BoxFuture, ConnMeta, RoleSource, SshNode, SshNodeConfig};
@@ -39,18 +40,26 @@ pub struct AgentRoleConfig {
     pub tcp_congestion: Option<String>,
     /// For an agent without a local Auth.
     pub join: JoinParams,
+    /// Bytes of session recordings the agent keeps on disk while Auth has not taken them.
+    pub recording_quota: u64,
 }
+
+/// The default recording spool quota: 1 GiB.
+pub const DEFAULT_RECORDING_QUOTA: u64 = 1 << 30;
 
 /// A running agent.
 #[derive(Debug)]
 pub struct AgentHandle {
     pub status: Arc<TunnelStatus>,
     pub spool: Arc<Spool>,
+    /// Session recordings (when the agent serves SSH).
+    pub recordings: Option<Arc<Recordings>>,
     /// The node's name as its certificate says.
     pub node_name: String,
     pub cluster: String,
     tunnel: TunnelThread,
     deliver: tokio::task::JoinHandle<()>,
+    upload: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl AgentHandle {
@@ -58,6 +67,9 @@ impl AgentHandle {
     pub fn shutdown(self) {
         self.tunnel.stop();
         self.deliver.abort();
+        if let Some(u) = self.upload {
+            u.abort();
+        }
     }
 }
 
@@ -144,10 +156,28 @@ pub async fn start(
     let auth = Arc::new(AuthLink::new(identity.auth_endpoint(&config.proxy_addr)));
     let deliver = tokio::spawn(deliver(Arc::clone(&spool), Arc::clone(&auth)));
 
+    let mut recordings = None;
+    let mut upload = None;
     let ssh: Option<Arc<dyn SshService>> = if config.ssh {
+        let host_key = ssh_key::PrivateKey::from_openssh(&identity.ssh_key)
+            .map_err(|e| AgentError::Identity(e.to_string()))?;
+        let audit: Arc<dyn AuditSink> = Arc::new(SpoolSink(Arc::clone(&spool)));
+        let recs = Recordings::open(
+            &config.data_dir.join("recordings"),
+            config.recording_quota,
+            gatehouse_recording::Signer {
+                key: host_key.clone(),
+                certificate: identity.ssh_cert.trim().to_owned(),
+            },
+            Arc::clone(&audit),
+        )?;
+        upload = Some(crate::recording::spawn_uploader(
+            Arc::clone(&recs),
+            Arc::clone(&auth),
+        ));
+        recordings = Some(Arc::clone(&recs));
         let cfg = SshNodeConfig {
-            host_key: ssh_key::PrivateKey::from_openssh(&identity.ssh_key)
-                .map_err(|e| AgentError::Identity(e.to_string()))?,
+            host_key,
             host_cert: ssh_key::Certificate::from_openssh(&identity.ssh_cert)
                 .map_err(|e| AgentError::Identity(e.to_string()))?,
             user_ca_keys: identity
@@ -163,7 +193,7 @@ pub async fn start(
             auth: Arc::clone(&auth),
             cache: Mutex::new(HashMap::new()),
         });
-        let node = SshNode::new(cfg, roles, Arc::new(SpoolSink(Arc::clone(&spool))))?;
+        let node = SshNode::new(cfg, roles, audit)?.with_recordings(recs);
         Some(Arc::new(SshAdapter(Arc::new(node))))
     } else {
         None
@@ -189,6 +219,8 @@ pub async fn start(
     Ok(AgentHandle {
         status,
         spool,
+        recordings,
+        upload,
         node_name,
         cluster,
         tunnel,
@@ -197,7 +229,7 @@ pub async fn start(
 }
 
 /// A lazily (re)connected Auth client, reached through the Proxy's pass-through.
-struct AuthLink {
+pub(crate) struct AuthLink {
     endpoint: AuthEndpoint,
     client: tokio::sync::Mutex<Option<Client>>,
 }
@@ -210,7 +242,7 @@ impl AuthLink {
         }
     }
 
-    async fn client(&self) -> Result<Client, String> {
+    pub(crate) async fn client(&self) -> Result<Client, String> {
         let mut guard = self.client.lock().await;
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
@@ -224,7 +256,7 @@ impl AuthLink {
         Ok(c)
     }
 
-    async fn forget(&self) {
+    pub(crate) async fn forget(&self) {
         *self.client.lock().await = None;
     }
 }

@@ -192,4 +192,5 @@ pub fn read_stdin_line() -> anyhow::Result<String> {
     Ok(line.trim_end_matches(['\n', '\r']).to_owned())
 }
 pub mod access;
+pub mod recordings;
 pub mod stdio;

@@ -161,6 +161,8 @@ pub struct SshNode {
     russh_config: Arc<russh::server::Config>,
     roles: Arc<dyn RoleSource>,
     audit: Arc<dyn AuditSink>,
+    /// Where shell and exec sessions are recorded (none: not recorded).
+    recordings: Option<Arc<crate::recording::Recordings>>,
 }
 
 impl std::fmt::Debug for SshNode {
@@ -226,7 +228,14 @@ impl SshNode {
             russh_config: Arc::new(russh_config),
             roles,
             audit,
+            recordings: None,
         })
+    }
+
+    /// Record the shell and exec sessions this node serves.
+    pub fn with_recordings(mut self, recordings: Arc<crate::recording::Recordings>) -> Self {
+        self.recordings = Some(recordings);
+        self
     }
 
     pub fn node_name(&self) -> &str {

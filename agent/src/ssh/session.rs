@@ -18,6 +18,8 @@ use tokio::sync::{Notify, mpsc, watch};
 use super::SshNode;
 use super::process::{LoginUser, Program, build_command, session_env};
 use super::signals::{sig_name, signal_from_ssh, signal_to_ssh};
+use crate::recording::SessionRecording;
+use gatehouse_recording::{EndInfo, Event, SessionKind, SessionMeta};
 
 /// Client input queued for the child beyond this many bytes stalls the connection until the
 /// child reads (russh re-opens the receive window by itself, so this is the only brake).
@@ -77,6 +79,7 @@ pub(crate) struct Running {
     done: Arc<AtomicBool>,
     has_pty: bool,
     bytes_in: Arc<AtomicU64>,
+    recording: Option<Arc<SessionRecording>>,
     _hangup: watch::Sender<()>,
 }
 
@@ -126,6 +129,11 @@ impl Running {
     }
 
     pub fn resize(&self, cols: u32, rows: u32) -> bool {
+        if let Some(rec) = &self.recording
+            && self.has_pty
+        {
+            rec.record(&Event::Resize { cols, rows });
+        }
         match &self.input {
             Some(tx) if self.has_pty => tx.send(Input::Resize(pty_size(cols, rows))).is_ok(),
             _ => false,
@@ -173,8 +181,43 @@ enum ChildIo {
     Pty(pty_process::Pty),
 }
 
+/// Start recording a shell or exec session (subsystems are audited, not recorded). The error
+/// says why the session may not start.
+fn begin_recording(req: &StartRequest<'_>) -> Result<Option<Arc<SessionRecording>>, String> {
+    let Some(recs) = &req.node.recordings else {
+        return Ok(None);
+    };
+    let command = match &req.program {
+        Program::Shell => None,
+        Program::Exec(c) => Some(String::from_utf8_lossy(c).into_owned()),
+        Program::Subsystem { .. } => return Ok(None),
+    };
+    let meta = SessionMeta {
+        id: req.info.session_id.clone(),
+        cluster: req.node.config.cluster.clone(),
+        user: req.info.key_id.clone(),
+        login: req.info.login.clone(),
+        node: req.node.config.node_name.clone(),
+        node_id: req.node.config.host_cert.key_id().to_owned(),
+        kind: if req.pty.is_some() {
+            SessionKind::Interactive
+        } else {
+            SessionKind::Exec
+        },
+        command,
+        term: req.pty.map(|p| p.term.clone()),
+        cols: req.pty.map_or(0, |p| p.cols),
+        rows: req.pty.map_or(0, |p| p.rows),
+        started_unix_ms: crate::recording::now_ms(),
+        source_addr: req.info.source_addr.clone(),
+    };
+    recs.begin(meta)
+        .map_err(|e| format!("the session was not started: its recording cannot be written ({e})"))
+}
+
 /// Spawn the session's process and its pumps. The error is a reason fit for the client's log.
 pub(crate) fn start(req: StartRequest<'_>) -> Result<Running, String> {
+    let recording = begin_recording(&req)?;
     let term = req.pty.map(|p| p.term.as_str());
     let env = session_env(req.user, term, req.client_env, &req.info.session_id);
     let mut cmd = build_command(req.user, &req.program, &env)?;
@@ -244,6 +287,7 @@ pub(crate) fn start(req: StartRequest<'_>) -> Result<Running, String> {
         bytes_in: bytes_in.clone(),
         hangup: hangup_rx,
         started: tokio::time::Instant::now(),
+        recording: recording.clone(),
     };
     let budget_for_pump = budget.clone();
     let stdin = match &io {
@@ -262,6 +306,7 @@ pub(crate) fn start(req: StartRequest<'_>) -> Result<Running, String> {
         done,
         has_pty,
         bytes_in,
+        recording,
         _hangup: hangup_tx,
     })
 }
@@ -330,6 +375,15 @@ struct Pump {
     bytes_in: Arc<AtomicU64>,
     hangup: watch::Receiver<()>,
     started: tokio::time::Instant,
+    recording: Option<Arc<SessionRecording>>,
+}
+
+/// Resolves when the session's recording failed and the cluster ends such sessions.
+async fn refused(rec: Option<&SessionRecording>) -> String {
+    match rec {
+        Some(r) => r.refused().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves once the session's [`Running`] is dropped.
@@ -343,8 +397,20 @@ fn signal_group(pgid: Option<Pid>, signal: Signal) {
     }
 }
 
-async fn copy_out<R, W>(mut from: R, mut to: W, counter: Arc<AtomicU64>)
-where
+/// Which stream an output pump records.
+#[derive(Clone, Copy)]
+enum Stream {
+    Pty,
+    Stdout,
+    Stderr,
+}
+
+async fn copy_out<R, W>(
+    mut from: R,
+    mut to: W,
+    counter: Arc<AtomicU64>,
+    rec: Option<(Arc<SessionRecording>, Stream)>,
+) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
@@ -356,6 +422,16 @@ where
             Ok(n) => n,
         };
         counter.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some((rec, stream)) = &rec
+            && let Some(chunk) = buf.get(..n)
+        {
+            let data = chunk.to_vec();
+            rec.record(&match stream {
+                Stream::Pty => Event::Output(data),
+                Stream::Stdout => Event::Stdout(data),
+                Stream::Stderr => Event::Stderr(data),
+            });
+        }
         // Once the channel is gone keep reading (and discarding) so the child never blocks.
         if open
             && let Some(chunk) = buf.get(..n)
@@ -453,26 +529,38 @@ impl Pump {
                 }
                 if let Some(stdout) = stdout {
                     let w = self.write.make_writer();
-                    outputs.push(tokio::spawn(copy_out(stdout, w, bytes_out.clone())));
+                    let rec = self.recording.clone().map(|r| (r, Stream::Stdout));
+                    outputs.push(tokio::spawn(copy_out(stdout, w, bytes_out.clone(), rec)));
                 }
                 if let Some(stderr) = stderr {
                     let w = self.write.make_writer_ext(Some(1));
-                    outputs.push(tokio::spawn(copy_out(stderr, w, bytes_out.clone())));
+                    let rec = self.recording.clone().map(|r| (r, Stream::Stderr));
+                    outputs.push(tokio::spawn(copy_out(stderr, w, bytes_out.clone(), rec)));
                 }
             }
             ChildIo::Pty(pty) => {
                 let (reader, writer) = pty.into_split();
                 tokio::spawn(copy_in_pty(writer, input, budget));
                 let w = self.write.make_writer();
-                outputs.push(tokio::spawn(copy_out(reader, w, bytes_out.clone())));
+                let rec = self.recording.clone().map(|r| (r, Stream::Pty));
+                outputs.push(tokio::spawn(copy_out(reader, w, bytes_out.clone(), rec)));
             }
         }
 
         let mut hung_up_early = false;
+        let mut ended_because = None;
+        let recording = self.recording.clone();
         let status = tokio::select! {
             s = child.wait() => s.ok(),
             () = hung_up(&mut self.hangup) => {
                 hung_up_early = true;
+                self.hang_up(child).await
+            }
+            why = refused(recording.as_deref()) => {
+                let message = format!("\r\ngatehouse: this session is ended: its recording cannot be written ({why})\r\n");
+                let _ = self.write.make_writer_ext(Some(1)).write_all(message.as_bytes()).await;
+                tracing::warn!(session_id = %self.info.session_id, reason = %why, "ssh: session ended: recording failed (on_failure = refuse)");
+                ended_because = Some(format!("its recording cannot be written ({why})"));
                 self.hang_up(child).await
             }
         };
@@ -498,6 +586,18 @@ impl Pump {
 
         if !hung_up_early {
             self.report_exit(status).await;
+        }
+        if let Some(rec) = &self.recording {
+            rec.finish(EndInfo {
+                exit_status: status
+                    .and_then(|s| s.code())
+                    .and_then(|c| u32::try_from(c).ok()),
+                exit_signal: status
+                    .and_then(|s| s.signal())
+                    .map(|s| sig_name(&signal_to_ssh(s))),
+                reason: ended_because,
+                ended_unix_ms: crate::recording::now_ms(),
+            });
         }
         self.done.store(true, Ordering::Release);
         self.audit_end(status, bytes_out.load(Ordering::Relaxed));
@@ -578,6 +678,8 @@ impl Pump {
                 "duration_ms": duration_ms,
                 "exit_code": exit_code,
                 "exit_signal": exit_signal,
+                "recording": self.recording.as_ref().map(|r| r.id()),
+                "recording_failure": self.recording.as_ref().and_then(|r| r.failure()),
             }),
         );
     }

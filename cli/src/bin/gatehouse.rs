@@ -177,6 +177,9 @@ struct AgentSection {
     /// TCP congestion control for the tunnel's connection, e.g. `cubic`; unset keeps the
     /// host's default.
     tcp_congestion: Option<String>,
+    /// Session recordings kept on disk while Auth has not taken them, at most (e.g. `1GiB`,
+    /// `500MiB`, or bytes). Default 1 GiB.
+    recording_spool_quota: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -492,6 +495,11 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             transport: config.agent.transport,
             tcp_congestion: congestion_control(&config.agent.tcp_congestion),
             join,
+            recording_quota: match &config.agent.recording_spool_quota {
+                Some(q) => parse_size(q)
+                    .with_context(|| format!("[agent] recording_spool_quota = {q:?}"))?,
+                None => gatehouse_agent::role::DEFAULT_RECORDING_QUOTA,
+            },
         };
         let started = gatehouse_agent::role::start(role, local_auth.as_ref()).await?;
         if cluster.is_empty() {
@@ -503,6 +511,9 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     let ready = Readiness::default();
     if let Some(a) = &agent {
         a.status.register(&mut registry);
+        if let Some(r) = &a.recordings {
+            r.metrics.register(&mut registry);
+        }
         let status = Arc::clone(&a.status);
         ready.add_check(Box::new(move || {
             if status.is_connected() {
@@ -612,4 +623,23 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     diag_task.abort();
     tracing::info!("gatehouse stopped");
     Ok(result?)
+}
+
+/// `1GiB`, `500MiB`, `64KiB`, `1000000`.
+fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .context("expected a number of bytes, e.g. 1GiB or 500MiB")?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "KB" => 1 << 10,
+        "MiB" | "M" | "MB" => 1 << 20,
+        "GiB" | "G" | "GB" => 1 << 30,
+        "TiB" | "T" | "TB" => 1 << 40,
+        other => anyhow::bail!("unknown unit `{other}` (use B, KiB, MiB, GiB, TiB)"),
+    };
+    n.checked_mul(mult).context("too large")
 }

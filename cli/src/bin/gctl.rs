@@ -70,6 +70,9 @@ enum Command {
     Auth(AuthCmd),
     /// Search the audit log.
     Events(EventsArgs),
+    /// Session recordings: list, and verify one's chunks, digest and host signature.
+    #[command(subcommand)]
+    Recordings(RecordingsCmd),
     /// Show the cluster Auth serves and who gctl is.
     Status,
 }
@@ -113,6 +116,25 @@ enum TokensCmd {
     Ls,
     /// Remove a token by id (or by its secret).
     Rm { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum RecordingsCmd {
+    /// List recordings, newest first.
+    Ls {
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        node: Option<String>,
+        /// Only those started in this window (e.g. 24h).
+        #[arg(long)]
+        since: Option<humantime::Duration>,
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
+    /// Check a recording: every chunk's checksum and sequence, the SHA-256 in its trailer, and
+    /// the recording agent's signature against the cluster's host CA. Fails naming the chunk.
+    Verify { id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -252,6 +274,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Events(args) => events(&mut client, args).await,
+        Command::Recordings(RecordingsCmd::Ls {
+            user,
+            node,
+            since,
+            format,
+        }) => {
+            gatehouse_cli::recordings::ls(
+                &mut client,
+                user,
+                node,
+                since.map(Into::into),
+                false,
+                &format,
+            )
+            .await
+        }
+        Command::Recordings(RecordingsCmd::Verify { id }) => {
+            gatehouse_cli::recordings::verify(&mut client, &id).await
+        }
         Command::Status => {
             let ping = client
                 .ping(proto::PingRequest {})

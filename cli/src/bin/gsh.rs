@@ -1,7 +1,7 @@
 //! `gsh`: the user's client. `gsh login` verifies Auth against the pinned CA, sends fresh public
 //! keys with the password, and keeps the short-lived certificates under `~/.gatehouse/` (0600).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -89,6 +89,62 @@ enum Command {
     Proxy(ProxyCmd),
     /// Print an OpenSSH config block so that plain `ssh node.CLUSTER` goes through the Proxy.
     Config,
+    /// Session recordings you may see (your own; every one for auditors).
+    #[command(subcommand)]
+    Recordings(RecordingsCmd),
+    /// Replay a recorded session in the terminal with its timing.
+    Play {
+        id: String,
+        /// 2 plays twice as fast.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Shorten every pause to half a second.
+        #[arg(long)]
+        skip_idle: bool,
+        /// Start this far in (e.g. 5m): what came before is printed at once.
+        #[arg(long)]
+        from: Option<humantime::Duration>,
+    },
+    /// Active sessions you may watch.
+    #[command(subcommand)]
+    Sessions(SessionsCmd),
+    /// Watch a live session read-only (its output as it happens).
+    Join { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum RecordingsCmd {
+    /// List recordings, newest first.
+    Ls {
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        node: Option<String>,
+        /// Only those started in this window (e.g. 24h).
+        #[arg(long)]
+        since: Option<humantime::Duration>,
+        /// text or json.
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
+    /// Write a recording as asciicast v2 (asciinema plays it) or as plain text.
+    Export {
+        id: String,
+        #[arg(long, default_value = "asciicast")]
+        format: String,
+        /// Write here instead of stdout.
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SessionsCmd {
+    /// List active sessions.
+    Ls {
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -145,6 +201,55 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status => status(&dir),
         Command::Logout => logout(&dir),
         Command::Passwd { stdin } => passwd(&dir, stdin).await,
+        Command::Recordings(cmd) => {
+            let mut client = profile_client(&dir).await?;
+            match cmd {
+                RecordingsCmd::Ls {
+                    user,
+                    node,
+                    since,
+                    format,
+                } => {
+                    gatehouse_cli::recordings::ls(
+                        &mut client,
+                        user,
+                        node,
+                        since.map(Into::into),
+                        false,
+                        &format,
+                    )
+                    .await
+                }
+                RecordingsCmd::Export { id, format, output } => {
+                    gatehouse_cli::recordings::export(&mut client, &id, &format, output.as_deref())
+                        .await
+                }
+            }
+        }
+        Command::Play {
+            id,
+            speed,
+            skip_idle,
+            from,
+        } => {
+            let mut client = profile_client(&dir).await?;
+            let opts = gatehouse_recording::play::PlayOptions {
+                speed,
+                skip_idle,
+                from_ms: from.map_or(0, |d| {
+                    u64::try_from(std::time::Duration::from(d).as_millis()).unwrap_or(u64::MAX)
+                }),
+            };
+            gatehouse_cli::recordings::play(&mut client, &id, opts).await
+        }
+        Command::Sessions(SessionsCmd::Ls { format }) => {
+            let mut client = profile_client(&dir).await?;
+            gatehouse_cli::recordings::ls(&mut client, None, None, None, true, &format).await
+        }
+        Command::Join { id } => {
+            let mut client = profile_client(&dir).await?;
+            gatehouse_cli::recordings::watch(&mut client, &id).await
+        }
     }
 }
 
@@ -359,6 +464,12 @@ fn logout(dir: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// An Auth client with the logged-in profile's identity.
+async fn profile_client(dir: &Path) -> anyhow::Result<gatehouse_controlplane::client::Client> {
+    let profile = Profile::load(dir)?;
+    connect(&identity_endpoint(dir, &profile.auth_addr)?).await
 }
 
 async fn passwd(dir: &Path, stdin: bool) -> anyhow::Result<()> {
