@@ -14,8 +14,8 @@ use gatehouse_recording::{Chunk, Reader, SessionMeta, Timed};
 
 use crate::{fmt_time, print_table, rpc_error};
 
-/// How often a live recording is asked for its new bytes.
-const LIVE_POLL: Duration = Duration::from_millis(200);
+/// How often a live session being watched is asked for its new bytes.
+const LIVE_POLL: Duration = Duration::from_millis(100);
 const READ_BYTES: u32 = 1024 * 1024;
 
 /// `gsh recordings ls` / `gctl recordings ls`.
@@ -92,12 +92,13 @@ pub async fn ls(
 }
 
 /// Read a recording from Auth chunk by chunk, handing each data chunk's events to `each`.
-/// With `follow`, a live recording is read until its session ends. The whole recording is
-/// checked as it is read; a damaged one fails naming the chunk.
+/// With `join`, a live session is watched until it ends (Auth tells its agent, which sends its
+/// output sooner and tells the participants). The whole recording is checked as it is read; a
+/// damaged one fails naming the chunk.
 pub async fn stream<F>(
     client: &mut Client,
     id: &str,
-    follow: bool,
+    join: bool,
     mut each: F,
 ) -> anyhow::Result<(proto::RecordingInfo, Reader)>
 where
@@ -112,6 +113,7 @@ where
                 id: id.to_owned(),
                 offset,
                 max_bytes: READ_BYTES,
+                join,
             })
             .await
             .map_err(rpc_error)?
@@ -133,7 +135,7 @@ where
         if offset < r.size {
             continue;
         }
-        if follow && info.state == "live" {
+        if join && info.state == "live" {
             tokio::time::sleep(LIVE_POLL).await;
             continue;
         }

@@ -26,6 +26,8 @@ pub struct CertPermissions {
     pub permit_x11_forwarding: bool,
     /// Remote forwards may listen where the client asks, not only on loopback.
     pub remote_forward_any: bool,
+    /// May watch live sessions (`gsh join`).
+    pub join_sessions: bool,
 }
 
 /// The roles of one identity, ready to answer questions.
@@ -168,6 +170,7 @@ impl RoleSet {
                 },
                 false,
             ),
+            join_sessions: all(|o| o.join_sessions, false),
         }
     }
 

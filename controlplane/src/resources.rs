@@ -172,6 +172,10 @@ pub struct RoleOptions {
     /// address the client asks for (`any`). Any role saying `loopback` wins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_forward_bind: Option<RemoteForwardBind>,
+    /// Watch other users' live sessions (`gsh join`), as far as the `session` rules reach.
+    /// Off unless a role turns it on; any role saying false wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_sessions: Option<bool>,
 }
 
 /// Where a remote forward may listen on the node.
@@ -524,9 +528,12 @@ pub fn preset_roles() -> Vec<Role> {
         ),
         all(
             "auditor",
-            "Read the audit log and every session recording",
+            "Read the audit log and every session recording; watch live sessions",
             RoleSpec {
-                options: RoleOptions::default(),
+                options: RoleOptions {
+                    join_sessions: Some(true),
+                    ..RoleOptions::default()
+                },
                 allow: RoleConditions {
                     logins: vec![],
                     node_labels: BTreeMap::new(),

@@ -27,7 +27,7 @@ pub use chunk::{ChunkHeader, ChunkKind, HEADER_LEN, MAX_PAYLOAD};
 pub use event::{EndInfo, Event, SessionKind, SessionMeta, Timed};
 pub use reader::{Chunk, Reader, Scan, scan};
 pub use verify::{SIGNATURE_NAMESPACE, Trailer, Verified, signed_message, verify, verify_trailer};
-pub use writer::{Codec, FLUSH_AFTER_MS, FLUSH_BYTES, Signer, Writer, events_of};
+pub use writer::{Checkpoint, Codec, FLUSH_AFTER_MS, FLUSH_BYTES, Signer, Writer, events_of};
 
 /// What is wrong with a recording's bytes, and where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

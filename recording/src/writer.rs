@@ -176,6 +176,24 @@ impl Writer {
         self.pending.capacity() + std::mem::size_of::<Self>() + self.id.capacity()
     }
 
+    /// The state after the chunks produced so far, to [`Writer::restore`] if the next one
+    /// cannot be stored.
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            seq: self.seq,
+            digest: self.digest.clone(),
+            data_bytes: self.data_bytes,
+        }
+    }
+
+    /// Forget the chunks produced since `cp` (they were not stored; their events are lost), so
+    /// the trailer covers exactly what was.
+    pub fn restore(&mut self, cp: Checkpoint) {
+        self.seq = cp.seq;
+        self.digest = cp.digest;
+        self.data_bytes = cp.data_bytes;
+    }
+
     /// The pending events as one data chunk, if any.
     pub fn flush(&mut self, codec: &mut Codec) -> Option<Vec<u8>> {
         if self.pending.is_empty() {
@@ -247,6 +265,14 @@ impl Writer {
         ));
         Ok(out)
     }
+}
+
+/// What [`Writer::checkpoint`] keeps.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    seq: u64,
+    digest: Sha256,
+    data_bytes: u64,
 }
 
 /// Every event of a recording in order (for tests and small recordings).

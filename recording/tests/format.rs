@@ -294,3 +294,31 @@ fn truncated_and_flipped_recordings_name_the_chunk() {
     assert_eq!(e.chunk(), Some(1), "{e}");
     assert!(e.to_string().contains("chunk 1"), "{e}");
 }
+
+#[test]
+fn a_chunk_that_could_not_be_stored_is_left_out_of_the_trailer() {
+    let (signer, ca) = host();
+    let mut codec = Codec::new().unwrap();
+    let mut w = Writer::new(&meta(), START);
+    let mut stored = w.flush(&mut codec).unwrap();
+    w.record(START + 10, &Event::Output(b"kept".to_vec()));
+    stored.extend(w.flush(&mut codec).unwrap());
+    let before = w.checkpoint();
+    w.record(START + 20, &Event::Output(b"lost".to_vec()));
+    let _not_stored = w.flush(&mut codec).unwrap();
+    w.restore(before);
+    stored.extend(
+        w.finish(
+            START + 30,
+            None,
+            false,
+            Some("spool full".into()),
+            &mut codec,
+            &signer,
+        )
+        .unwrap(),
+    );
+    let v = verify(&stored, &[ca]).unwrap();
+    assert!(!v.trailer.complete);
+    assert_eq!(output_of(&events_of(&stored).unwrap()), b"kept");
+}

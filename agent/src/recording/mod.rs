@@ -26,8 +26,10 @@ use tokio::sync::Notify;
 use crate::ssh::AuditSink;
 pub(crate) use upload::spawn_uploader;
 
-/// How often pending events are checked against their one-second deadline.
-const FLUSH_TICK: Duration = Duration::from_millis(200);
+/// How often pending events are checked against their deadline.
+const FLUSH_TICK: Duration = Duration::from_millis(100);
+/// While someone watches a session (`gsh join`), its events wait at most this long.
+const WATCHED_FLUSH_MS: u64 = 100;
 /// A trailer may exceed the quota by this much: a recording can always be sealed.
 const TRAILER_ALLOWANCE: u64 = 64 * 1024;
 
@@ -298,6 +300,9 @@ impl Recordings {
             refuse: settings.refuse_on_failure,
             refused: Notify::new(),
             failure: Mutex::new(None),
+            watchers: Mutex::new(std::collections::BTreeSet::new()),
+            watched: AtomicBool::new(false),
+            notices: Mutex::new(None),
         });
         // The start goes to disk at once: a spool that cannot take it fails here, before the
         // session starts.
@@ -332,7 +337,20 @@ impl Recordings {
         );
     }
 
-    /// Flush every recording whose oldest pending event is a second old.
+    /// Auth says who watches the live session `id`: tell its participants about newcomers
+    /// and flush its chunks sooner while anyone watches.
+    pub(crate) fn set_watchers(&self, id: &str, watchers: &[String]) {
+        let rec = self
+            .active
+            .lock()
+            .ok()
+            .and_then(|a| a.get(id).and_then(Weak::upgrade));
+        if let Some(rec) = rec {
+            rec.set_watchers(watchers);
+        }
+    }
+
+    /// Flush every recording whose oldest pending event is due (a second; less when watched).
     fn flush_due(&self) {
         let now = now_ms();
         let active: Vec<Arc<SessionRecording>> = match self.active.lock() {
@@ -408,6 +426,10 @@ pub struct SessionRecording {
     refuse: bool,
     refused: Notify,
     failure: Mutex<Option<String>>,
+    watchers: Mutex<std::collections::BTreeSet<String>>,
+    watched: AtomicBool,
+    /// Lines for the session's participants (written to their terminal by the session).
+    notices: Mutex<Option<tokio::sync::mpsc::UnboundedSender<String>>>,
 }
 
 impl std::fmt::Debug for SessionRecording {
@@ -470,24 +492,63 @@ impl SessionRecording {
 
     fn flush_locked(&self, slot: &mut Option<Writer>) {
         let Some(w) = slot.as_mut() else { return };
+        let before = w.checkpoint();
         let Some(bytes) = with_codec(|c| w.flush(c)).flatten() else {
             return;
         };
         if let Err(e) = self.write(&bytes, false) {
+            // The chunk is not on disk: the trailer must not count it.
+            w.restore(before);
             let writer = slot.take();
             self.fail(writer, e);
         }
     }
 
     fn flush_if_due(&self, now: u64) {
+        let watched = self.watched.load(Ordering::Relaxed);
         if let Ok(mut slot) = self.writer.lock()
             && slot
                 .as_ref()
                 .and_then(Writer::deadline)
+                .map(|d| {
+                    if watched {
+                        d.saturating_sub(gatehouse_recording::FLUSH_AFTER_MS) + WATCHED_FLUSH_MS
+                    } else {
+                        d
+                    }
+                })
                 .is_some_and(|d| d <= now)
         {
             self.flush_locked(&mut slot);
         }
+    }
+
+    /// Where to send lines for the session's participants.
+    pub fn set_notices(&self, tx: tokio::sync::mpsc::UnboundedSender<String>) {
+        if let Ok(mut n) = self.notices.lock() {
+            *n = Some(tx);
+        }
+    }
+
+    fn set_watchers(&self, now: &[String]) {
+        self.watched.store(!now.is_empty(), Ordering::Relaxed);
+        let Ok(mut cur) = self.watchers.lock() else {
+            return;
+        };
+        for user in now {
+            if cur.insert(user.clone()) {
+                self.record(&Event::Joined { user: user.clone() });
+                tracing::info!(recording = %self.id, watcher = %user, "recording: someone is watching the session");
+                if let Ok(n) = self.notices.lock()
+                    && let Some(tx) = n.as_ref()
+                {
+                    let _ = tx.send(format!(
+                        "\r\n[gatehouse: {user} joined to watch this session]\r\n"
+                    ));
+                }
+            }
+        }
+        cur.retain(|u| now.contains(u));
     }
 
     /// Record an event now (output, a resize, someone joining).

@@ -151,6 +151,9 @@ async fn upload_one(recs: &Recordings, auth: &AuthLink, id: &str, path: &Path) -
             if r.next_offset > offset {
                 recs.metrics.bytes_uploaded.inc_by(r.next_offset - offset);
             }
+            if active {
+                recs.set_watchers(id, &r.watchers);
+            }
             if r.complete {
                 let _ = std::fs::remove_file(path);
                 let _ = std::fs::remove_file(ack_path(dir, id));

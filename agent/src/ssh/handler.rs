@@ -180,13 +180,29 @@ impl ConnHandler {
                 ch.running = Some(running);
                 session.channel_success(channel)
             }
-            Err(reason) => {
+            Err(session::StartError::Failed(reason)) => {
                 tracing::warn!(
                     user = %info.key_id,
                     login = %info.login,
                     "ssh: could not start session: {reason}"
                 );
                 session.channel_failure(channel)
+            }
+            Err(session::StartError::Refused(reason)) => {
+                tracing::warn!(
+                    user = %info.key_id,
+                    login = %info.login,
+                    "ssh: session refused: {reason}"
+                );
+                session.channel_success(channel)?;
+                session.extended_data(
+                    channel,
+                    1,
+                    bytes::Bytes::from(format!("gatehouse: {reason}\r\n")),
+                )?;
+                session.exit_status_request(channel, 254)?;
+                session.eof(channel)?;
+                session.close(channel)
             }
         }
     }

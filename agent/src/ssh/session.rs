@@ -215,9 +215,28 @@ fn begin_recording(req: &StartRequest<'_>) -> Result<Option<Arc<SessionRecording
         .map_err(|e| format!("the session was not started: its recording cannot be written ({e})"))
 }
 
-/// Spawn the session's process and its pumps. The error is a reason fit for the client's log.
-pub(crate) fn start(req: StartRequest<'_>) -> Result<Running, String> {
-    let recording = begin_recording(&req)?;
+/// Why a session did not start.
+#[derive(Debug)]
+pub(crate) enum StartError {
+    /// The request cannot be served (no PTY, no such program): the request fails.
+    Failed(String),
+    /// The session may not run (its recording cannot be written): the request is accepted and
+    /// the session ends at once with this on the client's stderr and exit status 254, so the
+    /// user reads why (OpenSSH prints nothing of a failed request's data).
+    Refused(String),
+}
+
+/// Spawn the session's process and its pumps.
+pub(crate) fn start(req: StartRequest<'_>) -> Result<Running, StartError> {
+    let recording = begin_recording(&req).map_err(StartError::Refused)?;
+    start_recorded(req, recording).map_err(StartError::Failed)
+}
+
+/// [`start`] once the recording (if any) has begun. The error is a reason fit for the client's log.
+fn start_recorded(
+    req: StartRequest<'_>,
+    recording: Option<Arc<SessionRecording>>,
+) -> Result<Running, String> {
     let term = req.pty.map(|p| p.term.as_str());
     let env = session_env(req.user, term, req.client_env, &req.info.session_id);
     let mut cmd = build_command(req.user, &req.program, &env)?;
@@ -547,6 +566,20 @@ impl Pump {
             }
         }
 
+        if let Some(rec) = &self.recording {
+            // Lines for the participants (who joined to watch) go to the terminal's stderr.
+            let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+            rec.set_notices(tx);
+            let mut w = self.write.make_writer_ext(Some(1));
+            tokio::spawn(async move {
+                while let Some(line) = rx.recv().await {
+                    if w.write_all(line.as_bytes()).await.is_err() {
+                        break;
+                    }
+                    let _ = w.flush().await;
+                }
+            });
+        }
         let mut hung_up_early = false;
         let mut ended_because = None;
         let recording = self.recording.clone();

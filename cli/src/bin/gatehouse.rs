@@ -101,6 +101,10 @@ struct StartArgs {
     /// Default: the host's (net.ipv4.tcp_congestion_control).
     #[arg(long, env = "GATEHOUSE_AGENT_TCP_CONGESTION")]
     agent_tcp_congestion: Option<String>,
+    /// Agent: session recordings kept on disk while Auth has not taken them, at most (e.g.
+    /// 1GiB, 500MiB). Default 1GiB.
+    #[arg(long)]
+    recording_spool_quota: Option<String>,
     /// Agent: a TCP app, NAME=HOST:PORT (repeatable).
     #[arg(long = "app")]
     apps: Vec<String>,
@@ -372,6 +376,9 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.agent_tcp_congestion {
         config.agent.tcp_congestion = Some(v);
+    }
+    if let Some(v) = args.recording_spool_quota {
+        config.agent.recording_spool_quota = Some(v);
     }
     if let Some(v) = args.token {
         config.join.token = Some(v);

@@ -334,9 +334,15 @@ pub struct Daemon {
 impl Daemon {
     /// Start `gatehouse start ARGS` and wait for its banner (the line `  Diagnostics:`).
     pub fn start(args: &[String], log_path: PathBuf) -> Self {
+        Self::start_env(args, &[], log_path)
+    }
+
+    /// [`Daemon::start`] with extra environment variables.
+    pub fn start_env(args: &[String], env: &[(String, String)], log_path: PathBuf) -> Self {
         let mut child = Command::new(bin("gatehouse"))
             .arg("start")
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -469,9 +475,28 @@ impl Fleet {
         agents: &[(&str, &str, Vec<String>)],
         via: impl FnOnce(&str) -> String,
     ) -> Self {
+        Self::start_custom(cluster, "", &[], proxy_args, agents, via)
+    }
+
+    /// The most general start: Auth with `auth_config` (TOML, written to a file; empty: none)
+    /// and extra environment variables.
+    pub fn start_custom(
+        cluster: &str,
+        auth_config: &str,
+        auth_env: &[(String, String)],
+        proxy_args: &[&str],
+        agents: &[(&str, &str, Vec<String>)],
+        via: impl FnOnce(&str) -> String,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let d = |p: &str| dir.path().join(p).display().to_string();
-        let auth = Daemon::start(
+        let mut auth_args: Vec<String> = vec![];
+        if !auth_config.is_empty() {
+            let path = dir.path().join("auth.toml");
+            std::fs::write(&path, auth_config).unwrap();
+            auth_args.extend(["--config".into(), path.display().to_string()]);
+        }
+        let auth = Daemon::start_env(
             &[
                 "--roles".into(),
                 "auth".into(),
@@ -483,7 +508,11 @@ impl Fleet {
                 "127.0.0.1:0".into(),
                 "--data-dir".into(),
                 d("auth"),
-            ],
+            ]
+            .into_iter()
+            .chain(auth_args)
+            .collect::<Vec<String>>(),
+            auth_env,
             dir.path().join("auth.log"),
         );
         let auth_addr = auth.field("Auth API:");

@@ -117,6 +117,8 @@ pub struct AuthState {
     pub recording_store: Option<crate::recordings::RecordingStore>,
     /// One upload at a time per recording.
     upload_locks: Mutex<std::collections::HashMap<String, recordings::RecordingLock>>,
+    /// Who is watching which live session (`gsh join`), and when they last asked.
+    watchers: Mutex<recordings::Watchers>,
 }
 
 impl std::fmt::Debug for AuthState {
@@ -152,6 +154,7 @@ impl AuthState {
             recording_config: Default::default(),
             recording_store: None,
             upload_locks: Mutex::default(),
+            watchers: Mutex::default(),
         })
     }
 
@@ -164,6 +167,21 @@ impl AuthState {
         self.recording_config = config;
         self.recording_store = Some(store);
         self
+    }
+
+    /// `user` is watching the live session `id` (refreshed by each read).
+    pub(crate) fn watch(&self, id: &str, user: &str) {
+        if let Ok(mut w) = self.watchers.lock() {
+            w.watch(id, user, std::time::Instant::now());
+        }
+    }
+
+    /// Who is watching the live session `id` now.
+    pub(crate) fn watchers_of(&self, id: &str) -> Vec<String> {
+        self.watchers
+            .lock()
+            .map(|mut w| w.of(id, std::time::Instant::now()))
+            .unwrap_or_default()
     }
 
     /// The lock of one recording's uploads (entries of idle recordings are dropped).

@@ -155,6 +155,7 @@ fn ack(next_offset: i64, complete: bool) -> proto::UploadRecordingResponse {
     proto::UploadRecordingResponse {
         next_offset: u64::try_from(next_offset).unwrap_or(0),
         complete,
+        watchers: vec![],
     }
 }
 
@@ -220,8 +221,10 @@ pub(super) async fn upload(
     .await
     .map_err(store_status)?;
     if !trailer {
+        let mut response = ack(end_i, false);
+        response.watchers = call.state.watchers_of(&r.id);
         return Ok(Done::audited(
-            ack(end_i, false),
+            response,
             Audit::Nothing("a recording's chunks: session.upload when it is whole"),
         ));
     }
@@ -358,6 +361,23 @@ pub(super) async fn read(
         ))
         .into());
     }
+    if r.join {
+        if row.state != "live" {
+            return Err(Status::failed_precondition(format!(
+                "session {} has ended ({}); play its recording instead",
+                row.id, row.state
+            ))
+            .into());
+        }
+        if !caller.roles.cert_permissions().join_sessions {
+            return Err(Status::permission_denied(format!(
+                "user `{}` may not watch live sessions: no role sets join_sessions",
+                caller.identity.name
+            ))
+            .into());
+        }
+        call.state.watch(&row.id, &caller.identity.name);
+    }
     let size = u64::try_from(row.next_offset).unwrap_or(0);
     let max = match r.max_bytes {
         0 => DEFAULT_READ,
@@ -382,7 +402,11 @@ pub(super) async fn read(
         return Ok(Done::read(response));
     }
     let event = Event::new(
-        "recording.read",
+        if r.join {
+            "session.join"
+        } else {
+            "recording.read"
+        },
         &caller.identity.name,
         json!({
             "session_id": row.id,
@@ -398,3 +422,32 @@ pub(super) async fn read(
 
 /// The lock one recording's uploads take.
 pub(super) type RecordingLock = Arc<tokio::sync::Mutex<()>>;
+
+/// A watcher who has not read for this long has left.
+const WATCH_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Live sessions' watchers, by recording id, with when each last read.
+#[derive(Debug, Default)]
+pub(super) struct Watchers(
+    std::collections::HashMap<String, std::collections::BTreeMap<String, std::time::Instant>>,
+);
+
+impl Watchers {
+    pub(super) fn watch(&mut self, id: &str, user: &str, now: std::time::Instant) {
+        self.0
+            .entry(id.to_owned())
+            .or_default()
+            .insert(user.to_owned(), now);
+    }
+
+    pub(super) fn of(&mut self, id: &str, now: std::time::Instant) -> Vec<String> {
+        self.0.retain(|_, users| {
+            users.retain(|_, at| now.duration_since(*at) < WATCH_TTL);
+            !users.is_empty()
+        });
+        self.0
+            .get(id)
+            .map(|u| u.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+}
