@@ -132,7 +132,7 @@ where
                 Err(e) => bail!("recording {id}: {e}"),
             }
         }
-        if offset < r.size {
+        if offset < r.size && !r.data.is_empty() {
             continue;
         }
         if join && info.state == "live" {

@@ -512,3 +512,63 @@ fn an_auditor_joins_a_live_session_the_participant_is_told_and_others_are_refuse
         "{joins:?}"
     );
 }
+
+#[test]
+fn a_damaged_recording_is_reported_by_verify_and_play_with_the_chunk() {
+    let fleet = Fleet::start("bad", &[("web1", "env=dev", vec![])]);
+    let login = fleet.login.clone();
+    let alice = tempfile::tempdir().unwrap();
+    fleet.user(alice.path(), "alice", "access", &login, &[]);
+    fleet.wait_for_nodes(alice.path(), 1);
+    let config = fleet.ssh_config(alice.path());
+    // Several chunks: output in bursts more than a second apart.
+    openssh(
+        &config,
+        &[],
+        &format!("{login}@web1.bad"),
+        &["for i in 1 2 3; do echo burst-$i; sleep 1.2; done"],
+        None,
+    )
+    .ok();
+    let list = wait_recordings(&fleet, alice.path(), |l| of_state(l, "complete").len() == 1);
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    let object = fleet
+        .auth_data()
+        .join("recordings/objects")
+        .join(format!("{id}.rec"));
+    let whole = std::fs::read(&object).unwrap();
+    fleet.gctl(&["recordings", "verify", &id]).ok();
+
+    // A flipped bit in the third chunk (the first holds the session's start, the second the
+    // first burst).
+    let third = {
+        let mut r = gatehouse_recording::Reader::new();
+        r.push(&whole);
+        r.next_chunk().unwrap();
+        r.next_chunk().unwrap();
+        r.consumed() as usize
+    };
+    let mut flipped = whole.clone();
+    flipped[third + 40] ^= 0x01;
+    std::fs::write(&object, &flipped).unwrap();
+    let v = fleet.gctl(&["recordings", "verify", &id]).failed();
+    assert!(
+        v.stderr.contains("chunk 2") && v.stderr.contains("checksum"),
+        "{}",
+        v.stderr
+    );
+    let p = fleet
+        .gsh(alice.path(), &["play", &id, "--speed", "100"], None)
+        .failed();
+    assert!(p.stderr.contains("chunk 2"), "{}", p.stderr);
+    assert!(
+        p.stdout.contains("burst-1"),
+        "what came before the damage still plays: {}",
+        p.stdout
+    );
+
+    // Cut short inside its trailer.
+    std::fs::write(&object, &whole[..whole.len() - 10]).unwrap();
+    let v = fleet.gctl(&["recordings", "verify", &id]).failed();
+    assert!(v.stderr.contains("truncated"), "{}", v.stderr);
+}

@@ -191,8 +191,23 @@ impl RecordingStore {
                     .map_err(std::io::Error::other)??,
             );
         }
-        let bytes = self.objects.get_range(&self.object_path(id), range).await?;
-        Ok(bytes.to_vec())
+        let path = self.object_path(id);
+        match self.objects.get_range(&path, range.clone()).await {
+            Ok(bytes) => Ok(bytes.to_vec()),
+            // Shorter than the index says (damaged or cut): what there is, so the reader
+            // can say where it ends.
+            Err(e) => {
+                let len = self.objects.head(&path).await.map_err(|_| e)?.size;
+                if range.start >= len {
+                    return Ok(Vec::new());
+                }
+                Ok(self
+                    .objects
+                    .get_range(&path, range.start..range.end.min(len))
+                    .await?
+                    .to_vec())
+            }
+        }
     }
 
     /// The whole staging file, read in pieces through `f` (verification before it is kept).
