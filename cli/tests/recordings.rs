@@ -258,22 +258,32 @@ fn agent_args(fleet: &Fleet, dir: &Path, token: &str, extra: &[&str]) -> Vec<Str
     args
 }
 
+/// `command` on a PTY through the real ssh client, its output piped.
+fn pty_session(config: &Path, dest: &str, command: &str, stderr: Stdio) -> std::process::Child {
+    Command::new("ssh")
+        .arg("-F")
+        .arg(config)
+        .args(["-tt", "-o", "BatchMode=yes", dest])
+        .arg(command)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
+}
+
 /// A session printing a numbered line every 100 ms, through the real ssh client; its output
 /// lines as they arrive.
 fn counting_session(
     config: &Path,
     dest: &str,
 ) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
-    let mut child = Command::new("ssh")
-        .arg("-F")
-        .arg(config)
-        .args(["-tt", "-o", "BatchMode=yes", dest])
-        .arg("for i in $(seq 1 200); do echo line-$i; sleep 0.1; done")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = pty_session(
+        config,
+        dest,
+        "for i in $(seq 1 200); do echo line-$i; sleep 0.1; done",
+        Stdio::null(),
+    );
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -420,16 +430,12 @@ fn an_auditor_joins_a_live_session_the_participant_is_told_and_others_are_refuse
     let config = fleet.ssh_config(alice.path());
 
     // alice's session prints the time (ns) every 100 ms for 12 s.
-    let session = Command::new("ssh")
-        .arg("-F")
-        .arg(&config)
-        .args(["-tt", "-o", "BatchMode=yes", &format!("{login}@web1.live")])
-        .arg("for i in $(seq 1 120); do echo tick-$(date +%s%N); sleep 0.1; done")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let session = pty_session(
+        &config,
+        &format!("{login}@web1.live"),
+        "for i in $(seq 1 120); do echo tick-$(date +%s%N); sleep 0.1; done",
+        Stdio::piped(),
+    );
     let active = {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

@@ -210,42 +210,14 @@ impl RecordingStore {
         }
     }
 
-    /// The whole staging file, read in pieces through `f` (verification before it is kept).
+    /// Every chunk of the staging file checked, a chunk at a time (before it is kept).
     pub async fn scan_staging(
         &self,
         id: &str,
     ) -> Result<gatehouse_recording::Scan, RecordingStoreError> {
         let path = self.staging_path(id);
-        Ok(tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-            use std::io::Read;
-            let mut f = std::fs::File::open(&path)?;
-            let mut reader = gatehouse_recording::Reader::new();
-            let mut buf = vec![0u8; 1 << 20];
-            let mut error = None;
-            loop {
-                let n = f.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                reader.push(buf.get(..n).unwrap_or_default());
-                loop {
-                    match reader.next_chunk() {
-                        Ok(Some(_)) => {}
-                        Ok(None) => break,
-                        Err(e) => {
-                            error = Some(e);
-                            break;
-                        }
-                    }
-                }
-                if error.is_some() {
-                    break;
-                }
-            }
-            if error.is_none() {
-                error = reader.finish().err();
-            }
-            Ok(gatehouse_recording::Scan { reader, error })
+        Ok(tokio::task::spawn_blocking(move || {
+            gatehouse_recording::scan_from(std::fs::File::open(&path)?)
         })
         .await
         .map_err(std::io::Error::other)??)

@@ -25,7 +25,7 @@ mod writer;
 
 pub use chunk::{ChunkHeader, ChunkKind, HEADER_LEN, MAX_PAYLOAD};
 pub use event::{EndInfo, Event, SessionKind, SessionMeta, Timed};
-pub use reader::{Chunk, Reader, Scan, scan};
+pub use reader::{Chunk, Reader, Scan, scan, scan_from};
 pub use verify::{SIGNATURE_NAMESPACE, Trailer, Verified, signed_message, verify, verify_trailer};
 pub use writer::{Checkpoint, Codec, FLUSH_AFTER_MS, FLUSH_BYTES, Signer, Writer, events_of};
 

@@ -275,15 +275,28 @@ pub struct Scan {
 
 /// Read every chunk of `bytes` (checks only; events are decoded and dropped).
 pub fn scan(bytes: &[u8]) -> Scan {
+    match scan_from(bytes) {
+        Ok(s) => s,
+        // Reading a slice cannot fail.
+        Err(_) => Scan {
+            reader: Reader::new(),
+            error: Some(Error::NoTrailer { last_seq: None }),
+        },
+    }
+}
+
+/// [`scan`] of whatever `source` yields, a chunk's worth at a time: memory stays at one chunk
+/// whatever the recording's size (a file, a network stream).
+pub fn scan_from(mut source: impl std::io::Read) -> std::io::Result<Scan> {
     let mut reader = Reader::new();
     let mut error = None;
-    let mut rest = bytes;
-    // Feed a chunk's worth at a time, so the buffer never holds the whole recording twice.
+    let mut buf = vec![0u8; HEADER_LEN + MAX_PAYLOAD];
     loop {
-        let take = rest.len().min(HEADER_LEN + MAX_PAYLOAD);
-        let (now, later) = rest.split_at(take);
-        reader.push(now);
-        rest = later;
+        let n = source.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        reader.push(buf.get(..n).unwrap_or_default());
         loop {
             match reader.next_chunk() {
                 Ok(Some(_)) => {}
@@ -294,12 +307,12 @@ pub fn scan(bytes: &[u8]) -> Scan {
                 }
             }
         }
-        if error.is_some() || rest.is_empty() {
+        if error.is_some() {
             break;
         }
     }
     if error.is_none() {
         error = reader.finish().err();
     }
-    Scan { reader, error }
+    Ok(Scan { reader, error })
 }

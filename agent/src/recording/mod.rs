@@ -233,8 +233,7 @@ impl Recordings {
     /// A recording without its trailer (the agent was killed mid-session): cut a torn last
     /// chunk, then append a trailer saying it is incomplete, signed like any other.
     fn seal_if_open(&self, id: &str, path: &Path) -> std::io::Result<()> {
-        let bytes = std::fs::read(path)?;
-        let scan = gatehouse_recording::scan(&bytes);
+        let scan = gatehouse_recording::scan_from(std::fs::File::open(path)?)?;
         if scan.reader.trailer_seen() {
             return Ok(());
         }
