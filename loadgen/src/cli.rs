@@ -164,6 +164,35 @@ pub(crate) enum Scenario {
         #[arg(long, value_delimiter = ',', default_value = "sessions,bulk,scp")]
         parts: Vec<crate::ssh::Part>,
     },
+    /// Session recordings: N concurrent recorded PTY sessions printing at a fixed rate through
+    /// the Proxy to one real agent (Auth's CPU while it ingests them, MB per Auth CPU-second,
+    /// recordings completed per second, agent memory per session); then one session printing
+    /// `--overhead-mb` with recording on and off, in interleaved rounds (the agent's own CPU).
+    Recordings {
+        /// Concurrent recorded sessions.
+        #[arg(long, default_value_t = 1000)]
+        sessions: usize,
+        /// What each session prints, KB per second.
+        #[arg(long, default_value_t = 10)]
+        rate_kb: u64,
+        /// How long each session prints.
+        #[arg(long, default_value = "20s")]
+        duration: humantime::Duration,
+        /// The one session's output for the on/off comparison, MB (0: skip it).
+        #[arg(long, default_value_t = 200)]
+        overhead_mb: u64,
+        /// Rounds of the on/off comparison.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// Print text at a fixed rate (the sessions `loadgen recordings` starts run this).
+    #[command(hide = true)]
+    Print {
+        #[arg(long, default_value_t = 10)]
+        rate_kb: u64,
+        #[arg(long, default_value = "20s")]
+        duration: humantime::Duration,
+    },
     /// The agents' tunnel transports (TLS over TCP, QUIC) over an emulated wide-area link with
     /// delay, a rate and random loss (a TUN device; needs root): per loss rate and transport,
     /// one download's throughput through a tunnel, then request/response latency through it.

@@ -164,10 +164,25 @@ impl Fleet {
         workers: usize,
         proxy_args: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::spawn_full(proxy_ip, workers, proxy_args, None).await
+    }
+
+    /// [`Fleet::spawn_with`], Auth with a TOML config (e.g. `[auth.recording]`).
+    pub async fn spawn_full(
+        proxy_ip: &str,
+        workers: usize,
+        proxy_args: &[&str],
+        auth_config: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let auth_data = dir.path().join("auth");
+        let config_path = dir.path().join("auth.toml");
+        std::fs::write(&config_path, auth_config.unwrap_or(""))?;
+        let config_arg = config_path.display().to_string();
         let auth = start_daemon(
             &[
+                "--config",
+                &config_arg,
                 "--roles",
                 "auth",
                 "--cluster-name",

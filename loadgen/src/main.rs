@@ -12,6 +12,7 @@ mod openssh;
 mod procstat;
 mod progress;
 mod rathole;
+mod recordings;
 mod scp;
 mod sim_agent;
 mod spawn;
@@ -284,6 +285,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             write_json(cli.json.as_deref(), &summary)?;
             Ok(())
         }
+        Scenario::Recordings {
+            sessions,
+            rate_kb,
+            duration,
+            overhead_mb,
+            runs,
+        } => {
+            if sessions == 0 || rate_kb == 0 || runs == 0 {
+                anyhow::bail!("--sessions, --rate-kb and --runs must be at least 1");
+            }
+            let cfg = recordings::RecRun {
+                sessions,
+                rate_kb,
+                duration: duration.into(),
+                overhead_mb,
+                runs,
+            };
+            recordings::run(&cfg, cli.json).await
+        }
+        Scenario::Print { rate_kb, duration } => recordings::print(rate_kb, duration.into()),
         Scenario::Ssh {
             concurrency,
             duration,

@@ -202,6 +202,24 @@ async fn connect(
     })
 }
 
+/// Connect, run `command` on a PTY and count its output until the channel closes.
+pub async fn pty_output(target: &SshTarget, command: &str) -> anyhow::Result<u64> {
+    let (key, cert) = keys(&target.user)?;
+    let session = connect(target, client_config(), key, cert).await?;
+    let mut ch = session.channel_open_session().await?;
+    ch.request_pty(false, "xterm", 120, 40, 0, 0, &[]).await?;
+    ch.exec(true, command).await?;
+    let mut bytes = 0u64;
+    while let Some(msg) = ch.wait().await {
+        match msg {
+            russh::ChannelMsg::Data { data } => bytes += data.len() as u64,
+            russh::ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    Ok(bytes)
+}
+
 /// Run `command` on a new channel and wait for its exit status.
 async fn exec(session: &Session, command: &str) -> anyhow::Result<u32> {
     let mut ch = session.channel_open_session().await?;
