@@ -153,7 +153,10 @@ pub async fn start(
     // The certificate names the node: a renamed host keeps its identity's name.
     let node_name = identity.host_name.clone();
     let spool = Spool::open(&config.data_dir.join("spool"))?;
-    let auth = Arc::new(AuthLink::new(identity.auth_endpoint(&config.proxy_addr)));
+    let auth = Arc::new(AuthLink::new(
+        identity.auth_endpoint(&config.proxy_addr),
+        config.tcp_congestion.clone(),
+    ));
     let deliver = tokio::spawn(deliver(Arc::clone(&spool), Arc::clone(&auth)));
 
     let mut recordings = None;
@@ -231,13 +234,16 @@ pub async fn start(
 /// A lazily (re)connected Auth client, reached through the Proxy's pass-through.
 pub(crate) struct AuthLink {
     endpoint: AuthEndpoint,
+    /// The agent's TCP congestion control, for this connection to the proxy as for the tunnel.
+    tcp_congestion: Option<String>,
     client: tokio::sync::Mutex<Option<Client>>,
 }
 
 impl AuthLink {
-    fn new(endpoint: AuthEndpoint) -> Self {
+    fn new(endpoint: AuthEndpoint, tcp_congestion: Option<String>) -> Self {
         Self {
             endpoint,
+            tcp_congestion,
             client: tokio::sync::Mutex::new(None),
         }
     }
@@ -247,9 +253,13 @@ impl AuthLink {
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
         }
+        let cc = self.tcp_congestion.clone();
         let c = self
             .endpoint
-            .connect()
+            .connect_with(Arc::new(move |tcp| match &cc {
+                Some(cc) => gatehouse_dataplane::io::set_tcp_congestion(tcp, cc),
+                None => Ok(()),
+            }))
             .await
             .map_err(|e| gatehouse_controlplane::client::error_chain(&e))?;
         *guard = Some(c.clone());

@@ -35,8 +35,16 @@ pub struct AuthEndpoint {
 /// The control-plane gRPC client over Gatehouse mTLS.
 pub type Client = AuthClient<Channel>;
 
+/// Sets options on the TCP socket before TLS (e.g. congestion control).
+pub type SocketSetup = Arc<dyn Fn(&tokio::net::TcpStream) -> std::io::Result<()> + Send + Sync>;
+
 impl AuthEndpoint {
     pub async fn connect(&self) -> Result<Client, ClientError> {
+        self.connect_with(Arc::new(|_| Ok(()))).await
+    }
+
+    /// [`AuthEndpoint::connect`], with `setup` applied to each TCP socket it opens.
+    pub async fn connect_with(&self, setup: SocketSetup) -> Result<Client, ClientError> {
         let tls = client_config(
             &self.trust,
             self.identity
@@ -53,9 +61,11 @@ impl AuthEndpoint {
             .connect_with_connector(tower::service_fn(move |_uri: http::Uri| {
                 let connector = connector.clone();
                 let addr = addr.clone();
+                let setup = Arc::clone(&setup);
                 async move {
                     let tcp = tokio::net::TcpStream::connect(&addr).await?;
                     tcp.set_nodelay(true)?;
+                    setup(&tcp)?;
                     let name = rustls::pki_types::ServerName::try_from(AUTH_SERVER_NAME)
                         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
                     let tls = connector.connect(name, tcp).await?;
