@@ -10,6 +10,8 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -38,6 +40,9 @@ struct Ingest {
     recorded_mb: f64,
     /// Auth's CPU while the sessions printed (steady window), % of one core.
     auth_core_pct_steady: f64,
+    /// How long the steady window lasted, and when it began (every session printing).
+    steady_s: f64,
+    all_printing_after_s: f64,
     /// Auth's CPU from the first session to the last recording complete.
     auth_cpu_s_total: f64,
     mb_recorded_per_auth_cpu_s: f64,
@@ -143,19 +148,22 @@ async fn ingest(cfg: &RecRun, login: &str) -> anyhow::Result<Ingest> {
     let rss0 = procstat::rss_kib(agent.pid()).unwrap_or(0);
     let auth0 = procstat::cpu_seconds(auth_pid).unwrap_or(0.0);
     let started = Instant::now();
+    let running = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::with_capacity(cfg.sessions);
     for _ in 0..cfg.sessions {
-        let (t, command) = (t.clone(), command.clone());
-        tasks.push(tokio::spawn(
-            async move { ssh::pty_output(&t, &command).await },
-        ));
+        let (t, command, running) = (t.clone(), command.clone(), Arc::clone(&running));
+        tasks.push(tokio::spawn(async move {
+            ssh::pty_output(&t, &command, &running).await
+        }));
     }
-    // The steady window: from 3 s in to 2 s before the sessions end.
-    let steady_from = Duration::from_secs(3);
-    let steady_to = cfg.duration.saturating_sub(Duration::from_secs(2));
-    tokio::time::sleep(steady_from).await;
+    // The steady window: once every session prints, for half of what is left of the first
+    // one's time (all of them print throughout it).
+    while running.load(Ordering::Relaxed) < cfg.sessions && started.elapsed() < cfg.duration {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let all_printing = started.elapsed();
     let (a0, w0) = (procstat::cpu_seconds(auth_pid), Instant::now());
-    tokio::time::sleep(steady_to.saturating_sub(steady_from)).await;
+    tokio::time::sleep(cfg.duration.saturating_sub(all_printing) / 2).await;
     let (a1, w1) = (procstat::cpu_seconds(auth_pid), Instant::now());
     let rss1 = procstat::rss_kib(agent.pid()).unwrap_or(0);
     let steady_pct = match (a0, a1) {
@@ -206,6 +214,8 @@ async fn ingest(cfg: &RecRun, login: &str) -> anyhow::Result<Ingest> {
         printed_mb: printed as f64 / 1e6,
         recorded_mb: recorded as f64 / 1e6,
         auth_core_pct_steady: steady_pct,
+        steady_s: (w1 - w0).as_secs_f64(),
+        all_printing_after_s: all_printing.as_secs_f64(),
         auth_cpu_s_total: auth_total,
         mb_recorded_per_auth_cpu_s: recorded as f64 / 1e6 / auth_total.max(0.001),
         complete,
@@ -300,7 +310,7 @@ pub(crate) async fn run(cfg: &RecRun, json: Option<PathBuf>) -> anyhow::Result<(
             ] {
                 let c0 = procstat::cpu_seconds(pid).unwrap_or(0.0);
                 let w0 = Instant::now();
-                let bytes = ssh::pty_output(t, &command).await?;
+                let bytes = ssh::pty_output(t, &command, &AtomicUsize::new(0)).await?;
                 let r = OverheadRound {
                     round,
                     recording,

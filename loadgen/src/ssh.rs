@@ -202,13 +202,19 @@ async fn connect(
     })
 }
 
-/// Connect, run `command` on a PTY and count its output until the channel closes.
-pub async fn pty_output(target: &SshTarget, command: &str) -> anyhow::Result<u64> {
+/// Connect, run `command` on a PTY and count its output until the channel closes; `started`
+/// counts sessions whose command runs.
+pub async fn pty_output(
+    target: &SshTarget,
+    command: &str,
+    started: &std::sync::atomic::AtomicUsize,
+) -> anyhow::Result<u64> {
     let (key, cert) = keys(&target.user)?;
     let session = connect(target, client_config(), key, cert).await?;
     let mut ch = session.channel_open_session().await?;
     ch.request_pty(false, "xterm", 120, 40, 0, 0, &[]).await?;
     ch.exec(true, command).await?;
+    started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut bytes = 0u64;
     while let Some(msg) = ch.wait().await {
         match msg {

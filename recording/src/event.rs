@@ -105,6 +105,33 @@ fn get_varint(b: &[u8], at: &mut usize) -> Result<u64, String> {
     Err("number longer than 64 bits".into())
 }
 
+/// Which output stream a piece of data came from (for [`crate::Writer::record_data`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// A PTY's output.
+    Output,
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    pub(crate) fn tag(self) -> u8 {
+        match self {
+            Stream::Output => T_OUTPUT,
+            Stream::Stdout => T_STDOUT,
+            Stream::Stderr => T_STDERR,
+        }
+    }
+}
+
+/// Append one event given as its tag and body; `delta_ms` from the previous one.
+pub(crate) fn encode_raw(out: &mut Vec<u8>, delta_ms: u64, tag: u8, body: &[u8]) {
+    out.push(tag);
+    put_varint(out, delta_ms);
+    put_varint(out, body.len() as u64);
+    out.extend_from_slice(body);
+}
+
 /// Append one event; `delta_ms` from the previous one.
 pub(crate) fn encode(out: &mut Vec<u8>, delta_ms: u64, event: &Event) {
     let (tag, body): (u8, std::borrow::Cow<'_, [u8]>) = match event {
@@ -121,10 +148,7 @@ pub(crate) fn encode(out: &mut Vec<u8>, delta_ms: u64, event: &Event) {
         Event::Joined { user } => (T_JOINED, user.as_bytes().into()),
         Event::End(e) => (T_END, serde_json::to_vec(e).unwrap_or_default().into()),
     };
-    out.push(tag);
-    put_varint(out, delta_ms);
-    put_varint(out, body.len() as u64);
-    out.extend_from_slice(&body);
+    encode_raw(out, delta_ms, tag, &body);
 }
 
 /// Bytes an event takes once encoded, at most (for the writer's bound).

@@ -24,7 +24,7 @@ mod verify;
 mod writer;
 
 pub use chunk::{ChunkHeader, ChunkKind, HEADER_LEN, MAX_PAYLOAD};
-pub use event::{EndInfo, Event, SessionKind, SessionMeta, Timed};
+pub use event::{EndInfo, Event, SessionKind, SessionMeta, Stream, Timed};
 pub use reader::{Chunk, Reader, Scan, scan, scan_from};
 pub use verify::{SIGNATURE_NAMESPACE, Trailer, Verified, signed_message, verify, verify_trailer};
 pub use writer::{Checkpoint, Codec, FLUSH_AFTER_MS, FLUSH_BYTES, Signer, Writer, events_of};

@@ -74,7 +74,11 @@ fn write(
         if w.deadline().is_some_and(|d| d <= now) {
             out.extend(w.flush(&mut codec).unwrap());
         }
-        w.record(now, e);
+        match e {
+            // Output as the agent records it (from the bytes read); the rest as events.
+            Event::Output(b) => w.record_data(now, gatehouse_recording::Stream::Output, b),
+            other => w.record(now, other),
+        }
         if w.wants_flush() || extra_flush.get(i).copied().unwrap_or(false) {
             out.extend(w.flush(&mut codec).unwrap());
         }

@@ -550,7 +550,19 @@ impl SessionRecording {
         cur.retain(|u| now.contains(u));
     }
 
-    /// Record an event now (output, a resize, someone joining).
+    /// Record output now, from the bytes read.
+    pub fn record_data(&self, stream: gatehouse_recording::Stream, data: &[u8]) {
+        let Ok(mut slot) = self.writer.lock() else {
+            return;
+        };
+        let Some(w) = slot.as_mut() else { return };
+        w.record_data(now_ms(), stream, data);
+        if w.wants_flush() {
+            self.flush_locked(&mut slot);
+        }
+    }
+
+    /// Record an event now (a resize, someone joining).
     pub fn record(&self, event: &Event) {
         let Ok(mut slot) = self.writer.lock() else {
             return;

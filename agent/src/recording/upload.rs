@@ -17,6 +17,9 @@ use crate::role::AuthLink;
 const BATCH: usize = 1024 * 1024;
 const SETTINGS_EVERY: Duration = Duration::from_secs(30);
 const IDLE_WAIT: Duration = Duration::from_secs(1);
+/// Passes over the spool are at least this far apart, so a busy session's chunks go up in
+/// batches (one request, one acknowledgement) rather than one by one.
+const MIN_PASS_INTERVAL: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
 
 fn ack_path(dir: &Path, id: &str) -> std::path::PathBuf {
@@ -30,8 +33,10 @@ fn read_ack(dir: &Path, id: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Not synced: a lost or torn acknowledgement only makes the agent resend what Auth has, which
+/// Auth skips.
 fn write_ack(dir: &Path, id: &str, offset: u64) -> std::io::Result<()> {
-    gatehouse_controlplane::files::write_private(&ack_path(dir, id), offset.to_string().as_bytes())
+    std::fs::write(ack_path(dir, id), offset.to_string())
 }
 
 enum Outcome {
@@ -52,6 +57,7 @@ pub(crate) fn spawn_uploader(
         let mut backoff = Duration::from_millis(500);
         let mut settings_at: Option<Instant> = None;
         loop {
+            let pass_started = Instant::now();
             if settings_at.is_none_or(|t| t.elapsed() >= SETTINGS_EVERY)
                 && refresh_settings(&recs, &auth).await
             {
@@ -84,6 +90,9 @@ pub(crate) fn spawn_uploader(
             backoff = Duration::from_millis(500);
             if !progressed {
                 let _ = tokio::time::timeout(IDLE_WAIT, recs.wake.notified()).await;
+            }
+            if let Some(rest) = MIN_PASS_INTERVAL.checked_sub(pass_started.elapsed()) {
+                tokio::time::sleep(rest).await;
             }
         }
     })

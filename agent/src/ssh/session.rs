@@ -19,7 +19,7 @@ use super::SshNode;
 use super::process::{LoginUser, Program, build_command, session_env};
 use super::signals::{sig_name, signal_from_ssh, signal_to_ssh};
 use crate::recording::SessionRecording;
-use gatehouse_recording::{EndInfo, Event, SessionKind, SessionMeta};
+use gatehouse_recording::{EndInfo, Event, SessionKind, SessionMeta, Stream as RecStream};
 
 /// Client input queued for the child beyond this many bytes stalls the connection until the
 /// child reads (russh re-opens the receive window by itself, so this is the only brake).
@@ -416,19 +416,11 @@ fn signal_group(pgid: Option<Pid>, signal: Signal) {
     }
 }
 
-/// Which stream an output pump records.
-#[derive(Clone, Copy)]
-enum Stream {
-    Pty,
-    Stdout,
-    Stderr,
-}
-
 async fn copy_out<R, W>(
     mut from: R,
     mut to: W,
     counter: Arc<AtomicU64>,
-    rec: Option<(Arc<SessionRecording>, Stream)>,
+    rec: Option<(Arc<SessionRecording>, RecStream)>,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -444,12 +436,7 @@ async fn copy_out<R, W>(
         if let Some((rec, stream)) = &rec
             && let Some(chunk) = buf.get(..n)
         {
-            let data = chunk.to_vec();
-            rec.record(&match stream {
-                Stream::Pty => Event::Output(data),
-                Stream::Stdout => Event::Stdout(data),
-                Stream::Stderr => Event::Stderr(data),
-            });
+            rec.record_data(*stream, chunk);
         }
         // Once the channel is gone keep reading (and discarding) so the child never blocks.
         if open
@@ -548,12 +535,12 @@ impl Pump {
                 }
                 if let Some(stdout) = stdout {
                     let w = self.write.make_writer();
-                    let rec = self.recording.clone().map(|r| (r, Stream::Stdout));
+                    let rec = self.recording.clone().map(|r| (r, RecStream::Stdout));
                     outputs.push(tokio::spawn(copy_out(stdout, w, bytes_out.clone(), rec)));
                 }
                 if let Some(stderr) = stderr {
                     let w = self.write.make_writer_ext(Some(1));
-                    let rec = self.recording.clone().map(|r| (r, Stream::Stderr));
+                    let rec = self.recording.clone().map(|r| (r, RecStream::Stderr));
                     outputs.push(tokio::spawn(copy_out(stderr, w, bytes_out.clone(), rec)));
                 }
             }
@@ -561,7 +548,7 @@ impl Pump {
                 let (reader, writer) = pty.into_split();
                 tokio::spawn(copy_in_pty(writer, input, budget));
                 let w = self.write.make_writer();
-                let rec = self.recording.clone().map(|r| (r, Stream::Pty));
+                let rec = self.recording.clone().map(|r| (r, RecStream::Output));
                 outputs.push(tokio::spawn(copy_out(reader, w, bytes_out.clone(), rec)));
             }
         }
