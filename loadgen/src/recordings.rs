@@ -49,7 +49,9 @@ struct Ingest {
     complete: usize,
     /// From the last session's end to its recording complete at Auth.
     completion_s: f64,
+    /// Recordings complete per second, from the first session's end to the last recording done.
     recordings_per_s: f64,
+    finishing_s: f64,
     agent_rss_kib_per_session: f64,
 }
 
@@ -153,7 +155,8 @@ async fn ingest(cfg: &RecRun, login: &str) -> anyhow::Result<Ingest> {
     for _ in 0..cfg.sessions {
         let (t, command, running) = (t.clone(), command.clone(), Arc::clone(&running));
         tasks.push(tokio::spawn(async move {
-            ssh::pty_output(&t, &command, &running).await
+            let bytes = ssh::pty_output(&t, &command, &running).await?;
+            Ok::<_, anyhow::Error>((bytes, Instant::now()))
         }));
     }
     // The steady window: once every session prints, for half of what is left of the first
@@ -171,11 +174,13 @@ async fn ingest(cfg: &RecRun, login: &str) -> anyhow::Result<Ingest> {
         _ => 0.0,
     };
     let (mut ok, mut errors, mut first_error, mut printed) = (0, 0, None, 0u64);
+    let mut first_end: Option<Instant> = None;
     for task in tasks {
         match task.await {
-            Ok(Ok(bytes)) => {
+            Ok(Ok((bytes, end))) => {
                 ok += 1;
                 printed += bytes;
+                first_end = Some(first_end.map_or(end, |f| f.min(end)));
             }
             Ok(Err(e)) => {
                 errors += 1;
@@ -200,6 +205,8 @@ async fn ingest(cfg: &RecRun, login: &str) -> anyhow::Result<Ingest> {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let completion_s = ended.elapsed().as_secs_f64();
+    // Recordings finish as their sessions end: the rate from the first end to the last done.
+    let finishing_s = first_end.map_or(completion_s, |f| f.elapsed().as_secs_f64());
     let auth_total = procstat::cpu_seconds(auth_pid).unwrap_or(0.0) - auth0;
     let complete = list.iter().filter(|r| r["state"] == "complete").count();
     let recorded: u64 = list.iter().filter_map(|r| r["bytes"].as_u64()).sum();
@@ -220,7 +227,8 @@ async fn ingest(cfg: &RecRun, login: &str) -> anyhow::Result<Ingest> {
         mb_recorded_per_auth_cpu_s: recorded as f64 / 1e6 / auth_total.max(0.001),
         complete,
         completion_s,
-        recordings_per_s: complete as f64 / completion_s.max(0.001),
+        recordings_per_s: complete as f64 / finishing_s.max(0.001),
+        finishing_s,
         agent_rss_kib_per_session: rss1.saturating_sub(rss0) as f64 / cfg.sessions as f64,
     })
 }
@@ -264,7 +272,7 @@ pub(crate) async fn run(cfg: &RecRun, json: Option<PathBuf>) -> anyhow::Result<(
     let login = crate::openssh::current_login()?;
     let ingest = ingest(cfg, &login).await?;
     println!(
-        "recordings ingest {} sessions x {} KB/s for {:.0} s: {} ok, {} errors{}; Auth {:.1} % of a core while they printed, {:.1} MB recorded ({:.1} MB printed), {:.1} MB per Auth CPU-second; {} complete in {:.1} s after the last session ({:.0} recordings/s); agent {:.0} KiB per session",
+        "recordings ingest {} sessions x {} KB/s for {:.0} s: {} ok, {} errors{}; Auth {:.1} % of a core while they printed, {:.1} MB recorded ({:.1} MB printed), {:.1} MB per Auth CPU-second; {} complete {:.1} s after the last session ended ({:.0} recordings/s from the first end); agent {:.0} KiB per session",
         ingest.sessions,
         ingest.rate_kb_per_s,
         ingest.seconds,

@@ -34,6 +34,7 @@ fn help_lists_every_scenario_and_its_options() {
         "latency",
         "sessions",
         "ssh",
+        "recordings",
     ] {
         assert!(out.contains(s), "--help lacks {s}:\n{out}");
     }
@@ -149,6 +150,36 @@ fn ssh_scenario_runs_through_the_proxy_beside_proxyjump_and_openssh() {
         assert!(row["gb_per_s"].as_f64().unwrap() > 0.0, "{row}");
         assert!(row["server_cpu_s"].as_f64().unwrap() > 0.0, "{row}");
     }
+}
+
+/// The `recordings` scenario briefly: recorded sessions run, their recordings complete at Auth,
+/// and the on/off rounds each move the whole output.
+#[test]
+fn recordings_scenario_records_sessions_and_compares_on_and_off() {
+    let v = report(&[
+        "recordings",
+        "--sessions",
+        "5",
+        "--rate-kb",
+        "2",
+        "--duration",
+        "3s",
+        "--overhead-mb",
+        "1",
+        "--runs",
+        "1",
+    ]);
+    let g = &v["ingest"];
+    assert_eq!(g["ok"], 5, "{v}");
+    assert_eq!(g["errors"], 0, "{v}");
+    assert!(g["complete"].as_u64().unwrap() >= 5, "{v}");
+    assert!(g["recorded_mb"].as_f64().unwrap() > 0.0, "{v}");
+    let rounds = v["overhead"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2, "{v}");
+    for r in rounds {
+        assert!(r["mb"].as_f64().unwrap() >= 1.0, "{r}");
+    }
+    assert!(v["overhead_ratio"].as_f64().is_some(), "{v}");
 }
 
 /// The OpenSSH jump host baseline moves bytes and is charged its sshd children's CPU; rathole
