@@ -2,8 +2,39 @@
 """Render bench/RESULTS.md and bench/results.json from the JSON files scripts/bench wrote."""
 import json, os, platform, re, subprocess, sys, datetime
 
+# `render_results.py --recordings DIR RESULTS.md results.json`: put only the recordings section
+# (DIR/recordings.json) into existing results, for a run of `loadgen recordings` alone.
+only_recordings = sys.argv[1] == "--recordings"
+if only_recordings:
+    sys.argv.pop(1)
 src, md_path, json_path = sys.argv[1], sys.argv[2], sys.argv[3]
 load = lambda name: json.load(open(os.path.join(src, name)))
+if only_recordings:
+    opt = lambda name: load(name) if os.path.exists(os.path.join(src, name)) else None
+    exec_src = open(__file__).read()
+    start = exec_src.index("def recordings_section():")
+    exec(exec_src[start:exec_src.index("\n\n\n", start)])
+    md = open(md_path).read()
+    section = recordings_section()
+    if "## Session recordings" in md:
+        a = md.index("## Session recordings")
+        b = md.index("\n## ", a + 1)
+        md = md[:a] + section + md[b:]
+    else:
+        b = md.index("## Tunnels: idle agents")
+        md = md[:b] + section + "\n" + md[b:]
+    open(md_path, "w").write(md)
+    res = json.load(open(json_path))
+    rec = load("recordings.json")
+    res.setdefault("raw", {})["recordings"] = rec
+    res["results"] = [r for r in res["results"] if not str(r.get("scenario", "")).startswith("recordings")]
+    res["results"] += [
+        {"scenario": "recordings-agent-overhead", "baseline": "recording off", "unit": "ratio", "value": rec.get("overhead_ratio")},
+        {"scenario": "recordings-auth-cpu", "baseline": "one core", "unit": "%", "value": rec["ingest"]["auth_core_pct_steady"]},
+        {"scenario": "recordings-ingest", "baseline": "Auth CPU-second", "unit": "MB", "value": rec["ingest"]["mb_recorded_per_auth_cpu_s"]},
+    ]
+    json.dump(res, open(json_path, "w"), indent=2)
+    sys.exit(0)
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
@@ -335,7 +366,7 @@ results = [
 ]
 results = [{k: v for k, v in x.items() if k != "skipped" or v} for x in results]
 json.dump({"date": date, "commit": commit, "machine": machine, "results": results,
-           "raw": {"epoll": epoll, "ssh": ssh_all, "throughput": thr, "download": down_all, "throughput_host_cubic": hcc_all, "tunnels": tun_all, "tunnels_quic": tunq_all, "link": link_all, "link_host_cubic": link_cubic, "logins": logins, "latency": latsum, "sessions": ses_all, "sessions_one_worker": ses1, "criterion": crit}},
+           "raw": {"epoll": epoll, "ssh": ssh_all, "recordings": opt("recordings.json"), "throughput": thr, "download": down_all, "throughput_host_cubic": hcc_all, "tunnels": tun_all, "tunnels_quic": tunq_all, "link": link_all, "link_host_cubic": link_cubic, "logins": logins, "latency": latsum, "sessions": ses_all, "sessions_one_worker": ses1, "criterion": crit}},
           open(json_path, "w"), indent=2)
 
 def recordings_section():

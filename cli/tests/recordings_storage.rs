@@ -99,7 +99,7 @@ fn recordings_go_to_s3_in_parts_and_come_back_whole() {
     let moto = Moto::start();
     moto.curl(&["-X", "PUT", &format!("{}/recordings", moto.url)]);
     let config = format!(
-        "[auth.recording]\nstorage = \"s3://recordings/cluster-a\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\n",
+        "[auth.recordings]\nstorage = \"s3://recordings/cluster-a\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\n",
         moto.url
     );
     let env = [

@@ -38,6 +38,15 @@ impl Default for RecordingConfig {
     }
 }
 
+/// `[auth.recordings]`: where recordings are kept (the same keys as in `[auth.recording]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordingStorage {
+    pub storage: Option<String>,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RecordingMode {

@@ -36,6 +36,28 @@ pub struct AuthConfig {
     pub public_addrs: Vec<String>,
     /// Session recordings: how agents record, and where Auth keeps them.
     pub recording: crate::recordings::RecordingConfig,
+    /// Where recordings are kept, also accepted as `[auth.recordings]` (`storage`, `endpoint`,
+    /// `region`); it overrides the same keys of `[auth.recording]`.
+    pub recordings: Option<crate::recordings::RecordingStorage>,
+}
+
+impl AuthConfig {
+    /// The recording settings with `[auth.recordings]` applied.
+    pub fn recording_config(&self) -> crate::recordings::RecordingConfig {
+        let mut c = self.recording.clone();
+        if let Some(r) = &self.recordings {
+            if let Some(s) = &r.storage {
+                c.storage = s.clone();
+            }
+            if r.endpoint.is_some() {
+                c.endpoint = r.endpoint.clone();
+            }
+            if r.region.is_some() {
+                c.region = r.region.clone();
+            }
+        }
+        c
+    }
 }
 
 impl Default for AuthConfig {
@@ -44,6 +66,7 @@ impl Default for AuthConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 3025)),
             public_addrs: vec![],
             recording: Default::default(),
+            recordings: None,
         }
     }
 }
@@ -224,17 +247,18 @@ async fn prepare(
         .local_addr()
         .map_err(io("the Auth API's address"))?;
     let ca_pin = tls_ca.pin();
-    let recordings = crate::recordings::RecordingStore::open(data_dir, &config.recording)
+    let recording = config.recording_config();
+    let recordings = crate::recordings::RecordingStore::open(data_dir, &recording)
         .map_err(setup("session recordings storage"))?;
     tracing::info!(
         storage = recordings.describe(),
-        mode = config.recording.mode.as_str(),
+        mode = recording.mode.as_str(),
         "auth: session recordings"
     );
     let state = Arc::new(
         AuthState::new(cluster.clone(), store, user_ca, host_ca, tls_ca)
             .map_err(setup("the password hasher"))?
-            .with_recordings(config.recording.clone(), recordings),
+            .with_recordings(recording, recordings),
     );
     state.metrics.register(registry);
     Ok(PreparedAuth {
