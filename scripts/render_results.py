@@ -12,7 +12,7 @@ load = lambda name: json.load(open(os.path.join(src, name)))
 if only_recordings:
     opt = lambda name: load(name) if os.path.exists(os.path.join(src, name)) else None
     exec_src = open(__file__).read()
-    start = exec_src.index("def recordings_section():")
+    start = exec_src.index("\ndef recordings_section():") + 1
     exec(exec_src[start:exec_src.index("\n\n\n", start)])
     md = open(md_path).read()
     section = recordings_section()
