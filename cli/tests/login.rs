@@ -73,6 +73,16 @@ fn login_issues_certs_that_ssh_keygen_and_openssl_accept() {
     let verify = run(cmd, None).ok().stdout;
     assert!(verify.trim().ends_with(": OK"), "{verify}");
 
+    // The key loads in OpenSSL 3.0 (PKCS#8 v1), and it is the certificate's.
+    let mut cmd = Command::new("openssl");
+    cmd.args(["pkey", "-pubout", "-in"])
+        .arg(home.path().join("tls.key"));
+    let key_pub = run(cmd, None).ok().stdout;
+    let mut cmd = Command::new("openssl");
+    cmd.args(["x509", "-noout", "-pubkey", "-in"])
+        .arg(home.path().join("tls.crt"));
+    assert_eq!(key_pub, run(cmd, None).ok().stdout);
+
     // The identity is in the X.509 cert: CN and the extension's JSON.
     let mut cmd = Command::new("openssl");
     cmd.args(["x509", "-noout", "-subject", "-text", "-in"])

@@ -188,9 +188,16 @@ pub fn issue_admin_identity(
     let cert = tls_ca
         .sign(&spki, &identity, TlsUsage::Client, &[], now)
         .map_err(setup("the admin identity"))?;
-    write_identity_dir(dir, &cert.pem(), &key.serialize_pem(), tls_ca.cert_pem()).map_err(io(
-        format!("writing the admin identity to {}", dir.display()),
-    ))
+    write_identity_dir(
+        dir,
+        &cert.pem(),
+        &crate::tls::key_pem_for_tools(&key),
+        tls_ca.cert_pem(),
+    )
+    .map_err(io(format!(
+        "writing the admin identity to {}",
+        dir.display()
+    )))
 }
 
 /// Open storage and CAs, create presets on first start, bind the listener.

@@ -66,6 +66,34 @@ fn roots(ca_pem: &str) -> Result<Arc<RootCertStore>, TlsError> {
 /// Server config for the Auth API: TLS 1.3, ALPN h2, client certificates from the cluster CA
 /// verified when presented and optional (login, join and ping need none; every other call
 /// checks the identity itself).
+/// A private key as PEM that OpenSSL 3.0, curl and Python's `ssl` load: an Ed25519 key in
+/// PKCS#8 v1 (RFC 8410's `OneAsymmetricKey` version 0, without the public key), which is what
+/// they read; rcgen writes v2 (with the public key), which OpenSSL 3.0 refuses. Other keys are
+/// left as rcgen writes them.
+pub fn key_pem_for_tools(key: &rcgen::KeyPair) -> String {
+    // SEQUENCE { INTEGER 1, SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING seed } ...
+    const V2_PREFIX: [u8; 16] = [
+        0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    const V1_PREFIX: [u8; 16] = [
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    let der = key.serialize_der();
+    match (der.get(..16), der.get(16..48)) {
+        (Some(prefix), Some(seed)) if prefix == V2_PREFIX => {
+            let mut v1 = V1_PREFIX.to_vec();
+            v1.extend_from_slice(seed);
+            pem::encode_config(
+                &pem::Pem::new("PRIVATE KEY", v1),
+                pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+            )
+        }
+        _ => key.serialize_pem(),
+    }
+}
+
 pub fn server_config(
     ca_pem: &str,
     cert_chain_pem: &str,

@@ -346,7 +346,10 @@ async fn login(
         format!("{}\n", creds.ssh_cert).as_bytes(),
     )?;
     write_private(&dir.join("tls.crt"), creds.tls_cert.as_bytes())?;
-    write_private(&dir.join("tls.key"), tls_key.serialize_pem().as_bytes())?;
+    write_private(
+        &dir.join("tls.key"),
+        gatehouse_controlplane::tls::key_pem_for_tools(&tls_key).as_bytes(),
+    )?;
     write_private(&dir.join("ca.pem"), creds.tls_ca.as_bytes())?;
     let known_hosts: String = creds
         .ssh_host_ca
