@@ -24,6 +24,7 @@ fn identity(expires: i64) -> Identity {
         )]),
         cluster: "bench".into(),
         route_to_cluster: "bench".into(),
+        bot: None,
         expires,
     }
 }

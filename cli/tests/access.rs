@@ -237,6 +237,7 @@ fn refusals_carry_a_reason_and_a_session_rejected_event() {
         traits: [("logins".to_string(), vec![f.login.clone()])].into(),
         cluster: "refusals".into(),
         route_to_cluster: "refusals".into(),
+        bot: None,
         expires: now as i64 + 3600,
     };
     let forged = foreign

@@ -21,6 +21,12 @@ pub mod types {
     pub const NODE_DELETE: &str = "node.delete";
     pub const JOIN: &str = "join";
     pub const CERT_ISSUED: &str = "cert.issued";
+    pub const BOT_CREATE: &str = "bot.create";
+    pub const BOT_DELETE: &str = "bot.delete";
+    pub const BOT_LOCKED: &str = "bot.locked";
+    pub const BOT_UNLOCK: &str = "bot.unlock";
+    /// A renewal refused (expired, superseded, locked, deleted bot).
+    pub const RENEW_REFUSED: &str = "renew.refused";
 }
 
 /// Build an event with a fresh time-ordered id (UUIDv7), `now` in Unix nanoseconds.

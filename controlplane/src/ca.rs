@@ -393,6 +393,7 @@ impl TlsCa {
             traits: Default::default(),
             cluster: cluster.into(),
             route_to_cluster: cluster.into(),
+            bot: None,
             expires: (now + ttl).unix_timestamp(),
         };
         let mut sans = vec![
@@ -448,6 +449,7 @@ mod tests {
             logins: vec!["alice".into(), "root".into()],
             traits: [("logins".to_string(), vec!["alice".to_string()])].into(),
             cluster: "example".into(),
+            bot: None,
             route_to_cluster: "example".into(),
             expires,
         }

@@ -86,6 +86,7 @@ impl NewKeys {
                 .map_err(|e| HostError::Keys(e.to_string()))?,
             tls_public_key: rcgen::PublicKeyData::subject_public_key_info(&self.tls),
             bot_name: String::new(),
+            ttl_seconds: 0,
         })
     }
 

@@ -57,8 +57,21 @@ pub struct Identity {
     /// The cluster the holder wants to reach (trusted clusters); the issuing cluster by default.
     #[serde(default)]
     pub route_to_cluster: String,
+    /// Bots only: which join this identity descends from and how many renewals it has had.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bot: Option<BotLineage>,
     /// Unix seconds.
     pub expires: i64,
+}
+
+/// A bot identity's place in its line of renewals. Auth keeps the current one per bot; a
+/// renewal presenting an older generation means the identity was copied (theft detection).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BotLineage {
+    /// Set at each join (a rejoin starts a new line; the old one can never renew again).
+    pub instance: String,
+    /// 1 at the join, +1 at every renewal.
+    pub generation: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -20,6 +20,8 @@ pub enum ResourceKind {
     CertAuthority,
     /// Session recordings (and live sessions to join).
     Session,
+    /// Machine ID bots.
+    Bot,
     #[serde(rename = "*")]
     Any,
 }
@@ -37,6 +39,7 @@ impl ResourceKind {
             ResourceKind::Event => "event",
             ResourceKind::CertAuthority => "cert_authority",
             ResourceKind::Session => "session",
+            ResourceKind::Bot => "bot",
             ResourceKind::Any => "*",
         }
     }
@@ -519,7 +522,7 @@ pub fn preset_roles() -> Vec<Role> {
                     logins: vec![],
                     node_labels: BTreeMap::new(),
                     rules: vec![
-                        rule(&[K::User, K::Role, K::Token], &[V::Any]),
+                        rule(&[K::User, K::Role, K::Token, K::Bot], &[V::Any]),
                         rule(&[K::Node, K::CertAuthority], &[V::List, V::Read]),
                     ],
                 },

@@ -182,6 +182,7 @@ pub fn issue_admin_identity(
         traits: Default::default(),
         cluster: cluster.into(),
         route_to_cluster: cluster.into(),
+        bot: None,
         expires: (now + ADMIN_IDENTITY_TTL).unix_timestamp(),
     };
     let spki = rcgen::PublicKeyData::subject_public_key_info(&key);

@@ -13,7 +13,9 @@ use sqlx::sqlite::{
 
 use crate::resources::{Role, User};
 
+mod bots;
 mod recordings;
+pub use bots::{BotRow, RenewOp, RenewOutcome};
 pub use recordings::{RecordingFilter, RecordingRow};
 
 #[derive(Debug, thiserror::Error)]
@@ -495,17 +497,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let mut accepted = 0u32;
         for e in events {
-            let done = sqlx::query("INSERT OR IGNORE INTO audit_events (event_id, time_nanos, type, actor, source_addr, cluster, data) VALUES (?, ?, ?, ?, ?, ?, ?)")
-                .bind(&e.event_id)
-                .bind(e.time_nanos)
-                .bind(&e.event_type)
-                .bind(&e.actor)
-                .bind(&e.source_addr)
-                .bind(&e.cluster)
-                .bind(&e.data)
-                .execute(&mut *tx)
-                .await?;
-            accepted += done.rows_affected() as u32;
+            accepted += insert_event(&mut tx, e).await? as u32;
         }
         tx.commit().await?;
         Ok((accepted, events.len() as u32 - accepted))
@@ -656,4 +648,22 @@ mod tests {
         assert_eq!(xs.len(), 1);
         assert_eq!(xs[0].event_id, "3");
     }
+}
+
+/// Insert one audit event in `tx` (a duplicate `event_id` is ignored); rows inserted.
+pub(crate) async fn insert_event(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    e: &StoredEvent,
+) -> Result<u64, StoreError> {
+    let done = sqlx::query("INSERT OR IGNORE INTO audit_events (event_id, time_nanos, type, actor, source_addr, cluster, data) VALUES (?, ?, ?, ?, ?, ?, ?)")
+        .bind(&e.event_id)
+        .bind(e.time_nanos)
+        .bind(&e.event_type)
+        .bind(&e.actor)
+        .bind(&e.source_addr)
+        .bind(&e.cluster)
+        .bind(&e.data)
+        .execute(&mut **tx)
+        .await?;
+    Ok(done.rows_affected())
 }

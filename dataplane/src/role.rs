@@ -168,6 +168,7 @@ async fn identity(
             traits: BTreeMap::from([("host_name".to_string(), vec![config.host_name.clone()])]),
             cluster: state.cluster.clone(),
             route_to_cluster: state.cluster.clone(),
+            bot: None,
             expires: (now + time::Duration::days(365)).unix_timestamp(),
         };
         let mut all_sans = vec![

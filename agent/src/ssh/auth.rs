@@ -199,6 +199,7 @@ mod tests {
             traits: [("logins".to_string(), vec!["alice".to_string()])].into(),
             cluster: "example".into(),
             route_to_cluster: "example".into(),
+            bot: None,
             expires,
         }
     }

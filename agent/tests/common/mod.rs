@@ -273,6 +273,7 @@ impl Fixture {
             traits: [("logins".to_string(), spec.logins.clone())].into(),
             cluster: "example".into(),
             route_to_cluster: "example".into(),
+            bot: None,
             expires: now + spec.expires_in,
         };
         let req = SshUserCertRequest {

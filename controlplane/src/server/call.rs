@@ -60,11 +60,16 @@ pub(crate) enum Rpc {
     UploadRecording,
     ListRecordings,
     ReadRecording,
+    CreateBot,
+    ListBots,
+    DeleteBot,
+    UnlockBot,
+    Renew,
 }
 
 impl Rpc {
     #[cfg(test)]
-    pub(crate) const ALL: [Rpc; 23] = [
+    pub(crate) const ALL: [Rpc; 28] = [
         Rpc::Ping,
         Rpc::Login,
         Rpc::Join,
@@ -88,6 +93,11 @@ impl Rpc {
         Rpc::UploadRecording,
         Rpc::ListRecordings,
         Rpc::ReadRecording,
+        Rpc::CreateBot,
+        Rpc::ListBots,
+        Rpc::DeleteBot,
+        Rpc::UnlockBot,
+        Rpc::Renew,
     ];
 
     /// The access rule: the one table of who may call what.
@@ -96,7 +106,10 @@ impl Rpc {
         use ResourceKind as K;
         match self {
             Rpc::Ping | Rpc::Login | Rpc::Join => Public,
-            Rpc::WhoAmI | Rpc::ChangePassword | Rpc::GetClusterSettings => Authenticated,
+            // Renew: the caller's own identity, by kind (bots, agents, proxies; not users).
+            Rpc::WhoAmI | Rpc::ChangePassword | Rpc::GetClusterSettings | Rpc::Renew => {
+                Authenticated
+            }
             Rpc::CreateUser => Rule(K::User, Verb::Create),
             Rpc::ResetPassword => Rule(K::User, Verb::Update),
             Rpc::UpsertResource | Rpc::GetResource | Rpc::ListResources | Rpc::DeleteResource => {
@@ -114,6 +127,10 @@ impl Rpc {
             // Narrowed to the caller's own sessions by the handler when the rules say `own`.
             Rpc::ListRecordings => Rule(K::Session, Verb::List),
             Rpc::ReadRecording => Rule(K::Session, Verb::Read),
+            Rpc::CreateBot => Rule(K::Bot, Verb::Create),
+            Rpc::ListBots => Rule(K::Bot, Verb::List),
+            Rpc::DeleteBot => Rule(K::Bot, Verb::Delete),
+            Rpc::UnlockBot => Rule(K::Bot, Verb::Update),
         }
     }
 
@@ -143,6 +160,11 @@ impl Rpc {
             Rpc::UploadRecording => "UploadRecording",
             Rpc::ListRecordings => "ListRecordings",
             Rpc::ReadRecording => "ReadRecording",
+            Rpc::CreateBot => "CreateBot",
+            Rpc::ListBots => "ListBots",
+            Rpc::DeleteBot => "DeleteBot",
+            Rpc::UnlockBot => "UnlockBot",
+            Rpc::Renew => "Renew",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Hosts joining the cluster (public: the token is the credential). A `node` token makes an
 //! agent, a `proxy` token a proxy; either gets an SSH host certificate and an X.509 certificate
-//! carrying its identity, valid for [`super::HOST_CERT_TTL`]. Everything is validated before the
+//! carrying its identity, valid for `[auth] host_cert_ttl` (7 days by default; hosts renew
+//! before it ends, see `bots::renew`). A `bot` token makes a bot identity (`bots::join`). Everything is validated before the
 //! token is touched, so bad input never uses one up.
 
 use std::collections::BTreeMap;
@@ -10,7 +11,7 @@ use tonic::Status;
 
 use super::call::{Audit, Call, Done, Event, Failure};
 use super::tokens::token_hash;
-use super::{AuthState, HOST_CERT_TTL, KindLabel, ResultLabel, internal, now_secs, store_status};
+use super::{AuthState, KindLabel, ResultLabel, internal, now_secs, store_status};
 use crate::audit::{self, types};
 use crate::ca::{TlsUsage, parse_ssh_public_key};
 use crate::identity::{AUTH_SERVER_NAME, Identity, IdentityKind, PROXY_SERVER_NAME};
@@ -70,6 +71,9 @@ pub(super) async fn join(
             ));
         }
     };
+    if token.token_type == "bot" {
+        return Ok(super::bots::join(&call, &r, &ssh_key, &token).await?);
+    }
     let is_proxy = token.token_type == "proxy";
     if token.token_type != "node" && !is_proxy {
         return Err(Status::unimplemented(format!(
@@ -111,66 +115,20 @@ pub(super) async fn issue_host(
     is_proxy: bool,
     token_id: &str,
 ) -> Result<Done<proto::JoinResponse>, Status> {
-    let now = now_secs();
     let host_id = uuid::Uuid::new_v4().to_string();
-    let expires = now + HOST_CERT_TTL.as_secs() as i64;
-    // `<name>.<cluster>` lets OpenSSH users write `ssh node.cluster` with a config block.
-    let mut principals = vec![
-        r.host_name.clone(),
-        format!("{}.{}", r.host_name, state.cluster),
-    ];
-    principals.extend(r.addresses.iter().cloned());
-    let ssh_cert = state
-        .host_ca
-        .sign_host(
-            ssh_key,
-            &host_id,
-            &state.cluster,
-            &principals,
-            now as u64,
-            expires as u64,
-        )
-        .map_err(internal)?;
-    let role = if is_proxy { "proxy" } else { "node" };
-    let identity = Identity {
-        kind: IdentityKind::Node,
-        name: host_id.clone(),
-        roles: vec![format!("@{role}")],
-        logins: vec![],
-        traits: BTreeMap::from([("host_name".to_string(), vec![r.host_name.clone()])]),
-        cluster: state.cluster.clone(),
-        route_to_cluster: state.cluster.clone(),
-        expires,
+    let host = Host {
+        host_id: &host_id,
+        host_name: &r.host_name,
+        addresses: &r.addresses,
+        is_proxy,
     };
-    let mut sans = vec![
-        host_id.clone(),
-        format!("{host_id}.{}", state.cluster),
-        r.host_name.clone(),
-    ];
-    sans.extend(r.addresses.iter().cloned());
-    if is_proxy {
-        sans.push(PROXY_SERVER_NAME.to_string());
-    }
-    let tls_cert = state
-        .tls_ca
-        .sign(
-            &r.tls_public_key,
-            &identity,
-            TlsUsage::ServerAndClient,
-            &sans,
-            time::OffsetDateTime::now_utc(),
-        )
-        .map_err(|e| Status::invalid_argument(format!("tls_public_key or address: {e}")))?;
+    let issued = sign_host(state, &host, ssh_key, &r.tls_public_key)?;
     state
         .metrics
         .joins
         .get_or_create(&ResultLabel { result: "success" })
         .inc();
-    state
-        .metrics
-        .certs_issued
-        .get_or_create(&KindLabel { kind: "host" })
-        .inc();
+    let role = host.role();
     let audit = Audit::Events(vec![
         Event::new(
             types::JOIN,
@@ -179,22 +137,123 @@ pub(super) async fn issue_host(
                 json!({ "host_id": host_id, "host_name": r.host_name, "token_id": token_id, "role": role }),
             ),
         ),
-        Event::new(
-            types::CERT_ISSUED,
-            &host_id,
-            json!({ "kind": "host", "host_id": host_id, "principals": principals, "expires": expires }),
-        ),
+        issued.event(&host_id),
     ]);
     Ok(Done::audited(
         proto::JoinResponse {
-            credentials: Some(state.credentials(
-                ssh_cert.to_openssh().map_err(internal)?,
-                tls_cert.pem(),
-                expires,
-            )),
+            credentials: Some(issued.credentials),
             host_id,
             role: role.into(),
         },
         audit,
     ))
+}
+
+/// A host (agent or proxy) to certify.
+pub(super) struct Host<'a> {
+    pub(super) host_id: &'a str,
+    pub(super) host_name: &'a str,
+    pub(super) addresses: &'a [String],
+    pub(super) is_proxy: bool,
+}
+
+impl Host<'_> {
+    fn role(&self) -> &'static str {
+        if self.is_proxy { "proxy" } else { "node" }
+    }
+}
+
+/// Certificates issued to a host.
+pub(super) struct IssuedHost {
+    pub(super) credentials: proto::Credentials,
+    principals: Vec<String>,
+    expires: i64,
+}
+
+impl IssuedHost {
+    /// The `cert.issued` audit event.
+    pub(super) fn event(&self, host_id: &str) -> Event {
+        Event::new(
+            types::CERT_ISSUED,
+            host_id,
+            json!({ "kind": "host", "host_id": host_id, "principals": self.principals, "expires": self.expires }),
+        )
+    }
+}
+
+/// Sign a host's SSH host certificate and X.509 certificate, valid for the cluster's host
+/// certificate lifetime (`[auth] host_cert_ttl`).
+pub(super) fn sign_host(
+    state: &AuthState,
+    host: &Host<'_>,
+    ssh_key: &ssh_key::PublicKey,
+    tls_public_key: &[u8],
+) -> Result<IssuedHost, Status> {
+    let now = now_secs();
+    let expires = now + state.host_cert_ttl.as_secs() as i64;
+    // `<name>.<cluster>` lets OpenSSH users write `ssh node.cluster` with a config block.
+    let mut principals = vec![
+        host.host_name.to_owned(),
+        format!("{}.{}", host.host_name, state.cluster),
+    ];
+    principals.extend(host.addresses.iter().cloned());
+    let ssh_cert = state
+        .host_ca
+        .sign_host(
+            ssh_key,
+            host.host_id,
+            &state.cluster,
+            &principals,
+            now as u64,
+            expires as u64,
+        )
+        .map_err(internal)?;
+    let mut traits = BTreeMap::from([("host_name".to_string(), vec![host.host_name.to_owned()])]);
+    if !host.addresses.is_empty() {
+        traits.insert("addresses".to_string(), host.addresses.to_vec());
+    }
+    let identity = Identity {
+        kind: IdentityKind::Node,
+        name: host.host_id.to_owned(),
+        roles: vec![format!("@{}", host.role())],
+        logins: vec![],
+        traits,
+        cluster: state.cluster.clone(),
+        route_to_cluster: state.cluster.clone(),
+        bot: None,
+        expires,
+    };
+    let mut sans = vec![
+        host.host_id.to_owned(),
+        format!("{}.{}", host.host_id, state.cluster),
+        host.host_name.to_owned(),
+    ];
+    sans.extend(host.addresses.iter().cloned());
+    if host.is_proxy {
+        sans.push(PROXY_SERVER_NAME.to_string());
+    }
+    let tls_cert = state
+        .tls_ca
+        .sign(
+            tls_public_key,
+            &identity,
+            TlsUsage::ServerAndClient,
+            &sans,
+            time::OffsetDateTime::now_utc(),
+        )
+        .map_err(|e| Status::invalid_argument(format!("tls_public_key or address: {e}")))?;
+    state
+        .metrics
+        .certs_issued
+        .get_or_create(&KindLabel { kind: "host" })
+        .inc();
+    Ok(IssuedHost {
+        credentials: state.credentials(
+            ssh_cert.to_openssh().map_err(internal)?,
+            tls_cert.pem(),
+            expires,
+        ),
+        principals,
+        expires,
+    })
 }

@@ -118,34 +118,10 @@ pub(super) async fn login(
         traits: user.spec.traits.clone(),
         cluster: state.cluster.clone(),
         route_to_cluster: state.cluster.clone(),
+        bot: None,
         expires,
     };
-    let perms = roles.cert_permissions();
-    let ssh_cert = state
-        .user_ca
-        .sign_user(
-            &ssh_key,
-            &SshUserCertRequest {
-                identity: &identity,
-                permit_pty: perms.permit_pty,
-                permit_port_forwarding: perms.permit_port_forwarding,
-                permit_agent_forwarding: perms.permit_agent_forwarding,
-                permit_x11_forwarding: perms.permit_x11_forwarding,
-                remote_forward_any: perms.remote_forward_any,
-            },
-            now as u64,
-        )
-        .map_err(internal)?;
-    let tls_cert = state
-        .tls_ca
-        .sign(
-            &r.tls_public_key,
-            &identity,
-            TlsUsage::Client,
-            &[],
-            time::OffsetDateTime::now_utc(),
-        )
-        .map_err(|e| Status::invalid_argument(format!("tls_public_key: {e}")))?;
+    let (ssh_cert, tls_cert) = sign_client(state, &identity, &roles, &ssh_key, &r.tls_public_key)?;
     state
         .metrics
         .logins
@@ -179,12 +155,50 @@ pub(super) async fn login(
     ]);
     Ok(Done::audited(
         proto::LoginResponse {
-            credentials: Some(state.credentials(ssh_line, tls_cert.pem(), expires)),
+            credentials: Some(state.credentials(ssh_line, tls_cert, expires)),
             roles: identity.roles,
             logins: identity.logins,
         },
         audit,
     ))
+}
+
+/// Sign the SSH user certificate and the X.509 client certificate (PEM) of a user or bot
+/// identity, with the permissions its roles give.
+pub(super) fn sign_client(
+    state: &super::AuthState,
+    identity: &Identity,
+    roles: &RoleSet,
+    ssh_key: &ssh_key::PublicKey,
+    tls_public_key: &[u8],
+) -> Result<(ssh_key::Certificate, String), Status> {
+    let perms = roles.cert_permissions();
+    let ssh_cert = state
+        .user_ca
+        .sign_user(
+            ssh_key,
+            &SshUserCertRequest {
+                identity,
+                permit_pty: perms.permit_pty,
+                permit_port_forwarding: perms.permit_port_forwarding,
+                permit_agent_forwarding: perms.permit_agent_forwarding,
+                permit_x11_forwarding: perms.permit_x11_forwarding,
+                remote_forward_any: perms.remote_forward_any,
+            },
+            now_secs() as u64,
+        )
+        .map_err(internal)?;
+    let tls_cert = state
+        .tls_ca
+        .sign(
+            tls_public_key,
+            identity,
+            TlsUsage::Client,
+            &[],
+            time::OffsetDateTime::now_utc(),
+        )
+        .map_err(|e| Status::invalid_argument(format!("tls_public_key: {e}")))?;
+    Ok((ssh_cert, tls_cert.pem()))
 }
 
 pub(super) async fn who_am_i(

@@ -6,9 +6,13 @@
 //! - `join`: hosts (agents, proxies) joining with a token, and their host certificates;
 //! - `users`, `documents` (roles and users as TOML/JSON resources), `tokens`, `authorities`,
 //!   `events` (the audit log), `nodes` (inventory from heartbeats), `recordings` (session
-//!   recordings and the cluster's recording settings).
+//!   recordings and the cluster's recording settings), `bots` (Machine ID bots and the renewal
+//!   of every identity but users').
 
 mod authorities;
+pub mod bots;
+#[cfg(test)]
+mod bots_tests;
 pub(crate) mod call;
 mod documents;
 mod events;
@@ -42,7 +46,9 @@ use crate::ratelimit::LoginLimiter;
 use crate::storage::{Store, StoreError, StoredEvent};
 use call::{Access, Audit, Call, Caller, Done, Event, Failure, Rpc};
 
-pub const HOST_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Lifetime of agents' and proxies' certificates unless `[auth] host_cert_ttl` says otherwise;
+/// hosts renew them at two thirds of it.
+pub const DEFAULT_HOST_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(30 * 60);
 
 /// The verified peer of one connection, attached to every request on it.
@@ -119,6 +125,10 @@ pub struct AuthState {
     upload_locks: Mutex<std::collections::HashMap<String, recordings::RecordingLock>>,
     /// Who is watching which live session (`gsh join`), and when they last asked.
     watchers: Mutex<recordings::Watchers>,
+    /// Lifetime of host certificates (agents, proxies).
+    pub host_cert_ttl: Duration,
+    /// Bot renewals waiting to be written (the writer starts with the first).
+    renewals: std::sync::OnceLock<bots::Renewals>,
 }
 
 impl std::fmt::Debug for AuthState {
@@ -155,7 +165,21 @@ impl AuthState {
             recording_store: None,
             upload_locks: Mutex::default(),
             watchers: Mutex::default(),
+            host_cert_ttl: DEFAULT_HOST_CERT_TTL,
+            renewals: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Issue host certificates valid for `ttl`.
+    pub fn with_host_cert_ttl(mut self, ttl: Duration) -> Self {
+        self.host_cert_ttl = ttl;
+        self
+    }
+
+    /// The bot renewal writer (started on first use, on the caller's runtime).
+    pub(crate) fn renewals(self: &Arc<Self>) -> &bots::Renewals {
+        self.renewals
+            .get_or_init(|| bots::Renewals::start(Arc::downgrade(self)))
     }
 
     /// Keep session recordings in `store`, recorded as `config` says.
@@ -207,7 +231,7 @@ pub(crate) fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
-fn now_nanos() -> i64 {
+pub(crate) fn now_nanos() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
@@ -595,5 +619,40 @@ impl Auth for AuthService {
         req: Request<proto::ReadRecordingRequest>,
     ) -> Result<Response<proto::ReadRecordingResponse>, Status> {
         self.handle(Rpc::ReadRecording, req, recordings::read).await
+    }
+
+    async fn create_bot(
+        &self,
+        req: Request<proto::CreateBotRequest>,
+    ) -> Result<Response<proto::CreateBotResponse>, Status> {
+        self.handle(Rpc::CreateBot, req, bots::create).await
+    }
+
+    async fn list_bots(
+        &self,
+        req: Request<proto::ListBotsRequest>,
+    ) -> Result<Response<proto::ListBotsResponse>, Status> {
+        self.handle(Rpc::ListBots, req, bots::list).await
+    }
+
+    async fn delete_bot(
+        &self,
+        req: Request<proto::DeleteBotRequest>,
+    ) -> Result<Response<proto::DeleteBotResponse>, Status> {
+        self.handle(Rpc::DeleteBot, req, bots::delete).await
+    }
+
+    async fn unlock_bot(
+        &self,
+        req: Request<proto::UnlockBotRequest>,
+    ) -> Result<Response<proto::UnlockBotResponse>, Status> {
+        self.handle(Rpc::UnlockBot, req, bots::unlock).await
+    }
+
+    async fn renew(
+        &self,
+        req: Request<proto::RenewRequest>,
+    ) -> Result<Response<proto::RenewResponse>, Status> {
+        self.handle(Rpc::Renew, req, bots::renew).await
     }
 }

@@ -85,6 +85,7 @@ fn identity(kind: IdentityKind, name: &str, roles: &[&str], cluster: &str) -> Id
         traits: BTreeMap::new(),
         cluster: cluster.into(),
         route_to_cluster: cluster.into(),
+        bot: None,
         expires: i64::MAX,
     }
 }
@@ -175,6 +176,9 @@ fn allowed(rpc: Rpc) -> &'static [&'static str] {
         Rpc::UploadRecording => &["agent", "admin"],
         // `access` reaches only its user's own recordings (the handler narrows it).
         Rpc::ListRecordings | Rpc::ReadRecording => &["access", "auditor", "admin", "bot"],
+        Rpc::CreateBot | Rpc::ListBots | Rpc::DeleteBot | Rpc::UnlockBot => TOKEN_ADMINS,
+        // Users renew by logging in; the admin identity is re-issued by Auth itself.
+        Rpc::Renew => &["agent", "proxy", "bot"],
     }
 }
 
@@ -337,6 +341,42 @@ async fn call(svc: &AuthService, rpc: Rpc, peer: &Option<Identity>) -> Result<()
             .map(drop),
         Rpc::ReadRecording => svc
             .read_recording(request(peer, p::ReadRecordingRequest::default()))
+            .await
+            .map(drop),
+        Rpc::CreateBot => svc
+            .create_bot(request(
+                peer,
+                p::CreateBotRequest {
+                    name: "Not A Name!".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map(drop),
+        Rpc::ListBots => svc
+            .list_bots(request(peer, p::ListBotsRequest {}))
+            .await
+            .map(drop),
+        Rpc::DeleteBot => svc
+            .delete_bot(request(
+                peer,
+                p::DeleteBotRequest {
+                    name: "nobody".into(),
+                },
+            ))
+            .await
+            .map(drop),
+        Rpc::UnlockBot => svc
+            .unlock_bot(request(
+                peer,
+                p::UnlockBotRequest {
+                    name: "nobody".into(),
+                },
+            ))
+            .await
+            .map(drop),
+        Rpc::Renew => svc
+            .renew(request(peer, p::RenewRequest::default()))
             .await
             .map(drop),
     }

@@ -59,31 +59,34 @@ pub(super) async fn create(
         resources::validate_name(&r.bot_name)
             .map_err(|m| Status::invalid_argument(format!("bot_name: {m}")))?;
     }
-    let ttl = ttl_from(r.ttl_seconds, DEFAULT_TOKEN_TTL);
-    if ttl > MAX_TOKEN_TTL {
-        return Err(Status::invalid_argument("ttl: at most 365 days").into());
+    if r.r#type == "bot"
+        && call
+            .state
+            .store
+            .get_bot(&r.bot_name)
+            .await
+            .map_err(store_status)?
+            .is_none()
+    {
+        return Err(Status::failed_precondition(format!(
+            "bot `{}` does not exist; add it with `gctl bots add {} --roles …`",
+            r.bot_name, r.bot_name
+        ))
+        .into());
     }
-    let mut secret = [0u8; 32];
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
-    let secret = hex::encode(secret);
-    let now = now_secs();
-    let record = TokenRecord {
-        id: token_id(&secret),
-        hash: token_hash(&secret),
-        token_type: r.r#type.clone(),
-        expires: now + ttl.as_secs() as i64,
-        max_uses: r.max_uses,
-        uses: 0,
-        created: now,
-        created_by: caller.identity.name.clone(),
-        bot_name: r.bot_name.clone(),
-        labels: r.labels.clone(),
-    };
-    call.state
-        .store
-        .insert_token(&record)
-        .await
-        .map_err(store_status)?;
+    let ttl = ttl_from(r.ttl_seconds, DEFAULT_TOKEN_TTL);
+    let (secret, record) = insert_new(
+        &call.state,
+        NewToken {
+            token_type: &r.r#type,
+            ttl,
+            max_uses: r.max_uses,
+            bot_name: &r.bot_name,
+            labels: &r.labels,
+            created_by: &caller.identity.name,
+        },
+    )
+    .await?;
     let audit = Audit::one(
         types::TOKEN_CREATE,
         &caller.identity.name,
@@ -96,6 +99,48 @@ pub(super) async fn create(
         },
         audit,
     ))
+}
+
+/// What a new token is for.
+pub(super) struct NewToken<'a> {
+    pub(super) token_type: &'a str,
+    pub(super) ttl: std::time::Duration,
+    pub(super) max_uses: u32,
+    pub(super) bot_name: &'a str,
+    pub(super) labels: &'a [String],
+    pub(super) created_by: &'a str,
+}
+
+/// Make a token with a random secret and store its hash; returns the secret (shown once).
+pub(super) async fn insert_new(
+    state: &super::AuthState,
+    t: NewToken<'_>,
+) -> Result<(String, TokenRecord), Status> {
+    if t.ttl > MAX_TOKEN_TTL {
+        return Err(Status::invalid_argument("ttl: at most 365 days"));
+    }
+    let mut secret = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+    let secret = hex::encode(secret);
+    let now = now_secs();
+    let record = TokenRecord {
+        id: token_id(&secret),
+        hash: token_hash(&secret),
+        token_type: t.token_type.to_owned(),
+        expires: now + t.ttl.as_secs() as i64,
+        max_uses: t.max_uses,
+        uses: 0,
+        created: now,
+        created_by: t.created_by.to_owned(),
+        bot_name: t.bot_name.to_owned(),
+        labels: t.labels.to_vec(),
+    };
+    state
+        .store
+        .insert_token(&record)
+        .await
+        .map_err(store_status)?;
+    Ok((secret, record))
 }
 
 pub(super) async fn list(

@@ -205,6 +205,7 @@ mod tests {
             traits: BTreeMap::new(),
             cluster: "c1".into(),
             route_to_cluster: "c1".into(),
+            bot: None,
             expires: NOW + 3600,
         }
     }
