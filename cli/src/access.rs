@@ -278,12 +278,11 @@ fn gsh_exe() -> String {
 }
 
 fn proxy_command(dir: &Path) -> String {
-    let home = if std::env::var_os("GATEHOUSE_HOME").is_some() {
-        format!("env GATEHOUSE_HOME={} ", dir.display())
-    } else {
-        String::new()
-    };
-    format!("{home}{} proxy ssh %r@%h:%p", gsh_exe())
+    format!(
+        "\"{}\" --identity \"{}\" proxy ssh %r@%h:%p",
+        gsh_exe(),
+        dir.display()
+    )
 }
 
 /// `gsh ssh [login@]target [command]` runs OpenSSH through `gsh proxy ssh`.
@@ -336,7 +335,8 @@ pub async fn ssh(dir: &Path, target: &str, command: &[String], tty: bool) -> any
 /// puts chacha20-poly1305 first (fast without AES instructions); the agents' AES-GCM runs on the
 /// CPU's AES instructions, several times faster per byte there, so AES-GCM leads and
 /// chacha20-poly1305 stays for a client without them.
-const CIPHERS: &str = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com";
+pub const CIPHERS: &str =
+    "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com";
 
 /// The OpenSSH client options that reach the cluster's nodes through the proxy with the
 /// profile's certificate, whatever the user's own ssh config says.

@@ -192,5 +192,6 @@ pub fn read_stdin_line() -> anyhow::Result<String> {
     Ok(line.trim_end_matches(['\n', '\r']).to_owned())
 }
 pub mod access;
+pub mod bot;
 pub mod recordings;
 pub mod stdio;

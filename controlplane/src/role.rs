@@ -39,9 +39,24 @@ pub struct AuthConfig {
     /// Where recordings are kept, also accepted as `[auth.recordings]` (`storage`, `endpoint`,
     /// `region`); it overrides the same keys of `[auth.recording]`.
     pub recordings: Option<crate::recordings::RecordingStorage>,
+    /// Lifetime of agents' and proxies' certificates (e.g. "7d"); they renew at two thirds.
+    pub host_cert_ttl: Option<String>,
 }
 
 impl AuthConfig {
+    /// `host_cert_ttl`, parsed (at least a minute).
+    pub fn host_cert_ttl(&self) -> Result<Duration, String> {
+        let Some(text) = &self.host_cert_ttl else {
+            return Ok(crate::server::DEFAULT_HOST_CERT_TTL);
+        };
+        let ttl = humantime::parse_duration(text)
+            .map_err(|e| format!("[auth] host_cert_ttl = {text:?}: {e}"))?;
+        if ttl < Duration::from_secs(60) {
+            return Err(format!("[auth] host_cert_ttl = {text:?}: at least 1m"));
+        }
+        Ok(ttl)
+    }
+
     /// The recording settings with `[auth.recordings]` applied.
     pub fn recording_config(&self) -> crate::recordings::RecordingConfig {
         let mut c = self.recording.clone();
@@ -67,6 +82,7 @@ impl Default for AuthConfig {
             public_addrs: vec![],
             recording: Default::default(),
             recordings: None,
+            host_cert_ttl: None,
         }
     }
 }
@@ -266,7 +282,8 @@ async fn prepare(
     let state = Arc::new(
         AuthState::new(cluster.clone(), store, user_ca, host_ca, tls_ca)
             .map_err(setup("the password hasher"))?
-            .with_recordings(recording, recordings),
+            .with_recordings(recording, recordings)
+            .with_host_cert_ttl(config.host_cert_ttl().map_err(AuthRoleError::Config)?),
     );
     state.metrics.register(registry);
     Ok(PreparedAuth {

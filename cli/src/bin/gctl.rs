@@ -65,6 +65,9 @@ enum Command {
     /// Manage join tokens.
     #[command(subcommand)]
     Tokens(TokensCmd),
+    /// Machine ID bots: add (prints the join token), ls, rm, unlock.
+    #[command(subcommand)]
+    Bots(gatehouse_cli::bot::admin::BotsCmd),
     /// Certificate authorities.
     #[command(subcommand)]
     Auth(AuthCmd),
@@ -178,9 +181,12 @@ fn main() {
 fn endpoint(cli: &Cli) -> anyhow::Result<AuthEndpoint> {
     let from_run = RunAddresses::load(&cli.data_dir).and_then(|r| r.auth);
     if let Some(dir) = &cli.identity {
+        // A gbot or gsh identity knows where Auth is (through its proxy).
+        let from_profile = Profile::load(dir).ok().map(|p| p.auth_addr);
         let addr = cli
             .auth
             .clone()
+            .or(from_profile)
             .or(from_run)
             .unwrap_or_else(|| "127.0.0.1:3025".into());
         return identity_endpoint(dir, &addr);
@@ -263,6 +269,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Tokens(cmd) => tokens(&mut client, cmd).await,
+        Command::Bots(cmd) => gatehouse_cli::bot::admin::run(&mut client, cmd).await,
         Command::Auth(AuthCmd::Export { ca_type }) => {
             let text = client
                 .export_authorities(proto::ExportAuthoritiesRequest { r#type: ca_type })

@@ -22,6 +22,10 @@ use gatehouse_controlplane::tls::{Trust, certs_from_pem};
     about = "Gatehouse client: log in and reach your nodes"
 )]
 struct Cli {
+    /// Use this identity directory (a `gbot` output, or another profile) instead of
+    /// `$GATEHOUSE_HOME` / `~/.gatehouse`.
+    #[arg(long, global = true)]
+    identity: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -168,7 +172,10 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let dir = profile_dir()?;
+    let dir = match &cli.identity {
+        Some(d) => d.clone(),
+        None => profile_dir()?,
+    };
     match cli.command {
         Command::Login {
             proxy,
