@@ -60,6 +60,7 @@ pub struct AgentHandle {
     tunnel: TunnelThread,
     deliver: tokio::task::JoinHandle<()>,
     upload: Option<tokio::task::JoinHandle<()>>,
+    renew: tokio::task::JoinHandle<()>,
 }
 
 impl AgentHandle {
@@ -67,6 +68,7 @@ impl AgentHandle {
     pub fn shutdown(self) {
         self.tunnel.stop();
         self.deliver.abort();
+        self.renew.abort();
         if let Some(u) = self.upload {
             u.abort();
         }
@@ -161,6 +163,7 @@ pub async fn start(
 
     let mut recordings = None;
     let mut upload = None;
+    let mut ssh_node = None;
     let ssh: Option<Arc<dyn SshService>> = if config.ssh {
         let host_key = ssh_key::PrivateKey::from_openssh(&identity.ssh_key)
             .map_err(|e| AgentError::Identity(e.to_string()))?;
@@ -196,8 +199,9 @@ pub async fn start(
             auth: Arc::clone(&auth),
             cache: Mutex::new(HashMap::new()),
         });
-        let node = SshNode::new(cfg, roles, audit)?.with_recordings(recs);
-        Some(Arc::new(SshAdapter(Arc::new(node))))
+        let node = Arc::new(SshNode::new(cfg, roles, audit)?.with_recordings(recs));
+        ssh_node = Some(Arc::clone(&node));
+        Some(Arc::new(SshAdapter(node)))
     } else {
         None
     };
@@ -213,9 +217,17 @@ pub async fn start(
         tcp_congestion: config.tcp_congestion.clone(),
     };
     let cluster = identity.cluster.clone();
+    let shared = Arc::new(arc_swap::ArcSwap::new(identity));
+    let renew = tokio::spawn(renew_host_identity(Renewal {
+        identity: Arc::clone(&shared),
+        data_dir: config.data_dir.clone(),
+        auth: Arc::clone(&auth),
+        ssh: ssh_node,
+        recordings: recordings.clone(),
+    }));
     let (status, tunnel) = crate::runner::spawn(
         tunnel_config,
-        identity,
+        shared,
         ssh,
         tokio::runtime::Handle::current(),
     )?;
@@ -228,12 +240,84 @@ pub async fn start(
         cluster,
         tunnel,
         deliver,
+        renew,
     })
+}
+
+/// What a host certificate renewal updates.
+struct Renewal {
+    identity: Arc<arc_swap::ArcSwap<HostIdentity>>,
+    data_dir: PathBuf,
+    auth: Arc<AuthLink>,
+    ssh: Option<Arc<SshNode>>,
+    recordings: Option<Arc<Recordings>>,
+}
+
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// Renew the host certificates at two thirds of their lifetime, for ever: the new identity is
+/// saved, then used by new SSH connections, the recordings' signatures, Auth calls and the
+/// tunnel's next dial. Nothing running is interrupted. A failure is retried with backoff
+/// until the certificate expires.
+async fn renew_host_identity(r: Renewal) {
+    let mut failures: u32 = 0;
+    loop {
+        let current = r.identity.load_full();
+        let wait = u64::try_from(current.renew_at() - unix_now()).unwrap_or(0);
+        tokio::time::sleep(Duration::from_secs(wait.max(1))).await;
+        let renewed = match r.auth.client().await {
+            Ok(mut c) => current.renew(&mut c).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        let next = match renewed {
+            Ok(next) => next,
+            Err(e) => {
+                r.auth.forget().await;
+                failures = failures.saturating_add(1);
+                let left = current
+                    .validity()
+                    .map(|(_, to)| to - unix_now())
+                    .unwrap_or(0);
+                let backoff = Duration::from_secs((1u64 << failures.min(6)).min(60));
+                tracing::warn!(error = %e, seconds_left = left, retry_in = ?backoff, "agent: cannot renew the host certificate");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        };
+        failures = 0;
+        if let Err(e) = next.save(&r.data_dir) {
+            tracing::error!(error = %e, "agent: cannot store the renewed identity; using it in memory");
+        }
+        if let Some(ssh) = &r.ssh {
+            match ssh_key::Certificate::from_openssh(&next.ssh_cert) {
+                Ok(cert) => {
+                    if let Err(e) = ssh.set_host_cert(&cert) {
+                        tracing::error!(error = %e, "agent: renewed SSH host certificate refused");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "agent: renewed SSH host certificate unreadable")
+                }
+            }
+        }
+        if let Some(recs) = &r.recordings {
+            recs.set_host_certificate(next.ssh_cert.trim().to_owned());
+        }
+        r.auth
+            .set_identity(next.tls_cert.clone(), next.tls_key.clone())
+            .await;
+        let until = next.validity().map(|(_, to)| to).unwrap_or(0);
+        r.identity.store(Arc::new(next));
+        tracing::info!(valid_until = until, "agent: host certificate renewed");
+    }
 }
 
 /// A lazily (re)connected Auth client, reached through the Proxy's pass-through.
 pub(crate) struct AuthLink {
-    endpoint: AuthEndpoint,
+    /// Its client certificate is replaced when the host identity renews.
+    endpoint: Mutex<AuthEndpoint>,
     /// The agent's TCP congestion control, for this connection to the proxy as for the tunnel.
     tcp_congestion: Option<String>,
     client: tokio::sync::Mutex<Option<Client>>,
@@ -242,7 +326,7 @@ pub(crate) struct AuthLink {
 impl AuthLink {
     fn new(endpoint: AuthEndpoint, tcp_congestion: Option<String>) -> Self {
         Self {
-            endpoint,
+            endpoint: Mutex::new(endpoint),
             tcp_congestion,
             client: tokio::sync::Mutex::new(None),
         }
@@ -254,8 +338,12 @@ impl AuthLink {
             return Ok(c.clone());
         }
         let cc = self.tcp_congestion.clone();
-        let c = self
+        let endpoint = self
             .endpoint
+            .lock()
+            .map_err(|_| "the Auth endpoint is poisoned".to_string())?
+            .clone();
+        let c = endpoint
             .connect_with(Arc::new(move |tcp| match &cc {
                 Some(cc) => gatehouse_dataplane::io::set_tcp_congestion(tcp, cc),
                 None => Ok(()),
@@ -268,6 +356,14 @@ impl AuthLink {
 
     pub(crate) async fn forget(&self) {
         *self.client.lock().await = None;
+    }
+
+    /// Authenticate with this certificate from now on (the next connection uses it).
+    async fn set_identity(&self, cert: String, key: String) {
+        if let Ok(mut e) = self.endpoint.lock() {
+            e.identity = Some((cert, key));
+        }
+        self.forget().await;
     }
 }
 

@@ -99,7 +99,7 @@ impl TunnelStatus {
 /// Start the tunnel client on its own thread; it runs until [`TunnelThread::stop`].
 pub fn spawn(
     config: TunnelClientConfig,
-    identity: Arc<HostIdentity>,
+    identity: Arc<arc_swap::ArcSwap<HostIdentity>>,
     ssh: Option<Arc<dyn SshService>>,
     sessions: tokio::runtime::Handle,
 ) -> std::io::Result<(Arc<TunnelStatus>, TunnelThread)> {
@@ -155,21 +155,14 @@ impl TunnelThread {
 
 async fn run(
     config: TunnelClientConfig,
-    identity: Arc<HostIdentity>,
+    identity: Arc<arc_swap::ArcSwap<HostIdentity>>,
     ssh: Option<Arc<dyn SshService>>,
     sessions: tokio::runtime::Handle,
     status: Arc<TunnelStatus>,
 ) {
-    let client = match client_config_with_alpn(
-        &Trust::CaPem(identity.ca_pem.clone()),
-        Some((&identity.tls_cert, &identity.tls_key)),
-        &[ALPN_TUNNEL],
-    ) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "agent: bad TLS identity; the tunnel cannot start");
-            return;
-        }
+    let mut current = identity.load_full();
+    let Some(mut client) = tunnel_client_config(&current) else {
+        return;
     };
     let quic = match config.transport {
         TunnelTransport::Tls => None,
@@ -193,6 +186,14 @@ async fn run(
     };
     let mut attempt: u32 = 0;
     loop {
+        // A renewed certificate is used from the next dial on; the tunnel up keeps its own.
+        let latest = identity.load_full();
+        if !Arc::ptr_eq(&latest, &current) {
+            if let Some(c) = tunnel_client_config(&latest) {
+                client = c;
+            }
+            current = latest;
+        }
         let started = Instant::now();
         let connected = match &quic {
             None => dial(
@@ -230,7 +231,7 @@ async fn run(
                     stream,
                     native,
                     &config,
-                    &identity,
+                    &current,
                     ssh.clone(),
                     &sessions,
                     &status,
@@ -251,6 +252,21 @@ async fn run(
         let delay = crate::backoff::delay(attempt, rand::thread_rng().r#gen::<f64>());
         attempt = attempt.saturating_add(1);
         tokio::time::sleep(delay).await;
+    }
+}
+
+/// The TLS client config a tunnel dials with, for `identity`.
+fn tunnel_client_config(identity: &HostIdentity) -> Option<Arc<rustls::ClientConfig>> {
+    match client_config_with_alpn(
+        &Trust::CaPem(identity.ca_pem.clone()),
+        Some((&identity.tls_cert, &identity.tls_key)),
+        &[ALPN_TUNNEL],
+    ) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::error!(error = %e, "agent: bad TLS identity; the tunnel cannot start");
+            None
+        }
     }
 }
 

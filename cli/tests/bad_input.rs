@@ -123,7 +123,7 @@ fn join_with_tls_key(
                 addresses: vec!["127.0.0.5".into()],
                 ssh_public_key: ssh_key.public_key().to_openssh().unwrap(),
                 tls_public_key,
-                bot_name: String::new(),
+                ..Default::default()
             })
             .await
             .map(|r| r.into_inner())

@@ -75,7 +75,7 @@ fn node_identity_heartbeats_itself_and_emits_deduplicated_event_batches() {
                     addresses: vec![],
                     ssh_public_key: ssh_key.public_key().to_openssh().unwrap(),
                     tls_public_key: rcgen::PublicKeyData::subject_public_key_info(&tls_key),
-                    bot_name: String::new(),
+                    ..Default::default()
                 })
                 .await
         })

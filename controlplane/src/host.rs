@@ -166,6 +166,51 @@ impl HostIdentity {
         keys.into_identity(host_name, resp)
     }
 
+    /// The X.509 certificate's validity (Unix seconds: not before, not after).
+    pub fn validity(&self) -> Option<(i64, i64)> {
+        crate::tls::cert_validity(&self.tls_cert)
+    }
+
+    /// When to renew: at two thirds of the certificate's lifetime.
+    pub fn renew_at(&self) -> i64 {
+        match self.validity() {
+            Some((from, to)) => from + (to - from) * 2 / 3,
+            None => 0,
+        }
+    }
+
+    /// A renewed identity: the same keys and host id, new certificates from Auth (`Renew`,
+    /// authenticated by this identity's certificate).
+    pub async fn renew(&self, client: &mut crate::client::Client) -> Result<Self, HostError> {
+        let keys = |e: String| HostError::Keys(e);
+        let ssh =
+            ssh_key::PrivateKey::from_openssh(&self.ssh_key).map_err(|e| keys(e.to_string()))?;
+        let tls = rcgen::KeyPair::from_pem(&self.tls_key).map_err(|e| keys(e.to_string()))?;
+        let resp = client
+            .renew(proto::RenewRequest {
+                ssh_public_key: ssh
+                    .public_key()
+                    .to_openssh()
+                    .map_err(|e| keys(e.to_string()))?,
+                tls_public_key: rcgen::PublicKeyData::subject_public_key_info(&tls),
+                ttl_seconds: 0,
+            })
+            .await
+            .map_err(|s| HostError::Join(format!("renewal: {} ({:?})", s.message(), s.code())))?
+            .into_inner();
+        let creds = resp
+            .credentials
+            .ok_or_else(|| HostError::Join("Auth sent no credentials".into()))?;
+        Ok(Self {
+            ssh_cert: creds.ssh_cert,
+            tls_cert: creds.tls_cert,
+            ca_pem: creds.tls_ca,
+            ssh_user_ca: creds.ssh_user_ca,
+            ssh_host_ca: creds.ssh_host_ca,
+            ..self.clone()
+        })
+    }
+
     /// An Auth client that authenticates as this host, through `addr`.
     pub fn auth_endpoint(&self, addr: &str) -> AuthEndpoint {
         AuthEndpoint {

@@ -109,11 +109,70 @@ pub fn server_config(
     )
 }
 
+/// The validity of the first certificate in `pem` (Unix seconds: not before, not after).
+pub fn cert_validity(pem: &str) -> Option<(i64, i64)> {
+    let der = certs_from_pem(pem).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.first()?.as_ref()).ok()?;
+    let v = cert.validity();
+    Some((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
+/// A server certificate that is replaced while the server runs (a renewed proxy certificate):
+/// handshakes from then on present the new one; connections up keep theirs.
+#[derive(Debug)]
+pub struct ReloadableCert(arc_swap::ArcSwap<rustls::sign::CertifiedKey>);
+
+impl ReloadableCert {
+    pub fn new(cert_chain_pem: &str, key_pem: &str) -> Result<Arc<Self>, TlsError> {
+        Ok(Arc::new(Self(arc_swap::ArcSwap::from_pointee(
+            certified_key(cert_chain_pem, key_pem)?,
+        ))))
+    }
+
+    /// Present this certificate (chain) and key from now on.
+    pub fn set(&self, cert_chain_pem: &str, key_pem: &str) -> Result<(), TlsError> {
+        self.0
+            .store(Arc::new(certified_key(cert_chain_pem, key_pem)?));
+        Ok(())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ReloadableCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+}
+
+fn certified_key(
+    cert_chain_pem: &str,
+    key_pem: &str,
+) -> Result<rustls::sign::CertifiedKey, TlsError> {
+    let certs = certs_from_pem(cert_chain_pem)?;
+    let key = provider()
+        .key_provider
+        .load_private_key(key_from_pem(key_pem)?)?;
+    let ck = rustls::sign::CertifiedKey::new(certs, key);
+    ck.keys_match()?;
+    Ok(ck)
+}
+
 /// Server config with the given ALPN protocols (the Proxy's public port uses its own).
 pub fn server_config_with_alpn(
     ca_pem: &str,
     cert_chain_pem: &str,
     key_pem: &str,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_with_resolver(ca_pem, ReloadableCert::new(cert_chain_pem, key_pem)?, alpn)
+}
+
+/// [`server_config_with_alpn`] presenting whatever `cert` holds (see [`ReloadableCert`]).
+pub fn server_config_with_resolver(
+    ca_pem: &str,
+    cert: Arc<ReloadableCert>,
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
@@ -125,7 +184,7 @@ pub fn server_config_with_alpn(
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certs_from_pem(cert_chain_pem)?, key_from_pem(key_pem)?)?;
+        .with_cert_resolver(cert);
     config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     // The data plane's TLS stream takes the records over from rustls after the handshake
     // (gatehouse-dataplane's `tls_records`); rustls hands the traffic keys only to a config

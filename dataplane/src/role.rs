@@ -15,7 +15,9 @@ use gatehouse_controlplane::host::{HostIdentity, JoinParams};
 use gatehouse_controlplane::identity::{Identity, IdentityKind, PROXY_SERVER_NAME};
 use gatehouse_controlplane::proto;
 use gatehouse_controlplane::server::AuthService;
-use gatehouse_controlplane::tls::{Trust, server_config_with_alpn};
+use gatehouse_controlplane::tls::{
+    ReloadableCert, Trust, cert_validity as validity, server_config_with_resolver,
+};
 use prometheus_client::registry::Registry;
 
 use crate::io::IoBackend;
@@ -73,6 +75,7 @@ pub struct ProxyHandle {
     pub cluster: String,
     proxy: Proxy,
     reporter: tokio::task::JoinHandle<()>,
+    renew: tokio::task::JoinHandle<()>,
 }
 
 impl ProxyHandle {
@@ -80,15 +83,29 @@ impl ProxyHandle {
     pub fn shutdown(self) {
         self.proxy.shutdown();
         self.reporter.abort();
+        self.renew.abort();
     }
 }
 
-/// The proxy's TLS identity: (certificate, key, CA, cluster).
+/// The proxy's TLS identity: (certificate, key, CA, cluster), and where renewals come from.
 struct ProxyIdentity {
     cert: String,
     key: String,
     ca: String,
     cluster: String,
+    source: Source,
+}
+
+/// How the proxy's certificate is renewed.
+enum Source {
+    /// Issued again in-process by the Auth beside it.
+    Local {
+        state: Arc<gatehouse_controlplane::server::AuthState>,
+        host_name: String,
+        sans: Vec<String>,
+    },
+    /// Renewed over the `Renew` RPC and kept in the data dir.
+    Joined { host: HostIdentity, dir: PathBuf },
 }
 
 /// Start the Proxy role on the current (multi-threaded) runtime; its metrics go to `registry`.
@@ -105,7 +122,9 @@ pub async fn start(
     let alpn = server_alpn();
     let alpn_refs: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
     let chain = format!("{}{}", id.cert, id.ca);
-    let mut tls = (*server_config_with_alpn(&id.ca, &chain, &id.key, &alpn_refs)
+    let cert = ReloadableCert::new(&chain, &id.key)
+        .map_err(|e| ProxyRoleError::Identity(e.to_string()))?;
+    let mut tls = (*server_config_with_resolver(&id.ca, Arc::clone(&cert), &alpn_refs)
         .map_err(|e| ProxyRoleError::Identity(e.to_string()))?)
     .clone();
     // One TLS 1.3 session ticket per connection, stateless (sealed with keys rustls rotates
@@ -136,18 +155,21 @@ pub async fn start(
             listen: config.listen,
             source,
         })?;
-    let endpoint = AuthEndpoint {
+    let endpoint = Arc::new(std::sync::Mutex::new(AuthEndpoint {
         addr: config.auth_addr.clone(),
         trust: Trust::CaPem(id.ca.clone()),
         identity: Some((id.cert.clone(), id.key.clone())),
-    };
-    let reporter = tokio::spawn(report_inventories(inventories, endpoint));
+    }));
+    let reporter = tokio::spawn(report_inventories(inventories, Arc::clone(&endpoint)));
+    let cluster = id.cluster.clone();
+    let renew = tokio::spawn(renew_proxy_identity(id, cert, endpoint));
     Ok(ProxyHandle {
         addr: proxy.local_addr,
         io_backend: proxy.io_backend,
-        cluster: id.cluster,
+        cluster,
         proxy,
         reporter,
+        renew,
     })
 }
 
@@ -158,36 +180,19 @@ async fn identity(
     sans: &[String],
 ) -> Result<ProxyIdentity, ProxyRoleError> {
     if let Some(service) = local_auth {
-        let state = service.state();
-        let now = time::OffsetDateTime::now_utc();
-        let identity = Identity {
-            kind: IdentityKind::Node,
-            name: format!("proxy-{}", config.host_name),
-            roles: vec!["@proxy".into()],
-            logins: vec![],
-            traits: BTreeMap::from([("host_name".to_string(), vec![config.host_name.clone()])]),
-            cluster: state.cluster.clone(),
-            route_to_cluster: state.cluster.clone(),
-            bot: None,
-            expires: (now + time::Duration::days(365)).unix_timestamp(),
-        };
-        let mut all_sans = vec![
-            PROXY_SERVER_NAME.to_string(),
-            "localhost".into(),
-            "127.0.0.1".into(),
-        ];
-        all_sans.extend(sans.iter().cloned());
-        all_sans.sort();
-        all_sans.dedup();
-        let (cert, key) = state
-            .tls_ca
-            .issue_with_new_key(&identity, TlsUsage::ServerAndClient, &all_sans, now)
+        let state = Arc::clone(service.state());
+        let (cert, key) = issue_local(&state, &config.host_name, sans)
             .map_err(|e| ProxyRoleError::Identity(e.to_string()))?;
         return Ok(ProxyIdentity {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
+            cert,
+            key,
             ca: state.tls_ca.cert_pem().to_owned(),
             cluster: state.cluster.clone(),
+            source: Source::Local {
+                host_name: config.host_name.clone(),
+                sans: sans.to_vec(),
+                state,
+            },
         });
     }
     let dir = config.data_dir.join("proxy");
@@ -210,17 +215,123 @@ async fn identity(
         }
     };
     Ok(ProxyIdentity {
-        cert: id.tls_cert,
-        key: id.tls_key,
-        ca: id.ca_pem,
-        cluster: id.cluster,
+        cert: id.tls_cert.clone(),
+        key: id.tls_key.clone(),
+        ca: id.ca_pem.clone(),
+        cluster: id.cluster.clone(),
+        source: Source::Joined { host: id, dir },
     })
+}
+
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// Renew the proxy's certificate at two thirds of its lifetime, for ever: new handshakes get
+/// the new one, connections up (agents' tunnels, sessions) keep theirs; Auth calls use it from
+/// their next connection. A failure is retried with backoff.
+async fn renew_proxy_identity(
+    mut id: ProxyIdentity,
+    cert: Arc<ReloadableCert>,
+    endpoint: Arc<std::sync::Mutex<AuthEndpoint>>,
+) {
+    let mut failures: u32 = 0;
+    loop {
+        let renew_at = validity(&id.cert)
+            .map(|(from, to)| from + (to - from) * 2 / 3)
+            .unwrap_or(0);
+        let wait = u64::try_from(renew_at - unix_now()).unwrap_or(0).max(1);
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+        let renewed: Result<(String, String), String> = match &mut id.source {
+            Source::Local {
+                state,
+                host_name,
+                sans,
+            } => issue_local(state, host_name, sans).map_err(|e| e.to_string()),
+            Source::Joined { host, dir } => {
+                let current = endpoint.lock().ok().map(|e| e.clone());
+                let result = match current {
+                    Some(e) => match e.connect().await {
+                        Ok(mut c) => host.renew(&mut c).await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    None => Err("the Auth endpoint is poisoned".into()),
+                };
+                result.map(|next| {
+                    if let Err(e) = next.save(dir) {
+                        tracing::error!(error = %e, "proxy: cannot store the renewed identity; using it in memory");
+                    }
+                    let pair = (next.tls_cert.clone(), next.tls_key.clone());
+                    *host = next;
+                    pair
+                })
+            }
+        };
+        match renewed {
+            Ok((new_cert, new_key)) => {
+                failures = 0;
+                if let Err(e) = cert.set(&format!("{new_cert}{}", id.ca), &new_key) {
+                    tracing::error!(error = %e, "proxy: renewed certificate refused");
+                }
+                if let Ok(mut e) = endpoint.lock() {
+                    e.identity = Some((new_cert.clone(), new_key.clone()));
+                }
+                id.cert = new_cert;
+                id.key = new_key;
+                tracing::info!(
+                    valid_until = validity(&id.cert).map(|v| v.1).unwrap_or(0),
+                    "proxy: certificate renewed"
+                );
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let backoff = Duration::from_secs((1u64 << failures.min(6)).min(60));
+                tracing::warn!(error = %e, retry_in = ?backoff, "proxy: cannot renew its certificate");
+                tokio::time::sleep(backoff).await;
+            }
+        }
+    }
+}
+
+/// The in-process proxy's certificate and key (PEM), valid for the cluster's host certificate
+/// lifetime.
+fn issue_local(
+    state: &gatehouse_controlplane::server::AuthState,
+    host_name: &str,
+    sans: &[String],
+) -> Result<(String, String), gatehouse_controlplane::ca::CaError> {
+    let now = time::OffsetDateTime::now_utc();
+    let ttl = time::Duration::try_from(state.host_cert_ttl).unwrap_or(time::Duration::days(7));
+    let identity = Identity {
+        kind: IdentityKind::Node,
+        name: format!("proxy-{host_name}"),
+        roles: vec!["@proxy".into()],
+        logins: vec![],
+        traits: BTreeMap::from([("host_name".to_string(), vec![host_name.to_owned()])]),
+        cluster: state.cluster.clone(),
+        route_to_cluster: state.cluster.clone(),
+        bot: None,
+        expires: (now + ttl).unix_timestamp(),
+    };
+    let mut all_sans = vec![
+        PROXY_SERVER_NAME.to_string(),
+        "localhost".into(),
+        "127.0.0.1".into(),
+    ];
+    all_sans.extend(sans.iter().cloned());
+    all_sans.sort();
+    all_sans.dedup();
+    let (cert, key) =
+        state
+            .tls_ca
+            .issue_with_new_key(&identity, TlsUsage::ServerAndClient, &all_sans, now)?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 /// Batch agents' heartbeats to Auth: the latest inventory per host, every 5 s, in one call.
 async fn report_inventories(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<Inventory>>,
-    endpoint: AuthEndpoint,
+    endpoint: Arc<std::sync::Mutex<AuthEndpoint>>,
 ) {
     let mut pending: HashMap<String, Inventory> = HashMap::new();
     let mut client: Option<Client> = None;
@@ -240,7 +351,10 @@ async fn report_inventories(
                     continue;
                 }
                 if client.is_none() {
-                    client = endpoint.connect().await.ok();
+                    let current = endpoint.lock().ok().map(|e| e.clone());
+                    if let Some(e) = current {
+                        client = e.connect().await.ok();
+                    }
                 }
                 let Some(c) = client.as_mut() else { continue };
                 let nodes = pending

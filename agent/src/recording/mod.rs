@@ -98,7 +98,8 @@ pub struct Recordings {
     quota: u64,
     used: AtomicU64,
     settings: Mutex<Settings>,
-    signer: Signer,
+    /// Swapped when the host certificate is renewed.
+    signer: arc_swap::ArcSwap<Signer>,
     audit: Arc<dyn AuditSink>,
     active: Mutex<HashMap<String, Weak<SessionRecording>>>,
     wake: Notify,
@@ -146,6 +147,12 @@ pub enum RecordingFailure {
 }
 
 impl Recordings {
+    /// Sign recordings that end from now on with this (renewed) host certificate.
+    pub fn set_host_certificate(&self, certificate: String) {
+        let key = self.signer.load().key.clone();
+        self.signer.store(Arc::new(Signer { key, certificate }));
+    }
+
     /// Open the spool in `dir`, seal what a crash left open, and start the flush timer.
     pub fn open(
         dir: &Path,
@@ -159,7 +166,7 @@ impl Recordings {
             quota,
             used: AtomicU64::new(0),
             settings: Mutex::new(Settings::default()),
-            signer,
+            signer: arc_swap::ArcSwap::from_pointee(signer),
             audit,
             active: Mutex::new(HashMap::new()),
             wake: Notify::new(),
@@ -246,7 +253,14 @@ impl Recordings {
         };
         let reason = "the agent stopped before the session ended; output after the last chunk written is missing";
         let trailer = with_codec(|c| {
-            writer.finish(now_ms(), None, false, Some(reason.into()), c, &self.signer)
+            writer.finish(
+                now_ms(),
+                None,
+                false,
+                Some(reason.into()),
+                c,
+                &self.signer.load(),
+            )
         })
         .ok_or_else(|| std::io::Error::other("no zstd context"))?
         .map_err(std::io::Error::other)?;
@@ -478,7 +492,14 @@ impl SessionRecording {
         if let Some(w) = writer {
             let reason = format!("recording stopped: {e}");
             let trailer = with_codec(|c| {
-                w.finish(now_ms(), None, false, Some(reason), c, &self.owner.signer)
+                w.finish(
+                    now_ms(),
+                    None,
+                    false,
+                    Some(reason),
+                    c,
+                    &self.owner.signer.load(),
+                )
             });
             if let Some(Ok(t)) = trailer {
                 let _ = self.write(&t, true);
@@ -578,8 +599,16 @@ impl SessionRecording {
     pub fn finish(&self, end: EndInfo) {
         let writer = self.writer.lock().ok().and_then(|mut s| s.take());
         let Some(w) = writer else { return };
-        let bytes =
-            with_codec(|c| w.finish(now_ms(), Some(end), true, None, c, &self.owner.signer));
+        let bytes = with_codec(|c| {
+            w.finish(
+                now_ms(),
+                Some(end),
+                true,
+                None,
+                c,
+                &self.owner.signer.load(),
+            )
+        });
         match bytes {
             Some(Ok(b)) => {
                 if let Err(e) = self.write(&b, true) {

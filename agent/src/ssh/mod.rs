@@ -154,11 +154,47 @@ fn peer_went_away(e: &russh::Error) -> bool {
     }
 }
 
+/// russh's server configuration presenting `host_key` with `host_cert`.
+fn russh_config(
+    host_key: &ssh_key::PrivateKey,
+    host_cert: &ssh_key::Certificate,
+) -> Result<russh::server::Config, SshError> {
+    let key_text = host_key
+        .to_openssh(ssh_key::LineEnding::LF)
+        .map_err(|e| SshError::Config(format!("host key: {e}")))?;
+    let key = russh::keys::PrivateKey::from_openssh(key_text.as_bytes())
+        .map_err(|e| SshError::Config(format!("host key: {e}")))?;
+    let cert_text = host_cert
+        .to_openssh()
+        .map_err(|e| SshError::Config(format!("host certificate: {e}")))?;
+    let cert = russh::keys::Certificate::from_openssh(&cert_text)
+        .map_err(|e| SshError::Config(format!("host certificate: {e}")))?;
+    let mut methods = russh::MethodSet::empty();
+    methods.push(russh::MethodKind::PublicKey);
+    Ok(russh::server::Config {
+        server_id: russh::SshId::Standard(Cow::Borrowed("SSH-2.0-Gatehouse")),
+        methods,
+        auth_rejection_time: Duration::from_millis(500),
+        // OpenSSH probes with "none" first: answer that at once.
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![key],
+        certificates: vec![cert],
+        // Idle interactive sessions must survive: dead peers are found by keepalives instead.
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_max: 3,
+        nodelay: true,
+        preferred: ALGORITHMS,
+        ..Default::default()
+    })
+}
+
 /// The SSH node service. Cheap to share: wrap it in an `Arc` and call [`SshNode::serve`] once per
 /// incoming connection, each in its own task.
 pub struct SshNode {
     config: SshNodeConfig,
-    russh_config: Arc<russh::server::Config>,
+    /// Rebuilt when the host certificate is renewed; connections keep the one they began with.
+    russh_config: arc_swap::ArcSwap<russh::server::Config>,
     roles: Arc<dyn RoleSource>,
     audit: Arc<dyn AuditSink>,
     /// Where shell and exec sessions are recorded (none: not recorded).
@@ -192,44 +228,26 @@ impl SshNode {
                 "the host certificate does not certify the host key".into(),
             ));
         }
-        let key_text = config
-            .host_key
-            .to_openssh(ssh_key::LineEnding::LF)
-            .map_err(|e| SshError::Config(format!("host key: {e}")))?;
-        let key = russh::keys::PrivateKey::from_openssh(key_text.as_bytes())
-            .map_err(|e| SshError::Config(format!("host key: {e}")))?;
-        let cert_text = config
-            .host_cert
-            .to_openssh()
-            .map_err(|e| SshError::Config(format!("host certificate: {e}")))?;
-        let cert = russh::keys::Certificate::from_openssh(&cert_text)
-            .map_err(|e| SshError::Config(format!("host certificate: {e}")))?;
-
-        let mut methods = russh::MethodSet::empty();
-        methods.push(russh::MethodKind::PublicKey);
-        let russh_config = russh::server::Config {
-            server_id: russh::SshId::Standard(Cow::Borrowed("SSH-2.0-Gatehouse")),
-            methods,
-            auth_rejection_time: Duration::from_millis(500),
-            // OpenSSH probes with "none" first: answer that at once.
-            auth_rejection_time_initial: Some(Duration::ZERO),
-            keys: vec![key],
-            certificates: vec![cert],
-            // Idle interactive sessions must survive: dead peers are found by keepalives instead.
-            inactivity_timeout: None,
-            keepalive_interval: Some(Duration::from_secs(30)),
-            keepalive_max: 3,
-            nodelay: true,
-            preferred: ALGORITHMS,
-            ..Default::default()
-        };
+        let russh_config = russh_config(&config.host_key, &config.host_cert)?;
         Ok(Self {
             config,
-            russh_config: Arc::new(russh_config),
+            russh_config: arc_swap::ArcSwap::from_pointee(russh_config),
             roles,
             audit,
             recordings: None,
         })
+    }
+
+    /// Present `cert` (a renewed host certificate for the same host key) to new connections.
+    pub fn set_host_cert(&self, cert: &ssh_key::Certificate) -> Result<(), SshError> {
+        if cert.public_key() != self.config.host_key.public_key().key_data() {
+            return Err(SshError::Config(
+                "the renewed host certificate does not certify the host key".into(),
+            ));
+        }
+        let config = russh_config(&self.config.host_key, cert)?;
+        self.russh_config.store(Arc::new(config));
+        Ok(())
     }
 
     /// Record the shell and exec sessions this node serves.
@@ -253,7 +271,7 @@ impl SshNode {
         // run_stream reads the client's identification line: bound it by the login grace time.
         let running = match tokio::time::timeout(
             LOGIN_GRACE,
-            russh::server::run_stream(Arc::clone(&self.russh_config), stream, handler),
+            russh::server::run_stream(self.russh_config.load_full(), stream, handler),
         )
         .await
         {
