@@ -109,6 +109,19 @@ pub fn server_config(
     )
 }
 
+/// Check a client certificate (PEM, leaf first) the way Auth will: issued by the CA in
+/// `ca_pem`, for client authentication, valid now. Lets a client say what is wrong before a
+/// server can only close the connection.
+pub fn verify_client_cert(ca_pem: &str, cert_pem: &str) -> Result<(), TlsError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_pem)?, provider())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let certs = certs_from_pem(cert_pem)?;
+    let (leaf, rest) = certs.split_first().ok_or(TlsError::Missing("certificate"))?;
+    verifier.verify_client_cert(leaf, rest, UnixTime::now())?;
+    Ok(())
+}
+
 /// The validity of the first certificate in `pem` (Unix seconds: not before, not after).
 pub fn cert_validity(pem: &str) -> Option<(i64, i64)> {
     let der = certs_from_pem(pem).ok()?;

@@ -254,6 +254,14 @@ async fn renew(config: &BotConfig, id: &BotIdentity) -> anyhow::Result<BotIdenti
             id.bot
         );
     }
+    gatehouse_controlplane::tls::verify_client_cert(&id.ca_pem, &id.tls_cert).map_err(|e| {
+        anyhow::anyhow!(
+            "the bot's certificate in {} is not one cluster {}'s CA issued and still valid ({e}): \
+             it cannot renew; join again with a new token",
+            IDENTITY_FILE,
+            id.cluster
+        )
+    })?;
     let (ssh, tls) = id.public_keys()?;
     let endpoint = AuthEndpoint {
         addr: config.proxy.clone(),

@@ -80,7 +80,9 @@ pub fn check_destination(dir: &Path) -> anyhow::Result<()> {
             create_private_dir(dir)
                 .with_context(|| format!("cannot create destination {}", dir.display()))?;
         }
-        Err(e) => return Err(e).with_context(|| format!("destination {}", dir.display())),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot create destination {}", dir.display()));
+        }
     }
     // Writable? Try the way every write is made.
     let probe = dir.join(".gbot-probe");

@@ -110,6 +110,7 @@ pub fn bin(name: &str) -> PathBuf {
         "gatehouse" => PathBuf::from(env!("CARGO_BIN_EXE_gatehouse")),
         "gctl" => PathBuf::from(env!("CARGO_BIN_EXE_gctl")),
         "gsh" => PathBuf::from(env!("CARGO_BIN_EXE_gsh")),
+        "gbot" => PathBuf::from(env!("CARGO_BIN_EXE_gbot")),
         other => panic!("unknown binary {other}"),
     }
 }

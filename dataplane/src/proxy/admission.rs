@@ -5,8 +5,8 @@
 //! - Before TLS: a ClientHello offering `gatehouse-auth` is passed through to Auth byte for
 //!   byte ([`front_door`]), so the client's certificate authenticates to Auth itself.
 //! - After TLS: [`admit`] maps the negotiated ALPN and the peer's identity to a tunnel, a session
-//!   or a refusal. An agent (a node certificate, not a proxy's) may hold a tunnel; a user may open
-//!   SSH and TCP sessions; every other pairing is refused, named in the log and the metric.
+//!   or a refusal. An agent (a node certificate, not a proxy's) may hold a tunnel; a user or a bot
+//!   may open SSH and TCP sessions; every other pairing is refused, named in the log and the metric.
 //! - The identity is this cluster's and unexpired ([`verify`]), checked on every connection: a
 //!   resumed TLS session presents its first handshake's certificate without a new verification,
 //!   so resumption must never outlive the certificate.
@@ -93,6 +93,11 @@ pub(crate) enum Admission {
     Refuse { reason: &'static str },
 }
 
+/// Whether an identity opens sessions: a user's, or a Machine ID bot's.
+fn opens_sessions(id: &Identity) -> bool {
+    matches!(id.kind, IdentityKind::User | IdentityKind::Bot)
+}
+
 /// Whether an identity is an agent's (a node certificate that is not a proxy's).
 fn is_agent(id: &Identity) -> bool {
     id.kind == IdentityKind::Node && !id.roles.iter().any(|r| r == "@proxy")
@@ -124,10 +129,10 @@ pub(crate) fn admit(
         (Transport::Quic, Some(alpn::TUNNEL_STREAMS)) if is_agent(id) => Admission::Tunnel {
             session_streams: true,
         },
-        (Transport::Tls, Some(alpn::SSH)) if id.kind == IdentityKind::User => {
+        (Transport::Tls, Some(alpn::SSH)) if opens_sessions(id) => {
             Admission::Session(SessionKind::Ssh)
         }
-        (Transport::Tls, Some(alpn::TCP)) if id.kind == IdentityKind::User => {
+        (Transport::Tls, Some(alpn::TCP)) if opens_sessions(id) => {
             Admission::Session(SessionKind::Tcp)
         }
         _ => refuse(),
@@ -257,8 +262,8 @@ mod tests {
                 (Quic, Some(alpn::TUNNEL_STREAMS), "agent") => Tunnel {
                     session_streams: true,
                 },
-                (Tls, Some(alpn::SSH), "user") => Session(SessionKind::Ssh),
-                (Tls, Some(alpn::TCP), "user") => Session(SessionKind::Tcp),
+                (Tls, Some(alpn::SSH), "user" | "bot") => Session(SessionKind::Ssh),
+                (Tls, Some(alpn::TCP), "user" | "bot") => Session(SessionKind::Tcp),
                 _ => identity_refusal,
             }
         };
@@ -274,8 +279,8 @@ mod tests {
                 }
             }
         }
-        // Exactly the five pairings above are allowed, out of 2 × 7 × 9.
-        assert_eq!(allowed, 5);
+        // Exactly the seven pairings above are allowed, out of 2 × 7 × 9.
+        assert_eq!(allowed, 7);
     }
 
     #[test]
