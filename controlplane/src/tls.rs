@@ -117,7 +117,9 @@ pub fn verify_client_cert(ca_pem: &str, cert_pem: &str) -> Result<(), TlsError> 
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let certs = certs_from_pem(cert_pem)?;
-    let (leaf, rest) = certs.split_first().ok_or(TlsError::Missing("certificate"))?;
+    let (leaf, rest) = certs
+        .split_first()
+        .ok_or(TlsError::Missing("certificate"))?;
     verifier.verify_client_cert(leaf, rest, UnixTime::now())?;
     Ok(())
 }
