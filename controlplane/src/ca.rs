@@ -47,6 +47,8 @@ pub enum CaError {
     BadPublicKey(String),
     #[error("stored CA is corrupt: {0}")]
     Corrupt(String),
+    #[error("certificate refused: {0}")]
+    BadCertificate(String),
 }
 
 /// Generate the key of a new TLS leaf certificate: users (`gsh`), hosts and bots joining, the
@@ -103,6 +105,45 @@ impl CaKind {
 /// An Ed25519 OpenSSH CA.
 pub struct SshCa {
     key: PrivateKey,
+    signer: CaSigner,
+}
+
+/// The CA key as aws-lc-rs holds it, built once: `ssh-key` rebuilds the Ed25519 signing key
+/// (a SHA-512 and a scalar multiplication) for every signature, most of a certificate's cost.
+struct CaSigner {
+    pair: aws_lc_rs::signature::Ed25519KeyPair,
+    public: ssh_key::public::KeyData,
+}
+
+impl CaSigner {
+    fn new(key: &PrivateKey) -> Result<Self, CaError> {
+        let ed = key
+            .key_data()
+            .ed25519()
+            .ok_or_else(|| CaError::Corrupt("the SSH CA key is not Ed25519".into()))?;
+        let seed: &[u8; 32] = ed.private.as_ref();
+        let public: &[u8; 32] = ed.public.as_ref();
+        let pair = aws_lc_rs::signature::Ed25519KeyPair::from_seed_and_public_key(seed, public)
+            .map_err(|e| CaError::Corrupt(format!("the SSH CA key: {e}")))?;
+        Ok(Self {
+            pair,
+            public: key.public_key().key_data().clone(),
+        })
+    }
+}
+
+impl signature::Signer<ssh_key::Signature> for CaSigner {
+    fn try_sign(&self, msg: &[u8]) -> Result<ssh_key::Signature, signature::Error> {
+        let sig = self.pair.sign(msg);
+        ssh_key::Signature::new(Algorithm::Ed25519, sig.as_ref().to_vec())
+            .map_err(|_| signature::Error::new())
+    }
+}
+
+impl From<&CaSigner> for ssh_key::public::KeyData {
+    fn from(s: &CaSigner) -> Self {
+        s.public.clone()
+    }
 }
 
 impl std::fmt::Debug for SshCa {
@@ -126,15 +167,19 @@ pub struct SshUserCertRequest<'a> {
 
 impl SshCa {
     pub fn generate() -> Result<Self, CaError> {
-        Ok(Self {
-            key: PrivateKey::random(&mut rand::rngs::OsRng, Algorithm::Ed25519)?,
-        })
+        Self::from_key(PrivateKey::random(
+            &mut rand::rngs::OsRng,
+            Algorithm::Ed25519,
+        )?)
     }
 
     pub fn from_openssh(private: &str) -> Result<Self, CaError> {
-        Ok(Self {
-            key: PrivateKey::from_openssh(private)?,
-        })
+        Self::from_key(PrivateKey::from_openssh(private)?)
+    }
+
+    fn from_key(key: PrivateKey) -> Result<Self, CaError> {
+        let signer = CaSigner::new(&key)?;
+        Ok(Self { key, signer })
     }
 
     pub fn private_openssh(&self) -> Result<zeroize::Zeroizing<String>, CaError> {
@@ -205,7 +250,7 @@ impl SshCa {
         b.extension(ssh_ext::CLUSTER, id.cluster.clone())?;
         b.extension(ssh_ext::ROUTE_TO_CLUSTER, id.route_to_cluster.clone())?;
         b.comment(format!("{}@{}", id.name, id.cluster))?;
-        Ok(b.sign(&self.key)?)
+        Ok(b.sign(&self.signer)?)
     }
 
     /// Sign a host certificate: principals are the host id, `<host id>.<cluster>`, the host name
@@ -228,7 +273,7 @@ impl SshCa {
             b.valid_principal(p.clone())?;
         }
         b.comment(format!("{host_id}.{cluster}"))?;
-        Ok(b.sign(&self.key)?)
+        Ok(b.sign(&self.signer)?)
     }
 }
 
@@ -237,6 +282,8 @@ pub struct TlsCa {
     cert_der: Vec<u8>,
     cert_pem: String,
     issuer: Issuer<'static, KeyPair>,
+    /// The CA's public key (an uncompressed P-256 point), to check certificates it issued.
+    public: Vec<u8>,
 }
 
 impl std::fmt::Debug for TlsCa {
@@ -277,6 +324,7 @@ impl TlsCa {
         Ok(Self {
             cert_pem: cert.pem(),
             cert_der,
+            public: key.public_key_raw().to_vec(),
             issuer: Issuer::new(params, key),
         })
     }
@@ -286,11 +334,13 @@ impl TlsCa {
         let key = KeyPair::from_pem(key_pem)?;
         let parsed = pem::parse(cert_pem).map_err(|e| CaError::Corrupt(e.to_string()))?;
         let cert_der = parsed.contents().to_vec();
+        let public = key.public_key_raw().to_vec();
         let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key)?;
         Ok(Self {
             cert_der,
             cert_pem: cert_pem.to_owned(),
             issuer,
+            public,
         })
     }
 
@@ -355,6 +405,28 @@ impl TlsCa {
                 identity.to_extension_der(),
             ));
         Ok(params.signed_by(&public, &self.issuer)?)
+    }
+
+    /// Check that this CA issued the DER certificate `der` and that it is valid at `now` (Unix
+    /// seconds); its identity and SubjectPublicKeyInfo (DER). One ECDSA verification.
+    pub fn verify_issued(&self, der: &[u8], now: i64) -> Result<(Identity, Vec<u8>), CaError> {
+        let bad = |m: String| CaError::BadCertificate(m);
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| bad(e.to_string()))?;
+        aws_lc_rs::signature::UnparsedPublicKey::new(
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
+            &self.public,
+        )
+        .verify(
+            cert.tbs_certificate.as_ref(),
+            cert.signature_value.data.as_ref(),
+        )
+        .map_err(|_| bad("not issued by this cluster's CA".into()))?;
+        let v = cert.validity();
+        if now < v.not_before.timestamp() || now >= v.not_after.timestamp() {
+            return Err(bad("expired or not yet valid".into()));
+        }
+        let id = Identity::from_parsed(&cert).map_err(|e| bad(e.to_string()))?;
+        Ok((id, cert.tbs_certificate.subject_pki.raw.to_vec()))
     }
 
     /// Issue a certificate with a fresh key for `identity` (in-process roles: the Proxy).

@@ -194,6 +194,7 @@ impl HostIdentity {
                     .map_err(|e| keys(e.to_string()))?,
                 tls_public_key: rcgen::PublicKeyData::subject_public_key_info(&tls),
                 ttl_seconds: 0,
+                current_cert: Vec::new(),
             })
             .await
             .map_err(|s| HostError::Join(format!("renewal: {} ({:?})", s.message(), s.code())))?

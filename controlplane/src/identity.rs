@@ -97,6 +97,22 @@ impl Identity {
     pub fn from_cert_der(der: &[u8]) -> Result<Self, IdentityError> {
         let (_, cert) = x509_parser::parse_x509_certificate(der)
             .map_err(|e| IdentityError::X509(e.to_string()))?;
+        Self::from_parsed(&cert)
+    }
+
+    /// The identity and the certificate's SubjectPublicKeyInfo (DER) of a DER certificate.
+    pub fn with_key_from_cert_der(der: &[u8]) -> Result<(Self, Vec<u8>), IdentityError> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| IdentityError::X509(e.to_string()))?;
+        Ok((
+            Self::from_parsed(&cert)?,
+            cert.tbs_certificate.subject_pki.raw.to_vec(),
+        ))
+    }
+
+    pub(crate) fn from_parsed(
+        cert: &x509_parser::certificate::X509Certificate<'_>,
+    ) -> Result<Self, IdentityError> {
         let oid = x509_parser::oid_registry::Oid::from(IDENTITY_OID)
             .map_err(|_| IdentityError::Malformed("bad oid".into()))?;
         let ext = cert

@@ -382,11 +382,11 @@ async fn handshake(
             return None;
         }
     };
-    let identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
-        None => None,
-        Some(cert) => match Identity::from_cert_der(cert) {
-            Ok(id) if id.cluster == *cluster => Some(Arc::new(id)),
-            Ok(id) => {
+    let (identity, key) = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        None => (None, None),
+        Some(cert) => match Identity::with_key_from_cert_der(cert) {
+            Ok((id, key)) if id.cluster == *cluster => (Some(Arc::new(id)), Some(Arc::from(key))),
+            Ok((id, _)) => {
                 tracing::info!(%remote, cluster = %id.cluster, "auth api: certificate from another cluster; connection closed");
                 return None;
             }
@@ -401,6 +401,7 @@ async fn handshake(
         peer: PeerInfo {
             remote: Some(remote),
             identity,
+            key,
         },
     })
 }

@@ -274,6 +274,7 @@ async fn renew(config: &BotConfig, id: &BotIdentity) -> anyhow::Result<BotIdenti
             ssh_public_key: ssh,
             tls_public_key: tls,
             ttl_seconds: config.ttl.as_secs(),
+            current_cert: Vec::new(),
         })
         .await
         .map_err(rpc_error)

@@ -274,7 +274,26 @@ pub(super) async fn renew(
     r: proto::RenewRequest,
 ) -> Result<Done<proto::RenewResponse>, Failure> {
     let caller = call.caller()?;
-    let id = Arc::clone(&caller.identity);
+    let id = if r.current_cert.is_empty() {
+        Arc::clone(&caller.identity)
+    } else {
+        // The TLS handshake proved the key; the certificate proves the generation.
+        let (current, key) = call
+            .state
+            .tls_ca
+            .verify_issued(&r.current_cert, now_secs())
+            .map_err(|e| Status::invalid_argument(format!("current_cert: {e}")))?;
+        if current.kind != caller.identity.kind
+            || current.name != caller.identity.name
+            || caller.key.as_deref() != Some(key.as_slice())
+        {
+            return Err(Status::permission_denied(
+                "current_cert: not a certificate of this connection's identity and key",
+            )
+            .into());
+        }
+        Arc::new(current)
+    };
     match id.kind {
         IdentityKind::Bot | IdentityKind::Node => {}
         IdentityKind::User => {

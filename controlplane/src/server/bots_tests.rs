@@ -42,6 +42,7 @@ fn req<T>(peer: Option<Identity>, addr: &str, msg: T) -> Request<T> {
     r.extensions_mut().insert(PeerInfo {
         remote: Some(addr.parse().unwrap()),
         identity: peer.map(Arc::new),
+        key: None,
     });
     r
 }
@@ -85,12 +86,111 @@ async fn renew(svc: &AuthService, who: &Identity, addr: &str) -> Result<Identity
             p::RenewRequest {
                 ssh_public_key: ssh,
                 tls_public_key: tls,
-                ttl_seconds: 0,
+                ..Default::default()
             },
         ))
         .await?
         .into_inner();
     Ok(identity_of(resp.credentials.as_ref().unwrap()))
+}
+
+/// A renewal on a connection that authenticated as `conn` with key `spki`, presenting
+/// `current` (PEM) as the identity to renew.
+async fn renew_on(
+    svc: &AuthService,
+    conn: &Identity,
+    spki: &[u8],
+    current: &str,
+) -> Result<(Identity, String), tonic::Status> {
+    let (ssh, _) = keys();
+    let mut r = Request::new(p::RenewRequest {
+        ssh_public_key: ssh,
+        tls_public_key: spki.to_vec(),
+        current_cert: pem::parse(current).unwrap().contents().to_vec(),
+        ..Default::default()
+    });
+    r.extensions_mut().insert(PeerInfo {
+        remote: Some("10.0.0.1:1".parse().unwrap()),
+        identity: Some(Arc::new(conn.clone())),
+        key: Some(Arc::from(spki)),
+    });
+    let c = svc.renew(r).await?.into_inner().credentials.unwrap();
+    Ok((identity_of(&c), c.tls_cert))
+}
+
+/// One connection kept across renewals: each presents the newest certificate; one for
+/// another key, or not from this CA, is refused.
+#[tokio::test]
+async fn renewals_on_one_connection_present_the_newest_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service(dir.path()).await;
+    let token = svc
+        .create_bot(req(
+            admin(),
+            "127.0.0.1:1",
+            p::CreateBotRequest {
+                name: "fast".into(),
+                roles: vec!["access".into()],
+                token_ttl_seconds: 0,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let (ssh, spki) = keys();
+    let joined = svc
+        .join(req(
+            None,
+            "10.0.0.1:1",
+            p::JoinRequest {
+                token,
+                host_name: "fast".into(),
+                ssh_public_key: ssh,
+                tls_public_key: spki.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let creds = joined.credentials.unwrap();
+    let conn = identity_of(&creds);
+    let mut current = creds.tls_cert;
+    for generation in 2..=5 {
+        let (id, cert) = renew_on(&svc, &conn, &spki, &current).await.unwrap();
+        assert_eq!(id.bot.unwrap().generation, generation);
+        current = cert;
+    }
+    let (_, other_key) = keys();
+    let e = renew_on(&svc, &conn, &other_key, &current)
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("not a certificate of this connection"),
+        "{}",
+        e.message()
+    );
+    let other = TlsCa::generate("c1", time::OffsetDateTime::now_utc()).unwrap();
+    let mut forged = conn.clone();
+    forged.expires = now_secs() + 600;
+    let foreign_key = crate::ca::generate_leaf_key().unwrap();
+    let foreign = other
+        .sign(
+            &rcgen::PublicKeyData::subject_public_key_info(&foreign_key),
+            &forged,
+            crate::ca::TlsUsage::Client,
+            &[],
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap()
+        .pem();
+    let e = renew_on(&svc, &conn, &spki, &foreign).await.unwrap_err();
+    assert!(
+        e.message().contains("not issued by this cluster"),
+        "{}",
+        e.message()
+    );
 }
 
 #[tokio::test]

@@ -174,6 +174,8 @@ impl Rpc {
 pub(crate) struct Caller {
     pub(crate) identity: Arc<Identity>,
     pub(crate) roles: RoleSet,
+    /// The public key (SubjectPublicKeyInfo DER) the connection proved it holds.
+    pub(crate) key: Option<Arc<[u8]>>,
 }
 
 /// One call on its way through the path: what a handler knows about it.

@@ -56,6 +56,9 @@ pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(30 * 60);
 pub struct PeerInfo {
     pub remote: Option<SocketAddr>,
     pub identity: Option<Arc<Identity>>,
+    /// The SubjectPublicKeyInfo (DER) of the certificate the TLS handshake proved the peer
+    /// holds the key of.
+    pub key: Option<Arc<[u8]>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -345,7 +348,11 @@ impl AuthState {
             )));
         }
         let roles = call::roles_of(self, &identity).await?;
-        Ok(Some(Caller { identity, roles }))
+        Ok(Some(Caller {
+            identity,
+            roles,
+            key: peer.key.clone(),
+        }))
     }
 }
 
@@ -376,6 +383,7 @@ impl AuthService {
             .unwrap_or(PeerInfo {
                 remote: None,
                 identity: None,
+                key: None,
             });
         let addr = peer.remote.map(|a| a.ip().to_string()).unwrap_or_default();
         let access = rpc.access();

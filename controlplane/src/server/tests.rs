@@ -187,6 +187,7 @@ fn request<T>(peer: &Option<Identity>, msg: T) -> Request<T> {
     req.extensions_mut().insert(PeerInfo {
         remote: Some("127.0.0.9:4000".parse().unwrap()),
         identity: peer.clone().map(Arc::new),
+        key: None,
     });
     req
 }
