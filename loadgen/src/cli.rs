@@ -45,6 +45,17 @@ pub(crate) enum Scenario {
         #[arg(long, default_value = "10s")]
         duration: humantime::Duration,
     },
+    /// Machine ID renewals: N bots (added and joined with real tokens) each on one kept
+    /// connection to a throwaway Auth, renewing SSH + X.509 identities back to back; each
+    /// renewal durable (its generation and audit event) before it is answered.
+    Renewals {
+        /// Simulated bots, each with its own connection.
+        #[arg(long, default_value_t = 256)]
+        bots: usize,
+        /// How long to renew.
+        #[arg(long, default_value = "10s")]
+        duration: humantime::Duration,
+    },
     /// Simulated agents hold idle tunnels (real TLS, real joined certificates, heartbeats):
     /// connect rate, Proxy memory per tunnel and Proxy CPU while idle. Spawns its own cluster.
     Tunnels {

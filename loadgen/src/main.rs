@@ -13,6 +13,7 @@ mod procstat;
 mod progress;
 mod rathole;
 mod recordings;
+mod renewals;
 mod scp;
 mod sim_agent;
 mod spawn;
@@ -111,6 +112,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             write_json(cli.json.as_deref(), &report)?;
             drop(spawned);
             Ok(())
+        }
+        Scenario::Renewals { bots, duration } => {
+            if bots == 0 {
+                anyhow::bail!("--bots must be at least 1");
+            }
+            let report = renewals::run(renewals::RenewalsConfig {
+                bots,
+                duration: duration.into(),
+            })
+            .await?;
+            renewals::print(&report);
+            write_json(cli.json.as_deref(), &report)
         }
         Scenario::Tunnels {
             count,

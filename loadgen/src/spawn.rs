@@ -7,6 +7,8 @@ use crate::fleet::{Proc, gctl, start_daemon};
 pub struct SpawnedCluster {
     proc: Proc,
     _dir: tempfile::TempDir,
+    /// The Auth data dir (its admin identity is in `admin/`).
+    pub data: std::path::PathBuf,
     pub auth: String,
     pub pin: String,
     pub user: String,
@@ -49,6 +51,7 @@ pub fn start(addr_ip: &str) -> anyhow::Result<SpawnedCluster> {
     let password = out.lines().last().unwrap_or_default().trim().to_string();
     Ok(SpawnedCluster {
         proc,
+        data,
         _dir: dir,
         auth,
         pin,
