@@ -272,6 +272,14 @@ fn gbot_renews_and_the_real_tools_use_its_outputs() {
     let python = tool("python3", &["-c", &py]).ok();
     assert!(python.stdout.contains("accepted True"), "{python:?}");
 
+    // curl presents the pair to a TLS server that asks for a client certificate from the
+    // cluster CA (OpenSSL's s_server), which shows the certificate it verified.
+    let served = curl_with_client_cert(f.dir.path(), &ca, &crt, &key);
+    assert!(
+        served.contains("CN=ci") || served.contains("CN = ci"),
+        "{served}"
+    );
+
     // gctl and gsh act as the bot, limited by its roles.
     let nodes = run(
         {
@@ -312,6 +320,76 @@ fn gbot_renews_and_the_real_tools_use_its_outputs() {
     )
     .unwrap();
     bot.wait_renewals(&diag, before + 1, Duration::from_secs(10));
+}
+
+/// `curl --cert --key` against `openssl s_server -Verify 1 -CAfile CA -www`: the page it served.
+fn curl_with_client_cert(dir: &Path, ca: &str, crt: &str, key: &str) -> String {
+    let (srv_crt, srv_key) = (dir.join("srv.crt"), dir.join("srv.key"));
+    tool(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            srv_key.to_str().unwrap(),
+            "-out",
+            srv_crt.to_str().unwrap(),
+            "-subj",
+            "/CN=localhost",
+            "-days",
+            "1",
+        ],
+    )
+    .ok();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new("openssl")
+        .args(["s_server", "-accept", &format!("127.0.0.1:{port}")])
+        .args([
+            "-cert",
+            srv_crt.to_str().unwrap(),
+            "-key",
+            srv_key.to_str().unwrap(),
+        ])
+        .args(["-CAfile", ca, "-Verify", "1", "-www"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("https://127.0.0.1:{port}/");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let out = loop {
+        let out = tool(
+            "curl",
+            &[
+                "-sS",
+                "-k",
+                "--max-time",
+                "10",
+                "--cert",
+                crt,
+                "--key",
+                key,
+                &url,
+            ],
+        );
+        if out.status == 0 || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = server.kill();
+    let _ = server.wait();
+    out.ok().stdout
 }
 
 /// Whatever the moment a reader opens the files, it gets whole files and a key that matches

@@ -63,7 +63,12 @@ async fn admin(data: &std::path::Path, auth: &str) -> anyhow::Result<Client> {
 }
 
 /// Add and join `n` bots (role `access`), 16 at a time.
-async fn join_bots(auth: &str, pin: &str, admin: &mut Client, n: usize) -> anyhow::Result<Vec<Bot>> {
+async fn join_bots(
+    auth: &str,
+    pin: &str,
+    admin: &mut Client,
+    n: usize,
+) -> anyhow::Result<Vec<Bot>> {
     let mut tokens = Vec::with_capacity(n);
     for i in 0..n {
         let t = admin
@@ -189,7 +194,9 @@ pub async fn run(cfg: RenewalsConfig) -> anyhow::Result<RenewalsReport> {
     }
     let elapsed = start.elapsed().as_secs_f64();
     let auth_cpu = cpu0.and_then(|c0| crate::procstat::cpu_seconds(cluster.pid()).map(|c| c - c0));
-    let gen_cpu = crate::procstat::self_cpu_seconds().zip(self0).map(|(b, a)| b - a);
+    let gen_cpu = crate::procstat::self_cpu_seconds()
+        .zip(self0)
+        .map(|(b, a)| b - a);
     let renewals = done.load(Ordering::Relaxed);
     let stored: i64 = admin
         .list_bots(proto::ListBotsRequest {})
