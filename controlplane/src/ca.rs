@@ -284,6 +284,52 @@ pub struct TlsCa {
     issuer: Issuer<'static, KeyPair>,
     /// The CA's public key (an uncompressed P-256 point), to check certificates it issued.
     public: Vec<u8>,
+    /// Digests of the certificates this process signed, so that checking one of them back
+    /// (a renewal's `current_cert`) costs a hash instead of an ECDSA verification.
+    issued: IssuedDigests,
+}
+
+/// SHA-256 digests of DER certificates signed here, with their expiry (Unix seconds). A
+/// certificate whose digest is here was signed by this CA (SHA-256 is collision resistant);
+/// one that is not (another Auth's, or from before a restart) is verified by signature.
+#[derive(Default)]
+struct IssuedDigests {
+    inner: std::sync::Mutex<std::collections::HashMap<[u8; 32], i64>>,
+}
+
+/// Most digests kept (about 50 bytes each): past it the expired ones go, then all.
+const MAX_ISSUED_DIGESTS: usize = 1 << 20;
+
+impl IssuedDigests {
+    fn digest(der: &[u8]) -> [u8; 32] {
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        out
+    }
+
+    fn remember(&self, der: &[u8], expires: i64, now: i64) {
+        let key = Self::digest(der);
+        let mut map = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() >= MAX_ISSUED_DIGESTS {
+            map.retain(|_, e| *e > now);
+            if map.len() >= MAX_ISSUED_DIGESTS {
+                map.clear();
+            }
+        }
+        map.insert(key, expires);
+    }
+
+    fn contains(&self, der: &[u8]) -> bool {
+        let key = Self::digest(der);
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(&key)
+    }
 }
 
 impl std::fmt::Debug for TlsCa {
@@ -326,6 +372,7 @@ impl TlsCa {
             cert_der,
             public: key.public_key_raw().to_vec(),
             issuer: Issuer::new(params, key),
+            issued: IssuedDigests::default(),
         })
     }
 
@@ -341,6 +388,7 @@ impl TlsCa {
             cert_pem: cert_pem.to_owned(),
             issuer,
             public,
+            issued: IssuedDigests::default(),
         })
     }
 
@@ -404,23 +452,29 @@ impl TlsCa {
                 crate::identity::IDENTITY_OID,
                 identity.to_extension_der(),
             ));
-        Ok(params.signed_by(&public, &self.issuer)?)
+        let cert = params.signed_by(&public, &self.issuer)?;
+        self.issued
+            .remember(cert.der(), identity.expires, now.unix_timestamp());
+        Ok(cert)
     }
 
     /// Check that this CA issued the DER certificate `der` and that it is valid at `now` (Unix
-    /// seconds); its identity and SubjectPublicKeyInfo (DER). One ECDSA verification.
+    /// seconds); its identity and SubjectPublicKeyInfo (DER). One ECDSA verification, or a
+    /// SHA-256 digest for a certificate this process signed.
     pub fn verify_issued(&self, der: &[u8], now: i64) -> Result<(Identity, Vec<u8>), CaError> {
         let bad = |m: String| CaError::BadCertificate(m);
         let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| bad(e.to_string()))?;
-        aws_lc_rs::signature::UnparsedPublicKey::new(
-            &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
-            &self.public,
-        )
-        .verify(
-            cert.tbs_certificate.as_ref(),
-            cert.signature_value.data.as_ref(),
-        )
-        .map_err(|_| bad("not issued by this cluster's CA".into()))?;
+        if !self.issued.contains(der) {
+            aws_lc_rs::signature::UnparsedPublicKey::new(
+                &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
+                &self.public,
+            )
+            .verify(
+                cert.tbs_certificate.as_ref(),
+                cert.signature_value.data.as_ref(),
+            )
+            .map_err(|_| bad("not issued by this cluster's CA".into()))?;
+        }
         let v = cert.validity();
         if now < v.not_before.timestamp() || now >= v.not_after.timestamp() {
             return Err(bad("expired or not yet valid".into()));
@@ -623,6 +677,39 @@ mod tests {
             .issue_server_cert("example", &[], Duration::from_secs(60), now)
             .unwrap();
         assert_eq!(auth_key.algorithm(), &rcgen::PKCS_ED25519);
+    }
+
+    #[test]
+    fn verify_issued_checks_by_digest_here_and_by_signature_elsewhere() {
+        let now = time::OffsetDateTime::now_utc();
+        let t = now.unix_timestamp();
+        let ca = TlsCa::generate("example", now).unwrap();
+        let key = generate_leaf_key().unwrap();
+        let cert = client_cert(&ca, &key, &alice(t + 60), now);
+        let der = cert.der().to_vec();
+        // Signed here: known by digest.
+        assert!(ca.issued.contains(&der));
+        let (id, spki) = ca.verify_issued(&der, t).unwrap();
+        assert_eq!(id.name, "alice");
+        assert_eq!(spki, rcgen::PublicKeyData::subject_public_key_info(&key));
+        // The same CA loaded elsewhere (another Auth, a restart): checked by signature.
+        let other = TlsCa::from_pem(ca.cert_pem(), &ca.key_pem()).unwrap();
+        assert!(!other.issued.contains(&der));
+        assert_eq!(other.verify_issued(&der, t).unwrap().0.name, "alice");
+        // A flipped bit in the signed part fails both ways; a foreign CA's certificate too.
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let tbs_len = parsed.tbs_certificate.as_ref().len();
+        let mut bad = der.clone();
+        let i = bad.len() - tbs_len / 2 - 80;
+        bad[i] ^= 1;
+        assert!(ca.verify_issued(&bad, t).is_err());
+        assert!(other.verify_issued(&bad, t).is_err());
+        let foreign = TlsCa::generate("example", now).unwrap();
+        let theirs = client_cert(&foreign, &key, &alice(t + 60), now);
+        assert!(ca.verify_issued(theirs.der(), t).is_err());
+        // Expiry is checked on both paths.
+        assert!(ca.verify_issued(&der, t + 61).is_err());
+        assert!(other.verify_issued(&der, t + 61).is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::resources::{Role, User};
 
 mod bots;
 mod recordings;
+mod role_cache;
 pub use bots::{BotRow, RenewOp, RenewOutcome};
 pub use recordings::{RecordingFilter, RecordingRow};
 
@@ -94,6 +95,7 @@ enum Table {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
+    roles: std::sync::Arc<role_cache::RoleCache>,
 }
 
 impl Store {
@@ -121,7 +123,10 @@ impl Store {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            roles: Default::default(),
+        })
     }
 
     pub async fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
@@ -270,8 +275,11 @@ impl Store {
                 });
             }
         };
-        let done = sqlx::query(sql).bind(name).execute(&self.pool).await?;
-        if done.rows_affected() == 0 {
+        let done = sqlx::query(sql).bind(name).execute(&self.pool).await;
+        if kind == "role" {
+            self.roles.invalidate();
+        }
+        if done?.rows_affected() == 0 {
             return Err(StoreError::NotFound {
                 kind,
                 name: name.to_owned(),
@@ -291,8 +299,11 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let spec =
             serde_json::to_string(role).map_err(|e| StoreError::Corrupt("role", e.to_string()))?;
-        self.upsert_document(Table::Roles, &role.metadata.name, &spec, create_only, now)
-            .await
+        let done = self
+            .upsert_document(Table::Roles, &role.metadata.name, &spec, create_only, now)
+            .await;
+        self.roles.invalidate();
+        done
     }
 
     /// Insert a document unless its name exists; else update it (or refuse with `create_only`).
@@ -343,7 +354,19 @@ impl Store {
         Ok(created)
     }
 
+    /// A role by name, from memory when this `Store` read it since the last role write.
     pub async fn get_role(&self, name: &str) -> Result<Option<Role>, StoreError> {
+        let epoch = match self.roles.get(name) {
+            Ok(hit) => return Ok(hit.map(|r| Role::clone(&r))),
+            Err(epoch) => epoch,
+        };
+        let role = self.read_role(name).await?;
+        self.roles
+            .store(epoch, name, role.clone().map(std::sync::Arc::new));
+        Ok(role)
+    }
+
+    async fn read_role(&self, name: &str) -> Result<Option<Role>, StoreError> {
         let spec: Option<String> = sqlx::query_scalar("SELECT spec FROM roles WHERE name = ?")
             .bind(name)
             .fetch_optional(&self.pool)
