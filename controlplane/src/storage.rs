@@ -519,8 +519,8 @@ impl Store {
     pub async fn append_events(&self, events: &[StoredEvent]) -> Result<(u32, u32), StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut accepted = 0u32;
-        for e in events {
-            accepted += insert_event(&mut tx, e).await? as u32;
+        for chunk in events.chunks(EVENT_CHUNK) {
+            accepted += insert_events(&mut tx, chunk).await? as u32;
         }
         tx.commit().await?;
         Ok((accepted, events.len() as u32 - accepted))
@@ -674,19 +674,28 @@ mod tests {
 }
 
 /// Insert one audit event in `tx` (a duplicate `event_id` is ignored); rows inserted.
-pub(crate) async fn insert_event(
+/// Audit events per multi-row `INSERT` (seven parameters each; SQLite allows 32,766).
+pub(crate) const EVENT_CHUNK: usize = 1000;
+
+/// Insert `events` (at most [`EVENT_CHUNK`]) in one statement; how many were new.
+pub(crate) async fn insert_events(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    e: &StoredEvent,
+    events: &[StoredEvent],
 ) -> Result<u64, StoreError> {
-    let done = sqlx::query("INSERT OR IGNORE INTO audit_events (event_id, time_nanos, type, actor, source_addr, cluster, data) VALUES (?, ?, ?, ?, ?, ?, ?)")
-        .bind(&e.event_id)
-        .bind(e.time_nanos)
-        .bind(&e.event_type)
-        .bind(&e.actor)
-        .bind(&e.source_addr)
-        .bind(&e.cluster)
-        .bind(&e.data)
-        .execute(&mut **tx)
-        .await?;
-    Ok(done.rows_affected())
+    if events.is_empty() {
+        return Ok(0);
+    }
+    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+        "INSERT OR IGNORE INTO audit_events (event_id, time_nanos, type, actor, source_addr, cluster, data) ",
+    );
+    q.push_values(events, |mut b, e| {
+        b.push_bind(&e.event_id)
+            .push_bind(e.time_nanos)
+            .push_bind(&e.event_type)
+            .push_bind(&e.actor)
+            .push_bind(&e.source_addr)
+            .push_bind(&e.cluster)
+            .push_bind(&e.data);
+    });
+    Ok(q.build().execute(&mut **tx).await?.rows_affected())
 }

@@ -161,67 +161,229 @@ impl Store {
     }
 
     /// Write a batch of renewals in one transaction, with the audit events `events` makes of
-    /// their outcomes: all durable, or none.
+    /// their outcomes: all durable, or none. The first renewal of each bot in the batch is
+    /// written by one set-based `UPDATE … FROM` per chunk; the ones it did not renew (and any
+    /// later renewal of the same bot in the batch) are then taken one by one, in order, as if
+    /// the batch had been written a renewal at a time.
     pub async fn renew_bots(
         &self,
         ops: &[RenewOp],
         mut events: impl FnMut(&RenewOp, &RenewOutcome) -> Vec<StoredEvent>,
     ) -> Result<Vec<RenewOutcome>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let mut outcomes = Vec::with_capacity(ops.len());
-        let mut audit = Vec::new();
-        for op in ops {
-            let renewed: Option<i64> = sqlx::query_scalar(
-                "UPDATE bots SET generation = generation + 1, last_seen = ?, last_addr = ? WHERE name = ? AND instance = ? AND generation = ? AND locked = 0 RETURNING generation",
-            )
-            .bind(op.now)
-            .bind(&op.addr)
-            .bind(&op.name)
-            .bind(&op.instance)
-            .bind(op.generation)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let outcome = match renewed {
-                Some(g) => RenewOutcome::Renewed(g),
-                None => {
-                    let current =
-                        sqlx::query(&format!("SELECT {COLUMNS} FROM bots WHERE name = ?"))
-                            .bind(&op.name)
-                            .fetch_optional(&mut *tx)
-                            .await?
-                            .as_ref()
-                            .map(row);
-                    match current {
-                        None => RenewOutcome::NoBot,
-                        Some(b) if b.instance != op.instance => RenewOutcome::Superseded,
-                        Some(b) if b.locked => RenewOutcome::Locked(b.lock_reason),
-                        Some(b) => {
-                            let reason = format!(
-                                "generation {} was presented from {} after generation {} was issued to {}: the identity was copied",
-                                op.generation, op.addr, b.generation, b.last_addr
-                            );
-                            sqlx::query(
-                                "UPDATE bots SET locked = 1, lock_reason = ? WHERE name = ?",
-                            )
-                            .bind(&reason)
-                            .bind(&op.name)
-                            .execute(&mut *tx)
-                            .await?;
-                            RenewOutcome::Stolen {
-                                last_addr: b.last_addr,
-                                current: b.generation,
-                            }
-                        }
-                    }
+        let mut seen = std::collections::HashSet::with_capacity(ops.len());
+        let (first, _later): (Vec<usize>, Vec<usize>) =
+            (0..ops.len()).partition(|&i| seen.insert(ops[i].name.as_str()));
+        let mut outcomes: Vec<Option<RenewOutcome>> = vec![None; ops.len()];
+        for chunk in first.chunks(RENEW_CHUNK) {
+            let renewed = renew_set(&mut tx, ops, chunk).await?;
+            for &i in chunk {
+                if let Some(&g) = renewed.get(ops[i].name.as_str()) {
+                    outcomes[i] = Some(RenewOutcome::Renewed(g));
                 }
+            }
+        }
+        let mut audit = Vec::new();
+        let mut done = Vec::with_capacity(ops.len());
+        for (i, op) in ops.iter().enumerate() {
+            let outcome = match outcomes[i].take() {
+                Some(o) => o,
+                None => renew_one(&mut tx, op, first.binary_search(&i).is_ok()).await?,
             };
             audit.extend(events(op, &outcome));
-            outcomes.push(outcome);
+            done.push(outcome);
         }
-        for e in &audit {
-            super::insert_event(&mut tx, e).await?;
+        for chunk in audit.chunks(super::EVENT_CHUNK) {
+            super::insert_events(&mut tx, chunk).await?;
         }
         tx.commit().await?;
-        Ok(outcomes)
+        Ok(done)
+    }
+}
+
+/// Renewals per set-based statement (five parameters each; SQLite allows 32,766).
+const RENEW_CHUNK: usize = 1000;
+
+/// Renew the bots of `chunk` (distinct names) whose presented instance and generation are the
+/// current ones and that are not locked; their new generations by name.
+async fn renew_set(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    ops: &[RenewOp],
+    chunk: &[usize],
+) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+        "WITH v (name, instance, generation, seen, addr) AS (",
+    );
+    q.push_values(chunk, |mut b, &i| {
+        let op = &ops[i];
+        b.push_bind(&op.name)
+            .push_bind(&op.instance)
+            .push_bind(op.generation)
+            .push_bind(op.now)
+            .push_bind(&op.addr);
+    });
+    q.push(
+        ") UPDATE bots SET generation = bots.generation + 1, last_seen = v.seen, last_addr = v.addr \
+         FROM v WHERE bots.name = v.name AND bots.instance = v.instance \
+         AND bots.generation = v.generation AND bots.locked = 0 \
+         RETURNING bots.name, bots.generation",
+    );
+    let rows = q.build().fetch_all(&mut **tx).await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
+        .collect())
+}
+
+/// One renewal on its own: try it (unless the set-based statement already did, `tried`), and
+/// if it was not current, say why (locking the bot when the identity was copied).
+async fn renew_one(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    op: &RenewOp,
+    tried: bool,
+) -> Result<RenewOutcome, StoreError> {
+    if !tried {
+        let renewed: Option<i64> = sqlx::query_scalar(
+            "UPDATE bots SET generation = generation + 1, last_seen = ?, last_addr = ? WHERE name = ? AND instance = ? AND generation = ? AND locked = 0 RETURNING generation",
+        )
+        .bind(op.now)
+        .bind(&op.addr)
+        .bind(&op.name)
+        .bind(&op.instance)
+        .bind(op.generation)
+        .fetch_optional(&mut **tx)
+        .await?;
+        if let Some(g) = renewed {
+            return Ok(RenewOutcome::Renewed(g));
+        }
+    }
+    let current = sqlx::query(&format!("SELECT {COLUMNS} FROM bots WHERE name = ?"))
+        .bind(&op.name)
+        .fetch_optional(&mut **tx)
+        .await?
+        .as_ref()
+        .map(row);
+    Ok(match current {
+        None => RenewOutcome::NoBot,
+        Some(b) if b.instance != op.instance => RenewOutcome::Superseded,
+        Some(b) if b.locked => RenewOutcome::Locked(b.lock_reason),
+        Some(b) => {
+            let reason = format!(
+                "generation {} was presented from {} after generation {} was issued to {}: the identity was copied",
+                op.generation, op.addr, b.generation, b.last_addr
+            );
+            sqlx::query("UPDATE bots SET locked = 1, lock_reason = ? WHERE name = ?")
+                .bind(&reason)
+                .bind(&op.name)
+                .execute(&mut **tx)
+                .await?;
+            RenewOutcome::Stolen {
+                last_addr: b.last_addr,
+                current: b.generation,
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(name: &str, instance: &str, generation: i64, addr: &str) -> RenewOp {
+        RenewOp {
+            name: name.into(),
+            instance: instance.into(),
+            generation,
+            addr: addr.into(),
+            now: 100,
+        }
+    }
+
+    async fn bot(s: &Store, name: &str) {
+        s.create_bot(&BotRow {
+            name: name.into(),
+            roles: vec!["r".into()],
+            created: 1,
+            created_by: "admin".into(),
+            instance: String::new(),
+            generation: 0,
+            last_seen: 0,
+            last_addr: String::new(),
+            locked: false,
+            lock_reason: String::new(),
+        })
+        .await
+        .unwrap();
+        s.join_bot(name, "i1", 1, "10.0.0.1").await.unwrap();
+    }
+
+    /// One batch holding every kind of renewal gives what one-at-a-time writes would.
+    #[tokio::test]
+    async fn a_batch_renews_like_one_renewal_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+        for b in ["a", "b", "c", "d", "e"] {
+            bot(&s, b).await;
+        }
+        // c is already at generation 2; e is locked.
+        s.renew_bots(&[op("c", "i1", 1, "10.0.0.3")], |_, _| vec![])
+            .await
+            .unwrap();
+        s.renew_bots(
+            &[op("e", "i1", 1, "x"), op("e", "i1", 1, "y")],
+            |_, _| vec![],
+        )
+        .await
+        .unwrap();
+        let batch = [
+            op("a", "i1", 1, "10.0.0.1"),     // renewed
+            op("b", "i1", 1, "10.0.0.2"),     // renewed …
+            op("b", "i1", 1, "10.9.9.9"),     // … and its copy in the same batch: stolen
+            op("c", "i1", 1, "10.0.0.8"),     // an old generation: stolen
+            op("d", "old", 1, "10.0.0.4"),    // an earlier join: superseded
+            op("e", "i1", 2, "10.0.0.5"),     // locked
+            op("ghost", "i1", 1, "10.0.0.6"), // no such bot
+            op("a", "i1", 2, "10.0.0.1"),     // as if after the first: current, renewed
+        ];
+        let mut seen = Vec::new();
+        let out = s
+            .renew_bots(&batch, |op, o| {
+                seen.push((op.name.clone(), o.clone()));
+                vec![]
+            })
+            .await
+            .unwrap();
+        assert_eq!(out[0], RenewOutcome::Renewed(2));
+        assert_eq!(out[1], RenewOutcome::Renewed(2));
+        assert_eq!(
+            out[2],
+            RenewOutcome::Stolen {
+                last_addr: "10.0.0.2".into(),
+                current: 2
+            }
+        );
+        assert_eq!(
+            out[3],
+            RenewOutcome::Stolen {
+                last_addr: "10.0.0.3".into(),
+                current: 2
+            }
+        );
+        assert_eq!(out[4], RenewOutcome::Superseded);
+        assert!(matches!(&out[5], RenewOutcome::Locked(why) if why.contains("copied")));
+        assert_eq!(out[6], RenewOutcome::NoBot);
+        assert_eq!(out[7], RenewOutcome::Renewed(3));
+        assert_eq!(seen.len(), batch.len(), "every renewal's events, in order");
+        assert_eq!(seen[3].0, "c");
+        for (name, locked, generation) in [
+            ("a", false, 3),
+            ("b", true, 2),
+            ("c", true, 2),
+            ("d", false, 1),
+            ("e", true, 2),
+        ] {
+            let b = s.get_bot(name).await.unwrap().unwrap();
+            assert_eq!((b.locked, b.generation), (locked, generation), "{name}");
+        }
     }
 }
