@@ -574,6 +574,32 @@ impl Store {
     }
 }
 
+/// Audit events per multi-row `INSERT` (seven parameters each; SQLite allows 32,766).
+pub(crate) const EVENT_CHUNK: usize = 1000;
+
+/// Insert `events` (at most [`EVENT_CHUNK`]) in one statement; how many were new.
+pub(crate) async fn insert_events(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    events: &[StoredEvent],
+) -> Result<u64, StoreError> {
+    if events.is_empty() {
+        return Ok(0);
+    }
+    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+        "INSERT OR IGNORE INTO audit_events (event_id, time_nanos, type, actor, source_addr, cluster, data) ",
+    );
+    q.push_values(events, |mut b, e| {
+        b.push_bind(&e.event_id)
+            .push_bind(e.time_nanos)
+            .push_bind(&e.event_type)
+            .push_bind(&e.actor)
+            .push_bind(&e.source_addr)
+            .push_bind(&e.cluster)
+            .push_bind(&e.data);
+    });
+    Ok(q.build().execute(&mut **tx).await?.rows_affected())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -671,31 +697,4 @@ mod tests {
         assert_eq!(xs.len(), 1);
         assert_eq!(xs[0].event_id, "3");
     }
-}
-
-/// Insert one audit event in `tx` (a duplicate `event_id` is ignored); rows inserted.
-/// Audit events per multi-row `INSERT` (seven parameters each; SQLite allows 32,766).
-pub(crate) const EVENT_CHUNK: usize = 1000;
-
-/// Insert `events` (at most [`EVENT_CHUNK`]) in one statement; how many were new.
-pub(crate) async fn insert_events(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    events: &[StoredEvent],
-) -> Result<u64, StoreError> {
-    if events.is_empty() {
-        return Ok(0);
-    }
-    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-        "INSERT OR IGNORE INTO audit_events (event_id, time_nanos, type, actor, source_addr, cluster, data) ",
-    );
-    q.push_values(events, |mut b, e| {
-        b.push_bind(&e.event_id)
-            .push_bind(e.time_nanos)
-            .push_bind(&e.event_type)
-            .push_bind(&e.actor)
-            .push_bind(&e.source_addr)
-            .push_bind(&e.cluster)
-            .push_bind(&e.data);
-    });
-    Ok(q.build().execute(&mut **tx).await?.rows_affected())
 }

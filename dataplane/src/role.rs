@@ -105,7 +105,10 @@ enum Source {
         sans: Vec<String>,
     },
     /// Renewed over the `Renew` RPC and kept in the data dir.
-    Joined { host: HostIdentity, dir: PathBuf },
+    Joined {
+        host: Box<HostIdentity>,
+        dir: PathBuf,
+    },
 }
 
 /// Start the Proxy role on the current (multi-threaded) runtime; its metrics go to `registry`.
@@ -219,7 +222,10 @@ async fn identity(
         key: id.tls_key.clone(),
         ca: id.ca_pem.clone(),
         cluster: id.cluster.clone(),
-        source: Source::Joined { host: id, dir },
+        source: Source::Joined {
+            host: Box::new(id),
+            dir,
+        },
     })
 }
 
@@ -262,7 +268,7 @@ async fn renew_proxy_identity(
                         tracing::error!(error = %e, "proxy: cannot store the renewed identity; using it in memory");
                     }
                     let pair = (next.tls_cert.clone(), next.tls_key.clone());
-                    *host = next;
+                    **host = next;
                     pair
                 })
             }

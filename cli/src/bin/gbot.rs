@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Join (first start), write the outputs, renew them before they expire.
-    Start(StartArgs),
+    Start(Box<StartArgs>),
     /// Helpers the written files use.
     #[command(subcommand)]
     Proxy(ProxyCmd),
@@ -165,7 +165,7 @@ fn main() {
     match cli.command {
         Command::Start(args) => {
             init_logging(&args.log_format, "info");
-            gatehouse_cli::run_main("gbot", start(args));
+            gatehouse_cli::run_main("gbot", start(*args));
         }
         Command::Proxy(ProxyCmd::Ssh { destination, spec }) => {
             init_logging("text", "warn");

@@ -72,7 +72,7 @@ pub(super) async fn join(
         }
     };
     if token.token_type == "bot" {
-        return Ok(super::bots::join(&call, &r, &ssh_key, &token).await?);
+        return super::bots::join(&call, &r, &ssh_key, &token).await;
     }
     let is_proxy = token.token_type == "proxy";
     if token.token_type != "node" && !is_proxy {

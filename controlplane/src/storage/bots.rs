@@ -172,23 +172,22 @@ impl Store {
     ) -> Result<Vec<RenewOutcome>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut seen = std::collections::HashSet::with_capacity(ops.len());
-        let (first, _later): (Vec<usize>, Vec<usize>) =
-            (0..ops.len()).partition(|&i| seen.insert(ops[i].name.as_str()));
-        let mut outcomes: Vec<Option<RenewOutcome>> = vec![None; ops.len()];
-        for chunk in first.chunks(RENEW_CHUNK) {
-            let renewed = renew_set(&mut tx, ops, chunk).await?;
-            for &i in chunk {
-                if let Some(&g) = renewed.get(ops[i].name.as_str()) {
-                    outcomes[i] = Some(RenewOutcome::Renewed(g));
-                }
-            }
+        let first: Vec<bool> = ops.iter().map(|op| seen.insert(op.name.as_str())).collect();
+        let firsts: Vec<&RenewOp> = ops
+            .iter()
+            .zip(&first)
+            .filter_map(|(op, &f)| f.then_some(op))
+            .collect();
+        let mut renewed = std::collections::HashMap::with_capacity(firsts.len());
+        for chunk in firsts.chunks(RENEW_CHUNK) {
+            renewed.extend(renew_set(&mut tx, chunk).await?);
         }
         let mut audit = Vec::new();
         let mut done = Vec::with_capacity(ops.len());
-        for (i, op) in ops.iter().enumerate() {
-            let outcome = match outcomes[i].take() {
-                Some(o) => o,
-                None => renew_one(&mut tx, op, first.binary_search(&i).is_ok()).await?,
+        for (op, &is_first) in ops.iter().zip(&first) {
+            let outcome = match renewed.get(op.name.as_str()) {
+                Some(&g) if is_first => RenewOutcome::Renewed(g),
+                _ => renew_one(&mut tx, op, is_first).await?,
             };
             audit.extend(events(op, &outcome));
             done.push(outcome);
@@ -208,14 +207,12 @@ const RENEW_CHUNK: usize = 1000;
 /// current ones and that are not locked; their new generations by name.
 async fn renew_set(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    ops: &[RenewOp],
-    chunk: &[usize],
+    chunk: &[&RenewOp],
 ) -> Result<std::collections::HashMap<String, i64>, StoreError> {
     let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
         "WITH v (name, instance, generation, seen, addr) AS (",
     );
-    q.push_values(chunk, |mut b, &i| {
-        let op = &ops[i];
+    q.push_values(chunk, |mut b, op| {
         b.push_bind(&op.name)
             .push_bind(&op.instance)
             .push_bind(op.generation)
