@@ -22,4 +22,6 @@ pub mod recordings;
 pub mod role;
 pub mod server;
 pub mod storage;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tls;

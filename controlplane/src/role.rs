@@ -41,6 +41,9 @@ pub struct AuthConfig {
     pub recordings: Option<crate::recordings::RecordingStorage>,
     /// Lifetime of agents' and proxies' certificates (e.g. "7d"); they renew at two thirds.
     pub host_cert_ttl: Option<String>,
+    /// The cluster database: unset for SQLite in the data dir (`gatehouse.db`), or
+    /// `postgres://USER:PASSWORD@HOST:PORT/DB` for several Auths on one PostgreSQL.
+    pub storage: Option<String>,
 }
 
 impl AuthConfig {
@@ -83,6 +86,7 @@ impl Default for AuthConfig {
             recording: Default::default(),
             recordings: None,
             host_cert_ttl: None,
+            storage: None,
         }
     }
 }
@@ -217,6 +221,31 @@ pub fn issue_admin_identity(
     )))
 }
 
+/// The cluster database: SQLite in the data dir, or the configured URL. A database that cannot
+/// be reached is retried with backoff (1 s doubling to 30 s), each failure logged without the
+/// URL's password; a schema newer than this binary or a malformed URL ends the start at once.
+async fn open_store(data_dir: &Path, url: Option<&str>) -> Result<Store, AuthRoleError> {
+    let Some(url) = url.filter(|u| !u.is_empty() && *u != "sqlite") else {
+        return Ok(Store::open(&data_dir.join("gatehouse.db")).await?);
+    };
+    let shown = crate::storage::redact_url(url);
+    let mut wait = Duration::from_secs(1);
+    loop {
+        match Store::connect(url).await {
+            Ok(store) => {
+                tracing::info!(database = %shown, "auth: storage connected");
+                return Ok(store);
+            }
+            Err(e @ crate::storage::StoreError::Db(_)) => {
+                tracing::warn!(database = %shown, error = %e, retry_in = ?wait, "auth: the database is unreachable; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Open storage and CAs, create presets on first start, bind the listener.
 async fn prepare(
     data_dir: &Path,
@@ -226,7 +255,7 @@ async fn prepare(
 ) -> Result<PreparedAuth, AuthRoleError> {
     create_private_dir(data_dir)
         .map_err(io(format!("creating data dir {}", data_dir.display())))?;
-    let store = Store::open(&data_dir.join("gatehouse.db")).await?;
+    let store = open_store(data_dir, config.storage.as_deref()).await?;
     let now = time::OffsetDateTime::now_utc();
     let default_name = cluster_name
         .map(str::to_owned)

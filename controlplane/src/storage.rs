@@ -1,15 +1,15 @@
-//! Cluster state and audit log on SQLite (WAL, `synchronous=FULL`: an event Auth acknowledged
-//! survives a crash or power loss). All queries are plain runtime queries so a PostgreSQL backend
-//! can follow the same shape.
+//! Cluster state and audit log, on SQLite (one Auth; WAL, `synchronous=FULL`: an event Auth
+//! acknowledged survives a crash or power loss) or PostgreSQL (several Auths on one database).
+//! One set of queries serves both (sqlx's `Any` driver): numbered parameters (`$1`), `ON
+//! CONFLICT DO NOTHING`, `UPDATE … FROM`, `RETURNING`, integers as 64-bit; each backend has its
+//! own versioned migrations (`migrations/sqlite`, `migrations/postgres`).
 
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::AnyPool;
 use sqlx::Row;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::any::AnyPoolOptions;
 
 use crate::resources::{Role, User};
 
@@ -34,6 +34,12 @@ pub enum StoreError {
     Corrupt(&'static str, String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Url(String),
+    #[error(
+        "the database's schema is newer than this binary (migration {0} is unknown here): run a newer Gatehouse"
+    )]
+    SchemaNewer(i64),
 }
 
 /// A join token as stored (the secret itself is never stored).
@@ -92,11 +98,44 @@ enum Table {
     Roles,
 }
 
+/// `url` with any password replaced by `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((auth, host)) => {
+            let user = auth.split_once(':').map_or(auth, |(u, _)| u);
+            if auth.contains(':') {
+                format!("{scheme}://{user}:***@{host}")
+            } else {
+                format!("{scheme}://{user}@{host}")
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Which database a [`Store`] is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub(crate) type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
+
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
+    backend: Backend,
     roles: std::sync::Arc<role_cache::RoleCache>,
 }
+
+/// SQLite settings every connection gets: WAL, fsync on commit, foreign keys, and waiting (not
+/// failing) while another connection writes.
+const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+     PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;";
 
 impl Store {
     /// Open (creating if needed) the database at `path`, file mode 0600, and migrate it.
@@ -112,25 +151,59 @@ impl Store {
                 Err(e) => return Err(e.into()),
             }
         }
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
-            .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        Self::connect(&format!("sqlite://{}?mode=rwc", path.display())).await
+    }
+
+    /// Connect to `url` (`sqlite://PATH` or `postgres://…`) and migrate the schema. A schema
+    /// newer than this binary (migrations it does not know) is refused.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            return Err(StoreError::Url(
+                "storage must be sqlite://PATH or postgres://USER@HOST:PORT/DB".into(),
+            ));
+        };
+        let mut options = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 8 } else { 16 })
+            .acquire_timeout(Duration::from_secs(10));
+        if backend == Backend::Sqlite {
+            options = options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::Executor::execute(conn, SQLITE_PRAGMAS).await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = options.connect(url).await?;
+        let migrator = match backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite"),
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
+        };
+        match migrator.run(&pool).await {
+            Ok(()) => {}
+            Err(sqlx::migrate::MigrateError::VersionMissing(v)) => {
+                return Err(StoreError::SchemaNewer(v));
+            }
+            Err(e) => return Err(e.into()),
+        }
         Ok(Self {
             pool,
+            backend,
             roles: Default::default(),
         })
     }
 
+    /// The database this store is on.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
     pub async fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
+        Ok(sqlx::query_scalar("SELECT value FROM meta WHERE key = $1")
             .bind(key)
             .fetch_optional(&self.pool)
             .await?)
@@ -138,7 +211,7 @@ impl Store {
 
     /// Set `key` unless it is set; returns the value in force.
     pub async fn init_meta(&self, key: &str, value: &str) -> Result<String, StoreError> {
-        sqlx::query("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)")
+        sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT DO NOTHING")
             .bind(key)
             .bind(value)
             .execute(&self.pool)
@@ -150,7 +223,7 @@ impl Store {
 
     pub async fn get_ca(&self, kind: &str) -> Result<Option<(String, String)>, StoreError> {
         let row =
-            sqlx::query("SELECT public_pem, private_pem FROM cert_authorities WHERE kind = ?")
+            sqlx::query("SELECT public_pem, private_pem FROM cert_authorities WHERE kind = $1")
                 .bind(kind)
                 .fetch_optional(&self.pool)
                 .await?;
@@ -165,7 +238,7 @@ impl Store {
         private: &str,
         now: i64,
     ) -> Result<(String, String), StoreError> {
-        sqlx::query("INSERT OR IGNORE INTO cert_authorities (kind, public_pem, private_pem, created) VALUES (?, ?, ?, ?)")
+        sqlx::query("INSERT INTO cert_authorities (kind, public_pem, private_pem, created) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
             .bind(kind)
             .bind(public)
             .bind(private)
@@ -187,7 +260,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let spec =
             serde_json::to_string(user).map_err(|e| StoreError::Corrupt("user", e.to_string()))?;
-        let done = sqlx::query("INSERT OR IGNORE INTO users (name, spec, password_hash, created, updated) VALUES (?, ?, ?, ?, ?)")
+        let done = sqlx::query("INSERT INTO users (name, spec, password_hash, created, updated) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING")
             .bind(&user.metadata.name)
             .bind(spec)
             .bind(password_hash)
@@ -218,7 +291,7 @@ impl Store {
     }
 
     pub async fn get_user(&self, name: &str) -> Result<Option<(User, Option<String>)>, StoreError> {
-        let row = sqlx::query("SELECT spec, password_hash FROM users WHERE name = ?")
+        let row = sqlx::query("SELECT spec, password_hash FROM users WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
@@ -248,7 +321,7 @@ impl Store {
         hash: &str,
         now: i64,
     ) -> Result<(), StoreError> {
-        let done = sqlx::query("UPDATE users SET password_hash = ?, updated = ? WHERE name = ?")
+        let done = sqlx::query("UPDATE users SET password_hash = $1, updated = $2 WHERE name = $3")
             .bind(hash)
             .bind(now)
             .bind(name)
@@ -265,9 +338,9 @@ impl Store {
 
     pub async fn delete(&self, kind: &'static str, name: &str) -> Result<(), StoreError> {
         let sql = match kind {
-            "user" => "DELETE FROM users WHERE name = ?",
-            "role" => "DELETE FROM roles WHERE name = ?",
-            "node" => "DELETE FROM nodes WHERE host_id = ?",
+            "user" => "DELETE FROM users WHERE name = $1",
+            "role" => "DELETE FROM roles WHERE name = $1",
+            "node" => "DELETE FROM nodes WHERE host_id = $1",
             _ => {
                 return Err(StoreError::NotFound {
                     kind,
@@ -318,13 +391,13 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let (insert, update, kind) = match table {
             Table::Users => (
-                "INSERT OR IGNORE INTO users (name, spec, password_hash, created, updated) VALUES (?, ?, NULL, ?, ?)",
-                "UPDATE users SET spec = ?, updated = ? WHERE name = ?",
+                "INSERT INTO users (name, spec, password_hash, created, updated) VALUES ($1, $2, NULL, $3, $4) ON CONFLICT DO NOTHING",
+                "UPDATE users SET spec = $1, updated = $2 WHERE name = $3",
                 "user",
             ),
             Table::Roles => (
-                "INSERT OR IGNORE INTO roles (name, spec, created, updated) VALUES (?, ?, ?, ?)",
-                "UPDATE roles SET spec = ?, updated = ? WHERE name = ?",
+                "INSERT INTO roles (name, spec, created, updated) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                "UPDATE roles SET spec = $1, updated = $2 WHERE name = $3",
                 "role",
             ),
         };
@@ -367,7 +440,7 @@ impl Store {
     }
 
     async fn read_role(&self, name: &str) -> Result<Option<Role>, StoreError> {
-        let spec: Option<String> = sqlx::query_scalar("SELECT spec FROM roles WHERE name = ?")
+        let spec: Option<String> = sqlx::query_scalar("SELECT spec FROM roles WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
@@ -391,12 +464,12 @@ impl Store {
     // ---- tokens ----
 
     pub async fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO tokens (id, hash, type, expires, max_uses, uses, created, created_by, bot_name, labels) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO tokens (id, hash, type, expires, max_uses, uses, created, created_by, bot_name, labels) VALUES ($1, $2, $3, $4, $5, 0, $6, $7, $8, $9)")
             .bind(&t.id)
             .bind(&t.hash)
             .bind(&t.token_type)
             .bind(t.expires)
-            .bind(t.max_uses)
+            .bind(i64::from(t.max_uses))
             .bind(t.created)
             .bind(&t.created_by)
             .bind(&t.bot_name)
@@ -406,7 +479,7 @@ impl Store {
         Ok(())
     }
 
-    fn token_from_row(r: &sqlx::sqlite::SqliteRow) -> TokenRecord {
+    fn token_from_row(r: &sqlx::any::AnyRow) -> TokenRecord {
         let labels: String = r.get("labels");
         TokenRecord {
             id: r.get("id"),
@@ -431,7 +504,7 @@ impl Store {
 
     /// Delete by public id or by hash of the secret.
     pub async fn delete_token(&self, id: &str, hash: &str) -> Result<(), StoreError> {
-        let done = sqlx::query("DELETE FROM tokens WHERE id = ? OR hash = ?")
+        let done = sqlx::query("DELETE FROM tokens WHERE id = $1 OR hash = $2")
             .bind(id)
             .bind(hash)
             .execute(&self.pool)
@@ -453,7 +526,7 @@ impl Store {
         now: i64,
     ) -> Result<Result<TokenRecord, TokenRejection>, StoreError> {
         let row = sqlx::query(
-            "UPDATE tokens SET uses = uses + 1 WHERE hash = ? AND expires > ? AND (max_uses = 0 OR uses < max_uses) RETURNING *",
+            "UPDATE tokens SET uses = uses + 1 WHERE hash = $1 AND expires > $2 AND (max_uses = 0 OR uses < max_uses) RETURNING *",
         )
         .bind(hash)
         .bind(now)
@@ -462,7 +535,7 @@ impl Store {
         if let Some(row) = row {
             return Ok(Ok(Self::token_from_row(&row)));
         }
-        let row = sqlx::query("SELECT * FROM tokens WHERE hash = ?")
+        let row = sqlx::query("SELECT * FROM tokens WHERE hash = $1")
             .bind(hash)
             .fetch_optional(&self.pool)
             .await?;
@@ -475,7 +548,7 @@ impl Store {
 
     /// Remove tokens that expired more than `grace` seconds ago.
     pub async fn reap_tokens(&self, now: i64, grace: i64) -> Result<u64, StoreError> {
-        Ok(sqlx::query("DELETE FROM tokens WHERE expires < ?")
+        Ok(sqlx::query("DELETE FROM tokens WHERE expires < $1")
             .bind(now - grace)
             .execute(&self.pool)
             .await?
@@ -491,7 +564,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         for (host_id, spec) in nodes {
-            sqlx::query("INSERT INTO nodes (host_id, spec, expires) VALUES (?, ?, ?) ON CONFLICT(host_id) DO UPDATE SET spec = excluded.spec, expires = excluded.expires")
+            sqlx::query("INSERT INTO nodes (host_id, spec, expires) VALUES ($1, $2, $3) ON CONFLICT(host_id) DO UPDATE SET spec = excluded.spec, expires = excluded.expires")
                 .bind(host_id)
                 .bind(spec)
                 .bind(expires)
@@ -505,7 +578,7 @@ impl Store {
     /// Nodes whose heartbeat has not expired, as stored JSON.
     pub async fn list_nodes(&self, now: i64) -> Result<Vec<String>, StoreError> {
         Ok(
-            sqlx::query_scalar("SELECT spec FROM nodes WHERE expires > ? ORDER BY host_id")
+            sqlx::query_scalar("SELECT spec FROM nodes WHERE expires > $1 ORDER BY host_id")
                 .bind(now)
                 .fetch_all(&self.pool)
                 .await?,
@@ -520,7 +593,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let mut accepted = 0u32;
         for chunk in events.chunks(EVENT_CHUNK) {
-            accepted += insert_events(&mut tx, chunk).await? as u32;
+            accepted += insert_events(&mut tx, self.backend, chunk).await? as u32;
         }
         tx.commit().await?;
         Ok((accepted, events.len() as u32 - accepted))
@@ -528,14 +601,15 @@ impl Store {
 
     pub async fn search_events(&self, f: &EventFilter) -> Result<Vec<StoredEvent>, StoreError> {
         let mut sql = String::from(
-            "SELECT id, event_id, time_nanos, type, actor, source_addr, cluster, data FROM audit_events WHERE id > ? AND time_nanos >= ? AND time_nanos <= ?",
+            "SELECT id, event_id, time_nanos, type, actor, source_addr, cluster, data FROM audit_events WHERE id > $1 AND time_nanos >= $2 AND time_nanos <= $3",
         );
+        let mut n = 3;
         if !f.types.is_empty() {
             sql.push_str(" AND type IN (");
-            sql.push_str(&vec!["?"; f.types.len()].join(","));
+            sql.push_str(&params(&mut n, f.types.len()));
             sql.push(')');
         }
-        sql.push_str(" ORDER BY id LIMIT ?");
+        sql.push_str(&format!(" ORDER BY id LIMIT ${}", n + 1));
         let to = if f.to_nanos <= 0 {
             i64::MAX
         } else {
@@ -577,124 +651,60 @@ impl Store {
 /// Audit events per multi-row `INSERT` (seven parameters each; SQLite allows 32,766).
 pub(crate) const EVENT_CHUNK: usize = 1000;
 
-/// Insert `events` (at most [`EVENT_CHUNK`]) in one statement; how many were new.
+/// Insert `events` (at most [`EVENT_CHUNK`]) in one statement; how many were new. On
+/// PostgreSQL the transaction first takes the audit log's advisory lock, so that event ids
+/// become visible in the order they were given (readers page by `id > last`).
 pub(crate) async fn insert_events(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut Tx<'_>,
+    backend: Backend,
     events: &[StoredEvent],
 ) -> Result<u64, StoreError> {
     if events.is_empty() {
         return Ok(0);
     }
-    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-        "INSERT OR IGNORE INTO audit_events (event_id, time_nanos, type, actor, source_addr, cluster, data) ",
+    if backend == Backend::Postgres {
+        sqlx::query("SELECT pg_advisory_xact_lock(7301)")
+            .execute(&mut **tx)
+            .await?;
+    }
+    let mut sql = String::from(
+        "INSERT INTO audit_events (event_id, time_nanos, type, actor, source_addr, cluster, data) VALUES ",
     );
-    q.push_values(events, |mut b, e| {
-        b.push_bind(&e.event_id)
-            .push_bind(e.time_nanos)
-            .push_bind(&e.event_type)
-            .push_bind(&e.actor)
-            .push_bind(&e.source_addr)
-            .push_bind(&e.cluster)
-            .push_bind(&e.data);
-    });
-    Ok(q.build().execute(&mut **tx).await?.rows_affected())
+    values(&mut sql, events.len(), 7);
+    sql.push_str(" ON CONFLICT DO NOTHING");
+    let mut q = sqlx::query(&sql);
+    for e in events {
+        q = q
+            .bind(&e.event_id)
+            .bind(e.time_nanos)
+            .bind(&e.event_type)
+            .bind(&e.actor)
+            .bind(&e.source_addr)
+            .bind(&e.cluster)
+            .bind(&e.data);
+    }
+    Ok(q.execute(&mut **tx).await?.rows_affected())
+}
+
+/// `count` placeholders after the `n` already used (`$n+1, $n+2, …`); moves `n` on.
+pub(crate) fn params(n: &mut usize, count: usize) -> String {
+    let list: Vec<String> = (*n + 1..=*n + count).map(|i| format!("${i}")).collect();
+    *n += count;
+    list.join(", ")
+}
+
+/// `rows` parenthesised groups of `width` numbered placeholders, comma-separated.
+pub(crate) fn values(sql: &mut String, rows: usize, width: usize) {
+    let mut n = 0;
+    for r in 0..rows {
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        sql.push_str(&params(&mut n, width));
+        sql.push(')');
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    async fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
-        (dir, s)
-    }
-
-    fn token(hash: &str, expires: i64, max_uses: u32) -> TokenRecord {
-        TokenRecord {
-            id: format!("id-{hash}"),
-            hash: hash.into(),
-            token_type: "node".into(),
-            expires,
-            max_uses,
-            uses: 0,
-            created: 0,
-            created_by: "test".into(),
-            bot_name: String::new(),
-            labels: vec![],
-        }
-    }
-
-    #[tokio::test]
-    async fn token_single_use_expired_and_unknown() {
-        let (_d, s) = store().await;
-        s.insert_token(&token("a", 100, 1)).await.unwrap();
-        s.insert_token(&token("b", 100, 0)).await.unwrap();
-        assert!(s.consume_token("a", 50).await.unwrap().is_ok());
-        assert_eq!(
-            s.consume_token("a", 50).await.unwrap(),
-            Err(TokenRejection::UsedUp)
-        );
-        assert!(s.consume_token("b", 50).await.unwrap().is_ok());
-        assert!(s.consume_token("b", 51).await.unwrap().is_ok());
-        assert_eq!(
-            s.consume_token("b", 100).await.unwrap(),
-            Err(TokenRejection::Expired)
-        );
-        assert_eq!(
-            s.consume_token("zzz", 1).await.unwrap(),
-            Err(TokenRejection::NotFound)
-        );
-        let uses: Vec<u32> = s
-            .list_tokens()
-            .await
-            .unwrap()
-            .iter()
-            .map(|t| t.uses)
-            .collect();
-        assert_eq!(uses, [1, 2]);
-    }
-
-    #[tokio::test]
-    async fn events_are_ordered_and_deduplicated() {
-        let (_d, s) = store().await;
-        let ev = |id: &str, t: i64, ty: &str| StoredEvent {
-            id: 0,
-            event_id: id.into(),
-            time_nanos: t,
-            event_type: ty.into(),
-            actor: "a".into(),
-            source_addr: "127.0.0.1".into(),
-            cluster: "c".into(),
-            data: "{}".into(),
-        };
-        assert_eq!(
-            s.append_events(&[ev("1", 10, "x"), ev("2", 20, "y")])
-                .await
-                .unwrap(),
-            (2, 0)
-        );
-        assert_eq!(
-            s.append_events(&[ev("2", 20, "y"), ev("3", 30, "x")])
-                .await
-                .unwrap(),
-            (1, 1)
-        );
-        let all = s.search_events(&EventFilter::default()).await.unwrap();
-        assert_eq!(
-            all.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>(),
-            ["1", "2", "3"]
-        );
-        assert!(all.windows(2).all(|w| w[0].id < w[1].id));
-        let xs = s
-            .search_events(&EventFilter {
-                types: vec!["x".into()],
-                from_nanos: 15,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(xs.len(), 1);
-        assert_eq!(xs[0].event_id, "3");
-    }
-}
+mod tests;

@@ -50,7 +50,7 @@ pub enum RenewOutcome {
 
 const COLUMNS: &str = "name, roles, created, created_by, instance, generation, last_seen, last_addr, locked, lock_reason";
 
-fn row(r: &sqlx::sqlite::SqliteRow) -> BotRow {
+fn row(r: &sqlx::any::AnyRow) -> BotRow {
     let roles: String = r.get(1);
     BotRow {
         name: r.get(0),
@@ -69,7 +69,7 @@ fn row(r: &sqlx::sqlite::SqliteRow) -> BotRow {
 impl Store {
     pub async fn create_bot(&self, b: &BotRow) -> Result<(), StoreError> {
         let done = sqlx::query(
-            "INSERT OR IGNORE INTO bots (name, roles, created, created_by) VALUES (?, ?, ?, ?)",
+            "INSERT INTO bots (name, roles, created, created_by) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
         )
         .bind(&b.name)
         .bind(serde_json::to_string(&b.roles).unwrap_or_else(|_| "[]".into()))
@@ -87,7 +87,7 @@ impl Store {
     }
 
     pub async fn get_bot(&self, name: &str) -> Result<Option<BotRow>, StoreError> {
-        let r = sqlx::query(&format!("SELECT {COLUMNS} FROM bots WHERE name = ?"))
+        let r = sqlx::query(&format!("SELECT {COLUMNS} FROM bots WHERE name = $1"))
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
@@ -104,7 +104,7 @@ impl Store {
     /// Delete a bot and its unused join tokens.
     pub async fn delete_bot(&self, name: &str) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let done = sqlx::query("DELETE FROM bots WHERE name = ?")
+        let done = sqlx::query("DELETE FROM bots WHERE name = $1")
             .bind(name)
             .execute(&mut *tx)
             .await?;
@@ -114,7 +114,7 @@ impl Store {
                 name: name.to_owned(),
             });
         }
-        sqlx::query("DELETE FROM tokens WHERE type = 'bot' AND bot_name = ?")
+        sqlx::query("DELETE FROM tokens WHERE type = 'bot' AND bot_name = $1")
             .bind(name)
             .execute(&mut *tx)
             .await?;
@@ -131,7 +131,7 @@ impl Store {
         addr: &str,
     ) -> Result<BotRow, StoreError> {
         let r = sqlx::query(&format!(
-            "UPDATE bots SET instance = ?, generation = 1, last_seen = ?, last_addr = ? WHERE name = ? RETURNING {COLUMNS}"
+            "UPDATE bots SET instance = $1, generation = 1, last_seen = $2, last_addr = $3 WHERE name = $4 RETURNING {COLUMNS}"
         ))
         .bind(instance)
         .bind(now)
@@ -153,7 +153,7 @@ impl Store {
                 name: name.to_owned(),
             });
         };
-        sqlx::query("UPDATE bots SET locked = 0, lock_reason = '' WHERE name = ?")
+        sqlx::query("UPDATE bots SET locked = 0, lock_reason = '' WHERE name = $1")
             .bind(name)
             .execute(&self.pool)
             .await?;
@@ -193,7 +193,7 @@ impl Store {
             done.push(outcome);
         }
         for chunk in audit.chunks(super::EVENT_CHUNK) {
-            super::insert_events(&mut tx, chunk).await?;
+            super::insert_events(&mut tx, self.backend, chunk).await?;
         }
         tx.commit().await?;
         Ok(done)
@@ -206,26 +206,27 @@ const RENEW_CHUNK: usize = 1000;
 /// Renew the bots of `chunk` (distinct names) whose presented instance and generation are the
 /// current ones and that are not locked; their new generations by name.
 async fn renew_set(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut super::Tx<'_>,
     chunk: &[&RenewOp],
 ) -> Result<std::collections::HashMap<String, i64>, StoreError> {
-    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-        "WITH v (name, instance, generation, seen, addr) AS (",
-    );
-    q.push_values(chunk, |mut b, op| {
-        b.push_bind(&op.name)
-            .push_bind(&op.instance)
-            .push_bind(op.generation)
-            .push_bind(op.now)
-            .push_bind(&op.addr);
-    });
-    q.push(
+    let mut sql = String::from("WITH v (name, instance, generation, seen, addr) AS (VALUES ");
+    super::values(&mut sql, chunk.len(), 5);
+    sql.push_str(
         ") UPDATE bots SET generation = bots.generation + 1, last_seen = v.seen, last_addr = v.addr \
          FROM v WHERE bots.name = v.name AND bots.instance = v.instance \
          AND bots.generation = v.generation AND bots.locked = 0 \
          RETURNING bots.name, bots.generation",
     );
-    let rows = q.build().fetch_all(&mut **tx).await?;
+    let mut q = sqlx::query(&sql);
+    for op in chunk {
+        q = q
+            .bind(&op.name)
+            .bind(&op.instance)
+            .bind(op.generation)
+            .bind(op.now)
+            .bind(&op.addr);
+    }
+    let rows = q.fetch_all(&mut **tx).await?;
     Ok(rows
         .iter()
         .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
@@ -235,13 +236,13 @@ async fn renew_set(
 /// One renewal on its own: try it (unless the set-based statement already did, `tried`), and
 /// if it was not current, say why (locking the bot when the identity was copied).
 async fn renew_one(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut super::Tx<'_>,
     op: &RenewOp,
     tried: bool,
 ) -> Result<RenewOutcome, StoreError> {
     if !tried {
         let renewed: Option<i64> = sqlx::query_scalar(
-            "UPDATE bots SET generation = generation + 1, last_seen = ?, last_addr = ? WHERE name = ? AND instance = ? AND generation = ? AND locked = 0 RETURNING generation",
+            "UPDATE bots SET generation = generation + 1, last_seen = $1, last_addr = $2 WHERE name = $3 AND instance = $4 AND generation = $5 AND locked = 0 RETURNING generation",
         )
         .bind(op.now)
         .bind(&op.addr)
@@ -254,7 +255,7 @@ async fn renew_one(
             return Ok(RenewOutcome::Renewed(g));
         }
     }
-    let current = sqlx::query(&format!("SELECT {COLUMNS} FROM bots WHERE name = ?"))
+    let current = sqlx::query(&format!("SELECT {COLUMNS} FROM bots WHERE name = $1"))
         .bind(&op.name)
         .fetch_optional(&mut **tx)
         .await?
@@ -269,7 +270,7 @@ async fn renew_one(
                 "generation {} was presented from {} after generation {} was issued to {}: the identity was copied",
                 op.generation, op.addr, b.generation, b.last_addr
             );
-            sqlx::query("UPDATE bots SET locked = 1, lock_reason = ? WHERE name = ?")
+            sqlx::query("UPDATE bots SET locked = 1, lock_reason = $1 WHERE name = $2")
                 .bind(&reason)
                 .bind(&op.name)
                 .execute(&mut **tx)
@@ -280,107 +281,4 @@ async fn renew_one(
             }
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn op(name: &str, instance: &str, generation: i64, addr: &str) -> RenewOp {
-        RenewOp {
-            name: name.into(),
-            instance: instance.into(),
-            generation,
-            addr: addr.into(),
-            now: 100,
-        }
-    }
-
-    async fn bot(s: &Store, name: &str) {
-        s.create_bot(&BotRow {
-            name: name.into(),
-            roles: vec!["r".into()],
-            created: 1,
-            created_by: "admin".into(),
-            instance: String::new(),
-            generation: 0,
-            last_seen: 0,
-            last_addr: String::new(),
-            locked: false,
-            lock_reason: String::new(),
-        })
-        .await
-        .unwrap();
-        s.join_bot(name, "i1", 1, "10.0.0.1").await.unwrap();
-    }
-
-    /// One batch holding every kind of renewal gives what one-at-a-time writes would.
-    #[tokio::test]
-    async fn a_batch_renews_like_one_renewal_at_a_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
-        for b in ["a", "b", "c", "d", "e"] {
-            bot(&s, b).await;
-        }
-        // c is already at generation 2; e is locked.
-        s.renew_bots(&[op("c", "i1", 1, "10.0.0.3")], |_, _| vec![])
-            .await
-            .unwrap();
-        s.renew_bots(
-            &[op("e", "i1", 1, "x"), op("e", "i1", 1, "y")],
-            |_, _| vec![],
-        )
-        .await
-        .unwrap();
-        let batch = [
-            op("a", "i1", 1, "10.0.0.1"),     // renewed
-            op("b", "i1", 1, "10.0.0.2"),     // renewed …
-            op("b", "i1", 1, "10.9.9.9"),     // … and its copy in the same batch: stolen
-            op("c", "i1", 1, "10.0.0.8"),     // an old generation: stolen
-            op("d", "old", 1, "10.0.0.4"),    // an earlier join: superseded
-            op("e", "i1", 2, "10.0.0.5"),     // locked
-            op("ghost", "i1", 1, "10.0.0.6"), // no such bot
-            op("a", "i1", 2, "10.0.0.1"),     // as if after the first: current, renewed
-        ];
-        let mut seen = Vec::new();
-        let out = s
-            .renew_bots(&batch, |op, o| {
-                seen.push((op.name.clone(), o.clone()));
-                vec![]
-            })
-            .await
-            .unwrap();
-        assert_eq!(out[0], RenewOutcome::Renewed(2));
-        assert_eq!(out[1], RenewOutcome::Renewed(2));
-        assert_eq!(
-            out[2],
-            RenewOutcome::Stolen {
-                last_addr: "10.0.0.2".into(),
-                current: 2
-            }
-        );
-        assert_eq!(
-            out[3],
-            RenewOutcome::Stolen {
-                last_addr: "10.0.0.3".into(),
-                current: 2
-            }
-        );
-        assert_eq!(out[4], RenewOutcome::Superseded);
-        assert!(matches!(&out[5], RenewOutcome::Locked(why) if why.contains("copied")));
-        assert_eq!(out[6], RenewOutcome::NoBot);
-        assert_eq!(out[7], RenewOutcome::Renewed(3));
-        assert_eq!(seen.len(), batch.len(), "every renewal's events, in order");
-        assert_eq!(seen[3].0, "c");
-        for (name, locked, generation) in [
-            ("a", false, 3),
-            ("b", true, 2),
-            ("c", true, 2),
-            ("d", false, 1),
-            ("e", true, 2),
-        ] {
-            let b = s.get_bot(name).await.unwrap().unwrap();
-            assert_eq!((b.locked, b.generation), (locked, generation), "{name}");
-        }
-    }
 }

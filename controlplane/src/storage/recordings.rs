@@ -35,9 +35,9 @@ pub struct RecordingFilter {
     pub limit: u32,
 }
 
-const COLUMNS: &str = "id, user, login, node, node_id, kind, command, started_ms, updated_ms, duration_ms, state, next_offset, next_seq, reason";
+const COLUMNS: &str = "id, \"user\", login, node, node_id, kind, command, started_ms, updated_ms, duration_ms, state, next_offset, next_seq, reason";
 
-fn row(r: &sqlx::sqlite::SqliteRow) -> RecordingRow {
+fn row(r: &sqlx::any::AnyRow) -> RecordingRow {
     RecordingRow {
         id: r.get(0),
         user: r.get(1),
@@ -58,7 +58,7 @@ fn row(r: &sqlx::sqlite::SqliteRow) -> RecordingRow {
 
 impl Store {
     pub async fn get_recording(&self, id: &str) -> Result<Option<RecordingRow>, StoreError> {
-        let sql = format!("SELECT {COLUMNS} FROM recordings WHERE id = ?");
+        let sql = format!("SELECT {COLUMNS} FROM recordings WHERE id = $1");
         let r = sqlx::query(&sql)
             .bind(id)
             .fetch_optional(&self.pool)
@@ -69,7 +69,7 @@ impl Store {
     /// A new recording's row (its first chunk arrived). Fails if the id exists.
     pub async fn insert_recording(&self, r: &RecordingRow) -> Result<(), StoreError> {
         let sql = format!(
-            "INSERT INTO recordings ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            "INSERT INTO recordings ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
         );
         let done = sqlx::query(&sql)
             .bind(&r.id)
@@ -111,7 +111,7 @@ impl Store {
         duration_ms: i64,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query("UPDATE recordings SET next_offset = ?, next_seq = ?, duration_ms = ?, updated_ms = ? WHERE id = ? AND next_offset = ? AND state = 'live'")
+        let done = sqlx::query("UPDATE recordings SET next_offset = $1, next_seq = $2, duration_ms = $3, updated_ms = $4 WHERE id = $5 AND next_offset = $6 AND state = 'live'")
             .bind(next_offset)
             .bind(next_seq)
             .bind(duration_ms)
@@ -132,7 +132,7 @@ impl Store {
         reason: &str,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE recordings SET state = ?, duration_ms = ?, reason = ?, updated_ms = ? WHERE id = ?")
+        sqlx::query("UPDATE recordings SET state = $1, duration_ms = $2, reason = $3, updated_ms = $4 WHERE id = $5")
             .bind(state)
             .bind(duration_ms)
             .bind(reason)
@@ -148,23 +148,26 @@ impl Store {
         &self,
         f: &RecordingFilter,
     ) -> Result<Vec<RecordingRow>, StoreError> {
-        let mut sql = format!("SELECT {COLUMNS} FROM recordings WHERE started_ms >= ?");
+        let mut sql = format!("SELECT {COLUMNS} FROM recordings WHERE started_ms >= $1");
+        let mut n = 1;
         if f.user.is_some() {
-            sql.push_str(" AND user = ?");
+            n += 1;
+            sql.push_str(&format!(" AND \"user\" = ${n}"));
         }
         if f.node.is_some() {
-            sql.push_str(" AND (node = ? OR node_id = ?)");
+            n += 1;
+            sql.push_str(&format!(" AND (node = ${n} OR node_id = ${n})"));
         }
         if f.live_only {
             sql.push_str(" AND state = 'live'");
         }
-        sql.push_str(" ORDER BY started_ms DESC LIMIT ?");
+        sql.push_str(&format!(" ORDER BY started_ms DESC LIMIT ${}", n + 1));
         let mut q = sqlx::query(&sql).bind(f.since_ms);
         if let Some(u) = &f.user {
             q = q.bind(u);
         }
         if let Some(n) = &f.node {
-            q = q.bind(n).bind(n);
+            q = q.bind(n);
         }
         let limit = if f.limit == 0 {
             1000
