@@ -133,9 +133,15 @@ impl Cluster {
     }
 
     pub fn start_in(dir: tempfile::TempDir, name: &str) -> Self {
+        Self::start_in_with(dir, name, &[])
+    }
+
+    /// `start_in` with more `gatehouse start` arguments (e.g. `--config FILE`).
+    pub fn start_in_with(dir: tempfile::TempDir, name: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(bin("gatehouse"))
+            .arg("start")
+            .args(extra)
             .args([
-                "start",
                 "--roles",
                 "auth",
                 "--auth-addr",
@@ -271,7 +277,7 @@ impl Cluster {
     }
 }
 
-fn kill(child: &mut Child) {
+pub fn kill(child: &mut Child) {
     #[cfg(unix)]
     {
         let _ = Command::new("kill")
