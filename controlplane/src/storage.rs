@@ -87,6 +87,8 @@ pub struct EventFilter {
     pub from_nanos: i64,
     pub to_nanos: i64,
     pub types: Vec<String>,
+    /// Only this actor's events (indexed with the time).
+    pub actor: Option<String>,
     pub after_id: i64,
     pub limit: u32,
 }
@@ -599,6 +601,24 @@ impl Store {
         Ok((accepted, events.len() as u32 - accepted))
     }
 
+    /// Append several callers' batches in one transaction; each batch's (accepted, duplicates).
+    pub async fn append_event_groups(
+        &self,
+        groups: &[Vec<StoredEvent>],
+    ) -> Result<Vec<(u32, u32)>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut counts = Vec::with_capacity(groups.len());
+        for events in groups {
+            let mut accepted = 0u32;
+            for chunk in events.chunks(EVENT_CHUNK) {
+                accepted += insert_events(&mut tx, self.backend, chunk).await? as u32;
+            }
+            counts.push((accepted, events.len() as u32 - accepted));
+        }
+        tx.commit().await?;
+        Ok(counts)
+    }
+
     pub async fn search_events(&self, f: &EventFilter) -> Result<Vec<StoredEvent>, StoreError> {
         let mut sql = String::from(
             "SELECT id, event_id, time_nanos, type, actor, source_addr, cluster, data FROM audit_events WHERE id > $1 AND time_nanos >= $2 AND time_nanos <= $3",
@@ -608,6 +628,10 @@ impl Store {
             sql.push_str(" AND type IN (");
             sql.push_str(&params(&mut n, f.types.len()));
             sql.push(')');
+        }
+        if f.actor.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND actor = ${n}"));
         }
         sql.push_str(&format!(" ORDER BY id LIMIT ${}", n + 1));
         let to = if f.to_nanos <= 0 {
@@ -621,6 +645,9 @@ impl Store {
             .bind(to);
         for t in &f.types {
             q = q.bind(t);
+        }
+        if let Some(actor) = &f.actor {
+            q = q.bind(actor);
         }
         let limit = if f.limit == 0 {
             1000

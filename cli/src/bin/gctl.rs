@@ -164,6 +164,9 @@ struct EventsArgs {
     /// Only these event types (repeatable), e.g. user.login.
     #[arg(long = "type")]
     types: Vec<String>,
+    /// Only events of this actor (a user, bot or node name).
+    #[arg(long, alias = "user")]
+    actor: Option<String>,
     /// At most this many events.
     #[arg(long, default_value_t = 1000)]
     limit: u32,
@@ -638,6 +641,7 @@ async fn events(client: &mut Client, args: EventsArgs) -> anyhow::Result<()> {
                 types: args.types.clone(),
                 limit: page,
                 after_id,
+                actor: args.actor.clone().unwrap_or_default(),
             })
             .await
             .map_err(rpc_error)?

@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use super::call::{Audit, Call, Done, Event, Failure};
@@ -442,67 +441,33 @@ pub(crate) struct Pending {
     expires: i64,
 }
 
-type Job = (Pending, oneshot::Sender<Result<RenewOutcome, String>>);
-
 /// The queue of bot renewals and the task that writes them in batches.
-#[derive(Debug)]
-pub(crate) struct Renewals {
-    tx: mpsc::UnboundedSender<Job>,
-}
+pub(crate) type Renewals = super::group_commit::GroupCommit<Pending, RenewOutcome>;
 
-impl Renewals {
-    /// Start the writer on the current runtime.
-    pub(crate) fn start(state: std::sync::Weak<AuthState>) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_batches(state, rx));
-        Self { tx }
-    }
-
-    async fn submit(&self, p: Pending) -> Result<RenewOutcome, Status> {
-        let (done, wait) = oneshot::channel();
-        self.tx
-            .send((p, done))
-            .map_err(|_| Status::unavailable("Auth is shutting down"))?;
-        match wait.await {
-            Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(e)) => Err(internal(e)),
-            Err(_) => Err(Status::unavailable("Auth is shutting down")),
-        }
-    }
-}
-
-async fn write_batches(state: std::sync::Weak<AuthState>, mut rx: mpsc::UnboundedReceiver<Job>) {
-    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let Some(state) = state.upgrade() else { return };
-        let ops: Vec<RenewOp> = batch.iter().map(|(p, _)| p.op.clone()).collect();
-        let expires: Vec<i64> = batch.iter().map(|(p, _)| p.expires).collect();
-        let mut index = 0usize;
-        let now = now_nanos();
-        let result = state
-            .store
-            .renew_bots(&ops, |op, outcome| {
-                let exp = expires.get(index).copied().unwrap_or_default();
-                index += 1;
-                renewal_events(&state, op, outcome, exp, now)
-            })
-            .await;
-        match result {
-            Ok(outcomes) => {
-                let n = outcomes.len() as u64;
-                for ((_, done), outcome) in batch.drain(..).zip(outcomes) {
-                    let _ = done.send(Ok(outcome));
-                }
-                state.metrics.audit_events.inc_by(n);
+/// Start the renewal writer on the current runtime.
+pub(crate) fn renewals(state: std::sync::Weak<AuthState>) -> Renewals {
+    Renewals::start(MAX_BATCH, move |batch: Vec<Pending>| {
+        let state = state.upgrade();
+        async move {
+            let state = state?;
+            let now = now_nanos();
+            let ops: Vec<RenewOp> = batch.iter().map(|p| p.op.clone()).collect();
+            let mut index = 0usize;
+            let result = state
+                .store
+                .renew_bots(&ops, |op, outcome| {
+                    let exp = batch.get(index).map(|p| p.expires).unwrap_or_default();
+                    index += 1;
+                    renewal_events(&state, op, outcome, exp, now)
+                })
+                .await
+                .map_err(|e| e.to_string());
+            if let Ok(outcomes) = &result {
+                state.metrics.audit_events.inc_by(outcomes.len() as u64);
             }
-            Err(e) => {
-                let msg = e.to_string();
-                for (_, done) in batch.drain(..) {
-                    let _ = done.send(Err(msg.clone()));
-                }
-            }
+            Some(result)
         }
-    }
+    })
 }
 
 /// The audit events of one renewal's outcome.

@@ -79,12 +79,7 @@ pub(super) async fn emit(
             data: data.to_string(),
         });
     }
-    let (accepted, duplicates) = call
-        .state
-        .store
-        .append_events(&batch)
-        .await
-        .map_err(store_status)?;
+    let (accepted, duplicates) = call.state.audit_writer().submit(batch).await?;
     call.state.metrics.audit_events.inc_by(accepted as u64);
     call.state
         .metrics
@@ -100,6 +95,30 @@ pub(super) async fn emit(
     ))
 }
 
+/// The queue of emitted event batches, written by one task: all batches waiting are one
+/// transaction, each answered with its own (accepted, duplicates).
+pub(crate) type AuditWriter = super::group_commit::GroupCommit<Vec<StoredEvent>, (u32, u32)>;
+
+/// Batches of emitted events per transaction.
+const MAX_GROUPS: usize = 256;
+
+/// Start the audit writer on the current runtime.
+pub(crate) fn audit_writer(state: std::sync::Weak<super::AuthState>) -> AuditWriter {
+    AuditWriter::start(MAX_GROUPS, move |groups: Vec<Vec<StoredEvent>>| {
+        let state = state.upgrade();
+        async move {
+            let state = state?;
+            Some(
+                state
+                    .store
+                    .append_event_groups(&groups)
+                    .await
+                    .map_err(|e| e.to_string()),
+            )
+        }
+    })
+}
+
 pub(super) async fn search(
     call: Call,
     r: proto::SearchEventsRequest,
@@ -108,6 +127,7 @@ pub(super) async fn search(
         from_nanos: r.from_nanos,
         to_nanos: r.to_nanos,
         types: r.types,
+        actor: Some(r.actor).filter(|a| !a.is_empty()),
         after_id: r.after_id,
         limit: r.limit,
     };

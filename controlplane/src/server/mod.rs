@@ -16,6 +16,7 @@ mod bots_tests;
 pub(crate) mod call;
 mod documents;
 mod events;
+mod group_commit;
 mod join;
 mod login;
 mod nodes;
@@ -132,6 +133,8 @@ pub struct AuthState {
     pub host_cert_ttl: Duration,
     /// Bot renewals waiting to be written (the writer starts with the first).
     renewals: std::sync::OnceLock<bots::Renewals>,
+    /// Emitted audit events waiting to be written (the writer starts with the first).
+    audit_writer: std::sync::OnceLock<events::AuditWriter>,
 }
 
 impl std::fmt::Debug for AuthState {
@@ -170,6 +173,7 @@ impl AuthState {
             watchers: Mutex::default(),
             host_cert_ttl: DEFAULT_HOST_CERT_TTL,
             renewals: std::sync::OnceLock::new(),
+            audit_writer: std::sync::OnceLock::new(),
         })
     }
 
@@ -182,7 +186,13 @@ impl AuthState {
     /// The bot renewal writer (started on first use, on the caller's runtime).
     pub(crate) fn renewals(self: &Arc<Self>) -> &bots::Renewals {
         self.renewals
-            .get_or_init(|| bots::Renewals::start(Arc::downgrade(self)))
+            .get_or_init(|| bots::renewals(Arc::downgrade(self)))
+    }
+
+    /// The writer of emitted audit events (started on first use, on the caller's runtime).
+    pub(crate) fn audit_writer(self: &Arc<Self>) -> &events::AuditWriter {
+        self.audit_writer
+            .get_or_init(|| events::audit_writer(Arc::downgrade(self)))
     }
 
     /// Keep session recordings in `store`, recorded as `config` says.

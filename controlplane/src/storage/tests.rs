@@ -165,6 +165,31 @@ async fn events_are_ordered_deduplicated_and_filtered() {
             .unwrap();
         assert_eq!(after.len(), 1);
         assert_eq!(after[0].event_id, "2", "{name}");
+        // One actor's events.
+        let mut bobs = event("b1", 40, "x");
+        bobs.actor = "bob".into();
+        assert_eq!(s.append_events(&[bobs]).await.unwrap(), (1, 0));
+        let only = s
+            .search_events(&EventFilter {
+                actor: Some("bob".into()),
+                types: vec!["x".into()],
+                from_nanos: 35,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(only.len(), 1, "{name}");
+        assert_eq!(only[0].event_id, "b1");
+        // Several callers' batches in one transaction, each counted on its own.
+        let groups = vec![
+            vec![event("g1", 50, "g"), event("g2", 50, "g")],
+            vec![event("g2", 50, "g"), event("g3", 50, "g")],
+        ];
+        assert_eq!(
+            s.append_event_groups(&groups).await.unwrap(),
+            [(2, 0), (1, 1)],
+            "{name}"
+        );
         // More events than one statement carries.
         let many: Vec<StoredEvent> = (0..2500)
             .map(|i| event(&format!("m{i}"), 100 + i, "m"))
