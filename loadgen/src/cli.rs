@@ -56,6 +56,33 @@ pub(crate) enum Scenario {
         #[arg(long, default_value = "10s")]
         duration: humantime::Duration,
     },
+    /// Audit events at fleet scale: E emitters on their own connections send batches through
+    /// the real `EmitEvents` RPC to a throwaway Auth on SQLite or PostgreSQL (started here);
+    /// events per second durably stored, the rows counted in the database, then one actor's
+    /// events of the last hour searched for.
+    Audit {
+        /// Emitters, each with its own connection.
+        #[arg(long, default_value_t = 32)]
+        emitters: usize,
+        /// Events per `EmitEvents` call (at most 1000).
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        /// How long to emit (unless --events is given).
+        #[arg(long, default_value = "10s")]
+        duration: humantime::Duration,
+        /// Stop once this many events are stored (e.g. 10000000 for the search figure).
+        #[arg(long, default_value_t = 0)]
+        events: u64,
+        /// sqlite (Auth's data dir) or postgres (a server this scenario starts).
+        #[arg(long, default_value = "sqlite")]
+        storage: String,
+        /// Distinct actors the events name.
+        #[arg(long, default_value_t = 10_000)]
+        actors: usize,
+        /// Searches for one actor's events of the last hour, after the ingest.
+        #[arg(long, default_value_t = 100)]
+        searches: usize,
+    },
     /// Simulated agents hold idle tunnels (real TLS, real joined certificates, heartbeats):
     /// connect rate, Proxy memory per tunnel and Proxy CPU while idle. Spawns its own cluster.
     Tunnels {

@@ -2,6 +2,7 @@
 //! `throughput`, `latency`, `sessions` and `ssh` (the Proxy, with their baselines); `link` (the
 //! agents' tunnel transports over an emulated lossy link).
 
+mod audit;
 mod cli;
 mod fleet;
 mod latency;
@@ -112,6 +113,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             write_json(cli.json.as_deref(), &report)?;
             drop(spawned);
             Ok(())
+        }
+        Scenario::Audit {
+            emitters,
+            batch,
+            duration,
+            events,
+            storage,
+            actors,
+            searches,
+        } => {
+            if emitters == 0 || batch == 0 || batch > 1000 {
+                anyhow::bail!("--emitters must be at least 1 and --batch 1 to 1000");
+            }
+            let postgres = match storage.as_str() {
+                "sqlite" => false,
+                "postgres" => true,
+                other => anyhow::bail!("--storage {other}: expected sqlite or postgres"),
+            };
+            let report = audit::run(audit::AuditConfig {
+                emitters,
+                batch,
+                duration: duration.into(),
+                events,
+                postgres,
+                actors,
+                searches,
+            })
+            .await?;
+            audit::print(&report);
+            write_json(cli.json.as_deref(), &report)
         }
         Scenario::Renewals { bots, duration } => {
             if bots == 0 {

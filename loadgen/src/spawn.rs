@@ -22,23 +22,29 @@ impl SpawnedCluster {
 }
 
 pub fn start(addr_ip: &str) -> anyhow::Result<SpawnedCluster> {
+    start_with(addr_ip, &[])
+}
+
+/// `start` with more `gatehouse start` arguments (e.g. `--config FILE`).
+pub fn start_with(addr_ip: &str, extra: &[&str]) -> anyhow::Result<SpawnedCluster> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    let proc = start_daemon(
-        &[
-            "--roles",
-            "auth",
-            "--cluster-name",
-            "loadgen",
-            "--auth-addr",
-            &format!("{addr_ip}:0"),
-            "--diag-addr",
-            &format!("{addr_ip}:0"),
-            "--data-dir",
-            &data.display().to_string(),
-        ],
-        &dir.path().join("auth.log"),
-    )?;
+    let mut args: Vec<&str> = extra.to_vec();
+    let auth_addr = format!("{addr_ip}:0");
+    let data_arg = data.display().to_string();
+    args.extend_from_slice(&[
+        "--roles",
+        "auth",
+        "--cluster-name",
+        "loadgen",
+        "--auth-addr",
+        &auth_addr,
+        "--diag-addr",
+        &auth_addr,
+        "--data-dir",
+        &data_arg,
+    ]);
+    let proc = start_daemon(&args, &dir.path().join("auth.log"))?;
     let auth = proc.field("Auth API:")?;
     let pin = proc.field("CA pin:")?;
     let user = "loadgen".to_string();
