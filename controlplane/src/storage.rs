@@ -697,7 +697,7 @@ pub(crate) async fn insert_events(
     let mut sql = String::from(
         "INSERT INTO audit_events (event_id, time_nanos, type, actor, source_addr, cluster, data) VALUES ",
     );
-    values(&mut sql, events.len(), 7);
+    values(&mut sql, events.len(), 7, backend);
     sql.push_str(" ON CONFLICT DO NOTHING");
     let mut q = sqlx::query(&sql);
     for e in events {
@@ -720,15 +720,24 @@ pub(crate) fn params(n: &mut usize, count: usize) -> String {
     list.join(", ")
 }
 
-/// `rows` parenthesised groups of `width` numbered placeholders, comma-separated.
-pub(crate) fn values(sql: &mut String, rows: usize, width: usize) {
+/// `rows` parenthesised groups of `width` placeholders, comma-separated: numbered (`$1`) on
+/// PostgreSQL, anonymous (`?`) on SQLite, whose lookup of a numbered parameter's name is a
+/// linear scan (a 3,500-parameter statement spent two thirds of Auth's time binding).
+pub(crate) fn values(sql: &mut String, rows: usize, width: usize, backend: Backend) {
     let mut n = 0;
     for r in 0..rows {
         if r > 0 {
             sql.push_str(", ");
         }
         sql.push('(');
-        sql.push_str(&params(&mut n, width));
+        match backend {
+            Backend::Postgres => sql.push_str(&params(&mut n, width)),
+            Backend::Sqlite => {
+                for i in 0..width {
+                    sql.push_str(if i == 0 { "?" } else { ", ?" });
+                }
+            }
+        }
         sql.push(')');
     }
 }

@@ -42,6 +42,12 @@ fn free_port() -> Result<u16, String> {
 impl PgServer {
     /// initdb and start a server (fsync off: a test's data need not survive a crash).
     pub fn start() -> Result<Self, String> {
+        Self::start_with(false)
+    }
+
+    /// initdb and start a server; `durable`: fsync on (PostgreSQL's default), for benchmarks
+    /// whose figures claim durability.
+    pub fn start_with(durable: bool) -> Result<Self, String> {
         let bin = pg_bin()?;
         let dir = tempfile::Builder::new()
             .prefix("gatehouse-pg-")
@@ -84,8 +90,9 @@ impl PgServer {
             ],
         )?;
         let opts = format!(
-            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off -c max_connections=200",
-            path_str(server.dir.path())?
+            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync={} -c max_connections=200",
+            path_str(server.dir.path())?,
+            if durable { "on" } else { "off" }
         );
         let log = server.dir.path().join("server.log");
         server.run(

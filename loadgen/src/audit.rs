@@ -2,7 +2,7 @@
 //! PostgreSQL this scenario starts; E emitters, each on its own mutual-TLS connection, send
 //! batches of B events back to back through the real `EmitEvents` RPC (validated, attributed,
 //! deduplicated, written by Auth's group commit: an answer means the batch is durable).
-//! Reported: events per second durably stored, batch latency, Auth's CPU; then the stored rows
+//! PostgreSQL runs with fsync on (its default). Reported: events per second durably stored, batch latency, Auth's CPU; then the stored rows
 //! are counted in the database itself, and one actor's events of the last hour are searched
 //! for through `SearchEvents` (the `(actor, time)` index), timed.
 
@@ -93,7 +93,10 @@ async fn count_rows(url: &str) -> anyhow::Result<(i64, i64)> {
 pub async fn run(cfg: AuditConfig) -> anyhow::Result<AuditReport> {
     // PostgreSQL (when asked) lives as long as this run.
     let pg = if cfg.postgres {
-        Some(gatehouse_controlplane::testing::PgServer::start().map_err(|e| anyhow::anyhow!(e))?)
+        Some(
+            gatehouse_controlplane::testing::PgServer::start_with(true)
+                .map_err(|e| anyhow::anyhow!(e))?,
+        )
     } else {
         None
     };

@@ -180,7 +180,7 @@ impl Store {
             .collect();
         let mut renewed = std::collections::HashMap::with_capacity(firsts.len());
         for chunk in firsts.chunks(RENEW_CHUNK) {
-            renewed.extend(renew_set(&mut tx, chunk).await?);
+            renewed.extend(renew_set(&mut tx, chunk, self.backend).await?);
         }
         let mut audit = Vec::new();
         let mut done = Vec::with_capacity(ops.len());
@@ -208,9 +208,10 @@ const RENEW_CHUNK: usize = 1000;
 async fn renew_set(
     tx: &mut super::Tx<'_>,
     chunk: &[&RenewOp],
+    backend: super::Backend,
 ) -> Result<std::collections::HashMap<String, i64>, StoreError> {
     let mut sql = String::from("WITH v (name, instance, generation, seen, addr) AS (VALUES ");
-    super::values(&mut sql, chunk.len(), 5);
+    super::values(&mut sql, chunk.len(), 5, backend);
     sql.push_str(
         ") UPDATE bots SET generation = bots.generation + 1, last_seen = v.seen, last_addr = v.addr \
          FROM v WHERE bots.name = v.name AND bots.instance = v.instance \
