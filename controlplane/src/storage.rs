@@ -14,9 +14,11 @@ use sqlx::any::AnyPoolOptions;
 use crate::resources::{Role, User};
 
 mod bots;
+mod changes;
 mod recordings;
 mod role_cache;
 pub use bots::{BotRow, RenewOp, RenewOutcome};
+pub use changes::Change;
 pub use recordings::{RecordingFilter, RecordingRow};
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +134,8 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     roles: std::sync::Arc<role_cache::RoleCache>,
+    /// Announcements of changes, this Auth's and (on PostgreSQL) other Auths'.
+    changes: tokio::sync::broadcast::Sender<Change>,
 }
 
 /// SQLite settings every connection gets: WAL, fsync on commit, foreign keys, and waiting (not
@@ -192,11 +196,40 @@ impl Store {
             }
             Err(e) => return Err(e.into()),
         }
+        let roles = std::sync::Arc::new(role_cache::RoleCache::default());
+        let (changes, _) = tokio::sync::broadcast::channel(1024);
+        if backend == Backend::Postgres {
+            tokio::spawn(changes::listen_postgres(
+                url.to_owned(),
+                std::sync::Arc::downgrade(&roles),
+                changes.clone(),
+            ));
+        }
         Ok(Self {
             pool,
             backend,
-            roles: Default::default(),
+            roles,
+            changes,
         })
+    }
+
+    /// Changes announced from now on, by this Auth and by others on the same database.
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    /// Announce `change`: this process's caches drop what it touches at once; other Auths on
+    /// the same PostgreSQL hear it through `NOTIFY`.
+    async fn announce(&self, change: Change) -> Result<(), StoreError> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(changes::CHANNEL)
+                .bind(change.payload())
+                .execute(&self.pool)
+                .await?;
+        }
+        changes::apply(&self.roles, &self.changes, change);
+        Ok(())
     }
 
     /// The database this store is on.
@@ -352,7 +385,7 @@ impl Store {
         };
         let done = sqlx::query(sql).bind(name).execute(&self.pool).await;
         if kind == "role" {
-            self.roles.invalidate();
+            self.announce(Change::Role(name.to_owned())).await?;
         }
         if done?.rows_affected() == 0 {
             return Err(StoreError::NotFound {
@@ -377,7 +410,8 @@ impl Store {
         let done = self
             .upsert_document(Table::Roles, &role.metadata.name, &spec, create_only, now)
             .await;
-        self.roles.invalidate();
+        self.announce(Change::Role(role.metadata.name.clone()))
+            .await?;
         done
     }
 

@@ -480,3 +480,49 @@ fn urls_in_logs_carry_no_password() {
         "sqlite:///var/lib/g.db"
     );
 }
+
+/// A role changed through one Auth reaches the other Auth's cache on the same PostgreSQL.
+#[tokio::test]
+async fn a_role_changed_through_one_auth_is_seen_by_the_other() {
+    let pg = PgServer::start().unwrap();
+    let url = pg.fresh_db().await.unwrap();
+    let one = Store::connect(&url).await.unwrap();
+    let two = Store::connect(&url).await.unwrap();
+    let mut heard = two.changes();
+    let role = |logins: &str| {
+        let doc = format!(
+            "kind = \"role\"\n[metadata]\nname = \"dev\"\n[spec.allow]\nlogins = [\"{logins}\"]\n"
+        );
+        let Ok(crate::resources::Resource::Role(r)) = crate::resources::parse_document(&doc) else {
+            panic!("role document")
+        };
+        r
+    };
+    one.upsert_role(&role("ubuntu"), false, 1).await.unwrap();
+    // Two reads and caches it.
+    assert_eq!(two.get_role("dev").await.unwrap().unwrap(), role("ubuntu"));
+    one.upsert_role(&role("admin"), false, 2).await.unwrap();
+    // Two hears of it (its own announcements stay in its process: this came through
+    // PostgreSQL) and reads the new role.
+    let got = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            if let Ok(Change::Role(name)) = heard.recv().await {
+                assert_eq!(name, "dev");
+                if two.get_role("dev").await.unwrap().unwrap() == role("admin") {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(got.is_ok(), "the other Auth never saw the change");
+    one.delete("role", "dev").await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while two.get_role("dev").await.unwrap().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "deletion never reached the other Auth"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
