@@ -23,7 +23,55 @@ pub enum ClientError {
     },
 }
 
-/// Where Auth is and how to talk to it.
+/// How long one Auth address gets to accept a TCP connection before the next is tried.
+pub const PER_ADDRESS_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Which address of a list the next connection starts with: successive connections spread
+/// over the Auths, and a dead one is skipped after at most one timeout.
+static NEXT_ADDR: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The addresses of a comma-separated list (`auth-a:3025,auth-b:3025`), trimmed, empty ones
+/// dropped.
+pub fn auth_addrs(list: &str) -> Vec<&str> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect()
+}
+
+/// A TCP connection to one of the Auth servers of `list` (comma-separated): each is tried in
+/// turn, starting with the one after the last used, `per_try` at most each. The last error if
+/// none answers.
+pub async fn connect_any(list: &str, per_try: Duration) -> std::io::Result<tokio::net::TcpStream> {
+    let addrs = auth_addrs(list);
+    if addrs.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "no Auth address given",
+        ));
+    }
+    let start = NEXT_ADDR.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut last = None;
+    for i in 0..addrs.len() {
+        let Some(addr) = addrs.get((start + i) % addrs.len()) else {
+            continue;
+        };
+        match tokio::time::timeout(per_try, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => return Ok(tcp),
+            Ok(Err(e)) => last = Some(std::io::Error::new(e.kind(), format!("{addr}: {e}"))),
+            Err(_) => {
+                last = Some(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{addr}: no answer in {per_try:?}"),
+                ));
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no Auth address answered")))
+}
+
+/// Where Auth is (one address, or several comma-separated: any of them serves any call) and
+/// how to talk to it.
 #[derive(Debug, Clone)]
 pub struct AuthEndpoint {
     pub addr: String,
@@ -63,7 +111,7 @@ impl AuthEndpoint {
                 let addr = addr.clone();
                 let setup = Arc::clone(&setup);
                 async move {
-                    let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                    let tcp = connect_any(&addr, PER_ADDRESS_CONNECT_TIMEOUT).await?;
                     tcp.set_nodelay(true)?;
                     setup(&tcp)?;
                     let name = rustls::pki_types::ServerName::try_from(AUTH_SERVER_NAME)
@@ -94,4 +142,30 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_dead_auth_in_the_list_is_skipped() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_addr = live.local_addr().unwrap().to_string();
+        // A port nobody listens on: refused at once.
+        let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead_addr = dead.local_addr().unwrap().to_string();
+        drop(dead);
+        let list = format!("{dead_addr}, {live_addr},");
+        assert_eq!(auth_addrs(&list), [dead_addr.as_str(), live_addr.as_str()]);
+        for _ in 0..4 {
+            let tcp = connect_any(&list, Duration::from_secs(2)).await.unwrap();
+            assert_eq!(tcp.peer_addr().unwrap().to_string(), live_addr);
+        }
+        let err = connect_any(&dead_addr, Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(&dead_addr), "{err}");
+        assert!(connect_any(" , ", Duration::from_secs(1)).await.is_err());
+    }
 }

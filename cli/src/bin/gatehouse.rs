@@ -76,7 +76,8 @@ struct StartArgs {
     /// Default 16/64.
     #[arg(long, value_parser = parse_session_rate)]
     proxy_ssh_session_rate: Option<SessionRate>,
-    /// For a proxy without a local Auth: the Auth API address.
+    /// For a proxy without a local Auth: the Auth API address, or several comma-separated
+    /// (`auth-a:3025,auth-b:3025`: any Auth serves any call; a dead one is skipped).
     #[arg(long)]
     auth: Option<String>,
     /// For an agent without a local proxy: the proxy to dial.

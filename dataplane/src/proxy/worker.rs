@@ -15,7 +15,6 @@ use gatehouse_controlplane::identity::Identity;
 use gatehouse_proto::client_hello::{self, Peek};
 use rustls::HandshakeKind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::Shared;
@@ -275,7 +274,12 @@ impl Worker {
 
     /// Splice the connection to Auth, starting with the bytes already read from it (`hello`).
     async fn pass_to_auth(&self, mut tcp: Socket, remote: SocketAddr, hello: &[u8]) {
-        let mut upstream = match TcpStream::connect(&self.shared.config.auth_addr).await {
+        let mut upstream = match gatehouse_controlplane::client::connect_any(
+            &self.shared.config.auth_addr,
+            gatehouse_controlplane::client::PER_ADDRESS_CONNECT_TIMEOUT,
+        )
+        .await
+        {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(%remote, auth = %self.shared.config.auth_addr, error = %e, "proxy: cannot reach Auth for pass-through");
