@@ -26,9 +26,10 @@ pub enum ClientError {
 /// How long one Auth address gets to accept a TCP connection before the next is tried.
 pub const PER_ADDRESS_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Which address of a list the next connection starts with: successive connections spread
-/// over the Auths, and a dead one is skipped after at most one timeout.
-static NEXT_ADDR: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Which address of a list connections start with: the last one that answered. A process stays
+/// with one Auth while it answers (an upload in several calls lands on one Auth even when
+/// recordings are files in that Auth's data dir), and moves to the next when it does not.
+static LAST_GOOD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// The addresses of a comma-separated list (`auth-a:3025,auth-b:3025`), trimmed, empty ones
 /// dropped.
@@ -40,8 +41,8 @@ pub fn auth_addrs(list: &str) -> Vec<&str> {
 }
 
 /// A TCP connection to one of the Auth servers of `list` (comma-separated): each is tried in
-/// turn, starting with the one after the last used, `per_try` at most each. The last error if
-/// none answers.
+/// turn, starting with the last that answered, `per_try` at most each. The last error if none
+/// answers.
 pub async fn connect_any(list: &str, per_try: Duration) -> std::io::Result<tokio::net::TcpStream> {
     let addrs = auth_addrs(list);
     if addrs.is_empty() {
@@ -50,14 +51,18 @@ pub async fn connect_any(list: &str, per_try: Duration) -> std::io::Result<tokio
             "no Auth address given",
         ));
     }
-    let start = NEXT_ADDR.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let start = LAST_GOOD.load(std::sync::atomic::Ordering::Relaxed);
     let mut last = None;
     for i in 0..addrs.len() {
-        let Some(addr) = addrs.get((start + i) % addrs.len()) else {
+        let at = (start + i) % addrs.len();
+        let Some(addr) = addrs.get(at) else {
             continue;
         };
         match tokio::time::timeout(per_try, tokio::net::TcpStream::connect(addr)).await {
-            Ok(Ok(tcp)) => return Ok(tcp),
+            Ok(Ok(tcp)) => {
+                LAST_GOOD.store(at, std::sync::atomic::Ordering::Relaxed);
+                return Ok(tcp);
+            }
             Ok(Err(e)) => last = Some(std::io::Error::new(e.kind(), format!("{addr}: {e}"))),
             Err(_) => {
                 last = Some(std::io::Error::new(

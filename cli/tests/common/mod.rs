@@ -428,6 +428,8 @@ impl Drop for Daemon {
 pub struct Fleet {
     pub dir: tempfile::TempDir,
     pub auth: Daemon,
+    /// More Auth servers on the same database (`start_ha`), in order.
+    pub more_auths: Vec<Daemon>,
     pub proxy: Daemon,
     pub agents: Vec<Daemon>,
     pub auth_addr: String,
@@ -495,34 +497,80 @@ impl Fleet {
         agents: &[(&str, &str, Vec<String>)],
         via: impl FnOnce(&str) -> String,
     ) -> Self {
+        Self::start_full(cluster, auth_config, auth_env, 1, proxy_args, agents, via)
+    }
+
+    /// `auths` Auth servers on one database (`auth_config` names it: `[auth] storage`), the
+    /// proxy given all their addresses.
+    pub fn start_ha(
+        cluster: &str,
+        auth_config: &str,
+        auths: usize,
+        agents: &[(&str, &str, Vec<String>)],
+    ) -> Self {
+        Self::start_full(cluster, auth_config, &[], auths, &[], agents, |p| {
+            p.to_string()
+        })
+    }
+
+    /// Start an Auth server like the fleet's others (its data dir `auth{n}`), on `auth_config`,
+    /// listening on `listen` (`127.0.0.1:0`: any port; a restarted Auth takes its old one).
+    pub fn start_auth(
+        dir: &Path,
+        n: usize,
+        cluster: &str,
+        auth_config: &str,
+        env: &[(String, String)],
+        listen: &str,
+    ) -> Daemon {
+        let data = if n == 0 {
+            "auth".to_owned()
+        } else {
+            format!("auth{n}")
+        };
+        let mut args: Vec<String> = vec![
+            "--roles".into(),
+            "auth".into(),
+            "--cluster-name".into(),
+            cluster.into(),
+            "--auth-addr".into(),
+            listen.into(),
+            "--diag-addr".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            dir.join(&data).display().to_string(),
+        ];
+        if !auth_config.is_empty() {
+            let path = dir.join("auth.toml");
+            std::fs::write(&path, auth_config).unwrap();
+            args.extend(["--config".into(), path.display().to_string()]);
+        }
+        Daemon::start_env(&args, env, dir.join(format!("{data}.log")))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_full(
+        cluster: &str,
+        auth_config: &str,
+        auth_env: &[(String, String)],
+        auths: usize,
+        proxy_args: &[&str],
+        agents: &[(&str, &str, Vec<String>)],
+        via: impl FnOnce(&str) -> String,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let d = |p: &str| dir.path().join(p).display().to_string();
-        let mut auth_args: Vec<String> = vec![];
-        if !auth_config.is_empty() {
-            let path = dir.path().join("auth.toml");
-            std::fs::write(&path, auth_config).unwrap();
-            auth_args.extend(["--config".into(), path.display().to_string()]);
-        }
-        let auth = Daemon::start_env(
-            &[
-                "--roles".into(),
-                "auth".into(),
-                "--cluster-name".into(),
-                cluster.into(),
-                "--auth-addr".into(),
-                "127.0.0.1:0".into(),
-                "--diag-addr".into(),
-                "127.0.0.1:0".into(),
-                "--data-dir".into(),
-                d("auth"),
-            ]
-            .into_iter()
-            .chain(auth_args)
-            .collect::<Vec<String>>(),
-            auth_env,
-            dir.path().join("auth.log"),
-        );
+        let any = "127.0.0.1:0";
+        let auth = Self::start_auth(dir.path(), 0, cluster, auth_config, auth_env, any);
+        let more_auths: Vec<Daemon> = (1..auths)
+            .map(|n| Self::start_auth(dir.path(), n, cluster, auth_config, auth_env, any))
+            .collect();
         let auth_addr = auth.field("Auth API:");
+        let all_auths = std::iter::once(&auth)
+            .chain(&more_auths)
+            .map(|a| a.field("Auth API:"))
+            .collect::<Vec<_>>()
+            .join(",");
         let pin = auth.field("CA pin:");
         let proxy_token = token(&dir.path().join("auth"), "proxy");
         let node_token = token(&dir.path().join("auth"), "node");
@@ -531,7 +579,7 @@ impl Fleet {
             "--roles".into(),
             "proxy".into(),
             "--auth".into(),
-            auth_addr.clone(),
+            all_auths,
             "--token".into(),
             proxy_token,
             "--ca-pin".into(),
@@ -550,6 +598,7 @@ impl Fleet {
         let agents_dial = via(&proxy_addr);
         let mut fleet = Fleet {
             auth,
+            more_auths,
             proxy,
             agents: vec![],
             auth_addr,
@@ -605,6 +654,16 @@ impl Fleet {
         let mut cmd = Command::new(bin("gctl"));
         cmd.arg("--data-dir")
             .arg(self.auth_data())
+            .args(args)
+            .env_remove("GATEHOUSE_AUTH");
+        run(cmd, None)
+    }
+
+    /// `gctl` as the admin of the Auth whose data dir is `auth_dir` (`auth1`, …).
+    pub fn gctl_in(&self, auth_dir: &str, args: &[&str]) -> Output {
+        let mut cmd = Command::new(bin("gctl"));
+        cmd.arg("--data-dir")
+            .arg(self.dir.path().join(auth_dir))
             .args(args)
             .env_remove("GATEHOUSE_AUTH");
         run(cmd, None)
