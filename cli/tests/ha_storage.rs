@@ -78,9 +78,13 @@ fn an_unreachable_database_is_retried_and_said_plainly() {
     // A password in the URL never reaches the log.
     let with_password = url.replace("postgres@", "postgres:hunter2@");
     std::fs::write(&config, format!("[auth]\nstorage = \"{with_password}\"\n")).unwrap();
+    let diag = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
     let mut child = std::process::Command::new(common::bin("gatehouse"))
         .args(["start", "--roles", "auth", "--auth-addr", "127.0.0.1:0"])
-        .args(["--diag-addr", "127.0.0.1:0", "--config"])
+        .args(["--diag-addr", &diag, "--config"])
         .arg(&config)
         .arg("--data-dir")
         .arg(dir.path().join("data"))
@@ -98,7 +102,27 @@ fn an_unreachable_database_is_retried_and_said_plainly() {
         log = std::fs::read_to_string(dir.path().join("log")).unwrap();
     }
     let still_trying = child.try_wait().unwrap().is_none();
-    common::kill(&mut child);
+    // Alive, and not ready while it waits.
+    let (health, _) = common::http_get(&diag, "/healthz");
+    let (ready, why) = common::http_get(&diag, "/readyz");
+    // SIGTERM ends the wait, cleanly.
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGTERM did not stop the wait"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    assert_eq!(health, 200);
+    assert_eq!(ready, 503, "{why}");
     assert!(still_trying, "Auth waits for its database:\n{log}");
     assert!(
         log.contains("the database is unreachable; retrying"),

@@ -61,16 +61,36 @@ impl Readiness {
     }
 }
 
+/// The registry `/metrics` encodes, handed over once the daemon has built it: the listener
+/// can start first (so `/healthz` and `/readyz` answer while the roles start, e.g. while Auth
+/// waits for its database), with `/metrics` empty until then.
+#[derive(Clone, Default)]
+pub struct Metrics(Arc<std::sync::OnceLock<Registry>>);
+
+impl Metrics {
+    /// Metrics from `registry`, at once.
+    pub fn new(registry: Registry) -> Self {
+        let m = Self::default();
+        m.set(registry);
+        m
+    }
+
+    /// Serve `registry` from now on; false if one was given already (it stays).
+    pub fn set(&self, registry: Registry) -> bool {
+        self.0.set(registry).is_ok()
+    }
+}
+
 #[derive(Clone)]
 struct DiagState {
-    registry: Arc<Registry>,
+    metrics: Metrics,
     ready: Readiness,
 }
 
 /// Bind the diagnostics listener; returns the bound address and the server future.
 pub async fn bind(
     addr: SocketAddr,
-    registry: Arc<Registry>,
+    metrics: Metrics,
     ready: Readiness,
 ) -> std::io::Result<(
     SocketAddr,
@@ -81,8 +101,8 @@ pub async fn bind(
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(DiagState { registry, ready });
+        .route("/metrics", get(serve_metrics))
+        .with_state(DiagState { metrics, ready });
     Ok((local, async move { axum::serve(listener, app).await }))
 }
 
@@ -96,9 +116,13 @@ async fn readyz(State(s): State<DiagState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(s): State<DiagState>) -> impl IntoResponse {
+async fn serve_metrics(State(s): State<DiagState>) -> impl IntoResponse {
     let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &s.registry) {
+    let encoded = match s.metrics.0.get() {
+        Some(registry) => prometheus_client::encoding::text::encode(&mut body, registry),
+        None => Ok(()),
+    };
+    match encoded {
         Ok(()) => (
             StatusCode::OK,
             [(
@@ -147,9 +171,10 @@ mod tests {
         c.inc();
         registry.register("gatehouse_test_things", "Things", c);
         let ready = Readiness::default();
+        let metrics = Metrics::default();
         let (addr, server) = bind(
             "127.0.0.1:0".parse().unwrap(),
-            Arc::new(registry),
+            metrics.clone(),
             ready.clone(),
         )
         .await
@@ -157,6 +182,12 @@ mod tests {
         let task = tokio::spawn(server);
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        // Before the daemon hands its registry over: empty, not an error.
+        let early = get(addr, "/metrics").await;
+        assert!(early.starts_with("HTTP/1.1 200"), "{early}");
+        assert!(!early.contains("gatehouse_test_things"), "{early}");
+        assert!(metrics.set(registry));
+        assert!(!metrics.set(Registry::default()), "set once");
         ready.set(true);
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
         let metrics = get(addr, "/metrics").await;

@@ -254,25 +254,37 @@ fn main() {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGTERM or SIGINT (Ctrl-C). The handlers are installed when this is called, not when the
+/// future is first polled: a signal that arrives while the roles start is not lost (nor does it
+/// kill the process with the default action).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate()).ok();
+        let int = signal(SignalKind::interrupt()).ok();
+        async move {
+            match (term, int) {
+                (Some(mut t), Some(mut i)) => {
+                    tokio::select! {
+                        _ = t.recv() => {}
+                        _ = i.recv() => {}
+                    }
                 }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+                (Some(mut t), None) => {
+                    t.recv().await;
+                }
+                (None, Some(mut i)) => {
+                    i.recv().await;
+                }
+                (None, None) => std::future::pending().await,
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn parse_kv(
@@ -441,18 +453,37 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         ca_pin: config.join.ca_pin.clone(),
     };
 
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    // Diagnostics first: /healthz answers and /readyz says "not ready" while the roles start
+    // (Auth may wait for its database); /metrics fills in once they have.
+    let ready = Readiness::default();
+    let metrics = gatehouse_diag::Metrics::default();
+    let (diag_addr, diag_server) =
+        gatehouse_diag::bind(config.diag.listen, metrics.clone(), ready.clone())
+            .await
+            .with_context(|| format!("binding diagnostics on {}", config.diag.listen))?;
+    let diag_task = tokio::spawn(diag_server);
+    tracing::info!(diag = %diag_addr, "gatehouse: diagnostics listening; starting roles");
+
     let mut registry = Registry::default();
     let mut auth: Option<AuthHandle> = None;
     if has("auth") {
-        auth = Some(
-            gatehouse_controlplane::role::start(
-                &data_dir,
-                config.cluster_name.as_deref(),
-                &config.auth,
-                &mut registry,
-            )
-            .await?,
+        // Auth may wait for its database for as long as it is away: a signal ends the wait.
+        let started = gatehouse_controlplane::role::start(
+            &data_dir,
+            config.cluster_name.as_deref(),
+            &config.auth,
+            &mut registry,
         );
+        tokio::select! {
+            r = started => auth = Some(r?),
+            () = &mut stop => {
+                tracing::info!("gatehouse stopped before Auth started");
+                diag_task.abort();
+                return Ok(());
+            }
+        }
     }
     let local_auth = auth.as_ref().map(|a| a.service().clone());
     let auth_addr = match &auth {
@@ -516,7 +547,6 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         agent = Some(started);
     }
 
-    let ready = Readiness::default();
     if let Some(a) = &agent {
         a.status.register(&mut registry);
         if let Some(r) = &a.recordings {
@@ -531,11 +561,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             }
         }));
     }
-    let (diag_addr, diag_server) =
-        gatehouse_diag::bind(config.diag.listen, Arc::new(registry), ready.clone())
-            .await
-            .with_context(|| format!("binding diagnostics on {}", config.diag.listen))?;
-    let diag_task = tokio::spawn(diag_server);
+    metrics.set(registry);
 
     let run = RunAddresses {
         auth: auth.as_ref().map(|a| a.info.listen.to_string()),
@@ -606,11 +632,11 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     // Until a signal, or until the Auth API fails on its own.
     let failed = match auth.as_mut() {
         Some(a) => tokio::select! {
-            () = shutdown_signal() => None,
+            () = &mut stop => None,
             r = a.failed() => Some(r),
         },
         None => {
-            shutdown_signal().await;
+            stop.await;
             None
         }
     };

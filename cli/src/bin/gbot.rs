@@ -147,9 +147,10 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         let m = Arc::clone(&metrics);
         ready.add_check(Box::new(move || m.ready()));
         ready.set(true);
-        let (bound, serve) = gatehouse_diag::bind(addr, Arc::new(registry), ready)
-            .await
-            .with_context(|| format!("cannot listen on {addr} for diagnostics"))?;
+        let (bound, serve) =
+            gatehouse_diag::bind(addr, gatehouse_diag::Metrics::new(registry), ready)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for diagnostics"))?;
         eprintln!("gbot: diagnostics on http://{bound}");
         tokio::spawn(serve);
     }
