@@ -11,9 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use gatehouse_controlplane::client::{AuthEndpoint, Client};
 use gatehouse_controlplane::proto;
-use gatehouse_controlplane::tls::Trust;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
@@ -58,18 +56,6 @@ pub struct AuditReport {
 }
 
 const EVENT_TYPE: &str = "loadgen.audit";
-
-async fn connect(auth: &str, data: &std::path::Path) -> anyhow::Result<Client> {
-    let read = |n: &str| std::fs::read_to_string(data.join("admin").join(n));
-    AuthEndpoint {
-        addr: auth.to_owned(),
-        trust: Trust::CaPem(read("ca.pem")?),
-        identity: Some((read("tls.crt")?, read("tls.key")?)),
-    }
-    .connect()
-    .await
-    .map_err(|e| anyhow::anyhow!("{}", gatehouse_controlplane::client::error_chain(&e)))
-}
 
 fn now_nanos() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64
@@ -127,13 +113,12 @@ pub async fn run(cfg: AuditConfig) -> anyhow::Result<AuditReport> {
     );
     let mut clients = Vec::with_capacity(cfg.emitters);
     for _ in 0..cfg.emitters {
-        clients.push(connect(&cluster.auth, &cluster.data).await?);
+        clients.push(cluster.admin_client().await?);
     }
     let stored = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let run_id = uuid::Uuid::new_v4().simple().to_string();
-    let cpu0 = crate::procstat::cpu_seconds(cluster.pid());
-    let self0 = crate::procstat::self_cpu_seconds();
+    let cpu = cluster.cpu_clock();
     let start = Instant::now();
     let deadline = start + cfg.duration;
     let mut tasks = Vec::new();
@@ -193,15 +178,12 @@ pub async fn run(cfg: AuditConfig) -> anyhow::Result<AuditReport> {
         hist.add(t.await??)?;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let auth_cpu = cpu0.and_then(|c0| crate::procstat::cpu_seconds(cluster.pid()).map(|c| c - c0));
-    let gen_cpu = crate::procstat::self_cpu_seconds()
-        .zip(self0)
-        .map(|(b, a)| b - a);
+    let (auth_cpu, gen_cpu) = cpu.used();
     let events_stored = stored.load(Ordering::Relaxed);
     let (rows_mine, rows_total) = count_rows(&db_url).await?;
 
     // One actor's events of the last hour, for actors picked across the range.
-    let mut client = connect(&cluster.auth, &cluster.data).await?;
+    let mut client = cluster.admin_client().await?;
     let mut search = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut hits = 0u64;
     let hour_ago = now_nanos() - 3600 * 1_000_000_000;

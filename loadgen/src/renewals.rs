@@ -49,19 +49,6 @@ struct Bot {
     cert_pem: String,
 }
 
-async fn admin(data: &std::path::Path, auth: &str) -> anyhow::Result<Client> {
-    let read = |n: &str| std::fs::read_to_string(data.join("admin").join(n));
-    let endpoint = AuthEndpoint {
-        addr: auth.to_owned(),
-        trust: Trust::CaPem(read("ca.pem")?),
-        identity: Some((read("tls.crt")?, read("tls.key")?)),
-    };
-    endpoint
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("{}", gatehouse_controlplane::client::error_chain(&e)))
-}
-
 /// Add and join `n` bots (role `access`), 16 at a time.
 async fn join_bots(
     auth: &str,
@@ -126,7 +113,7 @@ async fn join_bots(
 
 pub async fn run(cfg: RenewalsConfig) -> anyhow::Result<RenewalsReport> {
     let cluster = crate::spawn::start("127.0.0.1")?;
-    let mut admin = admin(&cluster.data, &cluster.auth).await?;
+    let mut admin = cluster.admin_client().await?;
     let ca = std::fs::read_to_string(cluster.data.join("admin").join("ca.pem"))?;
     eprintln!("renewals: adding and joining {} bots", cfg.bots);
     let bots = join_bots(&cluster.auth, &cluster.pin, &mut admin, cfg.bots).await?;
@@ -147,8 +134,7 @@ pub async fn run(cfg: RenewalsConfig) -> anyhow::Result<RenewalsReport> {
             .map_err(|e| anyhow::anyhow!("{}", gatehouse_controlplane::client::error_chain(&e)))?;
         connected.push((bot, client));
     }
-    let cpu0 = crate::procstat::cpu_seconds(cluster.pid());
-    let self0 = crate::procstat::self_cpu_seconds();
+    let cpu = cluster.cpu_clock();
     let start = Instant::now();
     let deadline = start + cfg.duration;
     let mut tasks = Vec::new();
@@ -193,10 +179,7 @@ pub async fn run(cfg: RenewalsConfig) -> anyhow::Result<RenewalsReport> {
         hist.add(t.await??)?;
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let auth_cpu = cpu0.and_then(|c0| crate::procstat::cpu_seconds(cluster.pid()).map(|c| c - c0));
-    let gen_cpu = crate::procstat::self_cpu_seconds()
-        .zip(self0)
-        .map(|(b, a)| b - a);
+    let (auth_cpu, gen_cpu) = cpu.used();
     let renewals = done.load(Ordering::Relaxed);
     let stored: i64 = admin
         .list_bots(proto::ListBotsRequest {})

@@ -19,6 +19,49 @@ impl SpawnedCluster {
     pub fn pid(&self) -> u32 {
         self.proc.pid()
     }
+
+    /// A connection to Auth as its admin (the identity in `data/admin`).
+    pub async fn admin_client(&self) -> anyhow::Result<gatehouse_controlplane::client::Client> {
+        let read = |n: &str| std::fs::read_to_string(self.data.join("admin").join(n));
+        gatehouse_controlplane::client::AuthEndpoint {
+            addr: self.auth.clone(),
+            trust: gatehouse_controlplane::tls::Trust::CaPem(read("ca.pem")?),
+            identity: Some((read("tls.crt")?, read("tls.key")?)),
+        }
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", gatehouse_controlplane::client::error_chain(&e)))
+    }
+
+    /// Start counting CPU seconds: Auth's and this generator's.
+    pub fn cpu_clock(&self) -> CpuClock {
+        CpuClock {
+            pid: self.pid(),
+            auth: crate::procstat::cpu_seconds(self.pid()),
+            generator: crate::procstat::self_cpu_seconds(),
+        }
+    }
+}
+
+/// CPU seconds at a start, to take the difference from.
+pub struct CpuClock {
+    pid: u32,
+    auth: Option<f64>,
+    generator: Option<f64>,
+}
+
+impl CpuClock {
+    /// CPU seconds used since the start: (Auth, generator), where readable.
+    pub fn used(&self) -> (Option<f64>, Option<f64>) {
+        let auth = self
+            .auth
+            .and_then(|a| crate::procstat::cpu_seconds(self.pid).map(|b| b - a));
+        let generator = self
+            .generator
+            .zip(crate::procstat::self_cpu_seconds())
+            .map(|(a, b)| b - a);
+        (auth, generator)
+    }
 }
 
 pub fn start(addr_ip: &str) -> anyhow::Result<SpawnedCluster> {

@@ -42,9 +42,8 @@ impl Change {
 
 /// Apply `change` to this process's caches and pass it on to watchers.
 pub(super) fn apply(roles: &RoleCache, watchers: &broadcast::Sender<Change>, change: Change) {
-    match &change {
-        Change::Role(_) | Change::Everything => roles.invalidate(),
-    }
+    // Roles are the only cache so far: any change clears it.
+    roles.invalidate();
     let _ = watchers.send(change);
 }
 
