@@ -57,6 +57,14 @@ pub struct AuditReport {
 
 const EVENT_TYPE: &str = "loadgen.audit";
 
+/// splitmix64's finaliser: event numbers spread evenly over the actors.
+fn spread(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 fn now_nanos() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64
 }
@@ -138,7 +146,7 @@ pub async fn run(cfg: AuditConfig) -> anyhow::Result<AuditReport> {
                 let events: Vec<proto::AuditEvent> = (0..cfg.batch)
                     .map(|i| {
                         seq += 1;
-                        let actor = (seq as usize * 7919 + e * 31 + i) % cfg.actors.max(1);
+                        let actor = spread(((e as u64) << 40) | seq) % cfg.actors.max(1) as u64;
                         proto::AuditEvent {
                             event_id: format!("{run_id}-{e}-{seq}"),
                             r#type: EVENT_TYPE.into(),
