@@ -15,6 +15,7 @@ use crate::resources::{Role, User};
 
 mod bots;
 mod changes;
+mod proxies;
 mod recordings;
 mod role_cache;
 pub use bots::{BotRow, RenewOp, RenewOutcome};
@@ -220,7 +221,7 @@ impl Store {
 
     /// Announce `change`: this process's caches drop what it touches at once; other Auths on
     /// the same PostgreSQL hear it through `NOTIFY`.
-    async fn announce(&self, change: Change) -> Result<(), StoreError> {
+    pub(crate) async fn announce(&self, change: Change) -> Result<(), StoreError> {
         if self.backend == Backend::Postgres {
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(changes::CHANNEL)

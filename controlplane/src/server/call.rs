@@ -65,11 +65,13 @@ pub(crate) enum Rpc {
     DeleteBot,
     UnlockBot,
     Renew,
+    Watch,
+    HeartbeatProxy,
 }
 
 impl Rpc {
     #[cfg(test)]
-    pub(crate) const ALL: [Rpc; 28] = [
+    pub(crate) const ALL: [Rpc; 30] = [
         Rpc::Ping,
         Rpc::Login,
         Rpc::Join,
@@ -98,6 +100,8 @@ impl Rpc {
         Rpc::DeleteBot,
         Rpc::UnlockBot,
         Rpc::Renew,
+        Rpc::Watch,
+        Rpc::HeartbeatProxy,
     ];
 
     /// The access rule: the one table of who may call what.
@@ -107,14 +111,20 @@ impl Rpc {
         match self {
             Rpc::Ping | Rpc::Login | Rpc::Join => Public,
             // Renew: the caller's own identity, by kind (bots, agents, proxies; not users).
-            Rpc::WhoAmI | Rpc::ChangePassword | Rpc::GetClusterSettings | Rpc::Renew => {
-                Authenticated
-            }
+            // HeartbeatProxy: proxies only (the handler checks the kind).
+            Rpc::WhoAmI
+            | Rpc::ChangePassword
+            | Rpc::GetClusterSettings
+            | Rpc::Renew
+            | Rpc::HeartbeatProxy => Authenticated,
             Rpc::CreateUser => Rule(K::User, Verb::Create),
             Rpc::ResetPassword => Rule(K::User, Verb::Update),
-            Rpc::UpsertResource | Rpc::GetResource | Rpc::ListResources | Rpc::DeleteResource => {
-                PerRequest
-            }
+            // Watch: each kind asked for is checked.
+            Rpc::UpsertResource
+            | Rpc::GetResource
+            | Rpc::ListResources
+            | Rpc::DeleteResource
+            | Rpc::Watch => PerRequest,
             Rpc::CreateToken => Rule(K::Token, Verb::Create),
             Rpc::ListTokens => Rule(K::Token, Verb::List),
             Rpc::DeleteToken => Rule(K::Token, Verb::Delete),
@@ -165,6 +175,8 @@ impl Rpc {
             Rpc::DeleteBot => "DeleteBot",
             Rpc::UnlockBot => "UnlockBot",
             Rpc::Renew => "Renew",
+            Rpc::Watch => "Watch",
+            Rpc::HeartbeatProxy => "HeartbeatProxy",
         }
     }
 }

@@ -25,6 +25,7 @@ mod recordings;
 mod tests;
 mod tokens;
 mod users;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -135,6 +136,8 @@ pub struct AuthState {
     renewals: std::sync::OnceLock<bots::Renewals>,
     /// Emitted audit events waiting to be written (the writer starts with the first).
     audit_writer: std::sync::OnceLock<events::AuditWriter>,
+    /// The log of changes watch streams are served from (started with the first stream).
+    watch_hub: std::sync::OnceLock<Arc<watch::WatchHub>>,
 }
 
 impl std::fmt::Debug for AuthState {
@@ -174,6 +177,7 @@ impl AuthState {
             host_cert_ttl: DEFAULT_HOST_CERT_TTL,
             renewals: std::sync::OnceLock::new(),
             audit_writer: std::sync::OnceLock::new(),
+            watch_hub: std::sync::OnceLock::new(),
         })
     }
 
@@ -193,6 +197,14 @@ impl AuthState {
     pub(crate) fn audit_writer(self: &Arc<Self>) -> &events::AuditWriter {
         self.audit_writer
             .get_or_init(|| events::audit_writer(Arc::downgrade(self)))
+    }
+
+    /// The log of changes watch streams are served from (started on first use).
+    pub(crate) fn watch_hub(self: &Arc<Self>) -> Arc<watch::WatchHub> {
+        Arc::clone(
+            self.watch_hub
+                .get_or_init(|| watch::WatchHub::start(Arc::downgrade(self))),
+        )
     }
 
     /// Keep session recordings in `store`, recorded as `config` says.
@@ -672,5 +684,22 @@ impl Auth for AuthService {
         req: Request<proto::RenewRequest>,
     ) -> Result<Response<proto::RenewResponse>, Status> {
         self.handle(Rpc::Renew, req, bots::renew).await
+    }
+
+    type WatchStream = watch::WatchStream;
+
+    async fn watch(
+        &self,
+        req: Request<proto::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        self.handle(Rpc::Watch, req, watch::watch).await
+    }
+
+    async fn heartbeat_proxy(
+        &self,
+        req: Request<proto::HeartbeatProxyRequest>,
+    ) -> Result<Response<proto::HeartbeatProxyResponse>, Status> {
+        self.handle(Rpc::HeartbeatProxy, req, watch::heartbeat_proxy)
+            .await
     }
 }

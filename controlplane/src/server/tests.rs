@@ -172,7 +172,10 @@ fn allowed(rpc: Rpc) -> &'static [&'static str] {
         ],
         Rpc::EmitEvents | Rpc::UpsertNodes => &["agent", "proxy", "admin"],
         Rpc::SearchEvents => &["auditor", "admin"],
-        Rpc::ListNodes => &["access", "editor", "denied-editor", "proxy", "admin", "bot"],
+        Rpc::ListNodes | Rpc::Watch => {
+            &["access", "editor", "denied-editor", "proxy", "admin", "bot"]
+        }
+        Rpc::HeartbeatProxy => &["proxy"],
         Rpc::UploadRecording => &["agent", "admin"],
         // `access` reaches only its user's own recordings (the handler narrows it).
         Rpc::ListRecordings | Rpc::ReadRecording => &["access", "auditor", "admin", "bot"],
@@ -378,6 +381,27 @@ async fn call(svc: &AuthService, rpc: Rpc, peer: &Option<Identity>) -> Result<()
             .map(drop),
         Rpc::Renew => svc
             .renew(request(peer, p::RenewRequest::default()))
+            .await
+            .map(drop),
+        Rpc::Watch => svc
+            .watch(request(
+                peer,
+                p::WatchRequest {
+                    kinds: vec!["proxy".into()],
+                    resume: String::new(),
+                },
+            ))
+            .await
+            .map(drop),
+        Rpc::HeartbeatProxy => svc
+            .heartbeat_proxy(request(
+                peer,
+                p::HeartbeatProxyRequest {
+                    addr: "127.0.0.1:3080".into(),
+                    ttl_seconds: 30,
+                    leaving: false,
+                },
+            ))
             .await
             .map(drop),
     }

@@ -19,6 +19,8 @@ pub(super) const CHANNEL: &str = "gatehouse_changes";
 pub enum Change {
     /// A role was created, changed or removed.
     Role(String),
+    /// A proxy announced itself, or left.
+    Proxy(String),
     /// Announcements may have been missed (the listening connection was cut): assume that
     /// anything changed.
     Everything,
@@ -28,6 +30,7 @@ impl Change {
     pub(super) fn payload(&self) -> String {
         match self {
             Change::Role(name) => format!("role:{name}"),
+            Change::Proxy(name) => format!("proxy:{name}"),
             Change::Everything => "*".into(),
         }
     }
@@ -35,6 +38,7 @@ impl Change {
     fn parse(payload: &str) -> Change {
         match payload.split_once(':') {
             Some(("role", name)) => Change::Role(name.to_owned()),
+            Some(("proxy", name)) => Change::Proxy(name.to_owned()),
             _ => Change::Everything,
         }
     }
@@ -42,8 +46,10 @@ impl Change {
 
 /// Apply `change` to this process's caches and pass it on to watchers.
 pub(super) fn apply(roles: &RoleCache, watchers: &broadcast::Sender<Change>, change: Change) {
-    // Roles are the only cache so far: any change clears it.
-    roles.invalidate();
+    // Roles are the only cache so far.
+    if !matches!(change, Change::Proxy(_)) {
+        roles.invalidate();
+    }
     let _ = watchers.send(change);
 }
 
@@ -104,7 +110,11 @@ mod tests {
 
     #[test]
     fn payloads_round_trip_and_unknown_ones_mean_everything() {
-        for c in [Change::Role("dev".into()), Change::Role("a:b".into())] {
+        for c in [
+            Change::Role("dev".into()),
+            Change::Role("a:b".into()),
+            Change::Proxy("p1".into()),
+        ] {
             assert_eq!(Change::parse(&c.payload()), c);
         }
         assert_eq!(Change::parse("*"), Change::Everything);

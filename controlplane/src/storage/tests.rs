@@ -526,3 +526,40 @@ async fn a_role_changed_through_one_auth_is_seen_by_the_other() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// Proxies announce themselves, expire when not renewed, leave; each write is a change.
+#[tokio::test]
+async fn proxies_announce_expire_and_leave() {
+    let b = backends().await;
+    for (name, s) in &b.stores {
+        let mut heard = s.changes();
+        s.upsert_proxy("p1", r#"{"addr":"10.0.0.1:3080"}"#, 100)
+            .await
+            .unwrap();
+        s.upsert_proxy("p2", r#"{"addr":"10.0.0.2:3080"}"#, 50)
+            .await
+            .unwrap();
+        assert_eq!(heard.recv().await.unwrap(), Change::Proxy("p1".into()), "{name}");
+        let all = s.list_proxies(10).await.unwrap();
+        assert_eq!(
+            all.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["p1", "p2"],
+            "{name}"
+        );
+        // p2 expired at 50.
+        assert_eq!(s.list_proxies(60).await.unwrap().len(), 1, "{name}");
+        assert!(s.get_proxy("p2", 60).await.unwrap().is_none(), "{name}");
+        // Renewed with a new address.
+        s.upsert_proxy("p2", r#"{"addr":"10.0.0.3:3080"}"#, 200)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.get_proxy("p2", 60).await.unwrap().as_deref(),
+            Some(r#"{"addr":"10.0.0.3:3080"}"#),
+            "{name}"
+        );
+        s.delete_proxy("p1").await.unwrap();
+        s.delete_proxy("nobody").await.unwrap();
+        assert_eq!(s.list_proxies(60).await.unwrap().len(), 1, "{name}");
+    }
+}
