@@ -491,6 +491,12 @@ async fn serve(
             }
         }
     });
+    // Streams (watches) end first: a graceful stop waits for calls in flight.
+    let streams = Arc::clone(service.state());
+    let shutdown = async move {
+        shutdown.await;
+        streams.end_streams();
+    };
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(AuthServer::new(service.clone()).max_decoding_message_size(16 * 1024 * 1024))

@@ -138,6 +138,8 @@ pub struct AuthState {
     audit_writer: std::sync::OnceLock<events::AuditWriter>,
     /// The log of changes watch streams are served from (started with the first stream).
     watch_hub: std::sync::OnceLock<Arc<watch::WatchHub>>,
+    /// Set when the API stops: streams end so that the graceful stop does not wait for them.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for AuthState {
@@ -178,6 +180,7 @@ impl AuthState {
             renewals: std::sync::OnceLock::new(),
             audit_writer: std::sync::OnceLock::new(),
             watch_hub: std::sync::OnceLock::new(),
+            stopping: tokio::sync::watch::Sender::new(false),
         })
     }
 
@@ -205,6 +208,16 @@ impl AuthState {
             self.watch_hub
                 .get_or_init(|| watch::WatchHub::start(Arc::downgrade(self))),
         )
+    }
+
+    /// End the streams served (watches): the API is stopping.
+    pub fn end_streams(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves when the API is stopping.
+    pub(crate) fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stopping.subscribe()
     }
 
     /// Keep session recordings in `store`, recorded as `config` says.

@@ -306,7 +306,13 @@ fn event(kind: Type, items: Vec<proto::WatchItem>, cursor: String) -> proto::Wat
 }
 
 /// Send a snapshot reflecting every entry before `n`; false if the watcher is gone.
-async fn send_snapshot(state: &AuthState, hub: &WatchHub, kinds: &[String], n: u64, tx: &Out) -> bool {
+async fn send_snapshot(
+    state: &AuthState,
+    hub: &WatchHub,
+    kinds: &[String],
+    n: u64,
+    tx: &Out,
+) -> bool {
     let msg = match snapshot(state, kinds).await {
         Ok(items) => Ok(event(Type::Snapshot, items, cursor(&hub.epoch, n))),
         Err(status) => Err(status),
@@ -324,6 +330,10 @@ async fn serve(
     resume: Option<u64>,
     tx: Out,
 ) {
+    let mut stopping = state.stopping();
+    if *stopping.borrow_and_update() {
+        return;
+    }
     let (mut live, start) = hub.subscribe(resume);
     // Entries numbered below this are reflected in what the watcher holds.
     let mut next = match start {
@@ -372,6 +382,7 @@ async fn serve(
                 }
             }
             () = tx.closed() => return,
+            _ = stopping.changed() => return,
         }
     }
 }
@@ -392,11 +403,19 @@ async fn send_entry(
     }
     let sent = match &e.body {
         Body::Put(i) => tx
-            .send(Ok(event(Type::Put, vec![i.clone()], cursor(&hub.epoch, next))))
+            .send(Ok(event(
+                Type::Put,
+                vec![i.clone()],
+                cursor(&hub.epoch, next),
+            )))
             .await
             .is_ok(),
         Body::Delete(i) => tx
-            .send(Ok(event(Type::Delete, vec![i.clone()], cursor(&hub.epoch, next))))
+            .send(Ok(event(
+                Type::Delete,
+                vec![i.clone()],
+                cursor(&hub.epoch, next),
+            )))
             .await
             .is_ok(),
         Body::Reset => send_snapshot(state, hub, kinds, next, tx).await,

@@ -539,7 +539,11 @@ async fn proxies_announce_expire_and_leave() {
         s.upsert_proxy("p2", r#"{"addr":"10.0.0.2:3080"}"#, 50)
             .await
             .unwrap();
-        assert_eq!(heard.recv().await.unwrap(), Change::Proxy("p1".into()), "{name}");
+        assert_eq!(
+            heard.recv().await.unwrap(),
+            Change::Proxy("p1".into()),
+            "{name}"
+        );
         let all = s.list_proxies(10).await.unwrap();
         assert_eq!(
             all.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
