@@ -61,6 +61,7 @@ pub struct AgentHandle {
     deliver: tokio::task::JoinHandle<()>,
     upload: Option<tokio::task::JoinHandle<()>>,
     renew: tokio::task::JoinHandle<()>,
+    follow: tokio::task::JoinHandle<()>,
 }
 
 impl AgentHandle {
@@ -69,6 +70,7 @@ impl AgentHandle {
         self.tunnel.stop();
         self.deliver.abort();
         self.renew.abort();
+        self.follow.abort();
         if let Some(u) = self.upload {
             u.abort();
         }
@@ -225,12 +227,17 @@ pub async fn start(
         ssh: ssh_node,
         recordings: recordings.clone(),
     }));
-    let (status, tunnel) = crate::runner::spawn(
+    let (status, tunnel, announced) = crate::runner::spawn(
         tunnel_config,
         shared,
         ssh,
         tokio::runtime::Handle::current(),
     )?;
+    let follow = tokio::spawn(auth_through_every_proxy(
+        config.proxy_addr.clone(),
+        announced,
+        Arc::clone(&auth),
+    ));
     Ok(AgentHandle {
         status,
         spool,
@@ -241,7 +248,28 @@ pub async fn start(
         tunnel,
         deliver,
         renew,
+        follow,
     })
+}
+
+/// Reach Auth (audit, recordings, renewals) through any proxy announced, the configured one
+/// first: a proxy that dies does not cut the agent off from Auth.
+async fn auth_through_every_proxy(
+    seed: String,
+    mut announced: crate::runner::Announced,
+    auth: Arc<AuthLink>,
+) {
+    while announced.changed().await.is_ok() {
+        let mut addrs = vec![seed.clone()];
+        addrs.extend(
+            announced
+                .borrow_and_update()
+                .iter()
+                .filter(|a| **a != seed)
+                .cloned(),
+        );
+        auth.set_addrs(addrs.join(","));
+    }
 }
 
 /// What a host certificate renewal updates.
@@ -356,6 +384,13 @@ impl AuthLink {
 
     pub(crate) async fn forget(&self) {
         *self.client.lock().await = None;
+    }
+
+    /// Reach Auth through these proxies (comma-separated) from the next connection on.
+    fn set_addrs(&self, list: String) {
+        if let Ok(mut e) = self.endpoint.lock() {
+            e.addr = list;
+        }
     }
 
     /// Authenticate with this certificate from now on (the next connection uses it).

@@ -14,7 +14,7 @@ use gatehouse_controlplane::identity::PROXY_SERVER_NAME;
 use gatehouse_controlplane::tls::{Trust, client_config_with_alpn};
 use gatehouse_dataplane::io::quic::TunnelTransport;
 use gatehouse_dataplane::mux::{Tunnel, TunnelEvent};
-use gatehouse_dataplane::proxy::Inventory;
+use gatehouse_dataplane::proxy::{Inventory, ProxyAnnouncement};
 use gatehouse_dataplane::tls::TlsStream;
 use gatehouse_proto::alpn::TUNNEL as ALPN_TUNNEL;
 use gatehouse_proto::tunnel::{self, Side, code};
@@ -71,7 +71,7 @@ impl TunnelStatus {
         let r = registry.sub_registry_with_prefix("gatehouse_agent");
         r.register(
             "tunnel_connected",
-            "1 while the reverse tunnel to the proxy is up",
+            "Reverse tunnels up (one per proxy)",
             self.connected.clone(),
         );
         r.register(
@@ -96,15 +96,19 @@ impl TunnelStatus {
     }
 }
 
+/// The proxies the agent was last told to keep tunnels to (empty until a proxy says).
+pub type Announced = tokio::sync::watch::Receiver<Vec<String>>;
+
 /// Start the tunnel client on its own thread; it runs until [`TunnelThread::stop`].
 pub fn spawn(
     config: TunnelClientConfig,
     identity: Arc<arc_swap::ArcSwap<HostIdentity>>,
     ssh: Option<Arc<dyn SshService>>,
     sessions: tokio::runtime::Handle,
-) -> std::io::Result<(Arc<TunnelStatus>, TunnelThread)> {
+) -> std::io::Result<(Arc<TunnelStatus>, TunnelThread, Announced)> {
     let status = Arc::new(TunnelStatus::default());
     let st = Arc::clone(&status);
+    let (proxies, announced) = tokio::sync::watch::channel(Vec::new());
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let thread = std::thread::Builder::new()
         .name("agent-tunnel".into())
@@ -122,7 +126,7 @@ pub fn spawn(
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
                 tokio::select! {
-                    () = run(config, identity, ssh, sessions, st) => {}
+                    () = run(config, identity, ssh, sessions, st, proxies) => {}
                     _ = stopped.changed() => {}
                 }
             });
@@ -133,6 +137,7 @@ pub fn spawn(
             stop,
             thread: Some(thread),
         },
+        announced,
     ))
 }
 
@@ -153,15 +158,32 @@ impl TunnelThread {
     }
 }
 
+/// What every dial loop shares.
+struct Dialer {
+    config: TunnelClientConfig,
+    identity: Arc<arc_swap::ArcSwap<HostIdentity>>,
+    ssh: Option<Arc<dyn SshService>>,
+    sessions: tokio::runtime::Handle,
+    status: Arc<TunnelStatus>,
+    quic: Option<(quinn::ClientConfig, quinn::Endpoint)>,
+    /// The proxies to keep a tunnel to, as the last proxy announced them.
+    proxies: tokio::sync::watch::Sender<Vec<String>>,
+}
+
+/// Keep a tunnel to the configured proxy, and one to every proxy the proxies announce (see
+/// `gatehouse_dataplane::proxy::ProxySet`): a loop per address, started when it first appears.
+/// A loop for an announced address ends when its tunnel ends (or cannot be dialed) and the
+/// address is no longer announced; a tunnel that is up is never closed by an announcement, so
+/// a stale set (Auth away, a proxy that has not announced itself again yet) costs nothing.
 async fn run(
     config: TunnelClientConfig,
     identity: Arc<arc_swap::ArcSwap<HostIdentity>>,
     ssh: Option<Arc<dyn SshService>>,
     sessions: tokio::runtime::Handle,
     status: Arc<TunnelStatus>,
+    proxies: tokio::sync::watch::Sender<Vec<String>>,
 ) {
-    let mut current = identity.load_full();
-    let Some(mut client) = tunnel_client_config(&current) else {
+    let Some(client) = tunnel_client_config(&identity.load_full()) else {
         return;
     };
     let quic = match config.transport {
@@ -184,10 +206,59 @@ async fn run(
             }
         }
     };
+    let mut announced = proxies.subscribe();
+    let seed = config.proxy_addr.clone();
+    let dialer = std::rc::Rc::new(Dialer {
+        config,
+        identity,
+        ssh,
+        sessions,
+        status,
+        quic,
+        proxies,
+    });
+    let mut loops: BTreeMap<String, tokio::task::JoinHandle<()>> = BTreeMap::new();
+    loops.insert(
+        seed.clone(),
+        tokio::task::spawn_local(dial_loop(std::rc::Rc::clone(&dialer), seed.clone(), true)),
+    );
+    loop {
+        let set = announced.borrow_and_update().clone();
+        loops.retain(|_, l| !l.is_finished());
+        for addr in set {
+            if let std::collections::btree_map::Entry::Vacant(slot) = loops.entry(addr) {
+                tracing::info!(proxy = %slot.key(), "agent: a proxy was announced; keeping a tunnel to it");
+                let addr = slot.key().clone();
+                slot.insert(tokio::task::spawn_local(dial_loop(
+                    std::rc::Rc::clone(&dialer),
+                    addr,
+                    false,
+                )));
+            }
+        }
+        // Changes, and a look every few seconds at loops that ended (a proxy that comes back
+        // after it was dropped from the set gets a new one).
+        let _ = tokio::time::timeout(Duration::from_secs(5), announced.changed()).await;
+    }
+}
+
+/// Dial `addr` and hold the tunnel, reconnecting with backoff; for ever when `permanent` (the
+/// configured proxy), else while the proxies announce `addr`.
+async fn dial_loop(d: std::rc::Rc<Dialer>, addr: String, permanent: bool) {
+    let config = &d.config;
+    let status = &d.status;
+    let mut current = d.identity.load_full();
+    let Some(mut client) = tunnel_client_config(&current) else {
+        return;
+    };
     let mut attempt: u32 = 0;
     loop {
+        if !permanent && !d.proxies.borrow().contains(&addr) {
+            tracing::info!(proxy = %addr, "agent: the proxy is no longer announced; no tunnel to it");
+            return;
+        }
         // A renewed certificate is used from the next dial on; the tunnel up keeps its own.
-        let latest = identity.load_full();
+        let latest = d.identity.load_full();
         if !Arc::ptr_eq(&latest, &current) {
             if let Some(c) = tunnel_client_config(&latest) {
                 client = c;
@@ -195,17 +266,13 @@ async fn run(
             current = latest;
         }
         let started = Instant::now();
-        let connected = match &quic {
-            None => dial(
-                &client,
-                &config.proxy_addr,
-                config.tcp_congestion.as_deref(),
-            )
-            .await
-            .map(|s| (Box::new(s) as Box<dyn TunnelIo>, None)),
+        let connected = match &d.quic {
+            None => dial(&client, &addr, config.tcp_congestion.as_deref())
+                .await
+                .map(|s| (Box::new(s) as Box<dyn TunnelIo>, None)),
             Some((cfg, endpoint)) => tokio::time::timeout(
                 Duration::from_secs(10),
-                gatehouse_dataplane::io::quic::dial(endpoint, cfg.clone(), &config.proxy_addr),
+                gatehouse_dataplane::io::quic::dial(endpoint, cfg.clone(), &addr),
             )
             .await
             .unwrap_or_else(|_| {
@@ -218,35 +285,26 @@ async fn run(
         };
         match connected {
             Ok((stream, quic_conn)) => {
-                status.connected.set(1);
+                status.connected.inc();
                 status.connects.inc();
-                tracing::info!(proxy = %config.proxy_addr, transport = %config.transport, "agent: tunnel up");
+                tracing::info!(proxy = %addr, transport = %config.transport, "agent: tunnel up");
                 // Sessions on QUIC streams of their own, where the proxy agreed to it. (The
                 // connection is kept until the tunnel ends either way.)
                 let native = quic_conn
                     .as_ref()
                     .filter(|c| gatehouse_dataplane::io::quic::session_streams(c))
                     .cloned();
-                let reason = serve_tunnel(
-                    stream,
-                    native,
-                    &config,
-                    &current,
-                    ssh.clone(),
-                    &sessions,
-                    &status,
-                )
-                .await;
+                let reason = serve_tunnel(stream, native, &d, &current).await;
                 drop(quic_conn);
-                status.connected.set(0);
-                tracing::warn!(proxy = %config.proxy_addr, %reason, "agent: tunnel down; reconnecting");
+                status.connected.dec();
+                tracing::warn!(proxy = %addr, %reason, "agent: tunnel down; reconnecting");
                 // A tunnel that held for a while starts the backoff over.
                 if started.elapsed() > Duration::from_secs(30) {
                     attempt = 0;
                 }
             }
             Err(e) => {
-                tracing::warn!(proxy = %config.proxy_addr, error = %e, attempt, "agent: cannot reach the proxy");
+                tracing::warn!(proxy = %addr, error = %e, attempt, "agent: cannot reach the proxy");
             }
         }
         let delay = crate::backoff::delay(attempt, rand::thread_rng().r#gen::<f64>());
@@ -319,12 +377,10 @@ fn inventory(config: &TunnelClientConfig, identity: &HostIdentity, ssh: bool) ->
 async fn serve_tunnel<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + 'static>(
     io: T,
     quic_sessions: Option<quinn::Connection>,
-    config: &TunnelClientConfig,
+    d: &Dialer,
     identity: &HostIdentity,
-    ssh: Option<Arc<dyn SshService>>,
-    sessions: &tokio::runtime::Handle,
-    status: &Arc<TunnelStatus>,
 ) -> String {
+    let (config, ssh, sessions, status) = (&d.config, &d.ssh, &d.sessions, &d.status);
     let (tunnel, mut events) = Tunnel::new(Side::Dialer, config.tunnel.clone());
     if let Some(conn) = quic_sessions {
         tunnel.attach_quic(conn);
@@ -343,11 +399,13 @@ async fn serve_tunnel<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + 'static>
         })
     };
     let dispatcher = {
-        let (tunnel, apps, sessions, status) = (
+        let (tunnel, apps, sessions, status, ssh, proxies) = (
             tunnel.clone(),
             config.apps.clone(),
             sessions.clone(),
             Arc::clone(status),
+            ssh.clone(),
+            d.proxies.clone(),
         );
         tokio::task::spawn_local(async move {
             while let Some(ev) = events.recv().await {
@@ -384,7 +442,24 @@ async fn serve_tunnel<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + 'static>
                     TunnelEvent::GoAway { message, .. } => {
                         tracing::info!(%message, "agent: proxy is draining this tunnel")
                     }
-                    TunnelEvent::Heartbeat(_) => {}
+                    // The proxies to keep a tunnel to; an empty set says nothing.
+                    TunnelEvent::Heartbeat(bytes) => match ProxyAnnouncement::parse(&bytes) {
+                        Ok(a) if !a.proxies.is_empty() => {
+                            let mut set = a.proxies;
+                            set.sort();
+                            proxies.send_if_modified(|known| {
+                                let new = *known != set;
+                                if new {
+                                    *known = set;
+                                }
+                                new
+                            });
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "agent: malformed proxy announcement ignored")
+                        }
+                    },
                 }
             }
         })

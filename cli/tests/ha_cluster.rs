@@ -1,8 +1,11 @@
-//! A cluster a fleet can run: PostgreSQL, two Auth servers on it, a proxy given both, an agent;
-//! all separate processes. Kill one Auth: logins and sessions go on through the other. Stop
-//! both: a session already open keeps running and new SSH sessions still get in (the proxy
-//! routes and the agent authorizes from certificates, neither asks Auth); a login fails and
-//! says so. An Auth back: the agent's audit events of the outage arrive, each once.
+//! A cluster a fleet can run: PostgreSQL, two Auth servers on it, two proxies given both with
+//! an L4 balancer in front, three agents; all separate processes. Agents keep a tunnel to every
+//! proxy, so any proxy reaches any node. Kill one Auth: logins and sessions go on through the
+//! other. Stop both for the test's window (`GATEHOUSE_HA_OUTAGE_SECS`, 120 by default): sessions
+//! already open keep running and new SSH sessions still get in (proxies route and agents
+//! authorize from certificates, neither asks Auth); a login fails and says so. An Auth back:
+//! the agents' audit events of the outage arrive, each once. Kill a proxy: its sessions end,
+//! the other's go on, and every node is reached through the survivor.
 
 // Test code: a failing unwrap or panic is a failing test, which is the point.
 #![allow(
@@ -15,10 +18,13 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Fleet, openssh};
+use common::{Fleet, metrics_of, openssh};
 use gatehouse_controlplane::testing::PgServer;
 
 /// `exec` events (one per command run) whose command is `echo MARKER`, as Auth has them.
@@ -30,14 +36,14 @@ fn sessions_with(f: &Fleet, marker: &str) -> usize {
         .count()
 }
 
-/// `gsh login` through the proxy.
-fn login(f: &Fleet, home: &std::path::Path, pw: &str) -> common::Output {
+/// `gsh login` through `proxy`.
+fn login(f: &Fleet, proxy: &str, home: &std::path::Path, pw: &str) -> common::Output {
     f.gsh(
         home,
         &[
             "login",
             "--proxy",
-            &f.proxy_addr,
+            proxy,
             "--user",
             "alice",
             "--password-stdin",
@@ -48,46 +54,145 @@ fn login(f: &Fleet, home: &std::path::Path, pw: &str) -> common::Output {
     )
 }
 
-#[test]
-fn sessions_outlive_every_auth_and_audit_arrives_once_after() {
-    let pg = PgServer::start().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let url = rt.block_on(pg.fresh_db()).unwrap();
-    let config = format!("[auth]\nstorage = \"{url}\"\n");
-    let mut f = Fleet::start_ha("ha", &config, 2, &[("web", "env=prod", vec![])]);
-    let home = tempfile::tempdir().unwrap();
-    f.user(home.path(), "alice", "access", &f.login.clone(), &[]);
-    f.wait_for_nodes(home.path(), 1);
-    let ssh_config = f.ssh_config(home.path());
-    let dest = format!("{}@web.ha", f.login);
-    let run = |marker: &str| openssh(&ssh_config, &[], &dest, &["echo", marker], None);
-    let out = run("before");
-    assert_eq!(out.status, 0, "{}", out.stderr);
+/// An L4 balancer: each connection goes to the next backend that accepts it (round robin).
+fn balancer(backends: Vec<String>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let next = AtomicUsize::new(0);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(client) = conn else { continue };
+            let start = next.fetch_add(1, Ordering::Relaxed);
+            let upstream = (0..backends.len()).find_map(|i| {
+                let b = backends[(start + i) % backends.len()].parse().unwrap();
+                TcpStream::connect_timeout(&b, Duration::from_secs(2)).ok()
+            });
+            let Some(upstream) = upstream else { continue };
+            let pipe = |mut from: TcpStream, mut to: TcpStream| {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                });
+            };
+            pipe(client.try_clone().unwrap(), upstream.try_clone().unwrap());
+            pipe(upstream, client);
+        }
+    });
+    addr
+}
 
-    // A session that runs through everything below, printing once a second.
-    let mut long = Command::new("ssh")
+/// The value of a metric without labels.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A session that prints a line a second until it is ended; when each line arrived.
+struct Ticker {
+    child: Child,
+    lines: Arc<Mutex<Vec<Instant>>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+fn ticker(ssh_config: &std::path::Path, dest: &str) -> Ticker {
+    let mut child = Command::new("ssh")
         .arg("-F")
-        .arg(&ssh_config)
-        .args(["-o", "BatchMode=yes", &dest])
-        .args([
-            "sh",
-            "-c",
-            "'for i in $(seq 1 30); do echo tick-$i; sleep 1; done'",
-        ])
+        .arg(ssh_config)
+        .args(["-o", "BatchMode=yes", dest])
+        .args(["sh", "-c", "'while true; do echo tick; sleep 1; done'"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut ticks = BufReader::new(long.stdout.take().unwrap()).lines();
-    assert_eq!(ticks.next().unwrap().unwrap(), "tick-1");
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&lines);
+    let reader = std::thread::spawn(move || {
+        for _ in out.lines().map_while(Result::ok) {
+            seen.lock().unwrap().push(Instant::now());
+        }
+    });
+    let t = Ticker {
+        child,
+        lines,
+        reader,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while t.lines.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the session did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    t
+}
 
-    // One Auth killed: the other serves logins (through the proxy) and the session goes on.
-    f.auth.kill_hard();
-    let out = run("one-auth-down");
-    assert_eq!(out.status, 0, "{}", out.stderr);
-    let relogin = tempfile::tempdir().unwrap();
+impl Ticker {
+    /// The longest silence between lines so far (and since the last line).
+    fn longest_gap(&self) -> Duration {
+        let lines = self.lines.lock().unwrap();
+        let mut gap = lines.last().map(|l| l.elapsed()).unwrap_or_default();
+        for w in lines.windows(2) {
+            gap = gap.max(w[1] - w[0]);
+        }
+        gap
+    }
+}
+
+#[test]
+fn sessions_outlive_every_auth_and_a_proxy_and_audit_arrives_once_after() {
+    let outage = Duration::from_secs(
+        std::env::var("GATEHOUSE_HA_OUTAGE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(120),
+    );
+    let pg = PgServer::start().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = rt.block_on(pg.fresh_db()).unwrap();
+    let config = format!("[auth]\nstorage = \"{url}\"\n");
+    let nodes = ["web", "db", "cache"];
+    let mut f = Fleet::start_ha(
+        "ha",
+        &config,
+        2,
+        &[
+            ("web", "env=prod", vec![]),
+            ("db", "env=prod", vec![]),
+            ("cache", "env=dev", vec![]),
+        ],
+    );
+    let proxy1 = f.proxy_addr.clone();
+    // Agents know only proxy1; a proxy added is announced to them, and they tunnel to it.
+    let started = Instant::now();
+    let mut second = f.start_proxy(2);
+    let proxy2 = second.field("Proxy:");
+    let tunnels = |d: &common::Daemon| metric(&metrics_of(d), "gatehouse_proxy_tunnels");
+    while tunnels(&second) != Some(3.0) || tunnels(&f.proxy) != Some(3.0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the added proxy was not used within 30 s: {:?} tunnels\n{}",
+            tunnels(&second),
+            f.agents[0].log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "proxy added: every agent tunnelled to it in {:?}",
+        started.elapsed()
+    );
+    let front = balancer(vec![proxy1.clone(), proxy2.clone()]);
+
     let pw = f
-        .gctl_in("auth1", &["users", "reset", "alice"])
+        .gctl(&[
+            "users",
+            "add",
+            "alice",
+            "--roles",
+            "access",
+            "--logins",
+            &f.login.clone(),
+        ])
         .ok()
         .stdout
         .lines()
@@ -95,51 +200,86 @@ fn sessions_outlive_every_auth_and_audit_arrives_once_after() {
         .unwrap()
         .trim()
         .to_string();
-    let out = login(&f, relogin.path(), &pw);
+    let homes: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    for (home, via) in homes.iter().zip([&front, &proxy1, &proxy2]) {
+        let out = login(&f, via, home.path(), &pw);
+        assert_eq!(out.status, 0, "login via {via}: {}", out.stderr);
+    }
+    f.wait_for_nodes(homes[0].path(), 3);
+    let configs: Vec<std::path::PathBuf> = homes.iter().map(|h| f.ssh_config(h.path())).collect();
+    let dest = |node: &str| format!("{}@{node}.ha", f.login);
+    // Through the balancer: each session lands on the next proxy.
+    let run =
+        |node: &str, marker: &str| openssh(&configs[0], &[], &dest(node), &["echo", marker], None);
+    let mut markers = Vec::new();
+    for round in 0..2 {
+        for node in nodes {
+            let marker = format!("before-{node}-{round}");
+            let out = run(node, &marker);
+            assert_eq!(out.status, 0, "{node} via the balancer: {}", out.stderr);
+            assert_eq!(out.stdout.trim(), marker);
+            markers.push(marker);
+        }
+    }
+    // A session through each proxy, running through everything below.
+    let via_proxy1 = ticker(&configs[1], &dest("web"));
+    let via_proxy2 = ticker(&configs[2], &dest("db"));
+
+    // One Auth killed: the other serves logins (through the proxies) and sessions go on.
+    f.auth.kill_hard();
+    let out = run("cache", "one-auth-down");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    markers.push("one-auth-down".into());
+    let relogin = tempfile::tempdir().unwrap();
+    let out = login(&f, &front, relogin.path(), &pw);
     assert_eq!(
         out.status, 0,
         "login through the surviving Auth: {}",
         out.stderr
     );
 
-    // Both Auths gone: sessions still get in; a login says what is wrong.
+    // Both Auths gone for the window: sessions still get in, on every node, through both
+    // proxies; a login says what is wrong.
     f.more_auths[0].kill_hard();
-    for i in 0..3 {
-        let out = run(&format!("no-auth-{i}"));
-        assert_eq!(out.status, 0, "session {i} without Auth: {}", out.stderr);
-    }
-    let out = login(&f, tempfile::tempdir().unwrap().path(), &pw);
+    let out = login(&f, &front, tempfile::tempdir().unwrap().path(), &pw);
     assert_ne!(out.status, 0);
     assert!(
         out.stderr.to_lowercase().contains("auth"),
         "a login without Auth says so: {}",
         out.stderr
     );
-
-    // The long session printed all along and ends normally.
-    let mut last = String::new();
-    for line in ticks.by_ref() {
-        last = line.unwrap();
+    let outage_start = Instant::now();
+    let mut i = 0;
+    while outage_start.elapsed() < outage {
+        let node = nodes[i % nodes.len()];
+        let marker = format!("no-auth-{i}");
+        let out = run(node, &marker);
+        assert_eq!(
+            out.status,
+            0,
+            "session {i} on {node}, {:?} into the outage: {}",
+            outage_start.elapsed(),
+            out.stderr
+        );
+        markers.push(marker);
+        i += 1;
+        std::thread::sleep(Duration::from_secs(5));
     }
-    assert_eq!(last, "tick-30");
-    assert!(long.wait().unwrap().success());
+    eprintln!("{i} sessions in {:?} without Auth", outage_start.elapsed());
+    for t in [&via_proxy1, &via_proxy2] {
+        assert!(
+            t.longest_gap() < Duration::from_secs(5),
+            "a session stalled: {:?}",
+            t.longest_gap()
+        );
+    }
 
-    // An Auth back on the same database and address: the agent's spooled events arrive, each
+    // An Auth back on the same database and address: the agents' spooled events arrive, each
     // once.
-    let again = Fleet::start_auth(f.dir.path(), 0, "ha", &config, &[], &f.auth_addr);
-    f.auth = again;
+    f.auth = Fleet::start_auth(f.dir.path(), 0, "ha", &config, &[], &f.auth_addr);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let counts: Vec<usize> = [
-            "before",
-            "one-auth-down",
-            "no-auth-0",
-            "no-auth-1",
-            "no-auth-2",
-        ]
-        .iter()
-        .map(|m| sessions_with(&f, m))
-        .collect();
+        let counts: Vec<usize> = markers.iter().map(|m| sessions_with(&f, m)).collect();
         if counts.iter().all(|&c| c == 1) {
             break;
         }
@@ -154,4 +294,33 @@ fn sessions_outlive_every_auth_and_audit_arrives_once_after() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+
+    // A proxy killed: the session it carried ends, the other's goes on, and every node is
+    // reached through the survivor (the balancer skips the dead one).
+    f.proxy.kill_hard();
+    let Ticker {
+        mut child, reader, ..
+    } = via_proxy1;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !reader.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "a session of the killed proxy went on"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.wait();
+    for node in nodes {
+        let out = run(node, &format!("after-proxy-{node}"));
+        assert_eq!(out.status, 0, "{node} after a proxy died: {}", out.stderr);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        via_proxy2.longest_gap() < Duration::from_secs(5),
+        "the surviving proxy's session stalled: {:?}",
+        via_proxy2.longest_gap()
+    );
+    let Ticker { mut child, .. } = via_proxy2;
+    common::kill(&mut child);
+    second.stop();
 }

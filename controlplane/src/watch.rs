@@ -35,6 +35,8 @@ pub struct WatchCache {
     pub snapshots: u64,
     /// Puts and deletes applied.
     pub changes: u64,
+    /// Events applied, keepalives included (a stream that is alive moves it every 5 s).
+    pub events: u64,
 }
 
 impl WatchCache {
@@ -75,6 +77,7 @@ impl WatchCache {
         if !ev.cursor.is_empty() {
             self.cursor.clone_from(&ev.cursor);
         }
+        self.events += 1;
         Ok(changed)
     }
 

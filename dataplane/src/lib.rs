@@ -17,6 +17,7 @@
 
 pub mod io;
 pub mod mux;
+mod peers;
 pub mod proxy;
 pub mod role;
 pub mod tls;

@@ -45,6 +45,9 @@ pub struct ProxyRoleConfig {
     pub join: JoinParams,
     /// New SSH sessions per source address.
     pub ssh_session_rate: crate::proxy::SessionRate,
+    /// Where agents reach this proxy directly (`host:port`), announced to the cluster; `None`:
+    /// the listen address when it names one, else the host name with the listen port.
+    pub advertise_addr: Option<String>,
 }
 
 /// Why the Proxy role could not start.
@@ -76,6 +79,7 @@ pub struct ProxyHandle {
     proxy: Proxy,
     reporter: tokio::task::JoinHandle<()>,
     renew: tokio::task::JoinHandle<()>,
+    peers: crate::peers::PeersHandle,
 }
 
 impl ProxyHandle {
@@ -84,6 +88,12 @@ impl ProxyHandle {
         self.proxy.shutdown();
         self.reporter.abort();
         self.renew.abort();
+        self.peers.stop();
+    }
+
+    /// Tell Auth this proxy is leaving (agents drop their tunnels to it); best effort, 2 s.
+    pub async fn leave(&self) {
+        self.peers.leave().await;
     }
 }
 
@@ -141,6 +151,7 @@ pub async fn start(
     tls.send_tls13_tickets = 1;
     let metrics = Arc::new(ProxyMetrics::default());
     metrics.register(registry);
+    let proxies = Arc::new(crate::proxy::ProxySet::default());
     let proxy_config = ProxyConfig {
         listen: config.listen,
         workers: config.workers,
@@ -152,6 +163,7 @@ pub async fn start(
         quic: config.quic,
         tcp_congestion: config.tcp_congestion.clone(),
         ssh_session_rate: config.ssh_session_rate,
+        proxies: Arc::clone(&proxies),
     };
     let (proxy, inventories) =
         Proxy::start(proxy_config, metrics).map_err(|source| ProxyRoleError::Start {
@@ -164,6 +176,14 @@ pub async fn start(
         identity: Some((id.cert.clone(), id.key.clone())),
     }));
     let reporter = tokio::spawn(report_inventories(inventories, Arc::clone(&endpoint)));
+    let advertise = config.advertise_addr.clone().unwrap_or_else(|| {
+        if proxy.local_addr.ip().is_unspecified() {
+            format!("{}:{}", config.host_name, proxy.local_addr.port())
+        } else {
+            proxy.local_addr.to_string()
+        }
+    });
+    let peers = crate::peers::start(advertise, Arc::clone(&endpoint), proxies);
     let cluster = id.cluster.clone();
     let renew = tokio::spawn(renew_proxy_identity(id, cert, endpoint));
     Ok(ProxyHandle {
@@ -173,6 +193,7 @@ pub async fn start(
         proxy,
         reporter,
         renew,
+        peers,
     })
 }
 

@@ -76,6 +76,11 @@ struct StartArgs {
     /// Default 16/64.
     #[arg(long, value_parser = parse_session_rate)]
     proxy_ssh_session_rate: Option<SessionRate>,
+    /// Proxy: where agents reach this proxy directly (HOST:PORT), announced to the cluster so
+    /// that agents keep a tunnel to every proxy. Default: the proxy listen address when it
+    /// names one, else this host's name with its port.
+    #[arg(long)]
+    proxy_advertise_addr: Option<String>,
     /// For a proxy without a local Auth: the Auth API address, or several comma-separated
     /// (`auth-a:3025,auth-b:3025`: any Auth serves any call; a dead one is skipped).
     #[arg(long)]
@@ -147,6 +152,9 @@ struct ProxySection {
     auth_addr: Option<String>,
     /// Extra names/IPs for the proxy certificate.
     public_addrs: Vec<String>,
+    /// Where agents reach this proxy directly (HOST:PORT); default: the listen address when it
+    /// names one, else this host's name with its port.
+    advertise_addr: Option<String>,
     /// New SSH sessions per source address: `{ per_second = 16, burst = 64 }`; 0 turns it off.
     ssh_session_rate: SessionRate,
 }
@@ -161,6 +169,7 @@ impl Default for ProxySection {
             tcp_congestion: None,
             auth_addr: None,
             public_addrs: vec![],
+            advertise_addr: None,
             ssh_session_rate: SessionRate::default(),
         }
     }
@@ -378,6 +387,9 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     if let Some(v) = args.proxy_ssh_session_rate {
         config.proxy.ssh_session_rate = v;
     }
+    if let Some(v) = args.proxy_advertise_addr {
+        config.proxy.advertise_addr = Some(v);
+    }
     if let Some(v) = args.auth {
         config.proxy.auth_addr = Some(v);
     }
@@ -509,6 +521,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             public_addrs: config.proxy.public_addrs.clone(),
             join: join.clone(),
             ssh_session_rate: config.proxy.ssh_session_rate,
+            advertise_addr: config.proxy.advertise_addr.clone(),
         };
         let started =
             gatehouse_dataplane::role::start(role, local_auth.as_ref(), &mut registry).await?;
@@ -647,6 +660,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         a.shutdown();
     }
     if let Some(p) = proxy {
+        p.leave().await;
         p.shutdown();
     }
     let result = match (failed, auth) {

@@ -438,6 +438,10 @@ pub struct Fleet {
     pub cluster: String,
     /// The OS login the tests use (the user running them).
     pub login: String,
+    /// A `proxy` join token (many uses), for more proxies.
+    pub proxy_token: String,
+    /// Every Auth's address, comma-separated, as proxies are given them.
+    pub all_auths: String,
 }
 
 pub fn whoami() -> String {
@@ -579,9 +583,9 @@ impl Fleet {
             "--roles".into(),
             "proxy".into(),
             "--auth".into(),
-            all_auths,
+            all_auths.clone(),
             "--token".into(),
-            proxy_token,
+            proxy_token.clone(),
             "--ca-pin".into(),
             pin.clone(),
             "--proxy-addr".into(),
@@ -606,6 +610,8 @@ impl Fleet {
             pin,
             cluster: cluster.into(),
             login: whoami(),
+            proxy_token,
+            all_auths,
             dir,
         };
         for (i, (name, labels, extra)) in agents.iter().enumerate() {
@@ -635,17 +641,51 @@ impl Fleet {
         fleet
     }
 
-    /// The proxy's Prometheus metrics, as text.
-    pub fn proxy_metrics(&self) -> String {
-        let diag = self
-            .proxy
-            .field("Diagnostics:")
-            .trim_start_matches("http://")
-            .trim_end_matches("/metrics")
-            .to_string();
-        http_get(&diag, "/metrics").1
+    /// Start another proxy (data dir `proxy{n}`, node name `proxy{n}`) joined to the fleet's
+    /// Auths.
+    pub fn start_proxy(&self, n: usize) -> Daemon {
+        let d = |p: &str| self.dir.path().join(p).display().to_string();
+        let args: Vec<String> = [
+            "--roles",
+            "proxy",
+            "--auth",
+            &self.all_auths,
+            "--token",
+            &self.proxy_token,
+            "--ca-pin",
+            &self.pin,
+            "--proxy-addr",
+            "127.0.0.2:0",
+            "--diag-addr",
+            "127.0.0.2:0",
+            "--data-dir",
+            &d(&format!("proxy{n}")),
+            "--node-name",
+            &format!("proxy{n}"),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        Daemon::start(&args, self.dir.path().join(format!("proxy{n}.log")))
     }
 
+    /// The proxy's Prometheus metrics, as text.
+    pub fn proxy_metrics(&self) -> String {
+        metrics_of(&self.proxy)
+    }
+}
+
+/// A daemon's Prometheus metrics, as text.
+pub fn metrics_of(daemon: &Daemon) -> String {
+    let diag = daemon
+        .field("Diagnostics:")
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string();
+    http_get(&diag, "/metrics").1
+}
+
+impl Fleet {
     pub fn auth_data(&self) -> PathBuf {
         self.dir.path().join("auth")
     }

@@ -452,11 +452,11 @@ pub(super) async fn heartbeat_proxy(
         )
         .into());
     }
-    let ttl = i64::from(r.ttl_seconds.clamp(5, 600));
-    let spec = serde_json::json!({ "name": name, "addr": r.addr }).to_string();
+    let expires = now_secs() + i64::from(r.ttl_seconds.clamp(5, 600));
+    let spec = serde_json::json!({ "name": name, "addr": r.addr, "expires": expires }).to_string();
     call.state
         .store
-        .upsert_proxy(&name, &spec, now_secs() + ttl)
+        .upsert_proxy(&name, &spec, expires)
         .await
         .map_err(store_status)?;
     Ok(Done::read(proto::HeartbeatProxyResponse {}))

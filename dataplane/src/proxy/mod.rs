@@ -13,6 +13,7 @@
 
 mod admission;
 mod metrics;
+mod peers;
 mod router;
 mod sessions;
 mod throttle;
@@ -33,6 +34,7 @@ use crate::io::IoBackend;
 use crate::io::backend;
 use crate::io::options::{bind_reuseport, tcp_congestion};
 pub use metrics::ProxyMetrics;
+pub use peers::{ProxyAnnouncement, ProxySet};
 pub use router::Inventory;
 use router::RouteTable;
 pub use throttle::SessionRate;
@@ -63,6 +65,8 @@ pub struct ProxyConfig {
     pub tcp_congestion: Option<String>,
     /// New SSH sessions per source address (a token bucket; `per_second = 0` turns it off).
     pub ssh_session_rate: SessionRate,
+    /// The proxies agents are told to keep a tunnel to (kept current by the role).
+    pub proxies: Arc<ProxySet>,
 }
 
 /// The ALPN protocols the Proxy terminates.

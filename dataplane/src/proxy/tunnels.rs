@@ -257,6 +257,13 @@ impl Worker {
         self.change_routes(Some(RouteChange::Upsert(Arc::clone(&entry))), None);
         shared.metrics.tunnels.inc();
         tracing::info!(%remote, %host_id, core = self.core, "proxy: tunnel up");
+        // The proxies the agent keeps tunnels to: now, and after each change with the agent's
+        // next heartbeat.
+        let mut proxies_sent = 0;
+        if let Some((v, set)) = shared.config.proxies.newer_than(proxies_sent) {
+            tunnel.send_heartbeat(set);
+            proxies_sent = v;
+        }
         // The tunnel's events are handled in the same task as its I/O (one task per tunnel).
         let inventory = {
             let (w, tunnel, host_id) = (self.clone(), tunnel.clone(), host_id.clone());
@@ -264,6 +271,11 @@ impl Worker {
                 while let Some(ev) = events.recv().await {
                     match ev {
                         TunnelEvent::Heartbeat(bytes) => {
+                            if let Some((v, set)) = w.shared.config.proxies.newer_than(proxies_sent)
+                            {
+                                tunnel.send_heartbeat(set);
+                                proxies_sent = v;
+                            }
                             match serde_json::from_slice::<Inventory>(&bytes) {
                                 Ok(mut inv) => {
                                     // The certificate says who the agent is, not the heartbeat.

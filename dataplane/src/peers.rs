@@ -1,0 +1,177 @@
+//! The proxy's place among the cluster's proxies: it announces itself to Auth every few
+//! seconds (`HeartbeatProxy`: the address agents dial, a 30 s lifetime) and follows Auth's
+//! watch stream for the others, so that its agents keep a tunnel to every live proxy. What the
+//! stream delivered stays cached while Auth is away: the proxy goes on announcing the proxies
+//! it last knew, and entries expire only while the stream is alive.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gatehouse_controlplane::client::AuthEndpoint;
+use gatehouse_controlplane::proto;
+use gatehouse_controlplane::watch::{WatchCache, follow};
+
+use crate::proxy::ProxySet;
+
+/// How often the proxy announces itself, and how long an announcement lives.
+const ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
+const ANNOUNCE_TTL: u32 = 30;
+
+/// The tasks that announce this proxy and follow the others.
+#[derive(Debug)]
+pub(crate) struct PeersHandle {
+    announce: tokio::task::JoinHandle<()>,
+    follow: tokio::task::JoinHandle<()>,
+    endpoint: Arc<Mutex<AuthEndpoint>>,
+}
+
+impl PeersHandle {
+    pub(crate) fn stop(&self) {
+        self.announce.abort();
+        self.follow.abort();
+    }
+
+    /// Remove this proxy from the cluster's set now (best effort, 2 s).
+    pub(crate) async fn leave(&self) {
+        self.announce.abort();
+        let Some(endpoint) = self.endpoint.lock().ok().map(|e| e.clone()) else {
+            return;
+        };
+        let leave = async {
+            let mut c = endpoint.connect().await.ok()?;
+            c.heartbeat_proxy(proto::HeartbeatProxyRequest {
+                addr: String::new(),
+                ttl_seconds: 0,
+                leaving: true,
+            })
+            .await
+            .ok()
+        };
+        if tokio::time::timeout(Duration::from_secs(2), leave)
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            tracing::warn!("proxy: could not tell Auth it is leaving; its entry expires by itself");
+        }
+    }
+}
+
+/// The live proxies' addresses in `cache` at `now` (unix seconds).
+pub(crate) fn live_addrs(cache: &WatchCache, now: i64) -> Vec<String> {
+    cache
+        .of("proxy")
+        .filter_map(|(_, doc)| serde_json::from_str::<serde_json::Value>(doc).ok())
+        .filter(|v| {
+            v.get("expires")
+                .and_then(serde_json::Value::as_i64)
+                .unwrap_or(0)
+                > now
+        })
+        .filter_map(|v| v.get("addr").and_then(|a| a.as_str()).map(str::to_owned))
+        .collect()
+}
+
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+pub(crate) fn start(
+    advertise: String,
+    endpoint: Arc<Mutex<AuthEndpoint>>,
+    proxies: Arc<ProxySet>,
+) -> PeersHandle {
+    let cache = Arc::new(Mutex::new(WatchCache::default()));
+    let announce = {
+        let (endpoint, cache, proxies) = (
+            Arc::clone(&endpoint),
+            Arc::clone(&cache),
+            Arc::clone(&proxies),
+        );
+        tokio::spawn(async move {
+            let mut client = None;
+            let (mut heard, mut alive_at) = (0, unix_now());
+            let mut tick = tokio::time::interval(ANNOUNCE_EVERY);
+            loop {
+                tick.tick().await;
+                if client.is_none() {
+                    let e = endpoint.lock().ok().map(|e| e.clone());
+                    if let Some(e) = e {
+                        client = e.connect().await.ok();
+                    }
+                }
+                if let Some(c) = client.as_mut() {
+                    let sent = c
+                        .heartbeat_proxy(proto::HeartbeatProxyRequest {
+                            addr: advertise.clone(),
+                            ttl_seconds: ANNOUNCE_TTL,
+                            leaving: false,
+                        })
+                        .await;
+                    if let Err(e) = sent {
+                        tracing::warn!(error = %e.message(), "proxy: cannot announce itself to Auth; will retry");
+                        client = None;
+                    }
+                }
+                // Entries expire without an event: look again at each tick. Only while the
+                // stream is alive (it delivers a keepalive every 5 s): while Auth is away, the
+                // proxies last known stay announced.
+                if let Ok(c) = cache.lock() {
+                    if c.events != heard {
+                        heard = c.events;
+                        alive_at = unix_now();
+                    }
+                    proxies.set(live_addrs(&c, alive_at));
+                }
+            }
+        })
+    };
+    let follow = {
+        let endpoint = Arc::clone(&endpoint);
+        tokio::spawn(follow(
+            move || endpoint.lock().ok().map(|e| e.clone()),
+            vec![
+                "proxy".into(),
+                "cert_authority".into(),
+                "cluster_settings".into(),
+            ],
+            cache,
+            move |c| proxies.set(live_addrs(c, unix_now())),
+        ))
+    };
+    PeersHandle {
+        announce,
+        follow,
+        endpoint,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gatehouse_controlplane::proto::{WatchEvent, WatchItem, watch_event::Type};
+
+    #[test]
+    fn expired_and_malformed_entries_are_not_announced() {
+        let mut c = WatchCache::default();
+        let item = |name: &str, doc: &str| WatchItem {
+            kind: "proxy".into(),
+            name: name.into(),
+            resource: doc.into(),
+        };
+        c.apply(&WatchEvent {
+            r#type: Type::Snapshot as i32,
+            items: vec![
+                item("a", r#"{"addr":"a:1","expires":100}"#),
+                item("b", r#"{"addr":"b:1","expires":50}"#),
+                item("c", "not json"),
+                item("d", r#"{"expires":100}"#),
+            ],
+            cursor: "e:0".into(),
+        })
+        .unwrap();
+        assert_eq!(live_addrs(&c, 60), ["a:1"]);
+        assert!(live_addrs(&c, 100).is_empty());
+    }
+}
