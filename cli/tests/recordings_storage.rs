@@ -290,3 +290,99 @@ fn a_full_spool_with_refuse_ends_the_session_with_why_and_refuses_new_ones() {
     assert!(out.stdout.contains("small-ok"));
     assert!(!fleet.events("recording.failed").is_empty());
 }
+
+/// Stateless Auths: two Auths on one PostgreSQL and one bucket, nothing else shared. A session
+/// is recorded while the Auth taking its upload is killed: the upload goes on through the other
+/// (its staged parts are in the bucket), which finishes, verifies and serves the recording.
+#[test]
+fn a_recording_survives_the_auth_that_took_its_upload() {
+    let moto = Moto::start();
+    moto.curl(&["-X", "PUT", &format!("{}/recordings", moto.url)]);
+    let pg = gatehouse_controlplane::testing::PgServer::start().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = rt.block_on(pg.fresh_db()).unwrap();
+    let config = format!(
+        "[auth]\nstorage = \"{url}\"\n[auth.recordings]\nstorage = \"s3://recordings/fleet\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\n",
+        moto.url
+    );
+    let env = [
+        ("AWS_ACCESS_KEY_ID".to_string(), "testing".to_string()),
+        ("AWS_SECRET_ACCESS_KEY".to_string(), "testing".to_string()),
+    ];
+    let mut fleet = Fleet::start_ha_env(
+        "stateless",
+        &config,
+        &env,
+        2,
+        &[("web1", "env=dev", vec![])],
+    );
+    let login = fleet.login.clone();
+    let alice = tempfile::tempdir().unwrap();
+    fleet.user(alice.path(), "alice", "access", &login, &[]);
+    fleet.wait_for_nodes(alice.path(), 1);
+    let ssh_config = fleet.ssh_config(alice.path());
+    let session = Command::new("ssh")
+        .arg("-F")
+        .arg(&ssh_config)
+        .args(["-o", "BatchMode=yes", &format!("{login}@web1.stateless")])
+        .args([
+            "sh",
+            "-c",
+            "'for i in $(seq 1 16); do echo line-$i; sleep 0.5; done'",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Some of the recording is staged in the bucket, through the first Auth, before it dies.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let staged = moto.curl(&[&format!(
+            "{}/recordings?list-type=2&prefix=fleet/staging/",
+            moto.url
+        )]);
+        if staged.contains(".part") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing staged: {staged}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    fleet.auth.kill_hard();
+    let out = session.wait_with_output().unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(printed.contains("line-16"), "{printed}");
+
+    // The other Auth has it, whole and verified; the staged parts are gone.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        let list = fleet.gctl_in("auth1", &["recordings", "ls", "--format", "json"]);
+        let list: Vec<serde_json::Value> = serde_json::from_str(&list.stdout).unwrap_or_default();
+        if let Some(r) = list.iter().find(|r| r["state"] == "complete") {
+            break r["id"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no complete recording: {list:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let v = fleet.gctl_in("auth1", &["recordings", "verify", &id]).ok();
+    assert!(v.stdout.contains("OK"), "{}", v.stdout);
+    let listing = moto.curl(&[&format!(
+        "{}/recordings?list-type=2&prefix=fleet/",
+        moto.url
+    )]);
+    assert!(listing.contains(&format!("fleet/{id}.rec")), "{listing}");
+    assert!(!listing.contains(".part"), "staged parts left: {listing}");
+    let text = fleet
+        .gsh(
+            alice.path(),
+            &["recordings", "export", &id, "--format", "text"],
+            None,
+        )
+        .ok();
+    for i in 1..=16 {
+        assert!(
+            text.stdout.contains(&format!("line-{i}")),
+            "{}",
+            text.stdout
+        );
+    }
+}

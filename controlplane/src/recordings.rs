@@ -1,7 +1,13 @@
-//! Where Auth keeps session recordings: chunks of a recording still arriving are appended (and
-//! synced) to a staging file under the data dir; a finished recording, once verified, becomes one
-//! object in the configured store — files under the data dir by default, or an S3-compatible
-//! bucket (`object_store`, multipart above 8 MiB) — and its staging file is removed.
+//! Where Auth keeps session recordings: chunks of a recording still arriving are staged; a
+//! finished recording, once verified, becomes one object in the configured store — files under
+//! the data dir by default, or an S3-compatible bucket (`object_store`, multipart above 8 MiB) —
+//! and its staging is removed.
+//!
+//! With files, staging is a file under the data dir (appended and synced): one Auth holds the
+//! recordings. With S3, every upload call's bytes are an object of their own
+//! (`PREFIX/staging/ID/OFFSET.part`), so that any Auth on the same database and bucket takes the
+//! next call of an upload, serves a live recording to `gsh join`, and finishes it: the Auths keep
+//! nothing of their own.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -96,10 +102,13 @@ const MULTIPART_THRESHOLD: u64 = 8 * 1024 * 1024;
 const PART_SIZE: usize = 8 * 1024 * 1024;
 
 pub struct RecordingStore {
+    /// Staging files (with S3: scratch, where a finished recording is put together).
     staging: PathBuf,
     objects: Arc<dyn ObjectStore>,
     prefix: ObjectPath,
     describe: String,
+    /// Recordings still arriving are staged in the object store (S3), not in `staging`.
+    shared_staging: bool,
 }
 
 impl std::fmt::Debug for RecordingStore {
@@ -123,6 +132,7 @@ impl RecordingStore {
                 objects: Arc::new(store),
                 prefix: ObjectPath::from(""),
                 describe: format!("files under {}", objects.display()),
+                shared_staging: false,
             });
         }
         let Some(rest) = config.storage.strip_prefix("s3://") else {
@@ -148,6 +158,7 @@ impl RecordingStore {
             objects: Arc::new(b.build()?),
             prefix: ObjectPath::from(prefix.trim_matches('/')),
             describe: format!("s3://{bucket}/{prefix}"),
+            shared_staging: true,
         })
     }
 
@@ -163,9 +174,53 @@ impl RecordingStore {
         self.prefix.child(format!("{id}.rec"))
     }
 
+    /// The objects a recording is staged in, with S3.
+    fn parts_prefix(&self, id: &str) -> ObjectPath {
+        self.prefix.child("staging").child(id)
+    }
+
+    /// The staged parts of a recording, in order: (offset, length, object), the chain from 0
+    /// where each starts where the one before ends (a part left by a write whose index update
+    /// failed, and written again since, is not part of it).
+    async fn parts(&self, id: &str) -> Result<Vec<(u64, u64, ObjectPath)>, object_store::Error> {
+        use tokio_stream::StreamExt;
+        let mut found: Vec<(u64, u64, ObjectPath)> = Vec::new();
+        let mut listing = self.objects.list(Some(&self.parts_prefix(id)));
+        while let Some(meta) = listing.next().await {
+            let meta = meta?;
+            let offset = meta
+                .location
+                .filename()
+                .and_then(|f| f.strip_suffix(".part"))
+                .and_then(|o| o.parse::<u64>().ok());
+            if let Some(o) = offset {
+                found.push((o, meta.size, meta.location));
+            }
+        }
+        found.sort_by_key(|p| p.0);
+        let mut chain = Vec::with_capacity(found.len());
+        let mut next = 0;
+        for part in found {
+            if part.0 == next {
+                next += part.1;
+                chain.push(part);
+            }
+        }
+        Ok(chain)
+    }
+
     /// Append whole chunks at `offset` of a recording still arriving, durably. A staging file
-    /// longer than `offset` (a crash after the write, before the index moved) is cut back first.
+    /// longer than `offset` (a crash after the write, before the index moved) is cut back first;
+    /// a staged part at `offset` is replaced.
     pub async fn append(&self, id: &str, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        if self.shared_staging {
+            let part = self.parts_prefix(id).child(format!("{offset:020}.part"));
+            self.objects
+                .put(&part, bytes::Bytes::copy_from_slice(data).into())
+                .await
+                .map_err(std::io::Error::other)?;
+            return Ok(());
+        }
         let path = self.staging_path(id);
         let data = data.to_vec();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
@@ -192,6 +247,19 @@ impl RecordingStore {
         live: bool,
         range: Range<u64>,
     ) -> Result<Vec<u8>, RecordingStoreError> {
+        if live && self.shared_staging {
+            let mut out = Vec::new();
+            for (start, len, part) in self.parts(id).await? {
+                let end = start + len;
+                if end <= range.start || start >= range.end {
+                    continue;
+                }
+                let from = range.start.max(start) - start;
+                let to = range.end.min(end) - start;
+                out.extend_from_slice(&self.objects.get_range(&part, from..to).await?);
+            }
+            return Ok(out);
+        }
         if live {
             let path = self.staging_path(id);
             return Ok(
@@ -219,12 +287,22 @@ impl RecordingStore {
         }
     }
 
-    /// Every chunk of the staging file checked, a chunk at a time (before it is kept).
+    /// Every chunk of the staging file checked, a chunk at a time (before it is kept). Staged
+    /// parts (S3) are first put together in a scratch file.
     pub async fn scan_staging(
         &self,
         id: &str,
     ) -> Result<gatehouse_recording::Scan, RecordingStoreError> {
         let path = self.staging_path(id);
+        if self.shared_staging {
+            use tokio::io::AsyncWriteExt;
+            let mut f = tokio::fs::File::create(&path).await?;
+            for (_, _, part) in self.parts(id).await? {
+                let bytes = self.objects.get(&part).await?.bytes().await?;
+                f.write_all(&bytes).await?;
+            }
+            f.flush().await?;
+        }
         Ok(tokio::task::spawn_blocking(move || {
             gatehouse_recording::scan_from(std::fs::File::open(&path)?)
         })
@@ -258,6 +336,13 @@ impl RecordingStore {
             w.finish().await?;
         }
         tokio::fs::remove_file(&path).await?;
+        if self.shared_staging {
+            for (_, _, part) in self.parts(id).await? {
+                if let Err(e) = self.objects.delete(&part).await {
+                    tracing::warn!(recording = id, error = %e, "recordings: a staged part was not removed");
+                }
+            }
+        }
         Ok(len)
     }
 }

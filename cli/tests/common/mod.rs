@@ -517,6 +517,19 @@ impl Fleet {
         })
     }
 
+    /// [`Fleet::start_ha`] with environment variables for the Auths (e.g. S3 credentials).
+    pub fn start_ha_env(
+        cluster: &str,
+        auth_config: &str,
+        auth_env: &[(String, String)],
+        auths: usize,
+        agents: &[(&str, &str, Vec<String>)],
+    ) -> Self {
+        Self::start_full(cluster, auth_config, auth_env, auths, &[], agents, |p| {
+            p.to_string()
+        })
+    }
+
     /// Start an Auth server like the fleet's others (its data dir `auth{n}`), on `auth_config`,
     /// listening on `listen` (`127.0.0.1:0`: any port; a restarted Auth takes its old one).
     pub fn start_auth(
