@@ -449,10 +449,12 @@ async fn serve(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<AuthConn, std::io::Error>>(256);
     let cluster: Arc<str> = Arc::from(info.cluster.as_str());
+    let metrics = Arc::clone(&service.state().metrics);
     let accept_loop = tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((tcp, remote)) => {
+                    metrics.connections.inc();
                     let (acceptor, tx, cluster) = (acceptor.clone(), tx.clone(), cluster.clone());
                     tokio::spawn(async move {
                         if let Some(conn) = handshake(acceptor, tcp, remote, cluster).await {

@@ -355,12 +355,36 @@ fn issue_local(
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-/// Batch agents' heartbeats to Auth: the latest inventory per host, every 5 s, in one call.
+/// How long Auth keeps a node listed after its last heartbeat reached it.
+const NODE_TTL: Duration = Duration::from_secs(60);
+/// An unchanged node is written again after this long (well within [`NODE_TTL`]).
+const NODE_REFRESH: Duration = Duration::from_secs(20);
+
+/// The nodes of a batch to send to Auth now: those whose inventory changed since it was last
+/// sent, or that were last sent [`NODE_REFRESH`] ago. Pure: `sent` is what Auth has (and when).
+fn due<'a>(
+    pending: &'a HashMap<String, Inventory>,
+    sent: &HashMap<String, (Inventory, std::time::Instant)>,
+    now: std::time::Instant,
+) -> Vec<&'a Inventory> {
+    pending
+        .values()
+        .filter(|inv| match sent.get(&inv.host_id) {
+            Some((last, at)) => last != *inv || now.duration_since(*at) >= NODE_REFRESH,
+            None => true,
+        })
+        .collect()
+}
+
+/// Batch agents' heartbeats to Auth: every 5 s, in one call, the nodes that changed or are due
+/// a refresh (every 20 s; Auth keeps a node 60 s). Auth's writes grow with the agents' changes
+/// and the refresh rate, its calls with the proxy count.
 async fn report_inventories(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<Inventory>>,
     endpoint: Arc<std::sync::Mutex<AuthEndpoint>>,
 ) {
     let mut pending: HashMap<String, Inventory> = HashMap::new();
+    let mut sent: HashMap<String, (Inventory, std::time::Instant)> = HashMap::new();
     let mut client: Option<Client> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
@@ -374,18 +398,11 @@ async fn report_inventories(
                 None => return,
             },
             _ = tick.tick() => {
-                if pending.is_empty() {
-                    continue;
-                }
-                if client.is_none() {
-                    let current = endpoint.lock().ok().map(|e| e.clone());
-                    if let Some(e) = current {
-                        client = e.connect().await.ok();
-                    }
-                }
-                let Some(c) = client.as_mut() else { continue };
-                let nodes = pending
-                    .values()
+                let now = std::time::Instant::now();
+                // Hosts not heard of for a node lifetime are forgotten (Auth drops them too).
+                sent.retain(|_, (_, at)| now.duration_since(*at) < NODE_TTL);
+                let nodes: Vec<proto::Node> = due(&pending, &sent, now)
+                    .into_iter()
                     .map(|i| proto::Node {
                         host_id: i.host_id.clone(),
                         name: i.name.clone(),
@@ -396,8 +413,29 @@ async fn report_inventories(
                         expires: 0,
                     })
                     .collect();
-                match c.upsert_nodes(proto::UpsertNodesRequest { nodes, ttl_seconds: 60 }).await {
-                    Ok(_) => pending.clear(),
+                if nodes.is_empty() {
+                    pending.clear();
+                    continue;
+                }
+                if client.is_none() {
+                    let current = endpoint.lock().ok().map(|e| e.clone());
+                    if let Some(e) = current {
+                        client = e.connect().await.ok();
+                    }
+                }
+                let Some(c) = client.as_mut() else { continue };
+                let ttl_seconds = NODE_TTL.as_secs();
+                match c.upsert_nodes(proto::UpsertNodesRequest { nodes, ttl_seconds }).await {
+                    Ok(_) => {
+                        for (host_id, inv) in pending.drain() {
+                            let unchanged = sent.get(&host_id).is_some_and(|(last, _)| *last == inv);
+                            let at = match sent.get(&host_id) {
+                                Some((_, at)) if unchanged && now.duration_since(*at) < NODE_REFRESH => *at,
+                                _ => now,
+                            };
+                            sent.insert(host_id, (inv, at));
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e.message(), "proxy: cannot report heartbeats to Auth; will retry");
                         client = None;
@@ -405,5 +443,41 @@ async fn report_inventories(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inv(host: &str, name: &str) -> Inventory {
+        Inventory {
+            host_id: host.into(),
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_changed_or_stale_nodes_are_due() {
+        let t0 = std::time::Instant::now();
+        let pending: HashMap<String, Inventory> = [
+            ("a".to_string(), inv("a", "web")),
+            ("b".to_string(), inv("b", "db")),
+            ("c".to_string(), inv("c", "new")),
+        ]
+        .into();
+        let sent: HashMap<String, (Inventory, std::time::Instant)> = [
+            ("a".to_string(), (inv("a", "web"), t0)),
+            ("b".to_string(), (inv("b", "old-name"), t0)),
+        ]
+        .into();
+        let mut hosts: Vec<&str> = due(&pending, &sent, t0 + Duration::from_secs(5))
+            .iter()
+            .map(|i| i.host_id.as_str())
+            .collect();
+        hosts.sort();
+        assert_eq!(hosts, ["b", "c"]);
+        assert_eq!(due(&pending, &sent, t0 + NODE_REFRESH).len(), 3);
     }
 }

@@ -81,6 +81,11 @@ pub struct AuthMetrics {
     pub(crate) certs_issued: Family<KindLabel, Counter>,
     pub(crate) audit_events: Counter,
     pub(crate) audit_duplicates: Counter,
+    /// Node heartbeats written (rows), and the calls that carried them.
+    pub(crate) heartbeat_rows: Counter,
+    pub(crate) heartbeat_calls: Counter,
+    /// Connections to the Auth API accepted (TCP), before TLS.
+    pub connections: Counter,
 }
 
 impl AuthMetrics {
@@ -101,6 +106,21 @@ impl AuthMetrics {
             "audit_events",
             "Audit events durably stored",
             self.audit_events.clone(),
+        );
+        r.register(
+            "heartbeat_rows",
+            "Node heartbeats written to the database",
+            self.heartbeat_rows.clone(),
+        );
+        r.register(
+            "heartbeat_calls",
+            "UpsertNodes calls (a proxy's batch, or one agent)",
+            self.heartbeat_calls.clone(),
+        );
+        r.register(
+            "connections",
+            "Connections to the Auth API accepted",
+            self.connections.clone(),
         );
         r.register(
             "audit_duplicates",

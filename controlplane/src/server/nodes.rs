@@ -86,6 +86,9 @@ pub(super) async fn upsert(
         .upsert_nodes(&rows, now + ttl.as_secs() as i64)
         .await
         .map_err(store_status)?;
+    let metrics = &call.state.metrics;
+    metrics.heartbeat_calls.inc();
+    metrics.heartbeat_rows.inc_by(rows.len() as u64);
     Ok(Done::audited(
         proto::UpsertNodesResponse {},
         Audit::Nothing("heartbeats are inventory, not actions"),
