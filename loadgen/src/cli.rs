@@ -83,6 +83,23 @@ pub(crate) enum Scenario {
         #[arg(long, default_value_t = 100)]
         searches: usize,
     },
+    /// A fleet behind two edge proxies while both Auths (on a PostgreSQL started here) restart:
+    /// agent reconnects, connections Auth accepts, heartbeat writes, time until every node is
+    /// listed again. Each simulated agent has its own joined identity and a tunnel to each proxy.
+    AuthRestart {
+        /// Simulated agents.
+        #[arg(long, default_value_t = 15_000)]
+        agents: usize,
+        /// Generator processes per proxy.
+        #[arg(long, default_value_t = 2)]
+        procs: usize,
+        /// How long both Auths stay down.
+        #[arg(long, default_value = "10s")]
+        down: humantime::Duration,
+        /// How long to watch after the Auths are back (heartbeat rates, reconnects).
+        #[arg(long, default_value = "60s")]
+        observe: humantime::Duration,
+    },
     /// Simulated agents hold idle tunnels (real TLS, real joined certificates, heartbeats):
     /// connect rate, Proxy memory per tunnel and Proxy CPU while idle. Spawns its own cluster.
     Tunnels {

@@ -101,7 +101,7 @@ pub fn gctl(data: &Path, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn new_token(data: &Path, ty: &str) -> anyhow::Result<String> {
+pub(crate) fn new_token(data: &Path, ty: &str) -> anyhow::Result<String> {
     let out = gctl(
         data,
         &["tokens", "add", "--type", ty, "--uses", "0", "--ttl", "2h"],

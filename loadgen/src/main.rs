@@ -3,6 +3,7 @@
 //! agents' tunnel transports over an emulated lossy link).
 
 mod audit;
+mod auth_restart;
 mod cli;
 mod fleet;
 mod latency;
@@ -142,6 +143,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .await?;
             audit::print(&report);
+            write_json(cli.json.as_deref(), &report)
+        }
+        Scenario::AuthRestart {
+            agents,
+            procs,
+            down,
+            observe,
+        } => {
+            if agents == 0 {
+                anyhow::bail!("--agents must be at least 1");
+            }
+            let report = auth_restart::run(auth_restart::AuthRestartConfig {
+                agents,
+                procs,
+                down: down.into(),
+                observe: observe.into(),
+            })
+            .await?;
+            auth_restart::print(&report);
             write_json(cli.json.as_deref(), &report)
         }
         Scenario::Renewals { bots, duration } => {
