@@ -2,7 +2,7 @@
 """Render bench/RESULTS.md and bench/results.json from the JSON files scripts/bench wrote."""
 import json, os, platform, re, subprocess, sys, datetime
 
-# `render_results.py --only recordings|renewals DIR RESULTS.md results.json`: put only that
+# `render_results.py --only recordings|renewals|audit|restart DIR RESULTS.md results.json`: put only that
 # section (from DIR/recordings.json, or DIR/renewals-*.json and DIR/criterion.txt) into existing
 # results, for a run of that scenario alone. `--recordings` is `--only recordings`.
 only = None
@@ -104,6 +104,30 @@ Goal 100,000 events/s: not reached (see `docs/measurements.md`, issue 27).
 """
 
 
+def restart_section():
+    runs = [r for r in (opt("auth-restart-10s.json"), opt("auth-restart-90s.json")) if r]
+    if not runs:
+        return "## Edge proxies while every Auth restarts\n\nNot run (`loadgen auth-restart`).\n"
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    rows = "\n".join(
+        f"| {r['down_seconds']:.0f} s | {r['tunnels_before']} | **{r['agent_reconnects']}** | {r['auth_connections']} in {r['observe_seconds']:.0f} s | "
+        f"{r['heartbeat_rows_per_s']:.0f} | {r['heartbeat_calls_per_s']:.2f} | **{r['nodes_back_seconds']:.2f} s** |"
+        for r in runs)
+    b = runs[0]
+    return f"""## Edge proxies while every Auth restarts (`loadgen auth-restart --agents {b['agents']} --down 10s|90s --observe 60s`, commit `{head}`)
+
+PostgreSQL (fsync on), {b['auths']} Auth processes on it, {b['proxies']} proxies given both; {b['agents']:,} simulated agents, each
+with its own joined identity and a tunnel to each proxy ({b['tunnels_before']:,} tunnels; set up in {b['join_seconds']:.0f} s of joins and
+{b['connect_seconds']:.0f} s of dials). Both Auths stop (SIGTERM), stay down, start again on the same addresses. The simulated
+agents never redial, so a reconnect would show as a tunnel lost. Heartbeat rates are both Auths' counters over the
+observation after the restart; nodes are written when they change or every 20 s (Auth lists a node 60 s).
+
+| Auths down | tunnels | agent reconnects (goal 0) | connections Auth accepted | heartbeat rows/s | heartbeat calls/s | until `ListNodes` shows all again |
+|---|---|---|---|---|---|---|
+{rows}
+"""
+
+
 def replace_section(md, heading, section, before):
     if heading in md:
         a = md.index(heading)
@@ -149,6 +173,21 @@ if only == "audit":
     res["results"] = [r for r in res["results"] if r.get("scenario") != "audit"] + [
         {"scenario": "audit", "baseline": f"goal 100000 ({r['storage']})", "unit": "events/s", "value": r["events_per_s"]}
         for r in (opt("audit-sqlite.json"), opt("audit-postgres.json")) if r]
+    json.dump(res, open(json_path, "w"), indent=2)
+    sys.exit(0)
+
+
+if only == "restart":
+    md = replace_section(open(md_path).read(), "## Edge proxies while every Auth restarts", restart_section(), "## Micro-benchmarks")
+    open(md_path, "w").write(md)
+    res = json.load(open(json_path))
+    runs = [r for r in (opt("auth-restart-10s.json"), opt("auth-restart-90s.json")) if r]
+    res.setdefault("raw", {})["auth-restart"] = runs
+    res["results"] = [r for r in res["results"] if r.get("scenario") != "auth-restart"] + [
+        {"scenario": "auth-restart", "baseline": f"goal 0 (down {r['down_seconds']:.0f} s)", "unit": "agent reconnects", "value": r["agent_reconnects"]}
+        for r in runs] + [
+        {"scenario": "auth-restart", "baseline": f"down {r['down_seconds']:.0f} s", "unit": "s until all nodes listed", "value": r["nodes_back_seconds"]}
+        for r in runs]
     json.dump(res, open(json_path, "w"), indent=2)
     sys.exit(0)
 
@@ -697,6 +736,7 @@ argon2id (19 MiB, t=2, p=1) bounds password logins by design.
 
 {renewals_section()}
 {audit_section()}
+{restart_section()}
 ## Micro-benchmarks (criterion: `cargo bench -p gatehouse-bench --bench signing` and `--bench tunnel`)
 
 | benchmark | median |
