@@ -121,6 +121,7 @@ with its own joined identity and a tunnel to each proxy ({b['tunnels_before']:,}
 {b['connect_seconds']:.0f} s of dials). Both Auths stop (SIGTERM), stay down, start again on the same addresses. The simulated
 agents never redial, so a reconnect would show as a tunnel lost. Heartbeat rates are both Auths' counters over the
 observation after the restart; nodes are written when they change or every 20 s (Auth lists a node 60 s).
+After 90 s down every node had expired, so the listing waits for each proxy's next batch (every 5 s).
 
 | Auths down | tunnels | agent reconnects (goal 0) | connections Auth accepted | heartbeat rows/s | heartbeat calls/s | until `ListNodes` shows all again |
 |---|---|---|---|---|---|---|

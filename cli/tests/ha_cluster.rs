@@ -163,6 +163,7 @@ fn sessions_outlive_every_auth_and_a_proxy_and_audit_arrives_once_after() {
         ],
     );
     let proxy1 = f.proxy_addr.clone();
+    let node_token = common::token(&f.auth_data(), "node");
     // Agents know only proxy1; a proxy added is announced to them, and they tunnel to it.
     let started = Instant::now();
     let mut second = f.start_proxy(2);
@@ -246,6 +247,35 @@ fn sessions_outlive_every_auth_and_a_proxy_and_audit_arrives_once_after() {
     assert!(
         out.stderr.to_lowercase().contains("auth"),
         "a login without Auth says so: {}",
+        out.stderr
+    );
+    // A new agent cannot join: it says why and stops.
+    let mut join = Command::new(common::bin("gatehouse"));
+    join.args([
+        "start",
+        "--roles",
+        "agent",
+        "--proxy",
+        &front,
+        "--token",
+        &node_token,
+    ])
+    .args([
+        "--ca-pin",
+        &f.pin,
+        "--node-name",
+        "late",
+        "--diag-addr",
+        "127.0.0.9:0",
+    ])
+    .arg("--data-dir")
+    .arg(f.dir.path().join("late"));
+    let out = common::run(join, None);
+    assert_ne!(out.status, 0, "a join without Auth: {}", out.stdout);
+    eprintln!("a join without Auth: {}", out.stderr.trim());
+    assert!(
+        out.stderr.contains("Auth"),
+        "a join without Auth says so: {}",
         out.stderr
     );
     let outage_start = Instant::now();

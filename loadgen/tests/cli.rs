@@ -35,6 +35,8 @@ fn help_lists_every_scenario_and_its_options() {
         "sessions",
         "ssh",
         "recordings",
+        "audit",
+        "auth-restart",
     ] {
         assert!(out.contains(s), "--help lacks {s}:\n{out}");
     }
@@ -411,4 +413,27 @@ fn tunnels_rounds_hold_every_tunnel() {
     assert_eq!(m["connects_per_second"].as_f64().unwrap(), rates[1], "{v}");
     assert_eq!(m["tunnels_held"].as_u64().unwrap(), 40, "{v}");
     assert_eq!(m["transport"], "tls", "{v}");
+}
+
+/// `auth-restart`, small: agents tunnelled to both proxies lose no tunnel while both Auths
+/// restart, and every node is listed again.
+#[test]
+fn auth_restart_loses_no_tunnel() {
+    let v = report(&[
+        "auth-restart",
+        "--agents",
+        "20",
+        "--procs",
+        "1",
+        "--down",
+        "2s",
+        "--observe",
+        "6s",
+    ]);
+    assert_eq!(v["tunnels_before"].as_u64().unwrap(), 40, "{v}");
+    assert_eq!(v["agent_reconnects"].as_u64().unwrap(), 0, "{v}");
+    assert_eq!(v["tunnels_after"].as_u64().unwrap(), 40, "{v}");
+    assert!(v["nodes_back_seconds"].as_f64().unwrap() < 60.0, "{v}");
+    // The proxies came back to the restarted Auths (announcements, the watch stream).
+    assert!(v["auth_connections"].as_u64().unwrap() >= 2, "{v}");
 }
