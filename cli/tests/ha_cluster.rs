@@ -182,6 +182,14 @@ fn sessions_outlive_every_auth_and_a_proxy_and_audit_arrives_once_after() {
         "proxy added: every agent tunnelled to it in {:?}",
         started.elapsed()
     );
+    let gauge = |d: &common::Daemon, name: &str| metric(&metrics_of(d), name);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while gauge(&f.proxy, "gatehouse_proxy_cluster_proxies") != Some(2.0)
+        || gauge(&second, "gatehouse_proxy_auth_stream_up") != Some(1.0)
+    {
+        assert!(Instant::now() < deadline, "{}", metrics_of(&f.proxy));
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let front = balancer(vec![proxy1.clone(), proxy2.clone()]);
 
     let pw = f
@@ -296,6 +304,13 @@ fn sessions_outlive_every_auth_and_a_proxy_and_audit_arrives_once_after() {
         std::thread::sleep(Duration::from_secs(5));
     }
     eprintln!("{i} sessions in {:?} without Auth", outage_start.elapsed());
+    if outage >= Duration::from_secs(30) {
+        // The proxies say their stream from Auth is down, and still announce both proxies.
+        for p in [&f.proxy, &second] {
+            assert_eq!(gauge(p, "gatehouse_proxy_auth_stream_up"), Some(0.0));
+            assert_eq!(gauge(p, "gatehouse_proxy_cluster_proxies"), Some(2.0));
+        }
+    }
     for t in [&via_proxy1, &via_proxy2] {
         assert!(
             t.longest_gap() < Duration::from_secs(5),
@@ -323,6 +338,12 @@ fn sessions_outlive_every_auth_and_a_proxy_and_audit_arrives_once_after() {
             f.agents[0].log()
         );
         std::thread::sleep(Duration::from_millis(500));
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while gauge(&second, "gatehouse_proxy_auth_stream_up") != Some(1.0) {
+        assert!(Instant::now() < deadline, "the watch stream did not resume");
+        std::thread::sleep(Duration::from_millis(200));
     }
 
     // A proxy killed: the session it carried ends, the other's goes on, and every node is

@@ -81,6 +81,7 @@ pub(crate) fn start(
     advertise: String,
     endpoint: Arc<Mutex<AuthEndpoint>>,
     proxies: Arc<ProxySet>,
+    metrics: Arc<crate::proxy::ProxyMetrics>,
 ) -> PeersHandle {
     let cache = Arc::new(Mutex::new(WatchCache::default()));
     let announce = {
@@ -122,7 +123,13 @@ pub(crate) fn start(
                         heard = c.events;
                         alive_at = unix_now();
                     }
-                    proxies.set(live_addrs(&c, alive_at));
+                    let live = live_addrs(&c, alive_at);
+                    metrics.cluster_proxies.set(live.len() as i64);
+                    let silent = unix_now() - alive_at;
+                    let up = c.snapshots > 0
+                        && silent < gatehouse_controlplane::watch::SILENCE_LIMIT.as_secs() as i64;
+                    metrics.auth_stream_up.set(i64::from(up));
+                    proxies.set(live);
                 }
             }
         })

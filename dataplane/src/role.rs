@@ -166,9 +166,11 @@ pub async fn start(
         proxies: Arc::clone(&proxies),
     };
     let (proxy, inventories) =
-        Proxy::start(proxy_config, metrics).map_err(|source| ProxyRoleError::Start {
-            listen: config.listen,
-            source,
+        Proxy::start(proxy_config, Arc::clone(&metrics)).map_err(|source| {
+            ProxyRoleError::Start {
+                listen: config.listen,
+                source,
+            }
         })?;
     let endpoint = Arc::new(std::sync::Mutex::new(AuthEndpoint {
         addr: config.auth_addr.clone(),
@@ -183,7 +185,12 @@ pub async fn start(
             proxy.local_addr.to_string()
         }
     });
-    let peers = crate::peers::start(advertise, Arc::clone(&endpoint), proxies);
+    let peers = crate::peers::start(
+        advertise,
+        Arc::clone(&endpoint),
+        proxies,
+        Arc::clone(&metrics),
+    );
     let cluster = id.cluster.clone();
     let renew = tokio::spawn(renew_proxy_identity(id, cert, endpoint));
     Ok(ProxyHandle {

@@ -65,12 +65,26 @@ pub struct ProxyMetrics {
     pub tunnel_moves: Counter,
     /// TLS handshakes completed, `full` or `resumed` (a session ticket from an earlier one).
     pub handshakes: Family<KindLabel, Counter>,
+    /// 1 while the watch stream from Auth is alive (an event or keepalive in the last 20 s).
+    pub auth_stream_up: Gauge,
+    /// Proxies announced to this proxy's agents (this one included).
+    pub cluster_proxies: Gauge,
 }
 
 impl ProxyMetrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("gatehouse_proxy");
         r.register("tunnels", "Agent tunnels connected", self.tunnels.clone());
+        r.register(
+            "auth_stream_up",
+            "1 while the watch stream from Auth is alive",
+            self.auth_stream_up.clone(),
+        );
+        r.register(
+            "cluster_proxies",
+            "Proxies announced to this proxy's agents",
+            self.cluster_proxies.clone(),
+        );
         r.register(
             "quic_stream_tunnels",
             "Agent tunnels over QUIC whose sessions run on QUIC streams of their own",
