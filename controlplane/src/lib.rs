@@ -5,6 +5,7 @@ pub mod ca;
 pub mod identity;
 pub mod rbac;
 pub mod resources;
+pub mod role_map;
 pub mod template;
 
 /// Generated gRPC types and service stubs (compiled from `proto/` by protox; no system protoc).

@@ -25,7 +25,7 @@ mod recordings;
 mod tests;
 mod tokens;
 mod users;
-pub mod watch;
+mod watch;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

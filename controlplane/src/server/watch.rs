@@ -3,7 +3,7 @@
 //!
 //! Every change this Auth hears (its own writes and, on PostgreSQL, other Auths' through
 //! `LISTEN`) becomes an entry of one numbered log, kept in memory for the last
-//! [`RING_CAPACITY`] entries. A stream's cursor is `EPOCH:N` (this Auth's random epoch, the
+//! `RING_CAPACITY` entries. A stream's cursor is `EPOCH:N` (this Auth's random epoch, the
 //! number of entries already reflected). A stream resumed with a cursor of this epoch whose
 //! entries are all still in memory gets exactly those; any other (another Auth, a restart, too
 //! far behind, a listener that missed notifications) gets a fresh snapshot. Either way the

@@ -20,7 +20,7 @@ pub struct ProxyAnnouncement {
 }
 
 impl ProxyAnnouncement {
-    /// Parse what a proxy sent: at most [`MAX_PROXIES`] addresses of the form `host:port`,
+    /// Parse what a proxy sent: at most `MAX_PROXIES` addresses of the form `host:port`,
     /// each at most 255 bytes; anything else is refused whole.
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
         let a: Self = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
