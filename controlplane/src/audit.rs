@@ -25,6 +25,9 @@ pub mod types {
     pub const BOT_DELETE: &str = "bot.delete";
     pub const BOT_LOCKED: &str = "bot.locked";
     pub const BOT_UNLOCK: &str = "bot.unlock";
+    pub const TRUSTED_CLUSTER_CREATE: &str = "trusted_cluster.create";
+    pub const TRUSTED_CLUSTER_UPDATE: &str = "trusted_cluster.update";
+    pub const TRUSTED_CLUSTER_DELETE: &str = "trusted_cluster.delete";
     /// A renewal refused (expired, superseded, locked, deleted bot).
     pub const RENEW_REFUSED: &str = "renew.refused";
 }

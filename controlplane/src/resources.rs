@@ -22,6 +22,8 @@ pub enum ResourceKind {
     Session,
     /// Machine ID bots.
     Bot,
+    /// Trust between clusters (a leaf's link to its root, a root's record of a leaf).
+    TrustedCluster,
     #[serde(rename = "*")]
     Any,
 }
@@ -40,6 +42,7 @@ impl ResourceKind {
             ResourceKind::CertAuthority => "cert_authority",
             ResourceKind::Session => "session",
             ResourceKind::Bot => "bot",
+            ResourceKind::TrustedCluster => "trusted_cluster",
             ResourceKind::Any => "*",
         }
     }
@@ -239,12 +242,40 @@ fn v1() -> String {
     "v1".into()
 }
 
+/// A leaf's trust in a root cluster (`gctl create -f trusted_cluster.toml` on the leaf).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedClusterSpec {
+    /// The root's proxy (`host:port`): the only address of the root the leaf needs to reach.
+    pub proxy_addr: String,
+    /// The root's `trusted_cluster` token: used once to establish trust, never stored.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token: String,
+    /// `sha256:…` of the root's X.509 CA.
+    pub ca_pin: String,
+    /// Which local roles the root's users get, by their roles.
+    #[serde(default)]
+    pub role_map: Vec<crate::role_map::RoleMapping>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedCluster {
+    pub kind: String,
+    #[serde(default = "v1")]
+    pub version: String,
+    /// `metadata.name` is the root cluster's name.
+    pub metadata: Metadata,
+    pub spec: TrustedClusterSpec,
+}
+
 /// A parsed resource document of any kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Resource {
     Role(Role),
     User(User),
+    TrustedCluster(TrustedCluster),
 }
 
 impl Resource {
@@ -252,18 +283,21 @@ impl Resource {
         match self {
             Resource::Role(_) => ResourceKind::Role,
             Resource::User(_) => ResourceKind::User,
+            Resource::TrustedCluster(_) => ResourceKind::TrustedCluster,
         }
     }
     pub fn name(&self) -> &str {
         match self {
             Resource::Role(r) => &r.metadata.name,
             Resource::User(u) => &u.metadata.name,
+            Resource::TrustedCluster(t) => &t.metadata.name,
         }
     }
     pub fn to_json(&self) -> String {
         match self {
             Resource::Role(r) => serde_json::to_string(r),
             Resource::User(u) => serde_json::to_string(u),
+            Resource::TrustedCluster(t) => serde_json::to_string(t),
         }
         .unwrap_or_default()
     }
@@ -306,15 +340,23 @@ pub fn parse_value(value: serde_json::Value) -> Result<Resource, ResourceError> 
     let kind = value
         .get("kind")
         .and_then(|k| k.as_str())
-        .ok_or_else(|| ResourceError::field("kind", "missing; expected \"role\" or \"user\""))?
+        .ok_or_else(|| {
+            ResourceError::field(
+                "kind",
+                "missing; expected \"role\", \"user\" or \"trusted_cluster\"",
+            )
+        })?
         .to_owned();
     let resource = match kind.as_str() {
         "role" => Resource::Role(deserialize_at_path(value)?),
         "user" => Resource::User(deserialize_at_path(value)?),
+        "trusted_cluster" => Resource::TrustedCluster(deserialize_at_path(value)?),
         other => {
             return Err(ResourceError::field(
                 "kind",
-                format!("unknown kind `{other}`; expected \"role\" or \"user\""),
+                format!(
+                    "unknown kind `{other}`; expected \"role\", \"user\" or \"trusted_cluster\""
+                ),
             ));
         }
     };
@@ -445,6 +487,39 @@ fn validate(resource: &Resource) -> Result<(), ResourceError> {
                     }
                 }
             }
+            Ok(())
+        }
+        Resource::TrustedCluster(t) => {
+            check_version(&t.version)?;
+            validate_name(&t.metadata.name)
+                .map_err(|m| ResourceError::field("metadata.name", m))?;
+            let addr_ok = t
+                .spec
+                .proxy_addr
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !addr_ok || t.spec.proxy_addr.len() > 255 {
+                return Err(ResourceError::field(
+                    "spec.proxy_addr",
+                    "the root's proxy as host:port",
+                ));
+            }
+            let pin_ok = t
+                .spec
+                .ca_pin
+                .strip_prefix("sha256:")
+                .is_some_and(|h| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()));
+            if !pin_ok {
+                return Err(ResourceError::field(
+                    "spec.ca_pin",
+                    "sha256: and 64 hex digits (printed by the root's Auth at start, or `gctl status`)",
+                ));
+            }
+            if t.spec.token.len() > 256 {
+                return Err(ResourceError::field("spec.token", "at most 256 characters"));
+            }
+            crate::role_map::RoleMap::compile(&t.spec.role_map)
+                .map_err(|e| ResourceError::field("spec", e.to_string()))?;
             Ok(())
         }
     }

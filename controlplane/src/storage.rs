@@ -18,9 +18,11 @@ mod changes;
 mod proxies;
 mod recordings;
 mod role_cache;
+mod trust;
 pub use bots::{BotRow, RenewOp, RenewOutcome};
 pub use changes::Change;
 pub use recordings::{RecordingFilter, RecordingRow};
+pub use trust::TrustRow;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -70,6 +72,8 @@ pub enum TokenRejection {
     Expired,
     #[error("token used up")]
     UsedUp,
+    #[error("a token of another type")]
+    WrongType,
 }
 
 /// One audit event as stored.
@@ -555,20 +559,28 @@ impl Store {
         Ok(())
     }
 
-    /// Atomically use a token: one statement checks expiry and remaining uses and counts the use,
-    /// so concurrent joins can never exceed `max_uses`. A refused token is left untouched.
+    /// Atomically use a token of one of `types`: one statement checks type, expiry and remaining
+    /// uses and counts the use, so concurrent joins can never exceed `max_uses`. A refused token
+    /// (another type included) is left untouched.
     pub async fn consume_token(
         &self,
         hash: &str,
+        types: &[&str],
         now: i64,
     ) -> Result<Result<TokenRecord, TokenRejection>, StoreError> {
-        let row = sqlx::query(
-            "UPDATE tokens SET uses = uses + 1 WHERE hash = $1 AND expires > $2 AND (max_uses = 0 OR uses < max_uses) RETURNING *",
-        )
-        .bind(hash)
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await?;
+        let mut n = 2;
+        let sql = format!(
+            "UPDATE tokens SET uses = uses + 1 WHERE hash = $1 AND expires > $2 AND (max_uses = 0 OR uses < max_uses) AND type IN ({}) RETURNING *",
+            params(&mut n, types.len().max(1))
+        );
+        let mut q = sqlx::query(&sql).bind(hash).bind(now);
+        if types.is_empty() {
+            q = q.bind("");
+        }
+        for t in types {
+            q = q.bind(*t);
+        }
+        let row = q.fetch_optional(&self.pool).await?;
         if let Some(row) = row {
             return Ok(Ok(Self::token_from_row(&row)));
         }
@@ -578,6 +590,7 @@ impl Store {
             .await?;
         Ok(Err(match row.map(|r| Self::token_from_row(&r)) {
             None => TokenRejection::NotFound,
+            Some(t) if !types.contains(&t.token_type.as_str()) => TokenRejection::WrongType,
             Some(t) if t.expires <= now => TokenRejection::Expired,
             Some(_) => TokenRejection::UsedUp,
         }))

@@ -43,6 +43,7 @@ impl PeersHandle {
                 addr: String::new(),
                 ttl_seconds: 0,
                 leaving: true,
+                leaves: vec![],
             })
             .await
             .ok()
@@ -108,6 +109,8 @@ pub(crate) fn start(
                             addr: advertise.clone(),
                             ttl_seconds: ANNOUNCE_TTL,
                             leaving: false,
+                            // Leaf tunnels: with trusted clusters (not held yet).
+                            leaves: vec![],
                         })
                         .await;
                     if let Err(e) = sent {

@@ -67,11 +67,13 @@ pub(crate) enum Rpc {
     Renew,
     Watch,
     HeartbeatProxy,
+    ValidateTrustedCluster,
+    ListClusters,
 }
 
 impl Rpc {
     #[cfg(test)]
-    pub(crate) const ALL: [Rpc; 30] = [
+    pub(crate) const ALL: [Rpc; 32] = [
         Rpc::Ping,
         Rpc::Login,
         Rpc::Join,
@@ -102,6 +104,8 @@ impl Rpc {
         Rpc::Renew,
         Rpc::Watch,
         Rpc::HeartbeatProxy,
+        Rpc::ValidateTrustedCluster,
+        Rpc::ListClusters,
     ];
 
     /// The access rule: the one table of who may call what.
@@ -109,14 +113,16 @@ impl Rpc {
         use Access::{Authenticated, PerRequest, Public, Rule};
         use ResourceKind as K;
         match self {
-            Rpc::Ping | Rpc::Login | Rpc::Join => Public,
+            // ValidateTrustedCluster: a leaf's Auth with a trusted_cluster token.
+            Rpc::Ping | Rpc::Login | Rpc::Join | Rpc::ValidateTrustedCluster => Public,
             // Renew: the caller's own identity, by kind (bots, agents, proxies; not users).
             // HeartbeatProxy: proxies only (the handler checks the kind).
             Rpc::WhoAmI
             | Rpc::ChangePassword
             | Rpc::GetClusterSettings
             | Rpc::Renew
-            | Rpc::HeartbeatProxy => Authenticated,
+            | Rpc::HeartbeatProxy
+            | Rpc::ListClusters => Authenticated,
             Rpc::CreateUser => Rule(K::User, Verb::Create),
             Rpc::ResetPassword => Rule(K::User, Verb::Update),
             // Watch: each kind asked for is checked.
@@ -177,6 +183,8 @@ impl Rpc {
             Rpc::Renew => "Renew",
             Rpc::Watch => "Watch",
             Rpc::HeartbeatProxy => "HeartbeatProxy",
+            Rpc::ValidateTrustedCluster => "ValidateTrustedCluster",
+            Rpc::ListClusters => "ListClusters",
         }
     }
 }
@@ -408,7 +416,10 @@ fn proxy_role() -> Role {
                 vec![Verb::Create, Verb::Update, Verb::List, Verb::Read],
             ),
             rule(vec![ResourceKind::Event], vec![Verb::Create]),
-            rule(vec![ResourceKind::CertAuthority], vec![Verb::Read]),
+            rule(
+                vec![ResourceKind::CertAuthority, ResourceKind::TrustedCluster],
+                vec![Verb::Read],
+            ),
         ],
     )
 }
@@ -420,7 +431,10 @@ fn node_role() -> Role {
         vec![
             rule(vec![ResourceKind::Node], vec![Verb::Create, Verb::Update]),
             rule(vec![ResourceKind::Event], vec![Verb::Create]),
-            rule(vec![ResourceKind::CertAuthority], vec![Verb::Read]),
+            rule(
+                vec![ResourceKind::CertAuthority, ResourceKind::TrustedCluster],
+                vec![Verb::Read],
+            ),
             // Agents upload the recordings of the sessions they serve (their own only: the
             // handler checks the recording names the calling host).
             rule(vec![ResourceKind::Session], vec![Verb::Create]),

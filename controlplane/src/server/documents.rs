@@ -38,6 +38,12 @@ pub(super) async fn upsert(
             .await
             .map_err(store_status)?
             .is_some(),
+        Resource::TrustedCluster(tc) => state
+            .store
+            .get_trust(&tc.metadata.name)
+            .await
+            .map_err(store_status)?
+            .is_some(),
     };
     let verb = if exists { Verb::Update } else { Verb::Create };
     let caller = call.authorize(kind, verb)?;
@@ -70,6 +76,35 @@ pub(super) async fn upsert(
             };
             (created, event)
         }
+        Resource::TrustedCluster(tc) => {
+            if exists && r.create_only {
+                return Err(Status::already_exists(format!(
+                    "trusted_cluster `{}` exists; remove it first or update it",
+                    tc.metadata.name
+                ))
+                .into());
+            }
+            let doc = super::trust::establish(state, tc).await?;
+            let spec = serde_json::to_string(&doc).map_err(super::internal)?;
+            state
+                .store
+                .put_trust(
+                    &crate::storage::TrustRow {
+                        name: tc.metadata.name.clone(),
+                        side: super::trust::ROOT.into(),
+                        spec,
+                    },
+                    now,
+                )
+                .await
+                .map_err(store_status)?;
+            let event = if exists {
+                types::TRUSTED_CLUSTER_UPDATE
+            } else {
+                types::TRUSTED_CLUSTER_CREATE
+            };
+            (!exists, event)
+        }
     };
     Ok(Done::audited(
         proto::UpsertResourceResponse { created },
@@ -100,6 +135,18 @@ pub(super) async fn get(
             .await
             .map_err(store_status)?
             .map(|(u, _)| Resource::User(u).to_json()),
+        ResourceKind::TrustedCluster => match store.get_trust(name).await.map_err(store_status)? {
+            Some(row) if row.side == super::trust::LEAF => {
+                return Err(Status::not_found(format!(
+                    "`{name}` is a leaf of this cluster, not a cluster it trusts (gsh clusters lists both)"
+                ))
+                .into());
+            }
+            Some(row) => {
+                super::trust::as_resource(&row).map(|t| Resource::TrustedCluster(t).to_json())
+            }
+            None => None,
+        },
         _ => {
             return Err(
                 Status::invalid_argument(format!("get is not supported for {kind}")).into(),
@@ -132,6 +179,14 @@ pub(super) async fn list(
             .into_iter()
             .map(|u| Resource::User(u).to_json())
             .collect(),
+        ResourceKind::TrustedCluster => store
+            .list_trust()
+            .await
+            .map_err(store_status)?
+            .iter()
+            .filter_map(super::trust::as_resource)
+            .map(|t| Resource::TrustedCluster(t).to_json())
+            .collect(),
         _ => {
             return Err(Status::invalid_argument(format!(
                 "list is not supported for {kind}; use the kind's own call"
@@ -148,6 +203,28 @@ pub(super) async fn delete(
 ) -> Result<Done<proto::DeleteResourceResponse>, Failure> {
     let kind = kind_of(&r.kind)?;
     let caller = call.authorize(kind, Verb::Delete)?;
+    if kind == ResourceKind::TrustedCluster {
+        // Either side: the root forgets a leaf, a leaf stops trusting its root.
+        let removed = call
+            .state
+            .store
+            .delete_trust(&r.name)
+            .await
+            .map_err(store_status)?;
+        if !removed {
+            return Err(
+                Status::not_found(format!("trusted_cluster `{}` not found", r.name)).into(),
+            );
+        }
+        return Ok(Done::audited(
+            proto::DeleteResourceResponse {},
+            Audit::one(
+                types::TRUSTED_CLUSTER_DELETE,
+                &caller.identity.name,
+                json!({ "kind": kind.as_str(), "name": r.name }),
+            ),
+        ));
+    }
     let (table, event_type) = match kind {
         ResourceKind::Role => ("role", types::ROLE_DELETE),
         ResourceKind::User => ("user", types::USER_DELETE),

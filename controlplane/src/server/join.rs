@@ -41,7 +41,7 @@ pub(super) async fn join(
         .map_err(|e| Status::invalid_argument(format!("tls_public_key: {e}")))?;
     let token = match state
         .store
-        .consume_token(&token_hash(&r.token), now_secs())
+        .consume_token(&token_hash(&r.token), &["node", "proxy", "bot"], now_secs())
         .await
         .map_err(store_status)?
     {
@@ -54,6 +54,9 @@ pub(super) async fn join(
                 .inc();
             let msg = match rejection {
                 TokenRejection::NotFound => "join token not recognized",
+                TokenRejection::WrongType => {
+                    "this token is not for joining hosts or bots (it is a trusted_cluster token)"
+                }
                 TokenRejection::Expired => {
                     "join token has expired; ask an admin for a new one (gctl tokens add)"
                 }

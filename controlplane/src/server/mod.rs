@@ -24,6 +24,7 @@ mod recordings;
 #[cfg(test)]
 mod tests;
 mod tokens;
+mod trust;
 mod users;
 mod watch;
 
@@ -726,6 +727,21 @@ impl Auth for AuthService {
         req: Request<proto::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.handle(Rpc::Watch, req, watch::watch).await
+    }
+
+    async fn validate_trusted_cluster(
+        &self,
+        req: Request<proto::ValidateTrustedClusterRequest>,
+    ) -> Result<Response<proto::ValidateTrustedClusterResponse>, Status> {
+        self.handle(Rpc::ValidateTrustedCluster, req, trust::validate)
+            .await
+    }
+
+    async fn list_clusters(
+        &self,
+        req: Request<proto::ListClustersRequest>,
+    ) -> Result<Response<proto::ListClustersResponse>, Status> {
+        self.handle(Rpc::ListClusters, req, trust::list).await
     }
 
     async fn heartbeat_proxy(

@@ -143,8 +143,8 @@ fn allowed(rpc: Rpc) -> &'static [&'static str] {
     const USER_ADMINS: &[&str] = &["editor", "admin"];
     const TOKEN_ADMINS: &[&str] = &["editor", "denied-editor", "admin"];
     match rpc {
-        Rpc::Ping | Rpc::Login | Rpc::Join => EVERYONE,
-        Rpc::WhoAmI | Rpc::GetClusterSettings => &[
+        Rpc::Ping | Rpc::Login | Rpc::Join | Rpc::ValidateTrustedCluster => EVERYONE,
+        Rpc::WhoAmI | Rpc::GetClusterSettings | Rpc::ListClusters => &[
             "access",
             "editor",
             "auditor",
@@ -400,8 +400,17 @@ async fn call(svc: &AuthService, rpc: Rpc, peer: &Option<Identity>) -> Result<()
                     addr: "127.0.0.1:3080".into(),
                     ttl_seconds: 30,
                     leaving: false,
+                    leaves: vec![],
                 },
             ))
+            .await
+            .map(drop),
+        Rpc::ValidateTrustedCluster => svc
+            .validate_trusted_cluster(request(peer, p::ValidateTrustedClusterRequest::default()))
+            .await
+            .map(drop),
+        Rpc::ListClusters => svc
+            .list_clusters(request(peer, p::ListClustersRequest {}))
             .await
             .map(drop),
     }
@@ -435,13 +444,14 @@ async fn authorization_table_every_rpc_by_every_caller() {
 }
 
 #[test]
-fn only_ping_login_and_join_are_public() {
+fn only_ping_login_join_and_trust_requests_are_public() {
     let public: Vec<&str> = Rpc::ALL
         .iter()
         .filter(|r| r.access() == Access::Public)
         .map(|r| r.name())
         .collect();
-    assert_eq!(public, ["Ping", "Login", "Join"]);
+    // A trust request carries a trusted_cluster token, as a join carries a join token.
+    assert_eq!(public, ["Ping", "Login", "Join", "ValidateTrustedCluster"]);
 }
 
 /// A method added to the protobuf service without an entry in `Rpc` (and so without an access

@@ -30,7 +30,13 @@ pub(crate) const RING_CAPACITY: usize = 4096;
 pub const KEEPALIVE: Duration = Duration::from_secs(5);
 
 /// The kinds a stream may watch.
-pub const KINDS: [&str; 4] = ["proxy", "cert_authority", "role", "cluster_settings"];
+pub const KINDS: [&str; 5] = [
+    "proxy",
+    "cert_authority",
+    "role",
+    "cluster_settings",
+    "trusted_cluster",
+];
 
 /// One entry of the log.
 #[derive(Debug, Clone, PartialEq)]
@@ -184,11 +190,27 @@ async fn feed(
                 Ok(None) => Body::Delete(item("role", &name, String::new())),
                 Err(_) => Body::Reset,
             },
+            Ok(Change::TrustedCluster(name)) => match state.store.get_trust(&name).await {
+                Ok(Some(row)) => Body::Put(trust_item(&row)),
+                Ok(None) => Body::Delete(item("trusted_cluster", &name, String::new())),
+                Err(_) => Body::Reset,
+            },
             Ok(Change::Everything) | Err(broadcast::error::RecvError::Lagged(_)) => Body::Reset,
             Err(broadcast::error::RecvError::Closed) => return,
         };
         hub.push(body);
     }
+}
+
+/// A trust record as watchers get it: `{"side": …, "spec": {…}}` (public CAs, the proxy
+/// address, the role map).
+fn trust_item(row: &crate::storage::TrustRow) -> proto::WatchItem {
+    let spec: serde_json::Value = serde_json::from_str(&row.spec).unwrap_or_default();
+    item(
+        "trusted_cluster",
+        &row.name,
+        serde_json::json!({ "side": row.side, "spec": spec }).to_string(),
+    )
 }
 
 fn item(kind: &str, name: &str, resource: String) -> proto::WatchItem {
@@ -238,6 +260,11 @@ async fn snapshot(state: &AuthState, kinds: &[String]) -> Result<Vec<proto::Watc
                     doc(serde_json::json!({ "cert_pem": state.tls_ca.cert_pem() })),
                 ));
             }
+            "trusted_cluster" => {
+                for row in state.store.list_trust().await.map_err(store_status)? {
+                    items.push(trust_item(&row));
+                }
+            }
             "cluster_settings" => {
                 let c = &state.recording_config;
                 items.push(item(
@@ -276,6 +303,7 @@ pub(super) async fn watch(
             "proxy" => (ResourceKind::Node, Verb::List),
             "role" => (ResourceKind::Role, Verb::List),
             "cert_authority" | "cluster_settings" => (ResourceKind::CertAuthority, Verb::Read),
+            "trusted_cluster" => (ResourceKind::TrustedCluster, Verb::Read),
             other => {
                 return Err(Status::invalid_argument(format!(
                     "kinds: unknown kind `{other}`; expected {}",
@@ -452,8 +480,21 @@ pub(super) async fn heartbeat_proxy(
         )
         .into());
     }
+    if r.leaves.len() > 10_000 {
+        return Err(Status::invalid_argument("leaves: at most 10,000").into());
+    }
+    for leaf in &r.leaves {
+        crate::resources::validate_name(leaf)
+            .map_err(|m| Status::invalid_argument(format!("leaves: `{leaf}`: {m}")))?;
+    }
     let expires = now_secs() + i64::from(r.ttl_seconds.clamp(5, 600));
-    let spec = serde_json::json!({ "name": name, "addr": r.addr, "expires": expires }).to_string();
+    let spec = serde_json::json!({
+        "name": name,
+        "addr": r.addr,
+        "expires": expires,
+        "leaves": r.leaves,
+    })
+    .to_string();
     call.state
         .store
         .upsert_proxy(&name, &spec, expires)

@@ -21,6 +21,8 @@ pub enum Change {
     Role(String),
     /// A proxy announced itself, or left.
     Proxy(String),
+    /// Trust with another cluster was established, changed or removed.
+    TrustedCluster(String),
     /// Announcements may have been missed (the listening connection was cut): assume that
     /// anything changed.
     Everything,
@@ -31,6 +33,7 @@ impl Change {
         match self {
             Change::Role(name) => format!("role:{name}"),
             Change::Proxy(name) => format!("proxy:{name}"),
+            Change::TrustedCluster(name) => format!("trusted_cluster:{name}"),
             Change::Everything => "*".into(),
         }
     }
@@ -39,6 +42,7 @@ impl Change {
         match payload.split_once(':') {
             Some(("role", name)) => Change::Role(name.to_owned()),
             Some(("proxy", name)) => Change::Proxy(name.to_owned()),
+            Some(("trusted_cluster", name)) => Change::TrustedCluster(name.to_owned()),
             _ => Change::Everything,
         }
     }
@@ -47,7 +51,7 @@ impl Change {
 /// Apply `change` to this process's caches and pass it on to watchers.
 pub(super) fn apply(roles: &RoleCache, watchers: &broadcast::Sender<Change>, change: Change) {
     // Roles are the only cache so far.
-    if !matches!(change, Change::Proxy(_)) {
+    if !matches!(change, Change::Proxy(_) | Change::TrustedCluster(_)) {
         roles.invalidate();
     }
     let _ = watchers.send(change);
@@ -114,6 +118,7 @@ mod tests {
             Change::Role("dev".into()),
             Change::Role("a:b".into()),
             Change::Proxy("p1".into()),
+            Change::TrustedCluster("leaf".into()),
         ] {
             assert_eq!(Change::parse(&c.payload()), c);
         }

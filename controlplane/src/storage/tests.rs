@@ -60,24 +60,40 @@ async fn tokens_single_use_expired_and_unknown() {
     for (name, s) in &b.stores {
         s.insert_token(&token("a", 100, 1)).await.unwrap();
         s.insert_token(&token("b", 100, 0)).await.unwrap();
-        assert!(s.consume_token("a", 50).await.unwrap().is_ok(), "{name}");
+        assert!(
+            s.consume_token("a", &["node"], 50).await.unwrap().is_ok(),
+            "{name}"
+        );
         assert_eq!(
-            s.consume_token("a", 50).await.unwrap(),
+            s.consume_token("a", &["node"], 50).await.unwrap(),
             Err(TokenRejection::UsedUp),
             "{name}"
         );
-        assert!(s.consume_token("b", 50).await.unwrap().is_ok());
-        let t = s.consume_token("b", 51).await.unwrap().unwrap();
+        // A token of another type is refused and left as it was.
+        assert_eq!(
+            s.consume_token("b", &["trusted_cluster"], 50)
+                .await
+                .unwrap(),
+            Err(TokenRejection::WrongType),
+            "{name}"
+        );
+        assert!(
+            s.consume_token("b", &["proxy", "node"], 50)
+                .await
+                .unwrap()
+                .is_ok()
+        );
+        let t = s.consume_token("b", &["node"], 51).await.unwrap().unwrap();
         assert_eq!(
             (t.uses, t.labels.as_slice()),
             (2, &["env=dev".to_owned()][..])
         );
         assert_eq!(
-            s.consume_token("b", 100).await.unwrap(),
+            s.consume_token("b", &["node"], 100).await.unwrap(),
             Err(TokenRejection::Expired)
         );
         assert_eq!(
-            s.consume_token("zzz", 1).await.unwrap(),
+            s.consume_token("zzz", &["node"], 1).await.unwrap(),
             Err(TokenRejection::NotFound)
         );
         let uses: Vec<u32> = s
@@ -108,7 +124,8 @@ async fn a_single_use_token_raced_through_two_auths_is_used_once() {
         for i in 0..8 {
             let s = if i % 2 == 0 { one.clone() } else { two.clone() };
             let hash = hash.clone();
-            tries.spawn(async move { s.consume_token(&hash, 50).await.unwrap().is_ok() });
+            tries
+                .spawn(async move { s.consume_token(&hash, &["node"], 50).await.unwrap().is_ok() });
         }
         let won = tries.join_all().await.into_iter().filter(|ok| *ok).count();
         assert_eq!(won, 1, "round {round}");
