@@ -160,6 +160,7 @@ pub async fn proxy_ssh(dir: &Path, spec: &str) -> anyhow::Result<()> {
     let req = SessionRequest {
         target: target.to_owned(),
         login: login.to_owned(),
+        cluster: String::new(),
     };
     let (tls, resp, leftover) = open_session(dir, &profile, ALPN_SSH, &req).await?;
     if !resp.ok {
@@ -193,6 +194,7 @@ pub async fn proxy_tcp(dir: &Path, app: &str, listen: &str) -> anyhow::Result<()
             let req = SessionRequest {
                 target: app.clone(),
                 login: String::new(),
+                cluster: String::new(),
             };
             match open_session(&dir, &profile, ALPN_TCP, &req).await {
                 Ok((tls, resp, leftover)) if resp.ok => {

@@ -3,6 +3,7 @@
 
 pub mod ca;
 pub mod identity;
+pub mod leaf_trust;
 pub mod rbac;
 pub mod resources;
 pub mod role_map;

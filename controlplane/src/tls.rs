@@ -55,7 +55,7 @@ pub fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
         .ok_or(TlsError::Missing("private key"))
 }
 
-fn roots(ca_pem: &str) -> Result<Arc<RootCertStore>, TlsError> {
+pub(crate) fn roots(ca_pem: &str) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();
     for c in certs_from_pem(ca_pem)? {
         roots.add(c)?;
@@ -190,12 +190,21 @@ pub fn server_config_with_resolver(
     cert: Arc<ReloadableCert>,
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_pem)?, provider.clone())
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_pem)?, provider())
         .allow_unauthenticated()
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let verifier = Arc::new(CachingClientVerifier::new(verifier));
+    server_config_with_verifier(Arc::new(CachingClientVerifier::new(verifier)), cert, alpn)
+}
+
+/// A server config checking client certificates with `verifier` (e.g. a proxy's
+/// [`crate::leaf_trust::ClusterClientVerifier`]), presenting whatever `cert` holds.
+pub fn server_config_with_verifier(
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    cert: Arc<ReloadableCert>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)

@@ -78,18 +78,54 @@ fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
+/// What the watch stream keeps current on this proxy.
+pub(crate) struct Shared {
+    pub(crate) proxies: Arc<ProxySet>,
+    pub(crate) metrics: Arc<crate::proxy::ProxyMetrics>,
+    pub(crate) leaves: Arc<crate::proxy::Leaves>,
+    pub(crate) verifier: Arc<gatehouse_controlplane::leaf_trust::ClusterClientVerifier>,
+}
+
+/// Trusted leaves in `cache` (records of side `leaf`): (name, X.509 CA PEM).
+pub(crate) fn trusted_leaves(cache: &WatchCache) -> Vec<(String, String)> {
+    cache
+        .of("trusted_cluster")
+        .filter_map(|(name, doc)| {
+            let v: serde_json::Value = serde_json::from_str(doc).ok()?;
+            (v.get("side")?.as_str()? == "leaf").then_some(())?;
+            let pem = v.get("spec")?.get("tls_ca_pem")?.as_str()?;
+            Some((name.to_owned(), pem.to_owned()))
+        })
+        .collect()
+}
+
+/// Apply what the cache holds: the proxies to announce, the leaves to trust.
+fn apply(cache: &WatchCache, now: i64, shared: &Shared) {
+    shared.proxies.set(live_addrs(cache, now));
+    let leaves = trusted_leaves(cache);
+    if let Err(e) = shared.verifier.set_leaves(&leaves) {
+        tracing::warn!(error = %e, "proxy: a trusted leaf's CA cannot be used");
+    }
+    shared
+        .leaves
+        .set_trusted(leaves.into_iter().map(|(name, _)| name));
+}
+
 pub(crate) fn start(
     advertise: String,
     endpoint: Arc<Mutex<AuthEndpoint>>,
-    proxies: Arc<ProxySet>,
-    metrics: Arc<crate::proxy::ProxyMetrics>,
+    shared: Shared,
 ) -> PeersHandle {
+    let shared = Arc::new(shared);
+    let proxies = Arc::clone(&shared.proxies);
+    let metrics = Arc::clone(&shared.metrics);
     let cache = Arc::new(Mutex::new(WatchCache::default()));
     let announce = {
-        let (endpoint, cache, proxies) = (
+        let (endpoint, cache, proxies, held) = (
             Arc::clone(&endpoint),
             Arc::clone(&cache),
             Arc::clone(&proxies),
+            Arc::clone(&shared.leaves),
         );
         tokio::spawn(async move {
             let mut client = None;
@@ -109,8 +145,7 @@ pub(crate) fn start(
                             addr: advertise.clone(),
                             ttl_seconds: ANNOUNCE_TTL,
                             leaving: false,
-                            // Leaf tunnels: with trusted clusters (not held yet).
-                            leaves: vec![],
+                            leaves: held.held(),
                         })
                         .await;
                     if let Err(e) = sent {
@@ -145,9 +180,10 @@ pub(crate) fn start(
                 "proxy".into(),
                 "cert_authority".into(),
                 "cluster_settings".into(),
+                "trusted_cluster".into(),
             ],
             cache,
-            move |c| proxies.set(live_addrs(c, unix_now())),
+            move |c| apply(c, unix_now(), &shared),
         ))
     };
     PeersHandle {

@@ -15,9 +15,7 @@ use gatehouse_controlplane::host::{HostIdentity, JoinParams};
 use gatehouse_controlplane::identity::{Identity, IdentityKind, PROXY_SERVER_NAME};
 use gatehouse_controlplane::proto;
 use gatehouse_controlplane::server::AuthService;
-use gatehouse_controlplane::tls::{
-    ReloadableCert, Trust, cert_validity as validity, server_config_with_resolver,
-};
+use gatehouse_controlplane::tls::{ReloadableCert, Trust, cert_validity as validity};
 use prometheus_client::registry::Registry;
 
 use crate::io::IoBackend;
@@ -137,8 +135,18 @@ pub async fn start(
     let chain = format!("{}{}", id.cert, id.ca);
     let cert = ReloadableCert::new(&chain, &id.key)
         .map_err(|e| ProxyRoleError::Identity(e.to_string()))?;
-    let mut tls = (*server_config_with_resolver(&id.ca, Arc::clone(&cert), &alpn_refs)
-        .map_err(|e| ProxyRoleError::Identity(e.to_string()))?)
+    // This cluster's client certificates, and trusted leaves' proxies' (kept current from the
+    // watch stream).
+    let verifier = Arc::new(
+        gatehouse_controlplane::leaf_trust::ClusterClientVerifier::new(&id.ca)
+            .map_err(|e| ProxyRoleError::Identity(e.to_string()))?,
+    );
+    let mut tls = (*gatehouse_controlplane::tls::server_config_with_verifier(
+        Arc::clone(&verifier) as Arc<dyn rustls::server::danger::ClientCertVerifier>,
+        Arc::clone(&cert),
+        &alpn_refs,
+    )
+    .map_err(|e| ProxyRoleError::Identity(e.to_string()))?)
     .clone();
     // One TLS 1.3 session ticket per connection, stateless (sealed with keys rustls rotates
     // every 6 hours; nothing is stored per session). A client that opens many sessions
@@ -152,6 +160,7 @@ pub async fn start(
     let metrics = Arc::new(ProxyMetrics::default());
     metrics.register(registry);
     let proxies = Arc::new(crate::proxy::ProxySet::default());
+    let leaves = Arc::new(crate::proxy::Leaves::default());
     let proxy_config = ProxyConfig {
         listen: config.listen,
         workers: config.workers,
@@ -164,6 +173,7 @@ pub async fn start(
         tcp_congestion: config.tcp_congestion.clone(),
         ssh_session_rate: config.ssh_session_rate,
         proxies: Arc::clone(&proxies),
+        leaves: Arc::clone(&leaves),
     };
     let (proxy, inventories) =
         Proxy::start(proxy_config, Arc::clone(&metrics)).map_err(|source| {
@@ -188,8 +198,12 @@ pub async fn start(
     let peers = crate::peers::start(
         advertise,
         Arc::clone(&endpoint),
-        proxies,
-        Arc::clone(&metrics),
+        crate::peers::Shared {
+            proxies,
+            metrics: Arc::clone(&metrics),
+            leaves,
+            verifier,
+        },
     );
     let cluster = id.cluster.clone();
     let renew = tokio::spawn(renew_proxy_identity(id, cert, endpoint));

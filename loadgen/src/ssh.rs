@@ -180,6 +180,7 @@ async fn connect(
             let req = SessionRequest {
                 target: target.node.clone(),
                 login: target.login.clone(),
+                cluster: String::new(),
             };
             tls.write_all(&session::encode(&req)).await?;
             // Read exactly the answer (length-prefixed) so the SSH bytes after it stay unread.

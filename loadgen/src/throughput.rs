@@ -290,6 +290,7 @@ pub async fn client_stream_with(
             let req = SessionRequest {
                 target: format!("{app}@sim-{}", stream_idx % 2),
                 login: String::new(),
+                cluster: String::new(),
             };
             tls.write_all(&session::encode(&req)).await?;
             let mut buf = BytesMut::new();

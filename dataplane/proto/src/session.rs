@@ -14,6 +14,9 @@ pub struct SessionRequest {
     /// For SSH: the login the client intends to use (for audit; the agent enforces access).
     #[serde(default)]
     pub login: String,
+    /// A trusted leaf cluster to reach the target in (empty: this proxy's cluster).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cluster: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,7 +92,11 @@ mod tests {
         ) {
             let sent: Vec<SessionRequest> = reqs
                 .into_iter()
-                .map(|(target, login)| SessionRequest { target, login })
+                .map(|(target, login)| SessionRequest {
+                    target,
+                    login,
+                    cluster: String::new(),
+                })
                 .collect();
             let wire: Vec<u8> = sent.iter().flat_map(|r| encode(r).to_vec()).collect();
             let (mut buf, mut got, mut at) = (BytesMut::new(), Vec::new(), 0);
@@ -113,6 +120,7 @@ mod tests {
         let req = SessionRequest {
             target: "web1".into(),
             login: "alice".into(),
+            cluster: String::new(),
         };
         let wire = encode(&req);
         let mut buf = BytesMut::new();

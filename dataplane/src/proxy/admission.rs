@@ -87,20 +87,33 @@ pub(crate) enum Admission {
     /// An agent's reverse tunnel; over QUIC with `gatehouse-tunnel-streams`, each session on a
     /// QUIC stream of its own.
     Tunnel { session_streams: bool },
+    /// A trusted leaf cluster's proxy holding a tunnel to this (root) cluster's proxy.
+    LeafTunnel,
     /// A user's session.
     Session(SessionKind),
     /// Refused; `reason` is the metric's label (`expired` or `identity`).
     Refuse { reason: &'static str },
 }
 
-/// Whether an identity opens sessions: a user's, or a Machine ID bot's.
-fn opens_sessions(id: &Identity) -> bool {
-    matches!(id.kind, IdentityKind::User | IdentityKind::Bot)
+/// Whether an identity opens sessions: a user's, or a Machine ID bot's, of this cluster.
+fn opens_sessions(id: &Identity, own: &str) -> bool {
+    id.cluster == own && matches!(id.kind, IdentityKind::User | IdentityKind::Bot)
 }
 
-/// Whether an identity is an agent's (a node certificate that is not a proxy's).
-fn is_agent(id: &Identity) -> bool {
-    id.kind == IdentityKind::Node && !id.roles.iter().any(|r| r == "@proxy")
+fn is_proxy(id: &Identity) -> bool {
+    id.kind == IdentityKind::Node && id.roles.iter().any(|r| r == "@proxy")
+}
+
+/// Whether an identity is an agent's (a node certificate of this cluster that is not a
+/// proxy's).
+fn is_agent(id: &Identity, own: &str) -> bool {
+    id.cluster == own && id.kind == IdentityKind::Node && !is_proxy(id)
+}
+
+/// Whether an identity is a proxy of another (leaf) cluster: [`verify`] lets such a one through
+/// only for a trusted leaf, whose CA alone vouched for it.
+fn is_leaf_proxy(id: &Identity, own: &str) -> bool {
+    id.cluster != own && is_proxy(id)
 }
 
 /// Decide a handshaken connection from the ALPN it negotiated and its peer's identity.
@@ -108,6 +121,7 @@ pub(crate) fn admit(
     transport: Transport,
     alpn: Option<&[u8]>,
     peer: &Result<Identity, Unverified>,
+    own: &str,
 ) -> Admission {
     let refuse = || Admission::Refuse {
         reason: match peer {
@@ -120,29 +134,36 @@ pub(crate) fn admit(
     };
     match (transport, alpn) {
         (Transport::Tls, Some(alpn::TUNNEL)) | (Transport::Quic, Some(alpn::TUNNEL))
-            if is_agent(id) =>
+            if is_agent(id, own) =>
         {
             Admission::Tunnel {
                 session_streams: false,
             }
         }
-        (Transport::Quic, Some(alpn::TUNNEL_STREAMS)) if is_agent(id) => Admission::Tunnel {
+        (Transport::Quic, Some(alpn::TUNNEL_STREAMS)) if is_agent(id, own) => Admission::Tunnel {
             session_streams: true,
         },
-        (Transport::Tls, Some(alpn::SSH)) if opens_sessions(id) => {
+        (Transport::Tls, Some(alpn::TUNNEL)) if is_leaf_proxy(id, own) => Admission::LeafTunnel,
+        (Transport::Tls, Some(alpn::SSH)) if opens_sessions(id, own) => {
             Admission::Session(SessionKind::Ssh)
         }
-        (Transport::Tls, Some(alpn::TCP)) if opens_sessions(id) => {
+        (Transport::Tls, Some(alpn::TCP)) if opens_sessions(id, own) => {
             Admission::Session(SessionKind::Tcp)
         }
         _ => refuse(),
     }
 }
 
-/// An identity is usable if this cluster issued it and it has not expired at `now` (Unix
-/// seconds).
-pub(crate) fn verify(id: Identity, cluster: &str, now: i64) -> Result<Identity, Unverified> {
-    if id.cluster != cluster {
+/// An identity is usable if this cluster issued it, or it is the proxy of a leaf cluster this
+/// one trusts now (`trusted_leaf`; the TLS verifier checked it against that leaf's CA alone),
+/// and it has not expired at `now` (Unix seconds).
+pub(crate) fn verify(
+    id: Identity,
+    cluster: &str,
+    trusted_leaf: impl Fn(&str) -> bool,
+    now: i64,
+) -> Result<Identity, Unverified> {
+    if id.cluster != cluster && !(is_proxy(&id) && trusted_leaf(&id.cluster)) {
         return Err(Unverified::OtherCluster);
     }
     if id.expires <= now {
@@ -219,7 +240,7 @@ mod tests {
     /// on both transports, against every kind of peer. Anything not listed as allowed is refused.
     #[test]
     fn admission_table_alpn_by_identity_kind() {
-        use Admission::{Refuse, Session, Tunnel};
+        use Admission::{LeafTunnel, Refuse, Session, Tunnel};
         use Transport::{Quic, Tls};
         let agent = Ok(identity(IdentityKind::Node, &["@node"]));
         let proxy = Ok(identity(IdentityKind::Node, &["@proxy"]));
@@ -230,7 +251,18 @@ mod tests {
         let none = Err(Unverified::NoCertificate);
         let foreign = Err(Unverified::OtherCluster);
         let garbled = Err(Unverified::NoIdentity);
-        let peers: [(&str, &Result<Identity, Unverified>); 9] = [
+        let of_leaf = |kind, roles: &[&str]| {
+            let mut id = identity(kind, roles);
+            id.cluster = "leaf".into();
+            Ok(id)
+        };
+        let leaf_proxy = of_leaf(IdentityKind::Node, &["@proxy"]);
+        let leaf_agent = of_leaf(IdentityKind::Node, &["@node"]);
+        let leaf_user = of_leaf(IdentityKind::User, &["access"]);
+        let peers: [(&str, &Result<Identity, Unverified>); 12] = [
+            ("leaf proxy", &leaf_proxy),
+            ("leaf agent", &leaf_agent),
+            ("leaf user", &leaf_user),
             ("agent", &agent),
             ("proxy", &proxy),
             ("user", &user),
@@ -262,6 +294,7 @@ mod tests {
                 (Quic, Some(alpn::TUNNEL_STREAMS), "agent") => Tunnel {
                     session_streams: true,
                 },
+                (Tls, Some(alpn::TUNNEL), "leaf proxy") => LeafTunnel,
                 (Tls, Some(alpn::SSH), "user" | "bot") => Session(SessionKind::Ssh),
                 (Tls, Some(alpn::TCP), "user" | "bot") => Session(SessionKind::Tcp),
                 _ => identity_refusal,
@@ -271,7 +304,7 @@ mod tests {
         for t in [Tls, Quic] {
             for a in alpns {
                 for (who, peer) in peers {
-                    let got = admit(t, a, peer);
+                    let got = admit(t, a, peer, "c1");
                     assert_eq!(got, expected(t, a, who), "{t:?} × {} × {who}", alpn_name(a));
                     if !matches!(got, Refuse { .. }) {
                         allowed += 1;
@@ -279,8 +312,8 @@ mod tests {
                 }
             }
         }
-        // Exactly the seven pairings above are allowed, out of 2 × 7 × 9.
-        assert_eq!(allowed, 7);
+        // Exactly the eight pairings above are allowed, out of 2 × 7 × 12.
+        assert_eq!(allowed, 8);
     }
 
     #[test]
@@ -305,17 +338,27 @@ mod tests {
     #[test]
     fn identities_of_another_cluster_or_past_expiry_are_unverified() {
         let id = identity(IdentityKind::User, &[]);
-        assert!(verify(id.clone(), "c1", NOW).is_ok());
+        let none = |_: &str| false;
+        assert!(verify(id.clone(), "c1", none, NOW).is_ok());
         assert_eq!(
-            verify(id.clone(), "c2", NOW).err(),
+            verify(id.clone(), "c2", none, NOW).err(),
             Some(Unverified::OtherCluster)
         );
         assert_eq!(
-            verify(id.clone(), "c1", id.expires).err(),
+            verify(id.clone(), "c1", none, id.expires).err(),
             Some(Unverified::Expired),
             "expired at the second it expires"
         );
-        assert!(verify(id.clone(), "c1", id.expires - 1).is_ok());
+        assert!(verify(id.clone(), "c1", none, id.expires - 1).is_ok());
+        // Of a trusted leaf (c1 seen from c2), only its proxies are usable here.
+        let c1 = |c: &str| c == "c1";
+        assert_eq!(
+            verify(id.clone(), "c2", c1, NOW).err(),
+            Some(Unverified::OtherCluster)
+        );
+        let proxy = identity(IdentityKind::Node, &["@proxy"]);
+        assert!(verify(proxy.clone(), "c2", c1, NOW).is_ok());
+        assert!(verify(proxy, "c2", none, NOW).is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! one worker, so the data path takes no locks. The route table is shared and copy-on-write.
 
 mod admission;
+mod leaves;
 mod metrics;
 mod peers;
 mod router;
@@ -33,6 +34,7 @@ use tokio::sync::{mpsc, watch};
 use crate::io::IoBackend;
 use crate::io::backend;
 use crate::io::options::{bind_reuseport, tcp_congestion};
+pub use leaves::Leaves;
 pub use metrics::ProxyMetrics;
 pub use peers::{ProxyAnnouncement, ProxySet};
 pub use router::Inventory;
@@ -67,6 +69,8 @@ pub struct ProxyConfig {
     pub ssh_session_rate: SessionRate,
     /// The proxies agents are told to keep a tunnel to (kept current by the role).
     pub proxies: Arc<ProxySet>,
+    /// Trusted leaf clusters, whose proxies may hold a tunnel here (kept current by the role).
+    pub leaves: Arc<Leaves>,
 }
 
 /// The ALPN protocols the Proxy terminates.

@@ -149,7 +149,20 @@ fn label(e: &TunnelEntry) -> String {
     }
 }
 
+/// The host id a trusted leaf cluster's tunnel is filed under: never a node's (those are the
+/// names in agents' certificates, which cannot contain `/`), never resolved as one.
+pub(crate) fn leaf_host_id(cluster: &str) -> String {
+    format!("{LEAF_PREFIX}{cluster}")
+}
+
+const LEAF_PREFIX: &str = "cluster/";
+
 impl RouteTable {
+    /// The newest tunnel of the leaf cluster `cluster` (its proxies dial this one).
+    pub fn resolve_cluster(&self, cluster: &str) -> Option<&TunnelEntry> {
+        self.newest(&leaf_host_id(cluster))
+    }
+
     fn newest(&self, host_id: &str) -> Option<&TunnelEntry> {
         self.hosts
             .get(host_id)
@@ -265,9 +278,15 @@ impl RouteTable {
         self.entries.get(&tunnel_id).map(|e| &**e)
     }
 
-    /// The newest tunnel per host (a reconnecting agent briefly has two).
+    /// The newest tunnel per host (a reconnecting agent briefly has two); leaf clusters' tunnels
+    /// are not nodes.
     fn live(&self) -> Vec<&TunnelEntry> {
-        let mut v: Vec<&TunnelEntry> = self.hosts.keys().filter_map(|h| self.newest(h)).collect();
+        let mut v: Vec<&TunnelEntry> = self
+            .hosts
+            .keys()
+            .filter(|h| !h.starts_with(LEAF_PREFIX))
+            .filter_map(|h| self.newest(h))
+            .collect();
         v.sort_by(|a, b| a.host_id.cmp(&b.host_id));
         v
     }
@@ -313,6 +332,8 @@ impl RouteTable {
                     .iter()
                     .all(|(k, v)| e.labels.get(*k).map(String::as_str) == Some(*v))
             })
+        } else if target.starts_with(LEAF_PREFIX) {
+            vec![]
         } else {
             match self.newest(target) {
                 Some(e) => vec![e],
@@ -463,6 +484,24 @@ mod tests {
         assert_eq!(t.resolve_node("web1").unwrap().tunnel_id, 9);
         let t = t.without(9);
         assert_eq!(t.resolve_node("web1").unwrap().tunnel_id, 1);
+    }
+
+    #[test]
+    fn a_leaf_clusters_tunnel_is_no_node() {
+        let t = table().with(entry(90, &leaf_host_id("leaf"), "", &[], &[]));
+        assert_eq!(t.resolve_cluster("leaf").map(|e| e.tunnel_id), Some(90));
+        assert!(t.resolve_cluster("other").is_none());
+        assert!(t.resolve_node("cluster/leaf").is_err());
+        match t.resolve_node("nothing-here") {
+            Err(RouteError::Unknown { candidates, .. }) => {
+                assert!(
+                    candidates.iter().all(|c| !c.contains("cluster/")),
+                    "{candidates:?}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(t.without(90).resolve_cluster("leaf").is_none());
     }
 
     #[test]

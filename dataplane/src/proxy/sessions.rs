@@ -45,6 +45,15 @@ fn resolve(
     }
 }
 
+/// The stream a leaf cluster's proxy is asked for: `session:ssh:TARGET` or
+/// `session:tcp:APP`.
+pub(crate) fn leaf_stream_target(kind: SessionKind, target: &str) -> String {
+    match kind {
+        SessionKind::Ssh => format!("session:ssh:{target}"),
+        SessionKind::Tcp => format!("session:tcp:{target}"),
+    }
+}
+
 /// The targets a user may have meant, for the refusal.
 fn candidates(e: &RouteError) -> Vec<String> {
     match e {
@@ -139,7 +148,22 @@ impl Worker {
             answer(&mut tls, &response(Some(error), vec![], "", "")).await;
             return;
         }
-        let resolved = resolve(&shared.routes.load(), kind, &request.target);
+        // A session for a trusted leaf cluster goes through the leaf's tunnel, whose proxy
+        // resolves the target among its own nodes.
+        let leaf = (!request.cluster.is_empty() && request.cluster != shared.config.cluster)
+            .then(|| request.cluster.clone());
+        let resolved = match &leaf {
+            Some(cluster) => match shared.routes.load().resolve_cluster(cluster) {
+                Some(e) => Ok((e.clone(), leaf_stream_target(kind, &request.target))),
+                None => {
+                    shared.metrics.dial_failure("leaf_offline");
+                    let error = shared.config.leaves.offline(cluster);
+                    answer(&mut tls, &response(Some(error), vec![], "", "")).await;
+                    return;
+                }
+            },
+            None => resolve(&shared.routes.load(), kind, &request.target),
+        };
         let (entry, stream_target) = match resolved {
             Ok(r) => r,
             Err(e) => {
@@ -159,7 +183,11 @@ impl Worker {
             "login": request.login,
             "source_addr": remote.to_string(),
             "roles": id.roles,
+            "cluster": shared.config.cluster,
         });
+        if let Some(cluster) = &leaf {
+            tracing::info!(%remote, user = %id.name, %cluster, target = %request.target, "proxy: session routed to a leaf cluster");
+        }
         let plan = SessionPlan {
             tunnel_id: entry.tunnel_id,
             stream_target,

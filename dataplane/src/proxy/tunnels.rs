@@ -100,7 +100,12 @@ impl Worker {
         let (alpn, cert) = crate::io::quic::peer(&conn);
         let peer = self.peer_identity(cert.as_deref());
         let (id, session_streams) = match (
-            admission::admit(Transport::Quic, alpn.as_deref(), &peer),
+            admission::admit(
+                Transport::Quic,
+                alpn.as_deref(),
+                &peer,
+                &self.shared.config.cluster,
+            ),
             peer,
         ) {
             (Admission::Tunnel { session_streams }, Ok(id)) => (id, session_streams),
@@ -238,7 +243,12 @@ impl Worker {
         let tunnel_id = shared.next_tunnel.fetch_add(1, Ordering::Relaxed);
         // A tunnel lives for days: of its identity it keeps the host id and name, nothing else
         // (the rest is freed here, not when the tunnel ends).
-        let (host_id, host_name) = host_of(id);
+        // A trusted leaf cluster's proxy: filed under its cluster, not a node.
+        let leaf = (id.cluster != shared.config.cluster).then(|| id.cluster.clone());
+        let (host_id, host_name) = match &leaf {
+            Some(cluster) => (super::router::leaf_host_id(cluster), String::new()),
+            None => host_of(id),
+        };
         let (tunnel, mut events) = Tunnel::new(Side::Listener, shared.config.tunnel.clone());
         let native = quic_sessions.is_some();
         if let Some(conn) = quic_sessions {
@@ -260,16 +270,31 @@ impl Worker {
         // The proxies the agent keeps tunnels to: now, and after each change with the agent's
         // next heartbeat.
         let mut proxies_sent = 0;
+        if let Some(cluster) = &leaf {
+            shared.config.leaves.tunnel_up(cluster);
+            // Leaf proxies hold no tunnel to this cluster's other proxies: nothing to announce.
+            proxies_sent = u64::MAX;
+        }
         if let Some((v, set)) = shared.config.proxies.newer_than(proxies_sent) {
             tunnel.send_heartbeat(set);
             proxies_sent = v;
         }
         // The tunnel's events are handled in the same task as its I/O (one task per tunnel).
         let inventory = {
-            let (w, tunnel, host_id) = (self.clone(), tunnel.clone(), host_id.clone());
+            let (w, tunnel, host_id, leaf) =
+                (self.clone(), tunnel.clone(), host_id.clone(), leaf.clone());
             async move {
                 while let Some(ev) = events.recv().await {
                     match ev {
+                        // A leaf's heartbeat: the tunnel stays while the leaf is trusted.
+                        TunnelEvent::Heartbeat(_) if leaf.is_some() => {
+                            if let Some(cluster) = &leaf
+                                && !w.shared.config.leaves.is_trusted(cluster)
+                            {
+                                tracing::info!(%cluster, "proxy: trust in the leaf was removed; its tunnel ends");
+                                return;
+                            }
+                        }
                         TunnelEvent::Heartbeat(bytes) => {
                             if let Some((v, set)) = w.shared.config.proxies.newer_than(proxies_sent)
                             {
@@ -326,6 +351,13 @@ impl Worker {
         };
         self.tunnels.borrow_mut().remove(&tunnel_id);
         self.change_routes(Some(RouteChange::Remove(tunnel_id)), None);
+        if let Some(cluster) = &leaf {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                .unwrap_or(0);
+            shared.config.leaves.tunnel_down(cluster, now);
+        }
         shared.metrics.tunnels.dec();
         if native {
             shared.metrics.quic_stream_tunnels.dec();

@@ -232,10 +232,17 @@ impl Worker {
                 .map(|c| c.as_ref()),
         );
         match (
-            admission::admit(Transport::Tls, negotiated.as_deref(), &peer),
+            admission::admit(
+                Transport::Tls,
+                negotiated.as_deref(),
+                &peer,
+                &self.shared.config.cluster,
+            ),
             peer,
         ) {
-            (Admission::Tunnel { .. }, Ok(id)) => self.place_tunnel(tls, remote, id),
+            (Admission::Tunnel { .. } | Admission::LeafTunnel, Ok(id)) => {
+                self.place_tunnel(tls, remote, id)
+            }
             (Admission::Session(kind), Ok(id)) => {
                 Box::pin(self.serve_session(tls, remote, id, kind)).await
             }
@@ -252,7 +259,15 @@ impl Worker {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
             .unwrap_or(0);
-        parsed_identity(cert).and_then(|id| verify(id, &self.shared.config.cluster, now))
+        let leaves = &self.shared.config.leaves;
+        parsed_identity(cert).and_then(|id| {
+            verify(
+                id,
+                &self.shared.config.cluster,
+                |c| leaves.is_trusted(c),
+                now,
+            )
+        })
     }
 
     /// Log and count a connection [`admission::admit`] refused (`label`: the metric's ALPN label).
