@@ -168,6 +168,9 @@ struct Dialer {
     quic: Option<(quinn::ClientConfig, quinn::Endpoint)>,
     /// The proxies to keep a tunnel to, as the last proxy announced them.
     proxies: tokio::sync::watch::Sender<Vec<String>>,
+    /// Dial address → the announced address of the proxy its tunnel reached (a balancer's
+    /// address reaches some proxy: that one needs no tunnel of its own).
+    reached: std::rc::Rc<std::cell::RefCell<BTreeMap<String, String>>>,
 }
 
 /// Keep a tunnel to the configured proxy, and one to every proxy the proxies announce (see
@@ -216,6 +219,7 @@ async fn run(
         status,
         quic,
         proxies,
+        reached: std::rc::Rc::default(),
     });
     let mut loops: BTreeMap<String, tokio::task::JoinHandle<()>> = BTreeMap::new();
     loops.insert(
@@ -225,7 +229,8 @@ async fn run(
     loop {
         let set = announced.borrow_and_update().clone();
         loops.retain(|_, l| !l.is_finished());
-        for addr in set {
+        let reached: Vec<String> = dialer.reached.borrow().values().cloned().collect();
+        for addr in set.into_iter().filter(|a| !reached.contains(a)) {
             if let std::collections::btree_map::Entry::Vacant(slot) = loops.entry(addr) {
                 tracing::info!(proxy = %slot.key(), "agent: a proxy was announced; keeping a tunnel to it");
                 let addr = slot.key().clone();
@@ -294,7 +299,8 @@ async fn dial_loop(d: std::rc::Rc<Dialer>, addr: String, permanent: bool) {
                     .as_ref()
                     .filter(|c| gatehouse_dataplane::io::quic::session_streams(c))
                     .cloned();
-                let reason = serve_tunnel(stream, native, &d, &current).await;
+                let reason = serve_tunnel(stream, native, &d, &addr, &current).await;
+                d.reached.borrow_mut().remove(&addr);
                 drop(quic_conn);
                 status.connected.dec();
                 tracing::warn!(proxy = %addr, %reason, "agent: tunnel down; reconnecting");
@@ -378,6 +384,7 @@ async fn serve_tunnel<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + 'static>
     io: T,
     quic_sessions: Option<quinn::Connection>,
     d: &Dialer,
+    dialed: &str,
     identity: &HostIdentity,
 ) -> String {
     let (config, ssh, sessions, status) = (&d.config, &d.ssh, &d.sessions, &d.status);
@@ -407,6 +414,7 @@ async fn serve_tunnel<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + 'static>
             ssh.clone(),
             d.proxies.clone(),
         );
+        let (dialed, reached) = (dialed.to_owned(), std::rc::Rc::clone(&d.reached));
         tokio::task::spawn_local(async move {
             while let Some(ev) = events.recv().await {
                 match ev {
@@ -445,6 +453,9 @@ async fn serve_tunnel<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + 'static>
                     // The proxies to keep a tunnel to; an empty set says nothing.
                     TunnelEvent::Heartbeat(bytes) => match ProxyAnnouncement::parse(&bytes) {
                         Ok(a) if !a.proxies.is_empty() => {
+                            if !a.this.is_empty() && a.this != dialed {
+                                reached.borrow_mut().insert(dialed.clone(), a.this.clone());
+                            }
                             let mut set = a.proxies;
                             set.sort();
                             proxies.send_if_modified(|known| {

@@ -195,6 +195,7 @@ pub async fn start(
             proxy.local_addr.to_string()
         }
     });
+    proxies.set_self(advertise.clone());
     let peers = crate::peers::start(
         advertise,
         Arc::clone(&endpoint),

@@ -72,15 +72,16 @@ fn write(
     for (i, (dt, e)) in events.iter().enumerate() {
         now += dt;
         if w.deadline().is_some_and(|d| d <= now) {
-            out.extend(w.flush(&mut codec).unwrap());
+            out.extend(w.flush(&mut codec).unwrap_or_default());
         }
         match e {
             // Output as the agent records it (from the bytes read); the rest as events.
             Event::Output(b) => w.record_data(now, gatehouse_recording::Stream::Output, b),
             other => w.record(now, other),
         }
+        // A flush with nothing pending (after an empty output) makes no chunk.
         if w.wants_flush() || extra_flush.get(i).copied().unwrap_or(false) {
-            out.extend(w.flush(&mut codec).unwrap());
+            out.extend(w.flush(&mut codec).unwrap_or_default());
         }
     }
     let end = EndInfo {

@@ -17,6 +17,10 @@ pub const MAX_PROXIES: usize = 64;
 pub struct ProxyAnnouncement {
     /// `host:port` agents dial to reach each proxy directly, this one included.
     pub proxies: Vec<String>,
+    /// Which of them is the proxy sending this: an agent that reached it another way (a
+    /// balancer's address) does not dial it a second time.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub this: String,
 }
 
 impl ProxyAnnouncement {
@@ -45,16 +49,24 @@ impl ProxyAnnouncement {
 pub struct ProxySet {
     version: AtomicU64,
     payload: ArcSwap<Bytes>,
+    this: ArcSwap<String>,
 }
 
 impl ProxySet {
+    /// This proxy's own address among those announced.
+    pub fn set_self(&self, addr: String) {
+        self.this.store(std::sync::Arc::new(addr));
+    }
+
     /// Announce `proxies` from now on (nothing if they are the ones announced).
     pub fn set(&self, mut proxies: Vec<String>) {
         proxies.sort();
         proxies.dedup();
         proxies.truncate(MAX_PROXIES);
-        let payload =
-            Bytes::from(serde_json::to_vec(&ProxyAnnouncement { proxies }).unwrap_or_default());
+        let this = String::clone(&self.this.load());
+        let payload = Bytes::from(
+            serde_json::to_vec(&ProxyAnnouncement { proxies, this }).unwrap_or_default(),
+        );
         if **self.payload.load() == payload {
             return;
         }
@@ -77,12 +89,12 @@ mod tests {
     fn each_change_is_sent_once_and_the_same_set_is_no_change() {
         let s = ProxySet::default();
         assert!(s.newer_than(0).is_none());
+        s.set_self("b:1".into());
         s.set(vec!["b:1".into(), "a:2".into()]);
         let (v, p) = s.newer_than(0).unwrap();
-        assert_eq!(
-            ProxyAnnouncement::parse(&p).unwrap().proxies,
-            ["a:2", "b:1"]
-        );
+        let a = ProxyAnnouncement::parse(&p).unwrap();
+        assert_eq!(a.proxies, ["a:2", "b:1"]);
+        assert_eq!(a.this, "b:1");
         assert!(s.newer_than(v).is_none());
         s.set(vec!["a:2".into(), "b:1".into(), "a:2".into()]);
         assert!(s.newer_than(v).is_none());
@@ -101,7 +113,11 @@ mod tests {
             assert!(ProxyAnnouncement::parse(bad).is_err());
         }
         let many: Vec<String> = (0..=MAX_PROXIES).map(|i| format!("h:{i}")).collect();
-        let json = serde_json::to_vec(&ProxyAnnouncement { proxies: many }).unwrap();
+        let json = serde_json::to_vec(&ProxyAnnouncement {
+            proxies: many,
+            this: String::new(),
+        })
+        .unwrap();
         assert!(ProxyAnnouncement::parse(&json).is_err());
         assert_eq!(
             ProxyAnnouncement::parse(br#"{"proxies":["[::1]:3080","h:1"]}"#)
