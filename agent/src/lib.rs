@@ -8,3 +8,4 @@ pub mod role;
 pub mod runner;
 pub mod spool;
 pub mod ssh;
+mod trust;

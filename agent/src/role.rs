@@ -62,6 +62,7 @@ pub struct AgentHandle {
     upload: Option<tokio::task::JoinHandle<()>>,
     renew: tokio::task::JoinHandle<()>,
     follow: tokio::task::JoinHandle<()>,
+    follow_roots: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl AgentHandle {
@@ -71,6 +72,9 @@ impl AgentHandle {
         self.deliver.abort();
         self.renew.abort();
         self.follow.abort();
+        if let Some(f) = self.follow_roots {
+            f.abort();
+        }
         if let Some(u) = self.upload {
             u.abort();
         }
@@ -165,6 +169,7 @@ pub async fn start(
 
     let mut recordings = None;
     let mut upload = None;
+    let mut follow_roots = None;
     let mut ssh_node = None;
     let ssh: Option<Arc<dyn SshService>> = if config.ssh {
         let host_key = ssh_key::PrivateKey::from_openssh(&identity.ssh_key)
@@ -184,7 +189,14 @@ pub async fn start(
             Arc::clone(&auth),
         ));
         recordings = Some(Arc::clone(&recs));
+        let trusted_roots = Arc::new(arc_swap::ArcSwap::from_pointee(Vec::new()));
+        let link = Arc::clone(&auth);
+        follow_roots = Some(tokio::spawn(crate::trust::follow_roots(
+            move || link.endpoint(),
+            Arc::clone(&trusted_roots),
+        )));
         let cfg = SshNodeConfig {
+            trusted_roots,
             host_key,
             host_cert: ssh_key::Certificate::from_openssh(&identity.ssh_cert)
                 .map_err(|e| AgentError::Identity(e.to_string()))?,
@@ -249,6 +261,7 @@ pub async fn start(
         deliver,
         renew,
         follow,
+        follow_roots,
     })
 }
 
@@ -384,6 +397,11 @@ impl AuthLink {
 
     pub(crate) async fn forget(&self) {
         *self.client.lock().await = None;
+    }
+
+    /// Where Auth is now, for other connections to it (the watch stream).
+    pub(crate) fn endpoint(&self) -> Option<AuthEndpoint> {
+        self.endpoint.lock().ok().map(|e| e.clone())
     }
 
     /// Reach Auth through these proxies (comma-separated) from the next connection on.

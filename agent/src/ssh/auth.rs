@@ -6,6 +6,15 @@ use gatehouse_controlplane::ca::ssh_ext;
 use ssh_key::certificate::CertType;
 use ssh_key::{Certificate, HashAlg, PublicKey};
 
+/// A root cluster this (leaf) cluster trusts: its users' certificates are accepted here with
+/// their roles mapped to this cluster's.
+#[derive(Debug, Clone)]
+pub struct TrustedRoot {
+    pub cluster: String,
+    pub user_ca: PublicKey,
+    pub role_map: gatehouse_controlplane::role_map::RoleMap,
+}
+
 /// What an accepted certificate says about its holder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct CertIdentity {
@@ -20,6 +29,8 @@ pub(crate) struct CertIdentity {
     pub permit_agent_forwarding: bool,
     /// Remote forwards may listen where the client asks, not only on loopback.
     pub remote_forward_any: bool,
+    /// The root cluster that issued the certificate (its roles were mapped), if not this one.
+    pub from_cluster: Option<String>,
 }
 
 /// Why a certificate was refused, with the key id when the certificate could be read.
@@ -80,10 +91,25 @@ fn format_time(unix: u64) -> String {
 
 /// Check a user certificate for `login` at `now` (Unix seconds) against the trusted user CAs.
 /// Role evaluation (RBAC) comes after this, with the roles this returns.
+#[cfg(test)]
 pub(crate) fn verify_user_cert(
     cert: &Certificate,
     login: &str,
     user_cas: &[PublicKey],
+    now: u64,
+) -> Result<CertIdentity, Refusal> {
+    verify_user_cert_in(cert, login, user_cas, &[], "", now)
+}
+
+/// [`verify_user_cert`], also accepting certificates of the root clusters `roots` (this is
+/// cluster `here`): their roles are mapped to this cluster's by the root's role map, and a
+/// certificate none of whose roles maps is refused.
+pub(crate) fn verify_user_cert_in(
+    cert: &Certificate,
+    login: &str,
+    user_cas: &[PublicKey],
+    roots: &[TrustedRoot],
+    here: &str,
     now: u64,
 ) -> Result<CertIdentity, Refusal> {
     if cert.cert_type() != CertType::User {
@@ -92,14 +118,18 @@ pub(crate) fn verify_user_cert(
             "certificate is a host certificate, not a user certificate",
         ));
     }
-    let Some(ca) = user_cas
-        .iter()
-        .find(|ca| ca.key_data() == cert.signature_key())
-    else {
-        return Err(Refusal::new(
-            cert,
-            "certificate not signed by this cluster's user CA",
-        ));
+    let signed_by = |ca: &PublicKey| ca.key_data() == cert.signature_key();
+    let (ca, root) = match user_cas.iter().find(|ca| signed_by(ca)) {
+        Some(ca) => (ca, None),
+        None => match roots.iter().find(|r| signed_by(&r.user_ca)) {
+            Some(r) => (&r.user_ca, Some(r)),
+            None => {
+                return Err(Refusal::new(
+                    cert,
+                    "certificate not signed by this cluster's user CA",
+                ));
+            }
+        },
     };
     if now < cert.valid_after() {
         return Err(Refusal::new(
@@ -170,10 +200,27 @@ pub(crate) fn verify_user_cert(
             )
         })?,
     };
+    let (roles, from_cluster) = match root {
+        None => (roles, None),
+        Some(r) => {
+            let mapped = r.role_map.map(&roles);
+            if mapped.is_empty() {
+                return Err(Refusal::new(
+                    cert,
+                    format!(
+                        "none of your roles ({}) maps to a role in cluster {here}",
+                        roles.join(", ")
+                    ),
+                ));
+            }
+            (mapped, Some(r.cluster.clone()))
+        }
+    };
     Ok(CertIdentity {
         key_id: cert.key_id().to_owned(),
         roles,
         traits,
+        from_cluster,
         permit_pty: extensions.contains_key("permit-pty"),
         permit_port_forwarding: extensions.contains_key("permit-port-forwarding"),
         permit_agent_forwarding: extensions.contains_key("permit-agent-forwarding"),
@@ -227,6 +274,58 @@ mod tests {
         assert_eq!(id.roles, ["access"]);
         assert_eq!(id.traits["logins"], ["alice"]);
         assert!(id.permit_pty);
+    }
+
+    /// A root cluster's user: its certificate is accepted with its roles mapped by the root's
+    /// role map; one whose roles map to nothing is refused saying so.
+    #[test]
+    fn a_trusted_roots_users_get_their_mapped_roles() {
+        use gatehouse_controlplane::role_map::{RoleMap, RoleMapping};
+        let own = SshCa::generate().unwrap();
+        let root_ca = SshCa::generate().unwrap();
+        let root = |remote: &str, local: &str| TrustedRoot {
+            cluster: "root".into(),
+            user_ca: root_ca.public_key().clone(),
+            role_map: RoleMap::compile(&[RoleMapping {
+                remote: remote.into(),
+                local: vec![local.into()],
+            }])
+            .unwrap(),
+        };
+        let cert = user_cert(&root_ca, NOW as i64 + 3600, NOW, true);
+        let own_cas = [own.public_key().clone()];
+        // Not trusted: refused as any foreign certificate.
+        let r = verify_user_cert_in(&cert, "alice", &own_cas, &[], "leaf", NOW).unwrap_err();
+        assert!(
+            r.reason.contains("not signed by this cluster's user CA"),
+            "{}",
+            r.reason
+        );
+        let id = verify_user_cert_in(
+            &cert,
+            "alice",
+            &own_cas,
+            &[root("^acc(.*)$", "dev$1")],
+            "leaf",
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(id.roles, ["devess"]);
+        assert_eq!(id.from_cluster.as_deref(), Some("root"));
+        let r = verify_user_cert_in(&cert, "alice", &own_cas, &[root("admin", "x")], "leaf", NOW)
+            .unwrap_err();
+        assert_eq!(
+            r.reason,
+            "none of your roles (access) maps to a role in cluster leaf"
+        );
+        // The cluster's own users are not mapped.
+        let mine = user_cert(&own, NOW as i64 + 3600, NOW, true);
+        let id = verify_user_cert_in(&mine, "alice", &own_cas, &[root("admin", "x")], "leaf", NOW)
+            .unwrap();
+        assert_eq!(
+            (id.roles.as_slice(), id.from_cluster),
+            (&["access".to_string()][..], None)
+        );
     }
 
     #[test]

@@ -112,7 +112,15 @@ impl ConnHandler {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let identity = auth::verify_user_cert(&cert, login, &self.node.config.user_ca_keys, now)?;
+        let config = &self.node.config;
+        let identity = auth::verify_user_cert_in(
+            &cert,
+            login,
+            &config.user_ca_keys,
+            &config.trusted_roots.load(),
+            &config.cluster,
+            now,
+        )?;
         let refuse = |reason: String| Refusal {
             key_id: identity.key_id.clone(),
             reason,

@@ -35,7 +35,8 @@
 //! and the environment is applied by `env -i` after privileges are dropped.
 
 mod agent_forward;
-mod auth;
+pub(crate) mod auth;
+pub use auth::TrustedRoot;
 mod forward;
 mod handler;
 mod process;
@@ -93,6 +94,9 @@ pub struct SshNodeConfig {
     pub host_cert: ssh_key::Certificate,
     /// Trusted SSH user CA public keys (the cluster's).
     pub user_ca_keys: Vec<ssh_key::PublicKey>,
+    /// Root clusters this cluster trusts (their user CAs and role maps), kept current from
+    /// Auth's watch stream.
+    pub trusted_roots: std::sync::Arc<arc_swap::ArcSwap<Vec<auth::TrustedRoot>>>,
     pub cluster: String,
     pub node_name: String,
     pub labels: BTreeMap<String, String>,

@@ -194,6 +194,7 @@ impl Fixture {
         .collect();
         let audit = Arc::new(MemAudit::default());
         let config = SshNodeConfig {
+            trusted_roots: Default::default(),
             host_key,
             host_cert,
             user_ca_keys: vec![user_ca.public_key().clone()],
