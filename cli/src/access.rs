@@ -147,20 +147,23 @@ where
     Ok(())
 }
 
-/// `gsh proxy ssh LOGIN@HOST:PORT`: HOST may carry the `.CLUSTER` suffix OpenSSH users type.
-pub async fn proxy_ssh(dir: &Path, spec: &str) -> anyhow::Result<()> {
+/// `gsh proxy ssh [--cluster LEAF] LOGIN@HOST:PORT`: HOST may carry the `.CLUSTER` (or
+/// `.LEAF`) suffix OpenSSH users type.
+pub async fn proxy_ssh(dir: &Path, spec: &str, cluster: Option<&str>) -> anyhow::Result<()> {
     let profile = Profile::load(dir)?;
     let (login, rest) = spec.rsplit_once('@').unwrap_or(("", spec));
     let host = match rest.rsplit_once(':') {
         Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
         _ => rest,
     };
-    let suffix = format!(".{}", profile.cluster);
+    let cluster = cluster.filter(|c| *c != profile.cluster);
+    let suffix = format!(".{}", cluster.unwrap_or(&profile.cluster));
     let target = host.strip_suffix(&suffix).unwrap_or(host);
     let req = SessionRequest {
         target: target.to_owned(),
         login: login.to_owned(),
-        cluster: String::new(),
+        cluster: cluster.unwrap_or_default().to_owned(),
+        on_behalf: None,
     };
     let (tls, resp, leftover) = open_session(dir, &profile, ALPN_SSH, &req).await?;
     if !resp.ok {
@@ -195,6 +198,7 @@ pub async fn proxy_tcp(dir: &Path, app: &str, listen: &str) -> anyhow::Result<()
                 target: app.clone(),
                 login: String::new(),
                 cluster: String::new(),
+                on_behalf: None,
             };
             match open_session(&dir, &profile, ALPN_TCP, &req).await {
                 Ok((tls, resp, leftover)) if resp.ok => {
@@ -279,18 +283,41 @@ fn gsh_exe() -> String {
         .unwrap_or_else(|_| "gsh".into())
 }
 
-fn proxy_command(dir: &Path) -> String {
+fn proxy_command(dir: &Path, cluster: Option<&str>) -> String {
+    let via = cluster
+        .map(|c| format!(" --cluster {c}"))
+        .unwrap_or_default();
     format!(
-        "\"{}\" --identity \"{}\" proxy ssh %r@%h:%p",
+        "\"{}\" --identity \"{}\" proxy ssh{via} %r@%h:%p",
         gsh_exe(),
         dir.display()
     )
 }
 
-/// `gsh ssh [login@]target [command]` runs OpenSSH through `gsh proxy ssh`.
-pub async fn ssh(dir: &Path, target: &str, command: &[String], tty: bool) -> anyhow::Result<i32> {
+/// `gsh ssh [--cluster LEAF] [login@]target [command]` runs OpenSSH through `gsh proxy ssh`.
+pub async fn ssh(
+    dir: &Path,
+    target: &str,
+    command: &[String],
+    tty: bool,
+    cluster: Option<&str>,
+) -> anyhow::Result<i32> {
     let profile = Profile::load(dir)?;
     proxy_of(&profile)?;
+    let cluster = cluster.filter(|c| *c != profile.cluster);
+    if let Some(leaf) = cluster {
+        let leaves = crate::clusters::leaves(dir, &profile).await?;
+        if !leaves.iter().any(|l| l.name == leaf) {
+            bail!(
+                "`{leaf}` is not a leaf cluster of {} (gsh clusters lists them)",
+                profile.cluster
+            );
+        }
+        crate::clusters::trust_leaf_hosts(dir, &profile, &leaves)?;
+        if target.contains('=') {
+            bail!("label selectors reach this cluster's nodes only; name the node in `{leaf}`");
+        }
+    }
     let (login, node) = match target.rsplit_once('@') {
         Some((l, n)) => (l.to_owned(), n.to_owned()),
         None => (
@@ -299,7 +326,9 @@ pub async fn ssh(dir: &Path, target: &str, command: &[String], tty: bool) -> any
         ),
     };
     // A label selector names no host the host certificate could match: resolve it first.
-    let host = if node.contains('=') {
+    let host = if cluster.is_some() {
+        node
+    } else if node.contains('=') {
         let selector = parse_selector(std::slice::from_ref(&node))?;
         let found: Vec<proto::Node> = nodes(dir, &profile)
             .await?
@@ -322,7 +351,7 @@ pub async fn ssh(dir: &Path, target: &str, command: &[String], tty: bool) -> any
         node
     };
     let mut cmd = std::process::Command::new("ssh");
-    cmd.args(openssh_options(dir));
+    cmd.args(openssh_options(dir, cluster));
     if tty {
         cmd.arg("-t");
     }
@@ -342,7 +371,7 @@ pub const CIPHERS: &str =
 
 /// The OpenSSH client options that reach the cluster's nodes through the proxy with the
 /// profile's certificate, whatever the user's own ssh config says.
-fn openssh_options(dir: &Path) -> Vec<std::ffi::OsString> {
+fn openssh_options(dir: &Path, cluster: Option<&str>) -> Vec<std::ffi::OsString> {
     let opt = |o: String| ["-o".into(), o.into()];
     let mut args: Vec<std::ffi::OsString> = vec!["-F".into(), "/dev/null".into()];
     for o in [
@@ -351,7 +380,7 @@ fn openssh_options(dir: &Path) -> Vec<std::ffi::OsString> {
         "IdentitiesOnly=yes".to_string(),
         format!("Ciphers={CIPHERS}"),
         "LogLevel=ERROR".to_string(),
-        format!("ProxyCommand={}", proxy_command(dir)),
+        format!("ProxyCommand={}", proxy_command(dir, cluster)),
         format!("UserKnownHostsFile={}", dir.join("known_hosts").display()),
         format!("IdentityFile={}", dir.join(SSH_KEY_FILE).display()),
         format!("CertificateFile={}", dir.join(SSH_CERT_FILE).display()),
@@ -377,7 +406,7 @@ pub async fn scp(dir: &Path, args: &[String]) -> anyhow::Result<i32> {
     let profile = Profile::load(dir)?;
     proxy_of(&profile)?;
     let mut cmd = std::process::Command::new("scp");
-    cmd.args(openssh_options(dir)).args(args);
+    cmd.args(openssh_options(dir, None)).args(args);
     run_openssh(cmd, "scp").await
 }
 
@@ -400,12 +429,34 @@ pub async fn config(dir: &Path) -> anyhow::Result<()> {
     names.dedup();
     let mut hosts = vec![format!("*.{}", profile.cluster)];
     hosts.extend(names);
+    // Leaf clusters: `Host *.LEAF`, through this cluster's proxy; their host CAs join
+    // known_hosts.
+    let leaves = match crate::clusters::leaves(dir, &profile).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("gsh config: could not list leaf clusters ({e:#})");
+            Vec::new()
+        }
+    };
+    crate::clusters::trust_leaf_hosts(dir, &profile, &leaves)?;
+    for leaf in &leaves {
+        println!(
+            "# Leaf cluster {leaf} through {cluster}'s proxy\n\
+             Host *.{leaf}\n    ProxyCommand {pc}\n    UserKnownHostsFile \"{kh}\"\n    IdentityFile \"{key}\"\n    CertificateFile \"{cert}\"\n    IdentitiesOnly yes\n    Ciphers {CIPHERS}\n",
+            leaf = leaf.name,
+            cluster = profile.cluster,
+            pc = proxy_command(dir, Some(&leaf.name)),
+            kh = dir.join("known_hosts").display(),
+            key = dir.join(SSH_KEY_FILE).display(),
+            cert = dir.join(SSH_CERT_FILE).display(),
+        );
+    }
     println!(
         "# Gatehouse cluster {cluster} (generated by `gsh config`): add to ~/.ssh/config\n\
          Host {hosts}\n    ProxyCommand {pc}\n    UserKnownHostsFile \"{kh}\"\n    IdentityFile \"{key}\"\n    CertificateFile \"{cert}\"\n    IdentitiesOnly yes\n    Ciphers {CIPHERS}\n",
         cluster = profile.cluster,
         hosts = hosts.join(" "),
-        pc = proxy_command(dir),
+        pc = proxy_command(dir, None),
         kh = dir.join("known_hosts").display(),
         key = dir.join(SSH_KEY_FILE).display(),
         cert = dir.join(SSH_CERT_FILE).display(),

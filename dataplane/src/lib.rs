@@ -16,6 +16,7 @@
 //! of the tunnel.
 
 pub mod io;
+mod leaf_link;
 pub mod mux;
 mod peers;
 pub mod proxy;

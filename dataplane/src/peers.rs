@@ -84,6 +84,25 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<crate::proxy::ProxyMetrics>,
     pub(crate) leaves: Arc<crate::proxy::Leaves>,
     pub(crate) verifier: Arc<gatehouse_controlplane::leaf_trust::ClusterClientVerifier>,
+    /// The roots this (leaf) cluster trusts: the leaf links dial them.
+    pub(crate) roots: tokio::sync::watch::Sender<Vec<crate::leaf_link::RootTarget>>,
+}
+
+/// The roots in `cache` (records of side `root`).
+pub(crate) fn trusted_roots(cache: &WatchCache) -> Vec<crate::leaf_link::RootTarget> {
+    cache
+        .of("trusted_cluster")
+        .filter_map(|(name, doc)| {
+            let v: serde_json::Value = serde_json::from_str(doc).ok()?;
+            (v.get("side")?.as_str()? == "root").then_some(())?;
+            let spec = v.get("spec")?;
+            Some(crate::leaf_link::RootTarget {
+                name: name.to_owned(),
+                proxy_addr: spec.get("proxy_addr")?.as_str()?.to_owned(),
+                ca_pem: spec.get("tls_ca_pem")?.as_str()?.to_owned(),
+            })
+        })
+        .collect()
 }
 
 /// Trusted leaves in `cache` (records of side `leaf`): (name, X.509 CA PEM).
@@ -109,6 +128,14 @@ fn apply(cache: &WatchCache, now: i64, shared: &Shared) {
     shared
         .leaves
         .set_trusted(leaves.into_iter().map(|(name, _)| name));
+    let roots = trusted_roots(cache);
+    shared.roots.send_if_modified(|known| {
+        let new = *known != roots;
+        if new {
+            *known = roots;
+        }
+        new
+    });
 }
 
 pub(crate) fn start(

@@ -196,6 +196,18 @@ pub async fn start(
         }
     });
     proxies.set_self(advertise.clone());
+    // As a leaf: a tunnel to each root this cluster trusts.
+    let (roots, wanted) = tokio::sync::watch::channel(Vec::new());
+    crate::leaf_link::spawn(
+        wanted,
+        Arc::clone(&endpoint),
+        id.ca.clone(),
+        proxy.local_addr,
+    )
+    .map_err(|source| ProxyRoleError::Start {
+        listen: config.listen,
+        source,
+    })?;
     let peers = crate::peers::start(
         advertise,
         Arc::clone(&endpoint),
@@ -204,6 +216,7 @@ pub async fn start(
             metrics: Arc::clone(&metrics),
             leaves,
             verifier,
+            roots,
         },
     );
     let cluster = id.cluster.clone();

@@ -181,6 +181,7 @@ async fn connect(
                 target: target.node.clone(),
                 login: target.login.clone(),
                 cluster: String::new(),
+                on_behalf: None,
             };
             tls.write_all(&session::encode(&req)).await?;
             // Read exactly the answer (length-prefixed) so the SSH bytes after it stay unread.

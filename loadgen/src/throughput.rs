@@ -291,6 +291,7 @@ pub async fn client_stream_with(
                 target: format!("{app}@sim-{}", stream_idx % 2),
                 login: String::new(),
                 cluster: String::new(),
+                on_behalf: None,
             };
             tls.write_all(&session::encode(&req)).await?;
             let mut buf = BytesMut::new();

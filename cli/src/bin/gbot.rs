@@ -171,7 +171,7 @@ fn main() {
         Command::Proxy(ProxyCmd::Ssh { destination, spec }) => {
             init_logging("text", "warn");
             gatehouse_cli::run_main("gbot", async move {
-                gatehouse_cli::access::proxy_ssh(&destination, &spec).await
+                gatehouse_cli::access::proxy_ssh(&destination, &spec, None).await
             });
         }
     }

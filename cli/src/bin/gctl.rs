@@ -60,7 +60,8 @@ enum Command {
         #[arg(long, default_value = "text")]
         format: String,
     },
-    /// Delete a resource: role/NAME, user/NAME, token/ID, node/HOST_ID.
+    /// Delete a resource: role/NAME, user/NAME, token/ID, node/HOST_ID, trusted_cluster/NAME
+    /// (on a leaf: stop trusting the root; on the root: forget the leaf).
     Rm { target: String },
     /// Manage join tokens.
     #[command(subcommand)]
@@ -256,7 +257,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .await
                         .map_err(rpc_error)?;
                 }
-                "role" | "roles" | "user" | "users" | "node" | "nodes" => {
+                "role" | "roles" | "user" | "users" | "node" | "nodes" | "trusted_cluster"
+                | "trusted_clusters" => {
                     let kind = kind.trim_end_matches('s');
                     client
                         .delete_resource(proto::DeleteResourceRequest {
@@ -266,7 +268,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .await
                         .map_err(rpc_error)?;
                 }
-                other => bail!("unknown kind `{other}`; expected role, user, token or node"),
+                other => bail!(
+                    "unknown kind `{other}`; expected role, user, token, node or trusted_cluster"
+                ),
             }
             println!("{target} has been deleted");
             Ok(())
@@ -498,7 +502,7 @@ async fn get(client: &mut Client, what: &str, format: &str) -> anyhow::Result<()
     };
     let kind = kind.trim_end_matches('s');
     match kind {
-        "role" | "user" => {
+        "role" | "user" | "trusted_cluster" => {
             let docs = match name {
                 Some(n) => vec![
                     client

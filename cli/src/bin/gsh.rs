@@ -80,6 +80,9 @@ enum Command {
         /// Force a terminal even for a command (ssh -t).
         #[arg(short = 't')]
         tty: bool,
+        /// A leaf cluster the node is in (reached through this cluster's proxy).
+        #[arg(long)]
+        cluster: Option<String>,
     },
     /// Copy files to and from nodes with OpenSSH's `scp`, through the Proxy: the same arguments
     /// as `scp` (`[login@]node:path` for remote files), no ssh config needed.
@@ -93,6 +96,12 @@ enum Command {
     Proxy(ProxyCmd),
     /// Print an OpenSSH config block so that plain `ssh node.CLUSTER` goes through the Proxy.
     Config,
+    /// This cluster and the clusters it trusts or is trusted by (leaves online or not).
+    Clusters {
+        /// text or json.
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
     /// Session recordings you may see (your own; every one for auditors).
     #[command(subcommand)]
     Recordings(RecordingsCmd),
@@ -154,7 +163,12 @@ enum SessionsCmd {
 #[derive(Subcommand, Debug)]
 enum ProxyCmd {
     /// Bridge stdin/stdout to a node's SSH service (for OpenSSH's ProxyCommand `gsh proxy ssh %r@%h:%p`).
-    Ssh { spec: String },
+    Ssh {
+        spec: String,
+        /// A leaf cluster the node is in.
+        #[arg(long)]
+        cluster: Option<String>,
+    },
     /// Listen locally and forward each connection to a TCP app behind the Proxy.
     Tcp {
         /// APP or APP@NODE.
@@ -190,21 +204,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             target,
             command,
             tty,
+            cluster,
         } => {
-            let code = gatehouse_cli::access::ssh(&dir, &target, &command, tty).await?;
+            let code = gatehouse_cli::access::ssh(&dir, &target, &command, tty, cluster.as_deref())
+                .await?;
             std::process::exit(code);
         }
         Command::Scp { args } => {
             let code = gatehouse_cli::access::scp(&dir, &args).await?;
             std::process::exit(code);
         }
-        Command::Proxy(ProxyCmd::Ssh { spec }) => {
-            gatehouse_cli::access::proxy_ssh(&dir, &spec).await
+        Command::Proxy(ProxyCmd::Ssh { spec, cluster }) => {
+            gatehouse_cli::access::proxy_ssh(&dir, &spec, cluster.as_deref()).await
         }
         Command::Proxy(ProxyCmd::Tcp { app, listen }) => {
             gatehouse_cli::access::proxy_tcp(&dir, &app, &listen).await
         }
         Command::Config => gatehouse_cli::access::config(&dir).await,
+        Command::Clusters { format } => gatehouse_cli::clusters::clusters(&dir, &format).await,
         Command::Status => status(&dir),
         Command::Logout => logout(&dir),
         Command::Passwd { stdin } => passwd(&dir, stdin).await,

@@ -302,14 +302,23 @@ pub(super) async fn list(
         relation: "self".into(),
         online: true,
         last_seen: now,
+        host_ca_ssh: state.host_ca.public_line(),
     }];
     for row in state.store.list_trust().await.map_err(store_status)? {
         let online = row.side == LEAF && held.contains(&row.name);
+        let host_ca_ssh = if row.side == LEAF {
+            serde_json::from_str::<TrustDoc>(&row.spec)
+                .map(|d| d.host_ca_ssh)
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
         clusters.push(proto::ClusterInfo {
             name: row.name,
             relation: row.side,
             online,
             last_seen: if online { now } else { 0 },
+            host_ca_ssh,
         });
     }
     Ok(Done::read(proto::ListClustersResponse { clusters }))

@@ -17,6 +17,22 @@ pub struct SessionRequest {
     /// A trusted leaf cluster to reach the target in (empty: this proxy's cluster).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cluster: String,
+    /// Sent by a leaf cluster's proxy for a root cluster's user (taken from a proxy's
+    /// certificate only; anyone else's is ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_behalf: Option<OnBehalf>,
+}
+
+/// The user a leaf's proxy opens a session for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnBehalf {
+    pub user: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub source_addr: String,
+    /// The cluster the user belongs to (the root).
+    pub cluster: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +112,7 @@ mod tests {
                     target,
                     login,
                     cluster: String::new(),
+                    on_behalf: None,
                 })
                 .collect();
             let wire: Vec<u8> = sent.iter().flat_map(|r| encode(r).to_vec()).collect();
@@ -121,6 +138,7 @@ mod tests {
             target: "web1".into(),
             login: "alice".into(),
             cluster: String::new(),
+            on_behalf: None,
         };
         let wire = encode(&req);
         let mut buf = BytesMut::new();

@@ -110,6 +110,11 @@ fn is_agent(id: &Identity, own: &str) -> bool {
     id.cluster == own && id.kind == IdentityKind::Node && !is_proxy(id)
 }
 
+/// Whether an identity is one of this cluster's proxies.
+pub(crate) fn is_own_proxy(id: &Identity, own: &str) -> bool {
+    id.cluster == own && is_proxy(id)
+}
+
 /// Whether an identity is a proxy of another (leaf) cluster: [`verify`] lets such a one through
 /// only for a trusted leaf, whose CA alone vouched for it.
 fn is_leaf_proxy(id: &Identity, own: &str) -> bool {
@@ -144,10 +149,12 @@ pub(crate) fn admit(
             session_streams: true,
         },
         (Transport::Tls, Some(alpn::TUNNEL)) if is_leaf_proxy(id, own) => Admission::LeafTunnel,
-        (Transport::Tls, Some(alpn::SSH)) if opens_sessions(id, own) => {
+        // A proxy of this cluster opens sessions for a trusted root's users (the session
+        // request names the user; the agent still authorizes by the user's SSH certificate).
+        (Transport::Tls, Some(alpn::SSH)) if opens_sessions(id, own) || is_own_proxy(id, own) => {
             Admission::Session(SessionKind::Ssh)
         }
-        (Transport::Tls, Some(alpn::TCP)) if opens_sessions(id, own) => {
+        (Transport::Tls, Some(alpn::TCP)) if opens_sessions(id, own) || is_own_proxy(id, own) => {
             Admission::Session(SessionKind::Tcp)
         }
         _ => refuse(),
@@ -295,8 +302,8 @@ mod tests {
                     session_streams: true,
                 },
                 (Tls, Some(alpn::TUNNEL), "leaf proxy") => LeafTunnel,
-                (Tls, Some(alpn::SSH), "user" | "bot") => Session(SessionKind::Ssh),
-                (Tls, Some(alpn::TCP), "user" | "bot") => Session(SessionKind::Tcp),
+                (Tls, Some(alpn::SSH), "user" | "bot" | "proxy") => Session(SessionKind::Ssh),
+                (Tls, Some(alpn::TCP), "user" | "bot" | "proxy") => Session(SessionKind::Tcp),
                 _ => identity_refusal,
             }
         };
@@ -312,8 +319,8 @@ mod tests {
                 }
             }
         }
-        // Exactly the eight pairings above are allowed, out of 2 × 7 × 12.
-        assert_eq!(allowed, 8);
+        // Exactly the ten pairings above are allowed, out of 2 × 7 × 12.
+        assert_eq!(allowed, 10);
     }
 
     #[test]

