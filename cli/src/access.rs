@@ -242,14 +242,56 @@ fn parse_selector(items: &[String]) -> anyhow::Result<Vec<(String, String)>> {
         .collect()
 }
 
-pub async fn ls(dir: &Path, labels: &[String], format: &str) -> anyhow::Result<()> {
+/// A leaf cluster's nodes, through this cluster's proxy and the leaf's tunnel.
+async fn leaf_nodes(dir: &Path, profile: &Profile, leaf: &str) -> anyhow::Result<Vec<proto::Node>> {
+    let req = SessionRequest {
+        target: "@nodes".into(),
+        login: String::new(),
+        cluster: leaf.to_owned(),
+        on_behalf: None,
+    };
+    let (mut tls, resp, leftover) = open_session(dir, profile, ALPN_SSH, &req).await?;
+    if !resp.ok {
+        return Err(refusal(&resp));
+    }
+    let mut body = leftover.to_vec();
+    tls.read_to_end(&mut body).await?;
+    let v: Vec<serde_json::Value> =
+        serde_json::from_slice(&body).context("the leaf's node list is not JSON")?;
+    Ok(v.into_iter()
+        .map(|n| {
+            let text = |k: &str| {
+                n.get(k)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let value = |k: &str| n.get(k).cloned().unwrap_or_default();
+            proto::Node {
+                name: text("name"),
+                host_id: text("host_id"),
+                labels: serde_json::from_value(value("labels")).unwrap_or_default(),
+                services: serde_json::from_value(value("services")).unwrap_or_default(),
+                ..Default::default()
+            }
+        })
+        .collect())
+}
+
+/// `gsh ls [--cluster LEAF] [labels]`.
+pub async fn ls(
+    dir: &Path,
+    labels: &[String],
+    format: &str,
+    cluster: Option<&str>,
+) -> anyhow::Result<()> {
     let profile = Profile::load(dir)?;
     let selector = parse_selector(labels)?;
-    let mut list: Vec<proto::Node> = nodes(dir, &profile)
-        .await?
-        .into_iter()
-        .filter(|n| matches(n, &selector))
-        .collect();
+    let all = match cluster.filter(|c| *c != profile.cluster) {
+        Some(leaf) => leaf_nodes(dir, &profile, leaf).await?,
+        None => nodes(dir, &profile).await?,
+    };
+    let mut list: Vec<proto::Node> = all.into_iter().filter(|n| matches(n, &selector)).collect();
     list.sort_by(|a, b| a.name.cmp(&b.name));
     if format == "json" {
         let v: Vec<_> = list

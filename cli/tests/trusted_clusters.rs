@@ -43,7 +43,7 @@ fn until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 #[test]
 fn root_users_reach_leaf_nodes_by_mapped_roles() {
     let root = Fleet::start("root", &[]);
-    let leaf = Fleet::start("leaf", &[("web", "env=dev", vec![])]);
+    let mut leaf = Fleet::start("leaf", &[("web", "env=dev", vec![])]);
     let files = tempfile::tempdir().unwrap();
     // On the root: roles whose users the leaf maps (by name, by pattern) or does not.
     let any_node =
@@ -112,6 +112,19 @@ fn root_users_reach_leaf_nodes_by_mapped_roles() {
     assert_eq!(out.status, 0, "{}", out.stderr);
     assert!(out.stdout.contains("via-gsh"));
 
+    // gsh ls --cluster: the leaf's nodes through the root.
+    let ls_leaf = || {
+        root.gsh(alice.path(), &["ls", "--cluster", "leaf"], None)
+            .ok()
+            .stdout
+    };
+    until("the leaf's node listed through the root", 30, || {
+        ls_leaf().contains("web")
+    });
+    let ls = ls_leaf();
+    eprintln!("gsh ls --cluster leaf:\n{ls}");
+    assert!(ls.contains("web") && ls.contains("env=dev"), "{ls}");
+
     // By pattern: admin-access → access.
     let (_bob, bob_config) = root_user(&root, "bob", "admin-access");
     let bob_config = {
@@ -124,6 +137,14 @@ fn root_users_reach_leaf_nodes_by_mapped_roles() {
     let (carol, _) = root_user(&root, "carol", "ops");
     let carol_config = root.ssh_config(carol.path());
     assert_ne!(run(&carol_config).status, 0);
+    let out = root.gsh(carol.path(), &["ls", "--cluster", "leaf"], None);
+    assert_ne!(out.status, 0);
+    assert!(
+        out.stderr
+            .contains("none of your roles (ops) maps to a role in cluster leaf"),
+        "{}",
+        out.stderr
+    );
     until("carol's refusal in the leaf's audit", 20, || {
         leaf.events("session.rejected").iter().any(|e| {
             e.to_string()
@@ -136,6 +157,18 @@ fn root_users_reach_leaf_nodes_by_mapped_roles() {
             .iter()
             .any(|e| e["actor"] == "alice" || e.to_string().contains("from-the-leaf"))
     });
+
+    // The leaf offline (its proxy gone): said plainly at the root; back: sessions go again.
+    leaf.proxy.kill_hard();
+    until("the root saying the leaf is offline", 20, || {
+        let out = run(&config);
+        out.status != 0
+            && out
+                .stderr
+                .contains("cluster leaf is offline (its tunnel to this proxy is down since")
+    });
+    leaf.proxy.restart();
+    until("the leaf back", 60, || run(&config).status == 0);
 
     // Trust removed on the leaf: new sessions stop within 10 s.
     leaf.gctl(&["rm", "trusted_cluster/root"]).ok();

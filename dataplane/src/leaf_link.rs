@@ -31,10 +31,17 @@ pub(crate) struct RootTarget {
     pub(crate) ca_pem: String,
 }
 
+/// Each trusted root's role map, by root name.
+pub(crate) type RoleMaps = Arc<Mutex<BTreeMap<String, gatehouse_controlplane::role_map::RoleMap>>>;
+
 /// What every link shares.
 struct Link {
-    /// This proxy's identity (certificate, key PEM), kept current by its renewals.
+    /// This proxy's identity (certificate, key PEM), kept current by its renewals, and where
+    /// Auth is.
     identity: Arc<Mutex<AuthEndpoint>>,
+    /// This cluster's name, and each trusted root's role map (for listings).
+    cluster: String,
+    role_maps: Arc<Mutex<BTreeMap<String, gatehouse_controlplane::role_map::RoleMap>>>,
     /// This cluster's CA and this proxy's own port, for the sessions opened on it.
     own_ca: String,
     own_addr: SocketAddr,
@@ -43,8 +50,9 @@ struct Link {
 /// Start the links' thread; it follows `roots` until the process ends.
 pub(crate) fn spawn(
     roots: tokio::sync::watch::Receiver<Vec<RootTarget>>,
+    role_maps: RoleMaps,
     identity: Arc<Mutex<AuthEndpoint>>,
-    own_ca: String,
+    (cluster, own_ca): (String, String),
     own_addr: SocketAddr,
 ) -> std::io::Result<()> {
     let own_addr = if own_addr.ip().is_unspecified() {
@@ -64,6 +72,8 @@ pub(crate) fn spawn(
             let local = tokio::task::LocalSet::new();
             let link = std::rc::Rc::new(Link {
                 identity,
+                cluster,
+                role_maps,
                 own_ca,
                 own_addr,
             });
@@ -256,6 +266,10 @@ pub(crate) fn session_of(
 }
 
 async fn relay(link: &Link, tunnel: &Tunnel, stream: u32, target: &str, metadata: &[u8]) {
+    if target == "list:nodes" {
+        list_nodes(link, tunnel, stream, metadata).await;
+        return;
+    }
     let (alpn_id, request) = match session_of(target, metadata) {
         Ok(s) => s,
         Err(e) => {
@@ -277,6 +291,87 @@ async fn relay(link: &Link, tunnel: &Tunnel, stream: u32, target: &str, metadata
             &format!("the leaf's proxy could not open the session: {e}"),
         ),
     }
+}
+
+/// `gsh ls --cluster`: this cluster's nodes (as Auth lists them), as a JSON array, to a root
+/// user whose roles map to some role here.
+async fn list_nodes(link: &Link, tunnel: &Tunnel, stream: u32, metadata: &[u8]) {
+    let meta: serde_json::Value = serde_json::from_slice(metadata).unwrap_or_default();
+    let root = meta
+        .get("cluster")
+        .and_then(|c| c.as_str())
+        .unwrap_or_default();
+    let roles: Vec<String> = meta
+        .get("roles")
+        .and_then(|r| r.as_array())
+        .map(|r| {
+            r.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mapped = link
+        .role_maps
+        .lock()
+        .ok()
+        .and_then(|m| m.get(root).map(|map| map.map(&roles)))
+        .unwrap_or_default();
+    if mapped.is_empty() {
+        let here = link.cluster.as_str();
+        tunnel.reject(
+            stream,
+            code::REFUSED,
+            &format!(
+                "none of your roles ({}) maps to a role in cluster {here}",
+                roles.join(", ")
+            ),
+        );
+        return;
+    }
+    let endpoint = link.identity.lock().ok().map(|e| e.clone());
+    let listed = async {
+        let mut c = endpoint
+            .ok_or_else(|| "this proxy has no Auth endpoint".to_owned())?
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        c.list_nodes(gatehouse_controlplane::proto::ListNodesRequest {})
+            .await
+            .map_err(|s| s.message().to_owned())
+    }
+    .await;
+    let nodes = match listed {
+        Ok(r) => r.into_inner().nodes,
+        Err(e) => {
+            tunnel.reject(stream, code::UNAVAILABLE, &format!("the leaf's Auth: {e}"));
+            return;
+        }
+    };
+    let json: Vec<serde_json::Value> = nodes
+        .iter()
+        .map(|n| {
+            serde_json::json!({
+                "name": n.name,
+                "host_id": n.host_id,
+                "labels": n.labels,
+                "addresses": n.addresses,
+                "services": n.services,
+            })
+        })
+        .collect();
+    let body = serde_json::to_vec(&json).unwrap_or_default();
+    let Ok(handle) = tunnel.accept(stream) else {
+        return;
+    };
+    let (mut near, far) = tokio::io::duplex(64 * 1024);
+    tokio::task::spawn_local(async move {
+        let _ = near.write_all(&body).await;
+        let _ = near.shutdown().await;
+        // Hold our end until the root has read everything.
+        let mut sink = [0u8; 64];
+        while near.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+    });
+    handle.splice(far, Bytes::new()).await;
 }
 
 type LocalSession = (

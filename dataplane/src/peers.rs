@@ -84,8 +84,26 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<crate::proxy::ProxyMetrics>,
     pub(crate) leaves: Arc<crate::proxy::Leaves>,
     pub(crate) verifier: Arc<gatehouse_controlplane::leaf_trust::ClusterClientVerifier>,
-    /// The roots this (leaf) cluster trusts: the leaf links dial them.
+    /// The roots this (leaf) cluster trusts: the leaf links dial them; and their role maps.
     pub(crate) roots: tokio::sync::watch::Sender<Vec<crate::leaf_link::RootTarget>>,
+    pub(crate) role_maps: crate::leaf_link::RoleMaps,
+}
+
+/// The role maps of the roots in `cache`.
+fn role_maps(
+    cache: &WatchCache,
+) -> std::collections::BTreeMap<String, gatehouse_controlplane::role_map::RoleMap> {
+    cache
+        .of("trusted_cluster")
+        .filter_map(|(name, doc)| {
+            let v: serde_json::Value = serde_json::from_str(doc).ok()?;
+            (v.get("side")?.as_str()? == "root").then_some(())?;
+            let mappings: Vec<gatehouse_controlplane::role_map::RoleMapping> =
+                serde_json::from_value(v.get("spec")?.get("role_map")?.clone()).ok()?;
+            let map = gatehouse_controlplane::role_map::RoleMap::compile(&mappings).ok()?;
+            Some((name.to_owned(), map))
+        })
+        .collect()
 }
 
 /// The roots in `cache` (records of side `root`).
@@ -128,6 +146,9 @@ fn apply(cache: &WatchCache, now: i64, shared: &Shared) {
     shared
         .leaves
         .set_trusted(leaves.into_iter().map(|(name, _)| name));
+    if let Ok(mut m) = shared.role_maps.lock() {
+        *m = role_maps(cache);
+    }
     let roots = trusted_roots(cache);
     shared.roots.send_if_modified(|known| {
         let new = *known != roots;

@@ -198,10 +198,12 @@ pub async fn start(
     proxies.set_self(advertise.clone());
     // As a leaf: a tunnel to each root this cluster trusts.
     let (roots, wanted) = tokio::sync::watch::channel(Vec::new());
+    let role_maps = crate::leaf_link::RoleMaps::default();
     crate::leaf_link::spawn(
         wanted,
+        Arc::clone(&role_maps),
         Arc::clone(&endpoint),
-        id.ca.clone(),
+        (id.cluster.clone(), id.ca.clone()),
         proxy.local_addr,
     )
     .map_err(|source| ProxyRoleError::Start {
@@ -217,6 +219,7 @@ pub async fn start(
             leaves,
             verifier,
             roots,
+            role_maps,
         },
     );
     let cluster = id.cluster.clone();

@@ -68,6 +68,9 @@ enum Command {
         /// text or json.
         #[arg(long, default_value = "text")]
         format: String,
+        /// A leaf cluster's nodes (through this cluster's proxy).
+        #[arg(long)]
+        cluster: Option<String>,
     },
     /// SSH to a node through the Proxy: `gsh ssh [login@]node [command...]`. Uses the OpenSSH
     /// client with your Gatehouse certificate; the remote exit code becomes gsh's.
@@ -199,7 +202,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ca_pin,
             ttl,
         } => login(&dir, proxy, auth, user, password_stdin, ca_pin, ttl).await,
-        Command::Ls { labels, format } => gatehouse_cli::access::ls(&dir, &labels, &format).await,
+        Command::Ls {
+            labels,
+            format,
+            cluster,
+        } => gatehouse_cli::access::ls(&dir, &labels, &format, cluster.as_deref()).await,
         Command::Ssh {
             target,
             command,

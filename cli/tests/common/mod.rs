@@ -336,6 +336,8 @@ pub struct Daemon {
     pub child: Child,
     pub banner: String,
     pub log_path: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -386,6 +388,8 @@ impl Daemon {
                 child,
                 banner,
                 log_path,
+                args: args.to_vec(),
+                env: env.to_vec(),
             },
             Err(_) => {
                 let _ = child.kill();
@@ -406,6 +410,20 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Start it again (after it was stopped or killed) with the same arguments, its proxy on the
+    /// port it had.
+    pub fn restart(&mut self) {
+        let mut args = self.args.clone();
+        if self.banner.contains("Proxy:") {
+            let addr = self.field("Proxy:");
+            if let Some(i) = args.iter().position(|a| a == "--proxy-addr") {
+                args[i + 1] = addr;
+            }
+        }
+        kill(&mut self.child);
+        *self = Daemon::start_env(&args, &self.env, self.log_path.clone());
     }
 
     pub fn kill_hard(&mut self) {

@@ -45,14 +45,18 @@ fn resolve(
     }
 }
 
-/// The stream a leaf cluster's proxy is asked for: `session:ssh:TARGET` or
-/// `session:tcp:APP`.
+/// The stream a leaf cluster's proxy is asked for: `session:ssh:TARGET`, `session:tcp:APP`,
+/// or `list:nodes` (the target `@nodes`: the leaf's nodes, for `gsh ls --cluster`).
 pub(crate) fn leaf_stream_target(kind: SessionKind, target: &str) -> String {
     match kind {
+        SessionKind::Ssh if target == NODES => "list:nodes".into(),
         SessionKind::Ssh => format!("session:ssh:{target}"),
         SessionKind::Tcp => format!("session:tcp:{target}"),
     }
 }
+
+/// The session target that lists a leaf cluster's nodes.
+pub const NODES: &str = "@nodes";
 
 /// The targets a user may have meant, for the refusal.
 fn candidates(e: &RouteError) -> Vec<String> {
