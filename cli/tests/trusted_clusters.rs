@@ -151,6 +151,12 @@ fn root_users_reach_leaf_nodes_by_mapped_roles() {
                 .contains("none of your roles (ops) maps to a role in cluster leaf")
         })
     });
+    // The root records that it routed sessions to the leaf.
+    until("the root's session.route events", 20, || {
+        root.events("session.route")
+            .iter()
+            .any(|e| e["actor"] == "alice" && e.to_string().contains("leaf"))
+    });
     // The session's audit stays in the leaf: alice's exec is there.
     until("alice's session in the leaf's audit", 20, || {
         leaf.events("exec")

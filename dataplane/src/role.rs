@@ -76,6 +76,7 @@ pub struct ProxyHandle {
     pub cluster: String,
     proxy: Proxy,
     reporter: tokio::task::JoinHandle<()>,
+    auditor: tokio::task::JoinHandle<()>,
     renew: tokio::task::JoinHandle<()>,
     peers: crate::peers::PeersHandle,
 }
@@ -85,6 +86,7 @@ impl ProxyHandle {
     pub fn shutdown(self) {
         self.proxy.shutdown();
         self.reporter.abort();
+        self.auditor.abort();
         self.renew.abort();
         self.peers.stop();
     }
@@ -161,6 +163,7 @@ pub async fn start(
     metrics.register(registry);
     let proxies = Arc::new(crate::proxy::ProxySet::default());
     let leaves = Arc::new(crate::proxy::Leaves::default());
+    let (audit_tx, audit_rx) = tokio::sync::mpsc::unbounded_channel();
     let proxy_config = ProxyConfig {
         listen: config.listen,
         workers: config.workers,
@@ -174,6 +177,7 @@ pub async fn start(
         ssh_session_rate: config.ssh_session_rate,
         proxies: Arc::clone(&proxies),
         leaves: Arc::clone(&leaves),
+        audit: Some(audit_tx),
     };
     let (proxy, inventories) =
         Proxy::start(proxy_config, Arc::clone(&metrics)).map_err(|source| {
@@ -188,6 +192,7 @@ pub async fn start(
         identity: Some((id.cert.clone(), id.key.clone())),
     }));
     let reporter = tokio::spawn(report_inventories(inventories, Arc::clone(&endpoint)));
+    let auditor = tokio::spawn(send_audit(audit_rx, Arc::clone(&endpoint)));
     let advertise = config.advertise_addr.clone().unwrap_or_else(|| {
         if proxy.local_addr.ip().is_unspecified() {
             format!("{}:{}", config.host_name, proxy.local_addr.port())
@@ -230,6 +235,7 @@ pub async fn start(
         cluster,
         proxy,
         reporter,
+        auditor,
         renew,
         peers,
     })
@@ -391,6 +397,56 @@ fn issue_local(
             .tls_ca
             .issue_with_new_key(&identity, TlsUsage::ServerAndClient, &all_sans, now)?;
     Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Send the proxy's own audit events to Auth, a batch at a time; kept (up to 10,000) and sent
+/// again while Auth is away, each once (Auth deduplicates by event id).
+async fn send_audit(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<proto::AuditEvent>,
+    endpoint: Arc<std::sync::Mutex<AuthEndpoint>>,
+) {
+    let mut pending: Vec<proto::AuditEvent> = Vec::new();
+    let mut client: Option<Client> = None;
+    loop {
+        if pending.is_empty() {
+            match rx.recv().await {
+                Some(e) => pending.push(e),
+                None => return,
+            }
+        }
+        while let Ok(e) = rx.try_recv() {
+            pending.push(e);
+        }
+        if pending.len() > 10_000 {
+            let drop = pending.len() - 10_000;
+            tracing::warn!(
+                dropped = drop,
+                "proxy: audit events dropped while Auth is away"
+            );
+            pending.drain(..drop);
+        }
+        if client.is_none() {
+            let current = endpoint.lock().ok().map(|e| e.clone());
+            if let Some(e) = current {
+                client = e.connect().await.ok();
+            }
+        }
+        let sent = match client.as_mut() {
+            Some(c) => c
+                .emit_events(proto::EmitEventsRequest {
+                    events: pending.clone(),
+                })
+                .await
+                .is_ok(),
+            None => false,
+        };
+        if sent {
+            pending.clear();
+        } else {
+            client = None;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
 }
 
 /// How long Auth keeps a node listed after its last heartbeat reached it.

@@ -71,6 +71,9 @@ pub struct ProxyConfig {
     pub proxies: Arc<ProxySet>,
     /// Trusted leaf clusters, whose proxies may hold a tunnel here (kept current by the role).
     pub leaves: Arc<Leaves>,
+    /// Audit events the proxy records itself (a session routed to a leaf), sent to Auth in
+    /// batches by the role; `None`: not recorded.
+    pub audit: Option<mpsc::UnboundedSender<gatehouse_controlplane::proto::AuditEvent>>,
 }
 
 /// The ALPN protocols the Proxy terminates.

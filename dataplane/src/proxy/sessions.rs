@@ -210,6 +210,29 @@ impl Worker {
         };
         if let Some(cluster) = &leaf {
             tracing::info!(%remote, user = %id.name, %cluster, target = %request.target, "proxy: session routed to a leaf cluster");
+            if let Some(audit) = &shared.config.audit {
+                let _ = audit.send(gatehouse_controlplane::proto::AuditEvent {
+                    event_id: uuid::Uuid::new_v4().to_string(),
+                    r#type: "session.route".into(),
+                    time_nanos: i64::try_from(
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_nanos())
+                            .unwrap_or(0),
+                    )
+                    .unwrap_or(i64::MAX),
+                    actor: id.name.clone(),
+                    source_addr: remote.ip().to_string(),
+                    data_json: serde_json::json!({
+                        "cluster": cluster,
+                        "target": request.target,
+                        "login": request.login,
+                        "kind": alpn,
+                    })
+                    .to_string(),
+                    ..Default::default()
+                });
+            }
         }
         let plan = SessionPlan {
             tunnel_id: entry.tunnel_id,
