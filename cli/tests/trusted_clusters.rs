@@ -180,6 +180,27 @@ fn root_users_reach_leaf_nodes_by_mapped_roles() {
     leaf.gctl(&["rm", "trusted_cluster/root"]).ok();
     let removed = Instant::now();
     until("access cut after removal", 20, || run(&config).status != 0);
-    eprintln!("access cut {:?} after removal", removed.elapsed());
+    eprintln!(
+        "access cut {:?} after removal on the leaf",
+        removed.elapsed()
+    );
+    assert!(removed.elapsed() < Duration::from_secs(12));
+
+    // Trust again (a new token), then removed on the root: cut within 10 s too.
+    let token = common::token(&root.auth_data(), "trusted_cluster");
+    create(&leaf, files.path(), "again", &trust(&token, &root.pin)).ok();
+    until("access back after trust again", 60, || {
+        run(&config).status == 0
+    });
+    root.gctl(&["rm", "trusted_cluster/leaf"]).ok();
+    let removed = Instant::now();
+    until("access cut after removal on the root", 20, || {
+        let out = run(&config);
+        out.status != 0 && out.stderr.contains("no cluster `leaf` is trusted")
+    });
+    eprintln!(
+        "access cut {:?} after removal on the root",
+        removed.elapsed()
+    );
     assert!(removed.elapsed() < Duration::from_secs(12));
 }

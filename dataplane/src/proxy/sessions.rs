@@ -158,8 +158,11 @@ impl Worker {
             .then(|| request.cluster.clone());
         let resolved = match &leaf {
             Some(cluster) => match shared.routes.load().resolve_cluster(cluster) {
-                Some(e) => Ok((e.clone(), leaf_stream_target(kind, &request.target))),
-                None => {
+                // Trust removed: refused at once, before the leaf's tunnel ends.
+                Some(e) if shared.config.leaves.is_trusted(cluster) => {
+                    Ok((e.clone(), leaf_stream_target(kind, &request.target)))
+                }
+                _ => {
                     shared.metrics.dial_failure("leaf_offline");
                     let error = shared.config.leaves.offline(cluster);
                     answer(&mut tls, &response(Some(error), vec![], "", "")).await;
