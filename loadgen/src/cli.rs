@@ -100,6 +100,19 @@ pub(crate) enum Scenario {
         #[arg(long, default_value = "60s")]
         observe: humantime::Duration,
     },
+    /// Trusted clusters at scale: a leaf with N agents listed through the root's proxy (timed),
+    /// then L simulated leaves holding a tunnel each to the root's proxy (its memory per leaf).
+    Leaves {
+        /// Simulated leaf clusters at the root.
+        #[arg(long, default_value_t = 100)]
+        leaves: usize,
+        /// Agents in the real leaf.
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        /// Listings of the leaf's nodes through the root, timed.
+        #[arg(long, default_value_t = 20)]
+        lists: usize,
+    },
     /// Simulated agents hold idle tunnels (real TLS, real joined certificates, heartbeats):
     /// connect rate, Proxy memory per tunnel and Proxy CPU while idle. Spawns its own cluster.
     Tunnels {

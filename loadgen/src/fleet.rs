@@ -174,6 +174,17 @@ impl Fleet {
         proxy_args: &[&str],
         auth_config: Option<&str>,
     ) -> anyhow::Result<Self> {
+        Self::spawn_named(proxy_ip, workers, proxy_args, auth_config, "bench").await
+    }
+
+    /// [`Fleet::spawn_full`] for a cluster named `cluster`.
+    pub async fn spawn_named(
+        proxy_ip: &str,
+        workers: usize,
+        proxy_args: &[&str],
+        auth_config: Option<&str>,
+        cluster: &str,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let auth_data = dir.path().join("auth");
         let config_path = dir.path().join("auth.toml");
@@ -186,7 +197,7 @@ impl Fleet {
                 "--roles",
                 "auth",
                 "--cluster-name",
-                "bench",
+                cluster,
                 "--auth-addr",
                 "127.0.0.1:0",
                 "--diag-addr",
@@ -246,6 +257,20 @@ impl Fleet {
 
     pub fn dir(&self) -> &Path {
         self._dir.path()
+    }
+
+    /// The Auth admin's connection (the identity in the Auth data dir's `admin/`).
+    pub async fn admin_client(&self) -> anyhow::Result<gatehouse_controlplane::client::Client> {
+        let admin = self.dir().join("auth").join("admin");
+        let read = |n: &str| std::fs::read_to_string(admin.join(n));
+        AuthEndpoint {
+            addr: self._auth.field("Auth API:")?,
+            trust: Trust::CaPem(read("ca.pem")?),
+            identity: Some((read("tls.crt")?, read("tls.key")?)),
+        }
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", error_chain(&e)))
     }
 
     /// A user with the `access` role and these logins, logged in through the Proxy.

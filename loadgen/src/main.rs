@@ -7,6 +7,7 @@ mod auth_restart;
 mod cli;
 mod fleet;
 mod latency;
+mod leaves;
 mod link;
 mod link_cmd;
 mod logins;
@@ -162,6 +163,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .await?;
             auth_restart::print(&report);
+            write_json(cli.json.as_deref(), &report)
+        }
+        Scenario::Leaves {
+            leaves,
+            agents,
+            lists,
+        } => {
+            if agents == 0 {
+                anyhow::bail!("--agents must be at least 1");
+            }
+            let report = leaves::run(leaves::LeavesConfig {
+                leaves,
+                agents,
+                lists,
+            })
+            .await?;
+            leaves::print(&report);
             write_json(cli.json.as_deref(), &report)
         }
         Scenario::Renewals { bots, duration } => {
