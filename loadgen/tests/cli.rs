@@ -37,6 +37,7 @@ fn help_lists_every_scenario_and_its_options() {
         "recordings",
         "audit",
         "auth-restart",
+        "leaves",
     ] {
         assert!(out.contains(s), "--help lacks {s}:\n{out}");
     }
