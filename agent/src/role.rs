@@ -193,6 +193,7 @@ pub async fn start(
         let link = Arc::clone(&auth);
         follow_roots = Some(tokio::spawn(crate::trust::follow_roots(
             move || link.endpoint(),
+            auth.socket_setup(),
             Arc::clone(&trusted_roots),
         )));
         let cfg = SshNodeConfig {
@@ -378,17 +379,13 @@ impl AuthLink {
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
         }
-        let cc = self.tcp_congestion.clone();
         let endpoint = self
             .endpoint
             .lock()
             .map_err(|_| "the Auth endpoint is poisoned".to_string())?
             .clone();
         let c = endpoint
-            .connect_with(Arc::new(move |tcp| match &cc {
-                Some(cc) => gatehouse_dataplane::io::set_tcp_congestion(tcp, cc),
-                None => Ok(()),
-            }))
+            .connect_with(self.socket_setup())
             .await
             .map_err(|e| gatehouse_controlplane::client::error_chain(&e))?;
         *guard = Some(c.clone());
@@ -397,6 +394,15 @@ impl AuthLink {
 
     pub(crate) async fn forget(&self) {
         *self.client.lock().await = None;
+    }
+
+    /// What each of the agent's sockets to the proxy gets: its congestion control.
+    pub(crate) fn socket_setup(&self) -> gatehouse_controlplane::client::SocketSetup {
+        let cc = self.tcp_congestion.clone();
+        Arc::new(move |tcp| match &cc {
+            Some(cc) => gatehouse_dataplane::io::set_tcp_congestion(tcp, cc),
+            None => Ok(()),
+        })
     }
 
     /// Where Auth is now, for other connections to it (the watch stream).

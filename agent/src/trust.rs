@@ -48,14 +48,19 @@ pub(crate) fn roots(cache: &WatchCache) -> Vec<TrustedRoot> {
         .collect()
 }
 
-/// Follow the watch stream through `endpoint` for ever, keeping `into` current.
-pub(crate) async fn follow_roots<E>(endpoint: E, into: Arc<ArcSwap<Vec<TrustedRoot>>>)
-where
+/// Follow the watch stream through `endpoint` for ever (each connection set up by `setup`, as
+/// the agent's other connections to the proxy), keeping `into` current.
+pub(crate) async fn follow_roots<E>(
+    endpoint: E,
+    setup: gatehouse_controlplane::client::SocketSetup,
+    into: Arc<ArcSwap<Vec<TrustedRoot>>>,
+) where
     E: Fn() -> Option<gatehouse_controlplane::client::AuthEndpoint>,
 {
     let cache = Arc::new(std::sync::Mutex::new(WatchCache::default()));
-    gatehouse_controlplane::watch::follow(
+    gatehouse_controlplane::watch::follow_with(
         endpoint,
+        Some(setup),
         vec!["trusted_cluster".into()],
         cache,
         move |c| into.store(Arc::new(roots(c))),

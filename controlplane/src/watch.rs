@@ -107,6 +107,20 @@ pub async fn follow<E, F>(
     endpoint: E,
     kinds: Vec<String>,
     cache: std::sync::Arc<std::sync::Mutex<WatchCache>>,
+    changed: F,
+) where
+    E: Fn() -> Option<AuthEndpoint>,
+    F: FnMut(&WatchCache),
+{
+    follow_with(endpoint, None, kinds, cache, changed).await;
+}
+
+/// [`follow`], with `setup` applied to each TCP socket it opens (e.g. congestion control).
+pub async fn follow_with<E, F>(
+    endpoint: E,
+    setup: Option<crate::client::SocketSetup>,
+    kinds: Vec<String>,
+    cache: std::sync::Arc<std::sync::Mutex<WatchCache>>,
     mut changed: F,
 ) where
     E: Fn() -> Option<AuthEndpoint>,
@@ -117,7 +131,11 @@ pub async fn follow<E, F>(
         let resume = cache.lock().map(|c| c.cursor.clone()).unwrap_or_default();
         let outcome = async {
             let endpoint = endpoint().ok_or_else(|| "no Auth endpoint".to_owned())?;
-            let mut client = endpoint.connect().await.map_err(|e| e.to_string())?;
+            let connected = match &setup {
+                Some(s) => endpoint.connect_with(std::sync::Arc::clone(s)).await,
+                None => endpoint.connect().await,
+            };
+            let mut client = connected.map_err(|e| e.to_string())?;
             let mut stream = client
                 .watch(proto::WatchRequest {
                     kinds: kinds.clone(),
