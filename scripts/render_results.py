@@ -140,9 +140,9 @@ A root and a leaf cluster (each Auth and proxy as processes; the leaf trusts the
 {r['leaf_agents']:,} simulated agents (own identities) are listed through the root's proxy as `gsh ls --cluster leaf`
 does: **{r['nodes_listed']:,} nodes, p50 {r['list_p50_ms']:.1f} ms, max {r['list_max_ms']:.1f} ms** over {r['lists']} listings (goal < 1 s).
 Then {r['simulated_leaves']} simulated leaves, each with its own CA trusted through `ValidateTrustedCluster`, hold a tunnel each to
-the root's proxy: {r['leaf_tunnels_held']} held, root proxy RSS {r['root_proxy_rss_before_kib']:,} → {r['root_proxy_rss_after_kib']:,} KiB,
-**{r['root_proxy_kib_per_leaf_tunnel']:.1f} KiB per leaf tunnel** (agents' tunnels: 8.4 KiB; a leaf also costs the root's proxy a
-WebPKI verifier for its CA).
+the root's proxy: {r['leaf_tunnels_held']} held; root proxy RSS {r['root_proxy_rss_before_kib']:,} → {r['root_proxy_rss_trusted_kib']:,} KiB once
+the leaves are trusted ({r['root_proxy_kib_per_trusted_leaf']:.1f} KiB per trusted leaf: its CA's verifier and record) → {r['root_proxy_rss_after_kib']:,} KiB
+with their tunnels: **{r['root_proxy_kib_per_leaf_tunnel']:.1f} KiB per leaf tunnel** (agents' tunnels: 8.4 KiB).
 """
 
 

@@ -45,7 +45,10 @@ pub struct LeavesReport {
     pub simulated_leaves: usize,
     pub leaf_tunnels_held: u64,
     pub root_proxy_rss_before_kib: u64,
+    /// After the leaves were trusted, before their tunnels.
+    pub root_proxy_rss_trusted_kib: u64,
     pub root_proxy_rss_after_kib: u64,
+    pub root_proxy_kib_per_trusted_leaf: f64,
     pub root_proxy_kib_per_leaf_tunnel: f64,
 }
 
@@ -235,8 +238,10 @@ pub async fn run(cfg: LeavesConfig) -> anyhow::Result<LeavesReport> {
             ssh_host_ca: vec![],
         });
     }
-    // The root's proxy learns of them through the watch stream.
+    // The root's proxy learns of them through the watch stream (each costs it a verifier for
+    // the leaf's CA and the trust record): measured apart from the tunnels.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss_trusted = procstat::rss_kib(pid).unwrap_or(0);
     let stats = Arc::new(crate::sim_agent::AgentStats::default());
     crate::sim_agent::spawn(
         leaf_ids,
@@ -267,8 +272,12 @@ pub async fn run(cfg: LeavesConfig) -> anyhow::Result<LeavesReport> {
         simulated_leaves: cfg.leaves,
         leaf_tunnels_held: held,
         root_proxy_rss_before_kib: rss0,
+        root_proxy_rss_trusted_kib: rss_trusted,
         root_proxy_rss_after_kib: rss1,
-        root_proxy_kib_per_leaf_tunnel: rss1.saturating_sub(rss0) as f64 / held.max(1) as f64,
+        root_proxy_kib_per_trusted_leaf: rss_trusted.saturating_sub(rss0) as f64
+            / cfg.leaves.max(1) as f64,
+        root_proxy_kib_per_leaf_tunnel: rss1.saturating_sub(rss_trusted) as f64
+            / held.max(1) as f64,
     })
 }
 
@@ -282,11 +291,13 @@ pub fn print(r: &LeavesReport) {
         r.nodes_listed, r.lists, r.list_p50_ms, r.list_max_ms
     );
     println!(
-        "leaf tunnels    {} of {} held; root proxy RSS {} → {} KiB: {:.1} KiB per leaf tunnel",
+        "leaf tunnels    {} of {} held; root proxy RSS {} → {} (trusted) → {} KiB: {:.1} KiB per trusted leaf, {:.1} KiB per leaf tunnel",
         r.leaf_tunnels_held,
         r.simulated_leaves,
         r.root_proxy_rss_before_kib,
+        r.root_proxy_rss_trusted_kib,
         r.root_proxy_rss_after_kib,
+        r.root_proxy_kib_per_trusted_leaf,
         r.root_proxy_kib_per_leaf_tunnel
     );
 }
