@@ -147,23 +147,31 @@ fn current_identity(link: &Link) -> std::io::Result<(String, String)> {
         .ok_or_else(|| std::io::Error::other("this proxy has no identity"))
 }
 
-async fn dial(
+type ClientTls = TlsStream<rustls::client::UnbufferedClientConnection>;
+
+/// TLS to a proxy's public port (`addr`), trusting `ca_pem`, as this proxy, offering `alpn`;
+/// 10 s for the connection and 10 s for the handshake.
+async fn dial_proxy(
     link: &Link,
-    root: &RootTarget,
-) -> std::io::Result<TlsStream<rustls::client::UnbufferedClientConnection>> {
+    addr: &str,
+    ca_pem: &str,
+    alpn_id: &'static [u8],
+) -> std::io::Result<ClientTls> {
+    let timed_out =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{what} timed out"));
     let (cert, key) = current_identity(link)?;
     let config = client_config_with_alpn(
-        &Trust::CaPem(root.ca_pem.clone()),
+        &Trust::CaPem(ca_pem.to_owned()),
         Some((&cert, &key)),
-        &[alpn::TUNNEL],
+        &[alpn_id],
     )
     .map_err(std::io::Error::other)?;
     let tcp = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio::net::TcpStream::connect(&root.proxy_addr),
+        tokio::net::TcpStream::connect(addr),
     )
     .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    .map_err(|_| timed_out("connect"))??;
     tcp.set_nodelay(true)?;
     let name = rustls::pki_types::ServerName::try_from(PROXY_SERVER_NAME)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -172,15 +180,16 @@ async fn dial(
         TlsStream::connect(tcp, config, name),
     )
     .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+    .map_err(|_| timed_out("TLS handshake"))?
+}
+
+async fn dial(link: &Link, root: &RootTarget) -> std::io::Result<ClientTls> {
+    dial_proxy(link, &root.proxy_addr, &root.ca_pem, alpn::TUNNEL).await
 }
 
 /// Hold the tunnel: a heartbeat every 10 s (the root ends the tunnel when trust is removed),
 /// each stream the root opens served on this proxy's own port.
-async fn serve(
-    link: &std::rc::Rc<Link>,
-    tls: TlsStream<rustls::client::UnbufferedClientConnection>,
-) -> String {
+async fn serve(link: &std::rc::Rc<Link>, tls: ClientTls) -> String {
     let (tunnel, mut events) = Tunnel::new(Side::Dialer, Default::default());
     let heartbeat = {
         let tunnel = tunnel.clone();
@@ -374,11 +383,7 @@ async fn list_nodes(link: &Link, tunnel: &Tunnel, stream: u32, metadata: &[u8]) 
     handle.splice(far, Bytes::new()).await;
 }
 
-type LocalSession = (
-    TlsStream<rustls::client::UnbufferedClientConnection>,
-    SessionResponse,
-    Bytes,
-);
+type LocalSession = (ClientTls, SessionResponse, Bytes);
 
 /// Open `request` on this proxy's own port as this proxy (on the user's behalf).
 async fn open_local(
@@ -386,18 +391,8 @@ async fn open_local(
     alpn_id: &'static [u8],
     request: &SessionRequest,
 ) -> std::io::Result<LocalSession> {
-    let (cert, key) = current_identity(link)?;
-    let config = client_config_with_alpn(
-        &Trust::CaPem(link.own_ca.clone()),
-        Some((&cert, &key)),
-        &[alpn_id],
-    )
-    .map_err(std::io::Error::other)?;
-    let tcp = tokio::net::TcpStream::connect(link.own_addr).await?;
-    tcp.set_nodelay(true)?;
-    let name = rustls::pki_types::ServerName::try_from(PROXY_SERVER_NAME)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mut tls = TlsStream::connect(tcp, config, name).await?;
+    let addr = link.own_addr.to_string();
+    let mut tls = dial_proxy(link, &addr, &link.own_ca, alpn_id).await?;
     tls.write_all(&session::encode(request)).await?;
     let mut buf = BytesMut::with_capacity(1024);
     let resp = tokio::time::timeout(Duration::from_secs(15), async {

@@ -8,7 +8,6 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -223,7 +222,6 @@ pub async fn run(cfg: AuthRestartConfig) -> anyhow::Result<AuthRestartReport> {
 
     // Each agent holds a tunnel to each proxy: per proxy, `procs` generator processes, each
     // with its own share of the identities and its own source address.
-    let exe = std::env::current_exe()?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, u64, u64)>();
     let mut children = Vec::new();
     let procs = cfg.procs.max(1);
@@ -236,21 +234,13 @@ pub async fn run(cfg: AuthRestartConfig) -> anyhow::Result<AuthRestartReport> {
                 crate::fleet::save_identities(share, &path)?;
             }
             let slot = children.len();
-            let mut child = Command::new(&exe)
-                .args(["worker-agents", "--identities"])
-                .arg(&path)
-                .args([
-                    "--count",
-                    &share.len().to_string(),
-                    "--proxy",
-                    proxy,
-                    "--source-ip",
-                    &format!("127.0.{}.{}", 10 + p, 10 + k),
-                ])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .context("starting a generator worker")?;
+            let mut child = crate::fleet::spawn_worker_agents(
+                &path,
+                share.len(),
+                proxy,
+                &format!("127.0.{}.{}", 10 + p, 10 + k),
+                &[],
+            )?;
             let stdout = child.stdout.take().context("no stdout")?;
             let tx = tx.clone();
             std::thread::spawn(move || {

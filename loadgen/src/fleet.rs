@@ -386,6 +386,34 @@ pub async fn login(
 }
 
 /// Keys for identities kept in files by worker processes.
+/// A `loadgen worker-agents` process holding `count` simulated agents' tunnels to `proxy` from
+/// `source_ip`, with the identities saved at `ids` (and `extra` options); its status lines on
+/// its piped stdout.
+pub fn spawn_worker_agents(
+    ids: &Path,
+    count: usize,
+    proxy: &str,
+    source_ip: &str,
+    extra: &[&str],
+) -> anyhow::Result<Child> {
+    Command::new(std::env::current_exe()?)
+        .args(["worker-agents", "--identities"])
+        .arg(ids)
+        .args([
+            "--count",
+            &count.to_string(),
+            "--proxy",
+            proxy,
+            "--source-ip",
+            source_ip,
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting a generator worker")
+}
+
 pub fn save_identities(ids: &[HostIdentity], path: &Path) -> anyhow::Result<()> {
     std::fs::write(path, serde_json::to_vec(ids)?)?;
     Ok(())

@@ -6,7 +6,6 @@
 //! leaf tunnel, beside the agents' 8.4 KiB.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -109,21 +108,8 @@ pub async fn run(cfg: LeavesConfig) -> anyhow::Result<LeavesReport> {
     let ids = leaf.join_agents(cfg.agents).await?;
     let path = leaf.dir().join("ids.json");
     crate::fleet::save_identities(&ids, &path)?;
-    let mut worker = Command::new(std::env::current_exe()?)
-        .args(["worker-agents", "--identities"])
-        .arg(&path)
-        .args([
-            "--count",
-            &cfg.agents.to_string(),
-            "--proxy",
-            &leaf.proxy_addr,
-            "--source-ip",
-            "127.0.0.20",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting the generator worker")?;
+    let mut worker =
+        crate::fleet::spawn_worker_agents(&path, cfg.agents, &leaf.proxy_addr, "127.0.0.20", &[])?;
     if let Some(out) = worker.stdout.take() {
         std::thread::spawn(move || for _ in BufReader::new(out).lines().map_while(Result::ok) {});
     }

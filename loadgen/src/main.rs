@@ -17,6 +17,7 @@ mod progress;
 mod rathole;
 mod recordings;
 mod renewals;
+mod report;
 mod scp;
 mod sim_agent;
 mod spawn;
@@ -28,6 +29,7 @@ mod tunnels;
 use std::path::PathBuf;
 
 use clap::Parser;
+pub(crate) use report::{median, median_int, write_json};
 
 use cli::{Cli, Handshakes, Scenario, SessionPath};
 use link_cmd::{LinkRun, link_cmd};
@@ -41,17 +43,6 @@ fn raise_nofile() {
         let _ =
             nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
-/// The median of integers (the upper middle one of an even number; 0 of none).
-fn median_int<T: Ord + Copy + Default>(mut v: Vec<T>) -> T {
-    v.sort_unstable();
-    v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
 fn main() {
@@ -782,17 +773,6 @@ fn print_sessions(label: &str, r: &latency::SessionsReport) {
             .map(|s| format!("  {s:.0} per proxy CPU-second"))
             .unwrap_or_default()
     );
-}
-
-/// `--json FILE`: the report, pretty-printed.
-fn write_json(
-    path: Option<&std::path::Path>,
-    report: &impl serde::Serialize,
-) -> anyhow::Result<()> {
-    if let Some(path) = path {
-        std::fs::write(path, serde_json::to_string_pretty(report)?)?;
-    }
-    Ok(())
 }
 
 struct ChildGuard(std::process::Child);

@@ -3,7 +3,6 @@
 //! The agents run in `procs` worker processes, each from its own 127.0.0.x source address.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -79,29 +78,18 @@ pub async fn run(fleet: &Fleet, cfg: &TunnelsConfig) -> anyhow::Result<TunnelsRe
     let per = cfg.count.div_ceil(cfg.procs.max(1));
     let mut children = Vec::new();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, u64, u64, u64)>();
-    let exe = std::env::current_exe()?;
     for p in 0..cfg.procs.max(1) {
         let n = per.min(cfg.count.saturating_sub(p * per));
         if n == 0 {
             break;
         }
-        let mut child = Command::new(&exe)
-            .args(["worker-agents", "--identities"])
-            .arg(&ids_path)
-            .args([
-                "--count",
-                &n.to_string(),
-                "--proxy",
-                &fleet.proxy_addr,
-                "--source-ip",
-                &format!("127.0.0.{}", 10 + p),
-                "--transport",
-                &cfg.transport.to_string(),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting a generator worker")?;
+        let mut child = crate::fleet::spawn_worker_agents(
+            &ids_path,
+            n,
+            &fleet.proxy_addr,
+            &format!("127.0.0.{}", 10 + p),
+            &["--transport", &cfg.transport.to_string()],
+        )?;
         let stdout = child.stdout.take().context("no stdout")?;
         let tx = tx.clone();
         std::thread::spawn(move || {
