@@ -8,6 +8,7 @@ use crate::storage::StoredEvent;
 /// Event type names, as they appear in the log and in `gctl events --type`.
 pub mod types {
     pub const USER_LOGIN: &str = "user.login";
+    pub const MFA_ADD: &str = "mfa.add";
     pub const USER_CREATE: &str = "user.create";
     pub const USER_UPDATE: &str = "user.update";
     pub const USER_DELETE: &str = "user.delete";

@@ -18,6 +18,7 @@ pub mod audit;
 pub mod client;
 pub mod files;
 pub mod host;
+pub mod otp;
 pub mod password;
 pub mod ratelimit;
 pub mod recordings;

@@ -146,6 +146,13 @@ impl RoleSet {
             .unwrap_or(DEFAULT_MAX_SESSION_TTL)
     }
 
+    /// Whether any role requires a second factor at login (`require_mfa`).
+    pub fn require_mfa(&self) -> bool {
+        self.roles
+            .iter()
+            .any(|r| r.spec.options.require_mfa == Some(true))
+    }
+
     pub fn cert_permissions(&self) -> CertPermissions {
         let all = |get: fn(&crate::resources::RoleOptions) -> Option<bool>, default: bool| {
             let mut any_set = false;

@@ -182,6 +182,10 @@ pub struct RoleOptions {
     /// Off unless a role turns it on; any role saying false wins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub join_sessions: Option<bool>,
+    /// Logins of users with this role need a second factor (a TOTP code), whatever the
+    /// cluster's `second_factor` says. Any role saying true wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_mfa: Option<bool>,
 }
 
 /// Where a remote forward may listen on the node.

@@ -44,6 +44,18 @@ pub struct AuthConfig {
     /// The cluster database: unset for SQLite in the data dir (`gatehouse.db`), or
     /// `postgres://USER:PASSWORD@HOST:PORT/DB` for several Auths on one PostgreSQL.
     pub storage: Option<String>,
+    /// `"off"` (the default) or `"otp"`: every user's login needs a TOTP code (`gsh mfa add`
+    /// enrolls a device). Roles with `require_mfa` need one whatever this says.
+    pub second_factor: SecondFactor,
+}
+
+/// Whether logins need a second factor cluster-wide.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecondFactor {
+    #[default]
+    Off,
+    Otp,
 }
 
 impl AuthConfig {
@@ -87,6 +99,7 @@ impl Default for AuthConfig {
             recordings: None,
             host_cert_ttl: None,
             storage: None,
+            second_factor: SecondFactor::Off,
         }
     }
 }
@@ -312,7 +325,8 @@ async fn prepare(
         AuthState::new(cluster.clone(), store, user_ca, host_ca, tls_ca)
             .map_err(setup("the password hasher"))?
             .with_recordings(recording, recordings)
-            .with_host_cert_ttl(config.host_cert_ttl().map_err(AuthRoleError::Config)?),
+            .with_host_cert_ttl(config.host_cert_ttl().map_err(AuthRoleError::Config)?)
+            .with_second_factor(config.second_factor),
     );
     state.metrics.register(registry);
     Ok(PreparedAuth {

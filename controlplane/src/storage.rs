@@ -15,6 +15,7 @@ use crate::resources::{Role, User};
 
 mod bots;
 mod changes;
+mod mfa;
 mod nodes;
 mod proxies;
 mod recordings;
@@ -22,6 +23,7 @@ mod role_cache;
 mod trust;
 pub use bots::{BotRow, RenewOp, RenewOutcome};
 pub use changes::Change;
+pub use mfa::MfaDevice;
 pub use recordings::{RecordingFilter, RecordingRow};
 pub use trust::TrustRow;
 
@@ -390,6 +392,9 @@ impl Store {
             }
         };
         let done = sqlx::query(sql).bind(name).execute(&self.pool).await;
+        if kind == "user" {
+            self.delete_mfa_device(name).await?;
+        }
         if kind == "role" {
             self.announce(Change::Role(name.to_owned())).await?;
         }

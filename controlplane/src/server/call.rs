@@ -39,6 +39,7 @@ pub(crate) enum Access {
 pub(crate) enum Rpc {
     Ping,
     Login,
+    AddMfaDevice,
     Join,
     WhoAmI,
     ChangePassword,
@@ -73,9 +74,10 @@ pub(crate) enum Rpc {
 
 impl Rpc {
     #[cfg(test)]
-    pub(crate) const ALL: [Rpc; 32] = [
+    pub(crate) const ALL: [Rpc; 33] = [
         Rpc::Ping,
         Rpc::Login,
+        Rpc::AddMfaDevice,
         Rpc::Join,
         Rpc::WhoAmI,
         Rpc::ChangePassword,
@@ -114,7 +116,12 @@ impl Rpc {
         use ResourceKind as K;
         match self {
             // ValidateTrustedCluster: a leaf's Auth with a trusted_cluster token.
-            Rpc::Ping | Rpc::Login | Rpc::Join | Rpc::ValidateTrustedCluster => Public,
+            // AddMfaDevice: the password is the credential (limited like Login).
+            Rpc::Ping
+            | Rpc::Login
+            | Rpc::AddMfaDevice
+            | Rpc::Join
+            | Rpc::ValidateTrustedCluster => Public,
             // Renew: the caller's own identity, by kind (bots, agents, proxies; not users).
             // HeartbeatProxy: proxies only (the handler checks the kind).
             Rpc::WhoAmI
@@ -155,6 +162,7 @@ impl Rpc {
         match self {
             Rpc::Ping => "Ping",
             Rpc::Login => "Login",
+            Rpc::AddMfaDevice => "AddMfaDevice",
             Rpc::Join => "Join",
             Rpc::WhoAmI => "WhoAmI",
             Rpc::ChangePassword => "ChangePassword",

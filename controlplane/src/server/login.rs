@@ -94,12 +94,6 @@ pub(super) async fn login(
             ),
         ));
     };
-    state
-        .limiter
-        .lock()
-        .map_err(internal)?
-        .record_success(&r.user);
-
     let mut role_docs = Vec::new();
     for name in &user.spec.roles {
         if let Some(role) = state.store.get_role(name).await.map_err(store_status)? {
@@ -107,6 +101,35 @@ pub(super) async fn login(
         }
     }
     let roles = RoleSet::new(role_docs);
+    let method = match super::mfa::check_login(state, &r.user, &roles, &r.otp).await? {
+        Ok(method) => method,
+        Err(super::mfa::SecondStep::Missing(status)) => return Err(status.into()),
+        Err(super::mfa::SecondStep::Refused(status, reason)) => {
+            state
+                .limiter
+                .lock()
+                .map_err(internal)?
+                .record_failure(&r.user, addr, now_instant);
+            state
+                .metrics
+                .logins
+                .get_or_create(&ResultLabel { result: "failure" })
+                .inc();
+            return Err(Failure::audited(
+                status,
+                Event::new(
+                    types::USER_LOGIN,
+                    &r.user,
+                    audit::failure(reason, json!({ "user": r.user, "method": "password+otp" })),
+                ),
+            ));
+        }
+    };
+    state
+        .limiter
+        .lock()
+        .map_err(internal)?
+        .record_success(&r.user);
     let ttl = ttl_from(r.ttl_seconds, DEFAULT_SESSION_TTL).min(roles.max_session_ttl());
     let now = now_secs();
     let expires = now + ttl.as_secs() as i64;
@@ -138,7 +161,11 @@ pub(super) async fn login(
         Event::new(
             types::USER_LOGIN,
             &identity.name,
-            audit::success(json!({ "user": identity.name, "method": "password" })),
+            audit::success(json!({
+                "user": identity.name,
+                "method": method.as_str(),
+                "via": if r.via == "web" { "web" } else { "api" },
+            })),
         ),
         Event::new(
             types::CERT_ISSUED,

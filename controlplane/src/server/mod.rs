@@ -19,6 +19,7 @@ mod events;
 mod group_commit;
 mod join;
 mod login;
+mod mfa;
 mod nodes;
 mod recordings;
 #[cfg(test)]
@@ -153,6 +154,8 @@ pub struct AuthState {
     watchers: Mutex<recordings::Watchers>,
     /// Lifetime of host certificates (agents, proxies).
     pub host_cert_ttl: Duration,
+    /// Whether every login needs a TOTP code (`[auth] second_factor`).
+    pub second_factor: crate::role::SecondFactor,
     /// Bot renewals waiting to be written (the writer starts with the first).
     renewals: std::sync::OnceLock<bots::Renewals>,
     /// Emitted audit events waiting to be written (the writer starts with the first).
@@ -198,6 +201,7 @@ impl AuthState {
             upload_locks: Mutex::default(),
             watchers: Mutex::default(),
             host_cert_ttl: DEFAULT_HOST_CERT_TTL,
+            second_factor: crate::role::SecondFactor::Off,
             renewals: std::sync::OnceLock::new(),
             audit_writer: std::sync::OnceLock::new(),
             watch_hub: std::sync::OnceLock::new(),
@@ -208,6 +212,12 @@ impl AuthState {
     /// Issue host certificates valid for `ttl`.
     pub fn with_host_cert_ttl(mut self, ttl: Duration) -> Self {
         self.host_cert_ttl = ttl;
+        self
+    }
+
+    /// Whether every login needs a TOTP code.
+    pub fn with_second_factor(mut self, second_factor: crate::role::SecondFactor) -> Self {
+        self.second_factor = second_factor;
         self
     }
 
@@ -528,6 +538,13 @@ impl Auth for AuthService {
         req: Request<proto::LoginRequest>,
     ) -> Result<Response<proto::LoginResponse>, Status> {
         self.handle(Rpc::Login, req, login::login).await
+    }
+
+    async fn add_mfa_device(
+        &self,
+        req: Request<proto::AddMfaDeviceRequest>,
+    ) -> Result<Response<proto::AddMfaDeviceResponse>, Status> {
+        self.handle(Rpc::AddMfaDevice, req, mfa::add_device).await
     }
 
     async fn join(

@@ -24,6 +24,10 @@ struct Fixture {
 }
 
 async fn fixture() -> Fixture {
+    fixture_with(crate::role::SecondFactor::Off).await
+}
+
+async fn fixture_with(second_factor: crate::role::SecondFactor) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("gatehouse.db")).await.unwrap();
     let now = time::OffsetDateTime::now_utc();
@@ -69,7 +73,8 @@ async fn fixture() -> Fixture {
         SshCa::generate().unwrap(),
         TlsCa::generate(CLUSTER, now).unwrap(),
     )
-    .unwrap();
+    .unwrap()
+    .with_second_factor(second_factor);
     Fixture {
         service: AuthService::new(Arc::new(state)),
         _dir: dir,
@@ -143,7 +148,9 @@ fn allowed(rpc: Rpc) -> &'static [&'static str] {
     const USER_ADMINS: &[&str] = &["editor", "admin"];
     const TOKEN_ADMINS: &[&str] = &["editor", "denied-editor", "admin"];
     match rpc {
-        Rpc::Ping | Rpc::Login | Rpc::Join | Rpc::ValidateTrustedCluster => EVERYONE,
+        Rpc::Ping | Rpc::Login | Rpc::AddMfaDevice | Rpc::Join | Rpc::ValidateTrustedCluster => {
+            EVERYONE
+        }
         Rpc::WhoAmI | Rpc::GetClusterSettings | Rpc::ListClusters => &[
             "access",
             "editor",
@@ -204,6 +211,10 @@ async fn call(svc: &AuthService, rpc: Rpc, peer: &Option<Identity>) -> Result<()
         Rpc::Ping => svc.ping(r(p::PingRequest {})).await.map(drop),
         Rpc::Login => svc
             .login(request(peer, p::LoginRequest::default()))
+            .await
+            .map(drop),
+        Rpc::AddMfaDevice => svc
+            .add_mfa_device(request(peer, p::AddMfaDeviceRequest::default()))
             .await
             .map(drop),
         Rpc::Join => svc
@@ -562,4 +573,107 @@ fn client_keys() -> (String, Vec<u8>) {
         ssh.public_key().to_openssh().unwrap(),
         rcgen::PublicKeyData::subject_public_key_info(&tls),
     )
+}
+
+/// A second factor: enrolled with the password and a code of the device; then a login without
+/// a code is asked for one (not a failed attempt), a wrong or replayed code is refused and
+/// audited, the next step's code logs in; replacing the device needs a code of the current one.
+#[tokio::test]
+async fn logins_with_a_second_factor() {
+    use crate::otp;
+    use crate::proto as p;
+    let f = fixture_with(crate::role::SecondFactor::Otp).await;
+    let state = f.service.state();
+    let user = crate::resources::User {
+        kind: "user".into(),
+        version: "v1".into(),
+        metadata: crate::resources::Metadata {
+            name: "carol".into(),
+            ..Default::default()
+        },
+        spec: crate::resources::UserSpec {
+            roles: vec!["access".into()],
+            traits: BTreeMap::new(),
+        },
+    };
+    let hash = crate::password::hash("correct horse battery").unwrap();
+    state.store.create_user(&user, &hash, 0).await.unwrap();
+    let secret = otp::new_secret();
+    // Codes from one instant: a step boundary passing mid-test changes nothing.
+    let t0 = u64::try_from(now_secs()).unwrap();
+    let now = || t0;
+    let add = |code: String, current: &str| p::AddMfaDeviceRequest {
+        user: "carol".into(),
+        password: "correct horse battery".into(),
+        secret: otp::base32_encode(&secret),
+        code,
+        current_code: current.into(),
+    };
+    let wrong = f
+        .service
+        .add_mfa_device(request(&None, add("000000".into(), "")))
+        .await;
+    if otp::code_at(&secret, now()) != "000000" {
+        assert_eq!(wrong.err().map(|s| s.code()), Some(Code::InvalidArgument));
+    }
+    // The enrolling code's step is used: a login in the same 30 s needs the next step's code.
+    f.service
+        .add_mfa_device(request(&None, add(otp::code_at(&secret, now()), "")))
+        .await
+        .unwrap();
+    let login = |code: String| {
+        let (ssh_public_key, tls_public_key) = client_keys();
+        p::LoginRequest {
+            user: "carol".into(),
+            password: "correct horse battery".into(),
+            ssh_public_key,
+            tls_public_key,
+            otp: code,
+            ..Default::default()
+        }
+    };
+    let missing = f.service.login(request(&None, login(String::new()))).await;
+    let missing = missing.err().unwrap();
+    assert_eq!(missing.code(), Code::FailedPrecondition);
+    assert!(missing.message().contains("one-time code required"));
+    let replay = f
+        .service
+        .login(request(&None, login(otp::code_at(&secret, now()))))
+        .await;
+    assert_eq!(replay.err().map(|s| s.code()), Some(Code::Unauthenticated));
+    let next = otp::code_at(&secret, now() + otp::STEP_SECS);
+    let ok = f.service.login(request(&None, login(next.clone()))).await;
+    assert!(ok.is_ok(), "{:?}", ok.err());
+    let again = f.service.login(request(&None, login(next))).await;
+    assert_eq!(again.err().map(|s| s.code()), Some(Code::Unauthenticated));
+    // Replacing the device needs a code of the current one.
+    let no_current = f
+        .service
+        .add_mfa_device(request(&None, add(otp::code_at(&secret, now()), "")))
+        .await;
+    assert_eq!(
+        no_current.err().map(|s| s.code()),
+        Some(Code::FailedPrecondition)
+    );
+    let events = state
+        .store
+        .search_events(&crate::storage::EventFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let logins: Vec<&str> = events
+        .iter()
+        .filter(|e| e.event_type == "user.login")
+        .map(|e| e.data.as_str())
+        .collect();
+    assert_eq!(logins.len(), 3, "{logins:?}");
+    assert!(logins[0].contains("replayed"), "{}", logins[0]);
+    assert!(
+        logins[1].contains(r#""method":"password+otp""#),
+        "{}",
+        logins[1]
+    );
+    assert!(logins[2].contains(r#""success":false"#), "{}", logins[2]);
 }

@@ -584,3 +584,39 @@ async fn proxies_announce_expire_and_leave() {
         assert_eq!(s.list_proxies(60).await.unwrap().len(), 1, "{name}");
     }
 }
+
+#[tokio::test]
+async fn a_second_factor_step_is_used_once_and_only_forward() {
+    let b = backends().await;
+    for (name, s) in &b.stores {
+        assert_eq!(s.get_mfa_device("alice").await.unwrap(), None, "{name}");
+        s.put_mfa_device("alice", "MZXW6YTBOI", 100, 1)
+            .await
+            .unwrap();
+        let d = s.get_mfa_device("alice").await.unwrap().unwrap();
+        assert_eq!(
+            (d.secret.as_str(), d.last_step),
+            ("MZXW6YTBOI", 100),
+            "{name}"
+        );
+        assert!(
+            !s.use_mfa_step("alice", 100).await.unwrap(),
+            "{name}: same step"
+        );
+        assert!(
+            !s.use_mfa_step("alice", 99).await.unwrap(),
+            "{name}: older step"
+        );
+        assert!(s.use_mfa_step("alice", 101).await.unwrap(), "{name}");
+        assert!(
+            !s.use_mfa_step("alice", 101).await.unwrap(),
+            "{name}: replay"
+        );
+        assert!(
+            !s.use_mfa_step("bob", 5).await.unwrap(),
+            "{name}: no device"
+        );
+        assert!(s.delete_mfa_device("alice").await.unwrap(), "{name}");
+        assert_eq!(s.get_mfa_device("alice").await.unwrap(), None, "{name}");
+    }
+}
