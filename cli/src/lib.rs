@@ -194,5 +194,6 @@ pub fn read_stdin_line() -> anyhow::Result<String> {
 pub mod access;
 pub mod bot;
 pub mod clusters;
+pub mod mfa;
 pub mod recordings;
 pub mod stdio;

@@ -52,7 +52,13 @@ enum Command {
         /// Requested certificate lifetime (e.g. 8h); capped by your roles. Default 12h.
         #[arg(long)]
         ttl: Option<humantime::Duration>,
+        /// The one-time code of your device, when the cluster asks for one (else prompted).
+        #[arg(long, env = "GATEHOUSE_OTP")]
+        otp: Option<String>,
     },
+    /// Second factor: enroll a TOTP device (an authenticator app).
+    #[command(subcommand)]
+    Mfa(MfaCmd),
     /// Show who you are logged in as, your roles, logins and when the certificates expire.
     Status,
     /// Remove the keys and certificates of the current profile.
@@ -155,6 +161,26 @@ enum RecordingsCmd {
 }
 
 #[derive(Subcommand, Debug)]
+enum MfaCmd {
+    /// Enroll (or replace) your TOTP device: shows a QR code and its otpauth URI, then asks
+    /// for your password and a code the device shows. Works before your first login.
+    Add {
+        #[arg(long, env = "GATEHOUSE_PROXY", conflicts_with = "auth")]
+        proxy: Option<String>,
+        #[arg(long, env = "GATEHOUSE_AUTH")]
+        auth: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+        /// Read the password, then the device's code (after the URI is printed), then a code of
+        /// the device being replaced if any, each from a line of stdin.
+        #[arg(long)]
+        password_stdin: bool,
+        #[arg(long, env = "GATEHOUSE_CA_PIN")]
+        ca_pin: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum SessionsCmd {
     /// List active sessions.
     Ls {
@@ -201,7 +227,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             password_stdin,
             ca_pin,
             ttl,
-        } => login(&dir, proxy, auth, user, password_stdin, ca_pin, ttl).await,
+            otp,
+        } => {
+            let target = Target::resolve(&dir, proxy, auth, user, ca_pin)?;
+            login(&dir, target, password_stdin, ttl, otp).await
+        }
+        Command::Mfa(MfaCmd::Add {
+            proxy,
+            auth,
+            user,
+            password_stdin,
+            ca_pin,
+        }) => {
+            let target = Target::resolve(&dir, proxy, auth, user, ca_pin)?;
+            let password = read_password(&target.user, password_stdin)?;
+            let mut client = connect(&target.endpoint()).await?;
+            let cluster = client
+                .ping(proto::PingRequest {})
+                .await
+                .map_err(rpc_error)?
+                .into_inner()
+                .cluster_name;
+            gatehouse_cli::mfa::enroll(
+                &mut client,
+                &cluster,
+                &target.user,
+                password,
+                &mut LinePrompts {
+                    stdin: password_stdin,
+                },
+            )
+            .await
+        }
         Command::Ls {
             labels,
             format,
@@ -284,55 +341,121 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Where a login (or an enrollment) goes and whom it is for, from flags and the last profile.
+struct Target {
+    proxy_addr: Option<String>,
+    auth: String,
+    user: String,
+    trust: Trust,
+    pin: String,
+}
+
+impl Target {
+    fn resolve(
+        dir: &Path,
+        proxy: Option<String>,
+        auth: Option<String>,
+        user: Option<String>,
+        ca_pin: Option<String>,
+    ) -> anyhow::Result<Self> {
+        let previous = Profile::load(dir).ok();
+        let proxy_addr = proxy.clone().or_else(|| {
+            if auth.is_none() {
+                previous.as_ref().and_then(|p| p.proxy_addr.clone())
+            } else {
+                None
+            }
+        });
+        let auth = proxy
+            .or(auth)
+            .or_else(|| previous.as_ref().map(|p| p.auth_addr.clone()))
+            .context("pass --proxy HOST:PORT (printed by `gatehouse start`)")?;
+        let user = user
+            .or_else(|| previous.as_ref().map(|p| p.user.clone()))
+            .or_else(|| std::env::var("USER").ok())
+            .context("pass --user")?;
+        // No trust on first use: the pin comes from the admin, or from the previous login's CA.
+        let trust = match (&ca_pin, &previous) {
+            (Some(pin), _) => {
+                if !pin.starts_with("sha256:") || pin.len() != 71 {
+                    bail!("--ca-pin must look like sha256:<64 hex digits>");
+                }
+                Trust::Pin(pin.clone())
+            }
+            (None, Some(p)) if p.auth_addr == auth => Trust::Pin(p.ca_pin.clone()),
+            _ => bail!(
+                "first login to {auth}: pass --ca-pin sha256:… (printed by `gatehouse start`, or `gctl status`)"
+            ),
+        };
+        let pin = match &trust {
+            Trust::Pin(p) => p.clone(),
+            Trust::CaPem(_) => String::new(),
+        };
+        Ok(Self {
+            proxy_addr,
+            auth,
+            user,
+            trust,
+            pin,
+        })
+    }
+
+    /// Auth without a client identity (login and enrollment are public calls).
+    fn endpoint(&self) -> AuthEndpoint {
+        AuthEndpoint {
+            addr: self.auth.clone(),
+            trust: self.trust.clone(),
+            identity: None,
+        }
+    }
+}
+
+fn read_password(user: &str, stdin: bool) -> anyhow::Result<String> {
+    if stdin {
+        read_stdin_line()
+    } else {
+        rpassword::prompt_password(format!("Password for {user}: ")).context("reading the password")
+    }
+}
+
+/// A one-time code: the next line of stdin, or asked at the terminal.
+fn read_code(prompt: &str, stdin: bool) -> anyhow::Result<String> {
+    if !stdin {
+        use std::io::Write as _;
+        eprint!("{prompt}: ");
+        std::io::stderr().flush().ok();
+    }
+    Ok(read_stdin_line()?.trim().to_owned())
+}
+
+struct LinePrompts {
+    stdin: bool,
+}
+
+impl gatehouse_cli::mfa::Prompts for LinePrompts {
+    fn new_code(&mut self) -> anyhow::Result<String> {
+        read_code("Code shown by the new device", self.stdin)
+    }
+    fn current_code(&mut self) -> anyhow::Result<String> {
+        read_code("Code of the device being replaced", self.stdin)
+    }
+}
+
 async fn login(
     dir: &Path,
-    proxy: Option<String>,
-    auth: Option<String>,
-    user: Option<String>,
+    target: Target,
     password_stdin: bool,
-    ca_pin: Option<String>,
     ttl: Option<humantime::Duration>,
+    otp: Option<String>,
 ) -> anyhow::Result<()> {
-    let previous = Profile::load(dir).ok();
-    let proxy_addr = proxy.clone().or_else(|| {
-        if auth.is_none() {
-            previous.as_ref().and_then(|p| p.proxy_addr.clone())
-        } else {
-            None
-        }
-    });
-    let auth = proxy
-        .or(auth)
-        .or_else(|| previous.as_ref().map(|p| p.auth_addr.clone()))
-        .context("pass --proxy HOST:PORT (printed by `gatehouse start`)")?;
-    let user = user
-        .or_else(|| previous.as_ref().map(|p| p.user.clone()))
-        .or_else(|| std::env::var("USER").ok())
-        .context("pass --user")?;
-    // No trust on first use: the pin comes from the admin, or from the previous login's CA.
-    let trust = match (&ca_pin, &previous) {
-        (Some(pin), _) => {
-            if !pin.starts_with("sha256:") || pin.len() != 71 {
-                bail!("--ca-pin must look like sha256:<64 hex digits>");
-            }
-            Trust::Pin(pin.clone())
-        }
-        (None, Some(p)) if p.auth_addr == auth => Trust::Pin(p.ca_pin.clone()),
-        _ => bail!(
-            "first login to {auth}: pass --ca-pin sha256:… (printed by `gatehouse start`, or `gctl status`)"
-        ),
-    };
-    let pin = match &trust {
-        Trust::Pin(p) => p.clone(),
-        Trust::CaPem(_) => String::new(),
-    };
-    let password = if password_stdin {
-        read_stdin_line()?
-    } else {
-        rpassword::prompt_password(format!("Password for {user}: "))
-            .context("reading the password")?
-    };
+    let password = read_password(&target.user, password_stdin)?;
+    let Target {
+        proxy_addr,
+        auth,
+        user,
+        trust,
+        pin,
+    } = target;
 
     let ssh_key = ssh_key::PrivateKey::random(&mut rand_core_rng(), ssh_key::Algorithm::Ed25519)?;
     let tls_key = gatehouse_controlplane::ca::generate_leaf_key()?;
@@ -342,17 +465,28 @@ async fn login(
         identity: None,
     };
     let mut client = connect(&endpoint).await?;
-    let resp = client
-        .login(proto::LoginRequest {
-            user: user.clone(),
-            password,
-            ssh_public_key: ssh_key.public_key().to_openssh()?,
-            tls_public_key: rcgen::PublicKeyData::subject_public_key_info(&tls_key),
-            ttl_seconds: ttl.map(|t| t.as_secs()).unwrap_or(0),
-        })
-        .await
-        .map_err(rpc_error)?
-        .into_inner();
+    let mut req = proto::LoginRequest {
+        user: user.clone(),
+        password,
+        ssh_public_key: ssh_key.public_key().to_openssh()?,
+        tls_public_key: rcgen::PublicKeyData::subject_public_key_info(&tls_key),
+        ttl_seconds: ttl.map(|t| t.as_secs()).unwrap_or(0),
+        otp: otp.unwrap_or_default(),
+        via: String::new(),
+    };
+    let resp = match client.login(req.clone()).await {
+        Ok(r) => r,
+        Err(s)
+            if s.code() == tonic::Code::FailedPrecondition
+                && s.message() == "one-time code required"
+                && req.otp.is_empty() =>
+        {
+            req.otp = read_code("One-time code", password_stdin)?;
+            client.login(req).await.map_err(rpc_error)?
+        }
+        Err(s) => return Err(rpc_error(s)),
+    }
+    .into_inner();
     let creds = resp.credentials.context("Auth sent no credentials")?;
     // The CA Auth hands us must be the one we pinned.
     let ca_der = certs_from_pem(&creds.tls_ca)?;
