@@ -8,15 +8,12 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use gatehouse_controlplane::client::Client;
 use gatehouse_controlplane::proto;
+use gatehouse_controlplane::recording_stream::{self, AsyncEvents, SinkError, StreamError};
 use gatehouse_recording::export::{Asciicast, Text};
 use gatehouse_recording::play::{PlayOptions, Player, Step};
-use gatehouse_recording::{Chunk, Reader, SessionMeta, Timed};
+use gatehouse_recording::{SessionMeta, Timed};
 
 use crate::{fmt_time, print_table, rpc_error};
-
-/// How often a live session being watched is asked for its new bytes.
-const LIVE_POLL: Duration = Duration::from_millis(100);
-const READ_BYTES: u32 = 1024 * 1024;
 
 /// `gsh recordings ls` / `gctl recordings ls`.
 pub async fn ls(
@@ -91,68 +88,19 @@ pub async fn ls(
     Ok(())
 }
 
-/// Read a recording from Auth chunk by chunk, handing each data chunk's events to `each`.
-/// With `join`, a live session is watched until it ends (Auth tells its agent, which sends its
-/// output sooner and tells the participants). The whole recording is checked as it is read; a
-/// damaged one fails naming the chunk.
-pub async fn stream<F>(
+/// [`recording_stream::stream`] with Auth's refusals worded as the CLI words them.
+async fn stream<F: AsyncEvents>(
     client: &mut Client,
     id: &str,
     join: bool,
-    mut each: F,
-) -> anyhow::Result<(proto::RecordingInfo, Reader)>
-where
-    F: AsyncEvents,
-{
-    let mut reader = Reader::new();
-    let mut offset = 0u64;
-    let mut info;
-    loop {
-        let r = client
-            .read_recording(proto::ReadRecordingRequest {
-                id: id.to_owned(),
-                offset,
-                max_bytes: READ_BYTES,
-                join,
-            })
-            .await
-            .map_err(rpc_error)?
-            .into_inner();
-        info = r.info.unwrap_or_default();
-        offset += r.data.len() as u64;
-        reader.push(&r.data);
-        loop {
-            match reader.next_chunk() {
-                Ok(Some(Chunk::Data { events, .. })) => {
-                    let meta = reader.meta().cloned();
-                    each.events(meta.as_ref(), &events).await?;
-                }
-                Ok(Some(Chunk::Trailer(_))) => {}
-                Ok(None) => break,
-                Err(e) => bail!("recording {id}: {e}"),
-            }
-        }
-        if offset < r.size && !r.data.is_empty() {
-            continue;
-        }
-        if join && info.state == "live" {
-            tokio::time::sleep(LIVE_POLL).await;
-            continue;
-        }
-        break;
-    }
-    if info.state != "live"
-        && let Err(e) = reader.finish()
-    {
-        bail!("recording {id}: {e}");
-    }
-    Ok((info, reader))
-}
-
-/// What a reader of a recording does with each chunk's events.
-#[allow(async_fn_in_trait)]
-pub trait AsyncEvents {
-    async fn events(&mut self, meta: Option<&SessionMeta>, events: &[Timed]) -> anyhow::Result<()>;
+    each: F,
+) -> anyhow::Result<(proto::RecordingInfo, gatehouse_recording::Reader)> {
+    recording_stream::stream(client, id, join, each)
+        .await
+        .map_err(|e| match e {
+            StreamError::Rpc(s) => rpc_error(s),
+            e => anyhow::anyhow!(e),
+        })
 }
 
 /// Plays events to the terminal with their timing.
@@ -166,7 +114,7 @@ impl AsyncEvents for Play {
         &mut self,
         _meta: Option<&SessionMeta>,
         events: &[Timed],
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), SinkError> {
         for t in events {
             let Some(step) = self.player.step(t) else {
                 continue;
@@ -231,7 +179,11 @@ struct Export<W: Write> {
 }
 
 impl<W: Write> AsyncEvents for Export<W> {
-    async fn events(&mut self, meta: Option<&SessionMeta>, events: &[Timed]) -> anyhow::Result<()> {
+    async fn events(
+        &mut self,
+        meta: Option<&SessionMeta>,
+        events: &[Timed],
+    ) -> Result<(), SinkError> {
         match &mut self.format {
             Format::Asciicast(enc) => {
                 let enc = match enc {
@@ -285,16 +237,10 @@ pub async fn export(
     Ok(())
 }
 
-impl<T: AsyncEvents> AsyncEvents for &mut T {
-    async fn events(&mut self, meta: Option<&SessionMeta>, events: &[Timed]) -> anyhow::Result<()> {
-        (**self).events(meta, events).await
-    }
-}
-
 struct Discard;
 
 impl AsyncEvents for Discard {
-    async fn events(&mut self, _: Option<&SessionMeta>, _: &[Timed]) -> anyhow::Result<()> {
+    async fn events(&mut self, _: Option<&SessionMeta>, _: &[Timed]) -> Result<(), SinkError> {
         Ok(())
     }
 }

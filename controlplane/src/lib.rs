@@ -21,6 +21,7 @@ pub mod host;
 pub mod otp;
 pub mod password;
 pub mod ratelimit;
+pub mod recording_stream;
 pub mod recordings;
 pub mod role;
 pub mod server;

@@ -133,21 +133,34 @@ pub fn cert_validity(pem: &str) -> Option<(i64, i64)> {
 }
 
 /// A server certificate that is replaced while the server runs (a renewed proxy certificate):
-/// handshakes from then on present the new one; connections up keep theirs.
+/// handshakes from then on present the new one; connections up keep theirs. A proxy may also
+/// hold a certificate for browsers (the operator's, e.g. ACME-issued: `proxy.tls_cert`):
+/// a client offering any `gatehouse-*` ALPN gets the cluster's, every other client that one.
 #[derive(Debug)]
-pub struct ReloadableCert(arc_swap::ArcSwap<rustls::sign::CertifiedKey>);
+pub struct ReloadableCert {
+    cluster: arc_swap::ArcSwap<rustls::sign::CertifiedKey>,
+    browsers: arc_swap::ArcSwapOption<rustls::sign::CertifiedKey>,
+}
 
 impl ReloadableCert {
     pub fn new(cert_chain_pem: &str, key_pem: &str) -> Result<Arc<Self>, TlsError> {
-        Ok(Arc::new(Self(arc_swap::ArcSwap::from_pointee(
-            certified_key(cert_chain_pem, key_pem)?,
-        ))))
+        Ok(Arc::new(Self {
+            cluster: arc_swap::ArcSwap::from_pointee(certified_key(cert_chain_pem, key_pem)?),
+            browsers: arc_swap::ArcSwapOption::empty(),
+        }))
     }
 
     /// Present this certificate (chain) and key from now on.
     pub fn set(&self, cert_chain_pem: &str, key_pem: &str) -> Result<(), TlsError> {
-        self.0
+        self.cluster
             .store(Arc::new(certified_key(cert_chain_pem, key_pem)?));
+        Ok(())
+    }
+
+    /// Present this certificate (chain) and key to browsers from now on.
+    pub fn set_for_browsers(&self, cert_chain_pem: &str, key_pem: &str) -> Result<(), TlsError> {
+        self.browsers
+            .store(Some(Arc::new(certified_key(cert_chain_pem, key_pem)?)));
         Ok(())
     }
 }
@@ -155,9 +168,15 @@ impl ReloadableCert {
 impl rustls::server::ResolvesServerCert for ReloadableCert {
     fn resolve(
         &self,
-        _hello: rustls::server::ClientHello<'_>,
+        hello: rustls::server::ClientHello<'_>,
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        Some(self.0.load_full())
+        let ours = hello
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|a| a.starts_with(b"gatehouse-")));
+        if !ours && let Some(browsers) = self.browsers.load_full() {
+            return Some(browsers);
+        }
+        Some(self.cluster.load_full())
     }
 }
 

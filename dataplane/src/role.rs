@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +46,9 @@ pub struct ProxyRoleConfig {
     /// Where agents reach this proxy directly (`host:port`), announced to the cluster; `None`:
     /// the listen address when it names one, else the host name with the listen port.
     pub advertise_addr: Option<String>,
+    /// The certificate (chain) and key files browsers are shown (e.g. ACME-issued; re-read
+    /// when they change); `None`: the cluster's own proxy certificate.
+    pub browser_cert: Option<(PathBuf, PathBuf)>,
 }
 
 /// Why the Proxy role could not start.
@@ -74,7 +77,12 @@ pub struct ProxyHandle {
     pub io_backend: IoBackend,
     /// The cluster this proxy belongs to.
     pub cluster: String,
+    /// The cluster's X.509 CA (PEM), as this proxy trusts it.
+    pub ca_pem: String,
+    /// Where this proxy reaches Auth.
+    pub auth_addr: String,
     proxy: Proxy,
+    browser_cert: Option<tokio::task::JoinHandle<()>>,
     reporter: tokio::task::JoinHandle<()>,
     auditor: tokio::task::JoinHandle<()>,
     renew: tokio::task::JoinHandle<()>,
@@ -85,15 +93,60 @@ impl ProxyHandle {
     /// Stop accepting, send agents a go-away, join the workers; heartbeats stop with them.
     pub fn shutdown(self) {
         self.proxy.shutdown();
+        if let Some(t) = &self.browser_cert {
+            t.abort();
+        }
         self.reporter.abort();
         self.auditor.abort();
         self.renew.abort();
         self.peers.stop();
     }
 
+    /// Serve browsers (the web UI) with `b` from now on.
+    pub fn serve_browsers(&self, b: Arc<dyn crate::proxy::Browsers>) -> bool {
+        self.proxy.serve_browsers(b)
+    }
+
     /// Tell Auth this proxy is leaving (agents drop their tunnels to it); best effort, 2 s.
     pub async fn leave(&self) {
         self.peers.leave().await;
+    }
+}
+
+fn browser_cert_files(cert: &Path, key: &Path) -> Result<(String, String), ProxyRoleError> {
+    let read = |p: &Path| {
+        std::fs::read_to_string(p)
+            .map_err(|e| ProxyRoleError::Config(format!("reading {}: {e}", p.display())))
+    };
+    Ok((read(cert)?, read(key)?))
+}
+
+/// Re-read the browsers' certificate files every minute; a renewed pair (an ACME client wrote
+/// new files) is presented from the next handshake on. A pair that does not load is logged and
+/// the previous one kept.
+async fn reload_browser_cert(
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    mut current: (String, String),
+    cert: Arc<ReloadableCert>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match browser_cert_files(&cert_path, &key_path) {
+            Ok(read) if read != current => match cert.set_for_browsers(&read.0, &read.1) {
+                Ok(()) => {
+                    tracing::info!(cert = %cert_path.display(), "proxy: browsers' certificate reloaded");
+                    current = read;
+                }
+                Err(e) => {
+                    tracing::warn!(cert = %cert_path.display(), error = %e, "proxy: the new browsers' certificate does not load; keeping the previous one")
+                }
+            },
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "proxy: cannot re-read the browsers' certificate"),
+        }
     }
 }
 
@@ -137,6 +190,25 @@ pub async fn start(
     let chain = format!("{}{}", id.cert, id.ca);
     let cert = ReloadableCert::new(&chain, &id.key)
         .map_err(|e| ProxyRoleError::Identity(e.to_string()))?;
+    let browser_cert = match &config.browser_cert {
+        Some((cert_path, key_path)) => {
+            let read = browser_cert_files(cert_path, key_path)?;
+            cert.set_for_browsers(&read.0, &read.1).map_err(|e| {
+                ProxyRoleError::Config(format!(
+                    "proxy.tls_cert {} / tls_key {}: {e}",
+                    cert_path.display(),
+                    key_path.display()
+                ))
+            })?;
+            Some(tokio::spawn(reload_browser_cert(
+                cert_path.to_path_buf(),
+                key_path.to_path_buf(),
+                read,
+                Arc::clone(&cert),
+            )))
+        }
+        None => None,
+    };
     // This cluster's client certificates, and trusted leaves' proxies' (kept current from the
     // watch stream).
     let verifier = Arc::new(
@@ -228,12 +300,16 @@ pub async fn start(
         },
     );
     let cluster = id.cluster.clone();
+    let ca_pem = id.ca.clone();
     let renew = tokio::spawn(renew_proxy_identity(id, cert, endpoint));
     Ok(ProxyHandle {
         addr: proxy.local_addr,
         io_backend: proxy.io_backend,
         cluster,
+        ca_pem,
+        auth_addr: config.auth_addr.clone(),
         proxy,
+        browser_cert,
         reporter,
         auditor,
         renew,

@@ -157,6 +157,12 @@ struct ProxySection {
     advertise_addr: Option<String>,
     /// New SSH sessions per source address: `{ per_second = 16, burst = 64 }`; 0 turns it off.
     ssh_session_rate: SessionRate,
+    /// The certificate chain (PEM) browsers are shown on the web UI, e.g. ACME-issued, with
+    /// its key; unset: the cluster's proxy certificate (browsers then warn).
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    /// Serve the web UI on the public port (HTTPS for browsers).
+    web: bool,
 }
 
 impl Default for ProxySection {
@@ -171,6 +177,9 @@ impl Default for ProxySection {
             public_addrs: vec![],
             advertise_addr: None,
             ssh_session_rate: SessionRate::default(),
+            tls_cert: None,
+            tls_key: None,
+            web: true,
         }
     }
 }
@@ -522,6 +531,11 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             join: join.clone(),
             ssh_session_rate: config.proxy.ssh_session_rate,
             advertise_addr: config.proxy.advertise_addr.clone(),
+            browser_cert: match (&config.proxy.tls_cert, &config.proxy.tls_key) {
+                (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+                (None, None) => None,
+                _ => anyhow::bail!("[proxy] tls_cert and tls_key go together"),
+            },
         };
         let started =
             gatehouse_dataplane::role::start(role, local_auth.as_ref(), &mut registry).await?;

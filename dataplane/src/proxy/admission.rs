@@ -91,6 +91,9 @@ pub(crate) enum Admission {
     LeafTunnel,
     /// A user's session.
     Session(SessionKind),
+    /// A browser (or a script) speaking HTTP: the web UI and its API, which authenticate by
+    /// session cookie, not by certificate.
+    Browser,
     /// Refused; `reason` is the metric's label (`expired` or `identity`).
     Refuse { reason: &'static str },
 }
@@ -128,6 +131,11 @@ pub(crate) fn admit(
     peer: &Result<Identity, Unverified>,
     own: &str,
 ) -> Admission {
+    // HTTP (negotiated, or no ALPN at all) goes to the web UI whoever the peer is: browsers
+    // present no certificate, and the web API checks its own session cookie.
+    if transport == Transport::Tls && is_http(alpn) {
+        return Admission::Browser;
+    }
     let refuse = || Admission::Refuse {
         reason: match peer {
             Err(Unverified::Expired) => "expired",
@@ -160,6 +168,15 @@ pub(crate) fn admit(
         _ => refuse(),
     }
 }
+
+/// The ALPNs a browser negotiates: `h2`, `http/1.1`, or none.
+fn is_http(alpn: Option<&[u8]>) -> bool {
+    matches!(alpn, None | Some(HTTP2) | Some(HTTP1))
+}
+
+/// ALPN names of HTTP/2 and HTTP/1.1.
+pub(crate) const HTTP2: &[u8] = b"h2";
+pub(crate) const HTTP1: &[u8] = b"http/1.1";
 
 /// An identity is usable if this cluster issued it, or it is the proxy of a leaf cluster this
 /// one trusts now (`trusted_leaf`; the TLS verifier checked it against that leaf's CA alone),
@@ -247,7 +264,7 @@ mod tests {
     /// on both transports, against every kind of peer. Anything not listed as allowed is refused.
     #[test]
     fn admission_table_alpn_by_identity_kind() {
-        use Admission::{LeafTunnel, Refuse, Session, Tunnel};
+        use Admission::{Browser, LeafTunnel, Refuse, Session, Tunnel};
         use Transport::{Quic, Tls};
         let agent = Ok(identity(IdentityKind::Node, &["@node"]));
         let proxy = Ok(identity(IdentityKind::Node, &["@proxy"]));
@@ -280,17 +297,23 @@ mod tests {
             ("foreign", &foreign),
             ("garbled", &garbled),
         ];
-        let alpns: [Option<&[u8]>; 7] = [
+        let alpns: [Option<&[u8]>; 9] = [
             Some(alpn::TUNNEL),
             Some(alpn::TUNNEL_STREAMS),
             Some(alpn::SSH),
             Some(alpn::TCP),
             Some(ALPN_AUTH),
             Some(b"h2"),
+            Some(b"http/1.1"),
+            Some(b"spdy/3"),
             None,
         ];
         let identity_refusal = Refuse { reason: "identity" };
         let expected = |t: Transport, a: Option<&[u8]>, who: &str| -> Admission {
+            // Browsers: any peer (the web API checks its cookie), over TLS only.
+            if t == Tls && matches!(a, None | Some(b"h2") | Some(b"http/1.1")) {
+                return Browser;
+            }
             if who == "expired" {
                 return Refuse { reason: "expired" };
             }
@@ -307,20 +330,24 @@ mod tests {
                 _ => identity_refusal,
             }
         };
-        let mut allowed = 0;
+        let (mut allowed, mut browsers) = (0, 0);
         for t in [Tls, Quic] {
             for a in alpns {
                 for (who, peer) in peers {
                     let got = admit(t, a, peer, "c1");
                     assert_eq!(got, expected(t, a, who), "{t:?} × {} × {who}", alpn_name(a));
-                    if !matches!(got, Refuse { .. }) {
-                        allowed += 1;
+                    match got {
+                        Refuse { .. } => {}
+                        Browser => browsers += 1,
+                        _ => allowed += 1,
                     }
                 }
             }
         }
-        // Exactly the ten pairings above are allowed, out of 2 × 7 × 12.
+        // Exactly the ten pairings above are allowed, out of 2 × 9 × 12; HTTP over TLS (three
+        // ALPNs, any of the 12 peers) is the web UI's.
         assert_eq!(allowed, 10);
+        assert_eq!(browsers, 3 * 12);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! one worker, so the data path takes no locks. The route table is shared and copy-on-write.
 
 mod admission;
+mod browsers;
 mod leaves;
 mod metrics;
 mod peers;
@@ -34,6 +35,7 @@ use tokio::sync::{mpsc, watch};
 use crate::io::IoBackend;
 use crate::io::backend;
 use crate::io::options::{bind_reuseport, tcp_congestion};
+pub use browsers::{BrowserConn, Browsers};
 pub use leaves::Leaves;
 pub use metrics::ProxyMetrics;
 pub use peers::{ProxyAnnouncement, ProxySet};
@@ -82,6 +84,8 @@ pub fn server_alpn() -> Vec<Vec<u8>> {
         alpn::TUNNEL.to_vec(),
         alpn::SSH.to_vec(),
         alpn::TCP.to_vec(),
+        admission::HTTP2.to_vec(),
+        admission::HTTP1.to_vec(),
     ]
 }
 
@@ -99,6 +103,8 @@ struct Shared {
     stop: watch::Receiver<bool>,
     /// New SSH sessions per source address, shared by the workers (taken once per session).
     throttle: std::sync::Mutex<throttle::Throttle>,
+    /// The web UI, once the daemon has set it (browsers are refused until then).
+    browsers: browsers::BrowserSlot,
 }
 
 /// A running Proxy.
@@ -108,6 +114,7 @@ pub struct Proxy {
     pub io_backend: IoBackend,
     stop: watch::Sender<bool>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    browsers: browsers::BrowserSlot,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -185,7 +192,9 @@ impl Proxy {
             senders.push(tx);
             receivers.push(rx);
         }
+        let browsers = browsers::BrowserSlot::default();
         let shared = Arc::new(Shared {
+            browsers: Arc::clone(&browsers),
             throttle: std::sync::Mutex::new(throttle::Throttle::new(config.ssh_session_rate)),
             config,
             routes: ArcSwap::from_pointee(RouteTable::default()),
@@ -212,9 +221,15 @@ impl Proxy {
                 io_backend,
                 stop: stop_tx,
                 threads,
+                browsers,
             },
             inv_rx,
         ))
+    }
+
+    /// Serve browsers (HTTP on the public port) with `b` from now on; false if already set.
+    pub fn serve_browsers(&self, b: Arc<dyn Browsers>) -> bool {
+        self.browsers.set(b).is_ok()
     }
 
     /// Stop accepting, tell agents to go away (they reconnect elsewhere or later), and join.
