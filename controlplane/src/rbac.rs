@@ -181,6 +181,19 @@ impl RoleSet {
         }
     }
 
+    /// Whether a node with `labels` is one the holder may reach at all (some role's node labels
+    /// match it, no deny role's do): what node listings show a user or a bot.
+    pub fn node_visible(&self, labels: &BTreeMap<String, String>) -> bool {
+        !self
+            .roles
+            .iter()
+            .any(|r| labels_match(&r.spec.deny.node_labels, labels))
+            && self
+                .roles
+                .iter()
+                .any(|r| labels_match(&r.spec.allow.node_labels, labels))
+    }
+
     /// May the holder log in as `login` on a node with `labels`? The login must be allowed by a
     /// role whose node labels match; a deny role whose labels match, or that denies the login,
     /// refuses.

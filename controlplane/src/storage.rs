@@ -101,6 +101,8 @@ pub struct EventFilter {
     pub actor: Option<String>,
     pub after_id: i64,
     pub limit: u32,
+    /// The newest `limit` events (descending), instead of the oldest after `after_id`.
+    pub newest_first: bool,
 }
 
 /// The tables that hold named JSON documents.
@@ -657,7 +659,8 @@ impl Store {
             n += 1;
             sql.push_str(&format!(" AND actor = ${n}"));
         }
-        sql.push_str(&format!(" ORDER BY id LIMIT ${}", n + 1));
+        let order = if f.newest_first { "DESC" } else { "ASC" };
+        sql.push_str(&format!(" ORDER BY id {order} LIMIT ${}", n + 1));
         let to = if f.to_nanos <= 0 {
             i64::MAX
         } else {

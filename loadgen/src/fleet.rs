@@ -369,6 +369,7 @@ pub async fn login(
             ssh_public_key: ssh.public_key().to_openssh()?,
             tls_public_key: rcgen::PublicKeyData::subject_public_key_info(&tls),
             ttl_seconds: 0,
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -80,6 +80,7 @@ pub async fn run(cfg: LoginsConfig) -> anyhow::Result<LoginsReport> {
             ssh_public_key: ssh_pub.clone(),
             tls_public_key: tls_pub.clone(),
             ttl_seconds: 0,
+            ..Default::default()
         };
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -539,6 +539,15 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         };
         let started =
             gatehouse_dataplane::role::start(role, local_auth.as_ref(), &mut registry).await?;
+        if config.proxy.web {
+            let web = gatehouse_web::WebUi::new(gatehouse_web::WebConfig::new(
+                started.cluster.clone(),
+                started.ca_pem.clone(),
+                started.auth_addr.clone(),
+                started.addr,
+            ));
+            started.serve_browsers(web);
+        }
         cluster = started.cluster.clone();
         proxy = Some(started);
     }

@@ -646,6 +646,7 @@ async fn events(client: &mut Client, args: EventsArgs) -> anyhow::Result<()> {
                 limit: page,
                 after_id,
                 actor: args.actor.clone().unwrap_or_default(),
+                newest_first: false,
             })
             .await
             .map_err(rpc_error)?

@@ -130,6 +130,7 @@ pub(super) async fn search(
         actor: Some(r.actor).filter(|a| !a.is_empty()),
         after_id: r.after_id,
         limit: r.limit,
+        newest_first: r.newest_first,
     };
     let events = call
         .state

@@ -99,6 +99,12 @@ pub(super) async fn list(
     call: Call,
     _r: proto::ListNodesRequest,
 ) -> Result<Done<proto::ListNodesResponse>, Failure> {
+    let caller = call.caller()?;
+    // Users and bots see the nodes their roles reach; proxies and admins see every node.
+    let narrowed = matches!(
+        caller.identity.kind,
+        crate::identity::IdentityKind::User | crate::identity::IdentityKind::Bot
+    );
     let rows = call
         .state
         .store
@@ -109,6 +115,12 @@ pub(super) async fn list(
         .iter()
         .filter_map(|s| serde_json::from_str::<NodeRecord>(s).ok())
         .map(proto::Node::from)
+        .filter(|n: &proto::Node| {
+            !narrowed
+                || caller
+                    .roles
+                    .node_visible(&n.labels.clone().into_iter().collect())
+        })
         .collect();
     Ok(Done::read(proto::ListNodesResponse { nodes }))
 }
