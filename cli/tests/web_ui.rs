@@ -194,7 +194,7 @@ fn the_web_ui_in_a_real_browser() {
         out.stdout.lines().last().unwrap().trim().to_string()
     };
     let alice_pw = add("alice", "access,auditor,mfa");
-    let brief_pw = add("briefly", "brief");
+    let brief_pw = add("briefly", "brief,access");
     let home = tempfile::tempdir().unwrap();
     let (secret, _) = enroll(
         &[

@@ -64,6 +64,24 @@ pub fn generate_leaf_key() -> Result<KeyPair, CaError> {
     Ok(KeyPair::generate_for(&rcgen::PKCS_ED25519)?)
 }
 
+/// A self-signed certificate for the web UI's browsers (ECDSA P-256, a year) where no cluster
+/// CA key is at hand (a proxy joined to a remote Auth, without `proxy.tls_cert`): browsers warn
+/// either way until an operator's certificate is configured. Returns (cert PEM, key PEM).
+pub fn self_signed_browser_cert(sans: &[String]) -> Result<(String, String), CaError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::new(sans.to_vec())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "Gatehouse web UI (self-signed)");
+    params.distinguished_name = dn;
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - CLOCK_SKEW_ALLOWANCE;
+    params.not_after = now + time::Duration::days(365);
+    params.serial_number = Some(random_serial());
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
 /// The TLS public keys the CA certifies: Ed25519, ECDSA P-256 and P-384 (DER
 /// SubjectPublicKeyInfo). RSA and other curves are refused, so a client cannot get a weak or
 /// slow-to-verify key certified; the request is checked before any password or token work.
@@ -500,6 +518,39 @@ impl TlsCa {
             now,
         )?;
         Ok((cert, key))
+    }
+
+    /// A certificate for the web UI's browsers (fresh ECDSA P-256 key: browsers do not take
+    /// Ed25519), server use only, for `sans`, valid a year; returns (chain PEM, key PEM).
+    pub fn issue_browser_cert(
+        &self,
+        cluster: &str,
+        sans: &[String],
+        now: time::OffsetDateTime,
+    ) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let identity = Identity {
+            kind: crate::identity::IdentityKind::Builtin,
+            name: "web".into(),
+            roles: vec![],
+            logins: vec![],
+            traits: Default::default(),
+            cluster: cluster.into(),
+            route_to_cluster: cluster.into(),
+            bot: None,
+            expires: (now + time::Duration::days(365)).unix_timestamp(),
+        };
+        let cert = self.sign(
+            &rcgen::PublicKeyData::subject_public_key_info(&key),
+            &identity,
+            TlsUsage::ServerAndClient,
+            sans,
+            now,
+        )?;
+        Ok((
+            format!("{}{}", cert.pem(), self.cert_pem()),
+            key.serialize_pem(),
+        ))
     }
 
     /// Issue the Auth server's own certificate (fresh key), valid for `ttl`.

@@ -207,7 +207,30 @@ pub async fn start(
                 Arc::clone(&cert),
             )))
         }
-        None => None,
+        None => {
+            // Browsers do not take the proxy's Ed25519 certificate: one of ECDSA P-256 by the
+            // cluster CA (when Auth runs here), else self-signed.
+            let mut names = vec![
+                "localhost".to_string(),
+                "127.0.0.1".into(),
+                config.host_name.clone(),
+            ];
+            names.extend(sans.iter().cloned());
+            names.sort();
+            names.dedup();
+            let pair = match local_auth {
+                Some(service) => service.state().tls_ca.issue_browser_cert(
+                    &id.cluster,
+                    &names,
+                    time::OffsetDateTime::now_utc(),
+                ),
+                None => gatehouse_controlplane::ca::self_signed_browser_cert(&names),
+            }
+            .map_err(|e| ProxyRoleError::Identity(format!("the browsers' certificate: {e}")))?;
+            cert.set_for_browsers(&pair.0, &pair.1)
+                .map_err(|e| ProxyRoleError::Identity(format!("the browsers' certificate: {e}")))?;
+            None
+        }
     };
     // This cluster's client certificates, and trusted leaves' proxies' (kept current from the
     // watch stream).

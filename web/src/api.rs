@@ -12,7 +12,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, Extension, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use bytes::Bytes;
 use gatehouse_controlplane::proto;
 use gatehouse_dataplane::proxy::BrowserConn;
@@ -117,6 +117,15 @@ pub(crate) async fn serve_connection(router: Router, conn: BrowserConn) {
     let remote = conn.remote;
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(ClientAddr(remote));
+        // HTTP/2 names the host in `:authority`: give the checks one place to look.
+        if !req.headers().contains_key(header::HOST)
+            && let Some(v) = req
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            req.headers_mut().insert(header::HOST, v);
+        }
         let api = req.uri().path().starts_with("/v1/");
         let router = router.clone();
         async move {
@@ -163,8 +172,9 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/v1/webapi/recordings", get(recordings))
         .route("/v1/webapi/recordings/{id}/cast", get(replay::cast))
         .route("/v1/webapi/events", get(events))
-        .route("/v1/webapi/ws/ssh", get(terminal::upgrade))
-        .route("/v1/webapi/ws/join", get(replay::join))
+        // WebSockets: GET + Upgrade (HTTP/1.1) or CONNECT (HTTP/2, RFC 8441).
+        .route("/v1/webapi/ws/ssh", any(terminal::upgrade))
+        .route("/v1/webapi/ws/join", any(replay::join))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(app)

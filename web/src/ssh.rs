@@ -76,6 +76,9 @@ pub type Handle = russh::client::Handle<HostCheck>;
 /// proxy's TLS.
 pub fn client_config() -> Arc<russh::client::Config> {
     let mut config = russh::client::Config::default();
+    // Agents present Ed25519 host certificates: ask for those.
+    config.preferred.host_key_certificates =
+        std::borrow::Cow::Owned(vec![russh::keys::Algorithm::Ed25519]);
     config.preferred.cipher =
         std::borrow::Cow::Owned(vec![russh::cipher::AES_256_GCM, russh::cipher::AES_128_GCM]);
     config.inactivity_timeout = None;

@@ -77,10 +77,11 @@ const browser = await chromium.launch({
     '--disable-background-networking', '--disable-component-update', '--disable-sync',
     '--disable-dev-shm-usage'],
 });
+const problemsSeen = [];
 try {
   const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 1280, height: 760 } });
   const page = await context.newPage();
-  const problems = [];
+  const problems = problemsSeen;
   page.on('console', (m) => { if (m.type() === 'error') problems.push(m.text()); });
   page.on('pageerror', (e) => problems.push(String(e)));
 
@@ -228,13 +229,23 @@ try {
   await page.waitForTimeout(Math.max(0, wait));
   const expired = await page.evaluate(async () => (await fetch('/v1/webapi/nodes')).status);
   if (expired !== 401) throw new Error(`an expired session got ${expired}`);
-  await page.goto(`${base}/#/nodes`);
+  await page.reload();
   await page.waitForSelector('#user');
   step('an expired session is refused and the page asks for a login');
 
   const real = problems.filter((p) => !p.includes('401') && !p.includes('403'));
   if (real.length) throw new Error(`browser errors: ${real.join('\n')}`);
   step('all passed');
+} catch (e) {
+  // What the page showed when it failed, for the test's log.
+  for (const p of browser.contexts().flatMap((c) => c.pages())) {
+    try {
+      await p.screenshot({ path: join(shots, `failure-${Date.now()}.png`) });
+      console.log(`e2e: page ${p.url()} shows:\n${await p.evaluate(() => document.body.innerText)}`);
+    } catch { /* closed */ }
+  }
+  console.log(`e2e: browser console: ${problemsSeen.join('\n')}`);
+  throw e;
 } finally {
   await browser.close();
 }
