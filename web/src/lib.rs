@@ -10,9 +10,11 @@
 //! - `login`: password + one-time code → certificates from Auth → a web session.
 //! - `terminal`: a WebSocket ↔ an SSH session through the proxy's own port.
 //! - `replay`: recordings as asciicast v2 (playback, and live sessions to watch).
+//! - [`client`]: the API as a browser uses it, for tests and `loadgen web`.
 
 mod api;
 mod assets;
+pub mod client;
 pub mod guard;
 mod login;
 mod replay;

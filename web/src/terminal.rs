@@ -162,9 +162,9 @@ async fn run(mut ws: WebSocket, app: Arc<App>, s: Arc<crate::Session>, q: Termin
     let (mut to_page, mut from_page) = ws.split();
     // Page → node, in a task of its own: input waits for the channel's window without holding
     // up the output.
-    let input = tokio::spawn(async move {
+    let mut input = tokio::spawn(async move {
         let mut gate = ResizeGate::default();
-        loop {
+        let gone: Option<String> = loop {
             let sleep = gate.deadline().map(tokio::time::Instant::from_std);
             let msg = tokio::select! {
                 m = from_page.next() => m,
@@ -183,7 +183,7 @@ async fn run(mut ws: WebSocket, app: Arc<App>, s: Arc<crate::Session>, q: Termin
             match msg {
                 Some(Ok(Message::Binary(b))) => {
                     if write.data_bytes(b).await.is_err() {
-                        break;
+                        break None;
                     }
                 }
                 Some(Ok(Message::Text(t))) => match parse_control(t.as_str()) {
@@ -196,18 +196,29 @@ async fn run(mut ws: WebSocket, app: Arc<App>, s: Arc<crate::Session>, q: Termin
                         tracing::debug!(error = %e, "web terminal: control message ignored");
                     }
                 },
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(Message::Close(_))) | None => break None,
+                Some(Err(e)) => break Some(format!("the terminal's connection: {e}")),
                 Some(Ok(_)) => {}
             }
-        }
+        };
         let _ = write.eof().await;
         let _ = write.close().await;
+        gone
     });
-    // Node → page.
+    // Node → page, until the session ends or the page goes (closed, or sent what it may not):
+    // then the SSH connection is closed, which ends the session on the node.
     let mut exit = None;
-    while let Some(msg) = read.wait().await {
+    let mut page_gone = None;
+    loop {
+        let msg = tokio::select! {
+            m = read.wait() => m,
+            why = &mut input => {
+                page_gone = Some(why.ok().flatten());
+                break;
+            }
+        };
         match msg {
-            ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. }
+            Some(ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. })
                 if to_page
                     .send(Message::Binary(bytes::Bytes::copy_from_slice(&data)))
                     .await
@@ -215,12 +226,15 @@ async fn run(mut ws: WebSocket, app: Arc<App>, s: Arc<crate::Session>, q: Termin
             {
                 break;
             }
-            ChannelMsg::ExitStatus { exit_status } => exit = Some(exit_status),
-            ChannelMsg::Close => break,
-            _ => {}
+            Some(ChannelMsg::ExitStatus { exit_status }) => exit = Some(exit_status),
+            Some(ChannelMsg::Close) | None => break,
+            Some(_) => {}
         }
     }
-    let end = json!({ "type": "exit", "code": exit });
+    let end = match page_gone {
+        Some(Some(why)) => json!({ "type": "error", "message": why }),
+        _ => json!({ "type": "exit", "code": exit }),
+    };
     let _ = to_page.send(Message::Text(end.to_string().into())).await;
     let _ = to_page.close().await;
     input.abort();

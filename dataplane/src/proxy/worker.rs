@@ -255,21 +255,19 @@ impl Worker {
     }
 
     /// Bridge a browser's connection to the web UI (see [`super::browsers`]).
-    fn serve_browser(&self, mut tls: TlsStream, remote: SocketAddr, alpn: Option<&[u8]>) {
+    fn serve_browser(&self, tls: TlsStream, remote: SocketAddr, alpn: Option<&[u8]>) {
         let Some(web) = self.shared.browsers.get() else {
             tracing::info!(%remote, "proxy: browser refused: the web UI is not serving yet");
             self.shared.metrics.refuse(&alpn_name(alpn), "no_web_ui");
             return;
         };
-        let (mut ours, theirs) = tokio::io::duplex(super::browsers::PIPE_BYTES);
+        let (ours, theirs) = tokio::io::duplex(super::browsers::PIPE_BYTES);
         web.accept(super::browsers::BrowserConn {
             io: theirs,
             remote,
             http2: alpn == Some(super::admission::HTTP2),
         });
-        tokio::task::spawn_local(async move {
-            let _ = tokio::io::copy_bidirectional(&mut tls, &mut ours).await;
-        });
+        tokio::task::spawn_local(super::browsers::bridge(tls, ours));
     }
 
     /// The verified identity in a peer's certificate (DER).

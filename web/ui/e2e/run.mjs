@@ -168,9 +168,9 @@ try {
   const max = await page.$eval('#player-seek', (e) => Number(e.max));
   await page.$eval('#player-seek', (e) => { e.value = e.max; e.dispatchEvent(new Event('input')); });
   await waitForScreen(page, `pasted-${marker}`, 'seek to the end');
+  await shot(page, 'player');
   await page.$eval('#player-seek', (e) => { e.value = '0'; e.dispatchEvent(new Event('input')); });
   step(`the recording plays and seeks (${max.toFixed(1)} s with idle skipped)`);
-  await shot(page, 'player');
 
   // --- audit: the web terminal's session is there ---
   await page.goto(`${base}/#/audit`);

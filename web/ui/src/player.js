@@ -132,6 +132,7 @@ export function openPlayer(el, controls, url) {
     let buf = '';
     for (;;) {
       const { done, value } = await reader.read();
+      if (stopped) { reader.cancel().catch(() => {}); return; }
       if (done) break;
       buf += dec.decode(value, { stream: true });
       let nl;
@@ -157,7 +158,10 @@ export function openPlayer(el, controls, url) {
     showTime();
     status.textContent = `${header ? header.title : ''} — ${events.length} events`;
   };
-  read().catch((e) => { status.textContent = `Error: ${e.message}`; playing = false; });
+  read().catch((e) => {
+    if (!stopped) status.textContent = `Error: ${e.message}`;
+    playing = false;
+  });
   requestAnimationFrame(tick);
   return () => { stopped = true; term.dispose(); };
 }

@@ -57,12 +57,14 @@ export function openTerminal(el, { node, login, csrf }, status) {
   term.onResize(({ cols, rows }) => {
     if (ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: 'resize', cols, rows }));
   });
-  const onWindowResize = () => { try { fit.fit(); } catch { /* hidden */ } };
+  const onWindowResize = () => { try { fit.fit(); } catch { /* hidden or disposed */ } };
   window.addEventListener('resize', onWindowResize);
   term.focus();
   window.gatehouseTerminal = term; // for tests and debugging: read the screen
   return () => {
     window.removeEventListener('resize', onWindowResize);
+    ws.onmessage = null;
+    ws.onclose = null;
     ws.close();
     term.dispose();
   };
@@ -90,5 +92,9 @@ export function openJoin(el, { id, csrf }, status) {
   };
   ws.onclose = () => {};
   window.gatehouseTerminal = term;
-  return () => { ws.close(); term.dispose(); };
+  return () => {
+    ws.onmessage = null;
+    ws.close();
+    term.dispose();
+  };
 }
