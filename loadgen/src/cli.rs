@@ -253,6 +253,23 @@ pub(crate) enum Scenario {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// The web terminal under load beside `gsh ssh`'s path: N sessions printing through the
+    /// proxy (WebSockets, then SSH), the proxy's CPU per MB delivered and keystroke echo latency
+    /// on one more shell of each path. Spawns its own cluster and one real agent.
+    Web {
+        /// Concurrent printing sessions per path.
+        #[arg(long, default_value_t = 500)]
+        terminals: usize,
+        /// What each session prints, KB per second.
+        #[arg(long, default_value_t = 2)]
+        rate_kb: u64,
+        /// How long each session prints.
+        #[arg(long, default_value = "40s")]
+        duration: humantime::Duration,
+        /// Keystrokes timed on the echo probe.
+        #[arg(long, default_value_t = 200)]
+        probes: usize,
+    },
     /// Print text at a fixed rate (the sessions `loadgen recordings` starts run this).
     #[command(hide = true)]
     Print {

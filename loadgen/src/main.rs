@@ -25,6 +25,7 @@ mod ssh;
 mod ssh_cmd;
 mod throughput;
 mod tunnels;
+mod web;
 
 use std::path::PathBuf;
 
@@ -378,6 +379,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             recordings::run(&cfg, cli.json).await
         }
         Scenario::Print { rate_kb, duration } => recordings::print(rate_kb, duration.into()),
+        Scenario::Web {
+            terminals,
+            rate_kb,
+            duration,
+            probes,
+        } => {
+            if terminals == 0 || rate_kb == 0 || probes == 0 {
+                anyhow::bail!("--terminals, --rate-kb and --probes must be at least 1");
+            }
+            let cfg = web::WebRun {
+                terminals,
+                rate_kb,
+                duration: duration.into(),
+                probes,
+            };
+            web::run(&cfg, &openssh::current_login()?, cli.json).await
+        }
         Scenario::Ssh {
             concurrency,
             duration,

@@ -481,3 +481,24 @@ pub fn print(r: &SshReport) {
         println!("    first error: {e}");
     }
 }
+
+/// An interactive shell on a PTY (what `gsh ssh NODE` gives), kept with its connection.
+pub struct Shell {
+    _session: Session,
+    pub channel: russh::Channel<russh::client::Msg>,
+}
+
+/// Connect and start a shell on a `cols`×`rows` PTY.
+pub async fn pty_shell(target: &SshTarget, cols: u32, rows: u32) -> anyhow::Result<Shell> {
+    let (key, cert) = keys(&target.user)?;
+    let session = connect(target, client_config(), key, cert).await?;
+    let channel = session.channel_open_session().await?;
+    channel
+        .request_pty(false, "xterm-256color", cols, rows, 0, 0, &[])
+        .await?;
+    channel.request_shell(true).await?;
+    Ok(Shell {
+        _session: session,
+        channel,
+    })
+}
