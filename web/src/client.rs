@@ -235,9 +235,9 @@ impl WebClient {
         let tls = connect(self.addr).await?;
         let q = format!(
             "node={}&login={}&cols={cols}&rows={rows}&csrf={}",
-            urlencode(node),
-            urlencode(login),
-            urlencode(&self.csrf)
+            gatehouse_controlplane::otp::percent_encode(node),
+            gatehouse_controlplane::otp::percent_encode(login),
+            gatehouse_controlplane::otp::percent_encode(&self.csrf)
         );
         let mut req =
             tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
@@ -252,15 +252,4 @@ impl WebClient {
         let (ws, _) = tokio_tungstenite::client_async(req, tls).await?;
         Ok(ws)
     }
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                char::from(b).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

@@ -75,23 +75,13 @@ pub(super) async fn login(
     let hash = stored.as_ref().and_then(|(_, h)| h.clone());
     let ok = state.verify_password(r.password.clone(), hash).await?;
     let Some((user, _)) = stored.filter(|_| ok) else {
-        state
-            .limiter
-            .lock()
-            .map_err(internal)?
-            .record_failure(&r.user, addr, now_instant);
-        state
-            .metrics
-            .logins
-            .get_or_create(&ResultLabel { result: "failure" })
-            .inc();
-        return Err(Failure::audited(
+        return Err(failed(
+            state,
+            &r.user,
+            addr,
+            now_instant,
             Status::unauthenticated("invalid user name or password"),
-            Event::new(
-                types::USER_LOGIN,
-                &r.user,
-                audit::failure("invalid user name or password", json!({ "user": r.user })),
-            ),
+            audit::failure("invalid user name or password", json!({ "user": r.user })),
         ));
     };
     let mut role_docs = Vec::new();
@@ -105,23 +95,13 @@ pub(super) async fn login(
         Ok(method) => method,
         Err(super::mfa::SecondStep::Missing(status)) => return Err(status.into()),
         Err(super::mfa::SecondStep::Refused(status, reason)) => {
-            state
-                .limiter
-                .lock()
-                .map_err(internal)?
-                .record_failure(&r.user, addr, now_instant);
-            state
-                .metrics
-                .logins
-                .get_or_create(&ResultLabel { result: "failure" })
-                .inc();
-            return Err(Failure::audited(
+            return Err(failed(
+                state,
+                &r.user,
+                addr,
+                now_instant,
                 status,
-                Event::new(
-                    types::USER_LOGIN,
-                    &r.user,
-                    audit::failure(reason, json!({ "user": r.user, "method": "password+otp" })),
-                ),
+                audit::failure(reason, json!({ "user": r.user, "method": "password+otp" })),
             ));
         }
     };
@@ -188,6 +168,26 @@ pub(super) async fn login(
         },
         audit,
     ))
+}
+
+/// A failed login: counted against the user and the address, and audited.
+fn failed(
+    state: &super::AuthState,
+    user: &str,
+    addr: &str,
+    now: Instant,
+    status: Status,
+    data: serde_json::Value,
+) -> Failure {
+    if let Ok(mut l) = state.limiter.lock() {
+        l.record_failure(user, addr, now);
+    }
+    state
+        .metrics
+        .logins
+        .get_or_create(&ResultLabel { result: "failure" })
+        .inc();
+    Failure::audited(status, Event::new(types::USER_LOGIN, user, data))
 }
 
 /// Sign the SSH user certificate and the X.509 client certificate (PEM) of a user or bot

@@ -455,14 +455,24 @@ async fn authorization_table_every_rpc_by_every_caller() {
 }
 
 #[test]
-fn only_ping_login_join_and_trust_requests_are_public() {
+fn only_ping_login_enrollment_join_and_trust_requests_are_public() {
     let public: Vec<&str> = Rpc::ALL
         .iter()
         .filter(|r| r.access() == Access::Public)
         .map(|r| r.name())
         .collect();
-    // A trust request carries a trusted_cluster token, as a join carries a join token.
-    assert_eq!(public, ["Ping", "Login", "Join", "ValidateTrustedCluster"]);
+    // A trust request carries a trusted_cluster token, as a join carries a join token; a second
+    // factor's enrollment carries the password (and a code of the device it replaces).
+    assert_eq!(
+        public,
+        [
+            "Ping",
+            "Login",
+            "AddMfaDevice",
+            "Join",
+            "ValidateTrustedCluster"
+        ]
+    );
 }
 
 /// A method added to the protobuf service without an entry in `Rpc` (and so without an access
