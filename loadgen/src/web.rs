@@ -25,6 +25,26 @@ use crate::fleet::Fleet;
 use crate::procstat;
 use crate::ssh::{self, SshPath, SshTarget};
 
+/// Bytes after which a session counts as printing (past the prompt and the command's echo).
+const PRINTING: usize = 600;
+
+/// How a printing session waits its turn: at most 32 opening at a time; once open, it waits
+/// for every other to be open before it starts printing (so that opening, which costs the
+/// agent far more, is not measured with the steady state).
+struct Start {
+    permit: tokio::sync::OwnedSemaphorePermit,
+    opened: Arc<AtomicUsize>,
+    go: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Start {
+    async fn opened(mut self) {
+        drop(self.permit);
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        let _ = self.go.wait_for(|go| *go).await;
+    }
+}
+
 pub(crate) struct WebRun {
     pub terminals: usize,
     pub rate_kb: u64,
@@ -32,10 +52,16 @@ pub(crate) struct WebRun {
     pub probes: usize,
 }
 
+/// How long opening every session may take.
+const OPEN_LIMIT: Duration = Duration::from_secs(600);
+
 #[derive(Debug, Serialize)]
 struct PathReport {
     path: &'static str,
     sessions: usize,
+    /// Sessions open (and how long opening them all took), and printing in the window.
+    opened_before_start: usize,
+    open_s: f64,
     opened: usize,
     errors: usize,
     first_error: Option<String>,
@@ -47,6 +73,8 @@ struct PathReport {
     proxy_cpu_ms_per_mb: f64,
     proxy_core_pct: f64,
     proxy_rss_mib: f64,
+    /// The agent's CPU in the window (SSH server, recording), % of one core.
+    agent_core_pct: f64,
     echo_samples: usize,
     echo_p50_ms: f64,
     echo_p99_ms: f64,
@@ -62,22 +90,24 @@ async fn web_printer(
     command: String,
     bytes: Arc<AtomicU64>,
     printing: Arc<AtomicUsize>,
-    opening: tokio::sync::OwnedSemaphorePermit,
+    start: Start,
 ) -> anyhow::Result<()> {
-    let mut opening = Some(opening);
     let mut ws = web.terminal("web-node", &login, 120, 40).await?;
+    // Open once the shell speaks (its prompt): the SSH session behind the WebSocket is up.
+    wait_web(&mut ws).await?;
+    start.opened().await;
     ws.send(Message::Binary(
         format!("exec {command}\n").into_bytes().into(),
     ))
     .await?;
-    let mut first = true;
+    let (mut first, mut seen) = (true, 0usize);
     while let Some(msg) = ws.next().await {
         match msg? {
             Message::Binary(b) => {
                 bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
-                if first && b.len() > 200 {
+                seen += b.len();
+                if first && seen > PRINTING {
                     first = false;
-                    opening.take();
                     printing.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -94,22 +124,23 @@ async fn ssh_printer(
     command: String,
     bytes: Arc<AtomicU64>,
     printing: Arc<AtomicUsize>,
-    opening: tokio::sync::OwnedSemaphorePermit,
+    start: Start,
 ) -> anyhow::Result<()> {
-    let mut opening = Some(opening);
     let mut shell = ssh::pty_shell(&target, 120, 40).await?;
+    wait_ssh(&mut shell.channel).await?;
+    start.opened().await;
     shell
         .channel
         .data(format!("exec {command}\n").as_bytes())
         .await?;
-    let mut first = true;
+    let (mut first, mut seen) = (true, 0usize);
     while let Some(msg) = shell.channel.wait().await {
         match msg {
             russh::ChannelMsg::Data { data } => {
                 bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-                if first && data.len() > 200 {
+                seen += data.len();
+                if first && seen > PRINTING {
                     first = false;
-                    opening.take();
                     printing.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -137,9 +168,9 @@ async fn web_echo(ws: &mut WebSocket, n: usize, hist: &mut Histogram<u64>) -> an
 
 async fn wait_web(ws: &mut WebSocket) -> anyhow::Result<()> {
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+        match tokio::time::timeout(Duration::from_secs(30), ws.next())
             .await
-            .context("no echo within 10 s")?
+            .context("no output within 30 s")?
         {
             Some(Ok(Message::Binary(_))) => return Ok(()),
             Some(Ok(_)) => {}
@@ -181,9 +212,9 @@ async fn ssh_echo(
 
 async fn wait_ssh(ch: &mut russh::Channel<russh::client::Msg>) -> anyhow::Result<()> {
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), ch.wait())
+        match tokio::time::timeout(Duration::from_secs(30), ch.wait())
             .await
-            .context("no echo within 10 s")?
+            .context("no output within 30 s")?
         {
             Some(russh::ChannelMsg::Data { .. }) => return Ok(()),
             Some(_) => {}
@@ -196,6 +227,7 @@ async fn measure(
     path: &'static str,
     cfg: &WebRun,
     fleet: &Fleet,
+    agent: u32,
     target: &SshTarget,
     web: &WebClient,
 ) -> anyhow::Result<PathReport> {
@@ -208,6 +240,8 @@ async fn measure(
     );
     let bytes = Arc::new(AtomicU64::new(0));
     let printing = Arc::new(AtomicUsize::new(0));
+    let opened = Arc::new(AtomicUsize::new(0));
+    let (go_tx, go) = tokio::sync::watch::channel(false);
     let gate = Arc::new(tokio::sync::Semaphore::new(32));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(cfg.terminals);
@@ -218,46 +252,66 @@ async fn measure(
             command.clone(),
             Arc::clone(&gate),
         );
+        let (opened, go) = (Arc::clone(&opened), go.clone());
         let (web, target) = (web.clone(), target.clone());
         tasks.push(tokio::spawn(async move {
-            // At most 32 opening at a time (a permit is given back once output flows).
             let permit = gate.acquire_owned().await?;
+            let start = Start { permit, opened, go };
             if path == "web" {
-                web_printer(web, target.login.clone(), command, bytes, printing, permit).await
+                web_printer(web, target.login.clone(), command, bytes, printing, start).await
             } else {
-                ssh_printer(target, command, bytes, printing, permit).await
+                ssh_printer(target, command, bytes, printing, start).await
             }
         }));
     }
-    let open_deadline = started + cfg.duration / 2;
-    while printing.load(Ordering::Relaxed) < cfg.terminals && Instant::now() < open_deadline {
+    // Open them all (and the echo probe's shell), then start every one printing.
+    while opened.load(Ordering::Relaxed) < cfg.terminals && started.elapsed() < OPEN_LIMIT {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let opened_n = opened.load(Ordering::Relaxed);
+    let open_s = started.elapsed().as_secs_f64();
+    enum Probe {
+        Web(Box<WebSocket>),
+        Ssh(Box<ssh::Shell>),
+    }
+    let mut probe_session = if path == "web" {
+        Probe::Web(Box::new(
+            web.terminal("web-node", &target.login, 80, 24).await?,
+        ))
+    } else {
+        Probe::Ssh(Box::new(ssh::pty_shell(target, 80, 24).await?))
+    };
+    let go_at = Instant::now();
+    let _ = go_tx.send(true);
+    while printing.load(Ordering::Relaxed) < opened_n && go_at.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let opened = printing.load(Ordering::Relaxed);
-    // The steady window, with the echo probe running in it.
+    // The steady window (every session printing), with the echo probe running in it.
     let proxy = fleet.proxy.pid();
+    let a0 = procstat::cpu_seconds(agent).unwrap_or(0.0);
     let (c0, b0, w0) = (
         procstat::cpu_seconds(proxy).unwrap_or(0.0),
         bytes.load(Ordering::Relaxed),
         Instant::now(),
     );
     let mut hist = Histogram::<u64>::new(3)?;
-    let probe = async {
-        if path == "web" {
-            let mut ws = web.terminal("web-node", &target.login, 80, 24).await?;
-            web_echo(&mut ws, cfg.probes, &mut hist).await
-        } else {
-            let mut shell = ssh::pty_shell(target, 80, 24).await?;
-            ssh_echo(&mut shell, cfg.probes, &mut hist).await
-        }
+    let probe_result = match &mut probe_session {
+        Probe::Web(ws) => web_echo(ws, cfg.probes, &mut hist).await,
+        Probe::Ssh(shell) => ssh_echo(shell, cfg.probes, &mut hist).await,
     };
-    let probe_result = probe.await;
+    // At least 10 s of steady state.
+    if let Some(rest) = Duration::from_secs(10).checked_sub(w0.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
     let (c1, b1, w1) = (
         procstat::cpu_seconds(proxy).unwrap_or(0.0),
         bytes.load(Ordering::Relaxed),
         Instant::now(),
     );
     let rss = procstat::rss_kib(proxy).unwrap_or(0);
+    let agent_cpu = procstat::cpu_seconds(agent).unwrap_or(0.0) - a0;
+    drop(probe_session);
     let mut errors = 0;
     let mut first_error = probe_result.err().map(|e| format!("echo probe: {e:#}"));
     for t in tasks {
@@ -279,6 +333,8 @@ async fn measure(
     Ok(PathReport {
         path,
         sessions: cfg.terminals,
+        opened_before_start: opened_n,
+        open_s,
         opened,
         errors,
         first_error,
@@ -289,6 +345,11 @@ async fn measure(
         proxy_cpu_ms_per_mb: if mb > 0.0 { cpu * 1000.0 / mb } else { 0.0 },
         proxy_core_pct: if secs > 0.0 { cpu / secs * 100.0 } else { 0.0 },
         proxy_rss_mib: rss as f64 / 1024.0,
+        agent_core_pct: if secs > 0.0 {
+            agent_cpu / secs * 100.0
+        } else {
+            0.0
+        },
         echo_samples: hist.len() as usize,
         echo_p50_ms: hist.value_at_quantile(0.5) as f64 / 1000.0,
         echo_p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
@@ -300,10 +361,10 @@ pub(crate) async fn run(
     login: &str,
     json: Option<std::path::PathBuf>,
 ) -> anyhow::Result<()> {
-    // Web terminals all reach the proxy's port from the proxy itself: the per-address session
-    // throttle would count them as one client.
-    let fleet = Fleet::spawn_with("127.0.0.2", 0, &["--proxy-ssh-session-rate", "0"]).await?;
-    let _agent = fleet.start_agent("web-node", "127.0.0.6")?;
+    // (The fleet's proxy runs without the per-address session throttle, which would count every
+    // web terminal as one client: they all reach the proxy's port from the proxy itself.)
+    let fleet = Fleet::spawn("127.0.0.2", 0).await?;
+    let agent = fleet.start_agent("web-node", "127.0.0.6")?;
     let user = fleet.user("webbench", login).await?;
     let target = SshTarget {
         path: SshPath::Gatehouse,
@@ -318,12 +379,13 @@ pub(crate) async fn run(
     let web = WebClient::login(proxy, &target.user.name, &target.user.password, "").await?;
     let mut reports = Vec::new();
     for path in ["web", "ssh"] {
-        let r = measure(path, cfg, &fleet, &target, &web).await?;
+        let r = measure(path, cfg, &fleet, agent.pid(), &target, &web).await?;
         println!(
-            "{:>4}: {}/{} sessions printing {} KB/s; steady {:.1} s: {:.1} MB, proxy {:.2} CPU-s ({:.0} % of a core) = {:.1} ms per MB, RSS {:.0} MiB; echo p50 {:.2} ms p99 {:.2} ms ({} samples); errors {}{}",
+            "{:>4}: {}/{} sessions open in {:.0} s, then printing {} KB/s; steady {:.1} s: {:.1} MB, proxy {:.2} CPU-s ({:.0} % of a core) = {:.1} ms per MB, RSS {:.0} MiB; agent {:.0} % of a core; echo p50 {:.2} ms p99 {:.2} ms ({} samples); errors {}{}",
             r.path,
             r.opened,
             r.sessions,
+            r.open_s,
             r.rate_kb_per_s,
             r.steady_s,
             r.mb,
@@ -331,6 +393,7 @@ pub(crate) async fn run(
             r.proxy_core_pct,
             r.proxy_cpu_ms_per_mb,
             r.proxy_rss_mib,
+            r.agent_core_pct,
             r.echo_p50_ms,
             r.echo_p99_ms,
             r.echo_samples,
