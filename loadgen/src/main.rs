@@ -384,18 +384,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rate_kb,
             duration,
             probes,
-        } => {
-            if terminals == 0 || rate_kb == 0 || probes == 0 {
-                anyhow::bail!("--terminals, --rate-kb and --probes must be at least 1");
-            }
-            let cfg = web::WebRun {
-                terminals,
-                rate_kb,
-                duration: duration.into(),
-                probes,
-            };
-            web::run(&cfg, &openssh::current_login()?, cli.json).await
-        }
+        } => web::main(terminals, rate_kb, duration.into(), probes, cli.json).await,
         Scenario::Ssh {
             concurrency,
             duration,

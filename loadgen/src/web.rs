@@ -356,11 +356,27 @@ async fn measure(
     })
 }
 
-pub(crate) async fn run(
-    cfg: &WebRun,
-    login: &str,
+/// `loadgen web` from its flags.
+pub(crate) async fn main(
+    terminals: usize,
+    rate_kb: u64,
+    duration: Duration,
+    probes: usize,
     json: Option<std::path::PathBuf>,
 ) -> anyhow::Result<()> {
+    if terminals == 0 || rate_kb == 0 || probes == 0 {
+        anyhow::bail!("--terminals, --rate-kb and --probes must be at least 1");
+    }
+    let cfg = WebRun {
+        terminals,
+        rate_kb,
+        duration,
+        probes,
+    };
+    run(&cfg, &crate::openssh::current_login()?, json).await
+}
+
+async fn run(cfg: &WebRun, login: &str, json: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     // (The fleet's proxy runs without the per-address session throttle, which would count every
     // web terminal as one client: they all reach the proxy's port from the proxy itself.)
     let fleet = Fleet::spawn("127.0.0.2", 0).await?;
