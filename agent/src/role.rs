@@ -29,7 +29,8 @@ pub struct AgentRoleConfig {
     pub proxy_addr: String,
     pub node_name: String,
     pub labels: BTreeMap<String, String>,
-    pub apps: BTreeMap<String, String>,
+    /// TCP apps by name: address and labels.
+    pub apps: BTreeMap<String, crate::apps::App>,
     pub addresses: Vec<String>,
     /// Serve SSH (false: TCP apps only).
     pub ssh: bool,
@@ -169,12 +170,35 @@ pub async fn start(
 
     let mut recordings = None;
     let mut upload = None;
-    let mut follow_roots = None;
     let mut ssh_node = None;
+    let audit: Arc<dyn AuditSink> = Arc::new(SpoolSink(Arc::clone(&spool)));
+    let roles = Arc::new(CachedRoles {
+        auth: Arc::clone(&auth),
+        cache: Mutex::new(HashMap::new()),
+    });
+    // A trusted root's users (leaf clusters): their CA and role map, followed from Auth.
+    let trusted_roots = Arc::new(arc_swap::ArcSwap::from_pointee(Vec::new()));
+    let follow_roots = (config.ssh || !config.apps.is_empty()).then(|| {
+        let link = Arc::clone(&auth);
+        tokio::spawn(crate::trust::follow_roots(
+            move || link.endpoint(),
+            auth.socket_setup(),
+            Arc::clone(&trusted_roots),
+        ))
+    });
+    let apps = (!config.apps.is_empty()).then(|| {
+        Arc::new(crate::apps::AppService::new(
+            config.apps.clone(),
+            Arc::clone(&roles) as Arc<dyn RoleSource>,
+            Arc::clone(&audit),
+            node_name.clone(),
+            identity.cluster.clone(),
+            Arc::clone(&trusted_roots),
+        ))
+    });
     let ssh: Option<Arc<dyn SshService>> = if config.ssh {
         let host_key = ssh_key::PrivateKey::from_openssh(&identity.ssh_key)
             .map_err(|e| AgentError::Identity(e.to_string()))?;
-        let audit: Arc<dyn AuditSink> = Arc::new(SpoolSink(Arc::clone(&spool)));
         let recs = Recordings::open(
             &config.data_dir.join("recordings"),
             config.recording_quota,
@@ -189,13 +213,6 @@ pub async fn start(
             Arc::clone(&auth),
         ));
         recordings = Some(Arc::clone(&recs));
-        let trusted_roots = Arc::new(arc_swap::ArcSwap::from_pointee(Vec::new()));
-        let link = Arc::clone(&auth);
-        follow_roots = Some(tokio::spawn(crate::trust::follow_roots(
-            move || link.endpoint(),
-            auth.socket_setup(),
-            Arc::clone(&trusted_roots),
-        )));
         let cfg = SshNodeConfig {
             trusted_roots,
             host_key,
@@ -210,11 +227,14 @@ pub async fn start(
             node_name: node_name.clone(),
             labels: config.labels.clone(),
         };
-        let roles = Arc::new(CachedRoles {
-            auth: Arc::clone(&auth),
-            cache: Mutex::new(HashMap::new()),
-        });
-        let node = Arc::new(SshNode::new(cfg, roles, audit)?.with_recordings(recs));
+        let node = Arc::new(
+            SshNode::new(
+                cfg,
+                Arc::clone(&roles) as Arc<dyn RoleSource>,
+                Arc::clone(&audit),
+            )?
+            .with_recordings(recs),
+        );
         ssh_node = Some(Arc::clone(&node));
         Some(Arc::new(SshAdapter(node)))
     } else {
@@ -224,7 +244,7 @@ pub async fn start(
         proxy_addr: config.proxy_addr.clone(),
         node_name: node_name.clone(),
         labels: config.labels.clone(),
-        apps: config.apps.clone(),
+        apps: apps.clone(),
         addresses: config.addresses.clone(),
         heartbeat_interval: Duration::from_secs(10),
         tunnel: Default::default(),

@@ -46,8 +46,8 @@ pub struct TunnelClientConfig {
     pub proxy_addr: String,
     pub node_name: String,
     pub labels: BTreeMap<String, String>,
-    /// App name → `host:port` on the agent's network.
-    pub apps: BTreeMap<String, String>,
+    /// The apps the agent serves, authorized by their labels.
+    pub apps: Option<Arc<crate::apps::AppService>>,
     pub addresses: Vec<String>,
     pub heartbeat_interval: Duration,
     pub tunnel: tunnel::Config,
@@ -366,7 +366,12 @@ trait TunnelIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> TunnelIo for T {}
 
 fn inventory(config: &TunnelClientConfig, identity: &HostIdentity, ssh: bool) -> Bytes {
-    let mut services: Vec<String> = config.apps.keys().map(|a| format!("tcp:{a}")).collect();
+    let apps = config.apps.as_ref().map(|a| a.apps());
+    let mut services: Vec<String> = apps
+        .into_iter()
+        .flat_map(|a| a.keys())
+        .map(|a| format!("tcp:{a}"))
+        .collect();
     if ssh {
         services.insert(0, "ssh".into());
     }
@@ -376,6 +381,12 @@ fn inventory(config: &TunnelClientConfig, identity: &HostIdentity, ssh: bool) ->
         labels: config.labels.clone(),
         addresses: config.addresses.clone(),
         services,
+        app_labels: apps
+            .into_iter()
+            .flat_map(|a| a.iter())
+            .filter(|(_, app)| !app.labels.is_empty())
+            .map(|(name, app)| (name.clone(), app.labels.clone()))
+            .collect(),
     };
     Bytes::from(serde_json::to_vec(&inv).unwrap_or_default())
 }
@@ -423,24 +434,12 @@ async fn serve_tunnel<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + 'static>
                         target,
                         metadata,
                     } => {
-                        let meta: serde_json::Value =
-                            serde_json::from_slice(&metadata).unwrap_or_default();
-                        let field = |k: &str| {
-                            meta.get(k)
-                                .and_then(|v| v.as_str())
-                                .unwrap_or_default()
-                                .to_owned()
-                        };
-                        let source = StreamMeta {
-                            source_addr: field("source_addr"),
-                            user: field("user"),
-                        };
                         serve_stream(
                             &tunnel,
                             stream,
                             &target,
-                            source,
-                            &apps,
+                            &metadata,
+                            apps.as_ref(),
                             ssh.as_ref(),
                             &sessions,
                             &status,
@@ -486,13 +485,24 @@ async fn serve_stream(
     tunnel: &Tunnel,
     stream: u32,
     target: &str,
-    source: StreamMeta,
-    apps: &BTreeMap<String, String>,
+    metadata: &[u8],
+    apps: Option<&Arc<crate::apps::AppService>>,
     ssh: Option<&Arc<dyn SshService>>,
     sessions: &tokio::runtime::Handle,
     status: &Arc<TunnelStatus>,
 ) {
     if target == "ssh" {
+        let meta: serde_json::Value = serde_json::from_slice(metadata).unwrap_or_default();
+        let field = |k: &str| {
+            meta.get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let source = StreamMeta {
+            source_addr: field("source_addr"),
+            user: field("user"),
+        };
         let Some(ssh) = ssh else {
             tunnel.reject(stream, code::NOT_FOUND, "this agent does not serve SSH");
             return;
@@ -509,7 +519,7 @@ async fn serve_stream(
         return;
     }
     if let Some(app) = target.strip_prefix("tcp:") {
-        let Some(addr) = apps.get(app) else {
+        let Some(apps) = apps else {
             tunnel.reject(
                 stream,
                 code::NOT_FOUND,
@@ -517,13 +527,32 @@ async fn serve_stream(
             );
             return;
         };
-        let (tunnel, addr, app, status) = (
+        let who = crate::apps::AppRequester::parse(metadata);
+        let (tunnel, apps, app, status) = (
             tunnel.clone(),
-            addr.clone(),
+            Arc::clone(apps),
             app.to_owned(),
             Arc::clone(status),
         );
-        tokio::task::spawn_local(async move {
+        // The task is the session: a lock aborts it (ending the stream with a reset).
+        let (go, ready) = tokio::sync::oneshot::channel::<tokio::task::AbortHandle>();
+        let task = tokio::task::spawn_local(async move {
+            let allowed = match apps.authorize(&app, &who).await {
+                Ok(a) => a,
+                Err(reason) => {
+                    tunnel.reject(stream, code::ACCESS_DENIED, &reason);
+                    return;
+                }
+            };
+            if let Ok(handle) = ready.await {
+                apps.opened(&allowed, handle);
+            }
+            let addr = allowed.addr.clone();
+            let failed = |reason: String| {
+                status.stream_failures.inc();
+                tunnel.reject(stream, code::UNAVAILABLE, &reason);
+                apps.ended(&allowed, 0, 0, &reason);
+            };
             match tokio::time::timeout(
                 Duration::from_secs(10),
                 tokio::net::TcpStream::connect(&addr),
@@ -533,29 +562,19 @@ async fn serve_stream(
                 Ok(Ok(tcp)) => {
                     let _ = tcp.set_nodelay(true);
                     let Ok(handle) = tunnel.accept(stream) else {
+                        apps.ended(&allowed, 0, 0, "the stream closed before it opened");
                         return;
                     };
                     status.streams_served.inc();
-                    handle.splice(tcp, Bytes::new()).await;
+                    let stats = handle.splice(tcp, Bytes::new()).await;
+                    let reason = if stats.reset { "reset" } else { "closed" };
+                    apps.ended(&allowed, stats.from_tunnel, stats.to_tunnel, reason);
                 }
-                Ok(Err(e)) => {
-                    status.stream_failures.inc();
-                    tunnel.reject(
-                        stream,
-                        code::UNAVAILABLE,
-                        &format!("app `{app}` at {addr} is unreachable: {e}"),
-                    );
-                }
-                Err(_) => {
-                    status.stream_failures.inc();
-                    tunnel.reject(
-                        stream,
-                        code::UNAVAILABLE,
-                        &format!("app `{app}` at {addr} did not answer in 10 s"),
-                    );
-                }
+                Ok(Err(e)) => failed(format!("app `{app}` at {addr} is unreachable: {e}")),
+                Err(_) => failed(format!("app `{app}` at {addr} did not answer in 10 s")),
             }
         });
+        let _ = go.send(task.abort_handle());
         return;
     }
     tunnel.reject(

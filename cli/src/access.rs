@@ -278,10 +278,18 @@ async fn leaf_nodes(dir: &Path, profile: &Profile, leaf: &str) -> anyhow::Result
         .collect())
 }
 
-/// `gsh ls [--cluster LEAF] [labels]`.
+/// What `gsh ls` lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listing {
+    Nodes,
+    Apps,
+}
+
+/// `gsh ls [--apps] [--cluster LEAF] [labels]`.
 pub async fn ls(
     dir: &Path,
     labels: &[String],
+    what: Listing,
     format: &str,
     cluster: Option<&str>,
 ) -> anyhow::Result<()> {
@@ -291,6 +299,9 @@ pub async fn ls(
         Some(leaf) => leaf_nodes(dir, &profile, leaf).await?,
         None => nodes(dir, &profile).await?,
     };
+    if what == Listing::Apps {
+        return ls_apps(&all, &selector, format);
+    }
     let mut list: Vec<proto::Node> = all.into_iter().filter(|n| matches(n, &selector)).collect();
     list.sort_by(|a, b| a.name.cmp(&b.name));
     if format == "json" {
@@ -316,6 +327,39 @@ pub async fn ls(
         })
         .collect();
     print_table(&["Node", "Host id", "Labels", "Services"], &rows);
+    Ok(())
+}
+
+/// `gsh ls --apps`: one row per app Auth says the user's roles reach, by the app's labels.
+fn ls_apps(
+    nodes: &[proto::Node],
+    selector: &[(String, String)],
+    format: &str,
+) -> anyhow::Result<()> {
+    let mut rows: Vec<(&proto::App, &proto::Node)> = nodes
+        .iter()
+        .flat_map(|n| n.apps.iter().map(move |a| (a, n)))
+        .filter(|(a, _)| selector.iter().all(|(k, v)| a.labels.get(k) == Some(v)))
+        .collect();
+    rows.sort_by(|a, b| (&a.0.name, &a.1.name).cmp(&(&b.0.name, &b.1.name)));
+    if format == "json" {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(a, n)| serde_json::json!({ "app": a.name, "node": n.name, "host_id": n.host_id, "labels": a.labels }))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(a, n)| {
+            let mut labels: Vec<String> =
+                a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
+            vec![a.name.clone(), n.name.clone(), labels.join(",")]
+        })
+        .collect();
+    print_table(&["App", "Node", "Labels"], &table);
     Ok(())
 }
 

@@ -95,6 +95,7 @@ fn node_identity_heartbeats_itself_and_emits_deduplicated_event_batches() {
             labels: [("env".to_string(), "dev".to_string())].into(),
             addresses: vec!["127.0.0.9:3022".into()],
             services: vec!["ssh".into()],
+            apps: vec![],
             last_seen: 0,
             expires: 0,
         };

@@ -55,6 +55,17 @@ fn labels_match(
     })
 }
 
+fn show_labels(labels: &BTreeMap<String, String>) -> String {
+    if labels.is_empty() {
+        return "none".into();
+    }
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn rule_matches(cond: &RoleConditions, kind: ResourceKind, verb: Verb) -> bool {
     matching_rules(cond, kind, verb).next().is_some()
 }
@@ -192,6 +203,47 @@ impl RoleSet {
                 .roles
                 .iter()
                 .any(|r| labels_match(&r.spec.allow.node_labels, labels))
+    }
+
+    /// Whether an app with `labels` is one the holder may reach: some role's app labels match
+    /// it and no deny role's do. Listings show these apps.
+    pub fn app_visible(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.check_app("", labels).is_ok()
+    }
+
+    /// May the holder open a session to the app `app` with `labels`? Deny wins.
+    pub fn check_app(
+        &self,
+        app: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), AccessDenied> {
+        let named = if app.is_empty() {
+            String::from("this app")
+        } else {
+            format!("app `{app}`")
+        };
+        if let Some(role) = self
+            .roles
+            .iter()
+            .find(|r| labels_match(&r.spec.deny.app_labels, labels))
+        {
+            return Err(AccessDenied(format!(
+                "role `{}` denies {named} (labels {})",
+                role.metadata.name,
+                show_labels(labels)
+            )));
+        }
+        if self
+            .roles
+            .iter()
+            .any(|r| labels_match(&r.spec.allow.app_labels, labels))
+        {
+            return Ok(());
+        }
+        Err(AccessDenied(format!(
+            "no role's app labels match {named} (labels {})",
+            show_labels(labels)
+        )))
     }
 
     /// May the holder log in as `login` on a node with `labels`? The login must be allowed by a
@@ -395,6 +447,42 @@ mod tests {
             set.check_node_login(&t, &labels(&[("tier", "secret")]), "x")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn app_labels_allow_and_deny() {
+        let dev = role(
+            "kind='role'\n[metadata]\nname='dev-apps'\n[spec.allow]\napp_labels={env=['dev','staging']}",
+        );
+        let set = RoleSet::new(vec![dev.clone()]);
+        assert!(set.check_app("grafana", &labels(&[("env", "dev")])).is_ok());
+        let err = set
+            .check_app("grafana", &labels(&[("env", "prod")]))
+            .unwrap_err();
+        assert!(
+            err.0.contains("no role's app labels match app `grafana`"),
+            "{err}"
+        );
+        assert!(err.0.contains("env=prod"), "{err}");
+        // Node labels say nothing about apps, and an app without labels matches only `*`.
+        let nodes = role("kind='role'\n[metadata]\nname='n'\n[spec.allow]\nnode_labels={'*'='*'}");
+        assert!(
+            RoleSet::new(vec![nodes])
+                .check_app("a", &labels(&[]))
+                .is_err()
+        );
+        let any = role("kind='role'\n[metadata]\nname='any'\n[spec.allow]\napp_labels={'*'='*'}");
+        assert!(RoleSet::new(vec![any.clone()]).app_visible(&labels(&[])));
+        // Deny wins over any allow.
+        let deny =
+            role("kind='role'\n[metadata]\nname='no-prod'\n[spec.deny]\napp_labels={env='prod'}");
+        let set = RoleSet::new(vec![any, dev, deny]);
+        let err = set
+            .check_app("db", &labels(&[("env", "prod")]))
+            .unwrap_err();
+        assert!(err.0.contains("role `no-prod` denies app `db`"), "{err}");
+        assert!(set.app_visible(&labels(&[("env", "dev")])));
+        assert!(!set.app_visible(&labels(&[("env", "prod")])));
     }
 
     #[test]

@@ -147,6 +147,9 @@ pub struct RoleConditions {
     /// Label selector for nodes: every key must match; `"*" = "*"` matches every node.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_labels: BTreeMap<String, OneOrMany>,
+    /// Label selector for TCP apps, matched like `node_labels` against the app's own labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub app_labels: BTreeMap<String, OneOrMany>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<Rule>,
 }
@@ -434,12 +437,17 @@ fn validate(resource: &Resource) -> Result<(), ResourceError> {
                     validate_login(login)
                         .map_err(|m| ResourceError::field(format!("spec.{side}.logins[{i}]"), m))?;
                 }
-                for (key, values) in &cond.node_labels {
-                    if key.is_empty() || values.values().iter().any(String::is_empty) {
-                        return Err(ResourceError::field(
-                            format!("spec.{side}.node_labels.{key}"),
-                            "label keys and values must not be empty",
-                        ));
+                for (field, selector) in [
+                    ("node_labels", &cond.node_labels),
+                    ("app_labels", &cond.app_labels),
+                ] {
+                    for (key, values) in selector {
+                        if key.is_empty() || values.values().iter().any(String::is_empty) {
+                            return Err(ResourceError::field(
+                                format!("spec.{side}.{field}.{key}"),
+                                "label keys and values must not be empty",
+                            ));
+                        }
                     }
                 }
                 for (i, rule) in cond.rules.iter().enumerate() {
@@ -584,6 +592,7 @@ pub fn preset_roles() -> Vec<Role> {
                 allow: RoleConditions {
                     logins: vec!["{{internal.logins}}".into()],
                     node_labels: [("*".to_string(), OneOrMany::One("*".into()))].into(),
+                    app_labels: [("*".to_string(), OneOrMany::One("*".into()))].into(),
                     rules: vec![
                         rule(&[K::Node, K::CertAuthority], &[V::List, V::Read]),
                         own(&[K::Session], &[V::List, V::Read]),
@@ -600,6 +609,7 @@ pub fn preset_roles() -> Vec<Role> {
                 allow: RoleConditions {
                     logins: vec![],
                     node_labels: BTreeMap::new(),
+                    app_labels: BTreeMap::new(),
                     rules: vec![
                         rule(&[K::User, K::Role, K::Token, K::Bot], &[V::Any]),
                         rule(&[K::Node, K::CertAuthority], &[V::List, V::Read]),
@@ -619,6 +629,7 @@ pub fn preset_roles() -> Vec<Role> {
                 allow: RoleConditions {
                     logins: vec![],
                     node_labels: BTreeMap::new(),
+                    app_labels: BTreeMap::new(),
                     rules: vec![rule(&[K::Event, K::Session], &[V::List, V::Read])],
                 },
                 deny: RoleConditions::default(),

@@ -602,6 +602,19 @@ async fn report_inventories(
                         labels: i.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                         addresses: i.addresses.clone(),
                         services: i.services.clone(),
+                        apps: i
+                            .services
+                            .iter()
+                            .filter_map(|s| s.strip_prefix("tcp:"))
+                            .map(|name| proto::App {
+                                name: name.to_owned(),
+                                labels: i
+                                    .app_labels
+                                    .get(name)
+                                    .map(|l| l.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                                    .unwrap_or_default(),
+                            })
+                            .collect(),
                         last_seen: 0,
                         expires: 0,
                     })

@@ -202,6 +202,7 @@ async fn serve(
         labels: [("sim".to_string(), (i % 100).to_string())].into(),
         addresses: vec![],
         services: vec!["tcp:sink".into(), "tcp:echo".into(), "tcp:source".into()],
+        app_labels: Default::default(),
     };
     let inv = Bytes::from(serde_json::to_vec(&inv).unwrap_or_default());
     let heartbeat = {

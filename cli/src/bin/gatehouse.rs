@@ -114,6 +114,10 @@ struct StartArgs {
     /// Agent: a TCP app, NAME=HOST:PORT (repeatable).
     #[arg(long = "app")]
     apps: Vec<String>,
+    /// Agent: an app's labels, NAME:KEY=VALUE[,KEY=VALUE...] (repeatable), matched by roles'
+    /// `app_labels`.
+    #[arg(long = "app-labels")]
+    app_labels: Vec<String>,
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
@@ -193,6 +197,8 @@ struct AgentSection {
     labels: std::collections::BTreeMap<String, String>,
     /// App name → host:port.
     apps: std::collections::BTreeMap<String, String>,
+    /// App name → its labels (`[agent.app_labels.grafana] env = "prod"`).
+    app_labels: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
     /// Serve SSH (default true).
     ssh: Option<bool>,
     /// The tunnel's transport: `tls` (TCP, default) or `quic` (UDP, same proxy address).
@@ -303,6 +309,32 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     async {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// The agent's apps with their labels; labels for an app it does not serve are a mistake.
+fn agent_apps(
+    agent: &AgentSection,
+) -> anyhow::Result<std::collections::BTreeMap<String, gatehouse_agent::apps::App>> {
+    if let Some(name) = agent
+        .app_labels
+        .keys()
+        .find(|n| !agent.apps.contains_key(*n))
+    {
+        anyhow::bail!(
+            "labels are given for app `{name}`, but no app of that name is served (--app {name}=HOST:PORT)"
+        );
+    }
+    Ok(agent
+        .apps
+        .iter()
+        .map(|(name, addr)| {
+            let app = gatehouse_agent::apps::App {
+                addr: addr.clone(),
+                labels: agent.app_labels.get(name).cloned().unwrap_or_default(),
+            };
+            (name.clone(), app)
+        })
+        .collect())
 }
 
 fn parse_kv(
@@ -427,6 +459,18 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         config.agent.labels.extend(parse_kv(&v, "label")?);
     }
     config.agent.apps.extend(parse_kv(&args.apps, "app")?);
+    for item in &args.app_labels {
+        let (app, labels) = item.split_once(':').with_context(|| {
+            format!("--app-labels `{item}`: expected NAME:KEY=VALUE[,KEY=VALUE]")
+        })?;
+        let pairs: Vec<String> = labels.split(',').map(str::to_owned).collect();
+        config
+            .agent
+            .app_labels
+            .entry(app.to_owned())
+            .or_default()
+            .extend(parse_kv(&pairs, "app label")?);
+    }
     if let Some(v) = args.log_format {
         config.log.format = v;
     }
@@ -564,7 +608,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             proxy_addr: proxy_addr.clone(),
             node_name: node_name.clone(),
             labels: config.agent.labels.clone(),
-            apps: config.agent.apps.clone(),
+            apps: agent_apps(&config.agent)?,
             addresses: vec![],
             ssh: config.agent.ssh.unwrap_or(true),
             transport: config.agent.transport,

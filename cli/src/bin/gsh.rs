@@ -68,9 +68,13 @@ enum Command {
         #[arg(long)]
         stdin: bool,
     },
-    /// List the nodes you can see, optionally filtered by labels (k=v ...).
+    /// List the nodes you can see, optionally filtered by labels (k=v ...); with --apps, the
+    /// TCP apps your roles reach, filtered by the apps' labels.
     Ls {
         labels: Vec<String>,
+        /// List apps instead of nodes.
+        #[arg(long)]
+        apps: bool,
         /// text or json.
         #[arg(long, default_value = "text")]
         format: String,
@@ -261,9 +265,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Ls {
             labels,
+            apps,
             format,
             cluster,
-        } => gatehouse_cli::access::ls(&dir, &labels, &format, cluster.as_deref()).await,
+        } => {
+            let what = if apps {
+                gatehouse_cli::access::Listing::Apps
+            } else {
+                gatehouse_cli::access::Listing::Nodes
+            };
+            gatehouse_cli::access::ls(&dir, &labels, what, &format, cluster.as_deref()).await
+        }
         Command::Ssh {
             target,
             command,

@@ -22,8 +22,17 @@ struct NodeRecord {
     addresses: Vec<String>,
     #[serde(default)]
     services: Vec<String>,
+    #[serde(default)]
+    apps: Vec<AppRecord>,
     last_seen: i64,
     expires: i64,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct AppRecord {
+    name: String,
+    #[serde(default)]
+    labels: std::collections::HashMap<String, String>,
 }
 
 impl From<proto::Node> for NodeRecord {
@@ -34,6 +43,14 @@ impl From<proto::Node> for NodeRecord {
             labels: n.labels,
             addresses: n.addresses,
             services: n.services,
+            apps: n
+                .apps
+                .into_iter()
+                .map(|a| AppRecord {
+                    name: a.name,
+                    labels: a.labels,
+                })
+                .collect(),
             last_seen: n.last_seen,
             expires: n.expires,
         }
@@ -48,6 +65,14 @@ impl From<NodeRecord> for proto::Node {
             labels: n.labels,
             addresses: n.addresses,
             services: n.services,
+            apps: n
+                .apps
+                .into_iter()
+                .map(|a| proto::App {
+                    name: a.name,
+                    labels: a.labels,
+                })
+                .collect(),
             last_seen: n.last_seen,
             expires: n.expires,
         }
@@ -100,7 +125,9 @@ pub(super) async fn list(
     _r: proto::ListNodesRequest,
 ) -> Result<Done<proto::ListNodesResponse>, Failure> {
     let caller = call.caller()?;
-    // Users and bots see the nodes their roles reach; proxies and admins see every node.
+    // Users and bots see the nodes their roles reach, and of each node's apps those their
+    // roles reach (a node serving only apps they may not use is not shown); proxies and admins
+    // see everything.
     let narrowed = matches!(
         caller.identity.kind,
         crate::identity::IdentityKind::User | crate::identity::IdentityKind::Bot
@@ -115,12 +142,34 @@ pub(super) async fn list(
         .iter()
         .filter_map(|s| serde_json::from_str::<NodeRecord>(s).ok())
         .map(proto::Node::from)
-        .filter(|n: &proto::Node| {
-            !narrowed
-                || caller
-                    .roles
-                    .node_visible(&n.labels.clone().into_iter().collect())
+        .filter_map(|n| {
+            if narrowed {
+                narrow(n, &caller.roles)
+            } else {
+                Some(n)
+            }
         })
         .collect();
     Ok(Done::read(proto::ListNodesResponse { nodes }))
+}
+
+/// What of `node` a user or bot with `roles` may see: `ssh` when a role reaches the node, each
+/// app a role reaches; nothing when neither.
+fn narrow(mut node: proto::Node, roles: &crate::rbac::RoleSet) -> Option<proto::Node> {
+    let sorted = |m: &std::collections::HashMap<String, String>| -> std::collections::BTreeMap<String, String> {
+        m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    };
+    let node_ok = roles.node_visible(&sorted(&node.labels));
+    node.apps.retain(|a| roles.app_visible(&sorted(&a.labels)));
+    // An app without a labels entry (an agent older than app labels) has no labels.
+    let apps: Vec<String> = node
+        .apps
+        .iter()
+        .map(|a| format!("tcp:{}", a.name))
+        .collect();
+    node.services.retain(|s| match s.strip_prefix("tcp:") {
+        Some(_) => apps.contains(s),
+        None => node_ok,
+    });
+    (node_ok || !node.apps.is_empty()).then_some(node)
 }

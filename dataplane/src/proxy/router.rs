@@ -42,6 +42,9 @@ pub struct Inventory {
     /// Services: `ssh`, and `tcp:NAME` per app.
     #[serde(default)]
     pub services: Vec<String>,
+    /// App name → the app's labels (what roles' `app_labels` match).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub app_labels: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
