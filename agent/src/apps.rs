@@ -61,6 +61,7 @@ pub struct AppService {
     node_name: String,
     cluster: String,
     roots: Arc<arc_swap::ArcSwap<Vec<TrustedRoot>>>,
+    locks: Arc<arc_swap::ArcSwap<gatehouse_controlplane::locks::LockView>>,
     live: Mutex<HashMap<u64, (Allowed, tokio::task::AbortHandle)>>,
     next_id: std::sync::atomic::AtomicU64,
 }
@@ -82,6 +83,7 @@ impl AppService {
         node_name: String,
         cluster: String,
         roots: Arc<arc_swap::ArcSwap<Vec<TrustedRoot>>>,
+        locks: Arc<arc_swap::ArcSwap<gatehouse_controlplane::locks::LockView>>,
     ) -> Self {
         Self {
             apps,
@@ -90,6 +92,7 @@ impl AppService {
             node_name,
             cluster,
             roots,
+            locks,
             live: Mutex::new(HashMap::new()),
             next_id: std::sync::atomic::AtomicU64::new(1),
         }
@@ -185,6 +188,40 @@ impl AppService {
             app: app.to_owned(),
             opened: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// The reason a lock stops `user` with `roles` here, if one does.
+    fn lock_reason(&self, user: &str, roles: &[String]) -> Option<String> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        crate::ssh::locked_out(&self.locks.load(), &self.node_name, user, roles, now).err()
+    }
+
+    /// End the live sessions the locks now stop; returns how many.
+    pub fn end_locked(&self) -> usize {
+        let reasons: Vec<(u64, String)> = match self.live.lock() {
+            Ok(live) => live
+                .iter()
+                .filter_map(|(id, (a, _))| Some((*id, self.lock_reason(&a.user, &a.roles)?)))
+                .collect(),
+            Err(_) => return 0,
+        };
+        let mut n = 0;
+        for (id, reason) in reasons {
+            n += self.end_where_id(id, &reason);
+        }
+        n
+    }
+
+    fn end_where_id(&self, id: u64, reason: &str) -> usize {
+        let ended = self.live.lock().ok().and_then(|mut l| l.remove(&id));
+        match ended {
+            Some((allowed, task)) => {
+                task.abort();
+                self.end_event(&allowed, None, reason);
+                1
+            }
+            None => 0,
+        }
     }
 
     /// Remember a running session (its task, to end it on a lock).
@@ -315,6 +352,7 @@ mod tests {
             "node1".into(),
             "c1".into(),
             Arc::new(arc_swap::ArcSwap::from_pointee(Vec::new())),
+            Arc::default(),
         )
     }
 

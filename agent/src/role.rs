@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use gatehouse_controlplane::client::{AuthEndpoint, Client};
 use gatehouse_controlplane::host::{HostError, HostIdentity, JoinParams, NewKeys};
+use gatehouse_controlplane::locks::LockView;
 use gatehouse_controlplane::proto;
 use gatehouse_controlplane::resources::{Resource, Role};
 use gatehouse_controlplane::server::AuthService;
@@ -64,6 +65,7 @@ pub struct AgentHandle {
     renew: tokio::task::JoinHandle<()>,
     follow: tokio::task::JoinHandle<()>,
     follow_roots: Option<tokio::task::JoinHandle<()>>,
+    follow_locks: tokio::task::JoinHandle<()>,
 }
 
 impl AgentHandle {
@@ -73,6 +75,7 @@ impl AgentHandle {
         self.deliver.abort();
         self.renew.abort();
         self.follow.abort();
+        self.follow_locks.abort();
         if let Some(f) = self.follow_roots {
             f.abort();
         }
@@ -186,6 +189,8 @@ pub async fn start(
             Arc::clone(&trusted_roots),
         ))
     });
+    // The locks in force, followed from Auth (through the proxy) for as long as the agent runs.
+    let locks: Arc<arc_swap::ArcSwap<LockView>> = Arc::default();
     let apps = (!config.apps.is_empty()).then(|| {
         Arc::new(crate::apps::AppService::new(
             config.apps.clone(),
@@ -194,6 +199,7 @@ pub async fn start(
             node_name.clone(),
             identity.cluster.clone(),
             Arc::clone(&trusted_roots),
+            Arc::clone(&locks),
         ))
     });
     let ssh: Option<Arc<dyn SshService>> = if config.ssh {
@@ -214,7 +220,8 @@ pub async fn start(
         ));
         recordings = Some(Arc::clone(&recs));
         let cfg = SshNodeConfig {
-            trusted_roots,
+            trusted_roots: Arc::clone(&trusted_roots),
+            locks: Arc::clone(&locks),
             host_key,
             host_cert: ssh_key::Certificate::from_openssh(&identity.ssh_cert)
                 .map_err(|e| AgentError::Identity(e.to_string()))?,
@@ -239,6 +246,21 @@ pub async fn start(
         Some(Arc::new(SshAdapter(node)))
     } else {
         None
+    };
+    let follow_locks = {
+        let (link, node, apps) = (Arc::clone(&auth), ssh_node.clone(), apps.clone());
+        tokio::spawn(gatehouse_controlplane::watch::follow_locks(
+            move || link.endpoint(),
+            Some(auth.socket_setup()),
+            Arc::clone(&locks),
+            move |_view| {
+                let sessions = node.as_ref().map_or(0, |n| n.end_locked());
+                let app_sessions = apps.as_ref().map_or(0, |a| a.end_locked());
+                if sessions + app_sessions > 0 {
+                    tracing::warn!(sessions, app_sessions, "agent: a lock ended live sessions");
+                }
+            },
+        ))
     };
     let tunnel_config = TunnelClientConfig {
         proxy_addr: config.proxy_addr.clone(),
@@ -283,6 +305,7 @@ pub async fn start(
         renew,
         follow,
         follow_roots,
+        follow_locks,
     })
 }
 

@@ -194,6 +194,7 @@ pub fn read_stdin_line() -> anyhow::Result<String> {
 pub mod access;
 pub mod bot;
 pub mod clusters;
+pub mod locks;
 pub mod mfa;
 pub mod recordings;
 pub mod stdio;

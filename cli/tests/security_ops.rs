@@ -209,3 +209,233 @@ fn apps_are_reached_by_their_labels_and_audited() {
         "{refused}"
     );
 }
+
+/// `gsh ssh LOGIN@node1 'echo ready; sleep 120'`, started; returns once `ready` is read.
+fn long_ssh(f: &Fleet, home: &Path) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
+    let mut child = Command::new(bin("gsh"))
+        .args([
+            "ssh",
+            &format!("{}@node1", f.login),
+            "echo ready; sleep 120",
+        ])
+        .env("GATEHOUSE_HOME", home)
+        .env_remove("GATEHOUSE_AUTH")
+        .env_remove("GATEHOUSE_PROXY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    if line.trim() != "ready" {
+        let _ = child.kill();
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        panic!("no `ready` from the session: {line:?}\n{err}");
+    }
+    (child, out)
+}
+
+/// Wait (60 s at most) for `child` to exit; how long it took and its stderr.
+fn wait_exit(child: &mut std::process::Child) -> (Duration, String) {
+    let started = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the session did not end"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (started.elapsed(), err)
+}
+
+#[test]
+fn a_lock_ends_live_sessions_refuses_logins_and_lifting_it_restores_access() {
+    let f = Fleet::start("locks", &[("node1", "env=dev", vec![])]);
+    let alice = tempfile::tempdir().unwrap();
+    f.user(alice.path(), "alice", "access", &f.login, &[]);
+    let bob = tempfile::tempdir().unwrap();
+    f.user(bob.path(), "bob", "access", &f.login, &[]);
+    f.wait_for_nodes(alice.path(), 1);
+
+    // alice and bob each have a session open; alice is locked.
+    let (mut a, _a_out) = long_ssh(&f, alice.path());
+    let (mut b, _b_out) = long_ssh(&f, bob.path());
+    let locked_at = Instant::now();
+    let out = f
+        .gctl(&[
+            "lock",
+            "--user",
+            "alice",
+            "--message",
+            "laptop stolen, call security",
+        ])
+        .ok();
+    assert!(out.stdout.contains("user:alice"), "{}", out.stdout);
+    let (_, err) = wait_exit(&mut a);
+    let took = locked_at.elapsed();
+    eprintln!("alice's session ended {took:?} after `gctl lock` was started");
+    assert!(err.contains("laptop stolen, call security"), "{err}");
+    // bob's session goes on.
+    assert!(b.try_wait().unwrap().is_none(), "bob's session ended too");
+
+    // New sessions, Auth calls and logins are refused with the message.
+    let ssh = f.gsh(
+        alice.path(),
+        &["ssh", &format!("{}@node1", f.login), "true"],
+        None,
+    );
+    assert_ne!(ssh.status, 0);
+    assert!(ssh.stderr.contains("laptop stolen"), "{}", ssh.stderr);
+    let ls = f.gsh(alice.path(), &["ls"], None).failed();
+    assert!(ls.stderr.contains("locked: laptop stolen"), "{}", ls.stderr);
+    let listed = f.gctl(&["locks", "ls", "--format", "json"]).ok().stdout;
+    let locks: Vec<serde_json::Value> = serde_json::from_str(&listed).unwrap();
+    assert_eq!(locks.len(), 1);
+    assert_eq!(locks[0]["target"], "alice");
+    assert_eq!(locks[0]["created_by"], "admin");
+    wait_event(&f, "lock.create", |e| e["data"]["target"] == "alice");
+    wait_event(&f, "session.locked", |e| e["actor"] == "alice");
+
+    // Lifted: alice works again.
+    f.gctl(&["locks", "rm", "user:alice"]).ok();
+    wait_event(&f, "lock.delete", |e| e["data"]["lock"] == "user:alice");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ssh = f.gsh(
+            alice.path(),
+            &["ssh", &format!("{}@node1", f.login), "echo", "back"],
+            None,
+        );
+        if ssh.status == 0 {
+            assert_eq!(ssh.stdout.trim(), "back");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still refused: {}", ssh.stderr);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A role lock stops everyone holding it; bob's live session ends too.
+    f.gctl(&["lock", "--role", "access", "--ttl", "1h"]).ok();
+    let (_, err) = wait_exit(&mut b);
+    assert!(err.contains("role `access` is locked"), "{err}");
+    f.gctl(&["locks", "rm", "role:access"]).ok();
+}
+
+#[test]
+fn a_locked_node_loses_its_tunnel_and_a_locked_bot_cannot_renew() {
+    let f = Fleet::start("lock-node", &[("node1", "env=dev", vec![])]);
+    let home = tempfile::tempdir().unwrap();
+    f.user(home.path(), "alice", "access", &f.login, &[]);
+    f.wait_for_nodes(home.path(), 1);
+    let tunnels = || -> String {
+        f.proxy_metrics()
+            .lines()
+            .find(|l| l.starts_with("gatehouse_proxy_tunnels "))
+            .map(|l| l.split_whitespace().nth(1).unwrap().to_string())
+            .unwrap_or_default()
+    };
+    let wait_tunnels = |want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tunnels() != want {
+            assert!(
+                Instant::now() < deadline,
+                "tunnels: {} (want {want})",
+                tunnels()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_tunnels("1");
+    let t = Instant::now();
+    f.gctl(&["lock", "--node", "node1", "--message", "compromised host"])
+        .ok();
+    wait_tunnels("0");
+    eprintln!(
+        "node1's tunnel closed {:?} after `gctl lock` was started",
+        t.elapsed()
+    );
+    // It stays out: its reconnections are closed at once.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(tunnels(), "0");
+    let ssh = f.gsh(
+        home.path(),
+        &["ssh", &format!("{}@node1", f.login), "true"],
+        None,
+    );
+    assert_ne!(ssh.status, 0);
+    assert!(
+        f.agents[0].log().contains("compromised host"),
+        "the agent was not told why"
+    );
+    f.gctl(&["locks", "rm", "node:node1"]).ok();
+    wait_tunnels("1");
+
+    // A bot: joined, locked, cannot renew; unlocked, renews.
+    let role = f.dir.path().join("ci-bot.toml");
+    std::fs::write(
+        &role,
+        "kind = \"role\"\n[metadata]\nname = \"ci-bot\"\n[[spec.allow.rules]]\nresources = [\"node\"]\nverbs = [\"list\"]\n",
+    )
+    .unwrap();
+    f.gctl(&["create", "-f", role.to_str().unwrap()]).ok();
+    let added = f
+        .gctl(&["bots", "add", "ci", "--roles", "ci-bot"])
+        .ok()
+        .stdout;
+    let mut lines = added.lines().skip_while(|l| !l.contains("shown only now:"));
+    lines.next();
+    let token = lines
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap()
+        .to_string();
+    let data = f.dir.path().join("bot-data");
+    let out = f.dir.path().join("bot-out");
+    let gbot = |extra: &[&str]| {
+        let mut cmd = Command::new(bin("gbot"));
+        cmd.args([
+            "start",
+            "--oneshot",
+            "--proxy",
+            &f.proxy_addr,
+            "--ca-pin",
+            &f.pin,
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--destination")
+        .arg(&out)
+        .args(extra)
+        .env_remove("GATEHOUSE_BOT_TOKEN");
+        common::run(cmd, None)
+    };
+    gbot(&["--token", &token]).ok();
+    f.gctl(&["lock", "--bot", "ci", "--message", "rotating CI secrets"])
+        .ok();
+    let renew = gbot(&[]).failed();
+    assert!(
+        renew.stderr.contains("locked: rotating CI secrets"),
+        "{}",
+        renew.stderr
+    );
+    f.gctl(&["locks", "rm", "bot:ci"]).ok();
+    gbot(&[]).ok();
+}

@@ -4,6 +4,7 @@
 pub mod ca;
 pub mod identity;
 pub mod leaf_trust;
+pub mod locks;
 pub mod rbac;
 pub mod resources;
 pub mod role_map;

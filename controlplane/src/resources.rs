@@ -24,6 +24,8 @@ pub enum ResourceKind {
     Bot,
     /// Trust between clusters (a leaf's link to its root, a root's record of a leaf).
     TrustedCluster,
+    /// Locks on users, bots, nodes and roles.
+    Lock,
     #[serde(rename = "*")]
     Any,
 }
@@ -43,6 +45,7 @@ impl ResourceKind {
             ResourceKind::Session => "session",
             ResourceKind::Bot => "bot",
             ResourceKind::TrustedCluster => "trusted_cluster",
+            ResourceKind::Lock => "lock",
             ResourceKind::Any => "*",
         }
     }
@@ -603,7 +606,7 @@ pub fn preset_roles() -> Vec<Role> {
         ),
         all(
             "editor",
-            "Manage users, roles and join tokens",
+            "Manage users, roles, join tokens, bots and locks",
             RoleSpec {
                 options: RoleOptions::default(),
                 allow: RoleConditions {
@@ -611,7 +614,7 @@ pub fn preset_roles() -> Vec<Role> {
                     node_labels: BTreeMap::new(),
                     app_labels: BTreeMap::new(),
                     rules: vec![
-                        rule(&[K::User, K::Role, K::Token, K::Bot], &[V::Any]),
+                        rule(&[K::User, K::Role, K::Token, K::Bot, K::Lock], &[V::Any]),
                         rule(&[K::Node, K::CertAuthority], &[V::List, V::Read]),
                     ],
                 },

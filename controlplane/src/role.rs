@@ -47,6 +47,10 @@ pub struct AuthConfig {
     /// `"off"` (the default) or `"otp"`: every user's login needs a TOTP code (`gsh mfa add`
     /// enrolls a device). Roles with `require_mfa` need one whatever this says.
     pub second_factor: SecondFactor,
+    /// `"best_effort"` (the default): proxies and agents keep the locks they last heard while
+    /// Auth is away; `"strict"`: they refuse new sessions once they could not refresh the locks
+    /// for 5 minutes.
+    pub locking_mode: crate::locks::LockingMode,
 }
 
 /// Whether logins need a second factor cluster-wide.
@@ -100,6 +104,7 @@ impl Default for AuthConfig {
             host_cert_ttl: None,
             storage: None,
             second_factor: SecondFactor::Off,
+            locking_mode: crate::locks::LockingMode::BestEffort,
         }
     }
 }
@@ -326,7 +331,8 @@ async fn prepare(
             .map_err(setup("the password hasher"))?
             .with_recordings(recording, recordings)
             .with_host_cert_ttl(config.host_cert_ttl().map_err(AuthRoleError::Config)?)
-            .with_second_factor(config.second_factor),
+            .with_second_factor(config.second_factor)
+            .with_locking_mode(config.locking_mode),
     );
     state.metrics.register(registry);
     Ok(PreparedAuth {

@@ -15,6 +15,7 @@ use crate::resources::{Role, User};
 
 mod bots;
 mod changes;
+mod locks;
 mod mfa;
 mod nodes;
 mod proxies;

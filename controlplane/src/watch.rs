@@ -126,6 +126,60 @@ pub async fn follow_with<E, F>(
     E: Fn() -> Option<AuthEndpoint>,
     F: FnMut(&WatchCache),
 {
+    follow_each(endpoint, setup, kinds, cache, |c, did_change| {
+        if did_change {
+            changed(c);
+        }
+    })
+    .await;
+}
+
+/// Follow the locks (and the cluster's locking mode) into `view` for ever: every event heard,
+/// keepalives included, marks the view fresh; a change of the locks calls `changed` with the
+/// new view (to end what the locks now stop).
+pub async fn follow_locks<E, F>(
+    endpoint: E,
+    setup: Option<crate::client::SocketSetup>,
+    view: std::sync::Arc<arc_swap::ArcSwap<crate::locks::LockView>>,
+    mut changed: F,
+) where
+    E: Fn() -> Option<AuthEndpoint>,
+    F: FnMut(&crate::locks::LockView),
+{
+    let cache = std::sync::Arc::new(std::sync::Mutex::new(WatchCache::default()));
+    let kinds = vec!["lock".to_owned(), "cluster_settings".to_owned()];
+    follow_each(endpoint, setup, kinds, cache, |c, did_change| {
+        let mut next = (**view.load()).clone();
+        next.heard_at = Some(time::OffsetDateTime::now_utc().unix_timestamp());
+        if did_change {
+            next.locks = crate::locks::LockSet::from_documents(c.of("lock").map(|(_, doc)| doc));
+            next.mode = c
+                .of("cluster_settings")
+                .filter_map(|(_, doc)| serde_json::from_str::<serde_json::Value>(doc).ok())
+                .find_map(|v| serde_json::from_value(v.get("locking_mode")?.clone()).ok())
+                .unwrap_or_default();
+        }
+        let next = std::sync::Arc::new(next);
+        view.store(std::sync::Arc::clone(&next));
+        if did_change {
+            changed(&next);
+        }
+    })
+    .await;
+}
+
+/// The loop under [`follow_with`]: `each` is called for every event applied, with whether it
+/// changed an item.
+pub async fn follow_each<E, F>(
+    endpoint: E,
+    setup: Option<crate::client::SocketSetup>,
+    kinds: Vec<String>,
+    cache: std::sync::Arc<std::sync::Mutex<WatchCache>>,
+    mut each: F,
+) where
+    E: Fn() -> Option<AuthEndpoint>,
+    F: FnMut(&WatchCache, bool),
+{
     let mut wait = Duration::from_millis(200);
     loop {
         let resume = cache.lock().map(|c| c.cursor.clone()).unwrap_or_default();
@@ -156,8 +210,7 @@ pub async fn follow_with<E, F>(
                     .lock()
                     .map_err(|_| "the watch cache is poisoned".to_owned())?;
                 match c.apply(&ev) {
-                    Ok(true) => changed(&c),
-                    Ok(false) => {}
+                    Ok(did_change) => each(&c, did_change),
                     Err(e) => return Err(e.to_string()),
                 }
                 // A stream that delivered something is a success: the backoff starts over.

@@ -86,6 +86,7 @@ pub struct ProxyHandle {
     reporter: tokio::task::JoinHandle<()>,
     auditor: tokio::task::JoinHandle<()>,
     renew: tokio::task::JoinHandle<()>,
+    follow_locks: tokio::task::JoinHandle<()>,
     peers: crate::peers::PeersHandle,
 }
 
@@ -99,6 +100,7 @@ impl ProxyHandle {
         self.reporter.abort();
         self.auditor.abort();
         self.renew.abort();
+        self.follow_locks.abort();
         self.peers.stop();
     }
 
@@ -258,6 +260,7 @@ pub async fn start(
     metrics.register(registry);
     let proxies = Arc::new(crate::proxy::ProxySet::default());
     let leaves = Arc::new(crate::proxy::Leaves::default());
+    let locks = Arc::new(crate::proxy::Locks::default());
     let (audit_tx, audit_rx) = tokio::sync::mpsc::unbounded_channel();
     let proxy_config = ProxyConfig {
         listen: config.listen,
@@ -272,6 +275,7 @@ pub async fn start(
         ssh_session_rate: config.ssh_session_rate,
         proxies: Arc::clone(&proxies),
         leaves: Arc::clone(&leaves),
+        locks: Arc::clone(&locks),
         audit: Some(audit_tx),
     };
     let (proxy, inventories) =
@@ -288,6 +292,15 @@ pub async fn start(
     }));
     let reporter = tokio::spawn(report_inventories(inventories, Arc::clone(&endpoint)));
     let auditor = tokio::spawn(send_audit(audit_rx, Arc::clone(&endpoint)));
+    let follow_locks = {
+        let (endpoint, signal) = (Arc::clone(&endpoint), Arc::clone(&locks));
+        tokio::spawn(gatehouse_controlplane::watch::follow_locks(
+            move || endpoint.lock().ok().map(|e| e.clone()),
+            None,
+            locks.view(),
+            move |_| signal.changed(),
+        ))
+    };
     let advertise = config.advertise_addr.clone().unwrap_or_else(|| {
         if proxy.local_addr.ip().is_unspecified() {
             format!("{}:{}", config.host_name, proxy.local_addr.port())
@@ -336,6 +349,7 @@ pub async fn start(
         reporter,
         auditor,
         renew,
+        follow_locks,
         peers,
     })
 }

@@ -31,6 +31,10 @@ pub(crate) struct AuthTrace {
     pub authenticated: bool,
     pub rejection_audited: bool,
     pub plain_keys_offered: u32,
+    /// Once authenticated: the certificate's key id and roles (as mapped here), for locks.
+    pub who: Option<(String, Vec<String>)>,
+    /// The session channels opened, to tell each why a lock ended it.
+    pub channels: Vec<ChannelId>,
 }
 
 struct Authed {
@@ -133,6 +137,9 @@ impl ConnHandler {
                 Ok(Err(e)) => return Err(refuse(format!("could not load roles: {e}"))),
                 Err(_) => return Err(refuse("timed out loading roles".into())),
             };
+        if let Some(reason) = self.node.lock_reason(&identity.key_id, &identity.roles) {
+            return Err(refuse(reason));
+        }
         RoleSet::new(roles)
             .check_node_login(&identity.traits, &self.node.config.labels, login)
             .map_err(|denied| refuse(denied.to_string()))?;
@@ -254,8 +261,15 @@ impl russh::server::Handler for ConnHandler {
                     source_addr = %self.source_addr,
                     "ssh: authenticated"
                 );
+                let who = (
+                    authed.identity.key_id.clone(),
+                    authed.identity.roles.clone(),
+                );
                 self.authed = Some(Arc::new(authed));
-                self.with_trace(|t| t.authenticated = true);
+                self.with_trace(|t| {
+                    t.authenticated = true;
+                    t.who = Some(who);
+                });
                 Ok(Auth::Accept)
             }
             Err(refusal) => {
@@ -286,6 +300,10 @@ impl russh::server::Handler for ConnHandler {
             return Ok(());
         }
         let id = channel.id();
+        self.with_trace(|t| {
+            t.channels.retain(|c| *c != id);
+            t.channels.push(id);
+        });
         // Requests and data arrive through this handler; the read half is not needed (dropping
         // it makes russh skip it instead of queueing for it).
         let (_read, write) = channel.split();

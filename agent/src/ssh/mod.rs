@@ -82,6 +82,46 @@ pub(crate) const ALGORITHMS: russh::Preferred = russh::Preferred {
 /// How long a connection may take from its first byte to a successful authentication.
 pub const LOGIN_GRACE: Duration = Duration::from_secs(60);
 
+/// A connection up: what its handler learned, and the handle to end it.
+type LiveConn = (Arc<Mutex<AuthTrace>>, russh::server::Handle);
+
+/// Whether a lock in `view` stops `key_id` (a user or a bot: certificates name either by key
+/// id) with `roles` on the node `node` at `now`; strict mode's stale state stops everyone.
+pub(crate) fn locked_out(
+    view: &gatehouse_controlplane::locks::LockView,
+    node: &str,
+    key_id: &str,
+    roles: &[String],
+    now: i64,
+) -> Result<(), String> {
+    use gatehouse_controlplane::locks::Subject;
+    if let Some(lock) = view.locks.find(
+        &Subject::Node {
+            host_id: "",
+            name: node,
+        },
+        now,
+    ) {
+        return Err(lock.reason());
+    }
+    if let Some(lock) = view.locks.find(
+        &Subject::Bot {
+            name: key_id,
+            roles,
+        },
+        now,
+    ) {
+        return Err(lock.reason());
+    }
+    view.check(
+        &Subject::User {
+            name: key_id,
+            roles,
+        },
+        now,
+    )
+}
+
 /// A boxed future, so that [`RoleSource`] stays object safe (`Arc<dyn RoleSource>`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -97,6 +137,8 @@ pub struct SshNodeConfig {
     /// Root clusters this cluster trusts (their user CAs and role maps), kept current from
     /// Auth's watch stream.
     pub trusted_roots: std::sync::Arc<arc_swap::ArcSwap<Vec<auth::TrustedRoot>>>,
+    /// The locks in force, kept current from Auth's watch stream.
+    pub locks: std::sync::Arc<arc_swap::ArcSwap<gatehouse_controlplane::locks::LockView>>,
     pub cluster: String,
     pub node_name: String,
     pub labels: BTreeMap<String, String>,
@@ -203,6 +245,9 @@ pub struct SshNode {
     audit: Arc<dyn AuditSink>,
     /// Where shell and exec sessions are recorded (none: not recorded).
     recordings: Option<Arc<crate::recording::Recordings>>,
+    /// Connections up, so a lock can end them.
+    live: Mutex<std::collections::HashMap<u64, LiveConn>>,
+    next_conn: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for SshNode {
@@ -239,6 +284,8 @@ impl SshNode {
             roles,
             audit,
             recordings: None,
+            live: Mutex::default(),
+            next_conn: std::sync::atomic::AtomicU64::new(1),
         })
     }
 
@@ -264,6 +311,56 @@ impl SshNode {
         &self.config.node_name
     }
 
+    /// Who a lock would stop on this node for a certificate with `key_id` and `roles` (the
+    /// roles as mapped here): `None` when nothing does. The node's own lock stops everyone.
+    pub(crate) fn lock_reason(&self, key_id: &str, roles: &[String]) -> Option<String> {
+        let view = self.config.locks.load();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        locked_out(&view, &self.config.node_name, key_id, roles, now).err()
+    }
+
+    /// End every connection a lock now stops: each session channel hears the lock's message on
+    /// stderr and exit status 255, then the connection is closed with it. Returns how many.
+    pub fn end_locked(&self) -> usize {
+        let conns: Vec<LiveConn> = match self.live.lock() {
+            Ok(live) => live.values().cloned().collect(),
+            Err(_) => return 0,
+        };
+        let mut ended = 0;
+        for (trace, handle) in conns {
+            let (who, channels) = match trace.lock() {
+                Ok(t) => (t.who.clone(), t.channels.clone()),
+                Err(_) => continue,
+            };
+            let Some((key_id, roles)) = who else { continue };
+            let Some(reason) = self.lock_reason(&key_id, &roles) else {
+                continue;
+            };
+            ended += 1;
+            tracing::warn!(user = %key_id, %reason, "ssh: ending a locked user's connection");
+            self.audit.emit(
+                "session.locked",
+                &key_id,
+                serde_json::json!({ "user": key_id, "node": self.config.node_name, "reason": reason }),
+            );
+            tokio::spawn(async move {
+                let line = format!("\r\nGatehouse: session ended: {reason}\r\n");
+                for ch in channels {
+                    let _ = handle
+                        .extended_data(ch, 1, bytes::Bytes::from(line.clone().into_bytes()))
+                        .await;
+                    let _ = handle.exit_status_request(ch, 255).await;
+                    let _ = handle.eof(ch).await;
+                    let _ = handle.close(ch).await;
+                }
+                let _ = handle
+                    .disconnect(russh::Disconnect::ByApplication, reason, "en".into())
+                    .await;
+            });
+        }
+        ended
+    }
+
     /// Serve one SSH connection over `stream` until it ends. Errors concern this connection only.
     pub async fn serve<S>(self: &Arc<Self>, stream: S, meta: ConnMeta) -> Result<(), SshError>
     where
@@ -283,6 +380,12 @@ impl SshNode {
             Err(_) => return Err(SshError::LoginTimeout(LOGIN_GRACE)),
         };
         let handle = running.handle();
+        let conn_id = self
+            .next_conn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut live) = self.live.lock() {
+            live.insert(conn_id, (trace.clone(), handle.clone()));
+        }
         let grace_trace = trace.clone();
         let grace = tokio::spawn(async move {
             tokio::time::sleep_until(started + LOGIN_GRACE).await;
@@ -300,6 +403,9 @@ impl SshNode {
         });
         let result = running.await;
         grace.abort();
+        if let Ok(mut live) = self.live.lock() {
+            live.remove(&conn_id);
+        }
         self.audit_unexplained_rejection(&trace, &meta);
         match result {
             Ok(()) => Ok(()),

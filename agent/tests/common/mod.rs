@@ -195,6 +195,7 @@ impl Fixture {
         let audit = Arc::new(MemAudit::default());
         let config = SshNodeConfig {
             trusted_roots: Default::default(),
+            locks: Default::default(),
             host_key,
             host_cert,
             user_ca_keys: vec![user_ca.public_key().clone()],

@@ -69,6 +69,12 @@ enum Command {
     /// Machine ID bots: add (prints the join token), ls, rm, unlock.
     #[command(subcommand)]
     Bots(gatehouse_cli::bot::admin::BotsCmd),
+    /// Lock a user, bot, node or role now: its calls are refused, its live sessions and
+    /// tunnels end with the message, renewals are refused.
+    Lock(gatehouse_cli::locks::LockArgs),
+    /// The locks in force: ls, rm.
+    #[command(subcommand)]
+    Locks(gatehouse_cli::locks::LocksCmd),
     /// Certificate authorities.
     #[command(subcommand)]
     Auth(AuthCmd),
@@ -277,6 +283,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Tokens(cmd) => tokens(&mut client, cmd).await,
         Command::Bots(cmd) => gatehouse_cli::bot::admin::run(&mut client, cmd).await,
+        Command::Lock(args) => gatehouse_cli::locks::lock(&mut client, args).await,
+        Command::Locks(cmd) => gatehouse_cli::locks::locks(&mut client, cmd).await,
         Command::Auth(AuthCmd::Export { ca_type }) => {
             let text = client
                 .export_authorities(proto::ExportAuthoritiesRequest { r#type: ca_type })

@@ -234,6 +234,7 @@ pub(super) async fn join(
             generation: 1,
         },
     );
+    state.check_lock(super::locks::subject(&identity)).await?;
     let (ssh_cert, tls_cert) = sign_client(state, &identity, &roles, ssh_key, &r.tls_public_key)?;
     state
         .metrics

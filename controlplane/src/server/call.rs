@@ -70,11 +70,14 @@ pub(crate) enum Rpc {
     HeartbeatProxy,
     ValidateTrustedCluster,
     ListClusters,
+    CreateLock,
+    ListLocks,
+    DeleteLock,
 }
 
 impl Rpc {
     #[cfg(test)]
-    pub(crate) const ALL: [Rpc; 33] = [
+    pub(crate) const ALL: [Rpc; 36] = [
         Rpc::Ping,
         Rpc::Login,
         Rpc::AddMfaDevice,
@@ -108,6 +111,9 @@ impl Rpc {
         Rpc::HeartbeatProxy,
         Rpc::ValidateTrustedCluster,
         Rpc::ListClusters,
+        Rpc::CreateLock,
+        Rpc::ListLocks,
+        Rpc::DeleteLock,
     ];
 
     /// The access rule: the one table of who may call what.
@@ -154,6 +160,9 @@ impl Rpc {
             Rpc::ListBots => Rule(K::Bot, Verb::List),
             Rpc::DeleteBot => Rule(K::Bot, Verb::Delete),
             Rpc::UnlockBot => Rule(K::Bot, Verb::Update),
+            Rpc::CreateLock => Rule(K::Lock, Verb::Create),
+            Rpc::ListLocks => Rule(K::Lock, Verb::List),
+            Rpc::DeleteLock => Rule(K::Lock, Verb::Delete),
         }
     }
 
@@ -193,6 +202,9 @@ impl Rpc {
             Rpc::HeartbeatProxy => "HeartbeatProxy",
             Rpc::ValidateTrustedCluster => "ValidateTrustedCluster",
             Rpc::ListClusters => "ListClusters",
+            Rpc::CreateLock => "CreateLock",
+            Rpc::ListLocks => "ListLocks",
+            Rpc::DeleteLock => "DeleteLock",
         }
     }
 }
@@ -428,6 +440,8 @@ fn proxy_role() -> Role {
                 vec![ResourceKind::CertAuthority, ResourceKind::TrustedCluster],
                 vec![Verb::Read],
             ),
+            // Proxies end what a lock stops.
+            rule(vec![ResourceKind::Lock], vec![Verb::List, Verb::Read]),
         ],
     )
 }
@@ -446,8 +460,12 @@ fn node_role() -> Role {
             // Agents upload the recordings of the sessions they serve (their own only: the
             // handler checks the recording names the calling host).
             rule(vec![ResourceKind::Session], vec![Verb::Create]),
-            // Agents evaluate node access locally from the roles in user certificates.
-            rule(vec![ResourceKind::Role], vec![Verb::Read, Verb::List]),
+            // Agents evaluate node access locally from the roles in user certificates, and end
+            // what a lock stops.
+            rule(
+                vec![ResourceKind::Role, ResourceKind::Lock],
+                vec![Verb::Read, Verb::List],
+            ),
         ],
     )
 }

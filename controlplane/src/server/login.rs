@@ -124,6 +124,21 @@ pub(super) async fn login(
         bot: None,
         expires,
     };
+    // A locked user (or one holding a locked role) gets no certificate; the password was right,
+    // so this is not a failure the limiter counts.
+    if let Err(status) = state.check_lock(super::locks::subject(&identity)).await {
+        return Err(Failure::audited(
+            status.clone(),
+            Event::new(
+                types::USER_LOGIN,
+                &r.user,
+                audit::failure(
+                    status.message(),
+                    json!({ "user": r.user, "method": method.as_str() }),
+                ),
+            ),
+        ));
+    }
     let (ssh_cert, tls_cert) = sign_client(state, &identity, &roles, &ssh_key, &r.tls_public_key)?;
     state
         .metrics

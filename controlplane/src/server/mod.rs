@@ -18,6 +18,7 @@ mod documents;
 mod events;
 mod group_commit;
 mod join;
+mod locks;
 mod login;
 mod mfa;
 mod nodes;
@@ -88,6 +89,8 @@ pub struct AuthMetrics {
     pub(crate) heartbeat_calls: Counter,
     /// Connections to the Auth API accepted (TCP), before TLS.
     pub connections: Counter,
+    /// Calls refused because a lock stops the caller.
+    pub(crate) locked_calls: Counter,
 }
 
 impl AuthMetrics {
@@ -123,6 +126,11 @@ impl AuthMetrics {
             "connections",
             "Connections to the Auth API accepted",
             self.connections.clone(),
+        );
+        r.register(
+            "locked_calls",
+            "Calls refused because a lock stops the caller",
+            self.locked_calls.clone(),
         );
         r.register(
             "audit_duplicates",
@@ -164,6 +172,10 @@ pub struct AuthState {
     watch_hub: std::sync::OnceLock<Arc<watch::WatchHub>>,
     /// Set when the API stops: streams end so that the graceful stop does not wait for them.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// The locks in force, as this Auth last read them.
+    pub(crate) locks: locks::LockCache,
+    /// How proxies and agents treat lock state they cannot refresh (`[auth] locking_mode`).
+    pub locking_mode: crate::locks::LockingMode,
 }
 
 impl std::fmt::Debug for AuthState {
@@ -206,12 +218,20 @@ impl AuthState {
             audit_writer: std::sync::OnceLock::new(),
             watch_hub: std::sync::OnceLock::new(),
             stopping: tokio::sync::watch::Sender::new(false),
+            locks: locks::LockCache::default(),
+            locking_mode: crate::locks::LockingMode::default(),
         })
     }
 
     /// Issue host certificates valid for `ttl`.
     pub fn with_host_cert_ttl(mut self, ttl: Duration) -> Self {
         self.host_cert_ttl = ttl;
+        self
+    }
+
+    /// How proxies and agents treat lock state they cannot refresh.
+    pub fn with_locking_mode(mut self, mode: crate::locks::LockingMode) -> Self {
+        self.locking_mode = mode;
         self
     }
 
@@ -413,6 +433,7 @@ impl AuthState {
                 identity.cluster, self.cluster
             )));
         }
+        self.check_lock(locks::subject(&identity)).await?;
         let roles = call::roles_of(self, &identity).await?;
         Ok(Some(Caller {
             identity,
@@ -759,6 +780,27 @@ impl Auth for AuthService {
         req: Request<proto::ListClustersRequest>,
     ) -> Result<Response<proto::ListClustersResponse>, Status> {
         self.handle(Rpc::ListClusters, req, trust::list).await
+    }
+
+    async fn create_lock(
+        &self,
+        req: Request<proto::CreateLockRequest>,
+    ) -> Result<Response<proto::CreateLockResponse>, Status> {
+        self.handle(Rpc::CreateLock, req, locks::create).await
+    }
+
+    async fn list_locks(
+        &self,
+        req: Request<proto::ListLocksRequest>,
+    ) -> Result<Response<proto::ListLocksResponse>, Status> {
+        self.handle(Rpc::ListLocks, req, locks::list).await
+    }
+
+    async fn delete_lock(
+        &self,
+        req: Request<proto::DeleteLockRequest>,
+    ) -> Result<Response<proto::DeleteLockResponse>, Status> {
+        self.handle(Rpc::DeleteLock, req, locks::delete).await
     }
 
     async fn heartbeat_proxy(

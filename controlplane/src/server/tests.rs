@@ -189,6 +189,9 @@ fn allowed(rpc: Rpc) -> &'static [&'static str] {
         Rpc::CreateBot | Rpc::ListBots | Rpc::DeleteBot | Rpc::UnlockBot => TOKEN_ADMINS,
         // Users renew by logging in; the admin identity is re-issued by Auth itself.
         Rpc::Renew => &["agent", "proxy", "bot"],
+        Rpc::CreateLock | Rpc::DeleteLock => TOKEN_ADMINS,
+        // Proxies and agents follow locks to end what they stop.
+        Rpc::ListLocks => &["editor", "denied-editor", "agent", "proxy", "admin"],
     }
 }
 
@@ -322,6 +325,29 @@ async fn call(svc: &AuthService, rpc: Rpc, peer: &Option<Identity>) -> Result<()
                 peer,
                 p::ExportAuthoritiesRequest {
                     r#type: "user".into(),
+                },
+            ))
+            .await
+            .map(drop),
+        Rpc::CreateLock => svc
+            .create_lock(request(
+                peer,
+                p::CreateLockRequest {
+                    kind: "bogus".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map(drop),
+        Rpc::ListLocks => svc
+            .list_locks(request(peer, p::ListLocksRequest {}))
+            .await
+            .map(drop),
+        Rpc::DeleteLock => svc
+            .delete_lock(request(
+                peer,
+                p::DeleteLockRequest {
+                    name: "user:nobody".into(),
                 },
             ))
             .await

@@ -30,12 +30,13 @@ pub(crate) const RING_CAPACITY: usize = 4096;
 pub const KEEPALIVE: Duration = Duration::from_secs(5);
 
 /// The kinds a stream may watch.
-pub const KINDS: [&str; 5] = [
+pub const KINDS: [&str; 6] = [
     "proxy",
     "cert_authority",
     "role",
     "cluster_settings",
     "trusted_cluster",
+    "lock",
 ];
 
 /// One entry of the log.
@@ -195,6 +196,11 @@ async fn feed(
                 Ok(None) => Body::Delete(item("trusted_cluster", &name, String::new())),
                 Err(_) => Body::Reset,
             },
+            Ok(Change::Lock(name)) => match state.store.get_lock(&name, now_secs()).await {
+                Ok(Some(doc)) => Body::Put(item("lock", &name, doc)),
+                Ok(None) => Body::Delete(item("lock", &name, String::new())),
+                Err(_) => Body::Reset,
+            },
             Ok(Change::Everything) | Err(broadcast::error::RecvError::Lagged(_)) => Body::Reset,
             Err(broadcast::error::RecvError::Closed) => return,
         };
@@ -265,6 +271,19 @@ async fn snapshot(state: &AuthState, kinds: &[String]) -> Result<Vec<proto::Watc
                     items.push(trust_item(&row));
                 }
             }
+            "lock" => {
+                for doc in state
+                    .store
+                    .list_locks(now_secs())
+                    .await
+                    .map_err(store_status)?
+                {
+                    let name = serde_json::from_str::<crate::locks::Lock>(&doc)
+                        .map(|l| l.name)
+                        .unwrap_or_default();
+                    items.push(item("lock", &name, doc));
+                }
+            }
             "cluster_settings" => {
                 let c = &state.recording_config;
                 items.push(item(
@@ -274,6 +293,7 @@ async fn snapshot(state: &AuthState, kinds: &[String]) -> Result<Vec<proto::Watc
                         "cluster": state.cluster,
                         "recording_mode": c.mode.as_str(),
                         "recording_on_failure": c.on_failure.as_str(),
+                        "locking_mode": state.locking_mode.as_str(),
                     })
                     .to_string(),
                 ));
@@ -304,6 +324,7 @@ pub(super) async fn watch(
             "role" => (ResourceKind::Role, Verb::List),
             "cert_authority" | "cluster_settings" => (ResourceKind::CertAuthority, Verb::Read),
             "trusted_cluster" => (ResourceKind::TrustedCluster, Verb::Read),
+            "lock" => (ResourceKind::Lock, Verb::List),
             other => {
                 return Err(Status::invalid_argument(format!(
                     "kinds: unknown kind `{other}`; expected {}",

@@ -23,6 +23,8 @@ pub enum Change {
     Proxy(String),
     /// Trust with another cluster was established, changed or removed.
     TrustedCluster(String),
+    /// A lock was created, changed or removed.
+    Lock(String),
     /// Announcements may have been missed (the listening connection was cut): assume that
     /// anything changed.
     Everything,
@@ -34,6 +36,7 @@ impl Change {
             Change::Role(name) => format!("role:{name}"),
             Change::Proxy(name) => format!("proxy:{name}"),
             Change::TrustedCluster(name) => format!("trusted_cluster:{name}"),
+            Change::Lock(name) => format!("lock:{name}"),
             Change::Everything => "*".into(),
         }
     }
@@ -43,6 +46,7 @@ impl Change {
             Some(("role", name)) => Change::Role(name.to_owned()),
             Some(("proxy", name)) => Change::Proxy(name.to_owned()),
             Some(("trusted_cluster", name)) => Change::TrustedCluster(name.to_owned()),
+            Some(("lock", name)) => Change::Lock(name.to_owned()),
             _ => Change::Everything,
         }
     }
@@ -51,7 +55,10 @@ impl Change {
 /// Apply `change` to this process's caches and pass it on to watchers.
 pub(super) fn apply(roles: &RoleCache, watchers: &broadcast::Sender<Change>, change: Change) {
     // Roles are the only cache so far.
-    if !matches!(change, Change::Proxy(_) | Change::TrustedCluster(_)) {
+    if !matches!(
+        change,
+        Change::Proxy(_) | Change::TrustedCluster(_) | Change::Lock(_)
+    ) {
         roles.invalidate();
     }
     let _ = watchers.send(change);

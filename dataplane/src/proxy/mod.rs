@@ -14,6 +14,7 @@
 mod admission;
 mod browsers;
 mod leaves;
+mod locks;
 mod metrics;
 mod peers;
 mod router;
@@ -37,6 +38,7 @@ use crate::io::backend;
 use crate::io::options::{bind_reuseport, tcp_congestion};
 pub use browsers::{BrowserConn, Browsers};
 pub use leaves::Leaves;
+pub use locks::Locks;
 pub use metrics::ProxyMetrics;
 pub use peers::{ProxyAnnouncement, ProxySet};
 pub use router::Inventory;
@@ -73,6 +75,9 @@ pub struct ProxyConfig {
     pub proxies: Arc<ProxySet>,
     /// Trusted leaf clusters, whose proxies may hold a tunnel here (kept current by the role).
     pub leaves: Arc<Leaves>,
+    /// The locks in force (kept current by the role): locked users' and bots' sessions are
+    /// refused, locked nodes' tunnels closed.
+    pub locks: Arc<Locks>,
     /// Audit events the proxy records itself (a session routed to a leaf), sent to Auth in
     /// batches by the role; `None`: not recorded.
     pub audit: Option<mpsc::UnboundedSender<gatehouse_controlplane::proto::AuditEvent>>,

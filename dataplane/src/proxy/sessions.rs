@@ -187,6 +187,19 @@ impl Worker {
         };
         // A proxy of this cluster opens a session only for a trusted root's user, named in
         // the request; anyone else's `on_behalf` is ignored.
+        // A lock (or, in strict mode, lock state that cannot be refreshed) refuses the session.
+        let lock = match &request.on_behalf {
+            Some(who) if super::admission::is_own_proxy(&id, &shared.config.cluster) => {
+                shared.config.locks.check_remote_user(&who.user, &who.roles)
+            }
+            _ => shared.config.locks.check_session(&id),
+        };
+        if let Err(reason) = lock {
+            shared.metrics.refuse(alpn, "locked");
+            tracing::info!(%remote, user = %id.name, %reason, "proxy: session refused by a lock");
+            answer(&mut tls, &response(Some(reason), vec![], "", "")).await;
+            return;
+        }
         let metadata = if super::admission::is_own_proxy(&id, &shared.config.cluster) {
             let Some(who) = &request.on_behalf else {
                 shared.metrics.refuse(alpn, "identity");

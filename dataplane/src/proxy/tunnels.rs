@@ -279,6 +279,7 @@ impl Worker {
             tunnel.send_heartbeat(set);
             proxies_sent = v;
         }
+        let lock_names = (host_id.clone(), entry.name.clone());
         // The tunnel's events are handled in the same task as its I/O (one task per tunnel).
         let inventory = {
             let (w, tunnel, host_id, leaf) =
@@ -345,9 +346,33 @@ impl Worker {
                 std::future::pending::<()>().await;
             }
         };
+        // A lock on this node (now or later) tells the agent why and ends the tunnel.
+        let locked = {
+            let (locks, tunnel) = (Arc::clone(&shared.config.locks), tunnel.clone());
+            let (host_id, name) = lock_names;
+            let is_leaf = leaf.is_some();
+            async move {
+                let mut changes = locks.subscribe();
+                loop {
+                    if !is_leaf && let Some(reason) = locks.node_locked(&host_id, &name) {
+                        tunnel.go_away(&reason);
+                        // The go-away goes out while the tunnel still runs.
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        return reason;
+                    }
+                    if changes.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        };
         let reason = tokio::select! {
             reason = tunnel.run(tls) => reason,
             () = inventory => String::new(),
+            reason = locked => {
+                shared.metrics.refuse("gatehouse-tunnel", "locked");
+                reason
+            }
         };
         self.tunnels.borrow_mut().remove(&tunnel_id);
         self.change_routes(Some(RouteChange::Remove(tunnel_id)), None);
