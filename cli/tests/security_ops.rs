@@ -439,3 +439,180 @@ fn a_locked_node_loses_its_tunnel_and_a_locked_bot_cannot_renew() {
     f.gctl(&["locks", "rm", "bot:ci"]).ok();
     gbot(&[]).ok();
 }
+
+/// A TCP relay to `target` whose outgoing connections come from `source` (a loopback address):
+/// what the proxy sees of a user behind it. Returns the relay's address.
+fn relay_from(rt: &tokio::runtime::Runtime, source: std::net::IpAddr, target: String) -> String {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    rt.spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.bind(std::net::SocketAddr::new(source, 0)).unwrap();
+                let Ok(mut upstream) = socket.connect(target.parse().unwrap()).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    addr
+}
+
+/// `gsh login` through `proxy` (a relay) as `user` with `password`.
+fn login_via(f: &Fleet, proxy: &str, user: &str, password: &str) -> common::Output {
+    let home = tempfile::tempdir().unwrap();
+    f.gsh(
+        home.path(),
+        &[
+            "login",
+            "--proxy",
+            proxy,
+            "--user",
+            user,
+            "--password-stdin",
+            "--ca-pin",
+            &f.pin,
+        ],
+        Some(&format!("{password}\n")),
+    )
+}
+
+#[test]
+fn auth_limits_and_audits_each_users_own_address_behind_the_proxy() {
+    let f = Fleet::start("real-addr", &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut users = Vec::new();
+    for i in 1..=20u8 {
+        let name = format!("u{i}");
+        let out = f
+            .gctl(&[
+                "users", "add", &name, "--roles", "access", "--logins", &f.login,
+            ])
+            .ok();
+        let pw = out.stdout.lines().last().unwrap().trim().to_string();
+        let relay = relay_from(&rt, [127, 0, 0, 10 + i].into(), f.proxy_addr.clone());
+        users.push((name, pw, relay, format!("127.0.0.{}", 10 + i)));
+    }
+    // One address guesses: 30 failures (the per-address limit) on names that do not exist.
+    let attacker = relay_from(&rt, [127, 0, 0, 99].into(), f.proxy_addr.clone());
+    std::thread::scope(|scope| {
+        for t in 0..3 {
+            let (f, attacker) = (&f, &attacker);
+            scope.spawn(move || {
+                for i in 0..10 {
+                    login_via(f, attacker, &format!("ghost{t}-{i}"), "guess").failed();
+                }
+            });
+        }
+    });
+    let limited = login_via(&f, &attacker, "u1", &users[0].1).failed();
+    assert!(
+        limited.stderr.contains("too many failed login attempts"),
+        "{}",
+        limited.stderr
+    );
+    // Twenty users, each from their own address, mistype their password (20 more failures
+    // through the same proxy), then log in: none of them is limited.
+    std::thread::scope(|scope| {
+        for chunk in users.chunks(5) {
+            let f = &f;
+            scope.spawn(move || {
+                for (name, pw, relay, _) in chunk {
+                    let out = login_via(f, relay, name, "wrong").failed();
+                    assert!(!out.stderr.contains("too many"), "{name}: {}", out.stderr);
+                    login_via(f, relay, name, pw).ok();
+                }
+            });
+        }
+    });
+    // The audit log has each user's own address, not the proxy's.
+    let logins = f.events("user.login");
+    for (name, _, _, addr) in &users {
+        let ok = logins
+            .iter()
+            .find(|e| e["actor"] == name.as_str() && e["data"]["success"] == true)
+            .unwrap_or_else(|| panic!("no successful login of {name}"));
+        assert_eq!(ok["source_addr"], addr.as_str(), "{ok}");
+    }
+    assert!(
+        logins
+            .iter()
+            .filter(|e| e["actor"].as_str().unwrap_or("").starts_with("ghost"))
+            .all(|e| e["source_addr"] == "127.0.0.99")
+    );
+
+    // A client straight to Auth with a preamble it made (a "proxy" certificate of a CA of its
+    // own, claiming 10.9.9.9): ignored; Auth credits the connection's own address.
+    let now = time::OffsetDateTime::now_utc();
+    let fake_ca = gatehouse_controlplane::ca::TlsCa::generate(&f.cluster, now).unwrap();
+    let fake = gatehouse_controlplane::identity::Identity {
+        kind: gatehouse_controlplane::identity::IdentityKind::Node,
+        name: "evil-proxy".into(),
+        roles: vec!["@proxy".into()],
+        logins: vec![],
+        traits: Default::default(),
+        cluster: f.cluster.clone(),
+        route_to_cluster: String::new(),
+        bot: None,
+        expires: now.unix_timestamp() + 600,
+    };
+    let (cert, key) = fake_ca
+        .issue_with_new_key(
+            &fake,
+            gatehouse_controlplane::ca::TlsUsage::ServerAndClient,
+            &[],
+            now,
+        )
+        .unwrap();
+    let forger = std::sync::Arc::new(
+        gatehouse_controlplane::client_addr::Asserter::new(&cert.pem(), &key.serialize_pem())
+            .unwrap(),
+    );
+    let endpoint = gatehouse_controlplane::client::AuthEndpoint {
+        addr: f.auth_addr.clone(),
+        trust: gatehouse_controlplane::tls::Trust::Pin(f.pin.clone()),
+        identity: None,
+    };
+    let ssh =
+        ssh_key::PrivateKey::random(&mut ssh_key::rand_core::OsRng, ssh_key::Algorithm::Ed25519)
+            .unwrap();
+    let tls_key = rcgen::KeyPair::generate().unwrap();
+    let refused = rt.block_on(async {
+        let mut c = endpoint
+            .connect_for("10.9.9.9:4444".parse().unwrap(), forger)
+            .await
+            .unwrap();
+        c.login(gatehouse_controlplane::proto::LoginRequest {
+            user: "u2".into(),
+            password: "forged".into(),
+            ssh_public_key: ssh.public_key().to_openssh().unwrap(),
+            tls_public_key: rcgen::PublicKeyData::subject_public_key_info(&tls_key),
+            ..Default::default()
+        })
+        .await
+    });
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
+    let forged = f
+        .events("user.login")
+        .into_iter()
+        .rfind(|e| e["actor"] == "u2" && e["data"]["success"] == false)
+        .unwrap();
+    assert!(
+        forged["source_addr"].as_str().unwrap().starts_with("127."),
+        "{forged}"
+    );
+    assert!(
+        !f.events("user.login")
+            .iter()
+            .any(|e| e["source_addr"] == "10.9.9.9")
+    );
+    assert!(
+        f.auth.log().contains("client address preamble ignored"),
+        "Auth did not say why"
+    );
+}

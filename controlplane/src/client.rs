@@ -91,6 +91,9 @@ pub type Client = AuthClient<Channel>;
 /// Sets options on the TCP socket before TLS (e.g. congestion control).
 pub type SocketSetup = Arc<dyn Fn(&tokio::net::TcpStream) -> std::io::Result<()> + Send + Sync>;
 
+/// Bytes written on each new connection before TLS (a client-address preamble).
+type Prefix = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
+
 impl AuthEndpoint {
     pub async fn connect(&self) -> Result<Client, ClientError> {
         self.connect_with(Arc::new(|_| Ok(()))).await
@@ -98,6 +101,29 @@ impl AuthEndpoint {
 
     /// [`AuthEndpoint::connect`], with `setup` applied to each TCP socket it opens.
     pub async fn connect_with(&self, setup: SocketSetup) -> Result<Client, ClientError> {
+        self.connect_prefixed(setup, None).await
+    }
+
+    /// [`AuthEndpoint::connect`] on behalf of a client at `client`: each connection starts with
+    /// a preamble `asserter` (a proxy's identity) signs, so Auth credits the client's address.
+    pub async fn connect_for(
+        &self,
+        client: std::net::SocketAddr,
+        asserter: Arc<crate::client_addr::Asserter>,
+    ) -> Result<Client, ClientError> {
+        let prefix: Prefix = Arc::new(move || {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            asserter.preamble(client, now, rand::random())
+        });
+        self.connect_prefixed(Arc::new(|_| Ok(())), Some(prefix))
+            .await
+    }
+
+    async fn connect_prefixed(
+        &self,
+        setup: SocketSetup,
+        prefix: Option<Prefix>,
+    ) -> Result<Client, ClientError> {
         let tls = client_config(
             &self.trust,
             self.identity
@@ -115,10 +141,14 @@ impl AuthEndpoint {
                 let connector = connector.clone();
                 let addr = addr.clone();
                 let setup = Arc::clone(&setup);
+                let prefix = prefix.clone();
                 async move {
-                    let tcp = connect_any(&addr, PER_ADDRESS_CONNECT_TIMEOUT).await?;
+                    let mut tcp = connect_any(&addr, PER_ADDRESS_CONNECT_TIMEOUT).await?;
                     tcp.set_nodelay(true)?;
                     setup(&tcp)?;
+                    if let Some(prefix) = prefix {
+                        tokio::io::AsyncWriteExt::write_all(&mut tcp, &prefix()).await?;
+                    }
                     let name = rustls::pki_types::ServerName::try_from(AUTH_SERVER_NAME)
                         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
                     let tls = connector.connect(name, tcp).await?;

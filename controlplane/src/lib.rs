@@ -17,6 +17,7 @@ pub mod proto {
 }
 pub mod audit;
 pub mod client;
+pub mod client_addr;
 pub mod files;
 pub mod host;
 pub mod otp;

@@ -412,6 +412,68 @@ impl AsyncWrite for AuthConn {
     }
 }
 
+/// What checks proxies' client-address preambles.
+struct AddrCheck {
+    state: Arc<AuthState>,
+    replay: std::sync::Mutex<crate::client_addr::ReplayCache>,
+}
+
+/// The address to credit a new connection to: a proxy's preamble, when there is one and it is
+/// believed (`client_addr::verify`); else the socket's. A preamble that is not believed is
+/// ignored (logged), and the TLS after it goes on; `None`: the connection is unreadable.
+async fn client_address(
+    tcp: &mut TcpStream,
+    remote: SocketAddr,
+    check: &AddrCheck,
+) -> Option<SocketAddr> {
+    use crate::client_addr::{body_len, starts_preamble, verify};
+    use tokio::io::AsyncReadExt;
+    let mut first = [0u8; 8];
+    let n = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await {
+        Ok(Ok(n)) => n,
+        _ => return None,
+    };
+    if !starts_preamble(first.get(..n).unwrap_or_default()) {
+        return Some(remote);
+    }
+    let read = async {
+        let mut header = [0u8; 12];
+        tcp.read_exact(&mut header)
+            .await
+            .map_err(|e| e.to_string())?;
+        let len = body_len(&header).map_err(|e| e.to_string())?;
+        let mut body = vec![0u8; len];
+        tcp.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(body)
+    };
+    let body = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            tracing::info!(%remote, error = %e, "auth api: unreadable address preamble; connection closed");
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let verdict = match check.replay.lock() {
+        Ok(mut replay) => verify(
+            &body,
+            &check.state.tls_ca,
+            &check.state.cluster,
+            now,
+            &mut replay,
+        ),
+        Err(_) => return Some(remote),
+    };
+    match verdict {
+        Ok(client) => Some(client),
+        Err(e) => {
+            tracing::warn!(%remote, error = %e, "auth api: client address preamble ignored; the connection's own address stands");
+            Some(remote)
+        }
+    }
+}
+
 /// Handshake one connection; a failure closes only that connection, with a logged reason.
 async fn handshake(
     acceptor: tokio_rustls::TlsAcceptor,
@@ -470,13 +532,26 @@ async fn serve(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<AuthConn, std::io::Error>>(256);
     let cluster: Arc<str> = Arc::from(info.cluster.as_str());
     let metrics = Arc::clone(&service.state().metrics);
+    let check = Arc::new(AddrCheck {
+        state: Arc::clone(service.state()),
+        replay: std::sync::Mutex::default(),
+    });
     let accept_loop = tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((tcp, remote)) => {
                     metrics.connections.inc();
-                    let (acceptor, tx, cluster) = (acceptor.clone(), tx.clone(), cluster.clone());
+                    let (acceptor, tx, cluster, check) = (
+                        acceptor.clone(),
+                        tx.clone(),
+                        cluster.clone(),
+                        Arc::clone(&check),
+                    );
                     tokio::spawn(async move {
+                        let mut tcp = tcp;
+                        let Some(remote) = client_address(&mut tcp, remote, &check).await else {
+                            return;
+                        };
                         if let Some(conn) = handshake(acceptor, tcp, remote, cluster).await {
                             let _ = tx.send(Ok(conn)).await;
                         }

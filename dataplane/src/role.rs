@@ -81,6 +81,8 @@ pub struct ProxyHandle {
     pub ca_pem: String,
     /// Where this proxy reaches Auth.
     pub auth_addr: String,
+    /// Signs client-address preambles to Auth with this proxy's current identity.
+    pub client_addr: Arc<arc_swap::ArcSwapOption<gatehouse_controlplane::client_addr::Asserter>>,
     proxy: Proxy,
     browser_cert: Option<tokio::task::JoinHandle<()>>,
     reporter: tokio::task::JoinHandle<()>,
@@ -261,6 +263,14 @@ pub async fn start(
     let proxies = Arc::new(crate::proxy::ProxySet::default());
     let leaves = Arc::new(crate::proxy::Leaves::default());
     let locks = Arc::new(crate::proxy::Locks::default());
+    let client_addr = Arc::new(arc_swap::ArcSwapOption::from(
+        gatehouse_controlplane::client_addr::Asserter::new(&id.cert, &id.key)
+            .map_err(
+                |e| tracing::warn!(error = %e, "proxy: cannot assert clients' addresses to Auth"),
+            )
+            .ok()
+            .map(Arc::new),
+    ));
     let (audit_tx, audit_rx) = tokio::sync::mpsc::unbounded_channel();
     let proxy_config = ProxyConfig {
         listen: config.listen,
@@ -276,6 +286,7 @@ pub async fn start(
         proxies: Arc::clone(&proxies),
         leaves: Arc::clone(&leaves),
         locks: Arc::clone(&locks),
+        client_addr: Arc::clone(&client_addr),
         audit: Some(audit_tx),
     };
     let (proxy, inventories) =
@@ -337,13 +348,19 @@ pub async fn start(
     );
     let cluster = id.cluster.clone();
     let ca_pem = id.ca.clone();
-    let renew = tokio::spawn(renew_proxy_identity(id, cert, endpoint));
+    let renew = tokio::spawn(renew_proxy_identity(
+        id,
+        cert,
+        endpoint,
+        Arc::clone(&client_addr),
+    ));
     Ok(ProxyHandle {
         addr: proxy.local_addr,
         io_backend: proxy.io_backend,
         cluster,
         ca_pem,
         auth_addr: config.auth_addr.clone(),
+        client_addr,
         proxy,
         browser_cert,
         reporter,
@@ -418,6 +435,7 @@ async fn renew_proxy_identity(
     mut id: ProxyIdentity,
     cert: Arc<ReloadableCert>,
     endpoint: Arc<std::sync::Mutex<AuthEndpoint>>,
+    client_addr: Arc<arc_swap::ArcSwapOption<gatehouse_controlplane::client_addr::Asserter>>,
 ) {
     let mut failures: u32 = 0;
     loop {
@@ -456,6 +474,12 @@ async fn renew_proxy_identity(
                 failures = 0;
                 if let Err(e) = cert.set(&format!("{new_cert}{}", id.ca), &new_key) {
                     tracing::error!(error = %e, "proxy: renewed certificate refused");
+                }
+                match gatehouse_controlplane::client_addr::Asserter::new(&new_cert, &new_key) {
+                    Ok(a) => client_addr.store(Some(Arc::new(a))),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "proxy: cannot assert addresses with the renewed certificate")
+                    }
                 }
                 if let Ok(mut e) = endpoint.lock() {
                     e.identity = Some((new_cert.clone(), new_key.clone()));

@@ -42,6 +42,10 @@ pub struct WebConfig {
     pub proxy_addr: SocketAddr,
     /// Web terminals open at once on this proxy, at most.
     pub max_terminals: usize,
+    /// Signs the preamble that gives Auth a browser's address on logins (the proxy's identity);
+    /// `None`: Auth sees the proxy's.
+    pub client_addr:
+        Option<Arc<arc_swap::ArcSwapOption<gatehouse_controlplane::client_addr::Asserter>>>,
 }
 
 impl WebConfig {
@@ -58,6 +62,7 @@ impl WebConfig {
             auth_addr,
             proxy_addr,
             max_terminals: 4096,
+            client_addr: None,
         }
     }
 }
@@ -97,6 +102,23 @@ pub(crate) struct App {
 
 impl App {
     /// Auth, without a client identity (logins).
+    /// Auth without a certificate, crediting `browser` (an IP) when this proxy can assert it.
+    pub(crate) async fn public_client(
+        &self,
+        browser: &str,
+    ) -> Result<Client, gatehouse_controlplane::client::ClientError> {
+        let asserter = self.config.client_addr.as_ref().and_then(|a| a.load_full());
+        let ip = browser.parse::<std::net::IpAddr>().ok();
+        match (asserter, ip) {
+            (Some(a), Some(ip)) => {
+                self.public_endpoint()
+                    .connect_for(SocketAddr::new(ip, 0), a)
+                    .await
+            }
+            _ => self.public_endpoint().connect().await,
+        }
+    }
+
     pub(crate) fn public_endpoint(&self) -> AuthEndpoint {
         AuthEndpoint {
             addr: self.config.auth_addr.clone(),

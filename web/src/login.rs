@@ -63,8 +63,7 @@ pub(crate) async fn login(app: &App, body: LoginBody, addr: &str) -> Result<Logg
     let tls_key = gatehouse_controlplane::ca::generate_leaf_key()
         .map_err(|e| ApiError::internal(format!("tls key: {e}")))?;
     let mut auth = app
-        .public_endpoint()
-        .connect()
+        .public_client(addr)
         .await
         .map_err(|e| ApiError::unavailable(format!("cannot reach Auth: {e}")))?;
     let reply = auth

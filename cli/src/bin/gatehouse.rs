@@ -584,12 +584,14 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         let started =
             gatehouse_dataplane::role::start(role, local_auth.as_ref(), &mut registry).await?;
         if config.proxy.web {
-            let web = gatehouse_web::WebUi::new(gatehouse_web::WebConfig::new(
+            let mut web_config = gatehouse_web::WebConfig::new(
                 started.cluster.clone(),
                 started.ca_pem.clone(),
                 started.auth_addr.clone(),
                 started.addr,
-            ));
+            );
+            web_config.client_addr = Some(Arc::clone(&started.client_addr));
+            let web = gatehouse_web::WebUi::new(web_config);
             started.serve_browsers(web);
         }
         cluster = started.cluster.clone();

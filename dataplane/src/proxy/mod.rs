@@ -78,6 +78,9 @@ pub struct ProxyConfig {
     /// The locks in force (kept current by the role): locked users' and bots' sessions are
     /// refused, locked nodes' tunnels closed.
     pub locks: Arc<Locks>,
+    /// Signs the preamble that tells Auth a passed-through client's address (this proxy's
+    /// certificate and key; replaced on renewal). `None`: Auth sees the proxy's address.
+    pub client_addr: Arc<arc_swap::ArcSwapOption<gatehouse_controlplane::client_addr::Asserter>>,
     /// Audit events the proxy records itself (a session routed to a leaf), sent to Auth in
     /// batches by the role; `None`: not recorded.
     pub audit: Option<mpsc::UnboundedSender<gatehouse_controlplane::proto::AuditEvent>>,

@@ -320,6 +320,17 @@ impl Worker {
             }
         };
         let _ = upstream.set_nodelay(true);
+        // The client's address, signed, before its first byte (Auth verifies it).
+        if let Some(asserter) = self.shared.config.client_addr.load_full() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                .unwrap_or(0);
+            let preamble = asserter.preamble(remote, now, rand::random());
+            if upstream.write_all(&preamble).await.is_err() {
+                return;
+            }
+        }
         if upstream.write_all(hello).await.is_err() {
             return;
         }
