@@ -3,6 +3,7 @@
 //! recordings (`recording`); `role` starts them all as a daemon role.
 
 pub mod apps;
+mod authorities;
 pub mod backoff;
 pub mod recording;
 pub mod role;

@@ -66,6 +66,7 @@ pub struct AgentHandle {
     follow: tokio::task::JoinHandle<()>,
     follow_roots: Option<tokio::task::JoinHandle<()>>,
     follow_locks: tokio::task::JoinHandle<()>,
+    follow_cas: tokio::task::JoinHandle<()>,
 }
 
 impl AgentHandle {
@@ -76,6 +77,7 @@ impl AgentHandle {
         self.renew.abort();
         self.follow.abort();
         self.follow_locks.abort();
+        self.follow_cas.abort();
         if let Some(f) = self.follow_roots {
             f.abort();
         }
@@ -275,12 +277,24 @@ pub async fn start(
     };
     let cluster = identity.cluster.clone();
     let shared = Arc::new(arc_swap::ArcSwap::new(identity));
+    let renew_now = Arc::new(tokio::sync::Notify::new());
+    let follow_cas = {
+        let link = Arc::clone(&auth);
+        tokio::spawn(crate::authorities::follow(
+            move || link.endpoint(),
+            auth.socket_setup(),
+            ssh_node.clone(),
+            Arc::clone(&shared),
+            Arc::clone(&renew_now),
+        ))
+    };
     let renew = tokio::spawn(renew_host_identity(Renewal {
         identity: Arc::clone(&shared),
         data_dir: config.data_dir.clone(),
         auth: Arc::clone(&auth),
         ssh: ssh_node,
         recordings: recordings.clone(),
+        now: renew_now,
     }));
     let (status, tunnel, announced) = crate::runner::spawn(
         tunnel_config,
@@ -306,6 +320,7 @@ pub async fn start(
         follow,
         follow_roots,
         follow_locks,
+        follow_cas,
     })
 }
 
@@ -336,6 +351,8 @@ struct Renewal {
     auth: Arc<AuthLink>,
     ssh: Option<Arc<SshNode>>,
     recordings: Option<Arc<Recordings>>,
+    /// Renew now (a host CA rotation).
+    now: Arc<tokio::sync::Notify>,
 }
 
 fn unix_now() -> i64 {
@@ -351,7 +368,12 @@ async fn renew_host_identity(r: Renewal) {
     loop {
         let current = r.identity.load_full();
         let wait = u64::try_from(current.renew_at() - unix_now()).unwrap_or(0);
-        tokio::time::sleep(Duration::from_secs(wait.max(1))).await;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(wait.max(1))) => {}
+            () = r.now.notified() => {
+                tracing::info!("agent: the host CA's signing key changed; renewing the host certificate now");
+            }
+        }
         let renewed = match r.auth.client().await {
             Ok(mut c) => current.renew(&mut c).await.map_err(|e| e.to_string()),
             Err(e) => Err(e),

@@ -169,6 +169,11 @@ pub async fn proxy_ssh(dir: &Path, spec: &str, cluster: Option<&str>) -> anyhow:
     if !resp.ok {
         return Err(refusal(&resp));
     }
+    // The host CA keys the proxy says are trusted now (a rotation adds one, its end drops one):
+    // written before OpenSSH can check the host certificate, which needs bytes from the bridge.
+    if cluster.is_none() && !resp.host_ca.is_empty() {
+        crate::clusters::trust_own_hosts(dir, &profile, &resp.host_ca)?;
+    }
     bridge(
         tls,
         leftover,

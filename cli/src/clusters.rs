@@ -80,6 +80,33 @@ pub fn known_hosts(current: &str, own_cluster: &str, leaves: &[proto::ClusterInf
     out
 }
 
+/// `known_hosts` with this cluster's host CA lines replaced by `keys`; other clusters' lines
+/// kept.
+pub fn with_own_host_cas(current: &str, own_cluster: &str, keys: &[String]) -> String {
+    let own_suffix = format!(" {own_cluster} host CA");
+    let mut out: String = keys
+        .iter()
+        .map(|k| format!("@cert-authority * {} {own_cluster} host CA\n", k.trim()))
+        .collect();
+    for l in current.lines().filter(|l| !l.ends_with(&own_suffix)) {
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
+}
+
+/// Write this cluster's host CA keys, as the proxy told them, into the profile's `known_hosts`
+/// (only when they changed).
+pub fn trust_own_hosts(dir: &Path, profile: &Profile, keys: &[String]) -> anyhow::Result<()> {
+    let path = dir.join("known_hosts");
+    let current = std::fs::read_to_string(&path).unwrap_or_default();
+    let next = with_own_host_cas(&current, &profile.cluster, keys);
+    if next != current {
+        gatehouse_controlplane::files::write_private(&path, next.as_bytes())?;
+    }
+    Ok(())
+}
+
 /// Write the leaves' host CAs into the profile's `known_hosts`.
 pub fn trust_leaf_hosts(
     dir: &Path,

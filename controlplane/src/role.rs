@@ -335,6 +335,11 @@ async fn prepare(
             .with_locking_mode(config.locking_mode),
     );
     state.metrics.register(registry);
+    // A rotation's previous keys stay trusted across restarts until their grace ends.
+    state
+        .reload_cas()
+        .await
+        .map_err(|s| AuthRoleError::Config(format!("loading the CAs: {}", s.message())))?;
     Ok(PreparedAuth {
         info: AuthInfo {
             cluster,

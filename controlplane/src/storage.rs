@@ -21,11 +21,13 @@ mod nodes;
 mod proxies;
 mod recordings;
 mod role_cache;
+mod rotations;
 mod trust;
 pub use bots::{BotRow, RenewOp, RenewOutcome};
 pub use changes::Change;
 pub use mfa::MfaDevice;
 pub use recordings::{RecordingFilter, RecordingRow};
+pub use rotations::Rotation;
 pub use trust::TrustRow;
 
 #[derive(Debug, thiserror::Error)]

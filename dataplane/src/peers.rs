@@ -87,6 +87,8 @@ pub(crate) struct Shared {
     /// The roots this (leaf) cluster trusts: the leaf links dial them; and their role maps.
     pub(crate) roots: tokio::sync::watch::Sender<Vec<crate::leaf_link::RootTarget>>,
     pub(crate) role_maps: crate::leaf_link::RoleMaps,
+    /// The host CA keys SSH clients are told.
+    pub(crate) host_cas: Arc<crate::proxy::HostCas>,
 }
 
 /// The role maps of the roots in `cache`.
@@ -139,6 +141,21 @@ pub(crate) fn trusted_leaves(cache: &WatchCache) -> Vec<(String, String)> {
 /// Apply what the cache holds: the proxies to announce, the leaves to trust.
 fn apply(cache: &WatchCache, now: i64, shared: &Shared) {
     shared.proxies.set(live_addrs(cache, now));
+    if let Some(host) = cache
+        .of("cert_authority")
+        .find(|(n, _)| *n == "host")
+        .and_then(|(_, doc)| serde_json::from_str::<serde_json::Value>(doc).ok())
+    {
+        let keys: Vec<String> = host
+            .get("ssh_public_keys")
+            .and_then(|k| serde_json::from_value(k.clone()).ok())
+            .unwrap_or_default();
+        let until = host
+            .get("previous_until")
+            .and_then(serde_json::Value::as_i64)
+            .unwrap_or(0);
+        shared.host_cas.set(keys, until);
+    }
     let leaves = trusted_leaves(cache);
     if let Err(e) = shared.verifier.set_leaves(&leaves) {
         tracing::warn!(error = %e, "proxy: a trusted leaf's CA cannot be used");

@@ -263,6 +263,7 @@ pub async fn start(
     let proxies = Arc::new(crate::proxy::ProxySet::default());
     let leaves = Arc::new(crate::proxy::Leaves::default());
     let locks = Arc::new(crate::proxy::Locks::default());
+    let host_cas = Arc::new(crate::proxy::HostCas::default());
     let client_addr = Arc::new(arc_swap::ArcSwapOption::from(
         gatehouse_controlplane::client_addr::Asserter::new(&id.cert, &id.key)
             .map_err(
@@ -287,6 +288,7 @@ pub async fn start(
         leaves: Arc::clone(&leaves),
         locks: Arc::clone(&locks),
         client_addr: Arc::clone(&client_addr),
+        host_cas: Arc::clone(&host_cas),
         audit: Some(audit_tx),
     };
     let (proxy, inventories) =
@@ -344,6 +346,7 @@ pub async fn start(
             verifier,
             roots,
             role_maps,
+            host_cas,
         },
     );
     let cluster = id.cluster.clone();

@@ -120,7 +120,7 @@ impl ConnHandler {
         let identity = auth::verify_user_cert_in(
             &cert,
             login,
-            &config.user_ca_keys,
+            &self.node.user_ca_keys(),
             &config.trusted_roots.load(),
             &config.cluster,
             now,

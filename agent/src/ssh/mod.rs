@@ -245,6 +245,8 @@ pub struct SshNode {
     audit: Arc<dyn AuditSink>,
     /// Where shell and exec sessions are recorded (none: not recorded).
     recordings: Option<Arc<crate::recording::Recordings>>,
+    /// The user CA keys trusted now: the config's, then as a rotation changes them.
+    user_ca_keys: arc_swap::ArcSwap<Vec<ssh_key::PublicKey>>,
     /// Connections up, so a lock can end them.
     live: Mutex<std::collections::HashMap<u64, LiveConn>>,
     next_conn: std::sync::atomic::AtomicU64,
@@ -278,7 +280,9 @@ impl SshNode {
             ));
         }
         let russh_config = russh_config(&config.host_key, &config.host_cert)?;
+        let user_ca_keys = arc_swap::ArcSwap::from_pointee(config.user_ca_keys.clone());
         Ok(Self {
+            user_ca_keys,
             config,
             russh_config: arc_swap::ArcSwap::from_pointee(russh_config),
             roles,
@@ -299,6 +303,19 @@ impl SshNode {
         let config = russh_config(&self.config.host_key, cert)?;
         self.russh_config.store(Arc::new(config));
         Ok(())
+    }
+
+    /// Trust these user CA keys from now on (a rotation: both keys during its grace period).
+    /// An empty list is ignored: a node never trusts no CA.
+    pub fn set_user_ca_keys(&self, keys: Vec<ssh_key::PublicKey>) {
+        if !keys.is_empty() && **self.user_ca_keys.load() != keys {
+            tracing::info!(keys = keys.len(), "ssh: trusted user CA keys changed");
+            self.user_ca_keys.store(Arc::new(keys));
+        }
+    }
+
+    pub(crate) fn user_ca_keys(&self) -> Arc<Vec<ssh_key::PublicKey>> {
+        self.user_ca_keys.load_full()
     }
 
     /// Record the shell and exec sessions this node serves.

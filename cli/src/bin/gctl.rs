@@ -155,6 +155,19 @@ enum AuthCmd {
         #[arg(long = "type")]
         ca_type: String,
     },
+    /// Rotate a CA: a new key signs from now on; the old one stays trusted (exports, agents,
+    /// clients) for the grace period, then is dropped. --rollback, before the grace ends, makes
+    /// the previous key the signer again.
+    Rotate {
+        /// user or host.
+        #[arg(long = "type")]
+        ca_type: String,
+        /// How long the key replaced stays trusted.
+        #[arg(long, default_value = "24h")]
+        grace: humantime::Duration,
+        #[arg(long)]
+        rollback: bool,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -293,6 +306,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner()
                 .text;
             print!("{text}");
+            Ok(())
+        }
+        Command::Auth(AuthCmd::Rotate {
+            ca_type,
+            grace,
+            rollback,
+        }) => {
+            let resp = client
+                .rotate_cert_authority(proto::RotateCertAuthorityRequest {
+                    r#type: ca_type.clone(),
+                    grace_seconds: grace.as_secs(),
+                    rollback,
+                })
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            let what = if rollback { "rolled back" } else { "rotated" };
+            println!(
+                "The {ca_type} CA {what}. Signing with:\n  {}\nThe key it replaced stays trusted until {}.\nTrusted now (gctl auth export --type {ca_type}):",
+                resp.trusted.first().map(String::as_str).unwrap_or(""),
+                gatehouse_cli::fmt_time(resp.previous_trusted_until)
+            );
+            for key in &resp.trusted {
+                println!("  {key}");
+            }
             Ok(())
         }
         Command::Events(args) => events(&mut client, args).await,

@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod fleet;
+pub mod sshd;
 #[allow(unused_imports)] // not every test binary uses the fleet
 pub use fleet::*;
 

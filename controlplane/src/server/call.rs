@@ -73,11 +73,12 @@ pub(crate) enum Rpc {
     CreateLock,
     ListLocks,
     DeleteLock,
+    RotateCertAuthority,
 }
 
 impl Rpc {
     #[cfg(test)]
-    pub(crate) const ALL: [Rpc; 36] = [
+    pub(crate) const ALL: [Rpc; 37] = [
         Rpc::Ping,
         Rpc::Login,
         Rpc::AddMfaDevice,
@@ -114,6 +115,7 @@ impl Rpc {
         Rpc::CreateLock,
         Rpc::ListLocks,
         Rpc::DeleteLock,
+        Rpc::RotateCertAuthority,
     ];
 
     /// The access rule: the one table of who may call what.
@@ -163,6 +165,7 @@ impl Rpc {
             Rpc::CreateLock => Rule(K::Lock, Verb::Create),
             Rpc::ListLocks => Rule(K::Lock, Verb::List),
             Rpc::DeleteLock => Rule(K::Lock, Verb::Delete),
+            Rpc::RotateCertAuthority => Rule(K::CertAuthority, Verb::Update),
         }
     }
 
@@ -205,6 +208,7 @@ impl Rpc {
             Rpc::CreateLock => "CreateLock",
             Rpc::ListLocks => "ListLocks",
             Rpc::DeleteLock => "DeleteLock",
+            Rpc::RotateCertAuthority => "RotateCertAuthority",
         }
     }
 }

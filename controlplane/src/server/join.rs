@@ -202,6 +202,7 @@ pub(super) fn sign_host(
     principals.extend(host.addresses.iter().cloned());
     let ssh_cert = state
         .host_ca
+        .load()
         .sign_host(
             ssh_key,
             host.host_id,

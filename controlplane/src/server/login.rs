@@ -217,6 +217,7 @@ pub(super) fn sign_client(
     let perms = roles.cert_permissions();
     let ssh_cert = state
         .user_ca
+        .load()
         .sign_user(
             ssh_key,
             &SshUserCertRequest {

@@ -143,8 +143,11 @@ impl AuthMetrics {
 pub struct AuthState {
     pub cluster: String,
     pub store: Store,
-    pub user_ca: SshCa,
-    pub host_ca: SshCa,
+    /// The SSH CAs' signing keys (swapped by a rotation; `authorities.rs`).
+    pub user_ca: arc_swap::ArcSwap<SshCa>,
+    pub host_ca: arc_swap::ArcSwap<SshCa>,
+    /// Keys replaced by a rotation, trusted until their grace period ends.
+    pub(crate) previous_cas: arc_swap::ArcSwap<authorities::Previous>,
     pub tls_ca: TlsCa,
     pub metrics: Arc<AuthMetrics>,
     pub(crate) limiter: Mutex<LoginLimiter>,
@@ -200,8 +203,9 @@ impl AuthState {
         Ok(Self {
             cluster,
             store,
-            user_ca,
-            host_ca,
+            user_ca: arc_swap::ArcSwap::from_pointee(user_ca),
+            host_ca: arc_swap::ArcSwap::from_pointee(host_ca),
+            previous_cas: arc_swap::ArcSwap::default(),
             tls_ca,
             metrics: Arc::default(),
             limiter: Mutex::new(LoginLimiter::default()),
@@ -397,8 +401,8 @@ impl AuthState {
             ssh_cert,
             tls_cert,
             tls_ca: self.tls_ca.cert_pem().to_owned(),
-            ssh_host_ca: vec![self.host_ca.public_line()],
-            ssh_user_ca: vec![self.user_ca.public_line()],
+            ssh_host_ca: self.trusted_ssh(authorities::SshKind::Host),
+            ssh_user_ca: self.trusted_ssh(authorities::SshKind::User),
             cluster_name: self.cluster.clone(),
             expires,
         }
@@ -794,6 +798,14 @@ impl Auth for AuthService {
         req: Request<proto::ListLocksRequest>,
     ) -> Result<Response<proto::ListLocksResponse>, Status> {
         self.handle(Rpc::ListLocks, req, locks::list).await
+    }
+
+    async fn rotate_cert_authority(
+        &self,
+        req: Request<proto::RotateCertAuthorityRequest>,
+    ) -> Result<Response<proto::RotateCertAuthorityResponse>, Status> {
+        self.handle(Rpc::RotateCertAuthority, req, authorities::rotate)
+            .await
     }
 
     async fn delete_lock(

@@ -250,9 +250,14 @@ async fn finish(
             "a recording without start or trailer",
         ));
     };
-    let ca =
-        ssh_key::PublicKey::from_openssh(&call.state.host_ca.public_line()).map_err(internal)?;
-    let signed_by = gatehouse_recording::verify_trailer(meta, trailer, &[ca]).map_err(|e| {
+    // Any host key trusted now: a recording may end during a host CA rotation.
+    let cas: Vec<ssh_key::PublicKey> = call
+        .state
+        .trusted_ssh(super::authorities::SshKind::Host)
+        .iter()
+        .filter_map(|l| ssh_key::PublicKey::from_openssh(l).ok())
+        .collect();
+    let signed_by = gatehouse_recording::verify_trailer(meta, trailer, &cas).map_err(|e| {
         Status::invalid_argument(format!("recording {} does not verify: {e}", row.id))
     })?;
     let bytes = recordings.keep(&row.id).await.map_err(|e| {

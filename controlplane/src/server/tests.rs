@@ -192,6 +192,7 @@ fn allowed(rpc: Rpc) -> &'static [&'static str] {
         Rpc::CreateLock | Rpc::DeleteLock => TOKEN_ADMINS,
         // Proxies and agents follow locks to end what they stop.
         Rpc::ListLocks => &["editor", "denied-editor", "agent", "proxy", "admin"],
+        Rpc::RotateCertAuthority => &["admin"],
     }
 }
 
@@ -334,6 +335,16 @@ async fn call(svc: &AuthService, rpc: Rpc, peer: &Option<Identity>) -> Result<()
                 peer,
                 p::CreateLockRequest {
                     kind: "bogus".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map(drop),
+        Rpc::RotateCertAuthority => svc
+            .rotate_cert_authority(request(
+                peer,
+                p::RotateCertAuthorityRequest {
+                    r#type: "bogus".into(),
                     ..Default::default()
                 },
             ))

@@ -39,8 +39,8 @@ pub(crate) const LEAF: &str = "leaf";
 /// This cluster's CAs (public parts).
 fn own_cas(state: &AuthState) -> proto::ClusterCas {
     proto::ClusterCas {
-        user_ca_ssh: state.user_ca.public_line(),
-        host_ca_ssh: state.host_ca.public_line(),
+        user_ca_ssh: state.user_ca.load().public_line(),
+        host_ca_ssh: state.host_ca.load().public_line(),
         tls_ca_pem: state.tls_ca.cert_pem().to_owned(),
     }
 }
@@ -302,7 +302,7 @@ pub(super) async fn list(
         relation: "self".into(),
         online: true,
         last_seen: now,
-        host_ca_ssh: state.host_ca.public_line(),
+        host_ca_ssh: state.host_ca.load().public_line(),
     }];
     for row in state.store.list_trust().await.map_err(store_status)? {
         let online = row.side == LEAF && held.contains(&row.name);

@@ -177,7 +177,23 @@ async fn feed(
         let (Some(hub), Some(state)) = (hub.upgrade(), state.upgrade()) else {
             return;
         };
+        // A CA rotated (through this Auth or another): this Auth signs with the new key, and
+        // watchers hear of both keys.
+        if let Ok(Change::CertAuthority(_)) = &change {
+            let body = match state.reload_cas().await {
+                Ok(()) => {
+                    for it in ca_items(&state) {
+                        hub.push(Body::Put(it));
+                    }
+                    continue;
+                }
+                Err(_) => Body::Reset,
+            };
+            hub.push(body);
+            continue;
+        }
         let body = match change {
+            Ok(Change::CertAuthority(_)) => Body::Reset,
             Ok(Change::Proxy(name)) => match state.store.get_proxy(&name, now_secs()).await {
                 Ok(Some(spec)) => Body::Put(item("proxy", &name, spec)),
                 Ok(None) => Body::Delete(item("proxy", &name, String::new())),
@@ -227,6 +243,31 @@ fn item(kind: &str, name: &str, resource: String) -> proto::WatchItem {
     }
 }
 
+/// The CAs as watchers get them: for the SSH CAs the signing key (`ssh_public_key`), every
+/// key trusted now (`ssh_public_keys`) and when the previous one stops being trusted
+/// (`previous_until`, 0: none); the X.509 CA as PEM.
+fn ca_items(state: &AuthState) -> Vec<proto::WatchItem> {
+    use super::authorities::SshKind;
+    let ssh = |kind: SshKind| {
+        let keys = state.trusted_ssh(kind);
+        serde_json::json!({
+            "ssh_public_key": keys.first(),
+            "ssh_public_keys": keys,
+            "previous_until": state.previous_until(kind),
+        })
+        .to_string()
+    };
+    vec![
+        item("cert_authority", "user", ssh(SshKind::User)),
+        item("cert_authority", "host", ssh(SshKind::Host)),
+        item(
+            "cert_authority",
+            "tls",
+            serde_json::json!({ "cert_pem": state.tls_ca.cert_pem() }).to_string(),
+        ),
+    ]
+}
+
 /// Everything of `kinds` as the store holds it now.
 async fn snapshot(state: &AuthState, kinds: &[String]) -> Result<Vec<proto::WatchItem>, Status> {
     let mut items = Vec::new();
@@ -248,24 +289,7 @@ async fn snapshot(state: &AuthState, kinds: &[String]) -> Result<Vec<proto::Watc
                     items.push(item("role", &role.metadata.name, doc));
                 }
             }
-            "cert_authority" => {
-                let doc = |v: serde_json::Value| v.to_string();
-                items.push(item(
-                    "cert_authority",
-                    "user",
-                    doc(serde_json::json!({ "ssh_public_key": state.user_ca.public_line() })),
-                ));
-                items.push(item(
-                    "cert_authority",
-                    "host",
-                    doc(serde_json::json!({ "ssh_public_key": state.host_ca.public_line() })),
-                ));
-                items.push(item(
-                    "cert_authority",
-                    "tls",
-                    doc(serde_json::json!({ "cert_pem": state.tls_ca.cert_pem() })),
-                ));
-            }
+            "cert_authority" => items.extend(ca_items(state)),
             "trusted_cluster" => {
                 for row in state.store.list_trust().await.map_err(store_status)? {
                     items.push(trust_item(&row));

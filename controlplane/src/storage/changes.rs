@@ -25,6 +25,8 @@ pub enum Change {
     TrustedCluster(String),
     /// A lock was created, changed or removed.
     Lock(String),
+    /// A CA rotated or rolled back (`user`, `host`, `tls`).
+    CertAuthority(String),
     /// Announcements may have been missed (the listening connection was cut): assume that
     /// anything changed.
     Everything,
@@ -37,6 +39,7 @@ impl Change {
             Change::Proxy(name) => format!("proxy:{name}"),
             Change::TrustedCluster(name) => format!("trusted_cluster:{name}"),
             Change::Lock(name) => format!("lock:{name}"),
+            Change::CertAuthority(kind) => format!("cert_authority:{kind}"),
             Change::Everything => "*".into(),
         }
     }
@@ -47,6 +50,7 @@ impl Change {
             Some(("proxy", name)) => Change::Proxy(name.to_owned()),
             Some(("trusted_cluster", name)) => Change::TrustedCluster(name.to_owned()),
             Some(("lock", name)) => Change::Lock(name.to_owned()),
+            Some(("cert_authority", kind)) => Change::CertAuthority(kind.to_owned()),
             _ => Change::Everything,
         }
     }
@@ -57,7 +61,7 @@ pub(super) fn apply(roles: &RoleCache, watchers: &broadcast::Sender<Change>, cha
     // Roles are the only cache so far.
     if !matches!(
         change,
-        Change::Proxy(_) | Change::TrustedCluster(_) | Change::Lock(_)
+        Change::Proxy(_) | Change::TrustedCluster(_) | Change::Lock(_) | Change::CertAuthority(_)
     ) {
         roles.invalidate();
     }

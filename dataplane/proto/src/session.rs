@@ -47,6 +47,10 @@ pub struct SessionResponse {
     pub node: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub host_id: String,
+    /// For an SSH session: the cluster's host CA keys trusted now (OpenSSH public key lines),
+    /// so a client keeps its `known_hosts` current through a host CA rotation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_ca: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -46,6 +46,32 @@ use router::RouteTable;
 pub use throttle::SessionRate;
 use worker::{Handover, QuicListener};
 
+/// The host CA keys trusted now, as the watch stream says: the signer first, the previous key
+/// (during a rotation) until `previous_until`.
+#[derive(Debug, Default)]
+pub struct HostCas(arc_swap::ArcSwap<(Vec<String>, i64)>);
+
+impl HostCas {
+    pub fn set(&self, keys: Vec<String>, previous_until: i64) {
+        self.0.store(Arc::new((keys, previous_until)));
+    }
+
+    /// The keys trusted now.
+    pub fn trusted(&self) -> Vec<String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        let held = self.0.load();
+        let (keys, until) = (&held.0, held.1);
+        keys.iter()
+            .enumerate()
+            .filter(|(i, _)| *i == 0 || until > now)
+            .map(|(_, k)| k.clone())
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     pub listen: SocketAddr,
@@ -78,6 +104,8 @@ pub struct ProxyConfig {
     /// The locks in force (kept current by the role): locked users' and bots' sessions are
     /// refused, locked nodes' tunnels closed.
     pub locks: Arc<Locks>,
+    /// The cluster's host CA keys (kept current by the role), told to SSH clients.
+    pub host_cas: Arc<HostCas>,
     /// Signs the preamble that tells Auth a passed-through client's address (this proxy's
     /// certificate and key; replaced on renewal). `None`: Auth sees the proxy's address.
     pub client_addr: Arc<arc_swap::ArcSwapOption<gatehouse_controlplane::client_addr::Asserter>>,

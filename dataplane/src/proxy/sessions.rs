@@ -83,6 +83,7 @@ fn response(
         candidates,
         node: node.to_owned(),
         host_id: host_id.to_owned(),
+        host_ca: vec![],
     }
 }
 
@@ -307,7 +308,10 @@ impl Worker {
                 return;
             }
         };
-        let resp = response(None, vec![], &plan.node, &plan.host_id);
+        let mut resp = response(None, vec![], &plan.node, &plan.host_id);
+        if plan.stream_target == "ssh" {
+            resp.host_ca = shared.config.host_cas.trusted();
+        }
         if tls.write_all(&session::encode(&resp)).await.is_err() {
             return;
         }
