@@ -18,25 +18,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Fleet, bin, cert_expiry, sleep_past};
+use common::{Fleet, bin, cert_expiry, echo_server, sleep_past};
 use sha2::{Digest, Sha256};
-
-/// An echo server on 127.0.0.9: each connection gets its bytes back.
-fn echo_server() -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.9:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                let mut w = conn.try_clone().unwrap();
-                let _ = std::io::copy(&mut conn, &mut w);
-                let _ = w.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
-    addr
-}
 
 /// `n` agents, `node1` … `nodeN`, each serving one echo server as its app `echo1` … `echoN`,
 /// with `extra` arguments: (node name, agent arguments).

@@ -1,8 +1,9 @@
 //! The fleet: Auth, a Proxy and agents as separate processes (more Auths and proxies for the HA
 //! tests), joined with real tokens, and what the tests ask of them.
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{Daemon, Output, bin, http_get, run};
@@ -372,5 +373,41 @@ impl Fleet {
         let path = home.join("ssh_config");
         std::fs::write(&path, out.stdout).unwrap();
         path
+    }
+
+    /// `gsh ssh LOGIN@node1 'echo ready; sleep 120'`, started; returns once `ready` is read.
+    pub fn long_ssh(
+        &self,
+        home: &Path,
+    ) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
+        let mut child = Command::new(bin("gsh"))
+            .args([
+                "ssh",
+                &format!("{}@node1", self.login),
+                "echo ready; sleep 120",
+            ])
+            .env("GATEHOUSE_HOME", home)
+            .env_remove("GATEHOUSE_AUTH")
+            .env_remove("GATEHOUSE_PROXY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        if line.trim() != "ready" {
+            let _ = child.kill();
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("no `ready` from the session: {line:?}\n{err}");
+        }
+        (child, out)
     }
 }

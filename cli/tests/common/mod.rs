@@ -480,3 +480,20 @@ pub fn sleep_past(t: std::time::SystemTime) {
         std::thread::sleep(left);
     }
 }
+
+/// An echo server on 127.0.0.9: each connection gets its bytes back.
+pub fn echo_server() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.9:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut w = conn.try_clone().unwrap();
+                let _ = std::io::copy(&mut conn, &mut w);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
