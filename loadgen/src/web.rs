@@ -296,9 +296,7 @@ async fn measure(
         Instant::now(),
     );
     // For a profiler to attach to the proxy in this state (`perf record -p PID` while it lasts).
-    eprintln!(
-        "web: {path} steady window begins (proxy pid {proxy}, {opened} sessions printing)"
-    );
+    eprintln!("web: {path} steady window begins (proxy pid {proxy}, {opened} sessions printing)");
     let mut hist = Histogram::<u64>::new(3)?;
     let probe_result = match &mut probe_session {
         Probe::Web(ws) => web_echo(ws, cfg.probes, &mut hist).await,

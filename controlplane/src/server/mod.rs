@@ -25,6 +25,8 @@ mod mfa;
 mod nodes;
 mod recordings;
 #[cfg(test)]
+mod security_tests;
+#[cfg(test)]
 mod tests;
 mod tokens;
 mod trust;

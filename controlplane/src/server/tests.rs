@@ -18,12 +18,12 @@ use crate::resources::{
 
 const CLUSTER: &str = "c1";
 
-struct Fixture {
-    service: AuthService,
+pub(super) struct Fixture {
+    pub(super) service: AuthService,
     _dir: tempfile::TempDir,
 }
 
-async fn fixture() -> Fixture {
+pub(super) async fn fixture() -> Fixture {
     fixture_with(crate::role::SecondFactor::Off).await
 }
 
@@ -81,7 +81,7 @@ async fn fixture_with(second_factor: crate::role::SecondFactor) -> Fixture {
     }
 }
 
-fn identity(kind: IdentityKind, name: &str, roles: &[&str], cluster: &str) -> Identity {
+pub(super) fn identity(kind: IdentityKind, name: &str, roles: &[&str], cluster: &str) -> Identity {
     Identity {
         kind,
         name: name.into(),
@@ -196,7 +196,7 @@ fn allowed(rpc: Rpc) -> &'static [&'static str] {
     }
 }
 
-fn request<T>(peer: &Option<Identity>, msg: T) -> Request<T> {
+pub(super) fn request<T>(peer: &Option<Identity>, msg: T) -> Request<T> {
     let mut req = Request::new(msg);
     req.extensions_mut().insert(PeerInfo {
         remote: Some("127.0.0.9:4000".parse().unwrap()),
