@@ -247,7 +247,24 @@ impl RecordingStore {
         live: bool,
         range: Range<u64>,
     ) -> Result<Vec<u8>, RecordingStoreError> {
-        if live && self.shared_staging {
+        if live {
+            match self.read_staged(id, range.clone()).await {
+                Ok(bytes) => return Ok(bytes),
+                // Finished since the caller looked: the staged copy is gone, the object is
+                // there (a reader following a session as it ends).
+                Err(staged) => return self.read_object(id, range).await.map_err(|_| staged),
+            }
+        }
+        self.read_object(id, range).await
+    }
+
+    /// A live recording's bytes, from the staging file (or the staged parts, with S3).
+    async fn read_staged(
+        &self,
+        id: &str,
+        range: Range<u64>,
+    ) -> Result<Vec<u8>, RecordingStoreError> {
+        if self.shared_staging {
             let mut out = Vec::new();
             for (start, len, part) in self.parts(id).await? {
                 let end = start + len;
@@ -260,14 +277,20 @@ impl RecordingStore {
             }
             return Ok(out);
         }
-        if live {
-            let path = self.staging_path(id);
-            return Ok(
-                tokio::task::spawn_blocking(move || read_range(&path, range))
-                    .await
-                    .map_err(std::io::Error::other)??,
-            );
-        }
+        let path = self.staging_path(id);
+        Ok(
+            tokio::task::spawn_blocking(move || read_range(&path, range))
+                .await
+                .map_err(std::io::Error::other)??,
+        )
+    }
+
+    /// A kept recording's bytes.
+    async fn read_object(
+        &self,
+        id: &str,
+        range: Range<u64>,
+    ) -> Result<Vec<u8>, RecordingStoreError> {
         let path = self.object_path(id);
         match self.objects.get_range(&path, range.clone()).await {
             Ok(bytes) => Ok(bytes.to_vec()),
