@@ -379,3 +379,24 @@ fn read_range(path: &Path, range: Range<u64>) -> std::io::Result<Vec<u8>> {
         .read_to_end(&mut out)?;
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn a_live_read_after_the_recording_was_kept_reads_the_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordingStore::open(dir.path(), &RecordingConfig::default()).unwrap();
+        store.append("r1", 0, b"0123456789").await.unwrap();
+        assert_eq!(store.read("r1", true, 2..5).await.unwrap(), b"234");
+        // The session ends between the reader's look at the index and its read.
+        store.keep("r1").await.unwrap();
+        assert_eq!(store.read("r1", true, 2..5).await.unwrap(), b"234");
+        assert_eq!(store.read("r1", false, 8..10).await.unwrap(), b"89");
+        // Neither staged nor kept: the staging error stands.
+        let err = store.read("nope", true, 0..1).await.unwrap_err();
+        assert!(err.to_string().starts_with("staging"), "{err}");
+    }
+}
