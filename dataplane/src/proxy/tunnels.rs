@@ -249,6 +249,18 @@ impl Worker {
             Some(cluster) => (super::router::leaf_host_id(cluster), String::new()),
             None => host_of(id),
         };
+        // A locked node is told why and closed before it is placed anywhere (no route, no count).
+        if leaf.is_none()
+            && let Some(reason) = shared.config.locks.node_locked(&host_id, &host_name)
+        {
+            let (tunnel, _events) = Tunnel::new(Side::Listener, shared.config.tunnel.clone());
+            tunnel.go_away(&reason);
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_millis(200), tunnel.run(tls)).await;
+            shared.metrics.refuse("gatehouse-tunnel", "locked");
+            tracing::info!(%remote, %host_id, %reason, "proxy: tunnel of a locked node refused");
+            return;
+        }
         let (tunnel, mut events) = Tunnel::new(Side::Listener, shared.config.tunnel.clone());
         let native = quic_sessions.is_some();
         if let Some(conn) = quic_sessions {
