@@ -196,7 +196,7 @@ impl AppService {
         crate::ssh::locked_out(&self.locks.load(), &self.node_name, user, roles, now).err()
     }
 
-    /// End the live sessions the locks now stop; returns how many.
+    /// End the live sessions the locks now stop, each with its lock's reason; returns how many.
     pub fn end_locked(&self) -> usize {
         let reasons: Vec<(u64, String)> = match self.live.lock() {
             Ok(live) => live
@@ -205,22 +205,23 @@ impl AppService {
                 .collect(),
             Err(_) => return 0,
         };
-        let mut n = 0;
-        for (id, reason) in reasons {
-            n += self.end_where_id(id, &reason);
-        }
-        n
+        reasons
+            .iter()
+            .filter(|(id, reason)| self.end_live(*id, reason))
+            .count()
     }
 
-    fn end_where_id(&self, id: u64, reason: &str) -> usize {
+    /// Take one live session out of the table, stop its task and audit its end with `reason`;
+    /// false if it had ended already.
+    fn end_live(&self, id: u64, reason: &str) -> bool {
         let ended = self.live.lock().ok().and_then(|mut l| l.remove(&id));
         match ended {
             Some((allowed, task)) => {
                 task.abort();
                 self.end_event(&allowed, None, reason);
-                1
+                true
             }
-            None => 0,
+            None => false,
         }
     }
 
@@ -264,22 +265,15 @@ impl AppService {
     /// End the live sessions `matches` picks (user name, role names) with `reason` (audited);
     /// returns how many.
     pub fn end_where(&self, matches: impl Fn(&str, &[String]) -> bool, reason: &str) -> usize {
-        let ended: Vec<(Allowed, tokio::task::AbortHandle)> = match self.live.lock() {
-            Ok(mut live) => {
-                let ids: Vec<u64> = live
-                    .iter()
-                    .filter(|(_, (a, _))| matches(&a.user, &a.roles))
-                    .map(|(id, _)| *id)
-                    .collect();
-                ids.iter().filter_map(|id| live.remove(id)).collect()
-            }
+        let ids: Vec<u64> = match self.live.lock() {
+            Ok(live) => live
+                .iter()
+                .filter(|(_, (a, _))| matches(&a.user, &a.roles))
+                .map(|(id, _)| *id)
+                .collect(),
             Err(_) => return 0,
         };
-        for (allowed, task) in &ended {
-            task.abort();
-            self.end_event(allowed, None, reason);
-        }
-        ended.len()
+        ids.iter().filter(|id| self.end_live(**id, reason)).count()
     }
 }
 

@@ -52,26 +52,6 @@ fn token_in(text: &str) -> String {
         .to_string()
 }
 
-/// `gbot start --oneshot` with these extra arguments.
-fn oneshot(f: &Fleet, data: &Path, out: &Path, extra: &[&str]) -> Output {
-    let mut cmd = Command::new(bin("gbot"));
-    cmd.args([
-        "start",
-        "--oneshot",
-        "--proxy",
-        &f.proxy_addr,
-        "--ca-pin",
-        &f.pin,
-    ])
-    .arg("--data-dir")
-    .arg(data)
-    .arg("--destination")
-    .arg(out)
-    .args(extra)
-    .env_remove("GATEHOUSE_BOT_TOKEN");
-    run(cmd, None)
-}
-
 /// A running `gbot start`, killed on drop; its log in a file.
 struct Gbot {
     child: Child,
@@ -481,12 +461,17 @@ fn a_stolen_identity_locks_the_bot_and_oneshot_says_why() {
     bot_role(&f);
     let token = add_bot(&f, "ci");
     let d = |n: &str| f.dir.path().join(n);
-    oneshot(&f, &d("data1"), &d("out1"), &["--token", &token]).ok();
+    f.gbot_oneshot(&d("data1"), &d("out1"), &["--token", &token])
+        .ok();
     assert!(d("out1").join("tls.crt").exists());
     // The same token again (single use).
-    let twice = oneshot(&f, &d("data-x"), &d("out-x"), &["--token", &token]).failed();
+    let twice = f
+        .gbot_oneshot(&d("data-x"), &d("out-x"), &["--token", &token])
+        .failed();
     assert!(twice.stderr.contains("used up"), "{twice:?}");
-    let bad = oneshot(&f, &d("data-y"), &d("out-y"), &["--token", "nope"]).failed();
+    let bad = f
+        .gbot_oneshot(&d("data-y"), &d("out-y"), &["--token", "nope"])
+        .failed();
     assert!(bad.stderr.contains("not recognized"), "{bad:?}");
 
     // The thief copies the bot's data dir; the bot renews first.
@@ -499,10 +484,10 @@ fn a_stolen_identity_locks_the_bot_and_oneshot_says_why() {
         None,
     )
     .ok();
-    oneshot(&f, &d("data1"), &d("out1"), &[]).ok();
-    let thief = oneshot(&f, &d("data2"), &d("out2"), &[]).failed();
+    f.gbot_oneshot(&d("data1"), &d("out1"), &[]).ok();
+    let thief = f.gbot_oneshot(&d("data2"), &d("out2"), &[]).failed();
     assert!(thief.stderr.contains("locked"), "{thief:?}");
-    let owner = oneshot(&f, &d("data1"), &d("out1"), &[]).failed();
+    let owner = f.gbot_oneshot(&d("data1"), &d("out1"), &[]).failed();
     assert!(owner.stderr.contains("locked"), "{owner:?}");
     let locked = f.events("bot.locked");
     assert_eq!(locked.len(), 1, "{locked:?}");
@@ -537,12 +522,13 @@ fn a_stolen_identity_locks_the_bot_and_oneshot_says_why() {
         .unwrap()
         .trim()
         .to_string();
-    oneshot(&f, &d("data1"), &d("out1"), &["--token", &fresh]).ok();
-    let still = oneshot(&f, &d("data1"), &d("out1"), &[]).failed();
+    f.gbot_oneshot(&d("data1"), &d("out1"), &["--token", &fresh])
+        .ok();
+    let still = f.gbot_oneshot(&d("data1"), &d("out1"), &[]).failed();
     assert!(still.stderr.contains("locked"), "{still:?}");
     f.gctl(&["bots", "unlock", "ci"]).ok();
-    oneshot(&f, &d("data1"), &d("out1"), &[]).ok();
-    let old = oneshot(&f, &d("data2"), &d("out2"), &[]).failed();
+    f.gbot_oneshot(&d("data1"), &d("out1"), &[]).ok();
+    let old = f.gbot_oneshot(&d("data2"), &d("out2"), &[]).failed();
     assert!(old.stderr.contains("replaced"), "{old:?}");
 
     // A certificate from a foreign CA: refused, nothing written.
@@ -555,7 +541,7 @@ fn a_stolen_identity_locks_the_bot_and_oneshot_says_why() {
     forged["tls_key"] = key.into();
     std::fs::create_dir_all(d("data3")).unwrap();
     std::fs::write(d("data3").join("identity.json"), forged.to_string()).unwrap();
-    let foreign = oneshot(&f, &d("data3"), &d("out3"), &[]).failed();
+    let foreign = f.gbot_oneshot(&d("data3"), &d("out3"), &[]).failed();
     assert!(foreign.stderr.contains("certificate"), "{foreign:?}");
     assert!(!d("out3").join("tls.crt").exists());
 
@@ -563,7 +549,7 @@ fn a_stolen_identity_locks_the_bot_and_oneshot_says_why() {
     let mut expired = stored;
     expired["expires"] = 1.into();
     std::fs::write(d("data1").join("identity.json"), expired.to_string()).unwrap();
-    let e = oneshot(&f, &d("data1"), &d("out1"), &[]).failed();
+    let e = f.gbot_oneshot(&d("data1"), &d("out1"), &[]).failed();
     assert!(
         e.stderr.contains("expired") && e.stderr.contains("new --token"),
         "{e:?}"
@@ -596,19 +582,17 @@ fn bad_destinations_are_refused_before_anything_is_written() {
     let d = |n: &str| f.dir.path().join(n);
     std::fs::create_dir(d("elsewhere")).unwrap();
     std::os::unix::fs::symlink(d("elsewhere"), d("link")).unwrap();
-    let link = oneshot(&f, &d("data"), &d("link"), &["--token", &token]).failed();
+    let link = f
+        .gbot_oneshot(&d("data"), &d("link"), &["--token", &token])
+        .failed();
     assert!(link.stderr.contains("symbolic link"), "{link:?}");
     assert_eq!(std::fs::read_dir(d("elsewhere")).unwrap().count(), 0);
     assert!(!d("data").join("identity.json").exists());
 
     std::fs::write(d("a-file"), "x").unwrap();
-    let under = oneshot(
-        &f,
-        &d("data"),
-        &d("a-file").join("out"),
-        &["--token", &token],
-    )
-    .failed();
+    let under = f
+        .gbot_oneshot(&d("data"), &d("a-file").join("out"), &["--token", &token])
+        .failed();
     assert!(
         under.stderr.contains("cannot create destination"),
         "{under:?}"
@@ -619,9 +603,12 @@ fn bad_destinations_are_refused_before_anything_is_written() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir(d("ro")).unwrap();
         std::fs::set_permissions(d("ro"), std::fs::Permissions::from_mode(0o500)).unwrap();
-        let ro = oneshot(&f, &d("data"), &d("ro"), &["--token", &token]).failed();
+        let ro = f
+            .gbot_oneshot(&d("data"), &d("ro"), &["--token", &token])
+            .failed();
         assert!(ro.stderr.contains("not writable"), "{ro:?}");
     }
     // The token was never used: it still joins.
-    oneshot(&f, &d("data"), &d("good"), &["--token", &token]).ok();
+    f.gbot_oneshot(&d("data"), &d("good"), &["--token", &token])
+        .ok();
 }

@@ -11,12 +11,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Fleet, bin, echo_server};
+use common::{Fleet, echo_server, forward};
 
 fn create_role(f: &Fleet, name: &str, body: &str) {
     let dir = tempfile::tempdir().unwrap();
@@ -27,23 +26,6 @@ fn create_role(f: &Fleet, name: &str, body: &str) {
     )
     .unwrap();
     f.gctl(&["create", "-f", p.to_str().unwrap()]).ok();
-}
-
-/// `gsh proxy tcp APP` listening on loopback: the child and its address.
-fn forward(home: &Path, app: &str) -> (std::process::Child, String) {
-    let mut fwd = Command::new(bin("gsh"))
-        .args(["proxy", "tcp", app, "--listen", "127.0.0.1:0"])
-        .env("GATEHOUSE_HOME", home)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(fwd.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let local = line.split_whitespace().nth(1).unwrap().to_string();
-    (fwd, local)
 }
 
 /// One connection through `gsh proxy tcp APP`: send `msg`, half-close, read everything back.
@@ -362,24 +344,7 @@ fn a_locked_node_loses_its_tunnel_and_a_locked_bot_cannot_renew() {
         .to_string();
     let data = f.dir.path().join("bot-data");
     let out = f.dir.path().join("bot-out");
-    let gbot = |extra: &[&str]| {
-        let mut cmd = Command::new(bin("gbot"));
-        cmd.args([
-            "start",
-            "--oneshot",
-            "--proxy",
-            &f.proxy_addr,
-            "--ca-pin",
-            &f.pin,
-        ])
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--destination")
-        .arg(&out)
-        .args(extra)
-        .env_remove("GATEHOUSE_BOT_TOKEN");
-        common::run(cmd, None)
-    };
+    let gbot = |extra: &[&str]| f.gbot_oneshot(&data, &out, extra);
     gbot(&["--token", &token]).ok();
     f.gctl(&["lock", "--bot", "ci", "--message", "rotating CI secrets"])
         .ok();

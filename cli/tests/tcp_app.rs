@@ -12,13 +12,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
+use std::io::{Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Fleet, bin, cert_expiry, echo_server, sleep_past};
+use common::{Fleet, cert_expiry, echo_server, forward, sleep_past};
 use sha2::{Digest, Sha256};
 
 /// `n` agents, `node1` … `nodeN`, each serving one echo server as its app `echo1` … `echoN`,
@@ -758,21 +757,4 @@ fn round_trip_app(home: &std::path::Path, app: &str, size: usize) {
         size >> 20,
         (2 * size) as f64 / 1048576.0 / elapsed.as_secs_f64()
     );
-}
-
-/// `gsh proxy tcp APP` on an ephemeral local port: the child and the address it listens on.
-fn forward(home: &std::path::Path, app: &str) -> (std::process::Child, String) {
-    let mut fwd = Command::new(bin("gsh"))
-        .args(["proxy", "tcp", app, "--listen", "127.0.0.1:0"])
-        .env("GATEHOUSE_HOME", home)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(fwd.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let local = line.split_whitespace().nth(1).unwrap().to_string();
-    (fwd, local)
 }

@@ -410,4 +410,41 @@ impl Fleet {
         }
         (child, out)
     }
+
+    /// `gbot start --oneshot` through this fleet's proxy with these extra arguments.
+    pub fn gbot_oneshot(&self, data: &Path, out: &Path, extra: &[&str]) -> Output {
+        let mut cmd = Command::new(bin("gbot"));
+        cmd.args([
+            "start",
+            "--oneshot",
+            "--proxy",
+            &self.proxy_addr,
+            "--ca-pin",
+            &self.pin,
+        ])
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--destination")
+        .arg(out)
+        .args(extra)
+        .env_remove("GATEHOUSE_BOT_TOKEN");
+        run(cmd, None)
+    }
+}
+
+/// `gsh proxy tcp APP` on an ephemeral local port: the child and the address it listens on.
+pub fn forward(home: &Path, app: &str) -> (std::process::Child, String) {
+    let mut fwd = Command::new(bin("gsh"))
+        .args(["proxy", "tcp", app, "--listen", "127.0.0.1:0"])
+        .env("GATEHOUSE_HOME", home)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(fwd.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let local = line.split_whitespace().nth(1).unwrap().to_string();
+    (fwd, local)
 }
