@@ -1,7 +1,8 @@
 //! The agent's view of the cluster's SSH CAs, followed from Auth's watch stream (kind
 //! `cert_authority`): during a user CA rotation the SSH service trusts both keys until the
 //! grace period ends; when the host CA's signing key is not the one that signed this node's host
-//! certificate (a host CA rotation or rollback), the certificate is renewed at once.
+//! certificate (a host CA rotation or rollback), or the X.509 CA's signer or trusted bundle is not
+//! the node's (a TLS CA rotation, its grace ending), the certificates are renewed at once.
 
 use std::sync::Arc;
 
@@ -76,9 +77,17 @@ pub(crate) async fn follow<E>(
             if let (Some(ssh), Some(user)) = (&ssh, authority(c, "user")) {
                 ssh.set_user_ca_keys(user.trusted(now));
             }
-            if let Some(signer) = authority(c, "host").and_then(|h| h.signer())
-                && signed_by_other(&identity.load(), &signer)
-            {
+            let id = identity.load();
+            let host_lags = authority(c, "host")
+                .and_then(|h| h.signer())
+                .is_some_and(|signer| signed_by_other(&id, &signer));
+            let tls_lags = c
+                .of("cert_authority")
+                .find(|(n, _)| *n == "tls")
+                .is_some_and(|(_, doc)| {
+                    gatehouse_controlplane::tls_authority::lags(doc, &id.tls_cert, &id.ca_pem)
+                });
+            if host_lags || tls_lags {
                 renew_now.notify_one();
             }
         },

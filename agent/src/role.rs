@@ -371,7 +371,7 @@ async fn renew_host_identity(r: Renewal) {
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(wait.max(1))) => {}
             () = r.now.notified() => {
-                tracing::info!("agent: the host CA's signing key changed; renewing the host certificate now");
+                tracing::info!("agent: a CA (host or X.509) changed; renewing the host certificate now");
             }
         }
         let renewed = match r.auth.client().await {
@@ -413,7 +413,11 @@ async fn renew_host_identity(r: Renewal) {
             recs.set_host_certificate(next.ssh_cert.trim().to_owned());
         }
         r.auth
-            .set_identity(next.tls_cert.clone(), next.tls_key.clone())
+            .set_identity(
+                next.tls_cert.clone(),
+                next.tls_key.clone(),
+                next.ca_pem.clone(),
+            )
             .await;
         let until = next.validity().map(|(_, to)| to).unwrap_or(0);
         r.identity.store(Arc::new(next));
@@ -483,9 +487,10 @@ impl AuthLink {
     }
 
     /// Authenticate with this certificate from now on (the next connection uses it).
-    async fn set_identity(&self, cert: String, key: String) {
+    async fn set_identity(&self, cert: String, key: String, ca_pem: String) {
         if let Ok(mut e) = self.endpoint.lock() {
             e.identity = Some((cert, key));
+            e.trust = gatehouse_controlplane::tls::Trust::CaPem(ca_pem);
         }
         self.forget().await;
     }

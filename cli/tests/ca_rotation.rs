@@ -205,7 +205,270 @@ fn user_and_host_cas_rotate_and_roll_back_with_the_real_openssh_tools() {
     assert!(long.try_wait().unwrap().is_none(), "the long session ended");
     let _ = long.kill();
     assert_eq!(f.events("ca.rotate").len(), 4);
-    // The TLS CA does not rotate yet, and says so.
-    let tls = f.gctl(&["auth", "rotate", "--type", "tls"]).failed();
-    assert!(tls.stderr.contains("not supported yet"), "{}", tls.stderr);
+}
+
+/// The issuer's common name of the first certificate in the PEM file `path`.
+fn issuer_cn(path: &Path) -> String {
+    let out = common::run(
+        {
+            let mut c = std::process::Command::new("openssl");
+            c.args(["x509", "-noout", "-issuer", "-nameopt", "multiline", "-in"])
+                .arg(path);
+            c
+        },
+        None,
+    )
+    .ok();
+    out.stdout
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("commonName")
+                .map(|v| v.trim_start_matches([' ', '=']).trim().to_owned())
+        })
+        .unwrap_or_default()
+}
+
+/// `openssl s_client` to the proxy trusting only `ca_file`: whether the chain verified, and the
+/// issuer of the certificate the proxy presented.
+fn proxy_verifies(f: &Fleet, ca_file: &Path) -> (bool, String) {
+    let mut c = std::process::Command::new("openssl");
+    c.args([
+        "s_client",
+        "-connect",
+        &f.proxy_addr,
+        "-alpn",
+        "gatehouse-auth",
+        "-verify_return_error",
+        "-CAfile",
+    ])
+    .arg(ca_file);
+    let out = common::run(c, Some(""));
+    let issuer = out
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("i:").map(str::to_owned))
+        .and_then(|i| {
+            i.split(", ")
+                .find_map(|part| part.trim().strip_prefix("CN = ").map(str::to_owned))
+        })
+        .unwrap_or_default();
+    (out.stdout.contains("Verify return code: 0 (ok)"), issuer)
+}
+
+/// `(pred)(proxy_verifies(ca_file))` within 20 s (the proxy renews on hearing of a change).
+fn proxy_eventually(f: &Fleet, ca_file: &Path, pred: impl Fn(bool, &str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, issuer) = proxy_verifies(f, ca_file);
+        if pred(ok, &issuer) {
+            return issuer;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy's chain: verified={ok} issuer={issuer}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// The distinct `sha256:` pins `gctl auth rotate` printed (the signer's first).
+fn gctl_pins(text: &str) -> Vec<String> {
+    let mut pins: Vec<String> = Vec::new();
+    for l in text.lines().map(str::trim) {
+        if l.starts_with("sha256:") && !pins.iter().any(|p| p == l) {
+            pins.push(l.to_owned());
+        }
+    }
+    pins
+}
+
+#[test]
+fn the_tls_ca_rotates_through_a_cross_signed_grace_and_rolls_back() {
+    let f = Fleet::start("rotatetls", &[("node1", "env=dev", vec![])]);
+    let alice = tempfile::tempdir().unwrap();
+    f.user(alice.path(), "alice", "access", &f.login, &[]);
+    f.wait_for_nodes(alice.path(), 1);
+    let work = tempfile::tempdir().unwrap();
+    let old_ca = work.path().join("old_ca.pem");
+    std::fs::write(
+        &old_ca,
+        f.gctl(&["auth", "export", "--type", "tls"]).ok().stdout,
+    )
+    .unwrap();
+    let old_cn = proxy_eventually(&f, &old_ca, |ok, _| ok);
+    let config = f.ssh_config(alice.path());
+    let openssh = || {
+        common::openssh(
+            &config,
+            &[],
+            &format!("{}@node1.{}", f.login, f.cluster),
+            &["echo", "openssh-ok"],
+            None,
+        )
+    };
+    assert_eq!(openssh().ok().stdout.trim(), "openssh-ok");
+    let (mut long, _out) = f.long_ssh(alice.path());
+
+    // 1. Rotate with a grace: the new CA signs at once; both are trusted.
+    let rotated = f
+        .gctl(&["auth", "rotate", "--type", "tls", "--grace", "45s"])
+        .ok()
+        .stdout;
+    let grace_ends = Instant::now() + Duration::from_secs(45);
+    let pins = gctl_pins(&rotated);
+    assert_eq!(pins.len(), 2, "{rotated}");
+    let bundle = f.gctl(&["auth", "export", "--type", "tls"]).ok().stdout;
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2, "{bundle}");
+    let new_ca = work.path().join("new_ca.pem");
+    let first = bundle
+        .split_inclusive("-----END CERTIFICATE-----\n")
+        .next()
+        .unwrap();
+    std::fs::write(&new_ca, first).unwrap();
+    // A second rotation during the grace is refused (the first's old CA is still in use).
+    let again = f.gctl(&["auth", "rotate", "--type", "tls"]).failed();
+    assert!(again.stderr.contains("grace period"), "{}", again.stderr);
+    // The proxy renews at once: it presents a certificate of the new CA, which a client that
+    // trusts only the old CA (OpenSSL here) still verifies through the cross-signed copy.
+    let new_cn = proxy_eventually(&f, &new_ca, |ok, issuer| ok && issuer != old_cn);
+    assert_ne!(new_cn, old_cn);
+    assert!(
+        proxy_verifies(&f, &old_ca).0,
+        "old-CA clients lost the proxy"
+    );
+    // The agent renews too.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f.agents[0]
+        .log()
+        .contains("renewing the host certificate now")
+    {
+        assert!(Instant::now() < deadline, "the agent did not renew");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // alice's credentials from before the rotation (old CA only) still work, with gsh and
+    // the real OpenSSH client through the proxy.
+    assert_eq!(issuer_cn(&alice.path().join("tls.crt")), old_cn);
+    assert_eq!(
+        ssh_node1_eventually(&f, alice.path(), true)
+            .ok()
+            .stdout
+            .trim(),
+        "ok"
+    );
+    assert_eq!(openssh().ok().stdout.trim(), "openssh-ok");
+    // A new login: a certificate of the new CA, both CAs stored; OpenSSL verifies it.
+    relogin(&f, alice.path(), "alice");
+    assert_eq!(issuer_cn(&alice.path().join("tls.crt")), new_cn);
+    let ca_pem = std::fs::read_to_string(alice.path().join("ca.pem")).unwrap();
+    assert_eq!(ca_pem.matches("BEGIN CERTIFICATE").count(), 2);
+    let mut verify = std::process::Command::new("openssl");
+    verify
+        .args(["verify", "-CAfile"])
+        .arg(&new_ca)
+        .arg(alice.path().join("tls.crt"));
+    assert!(common::run(verify, None).ok().stdout.contains("OK"));
+    assert_eq!(openssh().ok().stdout.trim(), "openssh-ok");
+
+    // 2. The grace ends: the old CA is trusted nowhere. The proxy drops the cross-signed copy
+    // (an old-CA-only client no longer verifies it), Auth's export lists one CA, a client
+    // pinning the old CA is refused, and everything renewed goes on working.
+    if let Some(left) = grace_ends.checked_duration_since(Instant::now()) {
+        std::thread::sleep(left);
+    }
+    proxy_eventually(&f, &old_ca, |ok, _| !ok);
+    let bundle = f.gctl(&["auth", "export", "--type", "tls"]).ok().stdout;
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 1, "{bundle}");
+    let stranger = tempfile::tempdir().unwrap();
+    let pw = f
+        .gctl(&["users", "reset", "alice"])
+        .ok()
+        .stdout
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string();
+    let old_pin = f.gsh(
+        stranger.path(),
+        &[
+            "login",
+            "--proxy",
+            &f.proxy_addr,
+            "--user",
+            "alice",
+            "--password-stdin",
+            "--ca-pin",
+            &f.pin,
+        ],
+        Some(&format!("{pw}\n")),
+    );
+    assert_ne!(old_pin.status, 0, "a login pinning the dropped CA worked");
+    // alice's stored CAs carry her over (her next login needs no new pin).
+    assert_eq!(
+        ssh_node1_eventually(&f, alice.path(), true)
+            .ok()
+            .stdout
+            .trim(),
+        "ok"
+    );
+    assert_eq!(openssh().ok().stdout.trim(), "openssh-ok");
+    let again = f.gsh(
+        alice.path(),
+        &["login", "--user", "alice", "--password-stdin"],
+        Some(&format!("{pw}\n")),
+    );
+    assert_eq!(again.status, 0, "{}", again.stderr);
+
+    // 3. Rotate again and roll back: the CA from step 1 signs again.
+    f.gctl(&["auth", "rotate", "--type", "tls", "--grace", "60s"])
+        .ok();
+    let rolled = f
+        .gctl(&[
+            "auth",
+            "rotate",
+            "--type",
+            "tls",
+            "--rollback",
+            "--grace",
+            "60s",
+        ])
+        .ok()
+        .stdout;
+    assert!(rolled.contains("rolled back"), "{rolled}");
+    relogin_with_stored_cas(&f, alice.path());
+    assert_eq!(issuer_cn(&alice.path().join("tls.crt")), new_cn);
+    proxy_eventually(&f, &new_ca, |ok, issuer| ok && issuer == new_cn);
+    assert_eq!(
+        ssh_node1_eventually(&f, alice.path(), true)
+            .ok()
+            .stdout
+            .trim(),
+        "ok"
+    );
+    assert_eq!(openssh().ok().stdout.trim(), "openssh-ok");
+
+    // No session dropped; every change audited.
+    assert!(long.try_wait().unwrap().is_none(), "the long session ended");
+    let _ = long.kill();
+    assert_eq!(f.events("ca.rotate").len(), 3);
+}
+
+/// `gsh login` with no pin: the CAs the last login stored are what it trusts.
+fn relogin_with_stored_cas(f: &Fleet, home: &Path) {
+    let pw = f
+        .gctl(&["users", "reset", "alice"])
+        .ok()
+        .stdout
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string();
+    f.gsh(
+        home,
+        &["login", "--user", "alice", "--password-stdin"],
+        Some(&format!("{pw}\n")),
+    )
+    .ok();
 }

@@ -368,13 +368,25 @@ pub enum TlsUsage {
 impl TlsCa {
     /// Create a new self-signed CA for `cluster`, valid for ten years.
     pub fn generate(cluster: &str, now: time::OffsetDateTime) -> Result<Self, CaError> {
+        Self::generate_named(cluster, &format!("{cluster} Gatehouse CA"), now)
+    }
+
+    /// [`TlsCa::generate`] with its own common name: a rotation's new CA is named apart from
+    /// the one it replaces, so that path building (and OpenSSL's lookup by name) never confuses
+    /// the two.
+    pub fn generate_named(
+        cluster: &str,
+        common_name: &str,
+        now: time::OffsetDateTime,
+    ) -> Result<Self, CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("{cluster} Gatehouse CA"));
+        dn.push(DnType::CommonName, common_name);
         dn.push(DnType::OrganizationName, cluster);
         params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        // Path length 1: a cross-signed copy of a rotated-to CA sits between this one and leaves.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
             KeyUsagePurpose::CrlSign,
@@ -412,6 +424,40 @@ impl TlsCa {
 
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+
+    /// A certificate for `other`'s key and name issued by this CA (a cross-signature): a party
+    /// that trusts only this CA accepts certificates `other` issues when this one follows them.
+    pub fn cross_sign(&self, other: &TlsCa, now: time::OffsetDateTime) -> Result<String, CaError> {
+        let bad = |m: String| CaError::Corrupt(format!("the CA to cross-sign: {m}"));
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(&other.cert_der).map_err(|e| bad(e.to_string()))?;
+        // The same name, encoded as `generate_named` encodes it (path building matches bytes).
+        let mut dn = DistinguishedName::new();
+        for (ty, value) in [
+            (DnType::CommonName, cert.subject().iter_common_name().next()),
+            (
+                DnType::OrganizationName,
+                cert.subject().iter_organization().next(),
+            ),
+        ] {
+            let value = value
+                .and_then(|v| v.as_str().ok())
+                .ok_or_else(|| bad("no common name or organization".into()))?;
+            dn.push(ty, value);
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.not_before = now - CLOCK_SKEW_ALLOWANCE;
+        params.not_after = cert.validity().not_after.to_datetime();
+        params.serial_number = Some(random_serial());
+        Ok(params.signed_by(other.issuer.key(), &self.issuer)?.pem())
     }
 
     pub fn cert_der(&self) -> &[u8] {

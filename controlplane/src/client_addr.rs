@@ -15,8 +15,8 @@ use std::net::SocketAddr;
 use rcgen::SigningKey as _;
 use serde::{Deserialize, Serialize};
 
-use crate::ca::TlsCa;
 use crate::identity::IdentityKind;
+use crate::tls_authority::TlsAuthority;
 
 /// What a preamble starts with: never the first byte of a TLS record (0x16).
 pub const MAGIC: &[u8; 8] = b"GHADDR1\n";
@@ -153,10 +153,11 @@ impl ReplayCache {
     }
 }
 
-/// Check a preamble's body against the cluster CA at `now`: the client's address if believed.
+/// Check a preamble's body against the cluster CA at `now` (either CA during a rotation's
+/// grace): the client's address if believed.
 pub fn verify(
     body: &[u8],
-    ca: &TlsCa,
+    ca: &TlsAuthority,
     cluster: &str,
     now: i64,
     replay: &mut ReplayCache,
@@ -216,7 +217,12 @@ pub fn verify(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ca::TlsUsage;
+    use crate::ca::{TlsCa, TlsUsage};
+
+    /// The authority of a CA that never rotated (a copy: the tests go on issuing with `ca`).
+    fn auth(ca: &TlsCa) -> TlsAuthority {
+        TlsAuthority::new(TlsCa::from_pem(ca.cert_pem(), &ca.key_pem()).unwrap())
+    }
     use crate::identity::Identity;
 
     fn identity(kind: IdentityKind, roles: &[&str], expires: i64) -> Identity {
@@ -261,25 +267,25 @@ mod tests {
         assert!(starts_preamble(&pre[..3]) && !starts_preamble(&[0x16, 3, 1]));
         let mut replay = ReplayCache::default();
         assert_eq!(
-            verify(split(&pre), &ca, "example", t, &mut replay),
+            verify(split(&pre), &auth(&ca), "example", t, &mut replay),
             Ok(client)
         );
         // The same preamble again is a replay.
         assert_eq!(
-            verify(split(&pre), &ca, "example", t, &mut replay),
+            verify(split(&pre), &auth(&ca), "example", t, &mut replay),
             Err(AddrError::Replay)
         );
         // Too old or from the future.
         let old = proxy.preamble(client, t - 61, [8; 16]);
         assert!(matches!(
-            verify(split(&old), &ca, "example", t, &mut replay),
+            verify(split(&old), &auth(&ca), "example", t, &mut replay),
             Err(AddrError::Skew(_))
         ));
         // An agent's certificate (no @proxy) cannot assert addresses, nor can a user's.
         let agent = asserter(&ca, &identity(IdentityKind::Node, &["@node"], t + 600), now);
         let pre = agent.preamble(client, t, [9; 16]);
         assert!(matches!(
-            verify(split(&pre), &ca, "example", t, &mut replay),
+            verify(split(&pre), &auth(&ca), "example", t, &mut replay),
             Err(AddrError::NotAProxy(_))
         ));
         // Another cluster's proxy.
@@ -291,7 +297,7 @@ mod tests {
         );
         let pre = foreign.preamble(client, t, [10; 16]);
         assert!(matches!(
-            verify(split(&pre), &ca, "example", t, &mut replay),
+            verify(split(&pre), &auth(&ca), "example", t, &mut replay),
             Err(AddrError::Certificate(_))
         ));
         // A claim changed after signing (a client rewriting the address).
@@ -300,11 +306,11 @@ mod tests {
             .unwrap()
             .replace("203.0.113.7", "198.51.100.1");
         assert_eq!(
-            verify(forged.as_bytes(), &ca, "example", t, &mut replay),
+            verify(forged.as_bytes(), &auth(&ca), "example", t, &mut replay),
             Err(AddrError::Signature)
         );
         // Garbage and oversized headers.
-        assert!(verify(b"{nonsense", &ca, "example", t, &mut replay).is_err());
+        assert!(verify(b"{nonsense", &auth(&ca), "example", t, &mut replay).is_err());
         let mut big = *b"GHADDR1\n\0\0\0\0";
         big[8..].copy_from_slice(&(MAX_BODY as u32 + 1).to_be_bytes());
         assert_eq!(body_len(&big), Err(AddrError::TooLarge(MAX_BODY + 1)));
@@ -315,7 +321,7 @@ mod tests {
         fn arbitrary_bodies_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
             let now = time::OffsetDateTime::now_utc();
             let ca = TlsCa::generate("example", now).unwrap();
-            let _ = verify(&body, &ca, "example", now.unix_timestamp(), &mut ReplayCache::default());
+            let _ = verify(&body, &auth(&ca), "example", now.unix_timestamp(), &mut ReplayCache::default());
         }
     }
 }

@@ -22,7 +22,7 @@ type Verifiers = HashMap<String, Arc<dyn ClientCertVerifier>>;
 /// This cluster's client certificates, and trusted leaves' by their own CAs.
 #[derive(Debug)]
 pub struct ClusterClientVerifier {
-    own: Arc<CachingClientVerifier>,
+    own: ArcSwap<CachingClientVerifier>,
     leaves: ArcSwap<Verifiers>,
 }
 
@@ -31,9 +31,17 @@ impl ClusterClientVerifier {
     /// get through the handshake (each ALPN decides what it needs).
     pub fn new(ca_pem: &str) -> Result<Self, TlsError> {
         Ok(Self {
-            own: Arc::new(CachingClientVerifier::new(verifier(ca_pem)?)),
+            own: ArcSwap::from_pointee(CachingClientVerifier::new(verifier(ca_pem)?)),
             leaves: ArcSwap::from_pointee(HashMap::new()),
         })
+    }
+
+    /// Trust this cluster's CAs in `ca_pem` from now on (a TLS CA rotation, its grace ending);
+    /// connections up keep the trust they were accepted with.
+    pub fn set_own(&self, ca_pem: &str) -> Result<(), TlsError> {
+        self.own
+            .store(Arc::new(CachingClientVerifier::new(verifier(ca_pem)?)));
+        Ok(())
     }
 
     /// Trust exactly these leaves: (cluster name, its X.509 CA PEM). A leaf whose CA cannot be
@@ -93,7 +101,11 @@ impl ClientCertVerifier for ClusterClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        match self.own.verify_client_cert(end_entity, intermediates, now) {
+        match self
+            .own
+            .load()
+            .verify_client_cert(end_entity, intermediates, now)
+        {
             Ok(v) => Ok(v),
             Err(own_error) => {
                 let Ok(id) = Identity::from_cert_der(end_entity.as_ref()) else {
@@ -114,7 +126,7 @@ impl ClientCertVerifier for ClusterClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.own.verify_tls12_signature(message, cert, dss)
+        self.own.load().verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -123,11 +135,11 @@ impl ClientCertVerifier for ClusterClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.own.verify_tls13_signature(message, cert, dss)
+        self.own.load().verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.own.supported_verify_schemes()
+        self.own.load().supported_verify_schemes()
     }
 }
 

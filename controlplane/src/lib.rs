@@ -31,4 +31,5 @@ pub mod storage;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tls;
+pub mod tls_authority;
 pub mod watch;

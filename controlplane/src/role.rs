@@ -24,7 +24,6 @@ use crate::storage::{Store, StoreError};
 
 /// Validity of the admin identity in the data dir; re-issued at every start and every day.
 const ADMIN_IDENTITY_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-const SERVER_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `[auth]` in the daemon's TOML config.
@@ -206,7 +205,7 @@ async fn load_or_create_tls_ca(
 
 /// Issue (or re-issue) the admin identity for gctl into `<data-dir>/admin/`.
 pub fn issue_admin_identity(
-    tls_ca: &TlsCa,
+    tls_ca: &crate::tls_authority::TlsAuthority,
     cluster: &str,
     dir: &Path,
 ) -> Result<(), AuthRoleError> {
@@ -229,9 +228,9 @@ pub fn issue_admin_identity(
         .map_err(setup("the admin identity"))?;
     write_identity_dir(
         dir,
-        &cert.pem(),
+        &cert,
         &crate::tls::key_pem_for_tools(&key),
-        tls_ca.cert_pem(),
+        &tls_ca.trusted_pem(now.unix_timestamp()),
     )
     .map_err(io(format!(
         "writing the admin identity to {}",
@@ -301,15 +300,7 @@ async fn prepare(
     if !config.listen.ip().is_unspecified() {
         sans.push(config.listen.ip().to_string());
     }
-    let (server_cert, server_key) = tls_ca
-        .issue_server_cert(&cluster, &sans, SERVER_CERT_TTL, now)
-        .map_err(setup("the Auth server certificate"))?;
-    let chain = format!("{}{}", server_cert.pem(), tls_ca.cert_pem());
-    let tls = crate::tls::server_config(tls_ca.cert_pem(), &chain, &server_key.serialize_pem())
-        .map_err(setup("the Auth API's TLS config"))?;
-
     let admin_dir = data_dir.join("admin");
-    issue_admin_identity(&tls_ca, &cluster, &admin_dir)?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -317,7 +308,6 @@ async fn prepare(
     let listen = listener
         .local_addr()
         .map_err(io("the Auth API's address"))?;
-    let ca_pin = tls_ca.pin();
     let recording = config.recording_config();
     let recordings = crate::recordings::RecordingStore::open(data_dir, &recording)
         .map_err(setup("session recordings storage"))?;
@@ -340,6 +330,32 @@ async fn prepare(
         .reload_cas()
         .await
         .map_err(|s| AuthRoleError::Config(format!("loading the CAs: {}", s.message())))?;
+    // Served from the X.509 CA as `reload_cas` finds it, and re-made whenever it changes.
+    let (chain, key) = state.issue_server_chain(&sans).map_err(|e| {
+        AuthRoleError::Config(format!("the Auth server certificate: {}", e.message()))
+    })?;
+    let trusted = state.tls.load().trusted_pem(now.unix_timestamp());
+    let cert = crate::tls::ReloadableCert::new(&chain, &key)
+        .map_err(setup("the Auth server certificate"))?;
+    let verifier = Arc::new(
+        crate::leaf_trust::ClusterClientVerifier::new(&trusted)
+            .map_err(setup("the Auth API's client verifier"))?,
+    );
+    let tls = crate::tls::server_config_with_verifier(
+        Arc::clone(&verifier) as Arc<dyn rustls::server::danger::ClientCertVerifier>,
+        Arc::clone(&cert),
+        &[crate::identity::ALPN_AUTH, b"h2"],
+    )
+    .map_err(setup("the Auth API's TLS config"))?;
+    issue_admin_identity(&state.tls.load(), &cluster, &admin_dir)?;
+    let _ = state.served.set(crate::server::ServedTls::new(
+        cert,
+        verifier,
+        sans,
+        admin_dir.clone(),
+        trusted,
+    ));
+    let ca_pin = state.tls.load().pin();
     Ok(PreparedAuth {
         info: AuthInfo {
             cluster,
@@ -463,7 +479,7 @@ async fn client_address(
     let verdict = match check.replay.lock() {
         Ok(mut replay) => verify(
             &body,
-            &check.state.tls_ca,
+            &check.state.tls.load(),
             &check.state.cluster,
             now,
             &mut replay,
@@ -577,9 +593,32 @@ async fn serve(
         tick.tick().await;
         loop {
             tick.tick().await;
-            if let Err(e) = issue_admin_identity(&state.tls_ca, &state.cluster, &admin_dir) {
+            if let Err(e) = issue_admin_identity(&state.tls.load(), &state.cluster, &admin_dir) {
                 tracing::error!(error = %e, "renewing the admin identity failed");
             }
+        }
+    });
+    // When a rotation's grace ends, every Auth re-makes what it serves and watchers hear that
+    // the previous CA is no longer trusted.
+    let grace_state = Arc::clone(service.state());
+    let graces = tokio::spawn(async move {
+        let mut watching = grace_state.next_grace_end();
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            if watching.is_some_and(|until| until <= now) {
+                if let Err(e) = grace_state.reload_cas().await {
+                    tracing::warn!(error = %e, "auth: reloading the CAs at the end of a grace failed");
+                    continue;
+                }
+                if let Err(e) = grace_state.announce_cas().await {
+                    tracing::warn!(error = %e, "auth: announcing the end of a grace failed");
+                }
+                tracing::info!(
+                    "auth: a CA rotation's grace period ended; the previous key is no longer trusted"
+                );
+            }
+            watching = grace_state.next_grace_end();
         }
     });
     let reaper_state = Arc::clone(service.state());
@@ -607,6 +646,7 @@ async fn serve(
     accept_loop.abort();
     renew.abort();
     reaper.abort();
+    graces.abort();
     service.state().store.close().await;
     Ok(result?)
 }

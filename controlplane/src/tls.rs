@@ -266,10 +266,7 @@ pub fn client_config_with_alpn(
         Trust::CaPem(pem) => builder.with_root_certificates(roots(pem)?),
         Trust::Pin(pin) => builder
             .dangerous() // not dangerous: the pin verifier delegates to webpki with the pinned root
-            .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier {
-                pin: pin.clone(),
-                provider,
-            })),
+            .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier::new(pin))),
     };
     let mut config = match identity {
         Some((cert, key)) => {
@@ -286,11 +283,22 @@ pub fn client_config_with_alpn(
 }
 
 /// Trusts a server whose chain includes a CA certificate with the pinned SubjectPublicKeyInfo,
-/// and whose leaf is valid under that CA (signature, validity, name: full webpki checks).
+/// and whose leaf is valid under that CA (signature, validity, name: full webpki checks),
+/// directly or through the chain's other certificates (during a TLS CA rotation, the new CA
+/// cross-signed by the pinned one).
 #[derive(Debug)]
 pub struct PinnedCaVerifier {
     pin: String,
     provider: Arc<CryptoProvider>,
+}
+
+impl PinnedCaVerifier {
+    pub fn new(pin: &str) -> Self {
+        Self {
+            pin: pin.to_owned(),
+            provider: provider(),
+        }
+    }
 }
 
 impl ServerCertVerifier for PinnedCaVerifier {
@@ -313,11 +321,16 @@ impl ServerCertVerifier for PinnedCaVerifier {
             })?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
+        let rest: Vec<CertificateDer<'_>> = intermediates
+            .iter()
+            .filter(|c| c.as_ref() != ca.as_ref())
+            .cloned()
+            .collect();
         let inner =
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
                 .build()
                 .map_err(|e| rustls::Error::General(e.to_string()))?;
-        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+        inner.verify_server_cert(end_entity, &rest, server_name, ocsp_response, now)
     }
 
     fn verify_tls12_signature(

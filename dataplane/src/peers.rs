@@ -84,6 +84,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<crate::proxy::ProxyMetrics>,
     pub(crate) leaves: Arc<crate::proxy::Leaves>,
     pub(crate) verifier: Arc<gatehouse_controlplane::leaf_trust::ClusterClientVerifier>,
+    /// Wakes the certificate renewal (the X.509 CA changed).
+    pub(crate) renew_now: Arc<tokio::sync::Notify>,
     /// The roots this (leaf) cluster trusts: the leaf links dial them; and their role maps.
     pub(crate) roots: tokio::sync::watch::Sender<Vec<crate::leaf_link::RootTarget>>,
     pub(crate) role_maps: crate::leaf_link::RoleMaps,
@@ -139,7 +141,22 @@ pub(crate) fn trusted_leaves(cache: &WatchCache) -> Vec<(String, String)> {
 }
 
 /// Apply what the cache holds: the proxies to announce, the leaves to trust.
-fn apply(cache: &WatchCache, now: i64, shared: &Shared) {
+fn apply(cache: &WatchCache, now: i64, shared: &Shared, endpoint: &Mutex<AuthEndpoint>) {
+    let lags = endpoint
+        .lock()
+        .ok()
+        .is_some_and(|e| match (&e.identity, &e.trust) {
+            (Some((cert, _)), gatehouse_controlplane::tls::Trust::CaPem(trusted)) => cache
+                .of("cert_authority")
+                .find(|(n, _)| *n == "tls")
+                .is_some_and(|(_, doc)| {
+                    gatehouse_controlplane::tls_authority::lags(doc, cert, trusted)
+                }),
+            _ => false,
+        });
+    if lags {
+        shared.renew_now.notify_one();
+    }
     shared.proxies.set(live_addrs(cache, now));
     if let Some(host) = cache
         .of("cert_authority")
@@ -238,7 +255,7 @@ pub(crate) fn start(
         })
     };
     let follow = {
-        let endpoint = Arc::clone(&endpoint);
+        let (endpoint, applying) = (Arc::clone(&endpoint), Arc::clone(&endpoint));
         tokio::spawn(follow(
             move || endpoint.lock().ok().map(|e| e.clone()),
             vec![
@@ -248,7 +265,7 @@ pub(crate) fn start(
                 "trusted_cluster".into(),
             ],
             cache,
-            move |c| apply(c, unix_now(), &shared),
+            move |c| apply(c, unix_now(), &shared, &applying),
         ))
     };
     PeersHandle {

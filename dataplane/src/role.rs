@@ -77,8 +77,9 @@ pub struct ProxyHandle {
     pub io_backend: IoBackend,
     /// The cluster this proxy belongs to.
     pub cluster: String,
-    /// The cluster's X.509 CA (PEM), as this proxy trusts it.
-    pub ca_pem: String,
+    /// The cluster's X.509 CA certificates (PEM) this proxy trusts now (two during a
+    /// rotation's grace; kept current by renewals).
+    pub ca_pem: Arc<arc_swap::ArcSwap<String>>,
     /// Where this proxy reaches Auth.
     pub auth_addr: String,
     /// Signs client-address preambles to Auth with this proxy's current identity.
@@ -223,7 +224,7 @@ pub async fn start(
             names.sort();
             names.dedup();
             let pair = match local_auth {
-                Some(service) => service.state().tls_ca.issue_browser_cert(
+                Some(service) => service.state().tls.load().signer().issue_browser_cert(
                     &id.cluster,
                     &names,
                     time::OffsetDateTime::now_utc(),
@@ -336,6 +337,9 @@ pub async fn start(
         listen: config.listen,
         source,
     })?;
+    let ca_pem = Arc::new(arc_swap::ArcSwap::from_pointee(id.ca.clone()));
+    let renew_now = Arc::new(tokio::sync::Notify::new());
+    let renew_verifier = Arc::clone(&verifier);
     let peers = crate::peers::start(
         advertise,
         Arc::clone(&endpoint),
@@ -344,18 +348,23 @@ pub async fn start(
             metrics: Arc::clone(&metrics),
             leaves,
             verifier,
+            renew_now: Arc::clone(&renew_now),
             roots,
             role_maps,
             host_cas,
         },
     );
     let cluster = id.cluster.clone();
-    let ca_pem = id.ca.clone();
     let renew = tokio::spawn(renew_proxy_identity(
         id,
-        cert,
-        endpoint,
-        Arc::clone(&client_addr),
+        Renewing {
+            cert,
+            endpoint,
+            client_addr: Arc::clone(&client_addr),
+            trust: Arc::clone(&ca_pem),
+            verifier: renew_verifier,
+            now: renew_now,
+        },
     ));
     Ok(ProxyHandle {
         addr: proxy.local_addr,
@@ -382,12 +391,12 @@ async fn identity(
 ) -> Result<ProxyIdentity, ProxyRoleError> {
     if let Some(service) = local_auth {
         let state = Arc::clone(service.state());
-        let (cert, key) = issue_local(&state, &config.host_name, sans)
+        let (cert, key, ca) = issue_local(&state, &config.host_name, sans)
             .map_err(|e| ProxyRoleError::Identity(e.to_string()))?;
         return Ok(ProxyIdentity {
             cert,
             key,
-            ca: state.tls_ca.cert_pem().to_owned(),
+            ca,
             cluster: state.cluster.clone(),
             source: Source::Local {
                 host_name: config.host_name.clone(),
@@ -431,23 +440,37 @@ fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
-/// Renew the proxy's certificate at two thirds of its lifetime, for ever: new handshakes get
-/// the new one, connections up (agents' tunnels, sessions) keep theirs; Auth calls use it from
-/// their next connection. A failure is retried with backoff.
-async fn renew_proxy_identity(
-    mut id: ProxyIdentity,
+/// What a renewal keeps current besides the certificate itself.
+struct Renewing {
     cert: Arc<ReloadableCert>,
     endpoint: Arc<std::sync::Mutex<AuthEndpoint>>,
     client_addr: Arc<arc_swap::ArcSwapOption<gatehouse_controlplane::client_addr::Asserter>>,
-) {
+    /// The CA certificates trusted (shared with the web UI and the handle).
+    trust: Arc<arc_swap::ArcSwap<String>>,
+    verifier: Arc<gatehouse_controlplane::leaf_trust::ClusterClientVerifier>,
+    /// Woken by the watch stream when the X.509 CA changed (a rotation, its grace ending).
+    now: Arc<tokio::sync::Notify>,
+}
+
+/// Renew the proxy's certificate at two thirds of its lifetime, and at once when the X.509 CA
+/// changed, for ever: new handshakes get the new one (and the CAs trusted now), connections up
+/// (agents' tunnels, sessions) keep theirs; Auth calls use it from their next connection. A
+/// failure is retried with backoff.
+async fn renew_proxy_identity(mut id: ProxyIdentity, r: Renewing) {
     let mut failures: u32 = 0;
     loop {
         let renew_at = validity(&id.cert)
             .map(|(from, to)| from + (to - from) * 2 / 3)
             .unwrap_or(0);
         let wait = u64::try_from(renew_at - unix_now()).unwrap_or(0).max(1);
-        tokio::time::sleep(Duration::from_secs(wait)).await;
-        let renewed: Result<(String, String), String> = match &mut id.source {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(wait)) => {}
+            () = r.now.notified() => {
+                tracing::info!("proxy: the cluster's X.509 CA changed; renewing the certificate now");
+            }
+        }
+        let endpoint = &r.endpoint;
+        let renewed: Result<(String, String, String), String> = match &mut id.source {
             Source::Local {
                 state,
                 host_name,
@@ -466,29 +489,39 @@ async fn renew_proxy_identity(
                     if let Err(e) = next.save(dir) {
                         tracing::error!(error = %e, "proxy: cannot store the renewed identity; using it in memory");
                     }
-                    let pair = (next.tls_cert.clone(), next.tls_key.clone());
+                    let triple = (
+                        next.tls_cert.clone(),
+                        next.tls_key.clone(),
+                        next.ca_pem.clone(),
+                    );
                     **host = next;
-                    pair
+                    triple
                 })
             }
         };
         match renewed {
-            Ok((new_cert, new_key)) => {
+            Ok((new_cert, new_key, new_ca)) => {
                 failures = 0;
-                if let Err(e) = cert.set(&format!("{new_cert}{}", id.ca), &new_key) {
+                if let Err(e) = r.cert.set(&format!("{new_cert}{new_ca}"), &new_key) {
                     tracing::error!(error = %e, "proxy: renewed certificate refused");
                 }
                 match gatehouse_controlplane::client_addr::Asserter::new(&new_cert, &new_key) {
-                    Ok(a) => client_addr.store(Some(Arc::new(a))),
+                    Ok(a) => r.client_addr.store(Some(Arc::new(a))),
                     Err(e) => {
                         tracing::warn!(error = %e, "proxy: cannot assert addresses with the renewed certificate")
                     }
                 }
+                if let Err(e) = r.verifier.set_own(&new_ca) {
+                    tracing::error!(error = %e, "proxy: the CA certificates Auth sent cannot be used");
+                }
                 if let Ok(mut e) = endpoint.lock() {
                     e.identity = Some((new_cert.clone(), new_key.clone()));
+                    e.trust = Trust::CaPem(new_ca.clone());
                 }
+                r.trust.store(Arc::new(new_ca.clone()));
                 id.cert = new_cert;
                 id.key = new_key;
+                id.ca = new_ca;
                 tracing::info!(
                     valid_until = validity(&id.cert).map(|v| v.1).unwrap_or(0),
                     "proxy: certificate renewed"
@@ -504,13 +537,13 @@ async fn renew_proxy_identity(
     }
 }
 
-/// The in-process proxy's certificate and key (PEM), valid for the cluster's host certificate
-/// lifetime.
+/// The in-process proxy's certificate (with its intermediates), key and the CA certificates
+/// trusted now (PEM), valid for the cluster's host certificate lifetime.
 fn issue_local(
     state: &gatehouse_controlplane::server::AuthState,
     host_name: &str,
     sans: &[String],
-) -> Result<(String, String), gatehouse_controlplane::ca::CaError> {
+) -> Result<(String, String, String), gatehouse_controlplane::ca::CaError> {
     let now = time::OffsetDateTime::now_utc();
     let ttl = time::Duration::try_from(state.host_cert_ttl).unwrap_or(time::Duration::days(7));
     let identity = Identity {
@@ -532,11 +565,10 @@ fn issue_local(
     all_sans.extend(sans.iter().cloned());
     all_sans.sort();
     all_sans.dedup();
+    let tls = state.tls.load();
     let (cert, key) =
-        state
-            .tls_ca
-            .issue_with_new_key(&identity, TlsUsage::ServerAndClient, &all_sans, now)?;
-    Ok((cert.pem(), key.serialize_pem()))
+        tls.issue_with_new_key(&identity, TlsUsage::ServerAndClient, &all_sans, now)?;
+    Ok((cert, key, tls.trusted_pem(now.unix_timestamp())))
 }
 
 /// Send the proxy's own audit events to Auth, a batch at a time; kept (up to 10,000) and sent

@@ -34,8 +34,9 @@ use gatehouse_dataplane::proxy::{BrowserConn, Browsers};
 #[derive(Debug, Clone)]
 pub struct WebConfig {
     pub cluster: String,
-    /// The cluster's X.509 CA (PEM): Auth's and the proxy's certificates chain to it.
-    pub ca_pem: String,
+    /// The cluster's X.509 CA certificates (PEM) trusted now: Auth's and the proxy's
+    /// certificates chain to them (the proxy keeps them current across a rotation).
+    pub ca_pem: Arc<arc_swap::ArcSwap<String>>,
     /// Where Auth is (as the proxy reaches it).
     pub auth_addr: String,
     /// The proxy's own port, where web terminals open their SSH sessions (like `gsh` would).
@@ -49,7 +50,12 @@ pub struct WebConfig {
 }
 
 impl WebConfig {
-    pub fn new(cluster: String, ca_pem: String, auth_addr: String, proxy_addr: SocketAddr) -> Self {
+    pub fn new(
+        cluster: String,
+        ca_pem: Arc<arc_swap::ArcSwap<String>>,
+        auth_addr: String,
+        proxy_addr: SocketAddr,
+    ) -> Self {
         // A proxy listening on every address is reached on loopback from inside.
         let proxy_addr = if proxy_addr.ip().is_unspecified() {
             SocketAddr::from(([127, 0, 0, 1], proxy_addr.port()))
@@ -122,7 +128,7 @@ impl App {
     pub(crate) fn public_endpoint(&self) -> AuthEndpoint {
         AuthEndpoint {
             addr: self.config.auth_addr.clone(),
-            trust: Trust::CaPem(self.config.ca_pem.clone()),
+            trust: Trust::CaPem(self.config.ca_pem.load().to_string()),
             identity: None,
         }
     }
@@ -134,7 +140,7 @@ impl App {
             .get_or_try_init(|| async {
                 AuthEndpoint {
                     addr: self.config.auth_addr.clone(),
-                    trust: Trust::CaPem(self.config.ca_pem.clone()),
+                    trust: Trust::CaPem(self.config.ca_pem.load().to_string()),
                     identity: Some((s.creds.id.tls_cert.clone(), s.creds.id.tls_key.clone())),
                 }
                 .connect()

@@ -113,7 +113,7 @@ pub(crate) async fn login(app: &App, body: LoginBody, addr: &str) -> Result<Logg
         expires: creds.expires,
         csrf: new_token(),
         creds: Creds::new(UserIdentity {
-            ca_pem: app.config.ca_pem.clone(),
+            ca_pem: creds.tls_ca.clone(),
             tls_cert: creds.tls_cert,
             tls_key: gatehouse_controlplane::tls::key_pem_for_tools(&tls_key),
             ssh_key: Arc::new(russh_key),

@@ -586,7 +586,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         if config.proxy.web {
             let mut web_config = gatehouse_web::WebConfig::new(
                 started.cluster.clone(),
-                started.ca_pem.clone(),
+                Arc::clone(&started.ca_pem),
                 started.auth_addr.clone(),
                 started.addr,
             );

@@ -394,7 +394,14 @@ impl Target {
                 }
                 Trust::Pin(pin.clone())
             }
-            (None, Some(p)) if p.auth_addr == auth => Trust::Pin(p.ca_pin.clone()),
+            // The CAs the last login stored (both during a TLS CA rotation, so a login after
+            // its grace trusts the new one), else that login's pin.
+            (None, Some(p)) if p.auth_addr == auth => {
+                match std::fs::read_to_string(dir.join("ca.pem")) {
+                    Ok(pem) if certs_from_pem(&pem).is_ok() => Trust::CaPem(pem),
+                    _ => Trust::Pin(p.ca_pin.clone()),
+                }
+            }
             _ => bail!(
                 "first login to {auth}: pass --ca-pin sha256:… (printed by `gatehouse start`, or `gctl status`)"
             ),
@@ -471,6 +478,7 @@ async fn login(
 
     let ssh_key = ssh_key::PrivateKey::random(&mut rand_core_rng(), ssh_key::Algorithm::Ed25519)?;
     let tls_key = gatehouse_controlplane::ca::generate_leaf_key()?;
+    let pinned = matches!(trust, Trust::Pin(_));
     let endpoint = AuthEndpoint {
         addr: auth.clone(),
         trust,
@@ -500,14 +508,17 @@ async fn login(
     }
     .into_inner();
     let creds = resp.credentials.context("Auth sent no credentials")?;
-    // The CA Auth hands us must be the one we pinned.
+    // The CA Auth hands us must be the one we pinned (with stored CAs, TLS checked them).
     let ca_der = certs_from_pem(&creds.tls_ca)?;
-    if !ca_der
-        .iter()
-        .any(|c| spki_pin(c).as_deref() == Some(pin.as_str()))
+    if pinned
+        && !ca_der
+            .iter()
+            .any(|c| spki_pin(c).as_deref() == Some(pin.as_str()))
     {
         bail!("Auth returned a CA that does not match the pin {pin}; refusing to store it");
     }
+    // What the next first contact pins: the CA that signs now.
+    let pin = ca_der.first().and_then(|c| spki_pin(c)).unwrap_or(pin);
 
     create_private_dir(dir)?;
     write_private(

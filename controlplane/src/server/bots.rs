@@ -280,7 +280,8 @@ pub(super) async fn renew(
         // The TLS handshake proved the key; the certificate proves the generation.
         let (current, key) = call
             .state
-            .tls_ca
+            .tls
+            .load()
             .verify_issued(&r.current_cert, now_secs())
             .map_err(|e| Status::invalid_argument(format!("current_cert: {e}")))?;
         if current.kind != caller.identity.kind

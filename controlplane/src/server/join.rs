@@ -237,7 +237,8 @@ pub(super) fn sign_host(
         sans.push(PROXY_SERVER_NAME.to_string());
     }
     let tls_cert = state
-        .tls_ca
+        .tls
+        .load()
         .sign(
             tls_public_key,
             &identity,
@@ -252,11 +253,7 @@ pub(super) fn sign_host(
         .get_or_create(&KindLabel { kind: "host" })
         .inc();
     Ok(IssuedHost {
-        credentials: state.credentials(
-            ssh_cert.to_openssh().map_err(internal)?,
-            tls_cert.pem(),
-            expires,
-        ),
+        credentials: state.credentials(ssh_cert.to_openssh().map_err(internal)?, tls_cert, expires),
         principals,
         expires,
     })

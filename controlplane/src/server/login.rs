@@ -23,7 +23,7 @@ pub(super) async fn ping(
     Ok(Done::read(proto::PingResponse {
         cluster_name: call.state.cluster.clone(),
         server_version: env!("CARGO_PKG_VERSION").into(),
-        ca_pin: call.state.tls_ca.pin(),
+        ca_pin: call.state.tls.load().pin(),
     }))
 }
 
@@ -232,7 +232,8 @@ pub(super) fn sign_client(
         )
         .map_err(internal)?;
     let tls_cert = state
-        .tls_ca
+        .tls
+        .load()
         .sign(
             tls_public_key,
             identity,
@@ -241,7 +242,7 @@ pub(super) fn sign_client(
             time::OffsetDateTime::now_utc(),
         )
         .map_err(|e| Status::invalid_argument(format!("tls_public_key: {e}")))?;
-    Ok((ssh_cert, tls_cert.pem()))
+    Ok((ssh_cert, tls_cert))
 }
 
 pub(super) async fn who_am_i(

@@ -48,6 +48,8 @@ use crate::proto;
 use crate::proto::auth_server::Auth;
 use crate::ratelimit::LoginLimiter;
 use crate::storage::{Store, StoreError, StoredEvent};
+use crate::tls_authority::TlsAuthority;
+pub use authorities::ServedTls;
 use call::{Access, Audit, Call, Caller, Done, Event, Failure, Rpc};
 pub use metrics::AuthMetrics;
 pub(crate) use metrics::{KindLabel, ResultLabel};
@@ -75,7 +77,10 @@ pub struct AuthState {
     pub host_ca: arc_swap::ArcSwap<SshCa>,
     /// Keys replaced by a rotation, trusted until their grace period ends.
     pub(crate) previous_cas: arc_swap::ArcSwap<authorities::Previous>,
-    pub tls_ca: TlsCa,
+    /// The X.509 CA (swapped by a rotation; `authorities.rs`).
+    pub tls: arc_swap::ArcSwap<TlsAuthority>,
+    /// Auth's own server certificate and client verifier, re-made when the X.509 CA changes.
+    pub(crate) served: std::sync::OnceLock<authorities::ServedTls>,
     pub metrics: Arc<AuthMetrics>,
     pub(crate) limiter: Mutex<LoginLimiter>,
     /// One argon2 thread per core: bounds the CPU and memory password guessing can take.
@@ -133,7 +138,8 @@ impl AuthState {
             user_ca: arc_swap::ArcSwap::from_pointee(user_ca),
             host_ca: arc_swap::ArcSwap::from_pointee(host_ca),
             previous_cas: arc_swap::ArcSwap::default(),
-            tls_ca,
+            tls: arc_swap::ArcSwap::from_pointee(TlsAuthority::new(tls_ca)),
+            served: std::sync::OnceLock::new(),
             metrics: Arc::default(),
             limiter: Mutex::new(LoginLimiter::default()),
             hasher: password::HasherPool::new(cpus)
@@ -327,7 +333,7 @@ impl AuthState {
         proto::Credentials {
             ssh_cert,
             tls_cert,
-            tls_ca: self.tls_ca.cert_pem().to_owned(),
+            tls_ca: self.tls.load().trusted_pem(now_secs()),
             ssh_host_ca: self.trusted_ssh(authorities::SshKind::Host),
             ssh_user_ca: self.trusted_ssh(authorities::SshKind::User),
             cluster_name: self.cluster.clone(),

@@ -41,7 +41,7 @@ fn own_cas(state: &AuthState) -> proto::ClusterCas {
     proto::ClusterCas {
         user_ca_ssh: state.user_ca.load().public_line(),
         host_ca_ssh: state.host_ca.load().public_line(),
-        tls_ca_pem: state.tls_ca.cert_pem().to_owned(),
+        tls_ca_pem: state.tls.load().trusted_pem(super::now_secs()),
     }
 }
 

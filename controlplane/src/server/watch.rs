@@ -245,7 +245,8 @@ fn item(kind: &str, name: &str, resource: String) -> proto::WatchItem {
 
 /// The CAs as watchers get them: for the SSH CAs the signing key (`ssh_public_key`), every
 /// key trusted now (`ssh_public_keys`) and when the previous one stops being trusted
-/// (`previous_until`, 0: none); the X.509 CA as PEM.
+/// (`previous_until`, 0: none); for the X.509 CA the signer (`cert_pem`), the bundle trusted now
+/// (`trusted_pem`) and `previous_until`.
 fn ca_items(state: &AuthState) -> Vec<proto::WatchItem> {
     use super::authorities::SshKind;
     let ssh = |kind: SshKind| {
@@ -260,11 +261,15 @@ fn ca_items(state: &AuthState) -> Vec<proto::WatchItem> {
     vec![
         item("cert_authority", "user", ssh(SshKind::User)),
         item("cert_authority", "host", ssh(SshKind::Host)),
-        item(
-            "cert_authority",
-            "tls",
-            serde_json::json!({ "cert_pem": state.tls_ca.cert_pem() }).to_string(),
-        ),
+        item("cert_authority", "tls", {
+            let tls = state.tls.load();
+            serde_json::json!({
+                "cert_pem": tls.signer().cert_pem(),
+                "trusted_pem": tls.trusted_pem(now_secs()),
+                "previous_until": tls.previous_until(),
+            })
+            .to_string()
+        }),
     ]
 }
 
