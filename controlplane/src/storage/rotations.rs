@@ -44,6 +44,13 @@ impl Store {
         rolled_back: bool,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
+        // Write first: SQLite then takes the write lock at once (a read first would make the
+        // later write fail with SQLITE_BUSY if another writer committed in between), and
+        // PostgreSQL locks the row, so two rotations at once run one after the other.
+        sqlx::query("UPDATE cert_authorities SET created = created WHERE kind = $1")
+            .bind(kind)
+            .execute(&mut *tx)
+            .await?;
         let current =
             sqlx::query("SELECT public_pem, private_pem FROM cert_authorities WHERE kind = $1")
                 .bind(kind)
