@@ -271,6 +271,75 @@ fn a_lock_ends_live_sessions_refuses_logins_and_lifting_it_restores_access() {
     f.gctl(&["locks", "rm", "role:access"]).ok();
 }
 
+/// `gsh ssh LOGIN@node1 echo ok` until `(pred)(output)` holds, for up to `within`: the last output.
+fn ssh_until(
+    f: &Fleet,
+    home: &Path,
+    within: Duration,
+    pred: impl Fn(&common::Output) -> bool,
+) -> common::Output {
+    let deadline = Instant::now() + within;
+    loop {
+        let out = f.gsh(
+            home,
+            &["ssh", &format!("{}@node1", f.login), "echo", "ok"],
+            None,
+        );
+        if pred(&out) || Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn strict_locking_refuses_new_sessions_once_lock_state_cannot_be_refreshed() {
+    // Strict mode with the staleness window cut from 5 minutes to 15 s (a hidden setting for
+    // tests; the watch stream's keepalives come every 5 s).
+    let config = "[auth]\nlocking_mode = \"strict\"\n";
+    let env = vec![("GATEHOUSE_LOCKS_STALE_SECS".to_string(), "15".to_string())];
+    let mut f = Fleet::start_custom(
+        "strict",
+        config,
+        &env,
+        &[],
+        &[("node1", "env=dev", vec![])],
+        |p| p.to_string(),
+    );
+    let alice = tempfile::tempdir().unwrap();
+    f.user(alice.path(), "alice", "access", &f.login, &[]);
+    f.wait_for_nodes(alice.path(), 1);
+    let ok = |o: &common::Output| o.status == 0 && o.stdout.trim() == "ok";
+    let out = ssh_until(&f, alice.path(), Duration::from_secs(20), ok);
+    assert!(ok(&out), "{}", out.stderr);
+
+    // Auth goes away. Sessions go on while the lock state is fresh...
+    f.auth.kill_hard();
+    let out = f.gsh(
+        alice.path(),
+        &["ssh", &format!("{}@node1", f.login), "echo", "ok"],
+        None,
+    );
+    assert!(
+        ok(&out),
+        "refused while the lock state was fresh: {}",
+        out.stderr
+    );
+    // ...and are refused, saying why, once it is older than the window.
+    let refused = ssh_until(&f, alice.path(), Duration::from_secs(45), |o| o.status != 0);
+    assert_ne!(refused.status, 0, "strict mode never refused");
+    assert!(
+        refused.stderr.contains("locking_mode = \"strict\""),
+        "{}",
+        refused.stderr
+    );
+
+    // Auth back on its address: the state is fresh again and sessions start.
+    f.auth = Fleet::start_auth(f.dir.path(), 0, "strict", config, &env, &f.auth_addr);
+    let out = ssh_until(&f, alice.path(), Duration::from_secs(45), ok);
+    assert!(ok(&out), "not restored: {}", out.stderr);
+}
+
 #[test]
 fn a_locked_node_loses_its_tunnel_and_a_locked_bot_cannot_renew() {
     let f = Fleet::start("lock-node", &[("node1", "env=dev", vec![])]);

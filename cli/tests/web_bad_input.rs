@@ -239,4 +239,13 @@ async fn bad_input_at_the_web_ui_gets_an_error_or_a_bound() {
     let r = me.call("GET", "/v1/webapi/nodes", b"").await.unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(!f.proxy.log().contains("panicked"), "{}", f.proxy.log());
+    // The web terminals' sessions are credited to the browser's address (127.0.0.1 here), not
+    // to the proxy's own (127.0.0.2), which opens them on its port.
+    let starts = f.events("session.start");
+    let bobs: Vec<&serde_json::Value> = starts.iter().filter(|e| e["actor"] == "bob").collect();
+    assert!(!bobs.is_empty(), "{starts:?}");
+    for e in bobs {
+        let source = e["source_addr"].as_str().unwrap_or_default();
+        assert!(source.starts_with("127.0.0.1"), "{e}");
+    }
 }

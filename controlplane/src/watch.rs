@@ -148,9 +148,11 @@ pub async fn follow_locks<E, F>(
 {
     let cache = std::sync::Arc::new(std::sync::Mutex::new(WatchCache::default()));
     let kinds = vec!["lock".to_owned(), "cluster_settings".to_owned()];
+    let stale_after = crate::locks::stale_after_from_env();
     follow_each(endpoint, setup, kinds, cache, |c, did_change| {
         let mut next = (**view.load()).clone();
         next.heard_at = Some(time::OffsetDateTime::now_utc().unix_timestamp());
+        next.stale_after = stale_after;
         if did_change {
             next.locks = crate::locks::LockSet::from_documents(c.of("lock").map(|(_, doc)| doc));
             next.mode = c

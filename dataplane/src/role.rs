@@ -84,6 +84,8 @@ pub struct ProxyHandle {
     pub auth_addr: String,
     /// Signs client-address preambles to Auth with this proxy's current identity.
     pub client_addr: Arc<arc_swap::ArcSwapOption<gatehouse_controlplane::client_addr::Asserter>>,
+    /// Where the web UI registers the connections it opens on browsers' behalf.
+    pub local_clients: Arc<crate::proxy::LocalClients>,
     proxy: Proxy,
     browser_cert: Option<tokio::task::JoinHandle<()>>,
     reporter: tokio::task::JoinHandle<()>,
@@ -274,6 +276,7 @@ pub async fn start(
             .map(Arc::new),
     ));
     let (audit_tx, audit_rx) = tokio::sync::mpsc::unbounded_channel();
+    let local_clients = Arc::new(crate::proxy::LocalClients::default());
     let proxy_config = ProxyConfig {
         listen: config.listen,
         workers: config.workers,
@@ -289,6 +292,7 @@ pub async fn start(
         leaves: Arc::clone(&leaves),
         locks: Arc::clone(&locks),
         client_addr: Arc::clone(&client_addr),
+        local_clients: Arc::clone(&local_clients),
         host_cas: Arc::clone(&host_cas),
         audit: Some(audit_tx),
     };
@@ -373,6 +377,7 @@ pub async fn start(
         ca_pem,
         auth_addr: config.auth_addr.clone(),
         client_addr,
+        local_clients,
         proxy,
         browser_cert,
         reporter,

@@ -47,6 +47,9 @@ pub struct WebConfig {
     /// `None`: Auth sees the proxy's.
     pub client_addr:
         Option<Arc<arc_swap::ArcSwapOption<gatehouse_controlplane::client_addr::Asserter>>>,
+    /// Where web terminals' connections to the proxy are registered, so the proxy credits
+    /// each session to the browser's address; `None`: the proxy's own address.
+    pub local_clients: Option<Arc<gatehouse_dataplane::proxy::LocalClients>>,
 }
 
 impl WebConfig {
@@ -69,6 +72,7 @@ impl WebConfig {
             proxy_addr,
             max_terminals: 4096,
             client_addr: None,
+            local_clients: None,
         }
     }
 }

@@ -92,6 +92,7 @@ pub async fn open_stream(
     proxy: SocketAddr,
     id: &UserIdentity,
     req: &SessionRequest,
+    on_behalf: Option<&OnBehalf>,
 ) -> Result<TlsStream<TcpStream>, SshError> {
     let tls_cfg = client_config_with_alpn(
         &Trust::CaPem(id.ca_pem.clone()),
@@ -99,7 +100,21 @@ pub async fn open_stream(
         &[ALPN_SSH],
     )
     .map_err(|e| SshError::Tls(e.to_string()))?;
-    let tcp = TcpStream::connect(proxy).await?;
+    let socket = if proxy.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // Registered from before the connection exists until the proxy has answered (it reads
+    // the registration before it answers).
+    let _registered = match on_behalf {
+        Some(b) => {
+            socket.bind(SocketAddr::new(proxy.ip(), 0))?;
+            Some(b.clients.register(socket.local_addr()?, b.browser))
+        }
+        None => None,
+    };
+    let tcp = socket.connect(proxy).await?;
     tcp.set_nodelay(true)?;
     let name = rustls::pki_types::ServerName::try_from(PROXY_SERVER_NAME)
         .map_err(|e| SshError::Tls(e.to_string()))?;
@@ -127,12 +142,21 @@ pub async fn open_stream(
     Ok(tls)
 }
 
-/// An authenticated SSH connection to `node` as `login`, through the proxy.
+/// The browser a web terminal's connection is for, and where the proxy looks it up.
+#[derive(Debug, Clone)]
+pub struct OnBehalf {
+    pub clients: Arc<gatehouse_dataplane::proxy::LocalClients>,
+    pub browser: SocketAddr,
+}
+
+/// An authenticated SSH connection to `node` as `login`, through the proxy (credited to the
+/// browser `on_behalf` names).
 pub async fn connect(
     proxy: SocketAddr,
     id: &UserIdentity,
     node: &str,
     login: &str,
+    on_behalf: Option<&OnBehalf>,
 ) -> Result<Handle, SshError> {
     let open = async {
         let req = SessionRequest {
@@ -141,7 +165,7 @@ pub async fn connect(
             cluster: String::new(),
             on_behalf: None,
         };
-        let tls = open_stream(proxy, id, &req).await?;
+        let tls = open_stream(proxy, id, &req, on_behalf).await?;
         let check = HostCheck {
             cas: id
                 .host_cas

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -112,6 +112,7 @@ impl ResizeGate {
 
 pub(crate) async fn upgrade(
     State(app): State<Arc<App>>,
+    Extension(browser): Extension<crate::api::ClientAddr>,
     headers: HeaderMap,
     Query(q): Query<TerminalQuery>,
     ws: WebSocketUpgrade,
@@ -125,7 +126,7 @@ pub(crate) async fn upgrade(
         .max_message_size(MAX_MESSAGE)
         .max_frame_size(MAX_MESSAGE)
         .on_upgrade(move |socket| async move {
-            run(socket, app, s, q).await;
+            run(socket, app, s, q, browser.0).await;
             drop(permit);
         }))
 }
@@ -134,19 +135,40 @@ async fn say(ws: &mut WebSocket, v: serde_json::Value) {
     let _ = ws.send(Message::Text(v.to_string().into())).await;
 }
 
-async fn run(mut ws: WebSocket, app: Arc<App>, s: Arc<crate::Session>, q: TerminalQuery) {
-    let handle =
-        match crate::ssh::connect(app.config.proxy_addr, &s.creds.id, &q.node, &q.login).await {
-            Ok(h) => h,
-            Err(e) => {
-                say(
-                    &mut ws,
-                    json!({ "type": "error", "message": e.to_string() }),
-                )
-                .await;
-                return;
-            }
-        };
+async fn run(
+    mut ws: WebSocket,
+    app: Arc<App>,
+    s: Arc<crate::Session>,
+    q: TerminalQuery,
+    browser: std::net::SocketAddr,
+) {
+    let on_behalf = app
+        .config
+        .local_clients
+        .as_ref()
+        .map(|clients| crate::ssh::OnBehalf {
+            clients: Arc::clone(clients),
+            browser,
+        });
+    let handle = match crate::ssh::connect(
+        app.config.proxy_addr,
+        &s.creds.id,
+        &q.node,
+        &q.login,
+        on_behalf.as_ref(),
+    )
+    .await
+    {
+        Ok(h) => h,
+        Err(e) => {
+            say(
+                &mut ws,
+                json!({ "type": "error", "message": e.to_string() }),
+            )
+            .await;
+            return;
+        }
+    };
     let channel = match open_shell(&handle, &q).await {
         Ok(c) => c,
         Err(e) => {

@@ -591,6 +591,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
                 started.addr,
             );
             web_config.client_addr = Some(Arc::clone(&started.client_addr));
+            web_config.local_clients = Some(Arc::clone(&started.local_clients));
             let web = gatehouse_web::WebUi::new(web_config);
             started.serve_browsers(web);
         }

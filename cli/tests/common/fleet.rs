@@ -76,7 +76,7 @@ impl Fleet {
     }
 
     /// The most general start: Auth with `auth_config` (TOML, written to a file; empty: none)
-    /// and extra environment variables.
+    /// and extra environment variables (for every daemon of the fleet).
     pub fn start_custom(
         cluster: &str,
         auth_config: &str,
@@ -194,7 +194,7 @@ impl Fleet {
             "--node-name".into(),
             "proxy1".into(),
         ]);
-        let proxy = Daemon::start(&args, dir.path().join("proxy.log"));
+        let proxy = Daemon::start_env(&args, auth_env, dir.path().join("proxy.log"));
         let proxy_addr = proxy.field("Proxy:");
         let agents_dial = via(&proxy_addr);
         let mut fleet = Fleet {
@@ -232,7 +232,11 @@ impl Fleet {
                 fleet.dir.path().join(name).display().to_string(),
             ];
             args.extend(extra.iter().cloned());
-            let agent = Daemon::start(&args, fleet.dir.path().join(format!("{name}.log")));
+            let agent = Daemon::start_env(
+                &args,
+                auth_env,
+                fleet.dir.path().join(format!("{name}.log")),
+            );
             fleet.agents.push(agent);
         }
         fleet

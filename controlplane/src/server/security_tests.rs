@@ -101,6 +101,12 @@ async fn rotation_trusts_both_keys_for_the_grace_and_rollback_signs_with_the_old
             .await
             .unwrap();
     }
+    let tls = state.tls.load();
+    state
+        .store
+        .init_ca("tls", tls.signer().cert_pem(), &tls.signer().key_pem(), 0)
+        .await
+        .unwrap();
     let before = state.user_ca.load().public_line();
     let rotate = |rollback: bool, grace: u64| {
         svc.rotate_cert_authority(request(
@@ -141,16 +147,39 @@ async fn rotation_trusts_both_keys_for_the_grace_and_rollback_signs_with_the_old
     let now_trusted = state.trusted_ssh(super::authorities::SshKind::User);
     assert_eq!(now_trusted.len(), 1);
     assert_ne!(now_trusted[0], before);
-    // The TLS CA says it does not rotate; unknown types are refused.
-    let tls = svc
-        .rotate_cert_authority(request(
+    // The X.509 CA: a new signer, both trusted; no second rotation during the grace; a
+    // rollback signs with the original again.
+    let original = state.tls.load().pin();
+    let rotate_tls = |rollback: bool| {
+        svc.rotate_cert_authority(request(
             &admin,
             proto::RotateCertAuthorityRequest {
                 r#type: "tls".into(),
+                grace_seconds: 60,
+                rollback,
+            },
+        ))
+    };
+    let pins = rotate_tls(false).await.unwrap().into_inner().trusted;
+    assert_eq!(pins.len(), 2);
+    assert_eq!(pins[1], original);
+    assert_ne!(state.tls.load().pin(), original);
+    let bundle = state.tls.load().trusted_pem(super::now_secs());
+    assert_eq!(crate::tls::certs_from_pem(&bundle).unwrap().len(), 2);
+    let again = rotate_tls(false).await.unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition, "{again:?}");
+    rotate_tls(true).await.unwrap();
+    assert_eq!(state.tls.load().pin(), original);
+    // Unknown types are refused.
+    let unknown = svc
+        .rotate_cert_authority(request(
+            &admin,
+            proto::RotateCertAuthorityRequest {
+                r#type: "pgp".into(),
                 ..Default::default()
             },
         ))
         .await
         .unwrap_err();
-    assert_eq!(tls.code(), Code::Unimplemented);
+    assert_eq!(unknown.code(), Code::InvalidArgument);
 }

@@ -112,3 +112,52 @@ mod tests {
         bridge.await.unwrap();
     }
 }
+
+/// Connections the web UI opens to this proxy's own port on a browser's behalf (web
+/// terminals), by their local address: the proxy credits such a session to the browser's
+/// address (audit, the agent's view, the per-address SSH throttle) instead of its own. Only a
+/// socket this process holds can come from a registered address, so nobody else can claim one.
+#[derive(Debug, Default)]
+pub struct LocalClients {
+    map: std::sync::Mutex<std::collections::HashMap<SocketAddr, SocketAddr>>,
+}
+
+impl LocalClients {
+    /// Credit connections from `local` to `client` until the guard is dropped.
+    pub fn register(self: &Arc<Self>, local: SocketAddr, client: SocketAddr) -> LocalClient {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(local, client);
+        LocalClient {
+            clients: Arc::clone(self),
+            local,
+        }
+    }
+
+    /// The client a connection from `remote` is on behalf of, if the web UI registered it.
+    pub fn client_of(&self, remote: SocketAddr) -> Option<SocketAddr> {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&remote)
+            .copied()
+    }
+}
+
+/// A registration of [`LocalClients`]; dropped, the address is the proxy's own again.
+#[derive(Debug)]
+pub struct LocalClient {
+    clients: Arc<LocalClients>,
+    local: SocketAddr,
+}
+
+impl Drop for LocalClient {
+    fn drop(&mut self) {
+        self.clients
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.local);
+    }
+}

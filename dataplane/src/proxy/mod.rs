@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, watch};
 use crate::io::IoBackend;
 use crate::io::backend;
 use crate::io::options::{bind_reuseport, tcp_congestion};
-pub use browsers::{BrowserConn, Browsers};
+pub use browsers::{BrowserConn, Browsers, LocalClient, LocalClients};
 pub use leaves::Leaves;
 pub use locks::Locks;
 pub use metrics::ProxyMetrics;
@@ -109,6 +109,8 @@ pub struct ProxyConfig {
     /// Signs the preamble that tells Auth a passed-through client's address (this proxy's
     /// certificate and key; replaced on renewal). `None`: Auth sees the proxy's address.
     pub client_addr: Arc<arc_swap::ArcSwapOption<gatehouse_controlplane::client_addr::Asserter>>,
+    /// The web UI's connections on browsers' behalf (sessions credited to the browser).
+    pub local_clients: Arc<LocalClients>,
     /// Audit events the proxy records itself (a session routed to a leaf), sent to Auth in
     /// batches by the role; `None`: not recorded.
     pub audit: Option<mpsc::UnboundedSender<gatehouse_controlplane::proto::AuditEvent>>,

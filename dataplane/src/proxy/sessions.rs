@@ -104,6 +104,12 @@ impl Worker {
         kind: SessionKind,
     ) {
         let shared = &self.shared;
+        // The web UI's terminal on a browser's behalf: the session is the browser's.
+        let remote = shared
+            .config
+            .local_clients
+            .client_of(remote)
+            .unwrap_or(remote);
         let alpn = kind.alpn();
         let mut buf = BytesMut::with_capacity(1024);
         let request = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
