@@ -44,15 +44,7 @@ fn ssh_node1_eventually(f: &Fleet, home: &Path, should_work: bool) -> common::Ou
 }
 
 fn relogin(f: &Fleet, home: &Path, user: &str) {
-    let pw = f
-        .gctl(&["users", "reset", user])
-        .ok()
-        .stdout
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string();
+    let pw = f.reset_password(user);
     let args = [
         "login",
         "--proxy",
@@ -308,6 +300,17 @@ fn the_tls_ca_rotates_through_a_cross_signed_grace_and_rolls_back() {
         )
     };
     assert_eq!(openssh().ok().stdout.trim(), "openssh-ok");
+    // alice reaches node1 with `gsh ssh` and with OpenSSH through `gsh config`.
+    let both_ways = || {
+        assert_eq!(
+            ssh_node1_eventually(&f, alice.path(), true)
+                .ok()
+                .stdout
+                .trim(),
+            "ok"
+        );
+        assert_eq!(openssh().ok().stdout.trim(), "openssh-ok");
+    };
     let (mut long, _out) = f.long_ssh(alice.path());
 
     // 1. Rotate with a grace: the new CA signs at once; both are trusted.
@@ -349,14 +352,7 @@ fn the_tls_ca_rotates_through_a_cross_signed_grace_and_rolls_back() {
     // alice's credentials from before the rotation (old CA only) still work, with gsh and
     // the real OpenSSH client through the proxy.
     assert_eq!(issuer_cn(&alice.path().join("tls.crt")), old_cn);
-    assert_eq!(
-        ssh_node1_eventually(&f, alice.path(), true)
-            .ok()
-            .stdout
-            .trim(),
-        "ok"
-    );
-    assert_eq!(openssh().ok().stdout.trim(), "openssh-ok");
+    both_ways();
     // A new login: a certificate of the new CA, both CAs stored; OpenSSL verifies it.
     relogin(&f, alice.path(), "alice");
     assert_eq!(issuer_cn(&alice.path().join("tls.crt")), new_cn);
@@ -380,15 +376,7 @@ fn the_tls_ca_rotates_through_a_cross_signed_grace_and_rolls_back() {
     let bundle = f.gctl(&["auth", "export", "--type", "tls"]).ok().stdout;
     assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 1, "{bundle}");
     let stranger = tempfile::tempdir().unwrap();
-    let pw = f
-        .gctl(&["users", "reset", "alice"])
-        .ok()
-        .stdout
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string();
+    let pw = f.reset_password("alice");
     let old_pin = f.gsh(
         stranger.path(),
         &[
@@ -405,14 +393,7 @@ fn the_tls_ca_rotates_through_a_cross_signed_grace_and_rolls_back() {
     );
     assert_ne!(old_pin.status, 0, "a login pinning the dropped CA worked");
     // alice's stored CAs carry her over (her next login needs no new pin).
-    assert_eq!(
-        ssh_node1_eventually(&f, alice.path(), true)
-            .ok()
-            .stdout
-            .trim(),
-        "ok"
-    );
-    assert_eq!(openssh().ok().stdout.trim(), "openssh-ok");
+    both_ways();
     let again = f.gsh(
         alice.path(),
         &["login", "--user", "alice", "--password-stdin"],
@@ -439,14 +420,7 @@ fn the_tls_ca_rotates_through_a_cross_signed_grace_and_rolls_back() {
     relogin_with_stored_cas(&f, alice.path());
     assert_eq!(issuer_cn(&alice.path().join("tls.crt")), new_cn);
     proxy_eventually(&f, &new_ca, |ok, issuer| ok && issuer == new_cn);
-    assert_eq!(
-        ssh_node1_eventually(&f, alice.path(), true)
-            .ok()
-            .stdout
-            .trim(),
-        "ok"
-    );
-    assert_eq!(openssh().ok().stdout.trim(), "openssh-ok");
+    both_ways();
 
     // No session dropped; every change audited.
     assert!(long.try_wait().unwrap().is_none(), "the long session ended");
@@ -456,15 +430,7 @@ fn the_tls_ca_rotates_through_a_cross_signed_grace_and_rolls_back() {
 
 /// `gsh login` with no pin: the CAs the last login stored are what it trusts.
 fn relogin_with_stored_cas(f: &Fleet, home: &Path) {
-    let pw = f
-        .gctl(&["users", "reset", "alice"])
-        .ok()
-        .stdout
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_string();
+    let pw = f.reset_password("alice");
     f.gsh(
         home,
         &["login", "--user", "alice", "--password-stdin"],

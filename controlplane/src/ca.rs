@@ -307,6 +307,32 @@ pub struct TlsCa {
     issued: IssuedDigests,
 }
 
+/// A CA certificate's parameters: named `common_name` of `organization` (encoded the same way
+/// each time: path building matches names byte for byte), at most `path_len` CAs below it.
+fn ca_params(
+    common_name: &str,
+    organization: &str,
+    path_len: u8,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, organization);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = not_before;
+    params.not_after = not_after;
+    params.serial_number = Some(random_serial());
+    params
+}
+
 /// SHA-256 digests of DER certificates signed here, with their expiry (Unix seconds). A
 /// certificate whose digest is here was signed by this CA (SHA-256 is collision resistant);
 /// one that is not (another Auth's, or from before a restart) is verified by signature.
@@ -380,21 +406,14 @@ impl TlsCa {
         now: time::OffsetDateTime,
     ) -> Result<Self, CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, common_name);
-        dn.push(DnType::OrganizationName, cluster);
-        params.distinguished_name = dn;
         // Path length 1: a cross-signed copy of a rotated-to CA sits between this one and leaves.
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.not_before = now - CLOCK_SKEW_ALLOWANCE;
-        params.not_after = now + time::Duration::days(3650);
-        params.serial_number = Some(random_serial());
+        let params = ca_params(
+            common_name,
+            cluster,
+            1,
+            now - CLOCK_SKEW_ALLOWANCE,
+            now + time::Duration::days(3650),
+        );
         let cert = params.self_signed(&key)?;
         let cert_der = cert.der().to_vec();
         Ok(Self {
@@ -433,30 +452,18 @@ impl TlsCa {
         let (_, cert) =
             x509_parser::parse_x509_certificate(&other.cert_der).map_err(|e| bad(e.to_string()))?;
         // The same name, encoded as `generate_named` encodes it (path building matches bytes).
-        let mut dn = DistinguishedName::new();
-        for (ty, value) in [
-            (DnType::CommonName, cert.subject().iter_common_name().next()),
-            (
-                DnType::OrganizationName,
-                cert.subject().iter_organization().next(),
-            ),
-        ] {
-            let value = value
-                .and_then(|v| v.as_str().ok())
-                .ok_or_else(|| bad("no common name or organization".into()))?;
-            dn.push(ty, value);
-        }
-        let mut params = CertificateParams::default();
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.not_before = now - CLOCK_SKEW_ALLOWANCE;
-        params.not_after = cert.validity().not_after.to_datetime();
-        params.serial_number = Some(random_serial());
+        let name = |v: Option<&x509_parser::x509::AttributeTypeAndValue<'_>>| {
+            v.and_then(|v| v.as_str().ok())
+                .map(str::to_owned)
+                .ok_or_else(|| bad("no common name or organization".into()))
+        };
+        let params = ca_params(
+            &name(cert.subject().iter_common_name().next())?,
+            &name(cert.subject().iter_organization().next())?,
+            0,
+            now - CLOCK_SKEW_ALLOWANCE,
+            cert.validity().not_after.to_datetime(),
+        );
         Ok(params.signed_by(other.issuer.key(), &self.issuer)?.pem())
     }
 

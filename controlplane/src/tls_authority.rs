@@ -122,10 +122,15 @@ impl TlsAuthority {
         sans: &[String],
         now: time::OffsetDateTime,
     ) -> Result<(String, String), CaError> {
-        let key = crate::ca::generate_leaf_key()?;
-        let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
-        let cert = self.sign(&spki, identity, usage, sans, now)?;
-        Ok((cert, key.serialize_pem()))
+        let (cert, key) = self.signer.issue_with_new_key(identity, usage, sans, now)?;
+        Ok((
+            format!(
+                "{}{}",
+                cert.pem(),
+                self.intermediates_pem(now.unix_timestamp())
+            ),
+            key.serialize_pem(),
+        ))
     }
 
     /// Check that a trusted CA issued `der` and that it is valid at `now` (see

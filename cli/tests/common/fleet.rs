@@ -320,6 +320,12 @@ impl Fleet {
     }
 
     /// Create a user and log them in through the proxy into `home`.
+    /// `gctl users reset NAME`: the new password.
+    pub fn reset_password(&self, name: &str) -> String {
+        let out = self.gctl(&["users", "reset", name]).ok();
+        out.stdout.lines().last().unwrap().trim().to_string()
+    }
+
     pub fn user(&self, home: &Path, name: &str, roles: &str, logins: &str, extra: &[&str]) {
         let out = self
             .gctl(&["users", "add", name, "--roles", roles, "--logins", logins])
