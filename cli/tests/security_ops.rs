@@ -308,28 +308,47 @@ fn strict_locking_refuses_new_sessions_once_lock_state_cannot_be_refreshed() {
     );
     let alice = tempfile::tempdir().unwrap();
     f.user(alice.path(), "alice", "access", &f.login, &[]);
+    let bob = tempfile::tempdir().unwrap();
+    f.user(bob.path(), "bob", "access", &f.login, &[]);
     f.wait_for_nodes(alice.path(), 1);
     let ok = |o: &common::Output| o.status == 0 && o.stdout.trim() == "ok";
     let out = ssh_until(&f, alice.path(), Duration::from_secs(20), ok);
     assert!(ok(&out), "{}", out.stderr);
+    f.gctl(&["lock", "--user", "bob", "--message", "on leave"])
+        .ok();
+    let out = ssh_until(&f, bob.path(), Duration::from_secs(20), |o| o.status != 0);
+    assert!(out.stderr.contains("on leave"), "{}", out.stderr);
 
-    // Auth goes away. Sessions go on while the lock state is fresh...
+    // Auth goes away. The locks known are kept, and sessions go on while the lock state is
+    // fresh...
     f.auth.kill_hard();
-    let out = f.gsh(
-        alice.path(),
-        &["ssh", &format!("{}@node1", f.login), "echo", "ok"],
-        None,
-    );
+    let ssh = |home: &Path| {
+        f.gsh(
+            home,
+            &["ssh", &format!("{}@node1", f.login), "echo", "ok"],
+            None,
+        )
+    };
+    let out = ssh(alice.path());
     assert!(
         ok(&out),
         "refused while the lock state was fresh: {}",
         out.stderr
     );
+    let out = ssh(bob.path());
+    assert!(
+        out.stderr.contains("on leave"),
+        "a known lock was lost: {}",
+        out.stderr
+    );
     // ...and are refused, saying why, once it is older than the window.
     let refused = ssh_until(&f, alice.path(), Duration::from_secs(45), |o| o.status != 0);
     assert_ne!(refused.status, 0, "strict mode never refused");
+    // The proxy says why; if the agent's state went stale first, it refuses the certificate
+    // as sshd would ("Permission denied") and audits the reason (checked once Auth is back).
+    let by_proxy = refused.stderr.contains("locking_mode = \"strict\"");
     assert!(
-        refused.stderr.contains("locking_mode = \"strict\""),
+        by_proxy || refused.stderr.contains("Permission denied"),
         "{}",
         refused.stderr
     );
@@ -338,6 +357,15 @@ fn strict_locking_refuses_new_sessions_once_lock_state_cannot_be_refreshed() {
     f.auth = Fleet::start_auth(f.dir.path(), 0, "strict", config, &env, &f.auth_addr);
     let out = ssh_until(&f, alice.path(), Duration::from_secs(45), ok);
     assert!(ok(&out), "not restored: {}", out.stderr);
+    if !by_proxy {
+        let rejected = wait_event(&f, "session.rejected", |e| {
+            e["actor"] == "alice"
+                && e["data"]["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("strict"))
+        });
+        assert_eq!(rejected["actor"], "alice");
+    }
 }
 
 #[test]

@@ -159,7 +159,8 @@ enum AuthCmd {
     /// clients) for the grace period, then is dropped. --rollback, before the grace ends, makes
     /// the previous key the signer again.
     Rotate {
-        /// user or host.
+        /// user, host or tls (the X.509 CA: during the grace its certificates carry the new CA
+        /// cross-signed by the old one, so parties that trust only the old CA go on working).
         #[arg(long = "type")]
         ca_type: String,
         /// How long the key replaced stays trusted.
