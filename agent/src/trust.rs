@@ -20,14 +20,25 @@ pub(crate) fn roots(cache: &WatchCache) -> Vec<TrustedRoot> {
                 return None;
             }
             let spec = v.get("spec")?;
-            let key = spec.get("user_ca_ssh")?.as_str()?;
-            let user_ca = match ssh_key::PublicKey::from_openssh(key) {
-                Ok(k) => k,
-                Err(e) => {
-                    tracing::warn!(cluster = name, error = %e, "agent: a trusted root's user CA cannot be read");
-                    return None;
+            // Every key the root trusts now (its Auth refreshes them), else the one exchanged.
+            let mut keys: Vec<&str> = spec
+                .get("user_ca_ssh_trusted")
+                .and_then(|k| k.as_array())
+                .map(|a| a.iter().filter_map(|k| k.as_str()).collect())
+                .unwrap_or_default();
+            if keys.is_empty() {
+                keys.push(spec.get("user_ca_ssh")?.as_str()?);
+            }
+            let mut user_cas = Vec::with_capacity(keys.len());
+            for key in keys {
+                match ssh_key::PublicKey::from_openssh(key) {
+                    Ok(k) => user_cas.push(k),
+                    Err(e) => {
+                        tracing::warn!(cluster = name, error = %e, "agent: a trusted root's user CA cannot be read");
+                        return None;
+                    }
                 }
-            };
+            }
             let mappings: Vec<RoleMapping> = spec
                 .get("role_map")
                 .map(|m| serde_json::from_value(m.clone()).unwrap_or_default())
@@ -41,7 +52,7 @@ pub(crate) fn roots(cache: &WatchCache) -> Vec<TrustedRoot> {
             };
             Some(TrustedRoot {
                 cluster: name.to_owned(),
-                user_ca,
+                user_cas,
                 role_map,
             })
         })

@@ -204,3 +204,55 @@ fn root_users_reach_leaf_nodes_by_mapped_roles() {
     );
     assert!(removed.elapsed() < Duration::from_secs(12));
 }
+
+#[test]
+fn a_roots_ca_rotations_reach_the_leaf() {
+    // The leaf's Auth refreshes its copy of the root's CAs every 2 s here (60 s by default).
+    let env = vec![("GATEHOUSE_TRUST_REFRESH_SECS".to_string(), "2".to_string())];
+    let root = Fleet::start("rootrot", &[]);
+    let leaf = Fleet::start_custom(
+        "leafrot",
+        "",
+        &env,
+        &[],
+        &[("web", "env=dev", vec![])],
+        |p| p.to_string(),
+    );
+    let files = tempfile::tempdir().unwrap();
+    let token = common::token(&root.auth_data(), "trusted_cluster");
+    let trust = format!(
+        "kind = \"trusted_cluster\"\n[metadata]\nname = \"rootrot\"\n[spec]\nproxy_addr = \"{}\"\ntoken = \"{token}\"\nca_pin = \"{}\"\nrole_map = [ {{ remote = \"access\", local = [\"access\"] }} ]\n",
+        root.proxy_addr, root.pin
+    );
+    create(&leaf, files.path(), "trust", &trust).ok();
+    let (alice, _) = root_user(&root, "alice", "access");
+    let dest = format!("{}@web.leafrot", root.login);
+    let reach = || {
+        let config = root.ssh_config(alice.path());
+        openssh(&config, &[], &dest, &["echo", "from-the-leaf"], None)
+    };
+    until("a leaf node through the root", 60, || reach().status == 0);
+
+    // The root rotates its user and X.509 CAs; alice's next login is signed by the new ones.
+    root.gctl(&["auth", "rotate", "--type", "user", "--grace", "10m"])
+        .ok();
+    root.gctl(&["auth", "rotate", "--type", "tls", "--grace", "10m"])
+        .ok();
+    let pw = root.reset_password("alice");
+    root.gsh(
+        alice.path(),
+        &["login", "--user", "alice", "--password-stdin"],
+        Some(&format!("{pw}\n")),
+    )
+    .ok();
+    // The leaf hears of it (its agent trusts the root's new user CA; its proxy's link to the
+    // root stays up through the cross-signed grace): alice reaches the leaf node again.
+    until("the new certificate accepted at the leaf", 60, || {
+        reach().status == 0
+    });
+    assert!(
+        leaf.auth.log().contains("the root's CAs changed"),
+        "{}",
+        leaf.auth.log()
+    );
+}

@@ -621,6 +621,17 @@ async fn serve(
             watching = grace_state.next_grace_end();
         }
     });
+    // As a leaf: keep this cluster's copy of each root's CAs current (their rotations).
+    let trust_state = Arc::clone(service.state());
+    let trust_refresh = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::server::trust_refresh_every());
+        loop {
+            tick.tick().await;
+            if let Err(e) = trust_state.refresh_roots().await {
+                tracing::warn!(error = %e, "trust: refreshing the roots' CAs failed");
+            }
+        }
+    });
     let reaper_state = Arc::clone(service.state());
     let reaper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(600));
@@ -647,6 +658,7 @@ async fn serve(
     renew.abort();
     reaper.abort();
     graces.abort();
+    trust_refresh.abort();
     service.state().store.close().await;
     Ok(result?)
 }

@@ -201,6 +201,7 @@ async fn trust_is_established_once_and_refusals_store_nothing() {
         user_ca_ssh: s.into(),
         host_ca_ssh: s.into(),
         tls_ca_pem: s.into(),
+        ..Default::default()
     };
     let e = anon
         .validate_trusted_cluster(proto::ValidateTrustedClusterRequest {

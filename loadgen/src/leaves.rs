@@ -195,6 +195,7 @@ pub async fn run(cfg: LeavesConfig) -> anyhow::Result<LeavesReport> {
                 user_ca_ssh: ssh_ca.clone(),
                 host_ca_ssh: ssh_ca.clone(),
                 tls_ca_pem: ca.cert_pem().to_owned(),
+                ..Default::default()
             }),
         })
         .await

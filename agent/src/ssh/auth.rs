@@ -11,7 +11,8 @@ use ssh_key::{Certificate, HashAlg, PublicKey};
 #[derive(Debug, Clone)]
 pub struct TrustedRoot {
     pub cluster: String,
-    pub user_ca: PublicKey,
+    /// The root's user CA keys trusted now (two during its rotation's grace).
+    pub user_cas: Vec<PublicKey>,
     pub role_map: gatehouse_controlplane::role_map::RoleMap,
 }
 
@@ -121,8 +122,11 @@ pub(crate) fn verify_user_cert_in(
     let signed_by = |ca: &PublicKey| ca.key_data() == cert.signature_key();
     let (ca, root) = match user_cas.iter().find(|ca| signed_by(ca)) {
         Some(ca) => (ca, None),
-        None => match roots.iter().find(|r| signed_by(&r.user_ca)) {
-            Some(r) => (&r.user_ca, Some(r)),
+        None => match roots
+            .iter()
+            .find_map(|r| r.user_cas.iter().find(|ca| signed_by(ca)).map(|ca| (ca, r)))
+        {
+            Some((ca, r)) => (ca, Some(r)),
             None => {
                 return Err(Refusal::new(
                     cert,
@@ -285,7 +289,7 @@ mod tests {
         let root_ca = SshCa::generate().unwrap();
         let root = |remote: &str, local: &str| TrustedRoot {
             cluster: "root".into(),
-            user_ca: root_ca.public_key().clone(),
+            user_cas: vec![root_ca.public_key().clone()],
             role_map: RoleMap::compile(&[RoleMapping {
                 remote: remote.into(),
                 local: vec![local.into()],

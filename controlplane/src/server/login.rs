@@ -24,6 +24,7 @@ pub(super) async fn ping(
         cluster_name: call.state.cluster.clone(),
         server_version: env!("CARGO_PKG_VERSION").into(),
         ca_pin: call.state.tls.load().pin(),
+        authorities: Some(super::trust::own_cas(&call.state)),
     }))
 }
 

@@ -53,6 +53,7 @@ pub use authorities::ServedTls;
 use call::{Access, Audit, Call, Caller, Done, Event, Failure, Rpc};
 pub use metrics::AuthMetrics;
 pub(crate) use metrics::{KindLabel, ResultLabel};
+pub use trust::refresh_every as trust_refresh_every;
 
 /// Lifetime of agents' and proxies' certificates unless `[auth] host_cert_ttl` says otherwise;
 /// hosts renew them at two thirds of it.

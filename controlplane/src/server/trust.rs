@@ -24,6 +24,12 @@ pub struct TrustDoc {
     pub user_ca_ssh: String,
     pub host_ca_ssh: String,
     pub tls_ca_pem: String,
+    /// Every user and host CA key trusted now (two during a rotation of the other cluster's);
+    /// empty: only the ones above.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_ca_ssh_trusted: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_ca_ssh_trusted: Vec<String>,
     /// Root only: where the leaf's proxies dial, the pin it was established with, the role map.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub proxy_addr: String,
@@ -37,18 +43,25 @@ pub(crate) const ROOT: &str = "root";
 pub(crate) const LEAF: &str = "leaf";
 
 /// This cluster's CAs (public parts).
-fn own_cas(state: &AuthState) -> proto::ClusterCas {
+pub(super) fn own_cas(state: &AuthState) -> proto::ClusterCas {
+    use super::authorities::SshKind;
     proto::ClusterCas {
         user_ca_ssh: state.user_ca.load().public_line(),
         host_ca_ssh: state.host_ca.load().public_line(),
         tls_ca_pem: state.tls.load().trusted_pem(super::now_secs()),
+        user_ca_ssh_trusted: state.trusted_ssh(SshKind::User),
+        host_ca_ssh_trusted: state.trusted_ssh(SshKind::Host),
     }
 }
 
 /// The other cluster's CAs, checked: two OpenSSH public keys and one X.509 CA certificate.
 fn check_cas(cas: Option<&proto::ClusterCas>, whose: &str) -> Result<TrustDoc, Status> {
     let cas = cas.ok_or_else(|| Status::invalid_argument(format!("{whose} CAs missing")))?;
-    for (what, key) in [("user", &cas.user_ca_ssh), ("host", &cas.host_ca_ssh)] {
+    let keys = [("user", &cas.user_ca_ssh), ("host", &cas.host_ca_ssh)]
+        .into_iter()
+        .chain(cas.user_ca_ssh_trusted.iter().map(|k| ("user", k)))
+        .chain(cas.host_ca_ssh_trusted.iter().map(|k| ("host", k)));
+    for (what, key) in keys {
         crate::ca::parse_ssh_public_key(key).map_err(|e| {
             Status::invalid_argument(format!(
                 "{whose} {what} CA is not an OpenSSH public key: {e}"
@@ -57,16 +70,26 @@ fn check_cas(cas: Option<&proto::ClusterCas>, whose: &str) -> Result<TrustDoc, S
     }
     let certs = crate::tls::certs_from_pem(&cas.tls_ca_pem)
         .map_err(|e| Status::invalid_argument(format!("{whose} X.509 CA: {e}")))?;
-    if certs.len() != 1 {
+    // One, or two during a rotation's grace.
+    if certs.is_empty()
+        || certs.len() > 2
+        || cas.user_ca_ssh_trusted.len() > 2
+        || cas.host_ca_ssh_trusted.len() > 2
+    {
         return Err(Status::invalid_argument(format!(
-            "{whose} X.509 CA: one certificate expected, got {}",
-            certs.len()
+            "{whose} CAs: one or two of each expected, got {} X.509 certificates, {} user and {} host keys",
+            certs.len(),
+            cas.user_ca_ssh_trusted.len(),
+            cas.host_ca_ssh_trusted.len()
         )));
     }
+    let trimmed = |keys: &[String]| keys.iter().map(|k| k.trim().to_owned()).collect();
     Ok(TrustDoc {
         user_ca_ssh: cas.user_ca_ssh.trim().to_owned(),
         host_ca_ssh: cas.host_ca_ssh.trim().to_owned(),
         tls_ca_pem: cas.tls_ca_pem.clone(),
+        user_ca_ssh_trusted: trimmed(&cas.user_ca_ssh_trusted),
+        host_ca_ssh_trusted: trimmed(&cas.host_ca_ssh_trusted),
         proxy_addr: String::new(),
         ca_pin: String::new(),
         role_map: vec![],
@@ -246,6 +269,95 @@ pub(super) async fn establish(state: &AuthState, tc: &TrustedCluster) -> Result<
     doc.ca_pin.clone_from(&tc.spec.ca_pin);
     doc.role_map.clone_from(&tc.spec.role_map);
     Ok(doc)
+}
+
+/// How often a leaf's Auth refreshes its copy of each root's CAs (the hidden
+/// `GATEHOUSE_TRUST_REFRESH_SECS` shortens it for tests).
+pub fn refresh_every() -> std::time::Duration {
+    std::env::var("GATEHOUSE_TRUST_REFRESH_SECS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map_or(
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_secs,
+        )
+}
+
+impl AuthState {
+    /// Refresh this (leaf) cluster's copy of each root's CAs from the root's Auth, reached
+    /// through the root's proxy and verified with the CAs held (during a root's TLS rotation
+    /// the cross-signed chain verifies): a root's CA rotation reaches this cluster's agents and
+    /// proxies through the watch stream. Returns how many roots' CAs changed.
+    pub async fn refresh_roots(&self) -> Result<usize, Status> {
+        let mut changed = 0;
+        let rows = self.store.list_trust().await.map_err(store_status)?;
+        for row in rows.into_iter().filter(|r| r.side == ROOT) {
+            let Ok(mut doc) = serde_json::from_str::<TrustDoc>(&row.spec) else {
+                continue;
+            };
+            let fresh = match fetch_cas(&row.name, &doc).await {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::debug!(root = %row.name, error = %e, "trust: cannot refresh the root's CAs");
+                    continue;
+                }
+            };
+            let same = fresh.user_ca_ssh == doc.user_ca_ssh
+                && fresh.host_ca_ssh == doc.host_ca_ssh
+                && crate::tls_authority::same_certs(&fresh.tls_ca_pem, &doc.tls_ca_pem)
+                && fresh.user_ca_ssh_trusted == doc.user_ca_ssh_trusted
+                && fresh.host_ca_ssh_trusted == doc.host_ca_ssh_trusted;
+            if same {
+                continue;
+            }
+            doc.user_ca_ssh = fresh.user_ca_ssh;
+            doc.host_ca_ssh = fresh.host_ca_ssh;
+            doc.tls_ca_pem = fresh.tls_ca_pem;
+            doc.user_ca_ssh_trusted = fresh.user_ca_ssh_trusted;
+            doc.host_ca_ssh_trusted = fresh.host_ca_ssh_trusted;
+            let spec = serde_json::to_string(&doc).map_err(internal)?;
+            self.store
+                .put_trust(
+                    &TrustRow {
+                        name: row.name.clone(),
+                        side: row.side.clone(),
+                        spec,
+                    },
+                    now_secs(),
+                )
+                .await
+                .map_err(store_status)?;
+            tracing::info!(root = %row.name, "trust: the root's CAs changed; this cluster's copy is updated");
+            changed += 1;
+        }
+        Ok(changed)
+    }
+}
+
+/// The root `name`'s CAs as its Auth answers `Ping` through its proxy, checked.
+async fn fetch_cas(name: &str, doc: &TrustDoc) -> Result<TrustDoc, String> {
+    let endpoint = crate::client::AuthEndpoint {
+        addr: doc.proxy_addr.clone(),
+        trust: crate::tls::Trust::CaPem(doc.tls_ca_pem.clone()),
+        identity: None,
+    };
+    let mut client = tokio::time::timeout(std::time::Duration::from_secs(15), endpoint.connect())
+        .await
+        .map_err(|_| "no answer in 15 s".to_owned())?
+        .map_err(|e| crate::client::error_chain(&e))?;
+    let ping = client
+        .ping(proto::PingRequest {})
+        .await
+        .map_err(|s| s.message().to_owned())?
+        .into_inner();
+    if ping.cluster_name != name {
+        return Err(format!(
+            "the cluster at {} is `{}`, not `{name}`",
+            doc.proxy_addr, ping.cluster_name
+        ));
+    }
+    check_cas(ping.authorities.as_ref(), "the root's").map_err(|s| s.message().to_owned())
 }
 
 /// A root record as the resource a leaf's admin wrote (without the token).
