@@ -43,8 +43,8 @@ fn ssh_node1_eventually(f: &Fleet, home: &Path, should_work: bool) -> common::Ou
     }
 }
 
-fn relogin(f: &Fleet, home: &Path, user: &str) {
-    let pw = f.reset_password(user);
+/// `gsh login` through the proxy pinning the cluster's first CA (`f.pin`).
+fn pinned_login(f: &Fleet, home: &Path, user: &str, password: &str) -> common::Output {
     let args = [
         "login",
         "--proxy",
@@ -55,7 +55,12 @@ fn relogin(f: &Fleet, home: &Path, user: &str) {
         "--ca-pin",
         &f.pin,
     ];
-    f.gsh(home, &args, Some(&format!("{pw}\n"))).ok();
+    f.gsh(home, &args, Some(&format!("{password}\n")))
+}
+
+fn relogin(f: &Fleet, home: &Path, user: &str) {
+    let pw = f.reset_password(user);
+    pinned_login(f, home, user, &pw).ok();
 }
 
 fn export_lines(f: &Fleet, ty: &str) -> Vec<String> {
@@ -377,20 +382,7 @@ fn the_tls_ca_rotates_through_a_cross_signed_grace_and_rolls_back() {
     assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 1, "{bundle}");
     let stranger = tempfile::tempdir().unwrap();
     let pw = f.reset_password("alice");
-    let old_pin = f.gsh(
-        stranger.path(),
-        &[
-            "login",
-            "--proxy",
-            &f.proxy_addr,
-            "--user",
-            "alice",
-            "--password-stdin",
-            "--ca-pin",
-            &f.pin,
-        ],
-        Some(&format!("{pw}\n")),
-    );
+    let old_pin = pinned_login(&f, stranger.path(), "alice", &pw);
     assert_ne!(old_pin.status, 0, "a login pinning the dropped CA worked");
     // alice's stored CAs carry her over (her next login needs no new pin).
     both_ways();

@@ -120,6 +120,9 @@ mod tests {
 #[derive(Debug, Default)]
 pub struct LocalClients {
     map: std::sync::Mutex<std::collections::HashMap<SocketAddr, SocketAddr>>,
+    /// Registrations in force: with none (no web terminal opening), a session's lookup takes
+    /// no lock.
+    live: std::sync::atomic::AtomicUsize,
 }
 
 impl LocalClients {
@@ -129,6 +132,7 @@ impl LocalClients {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(local, client);
+        self.live.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         LocalClient {
             clients: Arc::clone(self),
             local,
@@ -137,6 +141,9 @@ impl LocalClients {
 
     /// The client a connection from `remote` is on behalf of, if the web UI registered it.
     pub fn client_of(&self, remote: SocketAddr) -> Option<SocketAddr> {
+        if self.live.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return None;
+        }
         self.map
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -159,5 +166,8 @@ impl Drop for LocalClient {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&self.local);
+        self.clients
+            .live
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
